@@ -1,0 +1,69 @@
+/* The C ABI of fusedopt: a thin, stable layer over the C++ host API for FFI (Python ctypes,
+ * Rust, Julia) and C programs. No C++ exception crosses it: every failure is a status code,
+ * and fo_last_error() gives the calling thread's message. The ABI only grows; fo_abi_version()
+ * counts the additions.
+ *
+ *   fo_optimizer* opt;
+ *   if (fo_optimizer_create("adam", FO_DEVICE_CPU, 0, &opt) != FO_OK) puts(fo_last_error());
+ */
+#ifndef FUSEDOPT_FUSEDOPT_H
+#define FUSEDOPT_FUSEDOPT_H
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define FO_API __declspec(dllexport)
+#else
+#define FO_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct fo_optimizer fo_optimizer;
+typedef enum {
+  FO_OK = 0,
+  FO_INVALID_ARGUMENT = 1,
+  FO_UNSUPPORTED = 2,
+  FO_OUT_OF_MEMORY = 3,
+  FO_DEVICE_ERROR = 4,
+  FO_IO_ERROR = 5,
+  FO_CORRUPT_DATA = 6
+} fo_status;
+typedef enum { FO_FLOAT32 = 0, FO_FLOAT16 = 1, FO_BFLOAT16 = 2, FO_INT32 = 3, FO_INT64 = 4 } fo_dtype;
+typedef enum { FO_DEVICE_CPU = 0, FO_DEVICE_CUDA = 1 } fo_device;
+
+FO_API int fo_abi_version(void);
+/* The calling thread's last failure message ("" if none); valid until its next fo_ call. */
+FO_API const char* fo_last_error(void);
+/* 0 when built without CUDA or no GPU is present. */
+FO_API int fo_cuda_device_count(void);
+
+/* algorithm: a name from SPEC.md's table ("sgd", "adam", ...). */
+FO_API fo_status fo_optimizer_create(const char* algorithm, fo_device device, int device_index,
+                                     fo_optimizer** out);
+FO_API void fo_optimizer_destroy(fo_optimizer* opt);
+FO_API fo_status fo_optimizer_set_option(fo_optimizer* opt, const char* key, double value);
+FO_API fo_status fo_optimizer_get_option(const fo_optimizer* opt, const char* key, double* value);
+FO_API fo_status fo_optimizer_add_param(fo_optimizer* opt, const char* name, void* data,
+                                        fo_dtype dtype, int ndim, const int64_t* shape);
+FO_API fo_status fo_optimizer_set_param_option(fo_optimizer* opt, const char* name,
+                                               const char* key, double value);
+/* grads[i] belongs to the i-th added param; NULL entries are skipped. stream: cudaStream_t. */
+FO_API fo_status fo_optimizer_step(fo_optimizer* opt, const void* const* grads, void* stream);
+FO_API fo_status fo_optimizer_step_sparse(fo_optimizer* opt, const char* name,
+                                          const void* indices, fo_dtype index_dtype, int64_t nnz,
+                                          const void* grad_rows, void* stream);
+FO_API fo_status fo_optimizer_get_state(const fo_optimizer* opt, const char* name,
+                                        const char* state, float* out, int64_t numel);
+FO_API fo_status fo_optimizer_step_count(const fo_optimizer* opt, const char* name,
+                                         int64_t* step);
+FO_API fo_status fo_optimizer_save(const fo_optimizer* opt, const char* path);
+FO_API fo_status fo_optimizer_load(fo_optimizer* opt, const char* path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FUSEDOPT_FUSEDOPT_H */

@@ -1,0 +1,83 @@
+// Optimizer objects: own their state buffers, count steps per param, apply per-param option
+// overrides (PyTorch's param groups), and step every param in one call.
+//
+//   fo::Optimizer opt("adamw", fo::Device::cpu);
+//   opt.set_option("lr", 3e-4);
+//   opt.add_param("w", w.data(), fo::DType::f32, {rows, cols});
+//   opt.step({g.data()});          // grads in add order; nullptr = no gradient this step
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fusedopt/types.hpp"
+
+namespace fo {
+
+/// What a dense algorithm is called and what it has, for enumeration and FFI.
+struct AlgorithmDescription {
+  std::string name;
+  std::vector<std::string> options;  // SPEC.md names, in declaration order
+  std::vector<double> defaults;      // flags as 0/1
+  std::vector<bool> is_flag;
+  std::vector<std::string> states;   // every state the algorithm may keep
+};
+
+/// Every registered dense algorithm, in registry order.
+const std::vector<AlgorithmDescription>& dense_algorithms();
+
+class Optimizer {
+ public:
+  /// `algorithm` is a SPEC.md name ("adam", ...). Throws fo::Error if unknown, or if `device`
+  /// is CUDA and this build or machine has no such device.
+  explicit Optimizer(std::string_view algorithm, Device device = Device::cpu,
+                     int device_index = 0);
+  ~Optimizer();
+  Optimizer(Optimizer&&) noexcept;
+  Optimizer& operator=(Optimizer&&) noexcept;
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  const std::string& algorithm() const noexcept;
+  Device device() const noexcept;
+
+  /// Sets an option's default for every param without an override of it. Flags take 0 or 1.
+  /// Rejected (nothing changes) if any param's options would become invalid, or if a param
+  /// that has stepped would gain or lose a state buffer.
+  void set_option(std::string_view key, double value);
+  double option(std::string_view key) const;
+
+  /// Registers a param the caller owns (on this optimizer's device, aligned to its element
+  /// size). State buffers are created and initialised from the options at its first step.
+  void add_param(std::string name, void* data, DType dtype, std::vector<std::int64_t> shape);
+  void set_param_option(std::string_view name, std::string_view key, double value);
+  double param_option(std::string_view name, std::string_view key) const;
+
+  /// One step of every param: grads[i] is the gradient of the i-th added param (same dtype
+  /// and numel) or null to leave that param, its state and its step count untouched. Exactly
+  /// num_params() entries. `stream` is a cudaStream_t on CUDA (null: default), ignored on CPU.
+  void step(const void* const* grads, void* stream = nullptr);
+  void step(std::initializer_list<const void*> grads, void* stream = nullptr);
+
+  std::size_t num_params() const noexcept;
+  const std::string& param_name(std::size_t i) const;
+  std::int64_t numel(std::string_view name) const;
+  std::int64_t step_count(std::string_view name) const;
+
+  /// The states this param keeps under its current options, by SPEC.md name.
+  std::vector<std::string> state_names(std::string_view name) const;
+  /// Copies a state buffer, as float32, into host memory (`numel` must be the param's numel).
+  void get_state(std::string_view name, std::string_view state, float* out,
+                 std::int64_t numel) const;
+  std::vector<float> state(std::string_view name, std::string_view state) const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fo

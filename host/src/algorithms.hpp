@@ -1,0 +1,32 @@
+// The registry at run time: each dense algorithm behind one type-erased record, so the
+// optimizer objects and the C ABI can work by name with options as arrays of doubles.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fusedopt/functional.hpp"
+#include "fusedopt/optimizer.hpp"
+
+namespace fo::detail {
+
+struct AlgorithmInfo {
+  AlgorithmDescription desc;
+  /// "" if the options (desc.options order) are valid, else the reason.
+  std::string (*validate)(const std::vector<double>& options);
+  bool (*has_state)(const std::vector<double>& options, int k);
+  double (*state_init)(const std::vector<double>& options, int k);
+  void (*step)(const std::vector<double>& options, std::int64_t step, const DenseTensors& t,
+               const Exec& exec);
+
+  int option_index(std::string_view key) const;  // -1 if unknown
+  int state_index(std::string_view name) const;  // -1 if unknown
+};
+
+/// The record of `name`, or null.
+const AlgorithmInfo* find_algorithm(std::string_view name);
+const std::vector<AlgorithmInfo>& algorithm_infos();
+
+}  // namespace fo::detail

@@ -1,0 +1,124 @@
+// Instruction-set selection and threading of the CPU backend.
+#include "cpu/cpu_backend.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "fusedopt/types.hpp"
+
+namespace fo::cpu {
+namespace {
+
+// Below this many elements a step runs on the calling thread: waking the team costs more
+// than the work it would share.
+constexpr std::int64_t kMinParallel = 1 << 15;
+constexpr std::int64_t kSplitAlign = 64;
+
+std::atomic<int> g_threads{0};  // 0: not set, use omp_get_max_threads()
+
+bool cpu_has(Isa isa) noexcept {
+#if defined(FO_HAVE_X86_ISAS)
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  }
+  return false;
+#else
+  return isa == Isa::scalar;
+#endif
+}
+
+Isa initial_isa() {
+  Isa isa = best_isa();
+  if (const char* env = std::getenv("FUSEDOPT_CPU_ISA")) {
+    for (Isa i : {Isa::scalar, Isa::avx2, Isa::avx512})
+      if (std::strcmp(env, isa_name(i)) == 0 && cpu_has(i)) isa = i;
+  }
+  return isa;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{static_cast<int>(initial_isa())};
+  return isa;
+}
+
+}  // namespace
+
+bool isa_supported(Isa isa) noexcept { return cpu_has(isa); }
+
+Isa best_isa() noexcept {
+  if (cpu_has(Isa::avx512)) return Isa::avx512;
+  if (cpu_has(Isa::avx2)) return Isa::avx2;
+  return Isa::scalar;
+}
+
+Isa isa() noexcept { return static_cast<Isa>(current_isa().load(std::memory_order_relaxed)); }
+
+void set_isa(Isa isa) {
+  if (!cpu_has(isa))
+    throw Error(StatusCode::unsupported,
+                std::string("CPU instruction set ") + isa_name(isa) + " is not available here");
+  current_isa().store(static_cast<int>(isa), std::memory_order_relaxed);
+}
+
+const char* isa_name(Isa isa) noexcept {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+void set_num_threads(int n) {
+  if (n < 1)
+    throw Error(StatusCode::invalid_argument,
+                "thread count must be >= 1, got " + std::to_string(n));
+  g_threads.store(n, std::memory_order_relaxed);
+}
+
+int num_threads() noexcept {
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : omp_get_max_threads();
+}
+
+const KernelTable& active_table() {
+#if defined(FO_HAVE_X86_ISAS)
+  switch (isa()) {
+    case Isa::avx512: return avx512_table();
+    case Isa::avx2: return avx2_table();
+    case Isa::scalar: break;
+  }
+#endif
+  return scalar_table();
+}
+
+void parallel_for(RangeKernel kernel, const void* op, const DensePtrs& t, std::int64_t n) {
+  const std::int64_t max_by_size = std::max<std::int64_t>(1, n / kMinParallel);
+  const int threads = static_cast<int>(std::min<std::int64_t>(num_threads(), max_by_size));
+  if (threads <= 1) {
+    kernel(op, t, 0, n);
+    return;
+  }
+  std::int64_t chunk = (n + threads - 1) / threads;
+  chunk = (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
+#pragma omp parallel num_threads(threads)
+  {
+    const std::int64_t begin = std::min<std::int64_t>(n, omp_get_thread_num() * chunk);
+    const std::int64_t end = std::min<std::int64_t>(n, begin + chunk);
+    if (begin < end) kernel(op, t, begin, end);
+  }
+}
+
+void traffic_probe(const DensePtrs& t, std::int64_t n) {
+  parallel_for(active_table().probe, nullptr, t, n);
+}
+
+}  // namespace fo::cpu

@@ -1,0 +1,83 @@
+// What an optimizer's math file declares besides its functor: its options (names, defaults,
+// validation) and its state buffers (names, initial values, when they exist). Host-only
+// helpers; the functor itself sees nothing but floats.
+//
+// An algorithm `A` provides:
+//   static constexpr const char* kName;
+//   struct A::Options { double ... ; bool ...; };         // SPEC.md defaults
+//   static constexpr OptionField<Options> kOptions[];     // every option, by SPEC name
+//   static constexpr const char* kStates[];               // SPEC state names, functor order
+//   static bool has_state(const Options&, int k);         // is state k allocated?
+//   static double state_init(const Options&, int k);      // its initial value
+//   static void validate(const Options&, Validator&);     // SPEC's constraints
+//   using Op = ...;  static Op make_op(const Options&, std::int64_t step);
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "fusedopt/kernels/config.hpp"
+
+namespace fo {
+
+/// One named option of an algorithm: a real number or a flag, bound to a member of Options.
+template <class Options>
+struct OptionField {
+  const char* name;
+  double Options::*real;
+  bool Options::*flag;
+
+  double get(const Options& o) const { return real ? o.*real : (o.*flag ? 1.0 : 0.0); }
+  void set(Options& o, double v) const {
+    if (real) o.*real = v;
+    else o.*flag = v != 0.0;
+  }
+};
+
+template <class Options>
+constexpr OptionField<Options> real_option(const char* name, double Options::*m) {
+  return {name, m, nullptr};
+}
+template <class Options>
+constexpr OptionField<Options> flag_option(const char* name, bool Options::*m) {
+  return {name, nullptr, m};
+}
+
+/// Collects the first violated constraint of a set of options as a message.
+class Validator {
+ public:
+  bool ok() const { return message_.empty(); }
+  const std::string& message() const { return message_; }
+
+  void fail(const std::string& msg) {
+    if (ok()) message_ = msg;
+  }
+  void at_least(const char* name, double v, double lo) {
+    if (!(v >= lo)) fail(std::string(name) + " must be >= " + fmt(lo) + ", got " + fmt(v));
+  }
+  void in_unit_interval(const char* name, double v) {  // [0, 1)
+    if (!(v >= 0.0 && v < 1.0)) fail(std::string(name) + " must be in [0, 1), got " + fmt(v));
+  }
+  void in_open_unit_interval(const char* name, double v) {  // (0, 1)
+    if (!(v > 0.0 && v < 1.0)) fail(std::string(name) + " must be in (0, 1), got " + fmt(v));
+  }
+  void greater_than(const char* name, double v, double lo) {
+    if (!(v > lo)) fail(std::string(name) + " must be > " + fmt(lo) + ", got " + fmt(v));
+  }
+
+  static std::string fmt(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    return buf;
+  }
+
+ private:
+  std::string message_;
+};
+
+/// Precomputes a value the functor needs as float from a double computed on the host.
+inline float to_f32(double v) { return static_cast<float>(v); }
+
+}  // namespace fo

@@ -1,0 +1,57 @@
+// The CPU elementwise kernel: one pass over a range of a tensor, applying an optimizer functor
+// to param, grad and state, each element loaded once and stored once.
+//
+// `Io` supplies the value type (a SIMD register wrapper or float), its width, and loads and
+// stores. The tail is processed with masked loads and stores through the same vector code,
+// so an element's result never depends on where a range starts or ends: any split of a tensor
+// across threads gives bitwise the same result.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/kernels/config.hpp"
+
+namespace fo::cpu {
+
+/// Pointers of one dense step; states[k] is null where the optimizer keeps no state k.
+struct DensePtrs {
+  float* param;
+  const float* grad;
+  float* states[kMaxStates];
+};
+
+template <class Io, class Op>
+inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t begin,
+                              std::int64_t end) {
+  using V = typename Io::V;
+  constexpr std::int64_t W = sizeof(V) / sizeof(float);
+  float* const p = t.param;
+  const float* const g = t.grad;
+  float* const s0 = t.states[0];
+  float* const s1 = t.states[1];
+  float* const s2 = t.states[2];
+  std::int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    V pv = Io::load(p + i);
+    V s[kMaxStates] = {s0 ? Io::load(s0 + i) : V(0.0f), s1 ? Io::load(s1 + i) : V(0.0f),
+                       s2 ? Io::load(s2 + i) : V(0.0f)};
+    op(pv, Io::load(g + i), s);
+    Io::store(p + i, pv);
+    if (s0) Io::store(s0 + i, s[0]);
+    if (s1) Io::store(s1 + i, s[1]);
+    if (s2) Io::store(s2 + i, s[2]);
+  }
+  if (i < end) {
+    const auto m = Io::tail_mask(end - i);
+    V pv = Io::load(p + i, m);
+    V s[kMaxStates] = {s0 ? Io::load(s0 + i, m) : V(0.0f), s1 ? Io::load(s1 + i, m) : V(0.0f),
+                       s2 ? Io::load(s2 + i, m) : V(0.0f)};
+    op(pv, Io::load(g + i, m), s);
+    Io::store(p + i, pv, m);
+    if (s0) Io::store(s0 + i, s[0], m);
+    if (s1) Io::store(s1 + i, s[1], m);
+    if (s2) Io::store(s2 + i, s[2], m);
+  }
+}
+
+}  // namespace fo::cpu

@@ -1,0 +1,62 @@
+// AdaGrad (SPEC.md `adagrad`).
+//
+// Precision: fp32; the decayed rate lr / (1 + (t-1)*lr_decay) is computed in double per step.
+// Traffic per element: p, g, sum read; p, sum written.
+#pragma once
+
+#include "fusedopt/kernels/algorithm.hpp"
+
+namespace fo {
+
+struct AdagradOp {
+  float clr, eps, weight_decay;
+  bool maximize;
+
+  // s[0] sum
+  template <class V>
+  FO_HOST_DEVICE void operator()(V& p, V g, V* s) const {
+    if (maximize) g = -g;
+    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
+    V sum = vfma(g, g, s[0]);
+    s[0] = sum;
+    p = vfma(V(-clr), g / (vsqrt(sum) + V(eps)), p);
+  }
+};
+
+struct Adagrad {
+  static constexpr const char* kName = "adagrad";
+  struct Options {
+    double lr = 1e-2, lr_decay = 0.0, weight_decay = 0.0, initial_accumulator_value = 0.0,
+           eps = 1e-10;
+    bool maximize = false;
+  };
+  using Op = AdagradOp;
+  static constexpr OptionField<Options> kOptions[] = {
+      real_option("lr", &Options::lr),
+      real_option("lr_decay", &Options::lr_decay),
+      real_option("weight_decay", &Options::weight_decay),
+      real_option("initial_accumulator_value", &Options::initial_accumulator_value),
+      real_option("eps", &Options::eps),
+      flag_option("maximize", &Options::maximize),
+  };
+  static constexpr const char* kStates[] = {"sum"};
+  static bool has_state(const Options&, int) { return true; }
+  static double state_init(const Options& o, int) { return o.initial_accumulator_value; }
+  static void validate(const Options& o, Validator& v) {
+    v.at_least("lr", o.lr, 0.0);
+    v.at_least("lr_decay", o.lr_decay, 0.0);
+    v.at_least("weight_decay", o.weight_decay, 0.0);
+    v.at_least("initial_accumulator_value", o.initial_accumulator_value, 0.0);
+    v.at_least("eps", o.eps, 0.0);
+  }
+  static Op make_op(const Options& o, std::int64_t step) {
+    AdagradOp op{};
+    op.clr = to_f32(o.lr / (1.0 + static_cast<double>(step - 1) * o.lr_decay));
+    op.eps = to_f32(o.eps);
+    op.weight_decay = to_f32(o.weight_decay);
+    op.maximize = o.maximize;
+    return op;
+  }
+};
+
+}  // namespace fo

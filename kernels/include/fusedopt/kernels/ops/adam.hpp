@@ -1,0 +1,98 @@
+// Adam (SPEC.md `adam`) and the functor AdamW shares with it.
+//
+// Precision: storage is converted to fp32 by the kernel; every operation here is fp32. The
+// step-dependent scalars (lr / bc1, 1 / sqrt(bc2)) are computed once per step in double.
+// Traffic per element: p, g, m, v read; p, m, v written (+ vmax read and written with amsgrad).
+#pragma once
+
+#include "fusedopt/kernels/algorithm.hpp"
+
+namespace fo {
+
+struct AdamOp {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float eps, weight_decay;  // weight_decay: L2 decay folded into g (adam); 0 for adamw
+  float param_scale;        // decoupled decay 1 - lr*wd (adamw); 1 for adam
+  float step_size;          // lr / bc1
+  float inv_sqrt_bc2;       // 1 / sqrt(bc2)
+  bool amsgrad, maximize;
+
+  // s[0] exp_avg, s[1] exp_avg_sq, s[2] max_exp_avg_sq (amsgrad only)
+  template <class V>
+  FO_HOST_DEVICE void operator()(V& p, V g, V* s) const {
+    if (maximize) g = -g;
+    p = p * V(param_scale);
+    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
+    V m = vfma(V(beta1), s[0], V(one_minus_beta1) * g);
+    V v = vfma(V(beta2), s[1], V(one_minus_beta2) * g * g);
+    s[0] = m;
+    s[1] = v;
+    if (amsgrad) {
+      v = vmax(s[2], v);
+      s[2] = v;
+    }
+    V denom = vfma(vsqrt(v), V(inv_sqrt_bc2), V(eps));
+    p = vfma(V(-step_size), m / denom, p);
+  }
+
+  /// Step scalars shared by adam and adamw; `decoupled` picks where weight decay goes.
+  static AdamOp make(double lr, double beta1, double beta2, double eps, double wd, bool amsgrad,
+                     bool maximize, bool decoupled, std::int64_t step) {
+    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+    AdamOp op{};
+    op.beta1 = to_f32(beta1);
+    op.one_minus_beta1 = to_f32(1.0 - beta1);
+    op.beta2 = to_f32(beta2);
+    op.one_minus_beta2 = to_f32(1.0 - beta2);
+    op.eps = to_f32(eps);
+    op.weight_decay = decoupled ? 0.0f : to_f32(wd);
+    op.param_scale = decoupled ? to_f32(1.0 - lr * wd) : 1.0f;
+    op.step_size = to_f32(lr / bc1);
+    op.inv_sqrt_bc2 = to_f32(1.0 / std::sqrt(bc2));
+    op.amsgrad = amsgrad;
+    op.maximize = maximize;
+    return op;
+  }
+};
+
+/// Options and validation common to adam and adamw (they differ in the weight_decay default).
+struct AdamOptionsBase {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  bool amsgrad = false, maximize = false;
+};
+
+template <class Options>
+struct AdamFamily {
+  static constexpr OptionField<Options> kOptions[] = {
+      real_option<Options>("lr", &Options::lr),
+      real_option<Options>("beta1", &Options::beta1),
+      real_option<Options>("beta2", &Options::beta2),
+      real_option<Options>("eps", &Options::eps),
+      real_option<Options>("weight_decay", &Options::weight_decay),
+      flag_option<Options>("amsgrad", &Options::amsgrad),
+      flag_option<Options>("maximize", &Options::maximize),
+  };
+  static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  static bool has_state(const Options& o, int k) { return k < 2 || o.amsgrad; }
+  static double state_init(const Options&, int) { return 0.0; }
+  static void validate(const Options& o, Validator& v) {
+    v.at_least("lr", o.lr, 0.0);
+    v.at_least("eps", o.eps, 0.0);
+    v.in_unit_interval("beta1", o.beta1);
+    v.in_unit_interval("beta2", o.beta2);
+    v.at_least("weight_decay", o.weight_decay, 0.0);
+  }
+};
+
+struct Adam : AdamFamily<AdamOptionsBase> {
+  static constexpr const char* kName = "adam";
+  using Options = AdamOptionsBase;
+  using Op = AdamOp;
+  static Op make_op(const Options& o, std::int64_t step) {
+    return AdamOp::make(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.amsgrad, o.maximize,
+                        /*decoupled=*/false, step);
+  }
+};
+
+}  // namespace fo

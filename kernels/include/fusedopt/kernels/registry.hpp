@@ -1,0 +1,23 @@
+// The list of dense optimizers. Registering a new one is one line here (and its math file):
+// every backend, the host API, the C ABI, the tests and the benchmarks enumerate this list.
+#pragma once
+
+#include "fusedopt/kernels/ops/adadelta.hpp"
+#include "fusedopt/kernels/ops/adagrad.hpp"
+#include "fusedopt/kernels/ops/adam.hpp"
+#include "fusedopt/kernels/ops/adamw.hpp"
+#include "fusedopt/kernels/ops/lion.hpp"
+#include "fusedopt/kernels/ops/rmsprop.hpp"
+#include "fusedopt/kernels/ops/rprop.hpp"
+#include "fusedopt/kernels/ops/sgd.hpp"
+
+// X(Algorithm): the algorithm type of each dense optimizer, in a fixed order.
+#define FO_FOR_EACH_DENSE_ALGORITHM(X) \
+  X(Sgd)                               \
+  X(Adagrad)                           \
+  X(Adadelta)                          \
+  X(Rmsprop)                           \
+  X(Adam)                              \
+  X(AdamW)                             \
+  X(Rprop)                             \
+  X(Lion)

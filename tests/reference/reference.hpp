@@ -1,0 +1,39 @@
+// Plain double-precision reference ("oracle") for one step of each dense fusedopt optimizer.
+// Written straight from /SPEC.md, independently of the library's kernels. Scalar loops only.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace fo::ref {
+using OptionMap = std::map<std::string, double>;   // flags as 0/1; a missing key means the SPEC default
+using StateMap = std::map<std::string, std::vector<double>>;  // state buffers by SPEC state name
+
+/// SPEC default options of an algorithm, every key present (e.g. adamw weight_decay 1e-2).
+OptionMap defaults(const std::string& algorithm);
+
+/// The state names the algorithm keeps under these options, in SPEC order
+/// (e.g. sgd with momentum 0 -> {}, rmsprop centered+momentum -> {"square_avg","momentum_buffer","grad_avg"},
+/// adam with amsgrad -> {"exp_avg","exp_avg_sq","max_exp_avg_sq"}).
+std::vector<std::string> state_names(const std::string& algorithm, const OptionMap& options);
+
+/// SPEC initial value of a state (rprop step_size: lr; adagrad sum: initial_accumulator_value; else 0).
+double state_initial_value(const std::string& algorithm, const OptionMap& options, const std::string& state);
+
+/// One step, in double. `t` is the step count of this param (1 on the first step).
+/// `states` must hold every buffer state_names() lists, each param.size() long (the caller
+/// initialises them). `ambiguous`, if non-null, is resized to param.size() and set to 1 at
+/// each element whose result hinges on the sign of a quantity so close to zero that float32
+/// rounding could flip it: for lion, |c| <= 1e-5 * (|beta1*m| + |(1-beta1)*g|) where
+/// c = beta1*m + (1-beta1)*g (only when that bound is > 0: an exact 0 from all-zero inputs
+/// is exact in float32 too); for rprop, 0 < |g*prev| < 1e-30 (underflow range), or g a
+/// nonzero float32-subnormal (flush-to-zero could make sign(g) 0); else 0.
+/// rprop follows torch.optim.Rprop: step_size is multiplied by eta_plus / eta_minus / 1 and then
+/// clamped to [step_size_min, step_size_max] at every element (also where the sign is 0).
+/// Throws std::invalid_argument for an unknown algorithm, an option key the algorithm does not
+/// have, a missing state buffer, or a grad/state whose size differs from param's.
+void step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
+          std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
+          std::vector<unsigned char>* ambiguous = nullptr);
+}  // namespace fo::ref
