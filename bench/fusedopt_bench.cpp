@@ -133,13 +133,13 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n) {
 // --------------------------------------------------------------------------------- CUDA
 
 #if defined(FUSEDOPT_WITH_CUDA)
-#define BENCH_CUDA(expr)                                                         \
-  do {                                                                           \
-    const cudaError_t e_ = (expr);                                               \
-    if (e_ != cudaSuccess) {                                                     \
+#define BENCH_CUDA(expr)                                                               \
+  do {                                                                                 \
+    const cudaError_t e_ = (expr);                                                     \
+    if (e_ != cudaSuccess) {                                                           \
       state.SkipWithError((std::string(#expr) + ": " + cudaGetErrorName(e_)).c_str()); \
-      return;                                                                    \
-    }                                                                            \
+      return;                                                                          \
+    }                                                                                  \
   } while (0)
 
 __attribute__((unused)) int cuda_device_count() {
@@ -223,7 +223,8 @@ template <class A>
 void register_algorithm(bool cuda) {
   for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26}) {
     const std::string name = std::string("step/") + A::kName + "/cpu/f32/" + std::to_string(n);
-    benchmark::RegisterBenchmark(name.c_str(), [n](benchmark::State& s) { bench_cpu_step<A>(s, n); })
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [n](benchmark::State& s) { bench_cpu_step<A>(s, n); })
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond)
         ->MinTime(n > (1 << 22) ? 2.0 : 0.5);

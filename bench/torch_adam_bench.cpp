@@ -18,9 +18,9 @@ void bench_torch_adam(benchmark::State& state, std::int64_t n) {
   torch::optim::Adam opt({p}, torch::optim::AdamOptions(1e-3));
   opt.step();  // creates the state outside the timed loop
   for (auto _ : state) opt.step();
-  state.counters["bytes_per_second"] =
-      benchmark::Counter(7.0 * 4.0 * static_cast<double>(n) * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["bytes_per_second"] = benchmark::Counter(
+      7.0 * 4.0 * static_cast<double>(n) * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
   state.counters["threads"] = torch::get_num_threads();
 }
 

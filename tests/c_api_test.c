@@ -36,7 +36,8 @@ static void check_status(fo_status got, fo_status want, fo_status alt, const cha
 
 #define CHECK(cond) report((cond) != 0, __FILE__, __LINE__, #cond, "")
 #define CHECK_STATUS(call, want) check_status((call), (want), (want), #call, __FILE__, __LINE__)
-#define CHECK_STATUS2(call, want, alt) check_status((call), (want), (alt), #call, __FILE__, __LINE__)
+#define CHECK_STATUS2(call, want, alt) \
+  check_status((call), (want), (alt), #call, __FILE__, __LINE__)
 #define OK FO_OK
 #define INVALID FO_INVALID_ARGUMENT
 
@@ -144,15 +145,32 @@ static void test_options(void) {
     const char *algorithm, *key;
     double value;
   } defaults[] = {
-      {"sgd", "lr", 1e-3},         {"sgd", "momentum", 0},         {"sgd", "nesterov", 0},
-      {"adagrad", "lr", 1e-2},     {"adagrad", "eps", 1e-10},      {"adadelta", "lr", 1.0},
-      {"adadelta", "rho", 0.9},    {"adadelta", "eps", 1e-6},      {"rmsprop", "lr", 1e-2},
-      {"rmsprop", "alpha", 0.99},  {"rmsprop", "eps", 1e-8},       {"adam", "lr", 1e-3},
-      {"adam", "beta1", 0.9},      {"adam", "beta2", 0.999},       {"adam", "eps", 1e-8},
-      {"adam", "weight_decay", 0}, {"adam", "amsgrad", 0},         {"adamw", "lr", 1e-3},
-      {"adamw", "weight_decay", 1e-2}, {"rprop", "lr", 1e-2},      {"rprop", "eta_minus", 0.5},
-      {"rprop", "eta_plus", 1.2},  {"rprop", "step_size_max", 50}, {"lion", "lr", 1e-4},
-      {"lion", "beta1", 0.9},      {"lion", "beta2", 0.99},
+      {"sgd", "lr", 1e-3},
+      {"sgd", "momentum", 0},
+      {"sgd", "nesterov", 0},
+      {"adagrad", "lr", 1e-2},
+      {"adagrad", "eps", 1e-10},
+      {"adadelta", "lr", 1.0},
+      {"adadelta", "rho", 0.9},
+      {"adadelta", "eps", 1e-6},
+      {"rmsprop", "lr", 1e-2},
+      {"rmsprop", "alpha", 0.99},
+      {"rmsprop", "eps", 1e-8},
+      {"adam", "lr", 1e-3},
+      {"adam", "beta1", 0.9},
+      {"adam", "beta2", 0.999},
+      {"adam", "eps", 1e-8},
+      {"adam", "weight_decay", 0},
+      {"adam", "amsgrad", 0},
+      {"adamw", "lr", 1e-3},
+      {"adamw", "weight_decay", 1e-2},
+      {"rprop", "lr", 1e-2},
+      {"rprop", "eta_minus", 0.5},
+      {"rprop", "eta_plus", 1.2},
+      {"rprop", "step_size_max", 50},
+      {"lion", "lr", 1e-4},
+      {"lion", "beta1", 0.9},
+      {"lion", "beta2", 0.99},
   };
   double v;
   for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; ++i) {

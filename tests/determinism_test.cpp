@@ -18,9 +18,10 @@ struct StepResult {
 
 // Five steps of `algorithm` with its options, the tensor placed `offset` floats into its
 // allocation, on the current ISA and thread count.
-StepResult run_steps(const std::string& algorithm, const std::vector<std::pair<std::string, double>>& opts,
-              const std::vector<float>& p0, const std::vector<std::vector<float>>& grads,
-              std::size_t offset) {
+StepResult run_steps(const std::string& algorithm,
+                     const std::vector<std::pair<std::string, double>>& opts,
+                     const std::vector<float>& p0, const std::vector<std::vector<float>>& grads,
+                     std::size_t offset) {
   std::vector<float> storage(p0.size() + offset);
   std::copy(p0.begin(), p0.end(), storage.begin() + static_cast<std::ptrdiff_t>(offset));
   float* p = storage.data() + offset;
@@ -66,8 +67,8 @@ TEST_P(Determinism, ThreadsIsasAndAlignmentGiveIdenticalBits) {
   cpu::set_num_threads(1);
   const StepResult base = run_steps(algorithm, opts, p0, grads, 0);
   auto expect_same = [&](const StepResult& r, const std::string& what) {
-    EXPECT_TRUE(bitwise_equal(r.param, base.param)) << what << ": param "
-                                                    << first_difference(r.param, base.param);
+    EXPECT_TRUE(bitwise_equal(r.param, base.param))
+        << what << ": param " << first_difference(r.param, base.param);
     ASSERT_EQ(r.states.size(), base.states.size());
     for (std::size_t k = 0; k < r.states.size(); ++k)
       EXPECT_TRUE(bitwise_equal(r.states[k], base.states[k]))

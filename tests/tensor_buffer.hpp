@@ -2,8 +2,8 @@
 // sides, so an out-of-bounds write anywhere (a vector tail, a wrong index) is caught.
 #pragma once
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -69,7 +69,8 @@ class TestTensor {
   }
   std::vector<float> values() const {
     const std::vector<float> a = all();
-    return std::vector<float>(a.begin() + kGuard, a.begin() + kGuard + static_cast<std::ptrdiff_t>(n_));
+    return std::vector<float>(a.begin() + kGuard,
+                              a.begin() + kGuard + static_cast<std::ptrdiff_t>(n_));
   }
   bool guards_intact() const {
     const std::vector<float> a = all();

@@ -19,8 +19,10 @@ namespace fo::test {
 inline std::uint64_t run_seed() {
   static const std::uint64_t seed = [] {
     std::uint64_t s;
-    if (const char* env = std::getenv("FUSEDOPT_TEST_SEED")) s = std::strtoull(env, nullptr, 0);
-    else s = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+    if (const char* env = std::getenv("FUSEDOPT_TEST_SEED"))
+      s = std::strtoull(env, nullptr, 0);
+    else
+      s = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
     std::printf("fusedopt test seed: %llu (set FUSEDOPT_TEST_SEED to reproduce)\n",
                 static_cast<unsigned long long>(s));
     return s;

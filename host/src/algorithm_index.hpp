@@ -14,9 +14,9 @@ enum AlgorithmIndex : int {
 
 template <class A>
 struct IndexOf;
-#define FO_INDEX_OF(A) \
-  template <>          \
-  struct IndexOf<A> {  \
+#define FO_INDEX_OF(A)                      \
+  template <>                               \
+  struct IndexOf<A> {                       \
     static constexpr int value = kIndex##A; \
   };
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INDEX_OF)

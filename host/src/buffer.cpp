@@ -44,8 +44,10 @@ StateBuffer& StateBuffer::operator=(StateBuffer&& o) noexcept {
 
 void StateBuffer::release() noexcept {
   if (!data_) return;
-  if (device_ == Device::cuda) cuda::deallocate(data_, device_index_);
-  else std::free(data_);
+  if (device_ == Device::cuda)
+    cuda::deallocate(data_, device_index_);
+  else
+    std::free(data_);
   data_ = nullptr;
 }
 

@@ -1,12 +1,11 @@
 // The C ABI: each entry point converts C arguments, calls the C++ API, and turns any
 // exception into a status code and the calling thread's last-error message.
-#include "fusedopt/fusedopt.h"
-
 #include <new>
 #include <string>
 #include <vector>
 
 #include "cuda/cuda_backend.hpp"
+#include "fusedopt/fusedopt.h"
 #include "fusedopt/optimizer.hpp"
 
 struct fo_optimizer {
@@ -63,7 +62,8 @@ fo_status fo_optimizer_create(const char* algorithm, fo_device device, int devic
   return guarded([&] {
     require(out, "out");
     require(algorithm, "algorithm");
-    *out = new fo_optimizer{fo::Optimizer(algorithm, static_cast<fo::Device>(device), device_index)};
+    *out =
+        new fo_optimizer{fo::Optimizer(algorithm, static_cast<fo::Device>(device), device_index)};
   });
 }
 

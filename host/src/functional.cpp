@@ -14,7 +14,9 @@
 namespace fo {
 namespace {
 
-[[noreturn]] void invalid(const std::string& msg) { throw Error(StatusCode::invalid_argument, msg); }
+[[noreturn]] void invalid(const std::string& msg) {
+  throw Error(StatusCode::invalid_argument, msg);
+}
 
 template <class A>
 std::string options_error(const typename A::Options& o) {
@@ -40,8 +42,8 @@ cpu::DensePtrs check_tensors(const typename A::Options& o, const DenseTensors& t
       throw Error(StatusCode::unsupported,
                   who + ": only float32 params, grads and states are supported so far, got " +
                       dtype_name(d));
-  cpu::DensePtrs p{static_cast<float*>(t.param), static_cast<const float*>(t.grad),
-                   {nullptr, nullptr, nullptr}};
+  cpu::DensePtrs p{
+      static_cast<float*>(t.param), static_cast<const float*>(t.grad), {nullptr, nullptr, nullptr}};
   constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
   for (int k = 0; k < kStates; ++k)
     if (A::has_state(o, k)) p.states[k] = static_cast<float*>(t.states[k]);
@@ -103,7 +105,9 @@ AlgorithmInfo make_info() {
   }
   for (const char* s : A::kStates) info.desc.states.emplace_back(s);
   info.validate = [](const std::vector<double>& v) { return options_error<A>(unpack<A>(v)); };
-  info.has_state = [](const std::vector<double>& v, int k) { return A::has_state(unpack<A>(v), k); };
+  info.has_state = [](const std::vector<double>& v, int k) {
+    return A::has_state(unpack<A>(v), k);
+  };
   info.state_init = [](const std::vector<double>& v, int k) {
     return A::state_init(unpack<A>(v), k);
   };
@@ -165,8 +169,10 @@ const char* dtype_name(DType t) noexcept {
 
 std::size_t dtype_size(DType t) noexcept {
   switch (t) {
-    case DType::f32: case DType::i32: return 4;
-    case DType::f16: case DType::bf16: return 2;
+    case DType::f32:
+    case DType::i32: return 4;
+    case DType::f16:
+    case DType::bf16: return 2;
     case DType::i64: return 8;
   }
   return 0;

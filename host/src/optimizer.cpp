@@ -18,7 +18,9 @@
 namespace fo {
 namespace {
 
-[[noreturn]] void invalid(const std::string& msg) { throw Error(StatusCode::invalid_argument, msg); }
+[[noreturn]] void invalid(const std::string& msg) {
+  throw Error(StatusCode::invalid_argument, msg);
+}
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
@@ -279,8 +281,8 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   const ParamEntry& p = m.param(name);
   const int k = m.info->state_index(state);
   if (k < 0 || !m.info->has_state(p.options, k))
-    invalid("param '" + p.name + "' has no state '" + std::string(state) + "' (its states: " +
-            join(state_names(name)) + ")");
+    invalid("param '" + p.name + "' has no state '" + std::string(state) +
+            "' (its states: " + join(state_names(name)) + ")");
   if (numel != p.numel)
     invalid("get_state: param '" + p.name + "' has " + std::to_string(p.numel) +
             " elements, the output " + std::to_string(numel));

@@ -12,174 +12,189 @@ double sign(double x) { return x > 0 ? 1.0 : (x < 0 ? -1.0 : 0.0); }
 
 // Options with a missing key filled from the defaults; unknown keys are rejected.
 OptionMap resolve(const std::string& algorithm, const OptionMap& options) {
-    OptionMap o = defaults(algorithm);
-    for (const auto& [key, value] : options) {
-        auto it = o.find(key);
-        if (it == o.end())
-            throw std::invalid_argument("fo::ref: algorithm '" + algorithm + "' has no option '" + key + "'");
-        it->second = value;
-    }
-    return o;
+  OptionMap o = defaults(algorithm);
+  for (const auto& [key, value] : options) {
+    auto it = o.find(key);
+    if (it == o.end())
+      throw std::invalid_argument("fo::ref: algorithm '" + algorithm + "' has no option '" + key +
+                                  "'");
+    it->second = value;
+  }
+  return o;
 }
 
 std::vector<double>& buffer(StateMap& states, const std::string& name, std::size_t n) {
-    auto it = states.find(name);
-    if (it == states.end()) throw std::invalid_argument("fo::ref: missing state buffer '" + name + "'");
-    if (it->second.size() != n) throw std::invalid_argument("fo::ref: state '" + name + "' has the wrong size");
-    return it->second;
+  auto it = states.find(name);
+  if (it == states.end())
+    throw std::invalid_argument("fo::ref: missing state buffer '" + name + "'");
+  if (it->second.size() != n)
+    throw std::invalid_argument("fo::ref: state '" + name + "' has the wrong size");
+  return it->second;
 }
 
 }  // namespace
 
 OptionMap defaults(const std::string& a) {
-    if (a == "sgd")
-        return {{"lr", 1e-3}, {"momentum", 0}, {"dampening", 0}, {"weight_decay", 0}, {"nesterov", 0}, {"maximize", 0}};
-    if (a == "adagrad")
-        return {{"lr", 1e-2}, {"lr_decay", 0}, {"weight_decay", 0}, {"initial_accumulator_value", 0},
-                {"eps", 1e-10}, {"maximize", 0}};
-    if (a == "adadelta")
-        return {{"lr", 1.0}, {"rho", 0.9}, {"eps", 1e-6}, {"weight_decay", 0}, {"maximize", 0}};
-    if (a == "rmsprop")
-        return {{"lr", 1e-2}, {"alpha", 0.99}, {"eps", 1e-8}, {"weight_decay", 0}, {"momentum", 0},
-                {"centered", 0}, {"maximize", 0}};
-    if (a == "adam" || a == "adamw")
-        return {{"lr", 1e-3}, {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8},
-                {"weight_decay", a == "adamw" ? 1e-2 : 0.0}, {"amsgrad", 0}, {"maximize", 0}};
-    if (a == "rprop")
-        return {{"lr", 1e-2}, {"eta_minus", 0.5}, {"eta_plus", 1.2}, {"step_size_min", 1e-6},
-                {"step_size_max", 50}, {"maximize", 0}};
-    if (a == "lion")
-        return {{"lr", 1e-4}, {"beta1", 0.9}, {"beta2", 0.99}, {"weight_decay", 0}, {"maximize", 0}};
-    throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
+  if (a == "sgd")
+    return {{"lr", 1e-3},        {"momentum", 0}, {"dampening", 0},
+            {"weight_decay", 0}, {"nesterov", 0}, {"maximize", 0}};
+  if (a == "adagrad")
+    return {{"lr", 1e-2},   {"lr_decay", 0}, {"weight_decay", 0}, {"initial_accumulator_value", 0},
+            {"eps", 1e-10}, {"maximize", 0}};
+  if (a == "adadelta")
+    return {{"lr", 1.0}, {"rho", 0.9}, {"eps", 1e-6}, {"weight_decay", 0}, {"maximize", 0}};
+  if (a == "rmsprop")
+    return {{"lr", 1e-2},    {"alpha", 0.99}, {"eps", 1e-8},  {"weight_decay", 0},
+            {"momentum", 0}, {"centered", 0}, {"maximize", 0}};
+  if (a == "adam" || a == "adamw")
+    return {{"lr", 1e-3},
+            {"beta1", 0.9},
+            {"beta2", 0.999},
+            {"eps", 1e-8},
+            {"weight_decay", a == "adamw" ? 1e-2 : 0.0},
+            {"amsgrad", 0},
+            {"maximize", 0}};
+  if (a == "rprop")
+    return {{"lr", 1e-2},          {"eta_minus", 0.5}, {"eta_plus", 1.2}, {"step_size_min", 1e-6},
+            {"step_size_max", 50}, {"maximize", 0}};
+  if (a == "lion")
+    return {{"lr", 1e-4}, {"beta1", 0.9}, {"beta2", 0.99}, {"weight_decay", 0}, {"maximize", 0}};
+  throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
 std::vector<std::string> state_names(const std::string& a, const OptionMap& options) {
-    const OptionMap o = resolve(a, options);
-    if (a == "sgd") return o.at("momentum") != 0 ? std::vector<std::string>{"momentum_buffer"} : std::vector<std::string>{};
-    if (a == "adagrad") return {"sum"};
-    if (a == "adadelta") return {"square_avg", "acc_delta"};
-    if (a == "rmsprop") {
-        std::vector<std::string> names{"square_avg"};
-        if (o.at("momentum") > 0) names.push_back("momentum_buffer");
-        if (o.at("centered") != 0) names.push_back("grad_avg");
-        return names;
-    }
-    if (a == "adam" || a == "adamw") {
-        std::vector<std::string> names{"exp_avg", "exp_avg_sq"};
-        if (o.at("amsgrad") != 0) names.push_back("max_exp_avg_sq");
-        return names;
-    }
-    if (a == "rprop") return {"prev", "step_size"};
-    return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
+  const OptionMap o = resolve(a, options);
+  if (a == "sgd")
+    return o.at("momentum") != 0 ? std::vector<std::string>{"momentum_buffer"}
+                                 : std::vector<std::string>{};
+  if (a == "adagrad") return {"sum"};
+  if (a == "adadelta") return {"square_avg", "acc_delta"};
+  if (a == "rmsprop") {
+    std::vector<std::string> names{"square_avg"};
+    if (o.at("momentum") > 0) names.push_back("momentum_buffer");
+    if (o.at("centered") != 0) names.push_back("grad_avg");
+    return names;
+  }
+  if (a == "adam" || a == "adamw") {
+    std::vector<std::string> names{"exp_avg", "exp_avg_sq"};
+    if (o.at("amsgrad") != 0) names.push_back("max_exp_avg_sq");
+    return names;
+  }
+  if (a == "rprop") return {"prev", "step_size"};
+  return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
-double state_initial_value(const std::string& a, const OptionMap& options, const std::string& state) {
-    const OptionMap o = resolve(a, options);
-    if (a == "rprop" && state == "step_size") return o.at("lr");
-    if (a == "adagrad" && state == "sum") return o.at("initial_accumulator_value");
-    return 0.0;
+double state_initial_value(const std::string& a, const OptionMap& options,
+                           const std::string& state) {
+  const OptionMap o = resolve(a, options);
+  if (a == "rprop" && state == "step_size") return o.at("lr");
+  if (a == "adagrad" && state == "sum") return o.at("initial_accumulator_value");
+  return 0.0;
 }
 
-void step(const std::string& a, const OptionMap& options, std::int64_t t, std::vector<double>& param,
-          const std::vector<double>& grad, StateMap& states, std::vector<unsigned char>* ambiguous) {
-    const OptionMap o = resolve(a, options);
-    const std::size_t n = param.size();
-    if (grad.size() != n) throw std::invalid_argument("fo::ref: grad and param sizes differ");
-    std::vector<std::vector<double>*> s;  // the buffers, in state_names() order
-    for (const auto& name : state_names(a, options)) s.push_back(&buffer(states, name, n));
-    if (ambiguous) ambiguous->assign(n, 0);
+void step(const std::string& a, const OptionMap& options, std::int64_t t,
+          std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
+          std::vector<unsigned char>* ambiguous) {
+  const OptionMap o = resolve(a, options);
+  const std::size_t n = param.size();
+  if (grad.size() != n) throw std::invalid_argument("fo::ref: grad and param sizes differ");
+  std::vector<std::vector<double>*> s;  // the buffers, in state_names() order
+  for (const auto& name : state_names(a, options)) s.push_back(&buffer(states, name, n));
+  if (ambiguous) ambiguous->assign(n, 0);
 
-    const double lr = o.at("lr");
-    const bool maximize = o.at("maximize") != 0;
-    const double wd = o.count("weight_decay") ? o.at("weight_decay") : 0.0;
-    const bool decoupled = (a == "adamw" || a == "lion");
+  const double lr = o.at("lr");
+  const bool maximize = o.at("maximize") != 0;
+  const double wd = o.count("weight_decay") ? o.at("weight_decay") : 0.0;
+  const bool decoupled = (a == "adamw" || a == "lion");
 
-    for (std::size_t i = 0; i < n; ++i) {
-        double& p = param[i];
-        double g = maximize ? -grad[i] : grad[i];
-        if (decoupled) p *= 1.0 - lr * wd;  // decoupled weight decay
-        else g += wd * p;                   // L2 decay (wd is 0 for rprop, which has none)
+  for (std::size_t i = 0; i < n; ++i) {
+    double& p = param[i];
+    double g = maximize ? -grad[i] : grad[i];
+    if (decoupled)
+      p *= 1.0 - lr * wd;  // decoupled weight decay
+    else
+      g += wd * p;  // L2 decay (wd is 0 for rprop, which has none)
 
-        if (a == "sgd") {
-            const double momentum = o.at("momentum");
-            if (momentum != 0) {
-                double& b = (*s[0])[i];
-                b = (t == 1) ? g : momentum * b + (1.0 - o.at("dampening")) * g;
-                g = o.at("nesterov") != 0 ? g + momentum * b : b;
-            }
-            p -= lr * g;
-        } else if (a == "adagrad") {
-            double& sum = (*s[0])[i];
-            const double clr = lr / (1.0 + double(t - 1) * o.at("lr_decay"));
-            sum += g * g;
-            p -= clr * g / (std::sqrt(sum) + o.at("eps"));
-        } else if (a == "adadelta") {
-            double& sq = (*s[0])[i];
-            double& acc = (*s[1])[i];
-            const double rho = o.at("rho"), eps = o.at("eps");
-            sq = rho * sq + (1.0 - rho) * g * g;
-            const double delta = std::sqrt(acc + eps) / std::sqrt(sq + eps) * g;
-            acc = rho * acc + (1.0 - rho) * delta * delta;
-            p -= lr * delta;
-        } else if (a == "rmsprop") {
-            const double alpha = o.at("alpha"), eps = o.at("eps"), momentum = o.at("momentum");
-            const bool centered = o.at("centered") != 0;
-            double& sq = (*s[0])[i];
-            sq = alpha * sq + (1.0 - alpha) * g * g;
-            double avg;
-            if (centered) {
-                double& ga = (*s.back())[i];  // grad_avg is always listed last
-                ga = alpha * ga + (1.0 - alpha) * g;
-                avg = std::sqrt(sq - ga * ga) + eps;
-            } else {
-                avg = std::sqrt(sq) + eps;
-            }
-            if (momentum > 0) {
-                double& b = (*s[1])[i];
-                b = momentum * b + g / avg;
-                p -= lr * b;
-            } else {
-                p -= lr * g / avg;
-            }
-        } else if (a == "adam" || a == "adamw") {
-            const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
-            double& m = (*s[0])[i];
-            double& v = (*s[1])[i];
-            m = beta1 * m + (1.0 - beta1) * g;
-            v = beta2 * v + (1.0 - beta2) * g * g;
-            const double bc1 = 1.0 - std::pow(beta1, double(t));
-            const double bc2 = 1.0 - std::pow(beta2, double(t));
-            double vv = v;
-            if (o.at("amsgrad") != 0) {
-                double& vmax = (*s[2])[i];
-                vmax = std::max(vmax, v);
-                vv = vmax;
-            }
-            const double denom = std::sqrt(vv) / std::sqrt(bc2) + eps;
-            p -= (lr / bc1) * m / denom;
-        } else if (a == "rprop") {  // torch.optim.Rprop: factor, then clamp everywhere
-            double& prev = (*s[0])[i];
-            double& ss = (*s[1])[i];
-            const double prod = g * prev;
-            const double sg = sign(prod);
-            const double factor = sg > 0 ? o.at("eta_plus") : (sg < 0 ? o.at("eta_minus") : 1.0);
-            ss = std::min(std::max(ss * factor, o.at("step_size_min")), o.at("step_size_max"));
-            if (sg < 0) g = 0.0;
-            p -= sign(g) * ss;
-            prev = g;
-            if (ambiguous && ((prod != 0 && std::fabs(prod) < 1e-30) ||
-                              (g != 0 && std::fabs(g) < 1.1754943508222875e-38)))  // FLT_MIN
-                (*ambiguous)[i] = 1;
-        } else {  // lion
-            const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
-            double& m = (*s[0])[i];
-            const double c = beta1 * m + (1.0 - beta1) * g;  // uses the OLD m
-            const double bound = 1e-5 * (std::fabs(beta1 * m) + std::fabs((1.0 - beta1) * g));
-            if (ambiguous && bound > 0 && std::fabs(c) <= bound) (*ambiguous)[i] = 1;
-            p -= lr * sign(c);
-            m = beta2 * m + (1.0 - beta2) * g;
-        }
+    if (a == "sgd") {
+      const double momentum = o.at("momentum");
+      if (momentum != 0) {
+        double& b = (*s[0])[i];
+        b = (t == 1) ? g : momentum * b + (1.0 - o.at("dampening")) * g;
+        g = o.at("nesterov") != 0 ? g + momentum * b : b;
+      }
+      p -= lr * g;
+    } else if (a == "adagrad") {
+      double& sum = (*s[0])[i];
+      const double clr = lr / (1.0 + double(t - 1) * o.at("lr_decay"));
+      sum += g * g;
+      p -= clr * g / (std::sqrt(sum) + o.at("eps"));
+    } else if (a == "adadelta") {
+      double& sq = (*s[0])[i];
+      double& acc = (*s[1])[i];
+      const double rho = o.at("rho"), eps = o.at("eps");
+      sq = rho * sq + (1.0 - rho) * g * g;
+      const double delta = std::sqrt(acc + eps) / std::sqrt(sq + eps) * g;
+      acc = rho * acc + (1.0 - rho) * delta * delta;
+      p -= lr * delta;
+    } else if (a == "rmsprop") {
+      const double alpha = o.at("alpha"), eps = o.at("eps"), momentum = o.at("momentum");
+      const bool centered = o.at("centered") != 0;
+      double& sq = (*s[0])[i];
+      sq = alpha * sq + (1.0 - alpha) * g * g;
+      double avg;
+      if (centered) {
+        double& ga = (*s.back())[i];  // grad_avg is always listed last
+        ga = alpha * ga + (1.0 - alpha) * g;
+        avg = std::sqrt(sq - ga * ga) + eps;
+      } else {
+        avg = std::sqrt(sq) + eps;
+      }
+      if (momentum > 0) {
+        double& b = (*s[1])[i];
+        b = momentum * b + g / avg;
+        p -= lr * b;
+      } else {
+        p -= lr * g / avg;
+      }
+    } else if (a == "adam" || a == "adamw") {
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
+      double& m = (*s[0])[i];
+      double& v = (*s[1])[i];
+      m = beta1 * m + (1.0 - beta1) * g;
+      v = beta2 * v + (1.0 - beta2) * g * g;
+      const double bc1 = 1.0 - std::pow(beta1, double(t));
+      const double bc2 = 1.0 - std::pow(beta2, double(t));
+      double vv = v;
+      if (o.at("amsgrad") != 0) {
+        double& vmax = (*s[2])[i];
+        vmax = std::max(vmax, v);
+        vv = vmax;
+      }
+      const double denom = std::sqrt(vv) / std::sqrt(bc2) + eps;
+      p -= (lr / bc1) * m / denom;
+    } else if (a == "rprop") {  // torch.optim.Rprop: factor, then clamp everywhere
+      double& prev = (*s[0])[i];
+      double& ss = (*s[1])[i];
+      const double prod = g * prev;
+      const double sg = sign(prod);
+      const double factor = sg > 0 ? o.at("eta_plus") : (sg < 0 ? o.at("eta_minus") : 1.0);
+      ss = std::min(std::max(ss * factor, o.at("step_size_min")), o.at("step_size_max"));
+      if (sg < 0) g = 0.0;
+      p -= sign(g) * ss;
+      prev = g;
+      if (ambiguous && ((prod != 0 && std::fabs(prod) < 1e-30) ||
+                        (g != 0 && std::fabs(g) < 1.1754943508222875e-38)))  // FLT_MIN
+        (*ambiguous)[i] = 1;
+    } else {  // lion
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
+      double& m = (*s[0])[i];
+      const double c = beta1 * m + (1.0 - beta1) * g;  // uses the OLD m
+      const double bound = 1e-5 * (std::fabs(beta1 * m) + std::fabs((1.0 - beta1) * g));
+      if (ambiguous && bound > 0 && std::fabs(c) <= bound) (*ambiguous)[i] = 1;
+      p -= lr * sign(c);
+      m = beta2 * m + (1.0 - beta2) * g;
     }
+  }
 }
 
 }  // namespace fo::ref

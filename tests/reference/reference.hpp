@@ -7,19 +7,23 @@
 #include <vector>
 
 namespace fo::ref {
-using OptionMap = std::map<std::string, double>;   // flags as 0/1; a missing key means the SPEC default
+using OptionMap =
+    std::map<std::string, double>;  // flags as 0/1; a missing key means the SPEC default
 using StateMap = std::map<std::string, std::vector<double>>;  // state buffers by SPEC state name
 
 /// SPEC default options of an algorithm, every key present (e.g. adamw weight_decay 1e-2).
 OptionMap defaults(const std::string& algorithm);
 
 /// The state names the algorithm keeps under these options, in SPEC order
-/// (e.g. sgd with momentum 0 -> {}, rmsprop centered+momentum -> {"square_avg","momentum_buffer","grad_avg"},
-/// adam with amsgrad -> {"exp_avg","exp_avg_sq","max_exp_avg_sq"}).
+/// (e.g. sgd with momentum 0 -> {}, rmsprop centered+momentum ->
+/// {"square_avg","momentum_buffer","grad_avg"}, adam with amsgrad ->
+/// {"exp_avg","exp_avg_sq","max_exp_avg_sq"}).
 std::vector<std::string> state_names(const std::string& algorithm, const OptionMap& options);
 
-/// SPEC initial value of a state (rprop step_size: lr; adagrad sum: initial_accumulator_value; else 0).
-double state_initial_value(const std::string& algorithm, const OptionMap& options, const std::string& state);
+/// SPEC initial value of a state (rprop step_size: lr; adagrad sum: initial_accumulator_value; else
+/// 0).
+double state_initial_value(const std::string& algorithm, const OptionMap& options,
+                           const std::string& state);
 
 /// One step, in double. `t` is the step count of this param (1 on the first step).
 /// `states` must hold every buffer state_names() lists, each param.size() long (the caller

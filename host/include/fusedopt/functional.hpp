@@ -37,7 +37,7 @@ template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
                 const Exec& exec = {});
 
-#define FO_DECLARE_FUSED_STEP(A)                                                    \
+#define FO_DECLARE_FUSED_STEP(A)                                                           \
   extern template void fused_step<A>(const A::Options&, std::int64_t, const DenseTensors&, \
                                      const Exec&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_DECLARE_FUSED_STEP)

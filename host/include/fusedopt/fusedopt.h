@@ -31,7 +31,13 @@ typedef enum {
   FO_IO_ERROR = 5,
   FO_CORRUPT_DATA = 6
 } fo_status;
-typedef enum { FO_FLOAT32 = 0, FO_FLOAT16 = 1, FO_BFLOAT16 = 2, FO_INT32 = 3, FO_INT64 = 4 } fo_dtype;
+typedef enum {
+  FO_FLOAT32 = 0,
+  FO_FLOAT16 = 1,
+  FO_BFLOAT16 = 2,
+  FO_INT32 = 3,
+  FO_INT64 = 4
+} fo_dtype;
 typedef enum { FO_DEVICE_CPU = 0, FO_DEVICE_CUDA = 1 } fo_device;
 
 FO_API int fo_abi_version(void);
@@ -48,17 +54,16 @@ FO_API fo_status fo_optimizer_set_option(fo_optimizer* opt, const char* key, dou
 FO_API fo_status fo_optimizer_get_option(const fo_optimizer* opt, const char* key, double* value);
 FO_API fo_status fo_optimizer_add_param(fo_optimizer* opt, const char* name, void* data,
                                         fo_dtype dtype, int ndim, const int64_t* shape);
-FO_API fo_status fo_optimizer_set_param_option(fo_optimizer* opt, const char* name,
-                                               const char* key, double value);
+FO_API fo_status fo_optimizer_set_param_option(fo_optimizer* opt, const char* name, const char* key,
+                                               double value);
 /* grads[i] belongs to the i-th added param; NULL entries are skipped. stream: cudaStream_t. */
 FO_API fo_status fo_optimizer_step(fo_optimizer* opt, const void* const* grads, void* stream);
-FO_API fo_status fo_optimizer_step_sparse(fo_optimizer* opt, const char* name,
-                                          const void* indices, fo_dtype index_dtype, int64_t nnz,
-                                          const void* grad_rows, void* stream);
+FO_API fo_status fo_optimizer_step_sparse(fo_optimizer* opt, const char* name, const void* indices,
+                                          fo_dtype index_dtype, int64_t nnz, const void* grad_rows,
+                                          void* stream);
 FO_API fo_status fo_optimizer_get_state(const fo_optimizer* opt, const char* name,
                                         const char* state, float* out, int64_t numel);
-FO_API fo_status fo_optimizer_step_count(const fo_optimizer* opt, const char* name,
-                                         int64_t* step);
+FO_API fo_status fo_optimizer_step_count(const fo_optimizer* opt, const char* name, int64_t* step);
 FO_API fo_status fo_optimizer_save(const fo_optimizer* opt, const char* path);
 FO_API fo_status fo_optimizer_load(fo_optimizer* opt, const char* path);
 

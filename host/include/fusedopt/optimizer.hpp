@@ -24,7 +24,7 @@ struct AlgorithmDescription {
   std::vector<std::string> options;  // SPEC.md names, in declaration order
   std::vector<double> defaults;      // flags as 0/1
   std::vector<bool> is_flag;
-  std::vector<std::string> states;   // every state the algorithm may keep
+  std::vector<std::string> states;  // every state the algorithm may keep
 };
 
 /// Every registered dense algorithm, in registry order.
@@ -34,8 +34,7 @@ class Optimizer {
  public:
   /// `algorithm` is a SPEC.md name ("adam", ...). Throws fo::Error if unknown, or if `device`
   /// is CUDA and this build or machine has no such device.
-  explicit Optimizer(std::string_view algorithm, Device device = Device::cpu,
-                     int device_index = 0);
+  explicit Optimizer(std::string_view algorithm, Device device = Device::cpu, int device_index = 0);
   ~Optimizer();
   Optimizer(Optimizer&&) noexcept;
   Optimizer& operator=(Optimizer&&) noexcept;

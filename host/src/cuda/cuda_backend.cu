@@ -60,8 +60,10 @@ void launch(const void* op_ptr, const DensePtrs& t, std::int64_t n, cudaStream_t
   const cuda_kernels::DensePtrs d{t.param, t.grad, {t.states[0], t.states[1], t.states[2]}};
   bool vec4 = aligned16(t.param) && aligned16(t.grad);
   for (float* s : t.states) vec4 = vec4 && aligned16(s);
-  if (vec4) launch_as<Op, true>(op, d, n, stream);
-  else launch_as<Op, false>(op, d, n, stream);
+  if (vec4)
+    launch_as<Op, true>(op, d, n, stream);
+  else
+    launch_as<Op, false>(op, d, n, stream);
 }
 
 using Launcher = void (*)(const void*, const DensePtrs&, std::int64_t, cudaStream_t);
@@ -106,8 +108,8 @@ DeviceGuard::~DeviceGuard() {
   if (previous_ >= 0) FO_CUDA_CHECK_NOTHROW(cudaSetDevice(previous_));
 }
 
-void dense_step(int algorithm_index, const void* op, const DensePtrs& t, std::int64_t n,
-                int device, void* stream) {
+void dense_step(int algorithm_index, const void* op, const DensePtrs& t, std::int64_t n, int device,
+                void* stream) {
   DeviceGuard guard(device);
   kLaunchers[algorithm_index](op, t, n, static_cast<cudaStream_t>(stream));
 }

@@ -17,11 +17,11 @@ int device_count() noexcept;
 
 /// Launches the fused step of algorithm `algorithm_index` (detail::AlgorithmIndex) on
 /// `stream`; `op` points to its functor. Throws fo::Error on a launch failure.
-void dense_step(int algorithm_index, const void* op, const DensePtrs& t, std::int64_t n,
-                int device, void* stream);
+void dense_step(int algorithm_index, const void* op, const DensePtrs& t, std::int64_t n, int device,
+                void* stream);
 
-float* allocate(std::int64_t n, int device);        // throws out_of_memory / device_error
-void deallocate(float* p, int device) noexcept;     // never throws; logs a failure
+float* allocate(std::int64_t n, int device);     // throws out_of_memory / device_error
+void deallocate(float* p, int device) noexcept;  // never throws; logs a failure
 void fill(float* p, float value, std::int64_t n, int device, void* stream);
 void copy_to_host(float* h_dst, const float* d_src, std::int64_t n, int device, void* stream);
 /// True if `p` is device (or managed) memory of `device`.

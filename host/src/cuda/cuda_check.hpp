@@ -13,25 +13,24 @@ namespace fo::cuda {
 
 [[noreturn]] inline void throw_cuda_error(cudaError_t e, const char* expr, const char* file,
                                           int line) {
-  const StatusCode code = e == cudaErrorMemoryAllocation ? StatusCode::out_of_memory
-                                                         : StatusCode::device_error;
-  throw Error(code, std::string(file) + ":" + std::to_string(line) + ": " + expr + " failed: " +
-                        cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  const StatusCode code =
+      e == cudaErrorMemoryAllocation ? StatusCode::out_of_memory : StatusCode::device_error;
+  throw Error(code, std::string(file) + ":" + std::to_string(line) + ": " + expr +
+                        " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 
 }  // namespace fo::cuda
 
-#define FO_CUDA_CHECK(expr)                                                  \
-  do {                                                                       \
-    const cudaError_t fo_err_ = (expr);                                      \
-    if (fo_err_ != cudaSuccess)                                              \
-      ::fo::cuda::throw_cuda_error(fo_err_, #expr, __FILE__, __LINE__);      \
+#define FO_CUDA_CHECK(expr)                                                                       \
+  do {                                                                                            \
+    const cudaError_t fo_err_ = (expr);                                                           \
+    if (fo_err_ != cudaSuccess) ::fo::cuda::throw_cuda_error(fo_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
-#define FO_CUDA_CHECK_NOTHROW(expr)                                                         \
-  do {                                                                                      \
-    const cudaError_t fo_err_ = (expr);                                                     \
-    if (fo_err_ != cudaSuccess)                                                             \
+#define FO_CUDA_CHECK_NOTHROW(expr)                                                       \
+  do {                                                                                    \
+    const cudaError_t fo_err_ = (expr);                                                   \
+    if (fo_err_ != cudaSuccess)                                                           \
       std::fprintf(stderr, "fusedopt: %s:%d: %s failed: %s\n", __FILE__, __LINE__, #expr, \
-                   cudaGetErrorName(fo_err_));                                              \
+                   cudaGetErrorName(fo_err_));                                            \
   } while (0)

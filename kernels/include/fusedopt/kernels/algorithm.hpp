@@ -31,8 +31,10 @@ struct OptionField {
 
   double get(const Options& o) const { return real ? o.*real : (o.*flag ? 1.0 : 0.0); }
   void set(Options& o, double v) const {
-    if (real) o.*real = v;
-    else o.*flag = v != 0.0;
+    if (real)
+      o.*real = v;
+    else
+      o.*flag = v != 0.0;
   }
 };
 

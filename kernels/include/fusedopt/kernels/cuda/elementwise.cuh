@@ -39,11 +39,13 @@ __device__ __forceinline__ void unpack(const float4& v, float* out) {
   out[2] = v.z;
   out[3] = v.w;
 }
-__device__ __forceinline__ float4 pack(const float* v) { return make_float4(v[0], v[1], v[2], v[3]); }
+__device__ __forceinline__ float4 pack(const float* v) {
+  return make_float4(v[0], v[1], v[2], v[3]);
+}
 
 template <class Op, bool kVec4>
-__global__ void __launch_bounds__(256) dense_step_kernel(const Op op, const DensePtrs t,
-                                                         const std::int64_t n) {
+__global__ void __launch_bounds__(256)
+    dense_step_kernel(const Op op, const DensePtrs t, const std::int64_t n) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   const std::int64_t tid = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   std::int64_t scalar_begin = 0;
@@ -55,8 +57,10 @@ __global__ void __launch_bounds__(256) dense_step_kernel(const Op op, const Dens
       unpack(__ldg(reinterpret_cast<const float4*>(t.grad) + i), g);
 #pragma unroll
       for (int k = 0; k < kMaxStates; ++k) {
-        if (t.states[k]) unpack(reinterpret_cast<const float4*>(t.states[k])[i], s[k]);
-        else s[k][0] = s[k][1] = s[k][2] = s[k][3] = 0.0f;
+        if (t.states[k])
+          unpack(reinterpret_cast<const float4*>(t.states[k])[i], s[k]);
+        else
+          s[k][0] = s[k][1] = s[k][2] = s[k][3] = 0.0f;
       }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
