@@ -2,6 +2,8 @@
 // references that share no code with them: round to nearest computed in double from the two
 // bracketing neighbours, the x86 F16C hardware conversion, and exhaustive round trips; and the
 // statistics of stochastic rounding and of random_bits.
+#include "fusedopt/kernels/convert.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,10 +17,10 @@
 #include <string>
 #include <vector>
 
-#include "fusedopt/kernels/convert.hpp"
 #include "test_util.hpp"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define FO_TEST_X86 1
 #endif
@@ -96,9 +98,12 @@ double round_nearest(double v, const Format& f) {
   const Bracket b = bracket(v, f);
   const double down = v - b.lo, up = b.hi - v;  // exact
   double r;
-  if (down < up) r = b.lo;
-  else if (up < down) r = b.hi;
-  else r = std::fmod(b.lo / b.spacing, 2.0) == 0.0 ? b.lo : b.hi;
+  if (down < up)
+    r = b.lo;
+  else if (up < down)
+    r = b.hi;
+  else
+    r = std::fmod(b.lo / b.spacing, 2.0) == 0.0 ? b.lo : b.hi;
   return overflow_to_inf(r, f);
 }
 
@@ -132,8 +137,9 @@ std::uint16_t encode_f16(double v, bool negative) {
 double decode_f16(std::uint16_t h) {
   const int e = (h >> 10) & 0x1F, m = h & 0x3FF;
   const double sign = (h & 0x8000) ? -1.0 : 1.0;
-  if (e == 31) return m ? std::numeric_limits<double>::quiet_NaN()
-                        : sign * std::numeric_limits<double>::infinity();
+  if (e == 31)
+    return m ? std::numeric_limits<double>::quiet_NaN()
+             : sign * std::numeric_limits<double>::infinity();
   if (e == 0) return sign * std::ldexp(m, -24);
   return sign * std::ldexp(1024 + m, e - 25);
 }
@@ -183,11 +189,27 @@ std::vector<float> edge_cases() {
 // ---- F16C -------------------------------------------------------------------------------
 
 #ifdef FO_TEST_X86
+#if defined(__clang__)
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wc99-extensions"  // inside clang's _cvtss_sh macro
+#endif
 __attribute__((target("f16c"))) std::uint16_t hw_to_f16(float x) {
   return static_cast<std::uint16_t>(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
 }
 __attribute__((target("f16c"))) float hw_from_f16(std::uint16_t h) { return _cvtsh_ss(h); }
-bool have_f16c() { return __builtin_cpu_supports("f16c"); }
+#if defined(__clang__)
+#pragma clang diagnostic pop
+#endif
+/// F16C and the OS saving YMM state (its VEX encoding needs it): CPUID.1:ECX bits 29 and 27,
+/// XCR0 bits 1 and 2. (Like __builtin_cpu_supports("f16c"), which older clang lacks.)
+bool have_f16c() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  if (!(c & (1u << 29)) || !(c & (1u << 27))) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 6u) == 6u;
+}
 #else
 std::uint16_t hw_to_f16(float) { return 0; }
 float hw_from_f16(std::uint16_t) { return 0.0f; }
@@ -215,8 +237,8 @@ void check_bf16_rne(float x, Mismatches& bad) {
 void check_f16_rne(float x, Mismatches& bad) {
   const std::uint16_t got = to_f16(x).bits;
   if (std::isnan(x)) {
-    const std::uint16_t want = static_cast<std::uint16_t>(
-        ((bits(x) >> 16) & 0x8000u) | 0x7E00u | ((bits(x) >> 13) & 0x3FFu));
+    const std::uint16_t want = static_cast<std::uint16_t>(((bits(x) >> 16) & 0x8000u) | 0x7E00u |
+                                                          ((bits(x) >> 13) & 0x3FFu));
     if (got != want || !is_f16_nan(got))
       bad.add("to_f16(" + describe(x) + ") = " + hex(got) + ", want quiet NaN " + hex(want));
     return;
@@ -231,7 +253,8 @@ TEST(ConvertBf16, RoundToNearestMatchesReferenceOnSampledPatterns) {
   Mismatches bad;
   for_each_sampled_pattern([&](std::uint32_t u) { check_bf16_rne(from_bits(u), bad); });
   auto rng = make_rng();
-  for (int i = 0; i < (1 << 22); ++i) check_bf16_rne(from_bits(static_cast<std::uint32_t>(rng())), bad);
+  for (int i = 0; i < (1 << 22); ++i)
+    check_bf16_rne(from_bits(static_cast<std::uint32_t>(rng())), bad);
 }
 
 TEST(ConvertBf16, RoundToNearestEdgeCases) {
@@ -300,7 +323,8 @@ TEST(ConvertF16, RoundToNearestMatchesReferenceOnSampledPatterns) {
   Mismatches bad;
   for_each_sampled_pattern([&](std::uint32_t u) { check_f16_rne(from_bits(u), bad); });
   auto rng = make_rng();
-  for (int i = 0; i < (1 << 22); ++i) check_f16_rne(from_bits(static_cast<std::uint32_t>(rng())), bad);
+  for (int i = 0; i < (1 << 22); ++i)
+    check_f16_rne(from_bits(static_cast<std::uint32_t>(rng())), bad);
   // Random floats within f16's range, where the sampled patterns are thinner.
   std::uniform_real_distribution<float> mant(1.0f, 2.0f);
   std::uniform_int_distribution<int> exp(-26, 16);
@@ -315,17 +339,17 @@ TEST(ConvertF16, RoundToNearestEdgeCases) {
   for (float x : edge_cases()) check_f16_rne(x, bad);
   EXPECT_EQ(to_f16(65504.0f).bits, 0x7BFFu);
   EXPECT_EQ(to_f16(from_bits(0x477FEFFFu)).bits, 0x7BFFu);  // just below 65520: max
-  EXPECT_EQ(to_f16(65520.0f).bits, 0x7C00u);                 // the overflow tie: inf
+  EXPECT_EQ(to_f16(65520.0f).bits, 0x7C00u);                // the overflow tie: inf
   EXPECT_EQ(to_f16(-65520.0f).bits, 0xFC00u);
   EXPECT_EQ(to_f16(1e10f).bits, 0x7C00u);
-  EXPECT_EQ(to_f16(from_bits(0x3F801000u)).bits, 0x3C00u);  // 1 + 2^-11: tie, even below
-  EXPECT_EQ(to_f16(from_bits(0x3F803000u)).bits, 0x3C02u);  // 1 + 3 2^-11: tie, even above
-  EXPECT_EQ(to_f16(std::ldexp(1.0f, -24)).bits, 0x0001u);    // smallest subnormal
-  EXPECT_EQ(to_f16(std::ldexp(1.0f, -25)).bits, 0x0000u);    // tie to even: zero
-  EXPECT_EQ(to_f16(-std::ldexp(1.0f, -25)).bits, 0x8000u);   // -0
-  EXPECT_EQ(to_f16(from_bits(0x33000001u)).bits, 0x0001u);  // just past the tie
-  EXPECT_EQ(to_f16(std::ldexp(1.5f, -24)).bits, 0x0002u);    // subnormal tie to even above
-  EXPECT_EQ(to_f16(std::ldexp(2.5f, -24)).bits, 0x0002u);    // subnormal tie to even below
+  EXPECT_EQ(to_f16(from_bits(0x3F801000u)).bits, 0x3C00u);    // 1 + 2^-11: tie, even below
+  EXPECT_EQ(to_f16(from_bits(0x3F803000u)).bits, 0x3C02u);    // 1 + 3 2^-11: tie, even above
+  EXPECT_EQ(to_f16(std::ldexp(1.0f, -24)).bits, 0x0001u);     // smallest subnormal
+  EXPECT_EQ(to_f16(std::ldexp(1.0f, -25)).bits, 0x0000u);     // tie to even: zero
+  EXPECT_EQ(to_f16(-std::ldexp(1.0f, -25)).bits, 0x8000u);    // -0
+  EXPECT_EQ(to_f16(from_bits(0x33000001u)).bits, 0x0001u);    // just past the tie
+  EXPECT_EQ(to_f16(std::ldexp(1.5f, -24)).bits, 0x0002u);     // subnormal tie to even above
+  EXPECT_EQ(to_f16(std::ldexp(2.5f, -24)).bits, 0x0002u);     // subnormal tie to even below
   EXPECT_EQ(to_f16(std::ldexp(1023.5f, -24)).bits, 0x0400u);  // tie carries to the min normal
   EXPECT_EQ(to_f16(std::ldexp(1022.5f, -24)).bits, 0x03FEu);
   EXPECT_EQ(to_f16(from_bits(0x00000001u)).bits, 0x0000u);  // fp32 denormal
@@ -387,8 +411,7 @@ std::vector<float> stochastic_inputs(std::mt19937_64& rng, bool f16_range) {
   }
   for (float x : edge_cases())
     if (std::isfinite(x)) v.push_back(x);
-  for (float x : {65505.0f, 65535.0f, 65535.99f, 65536.0f, 7e4f, 1e-30f, 3e-8f})
-    v.push_back(x);
+  for (float x : {65505.0f, 65535.0f, 65535.99f, 65536.0f, 7e4f, 1e-30f, 3e-8f}) v.push_back(x);
   return v;
 }
 
@@ -397,12 +420,13 @@ TEST(ConvertStochastic, ResultIsAlwaysOneOfTheTwoNeighbours) {
   auto rng = make_rng();
   for (float x : stochastic_inputs(rng, false)) {
     const Neighbours n = bf16_neighbours(x);
-    if (to_bf16_stochastic(x, 0).bits != n.down) bad.add("bf16 draw 0 must truncate " + describe(x));
+    if (to_bf16_stochastic(x, 0).bits != n.down)
+      bad.add("bf16 draw 0 must truncate " + describe(x));
     for (int k = 0; k < 64; ++k) {
       const std::uint16_t got = to_bf16_stochastic(x, static_cast<std::uint32_t>(rng())).bits;
       if (got != n.down && got != n.up)
-        bad.add("to_bf16_stochastic(" + describe(x) + ") = " + hex(got) + ", want " +
-                hex(n.down) + " or " + hex(n.up));
+        bad.add("to_bf16_stochastic(" + describe(x) + ") = " + hex(got) + ", want " + hex(n.down) +
+                " or " + hex(n.up));
     }
   }
   for (float x : stochastic_inputs(rng, true)) {
@@ -411,8 +435,8 @@ TEST(ConvertStochastic, ResultIsAlwaysOneOfTheTwoNeighbours) {
     for (int k = 0; k < 64; ++k) {
       const std::uint16_t got = to_f16_stochastic(x, static_cast<std::uint32_t>(rng())).bits;
       if (got != n.down && got != n.up)
-        bad.add("to_f16_stochastic(" + describe(x) + ") = " + hex(got) + ", want " +
-                hex(n.down) + " or " + hex(n.up));
+        bad.add("to_f16_stochastic(" + describe(x) + ") = " + hex(got) + ", want " + hex(n.down) +
+                " or " + hex(n.up));
     }
   }
 }
@@ -458,7 +482,8 @@ TEST(ConvertStochastic, ExactValuesStayExactForEveryDraw) {
 }
 
 // Rounds x with kDraws draws from random_bits and checks that both the mean value and the
-// frequency of rounding away from zero are within 4 standard errors of exact.
+// frequency of rounding away from zero are within 5 standard errors of exact (a chance failure
+// about once in 10^5 runs).
 constexpr int kDraws = 100000;
 
 template <class T>
@@ -471,25 +496,31 @@ void check_unbiased(float x, const Format& f, std::uint64_t seed) {
   double sum = 0.0;
   int ups = 0;
   for (int i = 0; i < kDraws; ++i) {
-    const float r = to_float(from_float_stochastic<T>(x, random_bits(seed, 3, static_cast<std::uint64_t>(i))));
+    const float r =
+        to_float(from_float_stochastic<T>(x, random_bits(seed, 3, static_cast<std::uint64_t>(i))));
     const double a = std::fabs(static_cast<double>(r));
     ASSERT_TRUE(a == b.lo || a == up_value) << describe(x) << " gave " << describe(r);
     ASSERT_EQ(std::signbit(r), std::signbit(x)) << describe(x);
-    if (a != b.lo) ++ups;
-    else sum += a;
+    if (a != b.lo)
+      ++ups;
+    else
+      sum += a;
   }
   const double se_p = std::sqrt(p * (1.0 - p) / kDraws);
-  EXPECT_NEAR(static_cast<double>(ups) / kDraws, p, 4.0 * se_p) << describe(x);
+  EXPECT_NEAR(static_cast<double>(ups) / kDraws, p, 5.0 * se_p) << describe(x);
   if (!std::isinf(up_value)) {
     const double mean = (sum + ups * up_value) / kDraws;
-    EXPECT_NEAR(mean, ax, 4.0 * se_p * b.spacing) << describe(x);
+    EXPECT_NEAR(mean, ax, 5.0 * se_p * b.spacing) << describe(x);
   }
 }
 
 TEST(ConvertStochastic, Bf16IsUnbiased) {
   auto rng = make_rng();
   const std::uint64_t seed = rng();
-  std::vector<float> xs = {0.1f, -1.0f / 3.0f, 1.0f + std::ldexp(1.0f, -10), 3.14159265f,
+  std::vector<float> xs = {0.1f,
+                           -1.0f / 3.0f,
+                           1.0f + std::ldexp(1.0f, -10),
+                           3.14159265f,
                            from_bits(0x00012345u),   // fp32 denormal
                            from_bits(0x7F7FC000u)};  // above bf16 max: inf with p = 3/4
   std::uniform_real_distribution<float> mant(1.0f, 2.0f);
@@ -501,11 +532,14 @@ TEST(ConvertStochastic, Bf16IsUnbiased) {
 TEST(ConvertStochastic, F16IsUnbiased) {
   auto rng = make_rng();
   const std::uint64_t seed = rng();
-  std::vector<float> xs = {0.1f, -1.0f / 3.0f, 3.14159265f, 1000.3f,
-                           std::ldexp(5.3f, -24),    // subnormal
-                           std::ldexp(-0.3f, -24),   // between 0 and the smallest subnormal
+  std::vector<float> xs = {0.1f,
+                           -1.0f / 3.0f,
+                           3.14159265f,
+                           1000.3f,
+                           std::ldexp(5.3f, -24),     // subnormal
+                           std::ldexp(-0.3f, -24),    // between 0 and the smallest subnormal
                            std::ldexp(1023.7f, -24),  // rounds to the smallest normal or below
-                           65514.0f};                // inf with probability 10/32
+                           65514.0f};                 // inf with probability 10/32
   std::uniform_real_distribution<float> mant(1.0f, 2.0f);
   std::uniform_int_distribution<int> exp(-24, 15);
   for (int i = 0; i < 4; ++i) xs.push_back(std::ldexp(mant(rng), exp(rng)));
@@ -516,7 +550,8 @@ TEST(ConvertStochastic, SameCounterGivesSameBits) {
   auto rng = make_rng();
   const std::uint64_t seed = rng(), step = rng() % 1000000;
   for (std::uint64_t i = 0; i < 1000; ++i) {
-    const float x = from_bits(static_cast<std::uint32_t>(rng()) & 0x7F7FFFFFu) * ((i & 1) ? -1.0f : 1.0f);
+    const float x =
+        from_bits(static_cast<std::uint32_t>(rng()) & 0x7F7FFFFFu) * ((i & 1) ? -1.0f : 1.0f);
     EXPECT_EQ(random_bits(seed, step, i), random_bits(seed, step, i));
     EXPECT_EQ(to_bf16_stochastic(x, random_bits(seed, step, i)).bits,
               to_bf16_stochastic(x, random_bits(seed, step, i)).bits);

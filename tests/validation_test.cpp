@@ -259,7 +259,12 @@ TEST(Validation, FusedStepChecksItsBuffers) {
   auto call = [&](DenseTensors t, std::int64_t step = 1) {
     return [t, step, o] { fused_step<Adam>(o, step, t); };
   };
-  const DenseTensors good{p.data(), g.data(), {m.data(), v.data(), nullptr}, 16};
+  DenseTensors good;
+  good.param = p.data();
+  good.grad = g.data();
+  good.states[0] = m.data();
+  good.states[1] = v.data();
+  good.numel = 16;
   DenseTensors t = good;
   t.param = nullptr;
   expect_error(call(t), StatusCode::invalid_argument, "param is null");
@@ -271,7 +276,13 @@ TEST(Validation, FusedStepChecksItsBuffers) {
   expect_error(call(t), StatusCode::invalid_argument, "numel");
   t = good;
   t.grad_dtype = DType::bf16;
-  expect_error(call(t), StatusCode::unsupported, "bfloat16");
+  expect_error(call(t), StatusCode::invalid_argument, "grads must be float32 or the param's");
+  t = good;
+  t.param_dtype = t.grad_dtype = DType::bf16;
+  expect_error(call(t), StatusCode::unsupported, "CPU backend steps float32");
+  t = good;
+  t.master = m.data();
+  expect_error(call(t), StatusCode::invalid_argument, "master weights belong to");
   expect_error(call(good, 0), StatusCode::invalid_argument, "step must be >= 1");
   Adam::Options bad;
   bad.beta2 = 1.0;

@@ -7,6 +7,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cuda/cuda_backend.hpp"
 #include "fusedopt/functional.hpp"
 #include "fusedopt/optimizer.hpp"
 
@@ -19,7 +20,10 @@ struct AlgorithmInfo {
   bool (*has_state)(const std::vector<double>& options, int k);
   double (*state_init)(const std::vector<double>& options, int k);
   void (*step)(const std::vector<double>& options, std::int64_t step, const DenseTensors& t,
-               const Exec& exec);
+               const Exec& exec, const StepControls& controls);
+  /// A multi-tensor step on CUDA of tensors sharing these options (already validated).
+  void (*cuda_list_step)(const std::vector<double>& options, const cuda::ListEntry* entries,
+                         std::size_t n, const cuda::ListSettings& settings, void* stream);
 
   int option_index(std::string_view key) const;  // -1 if unknown
   int state_index(std::string_view name) const;  // -1 if unknown

@@ -9,25 +9,25 @@
 
 namespace fo::detail {
 
-StateBuffer::StateBuffer(Device device, int device_index, std::int64_t n)
-    : size_(n), device_(device), device_index_(device_index) {
-  if (n == 0) return;
+StateBuffer::StateBuffer(Device device, int device_index, std::size_t bytes)
+    : bytes_(bytes), device_(device), device_index_(device_index) {
+  if (bytes == 0) return;
   if (device == Device::cuda) {
-    data_ = cuda::allocate(n, device_index);
+    data_ = cuda::allocate(bytes, device_index);
     return;
   }
-  const std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(float) + 63) / 64 * 64;
-  data_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+  const std::size_t rounded = (bytes + 63) / 64 * 64;
+  data_ = std::aligned_alloc(64, rounded);
   if (!data_)
     throw Error(StatusCode::out_of_memory,
-                "cannot allocate " + std::to_string(bytes) + " bytes of optimizer state");
+                "cannot allocate " + std::to_string(rounded) + " bytes of optimizer state");
 }
 
 StateBuffer::~StateBuffer() { release(); }
 
 StateBuffer::StateBuffer(StateBuffer&& o) noexcept
     : data_(std::exchange(o.data_, nullptr)),
-      size_(std::exchange(o.size_, 0)),
+      bytes_(std::exchange(o.bytes_, 0)),
       device_(o.device_),
       device_index_(o.device_index_) {}
 
@@ -35,7 +35,7 @@ StateBuffer& StateBuffer::operator=(StateBuffer&& o) noexcept {
   if (this != &o) {
     release();
     data_ = std::exchange(o.data_, nullptr);
-    size_ = std::exchange(o.size_, 0);
+    bytes_ = std::exchange(o.bytes_, 0);
     device_ = o.device_;
     device_index_ = o.device_index_;
   }

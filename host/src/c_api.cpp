@@ -14,7 +14,7 @@ struct fo_optimizer {
 
 namespace {
 
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;  // 2: step settings, device scalars, grad_norm
 
 thread_local std::string t_last_error;
 
@@ -154,6 +154,22 @@ fo_status fo_optimizer_load(fo_optimizer* opt, const char*) {
   return guarded([&] {
     require(opt, "optimizer");
     throw fo::Error(fo::StatusCode::unsupported, "checkpoints are not supported yet");
+  });
+}
+
+fo_status fo_optimizer_set_device_scalars(fo_optimizer* opt, const float* d_lr,
+                                          const float* d_grad_multiplier, float* d_found_inf) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    opt->impl.set_device_scalars(d_lr, d_grad_multiplier, d_found_inf);
+  });
+}
+
+fo_status fo_optimizer_grad_norm(const fo_optimizer* opt, float* out) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    require(out, "out");
+    *out = opt->impl.grad_norm();
   });
 }
 

@@ -34,51 +34,87 @@ bool misaligned(const void* p, std::size_t align) {
 }
 
 template <class A>
-cpu::DensePtrs check_tensors(const typename A::Options& o, const DenseTensors& t) {
+void check_tensors(const typename A::Options& o, const DenseTensors& t, const Exec& exec,
+                   const StepControls& c) {
   const std::string who = A::kName;
   if (t.numel < 0) invalid(who + ": numel must be >= 0, got " + std::to_string(t.numel));
-  for (DType d : {t.param_dtype, t.grad_dtype, t.state_dtype})
-    if (d != DType::f32)
-      throw Error(StatusCode::unsupported,
-                  who + ": only float32 params, grads and states are supported so far, got " +
-                      dtype_name(d));
-  cpu::DensePtrs p{
-      static_cast<float*>(t.param), static_cast<const float*>(t.grad), {nullptr, nullptr, nullptr}};
+  const bool cuda = exec.device == Device::cuda;
+  auto unsupported = [&](const std::string& what) {
+    throw Error(StatusCode::unsupported, who + ": " + what);
+  };
+  if (t.param_dtype != DType::f32 && t.param_dtype != DType::bf16 && t.param_dtype != DType::f16)
+    invalid(who + ": params must be float32, bfloat16 or float16, got " +
+            dtype_name(t.param_dtype));
+  if (t.grad_dtype != t.param_dtype && t.grad_dtype != DType::f32)
+    invalid(who + ": grads must be float32 or the param's dtype, got " + dtype_name(t.grad_dtype));
+  if (t.state_dtype != DType::f32 && t.state_dtype != DType::bf16)
+    invalid(who + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
+  if (t.master && t.param_dtype == DType::f32)
+    invalid(who + ": master weights belong to bfloat16 or float16 params");
+  if (!cuda) {
+    if (t.param_dtype != DType::f32 || t.grad_dtype != DType::f32 || t.state_dtype != DType::f32)
+      unsupported("the CPU backend steps float32 params, grads and states only");
+    if (c.stochastic_rounding || c.d_lr || c.d_grad_multiplier || c.d_found_inf)
+      unsupported("device-side scalars and stochastic rounding need the CUDA backend");
+  }
+  if (!std::isfinite(c.grad_multiplier)) invalid(who + ": the gradient multiplier must be finite");
+  if (t.numel == 0) return;
+  auto check = [&](const void* ptr, DType dtype, const std::string& what) {
+    if (!ptr) invalid(who + ": " + what + " is null");
+    if (misaligned(ptr, dtype_size(dtype)))
+      invalid(who + ": " + what + " is not aligned to its element size");
+  };
+  check(t.param, t.param_dtype, "param");
+  check(t.grad, t.grad_dtype, "grad");
+  if (t.master) check(t.master, DType::f32, "master");
   constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
   for (int k = 0; k < kStates; ++k)
-    if (A::has_state(o, k)) p.states[k] = static_cast<float*>(t.states[k]);
-  if (t.numel == 0) return p;
-  auto check = [&](const void* ptr, const std::string& what) {
-    if (!ptr) invalid(who + ": " + what + " is null");
-    if (misaligned(ptr, sizeof(float)))
-      invalid(who + ": " + what + " is not aligned to its 4-byte element size");
-  };
-  check(p.param, "param");
-  check(p.grad, "grad");
-  for (int k = 0; k < kStates; ++k)
-    if (A::has_state(o, k)) check(p.states[k], std::string("state ") + A::kStates[k]);
-  return p;
+    if (A::has_state(o, k))
+      check(t.states[k], t.state_dtype, std::string("state ") + A::kStates[k]);
 }
 
 }  // namespace
 
 template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
-                const Exec& exec) {
+                const Exec& exec, const StepControls& controls) {
   if (const std::string err = options_error<A>(options); !err.empty()) invalid(err);
   if (step < 1) invalid(std::string(A::kName) + ": step must be >= 1, got " + std::to_string(step));
-  const cpu::DensePtrs ptrs = check_tensors<A>(options, t);
+  check_tensors<A>(options, t, exec, controls);
   if (t.numel == 0) return;
-  const typename A::Op op = A::make_op(options, step);
+  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
+  void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
+  for (int k = 0; k < kStates; ++k)
+    if (A::has_state(options, k)) states[k] = t.states[k];
   constexpr int index = detail::IndexOf<A>::value;
-  if (exec.device == Device::cuda)
-    cuda::dense_step(index, &op, ptrs, t.numel, /*device=*/-1, exec.stream);
-  else
-    cpu::parallel_for(cpu::active_table().step[index], &op, ptrs, t.numel);
+  if (exec.device == Device::cuda) {
+    const cuda::ListEntry entry{t.param, t.grad, t.master,    {states[0], states[1], states[2]},
+                                t.numel, step,   controls.key};
+    cuda::ListSettings s;
+    s.param_dtype = t.param_dtype;
+    s.grad_dtype = t.grad_dtype;
+    s.state_dtype = t.state_dtype;
+    s.stochastic = controls.stochastic_rounding;
+    s.seed = controls.seed;
+    s.grad_scale = controls.grad_multiplier;
+    s.d_lr = controls.d_lr;
+    s.d_grad_scale = controls.d_grad_multiplier;
+    s.d_found_inf = controls.d_found_inf;
+    cuda::multi_tensor_step(index, &options, &entry, 1, s, exec.stream);
+    return;
+  }
+  cpu::DensePtrs ptrs{static_cast<float*>(t.param),
+                      static_cast<const float*>(t.grad),
+                      {static_cast<float*>(states[0]), static_cast<float*>(states[1]),
+                       static_cast<float*>(states[2])},
+                      controls.grad_multiplier};
+  const typename A::Op op = A::make_op(options, step);
+  cpu::parallel_for(cpu::active_table().step[index], &op, ptrs, t.numel);
 }
 
-#define FO_INSTANTIATE(A) \
-  template void fused_step<A>(const A::Options&, std::int64_t, const DenseTensors&, const Exec&);
+#define FO_INSTANTIATE(A)                                                                        \
+  template void fused_step<A>(const A::Options&, std::int64_t, const DenseTensors&, const Exec&, \
+                              const StepControls&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
 
@@ -112,7 +148,13 @@ AlgorithmInfo make_info() {
     return A::state_init(unpack<A>(v), k);
   };
   info.step = [](const std::vector<double>& v, std::int64_t step, const DenseTensors& t,
-                 const Exec& exec) { fused_step<A>(unpack<A>(v), step, t, exec); };
+                 const Exec& exec,
+                 const StepControls& c) { fused_step<A>(unpack<A>(v), step, t, exec, c); };
+  info.cuda_list_step = [](const std::vector<double>& v, const cuda::ListEntry* entries,
+                           std::size_t n, const cuda::ListSettings& s, void* stream) {
+    const typename A::Options o = unpack<A>(v);
+    cuda::multi_tensor_step(IndexOf<A>::value, &o, entries, n, s, stream);
+  };
   return info;
 }
 

@@ -1,10 +1,14 @@
-// Optimizer objects: options with per-param overrides, state ownership, step counting.
+// Optimizer objects: options with per-param overrides, state ownership, step counting, and
+// the step itself: the gradient-norm pass (clipping, the non-finite check) and then one
+// fused pass per param on the CPU, or multi-tensor launches per option group on CUDA.
 // Every mutating call validates everything first and changes nothing when it throws.
 #include "fusedopt/optimizer.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -13,7 +17,9 @@
 
 #include "algorithms.hpp"
 #include "buffer.hpp"
+#include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "fusedopt/kernels/convert.hpp"
 
 namespace fo {
 namespace {
@@ -21,12 +27,79 @@ namespace {
 [[noreturn]] void invalid(const std::string& msg) {
   throw Error(StatusCode::invalid_argument, msg);
 }
+[[noreturn]] void unsupported(const std::string& msg) { throw Error(StatusCode::unsupported, msg); }
 
 std::string join(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
   return s;
 }
+
+constexpr const char* kMasterState = "master";
+
+/// Optimizer-wide step settings (see optimizer.hpp), kept apart from the algorithm's options.
+struct Settings {
+  double grad_scale = 1.0;
+  double max_grad_norm = 0.0;
+  bool skip_nonfinite = false;
+  bool master_weights = false;
+  DType state_dtype = DType::f32;
+  bool fp32_grads = false;
+  bool stochastic_rounding = false;
+  double seed = 0.0;
+
+  static const std::vector<std::string>& keys() {
+    static const std::vector<std::string> k = {
+        "grad_scale",  "max_grad_norm", "skip_nonfinite",      "master_weights",
+        "state_dtype", "fp32_grads",    "stochastic_rounding", "seed"};
+    return k;
+  }
+  static bool is_key(std::string_view key) {
+    return std::find(keys().begin(), keys().end(), key) != keys().end();
+  }
+  double get(std::string_view key) const {
+    if (key == "grad_scale") return grad_scale;
+    if (key == "max_grad_norm") return max_grad_norm;
+    if (key == "skip_nonfinite") return skip_nonfinite;
+    if (key == "master_weights") return master_weights;
+    if (key == "state_dtype") return static_cast<double>(static_cast<int>(state_dtype));
+    if (key == "fp32_grads") return fp32_grads;
+    if (key == "stochastic_rounding") return stochastic_rounding;
+    return seed;
+  }
+  /// Validates and sets; throws without changing anything.
+  void set(std::string_view key, double v, Device device) {
+    const std::string k(key);
+    if (!std::isfinite(v)) invalid("option " + k + " must be finite, got " + Validator::fmt(v));
+    auto flag = [&] {
+      if (v != 0.0 && v != 1.0) invalid("option " + k + " is a flag and takes 0 or 1");
+      return v != 0.0;
+    };
+    if (key == "grad_scale") {
+      if (!(v > 0.0)) invalid("grad_scale must be > 0, got " + Validator::fmt(v));
+      grad_scale = v;
+    } else if (key == "max_grad_norm") {
+      if (!(v >= 0.0)) invalid("max_grad_norm must be >= 0, got " + Validator::fmt(v));
+      max_grad_norm = v;
+    } else if (key == "skip_nonfinite") {
+      skip_nonfinite = flag();
+    } else if (key == "master_weights") {
+      master_weights = flag();
+    } else if (key == "state_dtype") {
+      if (v != 0.0 && v != 2.0) invalid("state_dtype takes 0 (float32) or 2 (bfloat16)");
+      if (v == 2.0 && device != Device::cuda) unsupported("bfloat16 states need the CUDA backend");
+      state_dtype = v == 2.0 ? DType::bf16 : DType::f32;
+    } else if (key == "fp32_grads") {
+      fp32_grads = flag();
+    } else if (key == "stochastic_rounding") {
+      stochastic_rounding = flag();
+    } else if (key == "seed") {
+      if (!(v >= 0.0 && v < 18446744073709551616.0 && v == std::floor(v)))
+        invalid("seed must be a non-negative integer below 2^64");
+      seed = v;
+    }
+  }
+};
 
 }  // namespace
 
@@ -36,10 +109,12 @@ struct ParamEntry {
   DType dtype;
   std::vector<std::int64_t> shape;
   std::int64_t numel;
+  int key;                                       // its index: RNG stream and device step slot
   std::vector<std::optional<double>> overrides;  // per option index
   std::vector<double> options;                   // effective: defaults with overrides applied
-  std::int64_t step = 0;
+  std::int64_t step = 0;  // steps taken (CPU); steps attempted, an upper bound (CUDA)
   std::optional<detail::StateBuffer> states[kMaxStates];  // created at the first step
+  std::optional<detail::StateBuffer> master;              // f32 master weights
 };
 
 struct Optimizer::Impl {
@@ -47,8 +122,19 @@ struct Optimizer::Impl {
   Device device;
   int device_index;
   std::vector<double> defaults;
+  Settings settings;
   std::vector<ParamEntry> params;
   std::unordered_map<std::string, std::size_t> by_name;
+  // CPU: the last norm. CUDA: device buffers for step counts, the norm pass and its scalars.
+  float host_norm = std::numeric_limits<float>::quiet_NaN();
+  std::optional<detail::StateBuffer> d_steps;  // int64 per param key
+  std::size_t d_steps_capacity = 0;
+  std::optional<detail::StateBuffer> d_workspace;
+  std::optional<detail::StateBuffer> d_scalars;  // [norm, clip, found_inf]
+  bool norm_computed = false;
+  const float* d_lr = nullptr;
+  const float* d_grad_multiplier = nullptr;
+  float* d_found_inf = nullptr;
 
   std::vector<double> effective(const ParamEntry& p, const std::vector<double>& base) const {
     std::vector<double> v = base;
@@ -60,8 +146,8 @@ struct Optimizer::Impl {
   int option_index(std::string_view key) const {
     const int k = info->option_index(key);
     if (k < 0)
-      invalid(info->desc.name + " has no option '" + std::string(key) +
-              "' (its options: " + join(info->desc.options) + ")");
+      invalid(info->desc.name + " has no option '" + std::string(key) + "' (its options: " +
+              join(info->desc.options) + "; step settings: " + join(Settings::keys()) + ")");
     return k;
   }
 
@@ -95,6 +181,21 @@ struct Optimizer::Impl {
   const ParamEntry& param(std::string_view name) const {
     return const_cast<Impl*>(this)->param(name);
   }
+
+  DType grad_dtype(const ParamEntry& p) const { return settings.fp32_grads ? DType::f32 : p.dtype; }
+  bool has_master(const ParamEntry& p) const {
+    return settings.master_weights && p.dtype != DType::f32;
+  }
+  std::size_t state_bytes(const ParamEntry& p) const {
+    return static_cast<std::size_t>(p.numel) * dtype_size(settings.state_dtype);
+  }
+
+  void create_first_step_state(const std::vector<std::size_t>& stepping, void* stream);
+  void grow_device_steps(void* stream);
+  float cpu_norm(const std::vector<std::size_t>& stepping, const void* const* grads, float mult,
+                 bool* nonfinite) const;
+  void step_cpu(const std::vector<std::size_t>& stepping, const void* const* grads);
+  void step_cuda(const std::vector<std::size_t>& stepping, const void* const* grads, void* stream);
 };
 
 Optimizer::Optimizer(std::string_view algorithm, Device device, int device_index)
@@ -108,8 +209,7 @@ Optimizer::Optimizer(std::string_view algorithm, Device device, int device_index
   if (device != Device::cpu && device != Device::cuda)
     invalid("unknown device " + std::to_string(static_cast<int>(device)));
   if (device == Device::cuda) {
-    if (!cuda::built_with_cuda())
-      throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+    if (!cuda::built_with_cuda()) unsupported("fusedopt was built without CUDA");
     const int n = cuda::device_count();
     if (device_index < 0 || device_index >= n)
       invalid("CUDA device " + std::to_string(device_index) + " does not exist (" +
@@ -131,6 +231,17 @@ Device Optimizer::device() const noexcept { return impl_->device; }
 
 void Optimizer::set_option(std::string_view key, double value) {
   Impl& m = *impl_;
+  if (Settings::is_key(key)) {
+    const bool storage = key == "master_weights" || key == "state_dtype" || key == "fp32_grads";
+    Settings next = m.settings;
+    next.set(key, value, m.device);
+    if (storage && next.get(key) != m.settings.get(key))
+      for (const ParamEntry& p : m.params)
+        if (p.step > 0)
+          invalid(std::string(key) + " cannot change: param '" + p.name + "' has already stepped");
+    m.settings = next;
+    return;
+  }
   const int k = m.option_index(key);
   m.check_value(k, value);
   std::vector<double> next = m.defaults;
@@ -146,6 +257,7 @@ void Optimizer::set_option(std::string_view key, double value) {
 }
 
 double Optimizer::option(std::string_view key) const {
+  if (Settings::is_key(key)) return impl_->settings.get(key);
   return impl_->defaults[impl_->option_index(key)];
 }
 
@@ -158,9 +270,9 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
     invalid("param '" + name + "': unknown dtype " + std::to_string(static_cast<int>(dtype)));
   if (dtype == DType::i32 || dtype == DType::i64)
     invalid("param '" + name + "': dtype " + dtype_name(dtype) + " is not a floating type");
-  if (dtype != DType::f32)
-    throw Error(StatusCode::unsupported, "param '" + name + "': dtype " + dtype_name(dtype) +
-                                             " is not supported yet (float32 only)");
+  if (dtype != DType::f32 && m.device != Device::cuda)
+    unsupported("param '" + name + "': dtype " + dtype_name(dtype) +
+                " needs the CUDA backend (the CPU steps float32)");
   std::int64_t numel = 1;
   for (std::int64_t d : shape) {
     if (d < 0) invalid("param '" + name + "': negative dimension " + std::to_string(d));
@@ -180,6 +292,7 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
   p.dtype = dtype;
   p.shape = std::move(shape);
   p.numel = numel;
+  p.key = static_cast<int>(m.params.size());
   p.overrides.resize(m.defaults.size());
   p.options = m.defaults;
   m.params.reserve(m.params.size() + 1);  // the only allocation that can throw comes first
@@ -190,6 +303,8 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
 void Optimizer::set_param_option(std::string_view name, std::string_view key, double value) {
   Impl& m = *impl_;
   ParamEntry& p = m.param(name);
+  if (Settings::is_key(key))
+    invalid(std::string(key) + " is a step setting of the whole optimizer, not of one param");
   const int k = m.option_index(key);
   m.check_value(k, value);
   std::vector<double> next = p.options;
@@ -203,6 +318,15 @@ double Optimizer::param_option(std::string_view name, std::string_view key) cons
   return impl_->param(name).options[impl_->option_index(key)];
 }
 
+void Optimizer::set_device_scalars(const float* d_lr, const float* d_grad_multiplier,
+                                   float* d_found_inf) {
+  if (impl_->device != Device::cuda && (d_lr || d_grad_multiplier || d_found_inf))
+    unsupported("device scalars need the CUDA backend");
+  impl_->d_lr = d_lr;
+  impl_->d_grad_multiplier = d_grad_multiplier;
+  impl_->d_found_inf = d_found_inf;
+}
+
 void Optimizer::step(std::initializer_list<const void*> grads, void* stream) {
   if (grads.size() != impl_->params.size())
     invalid("step: got " + std::to_string(grads.size()) + " grads for " +
@@ -214,47 +338,203 @@ void Optimizer::step(const void* const* grads, void* stream) {
   Impl& m = *impl_;
   if (!grads && !m.params.empty()) invalid("step: the grads array is null");
   // 1. Validate every gradient before anything is written.
+  std::vector<std::size_t> stepping;
   for (std::size_t i = 0; i < m.params.size(); ++i) {
     const void* g = grads[i];
-    if (g && reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.params[i].dtype) != 0)
+    if (!g) continue;
+    if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(m.params[i])) != 0)
       invalid("step: the grad of param '" + m.params[i].name +
               "' is not aligned to its element size");
+    stepping.push_back(i);
   }
-  cuda::DeviceGuard guard(m.device == Device::cuda ? m.device_index : -1);
-  const Exec exec{m.device, stream};
-  // 2. Create the state of params stepping for the first time; a failed allocation leaves
-  //    every param as it was.
-  std::vector<std::pair<std::size_t, std::vector<std::optional<detail::StateBuffer>>>> fresh;
-  for (std::size_t i = 0; i < m.params.size(); ++i) {
-    const ParamEntry& p = m.params[i];
-    if (!grads[i] || p.step > 0) continue;
-    std::vector<std::optional<detail::StateBuffer>> bufs(kMaxStates);
-    for (int k = 0; k < static_cast<int>(m.info->desc.states.size()); ++k) {
-      if (!m.info->has_state(p.options, k)) continue;
-      bufs[k].emplace(m.device, m.device_index, p.numel);
-      const float init = static_cast<float>(m.info->state_init(p.options, k));
-      if (m.device == Device::cuda)
-        cuda::fill(bufs[k]->data(), init, p.numel, m.device_index, stream);
+  if (m.device == Device::cuda) {
+    cuda::DeviceGuard guard(m.device_index);
+    m.step_cuda(stepping, grads, stream);
+  } else {
+    m.step_cpu(stepping, grads);
+  }
+}
+
+// Creates the state of params stepping for the first time; a failed allocation leaves every
+// param as it was.
+void Optimizer::Impl::create_first_step_state(const std::vector<std::size_t>& stepping,
+                                              void* stream) {
+  struct Fresh {
+    std::size_t index;
+    std::vector<std::optional<detail::StateBuffer>> states;
+    std::optional<detail::StateBuffer> master;
+  };
+  std::vector<Fresh> fresh;
+  for (std::size_t i : stepping) {
+    const ParamEntry& p = params[i];
+    if (p.step > 0 || p.states[0] || p.master) continue;
+    Fresh f{i, std::vector<std::optional<detail::StateBuffer>>(kMaxStates), std::nullopt};
+    for (int k = 0; k < static_cast<int>(info->desc.states.size()); ++k)
+      if (info->has_state(p.options, k)) f.states[k].emplace(device, device_index, state_bytes(p));
+    if (has_master(p))
+      f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
+    fresh.push_back(std::move(f));
+  }
+  for (Fresh& f : fresh) {  // nothing below allocates
+    ParamEntry& p = params[f.index];
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!f.states[k]) continue;
+      const auto init = static_cast<float>(info->state_init(p.options, k));
+      if (device == Device::cuda)
+        cuda::fill(f.states[k]->data(), settings.state_dtype, init, p.numel, stream);
       else
-        std::fill(bufs[k]->data(), bufs[k]->data() + p.numel, init);
+        std::fill(f.states[k]->f32(), f.states[k]->f32() + p.numel, init);
+      p.states[k] = std::move(f.states[k]);
     }
-    fresh.emplace_back(i, std::move(bufs));
+    if (f.master) {
+      cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
+      p.master = std::move(f.master);
+    }
   }
-  for (auto& [i, bufs] : fresh)
-    for (int k = 0; k < kMaxStates; ++k) m.params[i].states[k] = std::move(bufs[k]);
-  // 3. The fused steps.
-  for (std::size_t i = 0; i < m.params.size(); ++i) {
-    ParamEntry& p = m.params[i];
-    if (!grads[i]) continue;
+}
+
+// The norm of all stepping gradients times `mult`: fixed chunks summed in double, then in
+// order, so the result does not depend on the thread count.
+float Optimizer::Impl::cpu_norm(const std::vector<std::size_t>& stepping, const void* const* grads,
+                                float mult, bool* nonfinite) const {
+  constexpr std::int64_t kChunk = 1 << 16;
+  double total = 0.0;
+  bool bad = false;
+  for (std::size_t i : stepping) {
+    const float* g = static_cast<const float*>(grads[i]);
+    const std::int64_t n = params[i].numel, chunks = (n + kChunk - 1) / kChunk;
+    std::vector<double> partial(static_cast<std::size_t>(chunks), 0.0);
+    int any_bad = 0;
+#pragma omp parallel for num_threads(cpu::num_threads()) reduction(| : any_bad) schedule(static)
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      double s = 0.0;
+      const std::int64_t end = std::min(n, (c + 1) * kChunk);
+      for (std::int64_t j = c * kChunk; j < end; ++j) {
+        const float x = g[j] * mult;
+        any_bad |= !std::isfinite(x);
+        s += static_cast<double>(x) * x;
+      }
+      partial[static_cast<std::size_t>(c)] = s;
+    }
+    for (double s : partial) total += s;
+    bad = bad || any_bad;
+  }
+  *nonfinite = bad;
+  return static_cast<float>(std::sqrt(total));
+}
+
+void Optimizer::Impl::step_cpu(const std::vector<std::size_t>& stepping, const void* const* grads) {
+  float mult = static_cast<float>(1.0 / settings.grad_scale);
+  if (settings.max_grad_norm > 0.0 || settings.skip_nonfinite) {
+    bool nonfinite = false;
+    host_norm = cpu_norm(stepping, grads, mult, &nonfinite);
+    norm_computed = true;
+    if (nonfinite && settings.skip_nonfinite) return;  // nothing changes, no step is counted
+    if (settings.max_grad_norm > 0.0)
+      mult *= std::min(1.0f, static_cast<float>(settings.max_grad_norm) / (host_norm + 1e-6f));
+  }
+  create_first_step_state(stepping, nullptr);
+  const Exec exec{Device::cpu, nullptr};
+  StepControls controls;
+  controls.grad_multiplier = mult;
+  for (std::size_t i : stepping) {
+    ParamEntry& p = params[i];
     DenseTensors t;
     t.param = p.data;
     t.grad = grads[i];
     t.numel = p.numel;
-    t.param_dtype = t.grad_dtype = p.dtype;
     for (int k = 0; k < kMaxStates; ++k) t.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
-    m.info->step(p.options, p.step + 1, t, exec);
+    info->step(p.options, p.step + 1, t, exec, controls);
     ++p.step;
   }
+}
+
+// Device step counts by param key; grows (keeping the counts) as params are added.
+void Optimizer::Impl::grow_device_steps(void* stream) {
+  if (d_steps && d_steps_capacity >= params.size()) return;
+  const std::size_t capacity = std::max<std::size_t>(16, 2 * params.size());
+  detail::StateBuffer next(device, device_index, capacity * sizeof(std::int64_t));
+  cuda::memset_zero(next.data(), capacity * sizeof(std::int64_t), stream);
+  if (d_steps) {  // params were added after stepping: carry the old counts over
+    std::vector<std::int64_t> h(d_steps_capacity);
+    cuda::copy_to_host(h.data(), d_steps->data(), h.size() * sizeof(std::int64_t));
+    cuda::copy_from_host(next.data(), h.data(), h.size() * sizeof(std::int64_t), stream);
+  }
+  d_steps = std::move(next);
+  d_steps_capacity = capacity;
+}
+
+void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const void* const* grads,
+                                void* stream) {
+  grow_device_steps(stream);
+  create_first_step_state(stepping, stream);
+  if (!d_scalars) d_scalars.emplace(device, device_index, 4 * sizeof(float));
+
+  std::vector<cuda::ListEntry> entries;
+  entries.reserve(stepping.size());
+  for (std::size_t i : stepping) {
+    const ParamEntry& p = params[i];
+    cuda::ListEntry e{p.data, grads[i], p.master ? p.master->f32() : nullptr, {}, p.numel,
+                      0,      p.key};
+    for (int k = 0; k < kMaxStates; ++k) e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
+    entries.push_back(e);
+  }
+  float* const scalars = d_scalars->f32();  // [norm, clip, found_inf]
+  const float mult = static_cast<float>(1.0 / settings.grad_scale);
+  float* found_inf = d_found_inf;
+  if (!found_inf && settings.skip_nonfinite) {
+    found_inf = scalars + 2;
+    cuda::memset_zero(found_inf, sizeof(float), stream);
+  }
+  const bool clip = settings.max_grad_norm > 0.0;
+  if (clip || settings.skip_nonfinite) {
+    // Per dtype of gradient: one norm pass over all of them (dtypes differ only by param).
+    const std::int64_t ws = cuda::grad_norm_workspace(entries.data(), entries.size());
+    if (!d_workspace || d_workspace->bytes() < static_cast<std::size_t>(ws) * sizeof(float))
+      d_workspace.emplace(device, device_index, static_cast<std::size_t>(ws) * sizeof(float));
+    std::map<DType, std::vector<cuda::ListEntry>> by_grad;
+    for (std::size_t j = 0; j < stepping.size(); ++j)
+      by_grad[grad_dtype(params[stepping[j]])].push_back(entries[j]);
+    if (by_grad.size() > 1)
+      unsupported("clipping and the non-finite check need one gradient dtype across params");
+    for (const auto& [dtype, list] : by_grad)
+      cuda::grad_norm(list.data(), list.size(), dtype, mult, d_grad_multiplier,
+                      static_cast<float>(settings.max_grad_norm), settings.skip_nonfinite,
+                      d_workspace->f32(), scalars, scalars + 1, found_inf, stream);
+    norm_computed = true;
+  }
+  // One multi-tensor launch sequence per group of params sharing options and dtype.
+  std::map<std::pair<std::vector<double>, int>, std::vector<cuda::ListEntry>> groups;
+  for (std::size_t j = 0; j < stepping.size(); ++j) {
+    const ParamEntry& p = params[stepping[j]];
+    groups[{p.options, static_cast<int>(p.dtype)}].push_back(entries[j]);
+  }
+  for (const auto& [key, list] : groups) {
+    cuda::ListSettings s;
+    s.param_dtype = static_cast<DType>(key.second);
+    s.grad_dtype = settings.fp32_grads ? DType::f32 : s.param_dtype;
+    s.state_dtype = settings.state_dtype;
+    s.stochastic = settings.stochastic_rounding;
+    s.seed = static_cast<std::uint64_t>(settings.seed);
+    s.grad_scale = mult;
+    s.d_lr = d_lr;
+    s.d_steps = static_cast<std::int64_t*>(d_steps->data());
+    s.d_grad_scale = d_grad_multiplier;
+    s.d_clip = clip ? scalars + 1 : nullptr;
+    s.d_found_inf = found_inf;
+    info->cuda_list_step(key.first, list.data(), list.size(), s, stream);
+  }
+  for (std::size_t i : stepping) ++params[i].step;
+}
+
+float Optimizer::grad_norm() const {
+  const Impl& m = *impl_;
+  if (!m.norm_computed) return std::numeric_limits<float>::quiet_NaN();
+  if (m.device != Device::cuda) return m.host_norm;
+  float norm = 0.0f;
+  cuda::DeviceGuard guard(m.device_index);
+  cuda::copy_to_host(&norm, m.d_scalars->data(), sizeof(float));
+  return norm;
 }
 
 std::size_t Optimizer::num_params() const noexcept { return impl_->params.size(); }
@@ -265,13 +545,24 @@ const std::string& Optimizer::param_name(std::size_t i) const {
 }
 
 std::int64_t Optimizer::numel(std::string_view name) const { return impl_->param(name).numel; }
-std::int64_t Optimizer::step_count(std::string_view name) const { return impl_->param(name).step; }
+
+std::int64_t Optimizer::step_count(std::string_view name) const {
+  const Impl& m = *impl_;
+  const ParamEntry& p = m.param(name);
+  if (m.device != Device::cuda || p.step == 0) return p.step;
+  std::int64_t steps = 0;
+  cuda::DeviceGuard guard(m.device_index);
+  cuda::copy_to_host(&steps, static_cast<const std::int64_t*>(m.d_steps->data()) + p.key,
+                     sizeof steps);
+  return steps;
+}
 
 std::vector<std::string> Optimizer::state_names(std::string_view name) const {
   const ParamEntry& p = impl_->param(name);
   std::vector<std::string> out;
   for (int k = 0; k < static_cast<int>(impl_->info->desc.states.size()); ++k)
     if (impl_->info->has_state(p.options, k)) out.push_back(impl_->info->desc.states[k]);
+  if (impl_->has_master(p)) out.emplace_back(kMasterState);
   return out;
 }
 
@@ -279,22 +570,44 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
                           std::int64_t numel) const {
   const Impl& m = *impl_;
   const ParamEntry& p = m.param(name);
+  const bool master = state == kMasterState && m.has_master(p);
   const int k = m.info->state_index(state);
-  if (k < 0 || !m.info->has_state(p.options, k))
+  if (!master && (k < 0 || !m.info->has_state(p.options, k)))
     invalid("param '" + p.name + "' has no state '" + std::string(state) +
             "' (its states: " + join(state_names(name)) + ")");
   if (numel != p.numel)
     invalid("get_state: param '" + p.name + "' has " + std::to_string(p.numel) +
             " elements, the output " + std::to_string(numel));
   if (numel > 0 && !out) invalid("get_state: the output is null");
-  if (!p.states[k]) {  // not stepped yet: the state is its initial value
-    std::fill(out, out + numel, static_cast<float>(m.info->state_init(p.options, k)));
-  } else if (m.device == Device::cuda) {
-    cuda::DeviceGuard guard(m.device_index);
-    cuda::copy_to_host(out, p.states[k]->data(), numel, m.device_index, nullptr);
-  } else {
-    std::copy(p.states[k]->data(), p.states[k]->data() + numel, out);
+  const auto n = static_cast<std::size_t>(numel);
+  const std::optional<detail::StateBuffer>& buf = master ? p.master : p.states[k];
+  if (!buf) {  // not stepped yet: the initial value
+    if (master) {
+      if (m.device == Device::cuda) {
+        std::vector<std::uint16_t> raw(n);
+        cuda::DeviceGuard guard(m.device_index);
+        cuda::copy_to_host(raw.data(), p.data, n * sizeof(std::uint16_t));
+        for (std::size_t i = 0; i < n; ++i)
+          out[i] = p.dtype == DType::bf16 ? to_float(bf16{raw[i]}) : to_float(f16{raw[i]});
+      }
+      return;
+    }
+    std::fill(out, out + n, static_cast<float>(m.info->state_init(p.options, k)));
+    return;
   }
+  const DType dtype = master ? DType::f32 : m.settings.state_dtype;
+  if (m.device != Device::cuda) {
+    std::copy(buf->f32(), buf->f32() + n, out);
+    return;
+  }
+  cuda::DeviceGuard guard(m.device_index);
+  if (dtype == DType::f32) {
+    cuda::copy_to_host(out, buf->data(), n * sizeof(float));
+    return;
+  }
+  std::vector<std::uint16_t> raw(n);
+  cuda::copy_to_host(raw.data(), buf->data(), n * sizeof(std::uint16_t));
+  for (std::size_t i = 0; i < n; ++i) out[i] = to_float(bf16{raw[i]});
 }
 
 std::vector<float> Optimizer::state(std::string_view name, std::string_view state) const {

@@ -18,8 +18,10 @@ struct DenseTensors {
   void* param = nullptr;
   const void* grad = nullptr;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};
+  float* master = nullptr;  // f32 master weights of a low-precision param (CUDA), or null
   std::int64_t numel = 0;
-  DType param_dtype = DType::f32;
+  DType param_dtype = DType::f32;  // f32; bf16 and f16 on CUDA
+  // grad_dtype: the param's, or f32. state_dtype: f32, or bf16 on CUDA.
   DType grad_dtype = DType::f32;
   DType state_dtype = DType::f32;
 };
@@ -30,16 +32,27 @@ struct Exec {
   void* stream = nullptr;  // cudaStream_t
 };
 
+/// Extras of a step. The CPU takes grad_multiplier; the rest needs CUDA.
+struct StepControls {
+  float grad_multiplier = 1.0f;      // every gradient is multiplied by this (1 / loss scale)
+  bool stochastic_rounding = false;  // low-precision writes round stochastically
+  std::uint64_t seed = 0;            // with `key`, keys the draws (with step and element)
+  int key = 0;
+  const float* d_lr = nullptr;               // lr read from device memory at run time
+  const float* d_grad_multiplier = nullptr;  // a device-side gradient multiplier
+  const float* d_found_inf = nullptr;        // where non-zero, the step does nothing
+};
+
 /// One fused step of algorithm A (fo::Sgd, fo::Adam, ... from the registry) at step count
 /// `step` (1 on the first step). Validates the options and buffers first and throws fo::Error
 /// without writing anything if they are bad. On CUDA the step is asynchronous on the stream.
 template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
-                const Exec& exec = {});
+                const Exec& exec = {}, const StepControls& controls = {});
 
 #define FO_DECLARE_FUSED_STEP(A)                                                           \
   extern template void fused_step<A>(const A::Options&, std::int64_t, const DenseTensors&, \
-                                     const Exec&);
+                                     const Exec&, const StepControls&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_DECLARE_FUSED_STEP)
 #undef FO_DECLARE_FUSED_STEP
 

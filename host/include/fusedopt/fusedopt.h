@@ -67,6 +67,18 @@ FO_API fo_status fo_optimizer_step_count(const fo_optimizer* opt, const char* na
 FO_API fo_status fo_optimizer_save(const fo_optimizer* opt, const char* path);
 FO_API fo_status fo_optimizer_load(fo_optimizer* opt, const char* path);
 
+/* ABI version 2. Step settings are option keys of every algorithm: grad_scale,
+ * max_grad_norm, skip_nonfinite, master_weights, state_dtype, fp32_grads,
+ * stochastic_rounding, seed (see fusedopt/optimizer.hpp). */
+
+/* CUDA, for capturable steps: lr read from device memory at run time, an extra device-side
+ * gradient multiplier, and a found_inf flag (non-zero: skip the step). NULL: unused. */
+FO_API fo_status fo_optimizer_set_device_scalars(fo_optimizer* opt, const float* d_lr,
+                                                 const float* d_grad_multiplier,
+                                                 float* d_found_inf);
+/* The global gradient norm of the last step that computed one (NaN if none). */
+FO_API fo_status fo_optimizer_grad_norm(const fo_optimizer* opt, float* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -47,6 +47,18 @@ class Optimizer {
   /// Sets an option's default for every param without an override of it. Flags take 0 or 1.
   /// Rejected (nothing changes) if any param's options would become invalid, or if a param
   /// that has stepped would gain or lose a state buffer.
+  ///
+  /// Besides the algorithm's options (SPEC.md), optimizer-wide step settings:
+  ///   grad_scale (1)        gradients are divided by it: the loss scale of mixed precision
+  ///   max_grad_norm (0)     clip the global L2 norm of all (unscaled) gradients to this; 0: off
+  ///   skip_nonfinite (0)    if any gradient is inf or nan, skip the whole step: params, states
+  ///                         and step counts stay bitwise unchanged
+  ///   master_weights (0)    bf16/f16 params keep an f32 master copy, stepped in fp32 (CUDA)
+  ///   state_dtype (0)       0: float32 states; 2: bfloat16 states (CUDA)
+  ///   fp32_grads (0)        grads of bf16/f16 params are float32
+  ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes (CUDA)
+  /// The storage settings (master_weights, state_dtype, fp32_grads) are fixed once a param
+  /// has stepped.
   void set_option(std::string_view key, double value);
   double option(std::string_view key) const;
 
@@ -62,12 +74,24 @@ class Optimizer {
   void step(const void* const* grads, void* stream = nullptr);
   void step(std::initializer_list<const void*> grads, void* stream = nullptr);
 
+  /// CUDA, for capturable steps (CUDA graphs): lr is read from `d_lr` at run time, gradients
+  /// are also multiplied by `*d_grad_multiplier`, and a non-zero `*d_found_inf` skips the
+  /// step (the step's own non-finite check, with skip_nonfinite, sets it too). Null: unused.
+  /// Step counts of a CUDA optimizer always live on the device, so a step never waits for
+  /// the host. The first step of a param allocates its state: take it before capturing.
+  void set_device_scalars(const float* d_lr, const float* d_grad_multiplier, float* d_found_inf);
+
+  /// The global gradient norm (after grad_scale) of the last step that computed one
+  /// (max_grad_norm > 0 or skip_nonfinite), or NaN. On CUDA this waits for the device.
+  float grad_norm() const;
+
   std::size_t num_params() const noexcept;
   const std::string& param_name(std::size_t i) const;
   std::int64_t numel(std::string_view name) const;
   std::int64_t step_count(std::string_view name) const;
 
-  /// The states this param keeps under its current options, by SPEC.md name.
+  /// The states this param keeps under its current options, by SPEC.md name (and "master"
+  /// for a param with master weights).
   std::vector<std::string> state_names(std::string_view name) const;
   /// Copies a state buffer, as float32, into host memory (`numel` must be the param's numel).
   void get_state(std::string_view name, std::string_view state, float* out,

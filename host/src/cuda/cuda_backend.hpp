@@ -3,33 +3,75 @@
 // otherwise, so no host file needs the CUDA headers.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
-#include "fusedopt/kernels/cpu/elementwise.hpp"
+#include "fusedopt/kernels/config.hpp"
+#include "fusedopt/types.hpp"
 
 namespace fo::cuda {
-
-using DensePtrs = fo::cpu::DensePtrs;
 
 bool built_with_cuda() noexcept;
 /// GPUs visible to this process; 0 without CUDA or without a driver.
 int device_count() noexcept;
 
-/// Launches the fused step of algorithm `algorithm_index` (detail::AlgorithmIndex) on
-/// `stream`; `op` points to its functor. Throws fo::Error on a launch failure.
-void dense_step(int algorithm_index, const void* op, const DensePtrs& t, std::int64_t n, int device,
-                void* stream);
+/// One tensor of a multi-tensor step; every pointer is device memory.
+struct ListEntry {
+  void* param;
+  const void* grad;
+  float* master;  // f32 master weights, or null
+  void* states[kMaxStates];
+  std::int64_t numel;
+  std::int64_t step;  // the step being taken, when step counts live on the host
+  int key;            // stable id of the param: its random stream and device step slot
+};
 
-float* allocate(std::int64_t n, int device);     // throws out_of_memory / device_error
-void deallocate(float* p, int device) noexcept;  // never throws; logs a failure
-void fill(float* p, float value, std::int64_t n, int device, void* stream);
-void copy_to_host(float* h_dst, const float* d_src, std::int64_t n, int device, void* stream);
+/// Settings shared by every tensor of one step.
+struct ListSettings {
+  DType param_dtype = DType::f32;
+  DType grad_dtype = DType::f32;
+  DType state_dtype = DType::f32;
+  bool stochastic = false;
+  std::uint64_t seed = 0;
+  float grad_scale = 1.0f;              // gradients are multiplied by this
+  const float* d_lr = nullptr;          // lr in device memory (capturable), or null
+  std::int64_t* d_steps = nullptr;      // device step counts by key (read, then incremented)
+  const float* d_grad_scale = nullptr;  // device multiplier of the gradients, or null
+  const float* d_clip = nullptr;        // clipping coefficient, or null
+  const float* d_found_inf = nullptr;   // skip the step where non-zero, or null
+};
+
+/// Launches one step of algorithm `algorithm_index` (detail::AlgorithmIndex) with options
+/// `options` (a pointer to its Options) over `n` tensors, in as few launches as the kernel
+/// parameters allow, on `stream`. With settings.d_steps, each tensor's device step count
+/// goes up by one after its launch (unless found_inf). Throws fo::Error on a launch failure.
+void multi_tensor_step(int algorithm_index, const void* options, const ListEntry* entries,
+                       std::size_t n, const ListSettings& settings, void* stream);
+
+/// Floats of workspace grad_norm needs for these tensors.
+std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n);
+
+/// The global L2 norm of all gradients times grad_scale (and *d_grad_scale), deterministic
+/// (fp32, fixed order): writes *d_norm, the clipping coefficient *d_clip (1 when
+/// max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any gradient is inf/nan.
+void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_scale,
+               const float* d_grad_scale, float max_norm, bool check_finite, float* d_workspace,
+               float* d_norm, float* d_clip, float* d_found_inf, void* stream);
+
+void* allocate(std::size_t bytes, int device);  // throws out_of_memory / device_error
+void deallocate(void* p, int device) noexcept;  // never throws; logs a failure
+/// Fills n elements of `storage` (f32, bf16, f16) with `value` rounded to nearest.
+void fill(void* p, DType storage, float value, std::int64_t n, void* stream);
+/// dst[i] = float(src[i]) for a bf16/f16/f32 source.
+void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream);
+void memset_zero(void* p, std::size_t bytes, void* stream);
+/// Waits for the device, then copies `bytes` to the host.
+void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);
+/// Stream-ordered copy of `bytes` from the host.
+void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* stream);
 /// True if `p` is device (or managed) memory of `device`.
 bool is_device_pointer(const void* p, int device);
 
-}  // namespace fo::cuda
-
-namespace fo::cuda {
 /// Makes `device` current for the guard's lifetime (no-op without CUDA or for device < 0).
 class DeviceGuard {
  public:
@@ -41,4 +83,5 @@ class DeviceGuard {
  private:
   int previous_ = -1;
 };
+
 }  // namespace fo::cuda

@@ -1,6 +1,5 @@
 // The CUDA backend of a build without CUDA: every operation reports that it is unsupported.
 #include "cuda/cuda_backend.hpp"
-#include "fusedopt/types.hpp"
 
 namespace fo::cuda {
 namespace {
@@ -11,14 +10,24 @@ namespace {
 
 bool built_with_cuda() noexcept { return false; }
 int device_count() noexcept { return 0; }
-void dense_step(int, const void*, const DensePtrs&, std::int64_t, int, void*) { unsupported(); }
-float* allocate(std::int64_t, int) { unsupported(); }
-void deallocate(float*, int) noexcept {}
-void fill(float*, float, std::int64_t, int, void*) { unsupported(); }
-void copy_to_host(float*, const float*, std::int64_t, int, void*) { unsupported(); }
+void multi_tensor_step(int, const void*, const ListEntry*, std::size_t, const ListSettings&,
+                       void*) {
+  unsupported();
+}
+std::int64_t grad_norm_workspace(const ListEntry*, std::size_t) { unsupported(); }
+void grad_norm(const ListEntry*, std::size_t, DType, float, const float*, float, bool, float*,
+               float*, float*, float*, void*) {
+  unsupported();
+}
+void* allocate(std::size_t, int) { unsupported(); }
+void deallocate(void*, int) noexcept {}
+void fill(void*, DType, float, std::int64_t, void*) { unsupported(); }
+void widen(float*, const void*, DType, std::int64_t, void*) { unsupported(); }
+void memset_zero(void*, std::size_t, void*) { unsupported(); }
+void copy_to_host(void*, const void*, std::size_t) { unsupported(); }
+void copy_from_host(void*, const void*, std::size_t, void*) { unsupported(); }
 bool is_device_pointer(const void*, int) { return false; }
+DeviceGuard::DeviceGuard(int) {}
+DeviceGuard::~DeviceGuard() = default;
 
 }  // namespace fo::cuda
-
-fo::cuda::DeviceGuard::DeviceGuard(int) {}
-fo::cuda::DeviceGuard::~DeviceGuard() = default;

@@ -25,9 +25,11 @@ namespace fo {
 /// One named option of an algorithm: a real number or a flag, bound to a member of Options.
 template <class Options>
 struct OptionField {
+  using RealMember = double Options::*;
+  using FlagMember = bool Options::*;
   const char* name;
-  double Options::*real;
-  bool Options::*flag;
+  RealMember real;
+  FlagMember flag;
 
   double get(const Options& o) const { return real ? o.*real : (o.*flag ? 1.0 : 0.0); }
   void set(Options& o, double v) const {
@@ -80,6 +82,6 @@ class Validator {
 };
 
 /// Precomputes a value the functor needs as float from a double computed on the host.
-inline float to_f32(double v) { return static_cast<float>(v); }
+FO_HOST_DEVICE float to_f32(double v) { return static_cast<float>(v); }
 
 }  // namespace fo

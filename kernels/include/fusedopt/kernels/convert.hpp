@@ -20,8 +20,8 @@
 //
 // Everything is integer bit manipulation, with no cuda_bf16.h / cuda_fp16.h and no hardware
 // conversion instructions: the same source runs on the CPU and the GPU and gives bitwise the
-// same result on both, which the library's reproducibility promise needs (and the CUDA
-// headers' host fallbacks do not guarantee for every mode, e.g. stochastic rounding).
+// same result on both, which the library's reproducibility promise needs; g++ alone builds
+// it, with no CUDA toolkit.
 #pragma once
 
 #include <cstdint>
@@ -162,9 +162,9 @@ FO_HOST_DEVICE f16 to_f16(float x) {
   }
   if (a <= kF16HalfMinSub) return f16{u16(sign)};  // underflow to a signed zero
   // Subnormal result: |x| = mant * 2^(e - 150) = (mant >> shift) units of 2^-24 plus a rest.
-  const std::uint32_t e = a >> 23;                        // 102..112 here
+  const std::uint32_t e = a >> 23;  // 102..112 here
   const std::uint32_t mant = (a & 0x007FFFFFu) | 0x00800000u;
-  const std::uint32_t shift = 126u - e;                   // 14..24
+  const std::uint32_t shift = 126u - e;  // 14..24
   std::uint32_t q = mant >> shift;
   const std::uint32_t rest = mant & ((1u << shift) - 1u);
   const std::uint32_t half = 1u << (shift - 1u);

@@ -18,6 +18,7 @@ struct DensePtrs {
   float* param;
   const float* grad;
   float* states[kMaxStates];
+  float grad_scale = 1.0f;  // every gradient is multiplied by this first (exact when 1)
 };
 
 template <class Io, class Op>
@@ -30,12 +31,13 @@ inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t beg
   float* const s0 = t.states[0];
   float* const s1 = t.states[1];
   float* const s2 = t.states[2];
+  const V scale(t.grad_scale);
   std::int64_t i = begin;
   for (; i + W <= end; i += W) {
     V pv = Io::load(p + i);
     V s[kMaxStates] = {s0 ? Io::load(s0 + i) : V(0.0f), s1 ? Io::load(s1 + i) : V(0.0f),
                        s2 ? Io::load(s2 + i) : V(0.0f)};
-    op(pv, Io::load(g + i), s);
+    op(pv, Io::load(g + i) * scale, s);
     Io::store(p + i, pv);
     if (s0) Io::store(s0 + i, s[0]);
     if (s1) Io::store(s1 + i, s[1]);
@@ -46,7 +48,7 @@ inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t beg
     V pv = Io::load(p + i, m);
     V s[kMaxStates] = {s0 ? Io::load(s0 + i, m) : V(0.0f), s1 ? Io::load(s1 + i, m) : V(0.0f),
                        s2 ? Io::load(s2 + i, m) : V(0.0f)};
-    op(pv, Io::load(g + i, m), s);
+    op(pv, Io::load(g + i, m) * scale, s);
     Io::store(p + i, pv, m);
     if (s0) Io::store(s0 + i, s[0], m);
     if (s1) Io::store(s1 + i, s[1], m);

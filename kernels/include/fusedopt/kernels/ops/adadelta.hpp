@@ -48,7 +48,7 @@ struct Adadelta {
     v.at_least("eps", o.eps, 0.0);
     v.at_least("weight_decay", o.weight_decay, 0.0);
   }
-  static Op make_op(const Options& o, std::int64_t) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t) {
     AdadeltaOp op{};
     op.lr = to_f32(o.lr);
     op.rho = to_f32(o.rho);

@@ -49,7 +49,7 @@ struct Adagrad {
     v.at_least("initial_accumulator_value", o.initial_accumulator_value, 0.0);
     v.at_least("eps", o.eps, 0.0);
   }
-  static Op make_op(const Options& o, std::int64_t step) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     AdagradOp op{};
     op.clr = to_f32(o.lr / (1.0 + static_cast<double>(step - 1) * o.lr_decay));
     op.eps = to_f32(o.eps);

@@ -36,10 +36,10 @@ struct AdamOp {
   }
 
   /// Step scalars shared by adam and adamw; `decoupled` picks where weight decay goes.
-  static AdamOp make(double lr, double beta1, double beta2, double eps, double wd, bool amsgrad,
+  FO_HOST_DEVICE static AdamOp make(double lr, double beta1, double beta2, double eps, double wd, bool amsgrad,
                      bool maximize, bool decoupled, std::int64_t step) {
-    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+    const double bc1 = 1.0 - pow(beta1, static_cast<double>(step));
+    const double bc2 = 1.0 - pow(beta2, static_cast<double>(step));
     AdamOp op{};
     op.beta1 = to_f32(beta1);
     op.one_minus_beta1 = to_f32(1.0 - beta1);
@@ -49,7 +49,7 @@ struct AdamOp {
     op.weight_decay = decoupled ? 0.0f : to_f32(wd);
     op.param_scale = decoupled ? to_f32(1.0 - lr * wd) : 1.0f;
     op.step_size = to_f32(lr / bc1);
-    op.inv_sqrt_bc2 = to_f32(1.0 / std::sqrt(bc2));
+    op.inv_sqrt_bc2 = to_f32(1.0 / sqrt(bc2));
     op.amsgrad = amsgrad;
     op.maximize = maximize;
     return op;
@@ -89,7 +89,7 @@ struct Adam : AdamFamily<AdamOptionsBase> {
   static constexpr const char* kName = "adam";
   using Options = AdamOptionsBase;
   using Op = AdamOp;
-  static Op make_op(const Options& o, std::int64_t step) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     return AdamOp::make(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.amsgrad, o.maximize,
                         /*decoupled=*/false, step);
   }

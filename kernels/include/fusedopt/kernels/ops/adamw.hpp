@@ -13,7 +13,7 @@ struct AdamW : AdamFamily<AdamWOptions> {
   static constexpr const char* kName = "adamw";
   using Options = AdamWOptions;
   using Op = AdamOp;
-  static Op make_op(const Options& o, std::int64_t step) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     return AdamOp::make(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.amsgrad, o.maximize,
                         /*decoupled=*/true, step);
   }

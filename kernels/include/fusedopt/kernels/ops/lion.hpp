@@ -46,7 +46,7 @@ struct Lion {
     v.in_unit_interval("beta2", o.beta2);
     v.at_least("weight_decay", o.weight_decay, 0.0);
   }
-  static Op make_op(const Options& o, std::int64_t) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t) {
     LionOp op{};
     op.lr = to_f32(o.lr);
     op.beta1 = to_f32(o.beta1);

@@ -66,7 +66,7 @@ struct Rmsprop {
     v.at_least("weight_decay", o.weight_decay, 0.0);
     v.at_least("momentum", o.momentum, 0.0);
   }
-  static Op make_op(const Options& o, std::int64_t) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t) {
     RmspropOp op{};
     op.lr = to_f32(o.lr);
     op.alpha = to_f32(o.alpha);

@@ -57,7 +57,7 @@ struct Rprop {
       v.fail("step_size_min must be <= step_size_max, got " + Validator::fmt(o.step_size_min) +
              " > " + Validator::fmt(o.step_size_max));
   }
-  static Op make_op(const Options& o, std::int64_t) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t) {
     RpropOp op{};
     op.eta_minus = to_f32(o.eta_minus);
     op.eta_plus = to_f32(o.eta_plus);

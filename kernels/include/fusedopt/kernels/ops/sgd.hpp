@@ -52,7 +52,7 @@ struct Sgd {
     if (o.nesterov && !(o.momentum > 0.0 && o.dampening == 0.0))
       v.fail("nesterov requires momentum > 0 and dampening == 0");
   }
-  static Op make_op(const Options& o, std::int64_t step) {
+  FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     SgdOp op{};
     op.lr = to_f32(o.lr);
     op.momentum = to_f32(o.momentum);

@@ -1,0 +1,300 @@
+// The CUDA kernels of a step: a multi-tensor elementwise kernel over any optimizer functor,
+// the deterministic gradient-norm pass that feeds clipping and the non-finite check, and the
+// device-side step counter of capturable steps.
+//
+// One launch updates up to kMaxListTensors tensors: block b finds its tensor by binary search
+// in block_start and works on one chunk of it, so tensors of any mix of sizes share a launch.
+// Storage: params f32, bf16 or f16 (template), grads the param type or f32 and states f32 or
+// bf16 (uniform runtime codes), optional f32 master weights. All math is fp32 in the functor;
+// low-precision writes round to nearest even, or stochastically with a counter-based draw
+// keyed by (seed, param, step, element): reproducible.
+// Bytes per element: param r+w, grad r, each state r+w, master r+w; nothing else.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/convert.hpp"
+
+namespace fo::cuda_kernels {
+
+inline constexpr int kBlock = 256;
+// Kernel parameters of up to 32 KB (CUDA 12.1+, sm_70+) hold this many tensors per launch.
+inline constexpr int kMaxListTensors = 256;
+
+/// Storage codes, numbered as fo::DType.
+enum Storage : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct TensorList {
+  void* param[kMaxListTensors];
+  const void* grad[kMaxListTensors];
+  float* master[kMaxListTensors];  // null: no master weights
+  void* state[kMaxStates][kMaxListTensors];
+  std::int64_t numel[kMaxListTensors];
+  std::int64_t block_start[kMaxListTensors];  // first block of each tensor in this launch
+  std::int64_t step[kMaxListTensors];         // the step being taken (host-counted)
+  int key[kMaxListTensors];                   // stable param id: RNG stream, device step slot
+  int count;
+};
+
+struct StepConfig {
+  int grad_storage;   // kF32, or the param's storage
+  int state_storage;  // kF32 or kBF16
+  bool stochastic;    // stochastic rounding of low-precision writes
+  std::uint64_t seed;
+  float grad_scale;             // host multiplier of every gradient (1/loss scale)
+  const float* d_lr;            // capturable: lr in device memory, or null
+  const std::int64_t* d_steps;  // capturable: steps taken, per key, or null
+  const float* d_grad_scale;    // device multiplier of every gradient, or null
+  const float* d_clip;          // clipping coefficient from the norm pass, or null
+  const float* d_found_inf;     // non-zero: skip the whole step; or null
+  std::int64_t chunk;           // elements per block
+};
+
+// ----------------------------------------------------------------------- loads and stores
+
+__device__ __forceinline__ float load_as_float(const void* p, int storage, std::int64_t i) {
+  switch (storage) {
+    case kBF16: return to_float(static_cast<const bf16*>(p)[i]);
+    case kF16: return to_float(static_cast<const f16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+template <class T>
+__device__ __forceinline__ T round_to(float x, bool stochastic, std::uint64_t seed,
+                                      std::uint64_t step, std::uint64_t counter) {
+  if (stochastic) return from_float_stochastic<T>(x, random_bits(seed, step, counter));
+  return from_float<T>(x);
+}
+
+__device__ __forceinline__ void store_from_float(void* p, int storage, std::int64_t i, float x,
+                                                 bool stochastic, std::uint64_t seed,
+                                                 std::uint64_t step, std::uint64_t counter) {
+  switch (storage) {
+    case kBF16:
+      static_cast<bf16*>(p)[i] = round_to<bf16>(x, stochastic, seed, step, counter);
+      break;
+    case kF16: static_cast<f16*>(p)[i] = round_to<f16>(x, stochastic, seed, step, counter); break;
+    default: static_cast<float*>(p)[i] = x;
+  }
+}
+
+// Four consecutive elements; the caller guarantees 4-element alignment of the pointer.
+__device__ __forceinline__ void load4(const void* p, int storage, std::int64_t i, float* out) {
+  if (storage == kF32) {
+    const float4 v = static_cast<const float4*>(p)[i / 4];
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    return;
+  }
+  const uint2 v = static_cast<const uint2*>(p)[i / 4];  // four 16-bit values
+  const std::uint16_t h[4] = {
+      static_cast<std::uint16_t>(v.x & 0xFFFFu), static_cast<std::uint16_t>(v.x >> 16),
+      static_cast<std::uint16_t>(v.y & 0xFFFFu), static_cast<std::uint16_t>(v.y >> 16)};
+  for (int j = 0; j < 4; ++j)
+    out[j] = storage == kBF16 ? to_float(bf16{h[j]}) : to_float(f16{h[j]});
+}
+
+__device__ __forceinline__ void store4(void* p, int storage, std::int64_t i, const float* x,
+                                       bool stochastic, std::uint64_t seed, std::uint64_t step,
+                                       std::uint64_t counter0) {
+  if (storage == kF32) {
+    static_cast<float4*>(p)[i / 4] = make_float4(x[0], x[1], x[2], x[3]);
+    return;
+  }
+  std::uint16_t h[4];
+  for (int j = 0; j < 4; ++j)
+    h[j] = storage == kBF16 ? round_to<bf16>(x[j], stochastic, seed, step, counter0 + 4 * j).bits
+                            : round_to<f16>(x[j], stochastic, seed, step, counter0 + 4 * j).bits;
+  static_cast<uint2*>(p)[i / 4] = make_uint2(h[0] | (static_cast<std::uint32_t>(h[1]) << 16),
+                                             h[2] | (static_cast<std::uint32_t>(h[3]) << 16));
+}
+
+__device__ __forceinline__ bool aligned_for4(const void* p, int storage) {
+  const unsigned bytes = storage == kF32 ? 16u : 8u;
+  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
+}
+
+/// The tensor of block `b`: the last t with block_start[t] <= b.
+__device__ __forceinline__ int find_tensor(const TensorList& list, std::int64_t b) {
+  int lo = 0, hi = list.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (list.block_start[mid] <= b)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// ------------------------------------------------------------------------------ the step
+
+/// Random-draw counters: element i's param uses 4i, its state k uses 4i + 1 + k.
+template <class A, int kParamStorage>
+__global__ void __launch_bounds__(kBlock)
+    multi_tensor_step_kernel(const typename A::Options options, const TensorList list,
+                             const StepConfig cfg) {
+  if (cfg.d_found_inf && *cfg.d_found_inf != 0.0f) return;
+  const int t = find_tensor(list, blockIdx.x);
+  const std::int64_t begin = (blockIdx.x - list.block_start[t]) * cfg.chunk;
+  const std::int64_t end = begin + cfg.chunk < list.numel[t] ? begin + cfg.chunk : list.numel[t];
+
+  typename A::Options o = options;
+  if (cfg.d_lr) o.lr = *cfg.d_lr;
+  const std::int64_t step = cfg.d_steps ? cfg.d_steps[list.key[t]] + 1 : list.step[t];
+  const typename A::Op op = A::make_op(o, step);
+  float gscale = cfg.grad_scale;
+  if (cfg.d_grad_scale) gscale *= *cfg.d_grad_scale;
+  if (cfg.d_clip) gscale *= *cfg.d_clip;
+
+  void* const param = list.param[t];
+  const void* const grad = list.grad[t];
+  float* const master = list.master[t];
+  void* const s0 = list.state[0][t];
+  void* const s1 = list.state[1][t];
+  void* const s2 = list.state[2][t];
+  void* const states[kMaxStates] = {s0, s1, s2};
+  const std::uint64_t seed =
+      cfg.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(list.key[t] + 1));
+  const auto ustep = static_cast<std::uint64_t>(step);
+
+  bool vec = aligned_for4(param, kParamStorage) && aligned_for4(grad, cfg.grad_storage) &&
+             (!master || aligned_for4(master, kF32));
+  for (int k = 0; k < kMaxStates; ++k)
+    vec = vec && (!states[k] || aligned_for4(states[k], cfg.state_storage));
+
+  std::int64_t i0 = begin;
+  if (vec) {
+    const std::int64_t nvec = (end - begin) / 4;
+    for (std::int64_t v = threadIdx.x; v < nvec; v += kBlock) {
+      const std::int64_t i = begin + 4 * v;
+      float p[4], g[4], s[kMaxStates][4];
+      if (master)
+        load4(master, kF32, i, p);
+      else
+        load4(param, kParamStorage, i, p);
+      load4(grad, cfg.grad_storage, i, g);
+#pragma unroll
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (states[k])
+          load4(states[k], cfg.state_storage, i, s[k]);
+        else
+          s[k][0] = s[k][1] = s[k][2] = s[k][3] = 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float sj[kMaxStates] = {s[0][j], s[1][j], s[2][j]};
+        op(p[j], g[j] * gscale, sj);
+#pragma unroll
+        for (int k = 0; k < kMaxStates; ++k) s[k][j] = sj[k];
+      }
+      const auto counter = static_cast<std::uint64_t>(i) * 4;
+      if (master) store4(master, kF32, i, p, false, 0, 0, 0);
+      store4(param, kParamStorage, i, p, cfg.stochastic, seed, ustep, counter);
+#pragma unroll
+      for (int k = 0; k < kMaxStates; ++k)
+        if (states[k])
+          store4(states[k], cfg.state_storage, i, s[k], cfg.stochastic, seed, ustep,
+                 counter + 1 + k);
+    }
+    i0 = begin + 4 * nvec;
+  }
+  for (std::int64_t i = i0 + threadIdx.x; i < end; i += kBlock) {
+    float p = master ? master[i] : load_as_float(param, kParamStorage, i);
+    float s[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k)
+      s[k] = states[k] ? load_as_float(states[k], cfg.state_storage, i) : 0.0f;
+    op(p, load_as_float(grad, cfg.grad_storage, i) * gscale, s);
+    const auto counter = static_cast<std::uint64_t>(i) * 4;
+    if (master) master[i] = p;
+    store_from_float(param, kParamStorage, i, p, cfg.stochastic, seed, ustep, counter);
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k)
+      if (states[k])
+        store_from_float(states[k], cfg.state_storage, i, s[k], cfg.stochastic, seed, ustep,
+                         counter + 1 + k);
+  }
+}
+
+// ------------------------------------------------------------------- gradient norm pass
+
+/// Per block: the sum of squares of its chunk of scaled gradients (fp32, a fixed order: each
+/// thread a fixed stride, then a fixed tree) and whether it saw a non-finite value.
+/// partial[2 * (offset + b)] = sum, partial[2 * (offset + b) + 1] = non-finite flag.
+__global__ void __launch_bounds__(kBlock)
+    grad_sumsq_kernel(const TensorList list, int grad_storage, float grad_scale,
+                      const float* d_grad_scale, std::int64_t chunk, float* partial,
+                      std::int64_t offset) {
+  const int t = find_tensor(list, blockIdx.x);
+  const std::int64_t begin = (blockIdx.x - list.block_start[t]) * chunk;
+  const std::int64_t end = begin + chunk < list.numel[t] ? begin + chunk : list.numel[t];
+  float scale = grad_scale;
+  if (d_grad_scale) scale *= *d_grad_scale;
+  float sum = 0.0f;
+  bool bad = false;
+  for (std::int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
+    const float g = load_as_float(list.grad[t], grad_storage, i) * scale;
+    bad = bad || !isfinite(g);
+    sum = fmaf(g, g, sum);
+  }
+  __shared__ float s_sum[kBlock];
+  __shared__ int s_bad[kBlock];
+  s_sum[threadIdx.x] = sum;
+  s_bad[threadIdx.x] = bad;
+  __syncthreads();
+  for (int w = kBlock / 2; w > 0; w /= 2) {  // a fixed tree: the same bits every run
+    if (threadIdx.x < w) {
+      s_sum[threadIdx.x] += s_sum[threadIdx.x + w];
+      s_bad[threadIdx.x] |= s_bad[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    partial[2 * (offset + blockIdx.x)] = s_sum[0];
+    partial[2 * (offset + blockIdx.x) + 1] = s_bad[0] ? 1.0f : 0.0f;
+  }
+}
+
+/// One block: the global norm from the partials (fixed order), the clipping coefficient
+/// min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0), and found_inf (OR-ed in when
+/// check_finite, never cleared: a caller's found_inf from elsewhere is kept).
+__global__ void __launch_bounds__(kBlock)
+    finalize_norm_kernel(const float* partial, std::int64_t blocks, float max_norm,
+                         bool check_finite, float* d_norm, float* d_clip, float* d_found_inf) {
+  __shared__ float s_sum[kBlock];
+  __shared__ int s_bad[kBlock];
+  float sum = 0.0f;
+  int bad = 0;
+  for (std::int64_t b = threadIdx.x; b < blocks; b += kBlock) {
+    sum += partial[2 * b];
+    bad |= partial[2 * b + 1] != 0.0f;
+  }
+  s_sum[threadIdx.x] = sum;
+  s_bad[threadIdx.x] = bad;
+  __syncthreads();
+  for (int w = kBlock / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      s_sum[threadIdx.x] += s_sum[threadIdx.x + w];
+      s_bad[threadIdx.x] |= s_bad[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const float norm = sqrtf(s_sum[0]);
+    if (d_norm) *d_norm = norm;
+    if (d_clip) *d_clip = max_norm > 0.0f ? fminf(1.0f, max_norm / (norm + 1e-6f)) : 1.0f;
+    if (d_found_inf && check_finite && s_bad[0]) *d_found_inf = 1.0f;
+  }
+}
+
+/// After a launch's step: the device step count of each of its tensors goes up by one,
+/// unless the step was skipped (found_inf).
+__global__ void increment_steps_kernel(std::int64_t* d_steps, const TensorList list,
+                                       const float* d_found_inf) {
+  if (d_found_inf && *d_found_inf != 0.0f) return;
+  for (int i = threadIdx.x; i < list.count; i += blockDim.x) d_steps[list.key[i]] += 1;
+}
+
+}  // namespace fo::cuda_kernels
