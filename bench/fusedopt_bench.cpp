@@ -10,7 +10,9 @@
 // one add each. That probe, not a memcpy, is the limit on a CPU, where a copy's stores also
 // pay for reading each line first. Buffer sets rotate so every iteration misses the LLC.
 // CUDA: device time from events; `pct_of_copy` against a device-to-device copy moving the
-// same bytes, timed in the same iterations; buffer sets rotate so L2 is not measured.
+// same bytes and `pct_of_limit` against the traffic probe through the same multi-tensor
+// kernel, both timed in the same iterations; buffer sets rotate so L2 is not measured.
+// Plus step/adam/cuda/f32/gpt2_small: GPT-2 small's 148 tensors in one optimizer.
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "cpu/cpu_backend.hpp"
+#include "cuda/cuda_backend.hpp"
 #include "fusedopt/fusedopt.hpp"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -142,7 +145,7 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n) {
     }                                                                                  \
   } while (0)
 
-__attribute__((unused)) int cuda_device_count() {
+int cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -151,71 +154,157 @@ __attribute__((unused)) int cuda_device_count() {
   return n;
 }
 
+/// Device buffers freed at scope exit.
+struct DeviceBuffers {
+  std::vector<void*> ptrs;
+  ~DeviceBuffers() {
+    for (void* p : ptrs) cudaFree(p);
+  }
+  void* add(std::size_t bytes) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) return nullptr;
+    cudaMemset(p, 0x3c, bytes);  // small non-zero values in every dtype
+    ptrs.push_back(p);
+    return p;
+  }
+};
+
+/// Times `step`, a D2D copy moving the same bytes, and (if given) the traffic probe, in the
+/// same iterations; each on its own rotating buffer set so L2 never holds the data.
+template <class Step, class Probe>
+void time_cuda(benchmark::State& state, std::int64_t bytes, int nsets, Step step, Probe probe,
+               bool has_probe) {
+  DeviceBuffers copy_bufs;
+  const std::size_t copy_bytes = static_cast<std::size_t>(bytes / 2);  // a copy moves 2x
+  void* src = copy_bufs.add(copy_bytes);
+  void* dst = copy_bufs.add(copy_bytes);
+  if (!src || !dst) return state.SkipWithError("out of device memory for the copy");
+  cudaEvent_t ev[4];
+  for (auto& e : ev) BENCH_CUDA(cudaEventCreate(&e));
+  double copy_ms = 0, step_ms = 0, probe_ms = 0;
+  int set = 0;
+  for (auto _ : state) {
+    BENCH_CUDA(cudaEventRecord(ev[0]));
+    BENCH_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice));
+    BENCH_CUDA(cudaEventRecord(ev[1]));
+    if (has_probe) probe(set);
+    set = (set + 1) % nsets;
+    BENCH_CUDA(cudaEventRecord(ev[2]));
+    step(set);
+    set = (set + 1) % nsets;
+    BENCH_CUDA(cudaEventRecord(ev[3]));
+    BENCH_CUDA(cudaEventSynchronize(ev[3]));
+    float c = 0, p = 0, k = 0;
+    BENCH_CUDA(cudaEventElapsedTime(&c, ev[0], ev[1]));
+    BENCH_CUDA(cudaEventElapsedTime(&p, ev[1], ev[2]));
+    BENCH_CUDA(cudaEventElapsedTime(&k, ev[2], ev[3]));
+    copy_ms += c;
+    probe_ms += p;
+    step_ms += k;
+    state.SetIterationTime(k / 1e3);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  set_bytes_per_second(state, bytes);
+  state.counters["pct_of_copy"] = 100.0 * copy_ms / step_ms;
+  if (has_probe) state.counters["pct_of_limit"] = 100.0 * probe_ms / step_ms;
+}
+
+/// step/<A>/cuda/<f32|bf16>/<n>: f32 everything, or bf16 params and grads with f32 master
+/// weights and f32 states (the usual mixed-precision setup).
 template <class A>
-void bench_cuda_step(benchmark::State& state, std::int64_t n) {
+void bench_cuda_step(benchmark::State& state, std::int64_t n, bool bf16) {
   const typename A::Options options{};
-  const std::int64_t bytes = step_bytes<A>(n);
+  const int nstates = active_states<A>();
+  const std::int64_t elem = bf16 ? 2 : 4;
+  const std::int64_t bytes =
+      bf16 ? n * (2 * elem + elem + 2 * 4 + 2 * 4 * nstates) : step_bytes<A>(n);
   int device = 0, l2 = 0;
   BENCH_CUDA(cudaGetDevice(&device));
   BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
   const int nsets = rotation(bytes, l2);
-  const int nbuf = 2 + active_states<A>();
-  std::vector<std::vector<float*>> sets(static_cast<std::size_t>(nsets));
-  struct Guard {
-    std::vector<std::vector<float*>>* s;
-    ~Guard() {
-      for (auto& v : *s)
-        for (float* p : v) cudaFree(p);
-    }
-  } guard{&sets};
-  for (auto& s : sets)
-    for (int b = 0; b < nbuf; ++b) {
-      void* p = nullptr;
-      BENCH_CUDA(cudaMalloc(&p, static_cast<std::size_t>(n) * sizeof(float)));
-      BENCH_CUDA(cudaMemset(p, 0x3c, static_cast<std::size_t>(n) * sizeof(float)));  // ~0.01
-      s.push_back(static_cast<float*>(p));
-    }
-  void* copy_src = nullptr;
-  void* copy_dst = nullptr;
-  const std::size_t copy_bytes = static_cast<std::size_t>(bytes / 2);  // a copy moves 2x
-  BENCH_CUDA(cudaMalloc(&copy_src, copy_bytes));
-  BENCH_CUDA(cudaMalloc(&copy_dst, copy_bytes));
-  cudaEvent_t e0, e1, e2;
-  BENCH_CUDA(cudaEventCreate(&e0));
-  BENCH_CUDA(cudaEventCreate(&e1));
-  BENCH_CUDA(cudaEventCreate(&e2));
-  std::size_t next = 0;
-  std::int64_t step = 1;
-  double copy_ms = 0.0, step_ms = 0.0;
-  const fo::Exec exec{fo::Device::cuda, nullptr};
-  for (auto _ : state) {
-    const auto& s = sets[next];
-    next = (next + 1) % sets.size();
-    fo::DenseTensors t;
-    t.param = s[0];
-    t.grad = s[1];
-    for (int k = 0; k + 2 < nbuf; ++k) t.states[k] = s[2 + k];
+  DeviceBuffers bufs;
+  std::vector<fo::DenseTensors> sets(static_cast<std::size_t>(nsets));
+  std::vector<fo::cuda::ListEntry> probe_sets(static_cast<std::size_t>(nsets));
+  for (int i = 0; i < nsets; ++i) {
+    fo::DenseTensors& t = sets[static_cast<std::size_t>(i)];
     t.numel = n;
-    BENCH_CUDA(cudaEventRecord(e0));
-    BENCH_CUDA(cudaMemcpyAsync(copy_dst, copy_src, copy_bytes, cudaMemcpyDeviceToDevice));
-    BENCH_CUDA(cudaEventRecord(e1));
-    fo::fused_step<A>(options, step++, t, exec);
-    BENCH_CUDA(cudaEventRecord(e2));
-    BENCH_CUDA(cudaEventSynchronize(e2));
-    float c = 0, k = 0;
-    BENCH_CUDA(cudaEventElapsedTime(&c, e0, e1));
-    BENCH_CUDA(cudaEventElapsedTime(&k, e1, e2));
-    copy_ms += c;
-    step_ms += k;
-    state.SetIterationTime(k / 1e3);
+    t.param = bufs.add(static_cast<std::size_t>(n * elem));
+    t.grad = bufs.add(static_cast<std::size_t>(n * elem));
+    for (int k = 0; k < nstates; ++k) t.states[k] = bufs.add(static_cast<std::size_t>(n * 4));
+    if (bf16) {
+      t.param_dtype = t.grad_dtype = fo::DType::bf16;
+      t.master = static_cast<float*>(bufs.add(static_cast<std::size_t>(n * 4)));
+    }
+    if (!t.param || !t.grad || (bf16 && !t.master))
+      return state.SkipWithError("out of device memory");
+    probe_sets[static_cast<std::size_t>(i)] = fo::cuda::ListEntry{
+        t.param, t.grad, nullptr, {t.states[0], t.states[1], t.states[2]}, n, 1, 0};
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  cudaEventDestroy(e2);
-  cudaFree(copy_src);
-  cudaFree(copy_dst);
-  set_bytes_per_second(state, bytes);
-  state.counters["pct_of_copy"] = 100.0 * copy_ms / step_ms;
+  std::int64_t step = 1;
+  const fo::Exec exec{fo::Device::cuda, nullptr};
+  time_cuda(
+      state, bytes, nsets,
+      [&](int s) { fo::fused_step<A>(options, step++, sets[static_cast<std::size_t>(s)], exec); },
+      [&](int s) { fo::cuda::traffic_probe(&probe_sets[static_cast<std::size_t>(s)], 1, nullptr); },
+      !bf16);
+  state.SetLabel(bf16 ? "bf16 params+grads, f32 master and states" : "f32");
+}
+
+/// GPT-2 small's parameter list (124M floats in 148 tensors) stepped by one Adam optimizer:
+/// multi-tensor launches against a copy and the probe over the same tensors.
+std::vector<std::int64_t> gpt2_small_shapes() {
+  std::vector<std::int64_t> n = {50257 * 768, 1024 * 768};
+  for (int layer = 0; layer < 12; ++layer)
+    for (std::int64_t x :
+         {768, 768, 768 * 2304, 2304, 768 * 768, 768, 768, 768, 768 * 3072, 3072, 3072 * 768, 768})
+      n.push_back(x);
+  n.push_back(768);
+  n.push_back(768);
+  return n;
+}
+
+void bench_cuda_gpt2(benchmark::State& state, const char* algorithm) {
+  const std::vector<std::int64_t> shapes = gpt2_small_shapes();
+  std::int64_t total = 0;
+  for (auto x : shapes) total += x;
+  DeviceBuffers bufs;
+  constexpr int kSets = 2;  // 124M floats per stream: far beyond L2 already
+  std::vector<fo::Optimizer> opts;
+  std::vector<std::vector<const void*>> grads(kSets);
+  std::vector<std::vector<fo::cuda::ListEntry>> probe(kSets);
+  for (int s = 0; s < kSets; ++s) {
+    opts.emplace_back(algorithm, fo::Device::cuda);
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      void* p = bufs.add(static_cast<std::size_t>(shapes[i]) * 4);
+      void* g = bufs.add(static_cast<std::size_t>(shapes[i]) * 4);
+      if (!p || !g) return state.SkipWithError("out of device memory");
+      opts.back().add_param("p" + std::to_string(i), p, fo::DType::f32, {shapes[i]});
+      grads[static_cast<std::size_t>(s)].push_back(g);
+    }
+    opts.back().step(grads[static_cast<std::size_t>(s)].data());  // creates the state
+    for (std::size_t i = 0; i < shapes.size(); ++i)
+      probe[static_cast<std::size_t>(s)].push_back(
+          fo::cuda::ListEntry{bufs.add(static_cast<std::size_t>(shapes[i]) * 4),
+                              grads[static_cast<std::size_t>(s)][i],
+                              nullptr,
+                              {bufs.add(static_cast<std::size_t>(shapes[i]) * 4),
+                               bufs.add(static_cast<std::size_t>(shapes[i]) * 4), nullptr},
+                              shapes[i],
+                              1,
+                              0});
+  }
+  const std::int64_t bytes = 7 * 4 * total;  // adam/adamw: 7 streams
+  time_cuda(
+      state, bytes, kSets,
+      [&](int s) {
+        opts[static_cast<std::size_t>(s)].step(grads[static_cast<std::size_t>(s)].data());
+      },
+      [&](int s) {
+        fo::cuda::traffic_probe(probe[static_cast<std::size_t>(s)].data(), shapes.size(), nullptr);
+      },
+      true);
+  state.counters["tensors"] = static_cast<double>(shapes.size());
+  state.counters["params"] = static_cast<double>(total);
 }
 #endif
 
@@ -231,14 +320,16 @@ void register_algorithm(bool cuda) {
   }
 #if defined(FUSEDOPT_WITH_CUDA)
   if (cuda)
-    for (int lg : {20, 24, 28}) {
-      const std::int64_t n = std::int64_t{1} << lg;
-      const std::string name = std::string("step/") + A::kName + "/cuda/f32/" + std::to_string(n);
-      benchmark::RegisterBenchmark(name.c_str(),
-                                   [n](benchmark::State& s) { bench_cuda_step<A>(s, n); })
-          ->UseManualTime()
-          ->Unit(benchmark::kMicrosecond);
-    }
+    for (bool bf16 : {false, true})
+      for (int lg = 20; lg <= 28; lg += 2) {
+        const std::int64_t n = std::int64_t{1} << lg;
+        const std::string name = std::string("step/") + A::kName + "/cuda/" +
+                                 (bf16 ? "bf16" : "f32") + "/" + std::to_string(n);
+        benchmark::RegisterBenchmark(
+            name.c_str(), [n, bf16](benchmark::State& s) { bench_cuda_step<A>(s, n, bf16); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
 #else
   (void)cuda;
 #endif
@@ -255,6 +346,15 @@ int main(int argc, char** argv) {
 #define FO_REGISTER(A) register_algorithm<fo::A>(cuda);
   FO_FOR_EACH_DENSE_ALGORITHM(FO_REGISTER)
 #undef FO_REGISTER
+#if defined(FUSEDOPT_WITH_CUDA)
+  if (cuda)
+    for (const char* algorithm : {"adam", "adamw"})
+      benchmark::RegisterBenchmark(
+          (std::string("step/") + algorithm + "/cuda/f32/gpt2_small").c_str(),
+          [algorithm](benchmark::State& s) { bench_cuda_gpt2(s, algorithm); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMicrosecond);
+#endif
   benchmark::AddCustomContext("cpu_isa", fo::cpu::isa_name(fo::cpu::isa()));
   benchmark::AddCustomContext("cpu_threads", std::to_string(fo::cpu::num_threads()));
   benchmark::AddCustomContext("cuda_devices", cuda ? "yes" : "none");

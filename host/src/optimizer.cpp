@@ -94,8 +94,8 @@ struct Settings {
     } else if (key == "stochastic_rounding") {
       stochastic_rounding = flag();
     } else if (key == "seed") {
-      if (!(v >= 0.0 && v < 18446744073709551616.0 && v == std::floor(v)))
-        invalid("seed must be a non-negative integer below 2^64");
+      if (!(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v)))
+        invalid("seed must be an integer in [0, 2^53] (exact as a double)");
       seed = v;
     }
   }

@@ -38,7 +38,7 @@ struct StepControls {
   bool stochastic_rounding = false;  // low-precision writes round stochastically
   std::uint64_t seed = 0;            // with `key`, keys the draws (with step and element)
   int key = 0;
-  const float* d_lr = nullptr;               // lr read from device memory at run time
+  const float* d_lr = nullptr;               // a device-side factor on lr (a schedule's)
   const float* d_grad_multiplier = nullptr;  // a device-side gradient multiplier
   const float* d_found_inf = nullptr;        // where non-zero, the step does nothing
 };

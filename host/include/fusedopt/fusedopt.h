@@ -71,8 +71,9 @@ FO_API fo_status fo_optimizer_load(fo_optimizer* opt, const char* path);
  * max_grad_norm, skip_nonfinite, master_weights, state_dtype, fp32_grads,
  * stochastic_rounding, seed (see fusedopt/optimizer.hpp). */
 
-/* CUDA, for capturable steps: lr read from device memory at run time, an extra device-side
- * gradient multiplier, and a found_inf flag (non-zero: skip the step). NULL: unused. */
+/* CUDA, for capturable steps: a factor on every param's lr read from device memory at run
+ * time, an extra device-side gradient multiplier, and a found_inf flag (non-zero: skip the
+ * step). NULL: unused. */
 FO_API fo_status fo_optimizer_set_device_scalars(fo_optimizer* opt, const float* d_lr,
                                                  const float* d_grad_multiplier,
                                                  float* d_found_inf);

@@ -74,7 +74,8 @@ class Optimizer {
   void step(const void* const* grads, void* stream = nullptr);
   void step(std::initializer_list<const void*> grads, void* stream = nullptr);
 
-  /// CUDA, for capturable steps (CUDA graphs): lr is read from `d_lr` at run time, gradients
+  /// CUDA, for capturable steps (CUDA graphs): every param's lr option is multiplied by
+  /// `*d_lr` at run time (a schedule's factor; per-param lrs keep their ratios), gradients
   /// are also multiplied by `*d_grad_multiplier`, and a non-zero `*d_found_inf` skips the
   /// step (the step's own non-finite check, with skip_nonfinite, sets it too). Null: unused.
   /// Step counts of a CUDA optimizer always live on the device, so a step never waits for

@@ -6,6 +6,7 @@
 #include "algorithm_index.hpp"
 #include "fusedopt/cpu.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
+#include "fusedopt/kernels/probe.hpp"
 
 namespace fo::cpu {
 

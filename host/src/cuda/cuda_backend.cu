@@ -13,6 +13,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
+#include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "multi_tensor_plan.hpp"
 
@@ -149,6 +150,16 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
       FO_CUDA_CHECK(cudaPeekAtLastError());
     }
   }
+}
+
+void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
+  StepConfig cfg{};
+  cfg.grad_scale = 1.0f;
+  cfg.chunk = kChunk;
+  const TrafficProbe::Options options{};
+  for (const auto& g : plan(entries, n))
+    launch_step<TrafficProbe, cuda_kernels::kF32>(&options, make_list(entries, g), g.blocks, cfg,
+                                                  static_cast<cudaStream_t>(stream));
 }
 
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n) {

@@ -48,6 +48,10 @@ struct ListSettings {
 void multi_tensor_step(int algorithm_index, const void* options, const ListEntry* entries,
                        std::size_t n, const ListSettings& settings, void* stream);
 
+/// The traffic probe (kernels/probe.hpp) through the same multi-tensor kernel, f32 only:
+/// the bandwidth limit of a step with these streams.
+void traffic_probe(const ListEntry* entries, std::size_t n, void* stream);
+
 /// Floats of workspace grad_norm needs for these tensors.
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n);
 

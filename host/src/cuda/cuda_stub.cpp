@@ -14,6 +14,7 @@ void multi_tensor_step(int, const void*, const ListEntry*, std::size_t, const Li
                        void*) {
   unsupported();
 }
+void traffic_probe(const ListEntry*, std::size_t, void*) { unsupported(); }
 std::int64_t grad_norm_workspace(const ListEntry*, std::size_t) { unsupported(); }
 void grad_norm(const ListEntry*, std::size_t, DType, float, const float*, float, bool, float*,
                float*, float*, float*, void*) {

@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kBlock)
   const std::int64_t end = begin + cfg.chunk < list.numel[t] ? begin + cfg.chunk : list.numel[t];
 
   typename A::Options o = options;
-  if (cfg.d_lr) o.lr = *cfg.d_lr;
+  if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);  // a schedule's factor
   const std::int64_t step = cfg.d_steps ? cfg.d_steps[list.key[t]] + 1 : list.step[t];
   const typename A::Op op = A::make_op(o, step);
   float gscale = cfg.grad_scale;

@@ -1,0 +1,842 @@
+// The CUDA backend against the CPU backend and against plain facts: bitwise equality with the
+// CPU (both sides compile without FMA contraction), low-precision params with master weights,
+// bfloat16 states, stochastic rounding, the non-finite skip, clipping, loss scaling, CUDA graph
+// capture with a device-side lr, and tensors past 2^31 elements.
+//
+// Host code only (g++, the CUDA runtime API, no kernels). Every test skips where no GPU is
+// visible, and the whole file is one skipped test in a build without CUDA.
+#include <gtest/gtest.h>
+
+#if defined(FUSEDOPT_WITH_CUDA)
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "fusedopt/fusedopt.hpp"
+#include "fusedopt/kernels/convert.hpp"
+#include "tensor_buffer.hpp"
+#include "test_util.hpp"
+
+// Fails (and ends) the test if a CUDA runtime call does not return cudaSuccess.
+#define CHECK_CUDA(call)                                                             \
+  do {                                                                               \
+    const cudaError_t fo_cuda_err_ = (call);                                         \
+    if (fo_cuda_err_ != cudaSuccess)                                                 \
+      GTEST_FAIL() << #call << " failed: " << cudaGetErrorName(fo_cuda_err_) << " (" \
+                   << cudaGetErrorString(fo_cuda_err_) << ")";                       \
+  } while (0)
+
+namespace fo::test {
+namespace {
+
+/// For helpers that cannot use gtest's fatal assertions: throws (the test then fails with
+/// the message) if a CUDA call failed.
+void cuda_ok(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(err) + " (" +
+                             cudaGetErrorString(err) + ")");
+}
+
+/// An owning device array of n elements of T (cudaMalloc / cudaFree), with whole or partial
+/// copies from and to host vectors. Copies wait for the device first, so they see every
+/// step queued on any stream.
+template <class T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(std::size_t n) : n_(n) {
+    void* p = nullptr;
+    cuda_ok(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)), "cudaMalloc");
+    p_ = static_cast<T*>(p);
+  }
+  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() {
+    if (p_) (void)cudaFree(p_);
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  T* get() const { return p_; }
+  std::size_t size() const { return n_; }
+
+  void upload(const std::vector<T>& host, std::size_t offset = 0) {
+    if (offset + host.size() > n_) throw std::out_of_range("DeviceArray::upload past the end");
+    if (host.empty()) return;
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cuda_ok(cudaMemcpy(p_ + offset, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice),
+            "cudaMemcpy to the device");
+  }
+  std::vector<T> download(std::size_t offset, std::size_t count) const {
+    if (offset + count > n_) throw std::out_of_range("DeviceArray::download past the end");
+    std::vector<T> host(count);
+    if (count == 0) return host;
+    cuda_ok(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    cuda_ok(cudaMemcpy(host.data(), p_ + offset, count * sizeof(T), cudaMemcpyDeviceToHost),
+            "cudaMemcpy to the host");
+    return host;
+  }
+  std::vector<T> download() const { return download(0, n_); }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  ~Stream() {
+    if (s) (void)cudaStreamDestroy(s);
+  }
+};
+struct Graph {
+  cudaGraph_t g = nullptr;
+  ~Graph() {
+    if (g) (void)cudaGraphDestroy(g);
+  }
+};
+struct GraphExec {
+  cudaGraphExec_t e = nullptr;
+  ~GraphExec() {
+    if (e) (void)cudaGraphExecDestroy(e);
+  }
+};
+
+// ----------------------------------------------------------------- tensors in one allocation
+
+/// Where tensors lie in one allocation: each starts a few elements after the previous one ends,
+/// at an offset whose residue mod 4 is random (the first at 1, the second at 0 mod 4), so most
+/// tensors are misaligned for 16-byte (f32) and 8-byte (4 x 16-bit) vector accesses and some
+/// are aligned. The gaps hold canaries that must survive every step.
+struct Layout {
+  std::vector<std::int64_t> sizes;
+  std::vector<std::size_t> offsets;
+  std::size_t total = 0;
+};
+
+Layout carve(const std::vector<std::int64_t>& sizes, std::mt19937_64& rng) {
+  Layout l;
+  l.sizes = sizes;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const std::size_t residue = i == 0 ? 1 : i == 1 ? 0 : rng() % 4;
+    at += 1;  // at least one canary before each tensor
+    while (at % 4 != residue) ++at;
+    l.offsets.push_back(at);
+    at += static_cast<std::size_t>(sizes[i]);
+  }
+  l.total = at + 3;  // and a few after the last
+  return l;
+}
+
+/// Sizes around every vector tail and chunk boundary (8192 elements per block), a few large
+/// odd ones, and random ones up to 2^17, shuffled: `count` in all.
+std::vector<std::int64_t> odd_sizes(std::mt19937_64& rng, std::size_t count) {
+  std::vector<std::int64_t> s = {0,    1,    3,    4097, 100003, 2,     5,      7,    8,
+                                 9,    15,   16,   17,   31,     33,    255,    257,  1023,
+                                 1025, 8191, 8192, 8193, 16385,  24577, 262147, 65537};
+  std::uniform_real_distribution<double> log2n(0.0, 17.0);
+  while (s.size() < count) s.push_back(static_cast<std::int64_t>(std::exp2(log2n(rng))));
+  std::shuffle(s.begin(), s.end(), rng);
+  s.resize(count);
+  return s;
+}
+
+/// One host image of the allocation: tensor i's values at its offset, `fill` in the gaps.
+template <class T>
+std::vector<T> pack(const Layout& l, const std::vector<std::vector<T>>& tensors, T fill) {
+  std::vector<T> all(l.total, fill);
+  for (std::size_t i = 0; i < tensors.size(); ++i)
+    std::copy(tensors[i].begin(), tensors[i].end(),
+              all.begin() + static_cast<std::ptrdiff_t>(l.offsets[i]));
+  return all;
+}
+
+template <class T>
+std::vector<T> slice(const Layout& l, const std::vector<T>& all, std::size_t i) {
+  const auto b = all.begin() + static_cast<std::ptrdiff_t>(l.offsets[i]);
+  return std::vector<T>(b, b + static_cast<std::ptrdiff_t>(l.sizes[i]));
+}
+
+std::string pname(std::size_t i) { return "p" + std::to_string(i); }
+
+template <class T>
+void add_params(Optimizer& opt, T* base, DType dtype, const Layout& l) {
+  for (std::size_t i = 0; i < l.sizes.size(); ++i)
+    opt.add_param(pname(i), base + l.offsets[i], dtype, {l.sizes[i]});
+}
+
+template <class T>
+std::vector<const void*> pointers(const T* base, const Layout& l) {
+  std::vector<const void*> p;
+  for (std::size_t off : l.offsets) p.push_back(base + off);
+  return p;
+}
+
+/// Random grads for every tensor of the layout (random_floats: a random scale per tensor).
+std::vector<std::vector<float>> random_tensors(std::mt19937_64& rng, const Layout& l) {
+  std::vector<std::vector<float>> g;
+  for (std::int64_t n : l.sizes) g.push_back(random_floats(rng, static_cast<std::size_t>(n)));
+  return g;
+}
+
+/// Every state of every param as float32, then each param's step count, with labels.
+struct Holdings {
+  std::vector<std::string> labels;
+  std::vector<std::vector<float>> items;
+};
+
+Holdings holdings(const Optimizer& opt) {
+  Holdings h;
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const std::string& name = opt.param_name(i);
+    for (const auto& s : opt.state_names(name)) {
+      h.labels.push_back(name + "." + s);
+      h.items.push_back(opt.state(name, s));
+    }
+    h.labels.push_back(name + " step count");
+    h.items.push_back({static_cast<float>(opt.step_count(name))});
+  }
+  return h;
+}
+
+void expect_same(const Holdings& got, const Holdings& want, const std::string& what) {
+  ASSERT_EQ(got.labels, want.labels) << what;
+  for (std::size_t i = 0; i < got.items.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(got.items[i], want.items[i]))
+        << what << ", " << got.labels[i] << ": " << first_difference(got.items[i], want.items[i]);
+}
+
+/// Each tensor of two images of the same layout bitwise equal, and the gaps still `canary`.
+void expect_same_params(const Layout& l, const std::vector<float>& got,
+                        const std::vector<float>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), l.total);
+  ASSERT_EQ(want.size(), l.total);
+  for (std::size_t i = 0; i < l.sizes.size(); ++i) {
+    const auto a = slice(l, got, i), b = slice(l, want, i);
+    EXPECT_TRUE(bitwise_equal(a, b))
+        << what << ", param " << pname(i) << " (" << l.sizes[i] << " elements at offset "
+        << l.offsets[i] << "): " << first_difference(a, b);
+  }
+}
+
+::testing::AssertionResult gaps_intact(const Layout& l, const std::vector<float>& all) {
+  std::vector<bool> inside(l.total, false);
+  for (std::size_t i = 0; i < l.sizes.size(); ++i)
+    std::fill(inside.begin() + static_cast<std::ptrdiff_t>(l.offsets[i]),
+              inside.begin() + static_cast<std::ptrdiff_t>(l.offsets[i]) + l.sizes[i], true);
+  for (std::size_t j = 0; j < l.total; ++j)
+    if (!inside[j] && std::memcmp(&all[j], &TestTensor::kCanary, sizeof(float)) != 0)
+      return ::testing::AssertionFailure()
+             << "a write landed outside the params, at element " << j << ": " << all[j];
+  return ::testing::AssertionSuccess();
+}
+
+template <class T>
+std::vector<std::uint16_t> bits_of(const std::vector<T>& v) {
+  std::vector<std::uint16_t> b;
+  b.reserve(v.size());
+  for (const T& x : v) b.push_back(x.bits);
+  return b;
+}
+
+std::string first_bits_difference(const std::vector<std::uint16_t>& got,
+                                  const std::vector<std::uint16_t>& want) {
+  if (got.size() != want.size()) return "sizes differ";
+  for (std::size_t i = 0; i < got.size(); ++i)
+    if (got[i] != want[i]) {
+      std::ostringstream s;
+      s << "first difference at " << i << ": got 0x" << std::hex << got[i] << ", want 0x"
+        << want[i];
+      return s.str();
+    }
+  return "equal";
+}
+
+/// Options that give each algorithm all the states it can keep.
+std::vector<std::pair<std::string, double>> rich_options(const std::string& algorithm) {
+  if (algorithm == "sgd") return {{"momentum", 0.9}, {"nesterov", 1}, {"weight_decay", 0.01}};
+  if (algorithm == "rmsprop") return {{"momentum", 0.9}, {"centered", 1}};
+  if (algorithm == "adam" || algorithm == "adamw") return {{"amsgrad", 1}};
+  return {};
+}
+
+void set_options(Optimizer& opt, const std::vector<std::pair<std::string, double>>& opts) {
+  for (const auto& [k, v] : opts) opt.set_option(k, v);
+}
+
+// ------------------------------------------------------------------------------- the tests
+
+// The same ~40 params and grads on both backends, five steps of every algorithm: the CUDA
+// kernel (vector and scalar paths, chunked blocks, multi-tensor launches) runs the same fp32
+// operations as the CPU in the same order per element, and neither side contracts a*b+c into
+// an FMA behind the code's back, so every bit must agree. (The per-step scalars, such as
+// Adam's 1 - beta^t, are computed in double on the device there and on the host here; pow
+// differing in its last double bit would only matter if it crossed a float rounding boundary.)
+TEST(Cuda, GpuEqualsCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout pl = carve(odd_sizes(rng, 40), rng);
+  const Layout gl = carve(pl.sizes, rng);  // grads at offsets of their own
+  std::size_t misaligned = 0;
+  for (std::size_t off : pl.offsets) misaligned += off % 4 != 0;
+  ASSERT_GT(misaligned, pl.offsets.size() / 2);
+
+  const ::testing::TestResult& result =
+      *::testing::UnitTest::GetInstance()->current_test_info()->result();
+  for (const auto& algo : dense_algorithms()) {
+    SCOPED_TRACE(algo.name);
+    const int parts_before = result.total_part_count();
+    const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+    std::vector<float> cpu_p = p0, cpu_g(gl.total);
+    DeviceArray<float> gpu_p(p0), gpu_g(gl.total);
+
+    Optimizer cpu(algo.name), gpu(algo.name, Device::cuda);
+    set_options(cpu, rich_options(algo.name));
+    set_options(gpu, rich_options(algo.name));
+    add_params(cpu, cpu_p.data(), DType::f32, pl);
+    add_params(gpu, gpu_p.get(), DType::f32, pl);
+
+    for (int t = 1; t <= 5; ++t) {
+      SCOPED_TRACE("step " + std::to_string(t));
+      cpu_g = pack(gl, random_tensors(rng, gl), 0.0f);
+      gpu_g.upload(cpu_g);
+      cpu.step(pointers(cpu_g.data(), gl).data());
+      gpu.step(pointers(gpu_g.get(), gl).data());
+      const std::vector<float> got = gpu_p.download();
+      expect_same_params(pl, got, cpu_p, "params");
+      EXPECT_TRUE(gaps_intact(pl, got));
+      expect_same(holdings(gpu), holdings(cpu), "states");
+      // One failing step is enough for this algorithm: the later ones would repeat it.
+      if (result.total_part_count() != parts_before) break;
+    }
+  }
+}
+
+// bf16 and f16 params with f32 master weights and f32 grads: the master copy is stepped in
+// fp32 exactly as a float32 param on the CPU that starts at the widened 16-bit values, and the
+// 16-bit param is the master rounded to nearest even after every step.
+TEST(Cuda, Bf16AndF16ParamsWithMasterWeights) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1, 3, 4097, 8193, 100003, 7, 0, 16};
+  const Layout bl = carve(sizes, rng), hl = carve(sizes, rng);
+  std::vector<std::int64_t> both = sizes;  // the bf16 params, then the f16 ones
+  both.insert(both.end(), sizes.begin(), sizes.end());
+  const Layout gl = carve(both, rng);  // the grads, and the CPU's float32 params
+
+  // Initial values: random floats rounded to each format; the CPU starts from their widening.
+  std::vector<std::vector<bf16>> b0;
+  std::vector<std::vector<f16>> h0;
+  std::vector<std::vector<float>> wide;
+  for (const auto& v : random_tensors(rng, bl)) {
+    b0.emplace_back();
+    for (float x : v) b0.back().push_back(to_bf16(x));
+  }
+  for (const auto& v : random_tensors(rng, hl)) {
+    h0.emplace_back();
+    for (float x : v) h0.back().push_back(to_f16(x));
+  }
+  for (const auto& v : b0) {
+    wide.emplace_back();
+    for (bf16 x : v) wide.back().push_back(to_float(x));
+  }
+  for (const auto& v : h0) {
+    wide.emplace_back();
+    for (f16 x : v) wide.back().push_back(to_float(x));
+  }
+  DeviceArray<bf16> gpu_b(pack(bl, b0, bf16{0}));
+  DeviceArray<f16> gpu_h(pack(hl, h0, f16{0}));
+  // The CPU params: the bf16 ones as p0..p7, the f16 ones as p8..p15, in the grads' layout.
+  std::vector<float> cpu_p = pack(gl, wide, TestTensor::kCanary);
+
+  Optimizer gpu("adamw", Device::cuda), cpu("adamw");
+  gpu.set_option("master_weights", 1);
+  gpu.set_option("fp32_grads", 1);
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    gpu.add_param(pname(i), gpu_b.get() + bl.offsets[i], DType::bf16, {sizes[i]});
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    gpu.add_param(pname(sizes.size() + i), gpu_h.get() + hl.offsets[i], DType::f16, {sizes[i]});
+  add_params(cpu, cpu_p.data(), DType::f32, gl);
+  for (std::size_t i = 0; i < gpu.num_params(); ++i)
+    ASSERT_EQ(gpu.state_names(pname(i)),
+              (std::vector<std::string>{"exp_avg", "exp_avg_sq", "master"}));
+
+  DeviceArray<float> gpu_g(gl.total);
+  for (int t = 1; t <= 10; ++t) {
+    SCOPED_TRACE("step " + std::to_string(t));
+    const std::vector<float> g = pack(gl, random_tensors(rng, gl), 0.0f);
+    gpu_g.upload(g);
+    gpu.step(pointers(gpu_g.get(), gl).data());
+    cpu.step(pointers(g.data(), gl).data());
+  }
+  const std::vector<bf16> b = gpu_b.download();
+  const std::vector<f16> h = gpu_h.download();
+  for (std::size_t i = 0; i < gl.sizes.size(); ++i) {
+    const std::string name = pname(i);
+    SCOPED_TRACE(name + (i < sizes.size() ? " (bf16)" : " (f16)"));
+    const std::vector<float> master = gpu.state(name, "master");
+    const std::vector<float> want = slice(gl, cpu_p, i);
+    EXPECT_TRUE(bitwise_equal(master, want)) << "master: " << first_difference(master, want);
+    for (const char* s : {"exp_avg", "exp_avg_sq"}) {
+      const std::vector<float> a = gpu.state(name, s), c = cpu.state(name, s);
+      EXPECT_TRUE(bitwise_equal(a, c)) << s << ": " << first_difference(a, c);
+    }
+    EXPECT_EQ(gpu.step_count(name), 10);
+    std::vector<std::uint16_t> got, rounded;
+    if (i < sizes.size()) {
+      got = bits_of(slice(bl, b, i));
+      for (float x : master) rounded.push_back(to_bf16(x).bits);
+    } else {
+      got = bits_of(slice(hl, h, i - sizes.size()));
+      for (float x : master) rounded.push_back(to_f16(x).bits);
+    }
+    EXPECT_EQ(got, rounded) << "param is not its master rounded to nearest even: "
+                            << first_bits_difference(got, rounded);
+  }
+}
+
+// bfloat16 states: Adam's moments are stored rounded to nearest even after every step, so
+// the result drifts from the float32 run by their rounding, and no further.
+//
+// Tolerance. A bf16 value has 8 significant bits: rounding to nearest is off by at most half
+// an ulp, 2^-8 relative (2^-9 to 2^-8 depending on where in its binade). exp_avg_sq is a positive
+// average, so its relative error after t steps is at most about t * 2^-8; exp_avg can cancel, but
+// its error stays a few 2^-8 of the grads' size while sqrt(exp_avg_sq) is of that size too. An Adam
+// update is lr * m_hat / sqrt(v_hat) with |m_hat / sqrt(v_hat)| about 1 or less, so each step moves
+// the param by at most a few lr * 2^-8 more or less than in fp32, and
+//   |p_gpu - p_cpu| <= 5 steps * lr * 2^-7  (+ the fp32 rounding of p + update, 2^-24|p| a step)
+// is generous: a host simulation of these grads (per-tensor scales 0.1 to 10) over 2 million
+// elements saw at most half of it. Truncation instead of rounding, an error that piles up, or a
+// moment read back with the wrong bits is far outside; a state left in fp32 shows in the
+// check that every state read back is a bf16 value.
+TEST(Cuda, Bf16States) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout l = carve({1, 17, 4097, 100003, 262147, 8193}, rng);
+  const std::vector<float> p0 = pack(l, random_tensors(rng, l), TestTensor::kCanary);
+  std::vector<float> cpu_p = p0;
+  DeviceArray<float> gpu_p(p0), gpu_g(l.total);
+  Optimizer gpu("adam", Device::cuda), cpu("adam");
+  gpu.set_option("state_dtype", 2);
+  const double lr = cpu.option("lr");
+  add_params(gpu, gpu_p.get(), DType::f32, l);
+  add_params(cpu, cpu_p.data(), DType::f32, l);
+  constexpr int kSteps = 5;
+  for (int t = 1; t <= kSteps; ++t) {
+    const std::vector<float> g = pack(l, random_tensors(rng, l), 0.0f);
+    gpu_g.upload(g);
+    gpu.step(pointers(gpu_g.get(), l).data());
+    cpu.step(pointers(g.data(), l).data());
+  }
+  const std::vector<float> got = gpu_p.download();
+  EXPECT_TRUE(gaps_intact(l, got));
+  const double u8 = std::ldexp(1.0, -8), u24 = std::ldexp(1.0, -24);
+  for (std::size_t i = 0; i < l.sizes.size(); ++i) {
+    const std::string name = pname(i);
+    SCOPED_TRACE(name);
+    const auto a = slice(l, got, i), c = slice(l, cpu_p, i);
+    int bad = 0;
+    for (std::size_t j = 0; j < a.size(); ++j) {
+      const double tol = kSteps * lr * 2 * u8 + 2 * kSteps * u24 * std::abs(c[j]);
+      if (!(std::abs(static_cast<double>(a[j]) - c[j]) <= tol) && ++bad <= 5)
+        ADD_FAILURE() << "param[" << j << "]: gpu " << a[j] << ", cpu " << c[j] << ", tol " << tol;
+    }
+    EXPECT_EQ(bad, 0);
+    for (const char* s : {"exp_avg", "exp_avg_sq"}) {
+      const std::vector<float> st = gpu.state(name, s);
+      for (std::size_t j = 0; j < st.size(); ++j) {
+        const float back = to_float(to_bf16(st[j]));
+        ASSERT_EQ(std::memcmp(&back, &st[j], sizeof(float)), 0)
+            << s << "[" << j << "] = " << st[j] << " is not a bfloat16 value";
+      }
+    }
+    // exp_avg_sq: each step's stored value is a positive average of the previous one (off by
+    // its relative error) and g^2, rounded once more: relative error <= t * 2^-8 (+ fp32).
+    const std::vector<float> v = gpu.state(name, "exp_avg_sq"), w = cpu.state(name, "exp_avg_sq");
+    for (std::size_t j = 0; j < v.size(); ++j)
+      ASSERT_LE(std::abs(static_cast<double>(v[j]) - w[j]), (kSteps + 1) * u8 * w[j])
+          << "exp_avg_sq[" << j << "]";
+  }
+}
+
+// Stochastic rounding of bf16 params (no master weights): updates far below half a bf16 ulp
+// vanish under round to nearest, and survive on average under stochastic rounding, with
+// draws that depend on the seed and nothing else.
+TEST(Cuda, StochasticRoundingIsReproducibleAndUnbiased) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  constexpr std::size_t n = 1000000;
+  constexpr int kSteps = 3;
+  // Params in [1, 2]: a bf16 ulp of 2^-7 (2^-8 just below 1). The update lr * g = 0.01 *
+  // 0.078125 ~ 2^-10.3 is a tenth of an ulp: round to nearest never moves a param, stochastic
+  // rounding moves one a whole ulp with probability ~0.1.
+  std::vector<bf16> p0(n);
+  std::uniform_real_distribution<float> unit(1.0f, 2.0f);
+  for (auto& x : p0) x = to_bf16(unit(rng));
+  const float lr = 0.01f, g = 0.078125f;  // g = 5 * 2^-6: exact in bf16
+  const std::vector<bf16> grad(n, to_bf16(g));
+  DeviceArray<bf16> d_grad(grad);
+
+  // `offset` elements into its allocation: 1 puts the param off the 8-byte alignment of the
+  // kernel's vector path, whose draws must be those of the scalar path.
+  auto run = [&](bool stochastic, double seed, std::size_t offset) {
+    std::vector<bf16> host(offset, bf16{0});
+    host.insert(host.end(), p0.begin(), p0.end());
+    DeviceArray<bf16> p(host);
+    Optimizer opt("sgd", Device::cuda);
+    opt.set_option("lr", lr);
+    opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
+    opt.set_option("seed", seed);
+    opt.add_param("w", p.get() + offset, DType::bf16, {static_cast<std::int64_t>(n)});
+    for (int t = 0; t < kSteps; ++t) opt.step({d_grad.get()});
+    return bits_of(p.download(offset, n));
+  };
+  const std::vector<std::uint16_t> start = bits_of(p0);
+  const auto a = run(true, 7, 0), b = run(true, 7, 0), c = run(true, 8, 0);
+  const auto shifted = run(true, 7, 1), nearest = run(false, 7, 0);
+  EXPECT_EQ(a, b) << "two runs with seed 7 differ: " << first_bits_difference(a, b);
+  EXPECT_EQ(shifted, a) << "the draws depend on the alignment: "
+                        << first_bits_difference(shifted, a);
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < n; ++i) differ += a[i] != c[i];
+  EXPECT_GT(differ, n / 100) << "seeds 7 and 8 give (nearly) the same draws";
+  EXPECT_EQ(nearest, start) << "round to nearest moved a param by less than half an ulp: "
+                            << first_bits_difference(nearest, start);
+  // Unbiased: the mean change is kSteps * (-lr * g). Its standard deviation over 10^6 params
+  // is about 2^-7 * sqrt(kSteps * 0.09 / 10^6) ~ 4e-6, against 5% of 2.3e-3 = 1.2e-4.
+  double sum = 0.0;
+  for (std::size_t i = 0; i < n; ++i)
+    sum += static_cast<double>(to_float(bf16{a[i]})) - to_float(p0[i]);
+  const double mean = sum / static_cast<double>(n);
+  const double want = -kSteps * static_cast<double>(lr) * g;
+  EXPECT_NEAR(mean, want, 0.05 * std::abs(want));
+}
+
+// skip_nonfinite: a NaN or inf anywhere in any grad skips the whole step on every param,
+// checked on the device with no host round trip; the step counts stay where they were, so a
+// skipped first step leaves the next one a first step.
+TEST(Cuda, SkipNonFinite) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout pl = carve({37, 1000, 1, 4099, 8193}, rng), gl = carve(pl.sizes, rng);
+  const std::vector<std::pair<std::string, std::vector<std::pair<std::string, double>>>> algos = {
+      {"adam", {}}, {"sgd", {{"momentum", 0.9}}}};
+  for (const float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    for (const auto& entry : algos) {
+      const std::string algorithm = entry.first;  // (lambdas capture no structured bindings
+      const auto opts = entry.second;             // in C++17)
+      SCOPED_TRACE(algorithm + (std::isnan(bad) ? ", NaN" : ", +inf"));
+      const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+      auto bad_grads = [&] {
+        std::vector<float> g = pack(gl, random_tensors(rng, gl), 0.0f);
+        g[gl.offsets[1] + rng() % 1000] = bad;  // one element of the second param's grad
+        return g;
+      };
+      struct Run {
+        std::vector<float> cpu_p;
+        DeviceArray<float> gpu_p, gpu_g;
+        Optimizer cpu, gpu;
+        Run(const std::vector<float>& p, std::size_t grad_total, const std::string& a)
+            : cpu_p(p), gpu_p(p), gpu_g(grad_total), cpu(a), gpu(a, Device::cuda) {}
+        std::pair<std::vector<float>, Holdings> gpu_snapshot() const {
+          return {gpu_p.download(), holdings(gpu)};
+        }
+      };
+      auto make_run = [&] {
+        auto r = std::make_unique<Run>(p0, gl.total, algorithm);
+        set_options(r->cpu, opts);
+        set_options(r->gpu, opts);
+        r->gpu.set_option("skip_nonfinite", 1);
+        add_params(r->cpu, r->cpu_p.data(), DType::f32, pl);
+        add_params(r->gpu, r->gpu_p.get(), DType::f32, pl);
+        return r;
+      };
+      auto gpu_step = [&](Run& r, const std::vector<float>& g) {
+        r.gpu_g.upload(g);
+        r.gpu.step(pointers(r.gpu_g.get(), gl).data());
+      };
+      auto good_step = [&](Run& r) {  // the same good grads on both
+        const std::vector<float> g = pack(gl, random_tensors(rng, gl), 0.0f);
+        gpu_step(r, g);
+        r.cpu.step(pointers(g.data(), gl).data());
+        return g;
+      };
+      auto expect_unchanged = [&](const Run& r, const std::pair<std::vector<float>, Holdings>& s,
+                                  const std::string& what) {
+        const auto now = r.gpu_snapshot();
+        expect_same_params(pl, now.first, s.first, what);
+        expect_same(now.second, s.second, what);
+      };
+      auto expect_equals_cpu = [&](const Run& r, const std::string& what) {
+        expect_same_params(pl, r.gpu_p.download(), r.cpu_p, what);
+        expect_same(holdings(r.gpu), holdings(r.cpu), what);
+      };
+
+      {  // The very first step is bad.
+        auto r = make_run();
+        const auto before = r->gpu_snapshot();
+        gpu_step(*r, bad_grads());
+        expect_unchanged(*r, before, "after a skipped first step");
+        EXPECT_FALSE(std::isfinite(r->gpu.grad_norm()));
+        for (std::size_t i = 0; i < pl.sizes.size(); ++i) EXPECT_EQ(r->gpu.step_count(pname(i)), 0);
+        const std::vector<float> g = good_step(*r);
+        expect_equals_cpu(*r, "a good step after a skipped first step");
+        for (std::size_t i = 0; i < pl.sizes.size(); ++i) {
+          EXPECT_EQ(r->gpu.step_count(pname(i)), 1);
+          if (algorithm == "sgd") {  // a first step: the buffer starts as g
+            const auto buf = r->gpu.state(pname(i), "momentum_buffer"), gi = slice(gl, g, i);
+            EXPECT_TRUE(bitwise_equal(buf, gi)) << first_difference(buf, gi);
+          }
+        }
+      }
+      {  // Three good steps, a bad one, and a good one: the CPU's fourth step.
+        auto r = make_run();
+        for (int t = 0; t < 3; ++t) good_step(*r);
+        expect_equals_cpu(*r, "three good steps");
+        const auto before = r->gpu_snapshot();
+        gpu_step(*r, bad_grads());
+        expect_unchanged(*r, before, "after a skipped fourth step");
+        good_step(*r);
+        expect_equals_cpu(*r, "the good step after the skipped one");
+        for (std::size_t i = 0; i < pl.sizes.size(); ++i) EXPECT_EQ(r->gpu.step_count(pname(i)), 4);
+      }
+    }
+  }
+}
+
+// Global-norm clipping on the GPU against the CPU. The GPU sums squares in fp32 in a fixed
+// tree order and the CPU in double over fixed chunks, so the norms (and with them the
+// clipping coefficient) agree to a few fp32 roundings, not bitwise: 1e-5 relative. The
+// coefficient scales every grad; one off by 1e-6 relative moves SGD's three updates of
+// ~lr * coef * |g| (~1e-3 here) by ~1e-9, far below 1e-7 + 1e-6 |p|, while a coefficient that is
+// not applied at all moves them 20-fold. (Adam is nearly scale invariant: only its SGD case can
+// see a missing coefficient; Adam checks that clipping leaves it alone as it should.)
+TEST(Cuda, ClippingMatchesCpu) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout pl = carve({37, 1000, 1, 4099, 100003}, rng), gl = carve(pl.sizes, rng);
+  const std::vector<std::pair<std::string, std::vector<std::pair<std::string, double>>>> algos = {
+      {"sgd", {{"lr", 0.1}, {"momentum", 0.9}}}, {"adam", {}}};
+  // Grads rescaled to a global norm of ~10, twenty times the limit.
+  auto grads = [&] {
+    auto g = random_tensors(rng, gl);
+    double s = 0.0;
+    for (const auto& v : g)
+      for (float x : v) s += static_cast<double>(x) * x;
+    const auto k = static_cast<float>(10.0 / std::sqrt(s));
+    for (auto& v : g)
+      for (auto& x : v) x *= k;
+    return pack(gl, g, 0.0f);
+  };
+  for (const auto& [algorithm, opts] : algos) {
+    SCOPED_TRACE(algorithm);
+    const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+    {  // Clipping active: close to the CPU.
+      std::vector<float> cpu_p = p0;
+      DeviceArray<float> gpu_p(p0), gpu_g(gl.total);
+      Optimizer cpu(algorithm), gpu(algorithm, Device::cuda);
+      for (Optimizer* o : {&cpu, &gpu}) {
+        set_options(*o, opts);
+        o->set_option("max_grad_norm", 0.5);
+      }
+      add_params(cpu, cpu_p.data(), DType::f32, pl);
+      add_params(gpu, gpu_p.get(), DType::f32, pl);
+      for (int t = 0; t < 3; ++t) {
+        const std::vector<float> g = grads();
+        gpu_g.upload(g);
+        gpu.step(pointers(gpu_g.get(), gl).data());
+        cpu.step(pointers(g.data(), gl).data());
+        const float gn = gpu.grad_norm(), cn = cpu.grad_norm();
+        EXPECT_NEAR(gn, cn, 1e-5 * cn) << "step " << t + 1;
+        EXPECT_NEAR(cn, 10.0, 0.01);
+      }
+      const std::vector<float> got = gpu_p.download();
+      EXPECT_TRUE(gaps_intact(pl, got));
+      int bad = 0;
+      for (std::size_t j = 0; j < pl.total; ++j) {
+        const double tol = 1e-6 * std::abs(cpu_p[j]) + 1e-7;
+        if (!(std::abs(static_cast<double>(got[j]) - cpu_p[j]) <= tol) && ++bad <= 5)
+          ADD_FAILURE() << "param element " << j << " of the allocation: gpu " << got[j] << ", cpu "
+                        << cpu_p[j];
+      }
+      EXPECT_EQ(bad, 0);
+    }
+    {  // A limit above the norm: the coefficient is exactly 1, bitwise no clipping.
+      DeviceArray<float> a_p(p0), b_p(p0), d_g(gl.total);
+      Optimizer loose(algorithm, Device::cuda), none(algorithm, Device::cuda);
+      set_options(loose, opts);
+      set_options(none, opts);
+      loose.set_option("max_grad_norm", 1e6);
+      add_params(loose, a_p.get(), DType::f32, pl);
+      add_params(none, b_p.get(), DType::f32, pl);
+      for (int t = 0; t < 3; ++t) {
+        d_g.upload(grads());
+        loose.step(pointers(d_g.get(), gl).data());
+        none.step(pointers(d_g.get(), gl).data());
+      }
+      expect_same_params(pl, a_p.download(), b_p.download(), "max_grad_norm above the norm");
+      expect_same(holdings(loose), holdings(none), "max_grad_norm above the norm");
+    }
+  }
+}
+
+// A loss scale of 1024 with grads 1024 times larger is exactly no loss scale: multiplying by
+// 2^10 and by 2^-10 is exact in fp32 (no overflow or underflow at these magnitudes).
+TEST(Cuda, GradScale) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout pl = carve({37, 1000, 1, 4099, 100003}, rng), gl = carve(pl.sizes, rng);
+  for (const auto& algo : dense_algorithms()) {
+    SCOPED_TRACE(algo.name);
+    const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+    DeviceArray<float> a_p(p0), b_p(p0), a_g(gl.total), b_g(gl.total);
+    Optimizer scaled(algo.name, Device::cuda), plain(algo.name, Device::cuda);
+    set_options(scaled, rich_options(algo.name));
+    set_options(plain, rich_options(algo.name));
+    scaled.set_option("grad_scale", 1024);
+    add_params(scaled, a_p.get(), DType::f32, pl);
+    add_params(plain, b_p.get(), DType::f32, pl);
+    for (int t = 0; t < 3; ++t) {
+      std::vector<float> g = pack(gl, random_tensors(rng, gl), 0.0f);
+      b_g.upload(g);
+      for (float& x : g) x *= 1024.0f;
+      a_g.upload(g);
+      scaled.step(pointers(a_g.get(), gl).data());
+      plain.step(pointers(b_g.get(), gl).data());
+    }
+    expect_same_params(pl, a_p.download(), b_p.download(), "grad_scale 1024");
+    expect_same(holdings(scaled), holdings(plain), "grad_scale 1024");
+  }
+}
+
+// A step captured into a CUDA graph and replayed: the lr comes from device memory at run time
+// and the step count from the device, so ten replays are ten real steps, with the lr set
+// between them. The CPU takes the same eleven steps with the same lrs (as floats, so that both
+// sides see the same value) and must agree bitwise.
+TEST(Cuda, CapturedStepReplays) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Layout pl = carve({37, 1000, 4099, 100003}, rng), gl = carve(pl.sizes, rng);
+  constexpr int kReplays = 10;
+  for (const std::string algorithm : {"adam", "adamw"}) {
+    SCOPED_TRACE(algorithm);
+    const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+    std::vector<std::vector<float>> grads;  // kept alive: the async copies read from them
+    std::vector<float> lrs;
+    for (int t = 0; t <= kReplays; ++t) {
+      grads.push_back(pack(gl, random_tensors(rng, gl), 0.0f));
+      // A new lr before every other replay; the same one before the others.
+      lrs.push_back(t == 0 ? 1e-3f : t % 2 == 1 ? 1e-3f * static_cast<float>(t + 1) : lrs.back());
+    }
+    std::vector<float> cpu_p = p0;
+    // The device value scales each param's lr option: 0.5 * (2 * lr) is lr exactly.
+    std::vector<float> scales;
+    for (float lr : lrs) scales.push_back(2.0f * lr);
+    DeviceArray<float> gpu_p(p0), gpu_g(grads[0]), d_lr(std::vector<float>{scales[0]});
+    Optimizer cpu(algorithm), gpu(algorithm, Device::cuda);
+    gpu.set_option("lr", 0.5);
+    add_params(cpu, cpu_p.data(), DType::f32, pl);
+    add_params(gpu, gpu_p.get(), DType::f32, pl);
+    gpu.set_device_scalars(d_lr.get(), nullptr, nullptr);
+    Stream stream;
+    CHECK_CUDA(cudaStreamCreate(&stream.s));
+    const std::vector<const void*> gp = pointers(gpu_g.get(), gl);
+
+    gpu.step(gp.data(), stream.s);  // the first step allocates the state: not capturable
+    CHECK_CUDA(cudaStreamSynchronize(stream.s));
+
+    Graph graph;
+    CHECK_CUDA(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal));
+    std::string step_error;
+    try {
+      gpu.step(gp.data(), stream.s);
+    } catch (const std::exception& e) {
+      step_error = e.what();
+    }
+    const cudaError_t end = cudaStreamEndCapture(stream.s, &graph.g);
+    ASSERT_TRUE(step_error.empty()) << "step threw while capturing: " << step_error;
+    CHECK_CUDA(end);
+    GraphExec exec;
+    CHECK_CUDA(cudaGraphInstantiateWithFlags(&exec.e, graph.g, 0));
+    for (int t = 1; t <= kReplays; ++t) {
+      CHECK_CUDA(cudaMemcpyAsync(gpu_g.get(), grads[t].data(), gl.total * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream.s));
+      if (lrs[t] != lrs[t - 1])
+        CHECK_CUDA(cudaMemcpyAsync(d_lr.get(), &scales[t], sizeof(float), cudaMemcpyHostToDevice,
+                                   stream.s));
+      CHECK_CUDA(cudaGraphLaunch(exec.e, stream.s));
+    }
+    CHECK_CUDA(cudaStreamSynchronize(stream.s));
+
+    for (int t = 0; t <= kReplays; ++t) {
+      cpu.set_option("lr", static_cast<double>(lrs[t]));
+      cpu.step(pointers(grads[t].data(), gl).data());
+    }
+    const std::vector<float> got = gpu_p.download();
+    EXPECT_TRUE(gaps_intact(pl, got));
+    expect_same_params(pl, got, cpu_p, "after the replays");
+    expect_same(holdings(gpu), holdings(cpu), "after the replays");
+    for (std::size_t i = 0; i < pl.sizes.size(); ++i)
+      EXPECT_EQ(gpu.step_count(pname(i)), kReplays + 1);
+  }
+}
+
+// 64-bit indexing: one param of 2^31 + 5 floats (8 GiB, and 8 GiB of grad). SGD with lr 0.5
+// and grad 2 takes every 1 exactly to 0; an index that wrapped at 2^31 leaves elements at 1
+// (or writes somewhere else).
+TEST(Cuda, HugeTensorOver2To31Elements) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  constexpr std::size_t n = (std::size_t{1} << 31) + 5;
+  std::size_t free_bytes = 0, total_bytes = 0;
+  CHECK_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+  constexpr std::size_t kNeed = std::size_t{20} << 30;
+  if (free_bytes < kNeed)
+    GTEST_SKIP() << "needs 20 GiB of free device memory for two 8 GiB buffers, "
+                 << (free_bytes >> 20) << " MiB free";
+  DeviceArray<float> p(n), g(n);
+  constexpr std::size_t kChunk = std::size_t{1} << 26;
+  {
+    std::vector<float> host(kChunk, 1.0f);
+    for (std::size_t at = 0; at < n; at += kChunk)
+      CHECK_CUDA(cudaMemcpy(p.get() + at, host.data(), std::min(kChunk, n - at) * sizeof(float),
+                            cudaMemcpyHostToDevice));
+    std::fill(host.begin(), host.end(), 2.0f);
+    for (std::size_t at = 0; at < n; at += kChunk)
+      CHECK_CUDA(cudaMemcpy(g.get() + at, host.data(), std::min(kChunk, n - at) * sizeof(float),
+                            cudaMemcpyHostToDevice));
+  }
+  Optimizer opt("sgd", Device::cuda);
+  opt.set_option("lr", 0.5);
+  opt.add_param("huge", p.get(), DType::f32, {static_cast<std::int64_t>(n)});
+  opt.step({g.get()});
+  EXPECT_EQ(opt.step_count("huge"), 1);
+  const std::size_t mid = std::size_t{1} << 31;
+  for (std::size_t start : {std::size_t{0}, mid - 500, n - 1000}) {
+    const std::vector<float> got = p.download(start, 1000), grad = g.download(start, 1000);
+    for (std::size_t j = 0; j < 1000; ++j) {
+      ASSERT_EQ(got[j], 0.0f) << "param element " << start + j;
+      ASSERT_EQ(grad[j], 2.0f) << "grad element " << start + j << " was written";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fo::test
+
+#else  // !FUSEDOPT_WITH_CUDA
+
+TEST(Cuda, Skipped) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif
