@@ -75,6 +75,9 @@ const std::map<std::string, std::vector<OptionMap>>& variants() {
          {"step_size_max", 0.05},
          {"lr", 0.1}},
         {{"lr", 1e-8}}}},  // below step_size_min: the clamp applies from the first step
+      {"lazyadam",
+       {{},
+        {{"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"eps", 1e-3}, {"lr", 1e-2}}}},
       {"lion",
        {{},
         {{"weight_decay", 0.5}, {"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"lr", 1e-2}}}},

@@ -10,6 +10,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/functional.hpp"
 #include "fusedopt/optimizer.hpp"
+#include "sparse.hpp"
 
 namespace fo::detail {
 
@@ -24,6 +25,11 @@ struct AlgorithmInfo {
   /// A multi-tensor step on CUDA of tensors sharing these options (already validated).
   void (*cuda_list_step)(const std::vector<double>& options, const cuda::ListEntry* entries,
                          std::size_t n, const cuda::ListSettings& settings, void* stream);
+
+  /// A sparse step at step count `step` (validated options and indices), or null when the
+  /// algorithm has none.
+  void (*sparse_step)(const std::vector<double>& options, std::int64_t step,
+                      const SparseStep& s, Device device, void* stream);
 
   int option_index(std::string_view key) const;  // -1 if unknown
   int state_index(std::string_view name) const;  // -1 if unknown

@@ -115,12 +115,14 @@ fo_status fo_optimizer_step(fo_optimizer* opt, const void* const* grads, void* s
   });
 }
 
-fo_status fo_optimizer_step_sparse(fo_optimizer* opt, const char*, const void*, fo_dtype, int64_t,
-                                   const void*, void*) {
+fo_status fo_optimizer_step_sparse(fo_optimizer* opt, const char* name, const void* indices,
+                                   fo_dtype index_dtype, int64_t nnz, const void* grad_rows,
+                                   void* stream) {
   return guarded([&] {
     require(opt, "optimizer");
-    throw fo::Error(fo::StatusCode::unsupported,
-                    opt->impl.algorithm() + ": sparse steps are not supported yet");
+    require(name, "name");
+    opt->impl.step_sparse(name, indices, static_cast<fo::DType>(index_dtype), nnz, grad_rows,
+                          stream);
   });
 }
 

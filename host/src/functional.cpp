@@ -140,6 +140,17 @@ AlgorithmInfo make_info() {
     info.desc.is_flag.push_back(f.flag != nullptr);
   }
   for (const char* s : A::kStates) info.desc.states.emplace_back(s);
+  info.desc.sparse = SparseCapable<A>::value;
+  info.sparse_step = nullptr;
+  if constexpr (SparseCapable<A>::value)
+    info.sparse_step = [](const std::vector<double>& v, std::int64_t step, const SparseStep& s,
+                          Device device, void* stream) {
+      const typename A::Op op = A::make_op(unpack<A>(v), step);
+      if (device == Device::cuda)
+        cuda::sparse_step(IndexOf<A>::value, &op, s, stream);
+      else
+        cpu::sparse_step(IndexOf<A>::value, &op, s);
+    };
   info.validate = [](const std::vector<double>& v) { return options_error<A>(unpack<A>(v)); };
   info.has_state = [](const std::vector<double>& v, int k) {
     return A::has_state(unpack<A>(v), k);

@@ -527,6 +527,77 @@ void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const 
   for (std::size_t i : stepping) ++params[i].step;
 }
 
+void Optimizer::step_sparse(std::string_view name, const void* indices, DType index_dtype,
+                            std::int64_t nnz, const void* grad_rows, void* stream) {
+  Impl& m = *impl_;
+  ParamEntry& p = m.param(name);
+  const std::string who = "step_sparse('" + p.name + "'): ";
+  if (!m.info->sparse_step)
+    unsupported(who + m.info->desc.name + " has no sparse step (sparse: lazyadam, adagrad)");
+  if (m.info->desc.name == "adagrad" && p.options[m.info->option_index("weight_decay")] != 0.0)
+    invalid(who + "adagrad's weight_decay does not apply to sparse gradients (as in PyTorch)");
+  if (p.dtype != DType::f32 || m.settings.state_dtype != DType::f32)
+    unsupported(who + "sparse steps take float32 tables and states");
+  if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)
+    unsupported(who + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
+  if (p.shape.empty() || p.shape[0] == 0 || p.numel == 0)
+    invalid(who + "the table must have rows and columns (shape [rows x dim], dim > 0)");
+  if (index_dtype != DType::i32 && index_dtype != DType::i64)
+    invalid(who + "indices must be int32 or int64, got " + dtype_name(index_dtype));
+  if (nnz < 0) invalid(who + "nnz must be >= 0, got " + std::to_string(nnz));
+  const std::int64_t rows = p.shape[0], dim = p.numel / rows;
+  if (nnz > 0) {
+    if (!indices) invalid(who + "indices is null");
+    if (!grad_rows) invalid(who + "grad_rows is null");
+    if (reinterpret_cast<std::uintptr_t>(indices) % dtype_size(index_dtype) != 0)
+      invalid(who + "indices are not aligned to their element size");
+    if (reinterpret_cast<std::uintptr_t>(grad_rows) % sizeof(float) != 0)
+      invalid(who + "grad_rows is not aligned to its element size");
+  }
+  const detail::SparseStep probe{
+      nullptr, {nullptr, nullptr, nullptr},         rows, dim, indices, index_dtype,
+      nnz,     static_cast<const float*>(grad_rows)};
+  const bool cuda = m.device == Device::cuda;
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(m.device_index);
+  if (nnz > 0) {
+    const std::int64_t bad =
+        cuda ? cuda::sparse_first_bad_index(probe, stream) : cpu::sparse_first_bad_index(probe);
+    if (bad >= 0) {
+      std::int64_t value = 0;
+      const std::size_t size = dtype_size(index_dtype);
+      const auto* src = static_cast<const char*>(indices) + bad * static_cast<std::int64_t>(size);
+      std::int32_t v32 = 0;
+      if (cuda)
+        cuda::copy_to_host(index_dtype == DType::i32 ? static_cast<void*>(&v32) : &value, src,
+                           size);
+      else if (index_dtype == DType::i32)
+        v32 = *reinterpret_cast<const std::int32_t*>(src);
+      else
+        value = *reinterpret_cast<const std::int64_t*>(src);
+      if (index_dtype == DType::i32) value = v32;
+      invalid(who + "index " + std::to_string(value) + " at position " + std::to_string(bad) +
+              " is outside [0, " + std::to_string(rows) + "); nothing was changed");
+    }
+  }
+  const std::vector<std::size_t> self{m.by_name.at(p.name)};
+  if (cuda) m.grow_device_steps(stream);
+  m.create_first_step_state(self, stream);
+  // The table's step count: on CUDA it lives on the device (dense steps count there too).
+  std::int64_t step = p.step;
+  auto* d_step = cuda ? static_cast<std::int64_t*>(m.d_steps->data()) + p.key : nullptr;
+  if (cuda && p.step > 0) cuda::copy_to_host(&step, d_step, sizeof step);
+  ++step;
+  if (nnz > 0) {
+    detail::SparseStep s = probe;
+    s.table = static_cast<float*>(p.data);
+    for (int k = 0; k < kMaxStates; ++k) s.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
+    m.info->sparse_step(p.options, step, s, m.device, stream);
+  }
+  if (cuda) cuda::copy_from_host(d_step, &step, sizeof step, stream);
+  p.step = cuda ? std::max(p.step + 1, step) : step;
+}
+
 float Optimizer::grad_norm() const {
   const Impl& m = *impl_;
   if (!m.norm_computed) return std::numeric_limits<float>::quiet_NaN();

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <stdexcept>
 
 namespace fo::ref {
@@ -59,6 +60,8 @@ OptionMap defaults(const std::string& a) {
             {"step_size_max", 50}, {"maximize", 0}};
   if (a == "lion")
     return {{"lr", 1e-4}, {"beta1", 0.9}, {"beta2", 0.99}, {"weight_decay", 0}, {"maximize", 0}};
+  if (a == "lazyadam")
+    return {{"lr", 1e-3}, {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"maximize", 0}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
@@ -81,6 +84,7 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
     return names;
   }
   if (a == "rprop") return {"prev", "step_size"};
+  if (a == "lazyadam") return {"exp_avg", "exp_avg_sq"};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -185,6 +189,15 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       if (ambiguous && ((prod != 0 && std::fabs(prod) < 1e-30) ||
                         (g != 0 && std::fabs(g) < 1.1754943508222875e-38)))  // FLT_MIN
         (*ambiguous)[i] = 1;
+    } else if (a == "lazyadam") {  // SPEC: eps on the uncorrected sqrt(v)
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
+      double& m = (*s[0])[i];
+      double& v = (*s[1])[i];
+      m = beta1 * m + (1.0 - beta1) * g;
+      v = beta2 * v + (1.0 - beta2) * g * g;
+      const double bc1 = 1.0 - std::pow(beta1, double(t));
+      const double bc2 = 1.0 - std::pow(beta2, double(t));
+      p -= lr * std::sqrt(bc2) / bc1 * m / (std::sqrt(v) + eps);
     } else {  // lion
       const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
       double& m = (*s[0])[i];
@@ -194,6 +207,39 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       p -= lr * sign(c);
       m = beta2 * m + (1.0 - beta2) * g;
     }
+  }
+}
+
+void sparse_step(const std::string& a, const OptionMap& options, std::int64_t t,
+                 std::vector<double>& table, std::int64_t rows, std::int64_t dim,
+                 const std::vector<std::int64_t>& indices, const std::vector<double>& grad_rows,
+                 StateMap& states) {
+  if (static_cast<std::int64_t>(table.size()) != rows * dim ||
+      static_cast<std::int64_t>(grad_rows.size()) !=
+          static_cast<std::int64_t>(indices.size()) * dim)
+    throw std::invalid_argument("fo::ref: sparse sizes disagree");
+  // Sum the gradient of each distinct row (any order: this is double precision).
+  std::map<std::int64_t, std::vector<double>> summed;
+  for (std::size_t k = 0; k < indices.size(); ++k) {
+    const std::int64_t r = indices[k];
+    if (r < 0 || r >= rows) throw std::invalid_argument("fo::ref: index out of range");
+    auto& g = summed.try_emplace(r, std::vector<double>(static_cast<std::size_t>(dim), 0.0))
+                  .first->second;
+    for (std::int64_t j = 0; j < dim; ++j) g[j] += grad_rows[k * dim + j];
+  }
+  // One dense step of each touched row, on that row alone.
+  const std::vector<std::string> names = state_names(a, options);
+  for (const auto& [r, g] : summed) {
+    const auto row = [&](std::vector<double>& v) {
+      return std::vector<double>(v.begin() + r * dim, v.begin() + (r + 1) * dim);
+    };
+    std::vector<double> p = row(table);
+    StateMap s;
+    for (const auto& name : names) s[name] = row(buffer(states, name, table.size()));
+    step(a, options, t, p, g, s);
+    std::copy(p.begin(), p.end(), table.begin() + r * dim);
+    for (const auto& name : names)
+      std::copy(s[name].begin(), s[name].end(), states[name].begin() + r * dim);
   }
 }
 

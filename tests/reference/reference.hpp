@@ -40,4 +40,12 @@ double state_initial_value(const std::string& algorithm, const OptionMap& option
 void step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous = nullptr);
+/// One sparse step (SPEC.md "Sparse updates"): the gradient rows of each distinct index are
+/// summed, then each touched row of the [rows x dim] table takes one step() with the table's
+/// step count t; untouched rows and their states are not changed. Throws on a bad index.
+void sparse_step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
+                 std::vector<double>& table, std::int64_t rows, std::int64_t dim,
+                 const std::vector<std::int64_t>& indices, const std::vector<double>& grad_rows,
+                 StateMap& states);
+
 }  // namespace fo::ref

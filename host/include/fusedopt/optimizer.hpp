@@ -25,6 +25,7 @@ struct AlgorithmDescription {
   std::vector<double> defaults;      // flags as 0/1
   std::vector<bool> is_flag;
   std::vector<std::string> states;  // every state the algorithm may keep
+  bool sparse = false;              // takes sparse row steps (step_sparse)
 };
 
 /// Every registered dense algorithm, in registry order.
@@ -73,6 +74,17 @@ class Optimizer {
   /// num_params() entries. `stream` is a cudaStream_t on CUDA (null: default), ignored on CPU.
   void step(const void* const* grads, void* stream = nullptr);
   void step(std::initializer_list<const void*> grads, void* stream = nullptr);
+
+  /// A sparse step of an embedding table `name` ([rows x dim], float32): `indices` (nnz of
+  /// them, int32 or int64) name rows of the table and `grad_rows` ([nnz x dim], float32)
+  /// their gradients. Duplicates are summed deterministically; each distinct row takes one
+  /// step with the table's step count; untouched rows and their state stay bitwise as they
+  /// were. Every index is checked first: one outside [0, rows) is an error naming its
+  /// position, and nothing changes. nnz == 0 still counts the step. Algorithms with
+  /// AlgorithmDescription::sparse (lazyadam; adagrad without weight decay). On CUDA this
+  /// waits for the index check; the update itself is stream-ordered.
+  void step_sparse(std::string_view name, const void* indices, DType index_dtype,
+                   std::int64_t nnz, const void* grad_rows, void* stream = nullptr);
 
   /// CUDA, for capturable steps (CUDA graphs): every param's lr option is multiplied by
   /// `*d_lr` at run time (a schedule's factor; per-param lrs keep their ratios), gradients

@@ -32,3 +32,14 @@ DeviceGuard::DeviceGuard(int) {}
 DeviceGuard::~DeviceGuard() = default;
 
 }  // namespace fo::cuda
+
+#include "sparse.hpp"
+
+namespace fo::cuda {
+std::int64_t sparse_first_bad_index(const detail::SparseStep&, void*) {
+  throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+}
+void sparse_step(int, const void*, const detail::SparseStep&, void*) {
+  throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+}
+}  // namespace fo::cuda

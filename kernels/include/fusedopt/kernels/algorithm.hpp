@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "fusedopt/kernels/config.hpp"
 
@@ -80,6 +81,12 @@ class Validator {
  private:
   std::string message_;
 };
+
+/// Whether algorithm A takes sparse row steps (its descriptor sets kSparse = true).
+template <class A, class = void>
+struct SparseCapable : std::false_type {};
+template <class A>
+struct SparseCapable<A, std::void_t<decltype(A::kSparse)>> : std::bool_constant<A::kSparse> {};
 
 /// Precomputes a value the functor needs as float from a double computed on the host.
 FO_HOST_DEVICE float to_f32(double v) { return static_cast<float>(v); }

@@ -1,11 +1,13 @@
-// The list of dense optimizers. Registering a new one is one line here (and its math file):
-// every backend, the host API, the C ABI, the tests and the benchmarks enumerate this list.
+// The list of optimizers. Registering a new one is one line here (and its math file): every
+// backend, the host API, the C ABI, the tests and the benchmarks enumerate this list. Each
+// has a dense step; those whose descriptor sets kSparse = true also take sparse row steps.
 #pragma once
 
 #include "fusedopt/kernels/ops/adadelta.hpp"
 #include "fusedopt/kernels/ops/adagrad.hpp"
 #include "fusedopt/kernels/ops/adam.hpp"
 #include "fusedopt/kernels/ops/adamw.hpp"
+#include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
 #include "fusedopt/kernels/ops/rmsprop.hpp"
 #include "fusedopt/kernels/ops/rprop.hpp"
@@ -20,4 +22,5 @@
   X(Adam)                              \
   X(AdamW)                             \
   X(Rprop)                             \
-  X(Lion)
+  X(Lion)                              \
+  X(LazyAdam)

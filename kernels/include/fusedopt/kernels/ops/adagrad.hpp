@@ -25,6 +25,7 @@ struct AdagradOp {
 
 struct Adagrad {
   static constexpr const char* kName = "adagrad";
+  static constexpr bool kSparse = true;  // per touched element, as torch.optim.Adagrad
   struct Options {
     double lr = 1e-2, lr_decay = 0.0, weight_decay = 0.0, initial_accumulator_value = 0.0,
            eps = 1e-10;

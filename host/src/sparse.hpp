@@ -1,0 +1,44 @@
+// Sparse row steps of embedding tables (SPEC.md "Sparse updates"): the buffers of one step,
+// and the CPU and CUDA implementations. Both sort the indices stably, sum the gradient rows of
+// each distinct row in their original order (fp32), and apply the algorithm's functor once to
+// each distinct row; rows not named are never read or written. Same order, same bits: the
+// CPU and the GPU agree bitwise, on any thread count or launch configuration.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedopt/kernels/config.hpp"
+#include "fusedopt/types.hpp"
+
+namespace fo::detail {
+
+/// One sparse step: a [rows x dim] float32 table and its states (null where the algorithm
+/// keeps none), nnz indices (int32 or int64) and their [nnz x dim] float32 gradient rows.
+/// All on one device. Offsets are computed in 64 bits.
+struct SparseStep {
+  float* table;
+  float* states[kMaxStates];
+  std::int64_t rows;
+  std::int64_t dim;
+  const void* indices;
+  DType index_dtype;
+  std::int64_t nnz;
+  const float* grad_rows;
+};
+
+}  // namespace fo::detail
+
+namespace fo::cpu {
+/// Position of the first index outside [0, rows), or -1.
+std::int64_t sparse_first_bad_index(const detail::SparseStep& s);
+/// The step with functor `op` of algorithm `algorithm_index`; indices already validated.
+void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s);
+}  // namespace fo::cpu
+
+namespace fo::cuda {
+/// Position of the first index outside [0, rows), or -1. Waits for `stream`.
+std::int64_t sparse_first_bad_index(const detail::SparseStep& s, void* stream);
+/// The step with functor `op` of algorithm `algorithm_index`; indices already validated.
+/// Stream-ordered; its temporary memory comes from the stream-ordered allocator.
+void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s, void* stream);
+}  // namespace fo::cuda
