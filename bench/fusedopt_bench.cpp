@@ -18,9 +18,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -308,6 +310,107 @@ void bench_cuda_gpt2(benchmark::State& state, const char* algorithm) {
 }
 #endif
 
+// ------------------------------------------------------------------------------- sparse
+
+/// nnz row indices of a table, uniform or Zipf(1.05) over the rows (hot rows repeat).
+std::vector<std::int64_t> sparse_indices(std::int64_t rows, std::int64_t nnz, bool zipf,
+                                         std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(nnz));
+  if (!zipf) {
+    std::uniform_int_distribution<std::int64_t> u(0, rows - 1);
+    for (auto& i : idx) i = u(rng);
+    return idx;
+  }
+  std::vector<double> cdf(static_cast<std::size_t>(rows));
+  double total = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) cdf[r] = total += 1.0 / std::pow(double(r + 1), 1.05);
+  std::uniform_real_distribution<double> u(0.0, total);
+  for (auto& i : idx) i = std::lower_bound(cdf.begin(), cdf.end(), u(rng)) - cdf.begin();
+  return idx;
+}
+
+/// sparse/<algorithm>/<backend>/<rows>x<dim>/<nnz>/<uniform|zipf>: one step_sparse of an
+/// embedding table. Bytes: each distinct row's param and states read and written, every
+/// gradient row and index read. Wall time (a sparse step waits for its index check).
+void bench_sparse(benchmark::State& state, const char* algorithm, fo::Device device,
+                  std::int64_t rows, std::int64_t dim, std::int64_t nnz, bool zipf) {
+  const std::vector<std::int64_t> idx = sparse_indices(rows, nnz, zipf, 7);
+  std::vector<std::int64_t> distinct = idx;
+  std::sort(distinct.begin(), distinct.end());
+  const auto unique_rows = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
+  const std::size_t grad_bytes = static_cast<std::size_t>(nnz * dim) * 4;
+  fo::Optimizer opt(algorithm, device);
+  void* table = nullptr;
+  void* grads = nullptr;
+  void* d_idx = nullptr;
+  std::vector<float> h_table, h_grads;
+  if (device == fo::Device::cpu) {
+    h_table.assign(static_cast<std::size_t>(rows * dim), 0.5f);
+    h_grads.assign(static_cast<std::size_t>(nnz * dim), 0.01f);
+    table = h_table.data();
+    grads = h_grads.data();
+    d_idx = const_cast<std::int64_t*>(idx.data());
+  }
+#if defined(FUSEDOPT_WITH_CUDA)
+  DeviceBuffers bufs;
+  if (device == fo::Device::cuda) {
+    table = bufs.add(static_cast<std::size_t>(rows * dim) * 4);
+    grads = bufs.add(grad_bytes);
+    d_idx = bufs.add(idx.size() * 8);
+    if (!table || !grads || !d_idx) return state.SkipWithError("out of device memory");
+    cudaMemcpy(d_idx, idx.data(), idx.size() * 8, cudaMemcpyHostToDevice);
+  }
+#endif
+  opt.add_param("table", table, fo::DType::f32, {rows, dim});
+  opt.step_sparse("table", d_idx, fo::DType::i64, nnz, grads);  // creates the state
+  const auto states = static_cast<std::int64_t>(opt.state_names("table").size());
+  for (auto _ : state) {
+    opt.step_sparse("table", d_idx, fo::DType::i64, nnz, grads);
+#if defined(FUSEDOPT_WITH_CUDA)
+    if (device == fo::Device::cuda) cudaDeviceSynchronize();
+#endif
+  }
+  const double bytes =
+      static_cast<double>(unique_rows) * double(dim) * 4.0 * 2.0 * double(1 + states) +
+      static_cast<double>(grad_bytes) + static_cast<double>(nnz) * 8.0;
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(bytes * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["rows_per_second"] =
+      benchmark::Counter(static_cast<double>(unique_rows) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["distinct_rows"] = static_cast<double>(unique_rows);
+}
+
+void register_sparse(bool cuda) {
+  struct Shape {
+    fo::Device device;
+    std::int64_t rows, dim;
+  };
+  std::vector<Shape> shapes = {{fo::Device::cpu, 1 << 20, 128}};
+  if (cuda) {
+    shapes.push_back({fo::Device::cuda, 1 << 20, 128});
+    shapes.push_back({fo::Device::cuda, 10 * (1 << 20), 64});
+  }
+  for (const char* algorithm : {"lazyadam", "adagrad"})
+    for (const auto& sh : shapes)
+      for (bool zipf : {false, true}) {
+        const std::int64_t nnz = 1 << 16;
+        const std::string name = std::string("sparse/") + algorithm + "/" +
+                                 (sh.device == fo::Device::cuda ? "cuda" : "cpu") + "/" +
+                                 std::to_string(sh.rows) + "x" + std::to_string(sh.dim) + "/" +
+                                 std::to_string(nnz) + "/" + (zipf ? "zipf" : "uniform");
+        benchmark::RegisterBenchmark(name.c_str(),
+                                     [=](benchmark::State& s) {
+                                       bench_sparse(s, algorithm, sh.device, sh.rows, sh.dim, nnz,
+                                                    zipf);
+                                     })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
+}
+
 template <class A>
 void register_algorithm(bool cuda) {
   for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26}) {
@@ -355,6 +458,7 @@ int main(int argc, char** argv) {
           ->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
 #endif
+  register_sparse(cuda);
   benchmark::AddCustomContext("cpu_isa", fo::cpu::isa_name(fo::cpu::isa()));
   benchmark::AddCustomContext("cpu_threads", std::to_string(fo::cpu::num_threads()));
   benchmark::AddCustomContext("cuda_devices", cuda ? "yes" : "none");

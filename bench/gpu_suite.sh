@@ -577,6 +577,12 @@ else:
               f"{cell('torch_fused', 8)} {sp('torch_fused')} | "
               f"{cell('torch_foreach', 9)} {sp('torch_foreach')} | "
               f"{num(chk.get('rel'), '.1e'):>8} {vs:<7}")
+    for r in tc.get("sparse_results", []):  # lazyadam vs SparseAdam (torch_compare.py)
+        f, t = (r.get("variants", {}).get(k, {}) for k in ("fusedopt", "torch_sparseadam"))
+        print(f"{r.get('case', '?'):<21} lazyadam {num(f.get('ms'), '.3f')} ms"
+              f" {num(f.get('GBps'), '.0f')} GB/s {num(f.get('pct_of_copy'), '.0f')}% copy |"
+              f" SparseAdam {num(t.get('ms'), '.3f')} ms x{num(t.get('speedup_of_fusedopt'), '.1f')}"
+              f" | rel diff {num((r.get('check') or {}).get('rel'), '.1e')}")
 print("=" * 100)
 print(f"gpu_suite: {status} ({seconds} s)")
 PY

@@ -26,6 +26,28 @@ Agreement: after the 3 warm-up steps from identical params and grads, the larges
 initial param| (how far the params moved): about 1e-6 when the two compute the same step
 up to float32 rounding.
 
+Sparse cases (one each, independent of --optimizers): an embedding table [rows x dim]
+float32 (N(0, 0.02)), stepped by fusedopt's lazyadam (fo_optimizer_step_sparse, int64
+indices) and by torch.optim.SparseAdam, lr 1e-3, betas (0.9, 0.999), eps 1e-8 (both add eps
+to the uncorrected sqrt(v) and fold the bias corrections into the step size):
+
+  sparse-1Mx128-uniform   1,000,000 x 128, indices uniform over the rows
+  sparse-1Mx128-zipf      1,000,000 x 128, indices Zipf (exponent 1.05): many duplicates
+  sparse-10Mx64-uniform   10,000,000 x 64, uniform
+  sparse-10Mx64-zipf      10,000,000 x 64, Zipf
+
+Each step takes nnz = 65536 row indices (drawn once per case on the CPU from a seeded
+torch.Generator; the Zipf ranks are scattered over the table by a seeded permutation) and
+gradient rows [nnz x dim], N(0, 1), the same every step. torch's step sets weight.grad to
+torch.sparse_coo_tensor(indices[None], grad_rows, (rows, dim)), uncoalesced as
+nn.Embedding(sparse=True) produces it, and calls SparseAdam.step(). Timing and agreement as
+above. Reported: ms per step, touched rows per second (distinct rows / step time), GB/s of
+the touched bytes (distinct * dim * 4 * 2 * 3 for table, exp_avg, exp_avg_sq read and
+written, + nnz * dim * 4 gradient rows + nnz * 8 indices), that as a percentage of the
+device copy bandwidth (a 1 GiB device-to-device copy, read + written bytes over its median
+event time), and x = SparseAdam ms / fusedopt ms. Targets: x >= 20, and >= 50% of the copy
+bandwidth at dim 128.
+
 Needs torch with CUDA; numpy is not used.
 """
 
@@ -56,6 +78,7 @@ FO_STATUS_NAMES = {
     6: "FO_CORRUPT_DATA",
 }
 FO_FLOAT32 = 0  # fo_dtype
+FO_INT64 = 4
 FO_DEVICE_CUDA = 1  # fo_device
 
 
@@ -205,6 +228,24 @@ class FusedOptimizer:
             "fo_optimizer_step",
         )
 
+    def step_sparse(self, name, indices, grad_rows):
+        """A lazy step of the table `name` (bytes): indices int64 [nnz], grad_rows float32
+        [nnz x dim], both contiguous on this optimizer's GPU (checked by the caller)."""
+        stream = torch.cuda.current_stream().cuda_stream
+        _check(
+            self.lib,
+            self.lib.fo_optimizer_step_sparse(
+                self.opt,
+                name,
+                ctypes.c_void_p(indices.data_ptr()),
+                FO_INT64,
+                indices.numel(),
+                ctypes.c_void_p(grad_rows.data_ptr()),
+                ctypes.c_void_p(stream),
+            ),
+            "fo_optimizer_step_sparse",
+        )
+
     def close(self):
         if self.opt:
             torch.cuda.synchronize()
@@ -277,6 +318,19 @@ OPTIMIZERS = {
 }
 
 TORCH_VARIANTS = [("torch_fused", {"fused": True}), ("torch_foreach", {"foreach": True})]
+
+# Sparse (embedding table) cases: name -> (description, rows, dim, index distribution).
+SPARSE_NNZ = 65536
+SPARSE_ZIPF_EXPONENT = 1.05
+SPARSE_CASES = {
+    "sparse-1Mx128-uniform": ("1M x 128 table, 65536 uniform rows", 1_000_000, 128, "uniform"),
+    "sparse-1Mx128-zipf": ("1M x 128 table, 65536 Zipf(1.05) rows", 1_000_000, 128, "zipf"),
+    "sparse-10Mx64-uniform": ("10M x 64 table, 65536 uniform rows", 10_000_000, 64, "uniform"),
+    "sparse-10Mx64-zipf": ("10M x 64 table, 65536 Zipf(1.05) rows", 10_000_000, 64, "zipf"),
+}
+SPARSE_TORCH = ("SparseAdam", dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8))
+SPARSE_FUSEDOPT = ("lazyadam", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, maximize=0))
+SPARSE_TARGETS = {"speedup_min": 20.0, "pct_of_copy_min": 50.0, "pct_of_copy_dim": 128}
 
 
 # ------------------------------------------------------------------------------ timing
@@ -424,6 +478,170 @@ def run_case(lib, case, opt_name, args, device_index):
     return res
 
 
+# ----------------------------------------------------------------------- sparse cases
+
+def copy_bandwidth(args, device_index):
+    """A 1 GiB device-to-device copy, timed like the steps: bytes read + written / median."""
+    n = 1 << 28  # float32 elements: 1 GiB
+    nbytes = 2 * 4 * n
+    src = dst = None
+    try:
+        dev = torch.device("cuda", device_index)
+        src = torch.ones(n, dtype=torch.float32, device=dev)
+        dst = torch.empty_like(src)
+        ms, times = time_steps(lambda: dst.copy_(src), args.warmup, args.iters)
+        return {"bytes_per_copy": nbytes, "ms": ms, "GBps": gbps(nbytes, ms), "times_ms": times}
+    except Exception as exc:  # the sparse cases then report no percentage
+        print(f"  copy bandwidth: ERROR {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        del src, dst
+        free_cuda()
+
+
+def sparse_indices(rows, dist, nnz, seed):
+    """nnz int64 row indices on the CPU, deterministic in seed: uniform over [0, rows), or
+    Zipf with exponent SPARSE_ZIPF_EXPONENT over ranks 1..rows (P(rank k) ~ k^-s),
+    the ranks scattered over the rows by a random permutation."""
+    gen = torch.Generator()  # CPU
+    gen.manual_seed(seed)
+    if dist == "uniform":
+        return torch.randint(0, rows, (nnz,), generator=gen, dtype=torch.int64)
+    if dist != "zipf":
+        raise ValueError(f"unknown index distribution {dist!r}")
+    cdf = torch.arange(1, rows + 1, dtype=torch.float64).pow_(-SPARSE_ZIPF_EXPONENT)
+    cdf = torch.cumsum(cdf, 0)
+    cdf /= float(cdf[-1])
+    u = torch.rand(nnz, generator=gen, dtype=torch.float64)  # [0, 1)
+    rank = torch.searchsorted(cdf, u, right=True).clamp_(max=rows - 1)  # 0-based rank
+    perm = torch.randperm(rows, generator=gen)  # int64: hot rows anywhere in the table
+    return perm[rank].contiguous()
+
+
+def run_sparse_case(lib, case, args, device_index, copy_gbps):
+    desc, rows, dim, dist = SPARSE_CASES[case]
+    nnz = SPARSE_NNZ
+    idx_cpu = sparse_indices(rows, dist, nnz, args.seed)
+    distinct = int(torch.unique(idx_cpu).numel())
+    touched = distinct * dim * 4 * 2 * 3 + nnz * dim * 4 + nnz * 8
+    torch_name, torch_kwargs = SPARSE_TORCH
+    fo_name, fo_options = SPARSE_FUSEDOPT
+    res = {
+        "case": case,
+        "description": desc,
+        "rows": rows,
+        "dim": dim,
+        "nnz": nnz,
+        "distribution": dist if dist == "uniform" else f"zipf({SPARSE_ZIPF_EXPONENT})",
+        "distinct_rows": distinct,
+        "touched_bytes_per_step": touched,
+        "fusedopt_algorithm": fo_name,
+        "torch_optimizer": torch_name,
+        "check_after_steps": args.warmup,
+        "variants": {},
+        "check": None,
+    }
+
+    def entry(ms, times):
+        e = {"ms": ms, "rows_per_s": distinct / (ms * 1e-3) if ms > 0 else float("nan"),
+             "GBps": gbps(touched, ms), "times_ms": times}
+        if copy_gbps:
+            e["pct_of_copy"] = 100.0 * e["GBps"] / copy_gbps
+        return e
+
+    dev = torch.device("cuda", device_index)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(args.seed)
+    # Read-only below: the initial table, the gradient rows and the indices on the GPU.
+    table0 = torch.randn(rows, dim, device=dev, generator=gen).mul_(0.02)
+    grad_rows = torch.randn(nnz, dim, device=dev, generator=gen)
+    indices = idx_cpu.to(dev)
+    del idx_cpu
+    assert indices.dtype == torch.int64 and indices.is_contiguous()
+    assert grad_rows.dtype == torch.float32 and grad_rows.is_contiguous()
+
+    # fusedopt first: its table after the warm-up is the reference of the check.
+    fo_after = None
+    table = table0.clone()
+    fo = None
+    try:
+        fo = FusedOptimizer(lib, fo_name, fo_options, ["table"], [table], device_index)
+
+        def fo_step():
+            fo.step_sparse(b"table", indices, grad_rows)
+
+        def snapshot():
+            nonlocal fo_after
+            fo_after = table.clone()
+
+        ms, times = time_steps(fo_step, args.warmup, args.iters, snapshot)
+        res["variants"]["fusedopt"] = entry(ms, times)
+    except Exception as exc:  # reported, and SparseAdam still runs
+        res["variants"]["fusedopt"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"  fusedopt {fo_name} on {case}: ERROR {exc}", flush=True)
+    finally:
+        if fo is not None:
+            fo.close()
+        del table, fo
+        free_cuda()
+
+    weight = torch.nn.Parameter(table0.clone())
+    rows_index = indices.unsqueeze(0)  # [1 x nnz]: a hybrid COO tensor, dense rows of dim
+    opt = None
+    try:
+        opt = getattr(torch.optim, torch_name)([weight], **torch_kwargs)
+
+        def torch_step():
+            # Uncoalesced, as nn.Embedding(sparse=True) produces it; SparseAdam coalesces.
+            weight.grad = torch.sparse_coo_tensor(rows_index, grad_rows, (rows, dim))
+            opt.step()
+
+        torch_step()  # the first step creates the state, as in the dense cases
+
+        def compare():
+            if fo_after is None:
+                return
+            with torch.no_grad():
+                diff = max_abs_diff([weight], [fo_after])
+                change = max_abs_diff([weight], [table0])
+            res["check"] = {
+                "vs": "torch_sparseadam",
+                "max_abs_diff": diff,
+                "max_abs_change": change,
+                "rel": diff / change if change > 0 else float("nan"),
+            }
+
+        ms, times = time_steps(torch_step, args.warmup - 1, args.iters, compare)
+        e = entry(ms, times)
+        fo_v = res["variants"].get("fusedopt", {})
+        if "ms" in fo_v:
+            e["speedup_of_fusedopt"] = ms / fo_v["ms"]
+        res["variants"]["torch_sparseadam"] = e
+    except Exception as exc:
+        res["variants"]["torch_sparseadam"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"  torch {torch_name} on {case}: ERROR {exc}", flush=True)
+    finally:
+        weight.grad = None
+        del opt, weight, rows_index
+        free_cuda()
+
+    # The issue's targets: x >= 20 over SparseAdam; >= 50% of the copy bandwidth at dim 128.
+    fo_v = res["variants"].get("fusedopt", {})
+    sp = res["variants"].get("torch_sparseadam", {}).get("speedup_of_fusedopt")
+    pct = fo_v.get("pct_of_copy")
+    res["targets"] = {
+        "speedup_min": SPARSE_TARGETS["speedup_min"],
+        "speedup_met": sp >= SPARSE_TARGETS["speedup_min"] if sp is not None else None,
+        "pct_of_copy_min": SPARSE_TARGETS["pct_of_copy_min"],
+        "pct_of_copy_met": (pct >= SPARSE_TARGETS["pct_of_copy_min"]
+                            if pct is not None and dim == SPARSE_TARGETS["pct_of_copy_dim"]
+                            else None),
+    }
+    del table0, grad_rows, indices, fo_after
+    free_cuda()
+    return res
+
+
 # ------------------------------------------------------------------------------ output
 
 def fmt(x, spec):
@@ -459,15 +677,55 @@ def table(results):
     return "\n".join(lines)
 
 
+def sparse_table(results, copy):
+    cgb = copy.get("GBps") if copy else None
+    lines = [f"fusedopt lazyadam vs torch.optim.SparseAdam (median ms per step; Mrow/s = distinct "
+             f"rows per second; GB/s of touched bytes; %copy of a 1 GiB device copy, "
+             f"{fmt(cgb if cgb is not None else float('nan'), '.0f')} GB/s; "
+             f"x = SparseAdam ms / fusedopt ms)"]
+    head = (f"{'case':<21} {'distinct':>8} | {'fusedopt':>8} {'Mrow/s':>7} {'GB/s':>6} "
+            f"{'%copy':>5} | {'SparseAdam':>10} {'Mrow/s':>7} {'GB/s':>6} {'x':>6} | "
+            f"{'rel diff':>8} | targets")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        v = r["variants"]
+
+        def cell(name, width, pct):
+            e = v.get(name, {})
+            if "ms" not in e:
+                tag = "err" if "error" in e else "-"
+                return f"{tag:>{width}} {'':>7} {'':>6}" + (f" {'':>5}" if pct else "")
+            out = (f"{fmt(e['ms'], '.3f'):>{width}} {fmt(e['rows_per_s'] / 1e6, '.0f'):>7} "
+                   f"{fmt(e['GBps'], '.0f'):>6}")
+            if pct:
+                out += f" {fmt(e.get('pct_of_copy', float('nan')), '.0f'):>5}"
+            return out
+
+        t = r.get("targets", {})
+        marks = []
+        for key, label in (("speedup_met", f"x>={t.get('speedup_min', 0):g}"),
+                           ("pct_of_copy_met", f"copy>={t.get('pct_of_copy_min', 0):g}%")):
+            if t.get(key) is not None:
+                marks.append(f"{label} {'ok' if t[key] else 'MISSED'}")
+        sp = v.get("torch_sparseadam", {}).get("speedup_of_fusedopt", float("nan"))
+        chk = r.get("check") or {}
+        lines.append(
+            f"{r['case']:<21} {r['distinct_rows']:>8} | {cell('fusedopt', 8, True)} | "
+            f"{cell('torch_sparseadam', 10, False)} {fmt(sp, '.1f'):>6} | "
+            f"{fmt(chk.get('rel', float('nan')), '.1e'):>8} | {', '.join(marks) or '-'}")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lib", default="build/gpu-shared/host/libfusedopt.so",
                     help="the fusedopt shared library (built with CUDA)")
     ap.add_argument("--out", default="torch_compare.json", help="JSON results")
-    ap.add_argument("--cases", default="flat28,flat24,gpt2",
-                    help=f"comma-separated, from {','.join(CASES)}")
+    ap.add_argument("--cases", default=",".join(list(CASES) + list(SPARSE_CASES)),
+                    help=f"comma-separated, from {','.join(list(CASES) + list(SPARSE_CASES))}")
     ap.add_argument("--optimizers", default="adam,adamw,sgd,adagrad",
-                    help=f"comma-separated, from {','.join(OPTIMIZERS)}")
+                    help=f"comma-separated, from {','.join(OPTIMIZERS)} (the dense cases; "
+                         "a sparse case always compares lazyadam with SparseAdam)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (>= 1)")
     ap.add_argument("--iters", type=int, default=20, help="timed steps")
     ap.add_argument("--seed", type=int, default=0)
@@ -476,7 +734,7 @@ def main():
     cases = [c for c in args.cases.split(",") if c]
     opts = [o for o in args.optimizers.split(",") if o]
     for c in cases:
-        if c not in CASES:
+        if c not in CASES and c not in SPARSE_CASES:
             ap.error(f"unknown case {c!r}")
     for o in opts:
         if o not in OPTIMIZERS:
@@ -499,9 +757,24 @@ def main():
     results = []
     t0 = time.time()
     for c in cases:
+        if c not in CASES:
+            continue
         for o in opts:
             print(f"{c} / {o} ...", flush=True)
             results.append(run_case(lib, c, o, args, device_index))
+
+    sparse_results = []
+    copy = None
+    sparse_cases = [c for c in cases if c in SPARSE_CASES]
+    if sparse_cases:
+        print("device copy bandwidth (1 GiB) ...", flush=True)
+        copy = copy_bandwidth(args, device_index)
+        if "GBps" in copy:
+            print(f"  {copy['GBps']:.0f} GB/s (read + written bytes)", flush=True)
+    for c in sparse_cases:
+        print(f"{c} / lazyadam vs SparseAdam ...", flush=True)
+        sparse_results.append(run_sparse_case(lib, c, args, device_index,
+                                              (copy or {}).get("GBps")))
 
     out = {
         "device": props.name,
@@ -515,14 +788,26 @@ def main():
                  "(adam/adamw 7, sgd with momentum 5, adagrad 5)",
         "check": "after the warm-up from identical params and grads: max |fusedopt - torch| "
                  "/ max |torch - initial|",
+        "sparse_bytes": "touched traffic: distinct_rows * dim * 4 * 2 * 3 (table, exp_avg, "
+                        "exp_avg_sq read and written) + nnz * dim * 4 (grad rows) + nnz * 8 "
+                        "(int64 indices); pct_of_copy: GBps / copy_bandwidth GBps",
+        "copy_bandwidth": copy,
         "seconds": time.time() - t0,
         "results": results,
+        "sparse_results": sparse_results,
     }
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1, allow_nan=True)
-    print(table(results))
+    if results:
+        print(table(results))
+    if sparse_results:
+        print(sparse_table(sparse_results, copy))
     failed = [f"{r['case']}/{r['optimizer']}/{k}" for r in results
               for k, v in r["variants"].items() if "error" in v]
+    failed += [f"{r['case']}/{k}" for r in sparse_results
+               for k, v in r["variants"].items() if "error" in v]
+    if copy is not None and "error" in copy:
+        failed.append("copy_bandwidth")
     if failed:
         print(f"errors: {', '.join(failed)}")
         return 1
