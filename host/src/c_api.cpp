@@ -145,17 +145,19 @@ fo_status fo_optimizer_step_count(const fo_optimizer* opt, const char* name, int
   });
 }
 
-fo_status fo_optimizer_save(const fo_optimizer* opt, const char*) {
+fo_status fo_optimizer_save(const fo_optimizer* opt, const char* path) {
   return guarded([&] {
     require(opt, "optimizer");
-    throw fo::Error(fo::StatusCode::unsupported, "checkpoints are not supported yet");
+    require(path, "path");
+    opt->impl.save(path);
   });
 }
 
-fo_status fo_optimizer_load(fo_optimizer* opt, const char*) {
+fo_status fo_optimizer_load(fo_optimizer* opt, const char* path) {
   return guarded([&] {
     require(opt, "optimizer");
-    throw fo::Error(fo::StatusCode::unsupported, "checkpoints are not supported yet");
+    require(path, "path");
+    opt->impl.load(path);
   });
 }
 

@@ -98,6 +98,15 @@ class Optimizer {
   /// (max_grad_norm > 0 or skip_nonfinite), or NaN. On CUDA this waits for the device.
   float grad_norm() const;
 
+  /// Saves the whole optimizer (options, per-param overrides, step settings, step counts and
+  /// every state) to `path`, atomically: a crash mid-save leaves the previous file intact.
+  void save(const std::string& path) const;
+  /// Loads a checkpoint into this optimizer, which must have the same algorithm and params
+  /// (by name, shape and dtype; one message names every mismatch). Everything is checked
+  /// before anything changes: on any error the optimizer is exactly as it was. A checkpoint
+  /// from either device loads into either device.
+  void load(const std::string& path);
+
   std::size_t num_params() const noexcept;
   const std::string& param_name(std::size_t i) const;
   std::int64_t numel(std::string_view name) const;

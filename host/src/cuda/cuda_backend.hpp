@@ -85,7 +85,7 @@ class DeviceGuard {
   DeviceGuard& operator=(const DeviceGuard&) = delete;
 
  private:
-  int previous_ = -1;
+  [[maybe_unused]] int previous_ = -1;  // unused by the CPU-only stub
 };
 
 }  // namespace fo::cuda
