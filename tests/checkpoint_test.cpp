@@ -87,13 +87,6 @@ struct Model {
   }
 };
 
-void expect_same(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
-                 const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    ASSERT_TRUE(bitwise_equal(a[i], b[i]))
-        << what << ", item " << i << ": " << first_difference(a[i], b[i]);
-}
 
 class Checkpoint : public ::testing::TestWithParam<std::string> {};
 

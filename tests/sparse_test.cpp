@@ -91,13 +91,6 @@ class Sparse : public ::testing::TestWithParam<Case> {
   }
 };
 
-void expect_same(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
-                 const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    EXPECT_TRUE(bitwise_equal(a[i], b[i]))
-        << what << ", item " << i << ": " << first_difference(a[i], b[i]);
-}
 
 std::vector<float> rows_of(std::mt19937_64& rng, std::size_t nnz, std::int64_t dim) {
   return random_floats(rng, nnz * static_cast<std::size_t>(dim));

@@ -55,13 +55,6 @@ std::vector<std::vector<float>> random_grads(std::mt19937_64& rng, const Model& 
   return g;
 }
 
-void expect_same(const std::vector<std::vector<float>>& a, const std::vector<std::vector<float>>& b,
-                 const std::string& what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    EXPECT_TRUE(bitwise_equal(a[i], b[i]))
-        << what << ", item " << i << ": " << first_difference(a[i], b[i]);
-}
 
 double norm_of(const std::vector<std::vector<float>>& grads, double scale) {
   double s = 0.0;

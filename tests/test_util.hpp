@@ -65,4 +65,13 @@ inline std::string first_difference(const std::vector<float>& got, const std::ve
   return "equal";
 }
 
+/// Every buffer of `a` bitwise equal to the same buffer of `b` (params, states, counts...).
+inline void expect_same(const std::vector<std::vector<float>>& a,
+                        const std::vector<std::vector<float>>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(bitwise_equal(a[i], b[i]))
+        << what << ", item " << i << ": " << first_difference(a[i], b[i]);
+}
+
 }  // namespace fo::test
