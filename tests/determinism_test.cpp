@@ -2,6 +2,7 @@
 // of the tensor give exactly the same params and state.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,9 @@ class Determinism : public ::testing::TestWithParam<std::string> {
 TEST_P(Determinism, ThreadsIsasAndAlignmentGiveIdenticalBits) {
   const std::string algorithm = GetParam();
   auto rng = make_rng();
-  const std::size_t n = 1000003;
+  const char* env = std::getenv("FUSEDOPT_TEST_LARGE_N");  // see dense_reference_test.cpp
+  const std::size_t n =
+      env ? static_cast<std::size_t>(std::strtoll(env, nullptr, 10) | 1) : 1000003;
   const std::vector<float> p0 = random_floats(rng, n);
   std::vector<std::vector<float>> grads;
   for (int t = 0; t < 5; ++t) grads.push_back(random_floats(rng, n));
