@@ -153,8 +153,9 @@ std::vector<unsigned char> encode_checkpoint(const CheckpointData& d) {
   for (std::size_t i = 0; i < d.tensors.size(); ++i) {
     std::uint64_t off;
     std::memcpy(&off, h.out.data() + offset_slots[i], sizeof off);
-    std::memcpy(file.data() + off, d.tensors[i].values.data(),
-                d.tensors[i].values.size() * sizeof(float));
+    if (!d.tensors[i].values.empty())  // memcpy from null is undefined even for 0 bytes
+      std::memcpy(file.data() + off, d.tensors[i].values.data(),
+                  d.tensors[i].values.size() * sizeof(float));
   }
   return file;
 }
@@ -231,7 +232,7 @@ CheckpointData decode_checkpoint(const unsigned char* bytes, std::size_t size) {
     previous_end = e.offset + e.bytes;
     if (hash(bytes + e.offset, e.bytes) != e.hash) corrupt(who + ": checksum mismatch");
     d.tensors[i].values.resize(e.bytes / sizeof(float));
-    std::memcpy(d.tensors[i].values.data(), bytes + e.offset, e.bytes);
+    if (e.bytes > 0) std::memcpy(d.tensors[i].values.data(), bytes + e.offset, e.bytes);
   }
   return d;
 }
