@@ -7,6 +7,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/fusedopt.h"
 #include "fusedopt/optimizer.hpp"
+#include "fusedopt/schedule.hpp"
 
 struct fo_optimizer {
   fo::Optimizer impl;
@@ -14,7 +15,7 @@ struct fo_optimizer {
 
 namespace {
 
-constexpr int kAbiVersion = 2;  // 2: step settings, device scalars, grad_norm
+constexpr int kAbiVersion = 3;  // 2: step settings, device scalars, grad_norm; 3: schedules
 
 thread_local std::string t_last_error;
 
@@ -174,6 +175,22 @@ fo_status fo_optimizer_grad_norm(const fo_optimizer* opt, float* out) {
     require(opt, "optimizer");
     require(out, "out");
     *out = opt->impl.grad_norm();
+  });
+}
+
+fo_status fo_schedule_lr(const char* spec, int64_t step, double* out) {
+  return guarded([&] {
+    require(spec, "spec");
+    require(out, "out");
+    *out = fo::scheduled_lr(fo::parse_schedule(spec), step);
+  });
+}
+
+fo_status fo_schedule_to_device(const char* spec, const int64_t* d_step, float* d_lr,
+                                void* stream) {
+  return guarded([&] {
+    require(spec, "spec");
+    fo::schedule_to_device(fo::parse_schedule(spec), d_step, d_lr, stream);
   });
 }
 

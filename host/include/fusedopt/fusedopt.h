@@ -80,6 +80,18 @@ FO_API fo_status fo_optimizer_set_device_scalars(fo_optimizer* opt, const float*
 /* The global gradient norm of the last step that computed one (NaN if none). */
 FO_API fo_status fo_optimizer_grad_norm(const fo_optimizer* opt, float* out);
 
+/* ABI version 3. Learning-rate schedules (fusedopt/schedule.hpp), given as spec strings
+ * "kind:key=value,...", e.g. "warmup_cosine:lr=3e-4,warmup=100,total=5000". Each call parses
+ * and validates the spec. */
+
+/* The lr of the step-th optimizer step (step >= 1). */
+FO_API fo_status fo_schedule_lr(const char* spec, int64_t step, double* out);
+/* CUDA: enqueues on stream (a cudaStream_t, NULL: default) one thread that writes the lr of
+ * step *d_step + 1 to *d_lr (both device memory), for capture in a CUDA graph. Pass d_lr to
+ * fo_optimizer_set_device_scalars and set the lr option to 1. FO_UNSUPPORTED without CUDA. */
+FO_API fo_status fo_schedule_to_device(const char* spec, const int64_t* d_step, float* d_lr,
+                                       void* stream);
+
 #ifdef __cplusplus
 }
 #endif

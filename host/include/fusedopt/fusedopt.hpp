@@ -4,4 +4,5 @@
 #include "fusedopt/cpu.hpp"
 #include "fusedopt/functional.hpp"
 #include "fusedopt/optimizer.hpp"
+#include "fusedopt/schedule.hpp"
 #include "fusedopt/types.hpp"
