@@ -30,13 +30,19 @@ std::int64_t sparse_first_bad_index(const detail::SparseStep& s) {
 }
 
 void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s) {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(s.nnz));
-  std::iota(order.begin(), order.end(), std::int64_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::int64_t a, std::int64_t b) { return index_at(s, a) < index_at(s, b); });
+  // (index, position) pairs sorted by both: the order of a stable sort by index, without a
+  // comparator that reads the index array through a dtype switch.
+  struct Entry {
+    std::int64_t row, pos;
+  };
+  std::vector<Entry> order(static_cast<std::size_t>(s.nnz));
+  for (std::int64_t k = 0; k < s.nnz; ++k) order[k] = {index_at(s, k), k};
+  std::sort(order.begin(), order.end(), [](const Entry& a, const Entry& b) {
+    return a.row != b.row ? a.row < b.row : a.pos < b.pos;
+  });
   std::vector<std::int64_t> run_start;  // into order
   for (std::int64_t k = 0; k < s.nnz; ++k)
-    if (k == 0 || index_at(s, order[k]) != index_at(s, order[k - 1])) run_start.push_back(k);
+    if (k == 0 || order[k].row != order[k - 1].row) run_start.push_back(k);
   run_start.push_back(s.nnz);
   const auto runs = static_cast<std::int64_t>(run_start.size()) - 1;
   const RangeKernel kernel = active_table().step[algorithm_index];
@@ -47,13 +53,13 @@ void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& 
     std::vector<float> g(static_cast<std::size_t>(s.dim));
 #pragma omp for schedule(dynamic, 16)
     for (std::int64_t r = 0; r < runs; ++r) {
-      const float* first = s.grad_rows + order[run_start[r]] * s.dim;
+      const float* first = s.grad_rows + order[run_start[r]].pos * s.dim;
       std::copy(first, first + s.dim, g.begin());
       for (std::int64_t k = run_start[r] + 1; k < run_start[r + 1]; ++k) {
-        const float* src = s.grad_rows + order[k] * s.dim;
+        const float* src = s.grad_rows + order[k].pos * s.dim;
         for (std::int64_t j = 0; j < s.dim; ++j) g[j] += src[j];
       }
-      const std::int64_t offset = index_at(s, order[run_start[r]]) * s.dim;
+      const std::int64_t offset = order[run_start[r]].row * s.dim;
       DensePtrs t{s.table + offset, g.data(), {nullptr, nullptr, nullptr}};
       for (int k = 0; k < kMaxStates; ++k)
         if (s.states[k]) t.states[k] = s.states[k] + offset;
