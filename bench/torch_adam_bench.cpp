@@ -14,9 +14,9 @@
 namespace {
 
 void set_rate(benchmark::State& state, std::int64_t n) {
-  state.counters["bytes_per_second"] =
-      benchmark::Counter(7.0 * 4.0 * static_cast<double>(n) * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  state.counters["bytes_per_second"] = benchmark::Counter(
+      7.0 * 4.0 * static_cast<double>(n) * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
 }
 
 void bench_torch_adam(benchmark::State& state, std::int64_t n) {
@@ -51,8 +51,10 @@ int main(int argc, char** argv) {
           std::string(torch_side ? "torch" : "fusedopt") + "/adam/cpu/f32/" + std::to_string(n);
       benchmark::RegisterBenchmark(name.c_str(),
                                    [n, torch_side](benchmark::State& s) {
-                                     if (torch_side) bench_torch_adam(s, n);
-                                     else bench_fusedopt_adam(s, n);
+                                     if (torch_side)
+                                       bench_torch_adam(s, n);
+                                     else
+                                       bench_fusedopt_adam(s, n);
                                    })
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime()

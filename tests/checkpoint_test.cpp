@@ -87,7 +87,6 @@ struct Model {
   }
 };
 
-
 class Checkpoint : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Checkpoint, ResumingEqualsNeverStopping) {

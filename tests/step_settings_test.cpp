@@ -55,7 +55,6 @@ std::vector<std::vector<float>> random_grads(std::mt19937_64& rng, const Model& 
   return g;
 }
 
-
 double norm_of(const std::vector<std::vector<float>>& grads, double scale) {
   double s = 0.0;
   for (const auto& g : grads)

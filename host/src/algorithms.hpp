@@ -28,8 +28,8 @@ struct AlgorithmInfo {
 
   /// A sparse step at step count `step` (validated options and indices), or null when the
   /// algorithm has none.
-  void (*sparse_step)(const std::vector<double>& options, std::int64_t step,
-                      const SparseStep& s, Device device, void* stream);
+  void (*sparse_step)(const std::vector<double>& options, std::int64_t step, const SparseStep& s,
+                      Device device, void* stream);
 
   int option_index(std::string_view key) const;  // -1 if unknown
   int state_index(std::string_view name) const;  // -1 if unknown

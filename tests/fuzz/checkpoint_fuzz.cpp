@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "checkpoint.hpp"
-#include "fuzz_shapes.hpp"
 #include "fusedopt/fusedopt.hpp"
+#include "fuzz_shapes.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   try {

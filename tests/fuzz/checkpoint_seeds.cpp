@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "fuzz_shapes.hpp"
 #include "fusedopt/fusedopt.hpp"
+#include "fuzz_shapes.hpp"
 
 int main(int argc, char** argv) {
   if (argc != 2) return 2;

@@ -14,7 +14,8 @@ inline constexpr const char* kAlgorithms[] = {"adam", "sgd", "lazyadam"};
 inline void add_params(Optimizer& opt, std::vector<std::vector<float>>& storage) {
   const std::vector<std::vector<std::int64_t>> shapes = {{3}, {2, 5}, {17}};
   storage.clear();
-  for (const auto& s : shapes) storage.emplace_back(static_cast<std::size_t>(s.size() == 2 ? s[0] * s[1] : s[0]), 0.5f);
+  for (const auto& s : shapes)
+    storage.emplace_back(static_cast<std::size_t>(s.size() == 2 ? s[0] * s[1] : s[0]), 0.5f);
   for (std::size_t i = 0; i < shapes.size(); ++i)
     opt.add_param("p" + std::to_string(i), storage[i].data(), DType::f32, shapes[i]);
 }

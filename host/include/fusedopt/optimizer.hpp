@@ -83,8 +83,8 @@ class Optimizer {
   /// position, and nothing changes. nnz == 0 still counts the step. Algorithms with
   /// AlgorithmDescription::sparse (lazyadam; adagrad without weight decay). On CUDA this
   /// waits for the index check; the update itself is stream-ordered.
-  void step_sparse(std::string_view name, const void* indices, DType index_dtype,
-                   std::int64_t nnz, const void* grad_rows, void* stream = nullptr);
+  void step_sparse(std::string_view name, const void* indices, DType index_dtype, std::int64_t nnz,
+                   const void* grad_rows, void* stream = nullptr);
 
   /// CUDA, for capturable steps (CUDA graphs): every param's lr option is multiplied by
   /// `*d_lr` at run time (a schedule's factor; per-param lrs keep their ratios), gradients

@@ -36,8 +36,9 @@ struct AdamOp {
   }
 
   /// Step scalars shared by adam and adamw; `decoupled` picks where weight decay goes.
-  FO_HOST_DEVICE static AdamOp make(double lr, double beta1, double beta2, double eps, double wd, bool amsgrad,
-                     bool maximize, bool decoupled, std::int64_t step) {
+  FO_HOST_DEVICE static AdamOp make(double lr, double beta1, double beta2, double eps, double wd,
+                                    bool amsgrad, bool maximize, bool decoupled,
+                                    std::int64_t step) {
     const double bc1 = 1.0 - pow(beta1, static_cast<double>(step));
     const double bc2 = 1.0 - pow(beta2, static_cast<double>(step));
     AdamOp op{};
