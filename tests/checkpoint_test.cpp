@@ -282,6 +282,42 @@ TEST(CheckpointErrors, DecoderSurvivesEveryPrefixAndSuffix) {
     EXPECT_THROW(detail::decode_checkpoint(s.file.data(), len), Error) << "prefix " << len;
 }
 
+TEST(CheckpointErrors, StateFreeParamsRoundTrip) {
+  // sgd without momentum keeps no state: a stepped param saves no tensors and loads back.
+  TempDir dir;
+  std::vector<float> a(10, 1.0f), b(10, 1.0f), g(10, 0.5f);
+  Optimizer saved("sgd");
+  saved.add_param("a", a.data(), DType::f32, {10});
+  saved.add_param("b", b.data(), DType::f32, {10});
+  saved.set_param_option("a", "momentum", 0.9);  // a mixed group: one param with state
+  saved.step({g.data(), g.data()});
+  saved.save(dir.file("ckpt"));
+  Optimizer loaded("sgd");
+  loaded.add_param("a", a.data(), DType::f32, {10});
+  loaded.add_param("b", b.data(), DType::f32, {10});
+  loaded.load(dir.file("ckpt"));
+  EXPECT_EQ(loaded.step_count("b"), 1);
+  EXPECT_EQ(loaded.param_option("a", "momentum"), 0.9);
+  EXPECT_EQ(loaded.state("a", "momentum_buffer"), saved.state("a", "momentum_buffer"));
+}
+
+TEST(CheckpointErrors, DuplicateOrUnknownEntriesAreCorrupt) {
+  Saved s;
+  const detail::CheckpointData good = detail::decode_checkpoint(s.file.data(), s.file.size());
+  auto reject = [&](detail::CheckpointData d, const std::string& needle) {
+    expect_rejected(detail::encode_checkpoint(d), StatusCode::corrupt_data, needle, needle);
+  };
+  auto d = good;
+  d.params.push_back(d.params[0]);
+  reject(d, "appears twice");
+  d = good;
+  d.tensors.push_back({"nobody", "exp_avg", {1.0f}});
+  reject(d, "unknown param 'nobody'");
+  d = good;
+  d.options.push_back(d.options[0]);
+  reject(d, "option 'lr' appears twice");
+}
+
 TEST(CheckpointDevices, CpuCheckpointLoadsOnTheGpuAndBack) {
   if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device on this machine";
   Saved s;

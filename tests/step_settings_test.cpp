@@ -178,6 +178,8 @@ TEST(StepSettings, SettingsAreValidatedAndFixedWhereStorageDependsOnThem) {
     EXPECT_EQ(m.opt.option(key), before);
   };
   expect_invalid("grad_scale", 0.0);
+  expect_invalid("grad_scale", 1e-40);  // 1/grad_scale would be an infinite float multiplier
+  expect_invalid("grad_scale", 1e300);  // ... or zero
   expect_invalid("grad_scale", std::numeric_limits<double>::infinity());
   expect_invalid("max_grad_norm", -1.0);
   expect_invalid("skip_nonfinite", 2.0);

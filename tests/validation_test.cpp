@@ -169,6 +169,10 @@ TEST(Validation, BadParamsAreRejected) {
                "unknown dtype");
   expect_error(add("c", buf.data(), DType::f32, {1LL << 40, 1LL << 40}),
                StatusCode::invalid_argument, "overflows");
+  expect_error(add(std::string(5000, 'x'), buf.data(), DType::f32, {4}),
+               StatusCode::invalid_argument, "at most 4096 bytes");
+  expect_error(add("c", buf.data(), DType::f32, std::vector<std::int64_t>(17, 1)),
+               StatusCode::invalid_argument, "at most 16 dimensions");
   EXPECT_EQ(s.opt.num_params(), 2u);
   expect_error([&] { s.opt.step_count("c"); }, StatusCode::invalid_argument, "no param named");
   s.expect_unchanged("after rejected params");

@@ -266,17 +266,16 @@ void write_file_atomically(const std::string& path, const std::vector<unsigned c
   const std::string dir =
       slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
   std::string tmp = path + ".tmp.XXXXXX";
-  const int fd = ::mkstemp(tmp.data());
+  int fd = ::mkstemp(tmp.data());
   if (fd < 0) io_fail("creating a temporary file beside " + path, errno);
   try {
     write_all(fd, bytes.data(), bytes.size(), tmp);
     if (::fsync(fd) != 0) io_fail("fsync of " + tmp, errno);
-    if (::close(fd) != 0) {
-      ::unlink(tmp.c_str());
-      io_fail("closing " + tmp, errno);
-    }
+    const int closed = ::close(fd);
+    fd = -1;  // closed either way: never close it (or a reused descriptor) twice
+    if (closed != 0) io_fail("closing " + tmp, errno);
   } catch (...) {
-    ::close(fd);
+    if (fd >= 0) ::close(fd);
     ::unlink(tmp.c_str());
     throw;
   }

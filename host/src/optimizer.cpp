@@ -77,7 +77,10 @@ struct Settings {
       return v != 0.0;
     };
     if (key == "grad_scale") {
-      if (!(v > 0.0)) invalid("grad_scale must be > 0, got " + Validator::fmt(v));
+      const auto inverse = static_cast<float>(1.0 / v);  // what multiplies the gradients
+      if (!(v > 0.0) || !std::isfinite(inverse) || inverse == 0.0f)
+        invalid("grad_scale must be > 0 with 1/grad_scale a finite, non-zero float, got " +
+                Validator::fmt(v));
       grad_scale = v;
     } else if (key == "max_grad_norm") {
       if (!(v >= 0.0)) invalid("max_grad_norm must be >= 0, got " + Validator::fmt(v));
@@ -104,6 +107,9 @@ struct Settings {
 
 }  // namespace
 
+struct ParamEntry;
+bool has_buffers(const ParamEntry& p);
+
 struct ParamEntry {
   std::string name;
   void* data;
@@ -117,6 +123,15 @@ struct ParamEntry {
   std::optional<detail::StateBuffer> states[kMaxStates];  // created at the first step
   std::optional<detail::StateBuffer> master;              // f32 master weights
 };
+
+/// True once a param has state or master buffers (or has stepped): its storage layout is then
+/// fixed, even if the step that created the buffers failed or was skipped.
+bool has_buffers(const ParamEntry& p) {
+  if (p.step > 0 || p.master) return true;
+  for (const auto& b : p.states)
+    if (b) return true;
+  return false;
+}
 
 struct Optimizer::Impl {
   const detail::AlgorithmInfo* info;
@@ -166,7 +181,7 @@ struct Optimizer::Impl {
   void check_transition(const ParamEntry& p, const std::vector<double>& next) const {
     if (const std::string err = info->validate(next); !err.empty())
       invalid("param '" + p.name + "': " + err);
-    if (p.step == 0) return;
+    if (!has_buffers(p)) return;
     for (int k = 0; k < static_cast<int>(info->desc.states.size()); ++k)
       if (info->has_state(p.options, k) != info->has_state(next, k))
         invalid("param '" + p.name + "' has already stepped; this change would " +
@@ -238,7 +253,7 @@ void Optimizer::set_option(std::string_view key, double value) {
     next.set(key, value, m.device);
     if (storage && next.get(key) != m.settings.get(key))
       for (const ParamEntry& p : m.params)
-        if (p.step > 0)
+        if (has_buffers(p))
           invalid(std::string(key) + " cannot change: param '" + p.name + "' has already stepped");
     m.settings = next;
     return;
@@ -266,6 +281,9 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
                           std::vector<std::int64_t> shape) {
   Impl& m = *impl_;
   if (name.empty()) invalid("a param name must not be empty");
+  if (name.size() > 4096) invalid("a param name must be at most 4096 bytes (checkpoints)");
+  if (shape.size() > 16) invalid("param '" + name + "': at most 16 dimensions");
+  if (m.params.size() >= (std::size_t{1} << 20)) invalid("at most 2^20 params per optimizer");
   if (m.by_name.count(name)) invalid("a param named '" + name + "' was already added");
   if (static_cast<int>(dtype) < 0 || static_cast<int>(dtype) > static_cast<int>(DType::i64))
     invalid("param '" + name + "': unknown dtype " + std::to_string(static_cast<int>(dtype)));
@@ -368,7 +386,7 @@ void Optimizer::Impl::create_first_step_state(const std::vector<std::size_t>& st
   std::vector<Fresh> fresh;
   for (std::size_t i : stepping) {
     const ParamEntry& p = params[i];
-    if (p.step > 0 || p.states[0] || p.master) continue;
+    if (has_buffers(p)) continue;
     Fresh f{i, std::vector<std::optional<detail::StateBuffer>>(kMaxStates), std::nullopt};
     for (int k = 0; k < static_cast<int>(info->desc.states.size()); ++k)
       if (info->has_state(p.options, k)) f.states[k].emplace(device, device_index, state_bytes(p));
@@ -467,6 +485,11 @@ void Optimizer::Impl::grow_device_steps(void* stream) {
 
 void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const void* const* grads,
                                 void* stream) {
+  const bool clip = settings.max_grad_norm > 0.0;
+  if (clip || settings.skip_nonfinite)  // checked before anything is allocated
+    for (std::size_t i : stepping)
+      if (grad_dtype(params[i]) != grad_dtype(params[stepping[0]]))
+        unsupported("clipping and the non-finite check need one gradient dtype across params");
   grow_device_steps(stream);
   create_first_step_state(stepping, stream);
   if (!d_scalars) d_scalars.emplace(device, device_index, 4 * sizeof(float));
@@ -487,7 +510,6 @@ void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const 
     found_inf = scalars + 2;
     cuda::memset_zero(found_inf, sizeof(float), stream);
   }
-  const bool clip = settings.max_grad_norm > 0.0;
   if (clip || settings.skip_nonfinite) {
     // Per dtype of gradient: one norm pass over all of them (dtypes differ only by param).
     const std::int64_t ws = cuda::grad_norm_workspace(entries.data(), entries.size());
@@ -546,6 +568,8 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
   if (index_dtype != DType::i32 && index_dtype != DType::i64)
     invalid(who + "indices must be int32 or int64, got " + dtype_name(index_dtype));
   if (nnz < 0) invalid(who + "nnz must be >= 0, got " + std::to_string(nnz));
+  if (m.device == Device::cuda && nnz > 2147483647)  // CUB's run-length encode counts in int
+    invalid(who + "a CUDA sparse step takes at most 2^31-1 indices, got " + std::to_string(nnz));
   const std::int64_t rows = p.shape[0], dim = p.numel / rows;
   if (nnz > 0) {
     if (!indices) invalid(who + "indices is null");
@@ -630,7 +654,11 @@ void Optimizer::load(const std::string& path) {
   // 1. Options and settings, validated on copies.
   std::vector<double> defaults = m.info->desc.defaults;
   Settings settings;
+  std::vector<std::string> seen_keys;
   for (const auto& [key, value] : d.options) {
+    if (std::find(seen_keys.begin(), seen_keys.end(), key) != seen_keys.end())
+      throw Error(StatusCode::corrupt_data, who + "option '" + key + "' appears twice");
+    seen_keys.push_back(key);
     if (Settings::is_key(key)) {
       // States are float32 in the file: a bf16-state checkpoint loads onto the CPU as f32.
       const bool cpu_bf16 = key == "state_dtype" && value == 2.0 && m.device != Device::cuda;
@@ -645,7 +673,12 @@ void Optimizer::load(const std::string& path) {
   // 2. The same params, by name, shape and dtype: every mismatch in one message.
   std::vector<std::string> problems;
   std::unordered_map<std::string, const detail::CheckpointParam*> in_file;
-  for (const auto& cp : d.params) in_file[cp.name] = &cp;
+  for (const auto& cp : d.params)
+    if (!in_file.emplace(cp.name, &cp).second)
+      throw Error(StatusCode::corrupt_data, who + "param '" + cp.name + "' appears twice");
+  for (const auto& t : d.tensors)
+    if (!in_file.count(t.param))
+      throw Error(StatusCode::corrupt_data, who + "a tensor of unknown param '" + t.param + "'");
   for (const ParamEntry& p : m.params) {
     auto it = in_file.find(p.name);
     if (it == in_file.end()) {
@@ -700,17 +733,17 @@ void Optimizer::load(const std::string& path) {
     if (const std::string err = m.info->validate(l.options); !err.empty())
       invalid(who + "param '" + p.name + "': " + err);
     const auto& ts = tensors[p.name];
-    if (ts.empty()) {
-      if (cp.step > 0)
-        throw Error(StatusCode::corrupt_data,
-                    who + "param '" + p.name + "' has stepped but the checkpoint has no state");
-      continue;
-    }
     std::vector<std::string> expected;
     for (int k = 0; k < static_cast<int>(m.info->desc.states.size()); ++k)
       if (m.info->has_state(l.options, k)) expected.push_back(m.info->desc.states[k]);
     const bool master = settings.master_weights && p.dtype != DType::f32;
     if (master) expected.emplace_back(kMasterState);
+    if (ts.empty()) {  // never stepped, or state-free under these options (sgd, momentum 0)
+      if (cp.step > 0 && !expected.empty())
+        throw Error(StatusCode::corrupt_data,
+                    who + "param '" + p.name + "' has stepped but the checkpoint has no state");
+      continue;
+    }
     if (ts.size() != expected.size())
       throw Error(StatusCode::corrupt_data,
                   who + "param '" + p.name + "' has " + std::to_string(ts.size()) +
@@ -752,6 +785,9 @@ void Optimizer::load(const std::string& path) {
     for (std::size_t i = 0; i < m.params.size(); ++i) steps[m.params[i].key] = loaded[i].step;
     cuda::copy_from_host(m.d_steps->data(), steps.data(), steps.size() * sizeof(std::int64_t),
                          nullptr);
+    // The copies ran on the legacy default stream, which does not order against non-blocking
+    // streams: finish them before any step can read the state.
+    cuda::synchronize();
   }
   m.defaults = std::move(defaults);
   m.settings = settings;

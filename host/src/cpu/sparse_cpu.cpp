@@ -48,9 +48,12 @@ void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& 
   const RangeKernel kernel = active_table().step[algorithm_index];
   const int threads =
       static_cast<int>(std::min<std::int64_t>(num_threads(), std::max<std::int64_t>(1, runs / 64)));
+  // Per-thread gradient rows, allocated here: an exception may not leave an OpenMP region.
+  std::vector<std::vector<float>> sums(static_cast<std::size_t>(threads),
+                                       std::vector<float>(static_cast<std::size_t>(s.dim)));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> g(static_cast<std::size_t>(s.dim));
+    std::vector<float>& g = sums[static_cast<std::size_t>(omp_get_thread_num())];
 #pragma omp for schedule(dynamic, 16)
     for (std::int64_t r = 0; r < runs; ++r) {
       const float* first = s.grad_rows + order[run_start[r]].pos * s.dim;

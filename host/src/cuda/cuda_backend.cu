@@ -150,6 +150,23 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
       FO_CUDA_CHECK(cudaPeekAtLastError());
     }
   }
+  // Empty tensors get no blocks in any launch, but their steps count all the same.
+  if (s.d_steps) {
+    TensorList empty{};
+    for (std::size_t i = 0; i < n; ++i) {
+      if (entries[i].numel != 0) continue;
+      empty.key[empty.count++] = entries[i].key;
+      if (empty.count == kMaxListTensors) {
+        cuda_kernels::increment_steps_kernel<<<1, kBlock, 0, st>>>(s.d_steps, empty, s.d_found_inf);
+        FO_CUDA_CHECK(cudaPeekAtLastError());
+        empty.count = 0;
+      }
+    }
+    if (empty.count > 0) {
+      cuda_kernels::increment_steps_kernel<<<1, kBlock, 0, st>>>(s.d_steps, empty, s.d_found_inf);
+      FO_CUDA_CHECK(cudaPeekAtLastError());
+    }
+  }
 }
 
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
@@ -165,7 +182,7 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n) {
   std::int64_t blocks = 0;
   for (const auto& g : plan(entries, n)) blocks += g.blocks;
-  return 2 * std::max<std::int64_t>(blocks, 1);
+  return 4 * std::max<std::int64_t>(blocks, 1);  // two doubles per block, in floats
 }
 
 void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_scale,
@@ -176,12 +193,13 @@ void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float 
   for (const auto& g : plan(entries, n)) {
     cuda_kernels::grad_sumsq_kernel<<<static_cast<unsigned>(g.blocks), kBlock, 0, st>>>(
         make_list(entries, g), storage_code(grad_dtype), grad_scale, d_grad_scale, kChunk,
-        d_workspace, offset);
+        reinterpret_cast<double*>(d_workspace), offset);
     FO_CUDA_CHECK(cudaPeekAtLastError());
     offset += g.blocks;
   }
   cuda_kernels::finalize_norm_kernel<<<1, kBlock, 0, st>>>(
-      d_workspace, offset, max_norm, check_finite, d_norm, d_clip, d_found_inf);
+      reinterpret_cast<const double*>(d_workspace), offset, max_norm, check_finite, d_norm, d_clip,
+      d_found_inf);
   FO_CUDA_CHECK(cudaPeekAtLastError());
 }
 
@@ -238,6 +256,8 @@ void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* str
   FO_CUDA_CHECK(cudaMemcpyAsync(d_dst, h_src, bytes, cudaMemcpyHostToDevice,
                                 static_cast<cudaStream_t>(stream)));
 }
+
+void synchronize() { FO_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 bool is_device_pointer(const void* p, int device) {
   cudaPointerAttributes attr{};

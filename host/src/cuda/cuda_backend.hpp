@@ -73,6 +73,8 @@ void memset_zero(void* p, std::size_t bytes, void* stream);
 void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);
 /// Stream-ordered copy of `bytes` from the host.
 void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* stream);
+/// Waits for all work on the current device.
+void synchronize();
 /// True if `p` is device (or managed) memory of `device`.
 bool is_device_pointer(const void* p, int device);
 

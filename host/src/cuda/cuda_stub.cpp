@@ -28,6 +28,7 @@ void memset_zero(void*, std::size_t, void*) { unsupported(); }
 void copy_to_host(void*, const void*, std::size_t) { unsupported(); }
 void copy_from_host(void*, const void*, std::size_t, void*) { unsupported(); }
 bool is_device_pointer(const void*, int) { return false; }
+void synchronize() { unsupported(); }
 DeviceGuard::DeviceGuard(int) {}
 DeviceGuard::~DeviceGuard() = default;
 

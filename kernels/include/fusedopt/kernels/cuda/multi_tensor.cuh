@@ -220,26 +220,27 @@ __global__ void __launch_bounds__(kBlock)
 
 // ------------------------------------------------------------------- gradient norm pass
 
-/// Per block: the sum of squares of its chunk of scaled gradients (fp32, a fixed order: each
-/// thread a fixed stride, then a fixed tree) and whether it saw a non-finite value.
-/// partial[2 * (offset + b)] = sum, partial[2 * (offset + b) + 1] = non-finite flag.
+/// Per block: the sum of squares of its chunk of scaled gradients, accumulated in double (a
+/// sum of float squares overflows fp32 long before any gradient is non-finite), in a fixed
+/// order: each thread a fixed stride, then a fixed tree. partial[2 * (offset + b)] = sum,
+/// partial[2 * (offset + b) + 1] = 1 if the block saw a non-finite value.
 __global__ void __launch_bounds__(kBlock)
     grad_sumsq_kernel(const TensorList list, int grad_storage, float grad_scale,
-                      const float* d_grad_scale, std::int64_t chunk, float* partial,
+                      const float* d_grad_scale, std::int64_t chunk, double* partial,
                       std::int64_t offset) {
   const int t = find_tensor(list, blockIdx.x);
   const std::int64_t begin = (blockIdx.x - list.block_start[t]) * chunk;
   const std::int64_t end = begin + chunk < list.numel[t] ? begin + chunk : list.numel[t];
   float scale = grad_scale;
   if (d_grad_scale) scale *= *d_grad_scale;
-  float sum = 0.0f;
+  double sum = 0.0;
   bool bad = false;
   for (std::int64_t i = begin + threadIdx.x; i < end; i += kBlock) {
     const float g = load_as_float(list.grad[t], grad_storage, i) * scale;
     bad = bad || !isfinite(g);
-    sum = fmaf(g, g, sum);
+    sum = fma(static_cast<double>(g), static_cast<double>(g), sum);
   }
-  __shared__ float s_sum[kBlock];
+  __shared__ double s_sum[kBlock];
   __shared__ int s_bad[kBlock];
   s_sum[threadIdx.x] = sum;
   s_bad[threadIdx.x] = bad;
@@ -253,7 +254,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   if (threadIdx.x == 0) {
     partial[2 * (offset + blockIdx.x)] = s_sum[0];
-    partial[2 * (offset + blockIdx.x) + 1] = s_bad[0] ? 1.0f : 0.0f;
+    partial[2 * (offset + blockIdx.x) + 1] = s_bad[0] ? 1.0 : 0.0;
   }
 }
 
@@ -261,15 +262,15 @@ __global__ void __launch_bounds__(kBlock)
 /// min(1, max_norm / (norm + 1e-6)) (1 when max_norm <= 0), and found_inf (OR-ed in when
 /// check_finite, never cleared: a caller's found_inf from elsewhere is kept).
 __global__ void __launch_bounds__(kBlock)
-    finalize_norm_kernel(const float* partial, std::int64_t blocks, float max_norm,
+    finalize_norm_kernel(const double* partial, std::int64_t blocks, float max_norm,
                          bool check_finite, float* d_norm, float* d_clip, float* d_found_inf) {
-  __shared__ float s_sum[kBlock];
+  __shared__ double s_sum[kBlock];
   __shared__ int s_bad[kBlock];
-  float sum = 0.0f;
+  double sum = 0.0;
   int bad = 0;
   for (std::int64_t b = threadIdx.x; b < blocks; b += kBlock) {
     sum += partial[2 * b];
-    bad |= partial[2 * b + 1] != 0.0f;
+    bad |= partial[2 * b + 1] != 0.0;
   }
   s_sum[threadIdx.x] = sum;
   s_bad[threadIdx.x] = bad;
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(kBlock)
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    const float norm = sqrtf(s_sum[0]);
+    const auto norm = static_cast<float>(sqrt(s_sum[0]));
     if (d_norm) *d_norm = norm;
     if (d_clip) *d_clip = max_norm > 0.0f ? fminf(1.0f, max_norm / (norm + 1e-6f)) : 1.0f;
     if (d_found_inf && check_finite && s_bad[0]) *d_found_inf = 1.0f;
