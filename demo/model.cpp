@@ -211,6 +211,118 @@ Evaluation Model<T>::evaluate(const T* params, const float* x, const int* y, std
   return e;
 }
 
+double softmax_objective(const double* theta, const float* x, const int* y, std::size_t n,
+                         int features, int classes, double l2, double* grad, double* hess) {
+  if (n == 0) throw std::invalid_argument("softmax_objective: no examples");
+  if (features < 1 || classes < 2)
+    throw std::invalid_argument("softmax_objective: needs features >= 1 and classes >= 2");
+  if (!(l2 >= 0)) throw std::invalid_argument("softmax_objective: l2 must be >= 0");
+  const std::size_t nf = static_cast<std::size_t>(features);
+  const std::size_t nc = static_cast<std::size_t>(classes);
+  const std::size_t rows = nf + 1;   // the features and the bias's constant 1
+  const std::size_t np = rows * nc;  // unknowns
+  const double* bias = theta + nf * nc;
+  const double inv_n = 1.0 / static_cast<double>(n);
+
+  // The probabilities of every example, and the loss (the log-sum-exp with the max taken out).
+  std::vector<double> prob(n * nc), z(nc);
+  double total = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (y[i] < 0 || y[i] >= classes)
+      throw std::invalid_argument("softmax_objective: label out of range");
+    std::copy(bias, bias + nc, z.begin());
+    const float* xi = x + i * nf;
+    for (std::size_t k = 0; k < nf; ++k) {
+      if (xi[k] == 0.0f) continue;
+      const double xk = xi[k];
+      const double* wk = theta + k * nc;
+      for (std::size_t c = 0; c < nc; ++c) z[c] += xk * wk[c];
+    }
+    const double m = *std::max_element(z.begin(), z.end());
+    double s = 0;
+    for (std::size_t c = 0; c < nc; ++c) s += std::exp(z[c] - m);
+    double* p = prob.data() + i * nc;
+    for (std::size_t c = 0; c < nc; ++c) p[c] = std::exp(z[c] - m) / s;
+    total += m + std::log(s) - z[static_cast<std::size_t>(y[i])];
+  }
+  double sq = 0;
+  for (std::size_t j = 0; j < np; ++j) sq += theta[j] * theta[j];
+  const double objective = total * inv_n + 0.5 * l2 * sq;
+
+  if (grad) {
+    for (std::size_t j = 0; j < np; ++j) grad[j] = l2 * theta[j];
+    std::vector<double> d(nc);
+    for (std::size_t i = 0; i < n; ++i) {
+      const double* p = prob.data() + i * nc;
+      for (std::size_t c = 0; c < nc; ++c) d[c] = p[c] * inv_n;
+      d[static_cast<std::size_t>(y[i])] -= inv_n;
+      const float* xi = x + i * nf;
+      for (std::size_t k = 0; k < nf; ++k) {
+        if (xi[k] == 0.0f) continue;
+        const double xk = xi[k];
+        double* gk = grad + k * nc;
+        for (std::size_t c = 0; c < nc; ++c) gk[c] += xk * d[c];
+      }
+      double* gb = grad + nf * nc;
+      for (std::size_t c = 0; c < nc; ++c) gb[c] += d[c];
+    }
+  }
+
+  if (hess) {
+    // G[(k, l)][(a, b)] = sum_i x_ik x_il w_ab(i) for k >= l and a <= b: one row of `stride`
+    // pair weights per feature pair, accumulated example by example over the non-zero
+    // features only (half the pixels are zero, so a quarter of the feature pairs), an axpy
+    // over the pairs that vectorizes. The Hessian's blocks are read from it afterwards.
+    const std::size_t pairs = nc * (nc + 1) / 2;
+    const std::size_t stride = (pairs + 7) / 8 * 8;
+    std::vector<double> gram(rows * (rows + 1) / 2 * stride, 0.0), w(stride, 0.0);
+    std::vector<std::size_t> nz;
+    std::vector<double> xv;
+    nz.reserve(rows);
+    xv.reserve(rows);
+    for (std::size_t i = 0; i < n; ++i) {
+      const double* p = prob.data() + i * nc;
+      for (std::size_t a = 0, q = 0; a < nc; ++a)
+        for (std::size_t b = a; b < nc; ++b, ++q) w[q] = (a == b ? p[a] : 0.0) - p[a] * p[b];
+      nz.clear();
+      xv.clear();
+      const float* xi = x + i * nf;
+      for (std::size_t k = 0; k < nf; ++k)
+        if (xi[k] != 0.0f) {
+          nz.push_back(k);
+          xv.push_back(xi[k]);
+        }
+      nz.push_back(nf);
+      xv.push_back(1.0);
+      for (std::size_t u = 0; u < nz.size(); ++u) {
+        const std::size_t k = nz[u];
+        double* row = gram.data() + k * (k + 1) / 2 * stride;
+        for (std::size_t v = 0; v <= u; ++v) {
+          const double xx = xv[u] * xv[v];
+          double* g = row + nz[v] * stride;
+          for (std::size_t q = 0; q < stride; ++q) g[q] += xx * w[q];
+        }
+      }
+    }
+    // pair_index[a][b] for either order of a and b.
+    std::vector<std::size_t> pair_index(nc * nc);
+    for (std::size_t a = 0, q = 0; a < nc; ++a)
+      for (std::size_t b = a; b < nc; ++b, ++q) pair_index[a * nc + b] = pair_index[b * nc + a] = q;
+    for (std::size_t k = 0; k < rows; ++k)
+      for (std::size_t l = 0; l <= k; ++l) {
+        const double* g = gram.data() + (k * (k + 1) / 2 + l) * stride;
+        for (std::size_t a = 0; a < nc; ++a)
+          for (std::size_t b = 0; b < nc; ++b) {
+            const double h = g[pair_index[a * nc + b]] * inv_n;
+            hess[(k * nc + a) * np + l * nc + b] = h;
+            hess[(l * nc + b) * np + k * nc + a] = h;
+          }
+      }
+    for (std::size_t j = 0; j < np; ++j) hess[j * np + j] += l2;
+  }
+  return objective;
+}
+
 template class Model<float>;
 template class Model<double>;
 

@@ -75,6 +75,25 @@ class Model {
   mutable std::vector<T> hidden_, logits_, delta_;
 };
 
+/// Softmax regression's full-batch objective for Newton's method, in double: the mean
+/// cross-entropy of n examples (x: n rows of `features` values; y: labels in [0, classes))
+/// plus (l2 / 2) |theta|^2, over theta = the weights and biases, (features + 1) x classes,
+/// row-major: weight (k, c) at k * classes + c and the bias of class c at
+/// features * classes + c. With kFeatures and kClasses that is the layout of Model's softmax
+/// params (W [in, out], then b), whose first (kFeatures + 1) * kClasses elements it reads.
+///
+/// `grad` (if not null) receives the gradient, (features + 1) * classes values; `hess` (if not
+/// null) the exact Hessian, row-major, that many squared:
+///   H = (1/n) sum_i (diag(p_i) - p_i p_i^T) kron (x_i x_i^T) + l2 I   (x_i with a trailing 1),
+/// ordered as theta (feature-major). The cross-entropy's Hessian is singular (along adding the
+/// same vector to every class), so l2 > 0 makes H positive definite. It is built as the
+/// classes * (classes + 1) / 2 distinct weighted Gram matrices X^T diag(w_ab) X, w_ab =
+/// delta_ab p_a - p_a p_b, skipping zero features: for the digits (n = 1437, 650 unknowns) a
+/// few tens of ms. Returns the objective. Throws std::invalid_argument for n == 0,
+/// features < 1, classes < 2, l2 < 0 or a label out of range.
+double softmax_objective(const double* theta, const float* x, const int* y, std::size_t n,
+                         int features, int classes, double l2, double* grad, double* hess);
+
 extern template class Model<float>;
 extern template class Model<double>;
 

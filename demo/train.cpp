@@ -1,5 +1,6 @@
 // The training loop and `fusedopt-demo train`. The models run on the CPU; only the optimizer
-// step is fusedopt's, and only it is timed.
+// step is fusedopt's, and only it is timed. Newton's method on the softmax model (newton_run)
+// is fusedopt's newton_minimize over the demo's exact Hessian, timed whole.
 #include "train.hpp"
 
 #include <unistd.h>
@@ -16,6 +17,7 @@
 #include <stdexcept>
 
 #include "fusedopt/fusedopt.h"
+#include "fusedopt/newton.hpp"
 #include "fusedopt/optimizer.hpp"
 #include "fusedopt/schedule.hpp"
 #include "svg.hpp"
@@ -60,8 +62,8 @@ class DeviceFloats {
 }  // namespace
 
 const std::vector<std::string>& default_optimizers() {
-  static const std::vector<std::string> names = {"sgd",  "rmsprop", "adagrad",
-                                                 "adam", "adamw",   "lion"};
+  static const std::vector<std::string> names = {"sgd",   "rmsprop", "adagrad", "adam",
+                                                 "adamw", "lion",    "newton"};
   return names;
 }
 
@@ -128,6 +130,7 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   auto evaluate = [&](int epoch) {
     EpochStats s;
     s.epoch = epoch;
+    s.step = r.steps;
     const Evaluation tr =
         model.evaluate(params.data(), train.x.data(), train.y.data(), train.size());
     const Evaluation te = model.evaluate(params.data(), test.x.data(), test.y.data(), test.size());
@@ -191,6 +194,75 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   return r;
 }
 
+RunResult newton_run(const NewtonConfig& config, const Split& data) {
+  if (!(config.l2 > 0) || !std::isfinite(config.l2))
+    throw std::invalid_argument("newton: l2 must be > 0 (the cross-entropy's Hessian is singular)");
+  const Dataset& train = data.train;
+  const Dataset& test = data.test;
+  if (train.size() == 0) throw std::invalid_argument("the training set is empty");
+
+  // The first-order runs' start, in double: W then b, as softmax_objective orders theta.
+  const ModelSpec spec{ModelKind::softmax};
+  const Model<float> float_model(spec);
+  std::vector<float> start(float_model.num_params());
+  float_model.init(start.data(), config.seed);
+  const Model<double> model(spec);
+  const TensorSlice& tw = model.tensors().at(0);
+  const TensorSlice& tb = model.tensors().at(1);
+  std::vector<double> theta(tw.numel + tb.numel);
+  if (theta.size() != static_cast<std::size_t>((kFeatures + 1) * kClasses))
+    throw std::logic_error("newton: unexpected softmax layout");
+  std::copy_n(start.data() + tw.offset, tw.numel, theta.begin());
+  std::copy_n(start.data() + tb.offset, tb.numel, theta.begin() + static_cast<long>(tw.numel));
+
+  std::vector<double> params(model.num_params(), 0.0);
+  auto evaluate = [&](const std::vector<double>& th, int step) {
+    std::copy_n(th.begin(), tw.numel, params.begin() + static_cast<long>(tw.offset));
+    std::copy_n(th.begin() + static_cast<long>(tw.numel), tb.numel,
+                params.begin() + static_cast<long>(tb.offset));
+    EpochStats s;
+    s.epoch = step;
+    s.step = step;
+    const Evaluation tr =
+        model.evaluate(params.data(), train.x.data(), train.y.data(), train.size());
+    const Evaluation te = model.evaluate(params.data(), test.x.data(), test.y.data(), test.size());
+    s.train_loss = tr.loss;
+    s.train_accuracy = tr.accuracy;
+    s.test_loss = te.loss;
+    s.test_accuracy = te.accuracy;
+    return s;
+  };
+
+  RunResult r;
+  r.model = model_name(ModelKind::softmax);
+  r.optimizer = "newton";
+  r.l2 = config.l2;
+  r.history.push_back(evaluate(theta, 0));
+
+  const NewtonObjective objective = [&](const double* x, double* grad, double* hess) {
+    const auto t0 = Clock::now();
+    const double f = softmax_objective(x, train.x.data(), train.y.data(), train.size(), kFeatures,
+                                       kClasses, config.l2, grad, hess);
+    r.eval_seconds += seconds_since(t0);
+    return f;
+  };
+  NewtonOptions options;
+  options.grad_tol = config.grad_tol;
+  options.max_iters = config.max_steps;
+  const auto t0 = Clock::now();
+  const NewtonResult nr = newton_minimize(objective, theta, options);
+  r.step_seconds = seconds_since(t0);
+
+  for (std::size_t k = 0; k < nr.trajectory.size(); ++k)
+    r.history.push_back(evaluate(nr.trajectory[k], static_cast<int>(k + 1)));
+  r.steps = nr.steps;
+  r.evaluations = nr.evaluations;
+  r.objective = nr.f;
+  r.grad_norm = nr.grad_norm;
+  r.converged = nr.converged;
+  return r;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The command line.
 
@@ -203,8 +275,12 @@ Trains softmax regression and a two-layer perceptron on the UCI handwritten digi
 test accuracy, time per optimizer step, and the loss curves as SVG.
 
 options:
-  --optimizers LIST    comma-separated (default: sgd,rmsprop,adagrad,adam,adamw,lion);
-                       any fusedopt algorithm
+  --optimizers LIST    comma-separated (default: sgd,rmsprop,adagrad,adam,adamw,lion,
+                       newton); any fusedopt algorithm, and newton: damped Newton's method
+                       with the exact Hessian, on the softmax model only (full batch, in
+                       double on the CPU; it ignores --epochs, --batch and --schedule and
+                       takes newton.l2 (default 1e-4), newton.grad_tol (1e-8) and
+                       newton.max_iters (100))
   --opt-set KEY=VALUE  an fo::Optimizer option for every listed optimizer that has it;
                        NAME.KEY=VALUE for one optimizer (repeatable; e.g. adam.lr=0.01,
                        weight_decay=1e-4, max_grad_norm=1)
@@ -356,7 +432,39 @@ Cli parse_cli(int argc, char** argv) {
   return c;
 }
 
+bool is_newton(const std::string& name) { return name == "newton"; }
+
+// The --opt-set keys of newton, which is no fo::Optimizer.
+bool newton_has_option(const std::string& key) {
+  return key == "l2" || key == "grad_tol" || key == "max_iters";
+}
+
+// newton's config from its --opt-set values; throws UsageError for a bad one.
+NewtonConfig newton_config(const std::vector<std::pair<std::string, double>>& options,
+                           std::uint64_t seed) {
+  NewtonConfig c;
+  c.seed = seed;
+  for (const auto& [key, v] : options) {
+    if (key == "l2") {
+      if (!(v > 0) || !std::isfinite(v))
+        throw UsageError("newton: l2 must be > 0 (the cross-entropy's Hessian is singular)");
+      c.l2 = v;
+    } else if (key == "grad_tol") {
+      if (!(v >= 0) || !std::isfinite(v)) throw UsageError("newton: grad_tol must be >= 0");
+      c.grad_tol = v;
+    } else if (key == "max_iters") {
+      if (!(v >= 0 && v <= 1e6 && v == std::floor(v)))
+        throw UsageError("newton: max_iters must be an integer in [0, 1e6]");
+      c.max_steps = static_cast<int>(v);
+    } else {
+      throw UsageError("newton: no option '" + key + "' (it takes l2, grad_tol and max_iters)");
+    }
+  }
+  return c;
+}
+
 bool has_option(const std::string& algorithm, const std::string& key) {
+  if (is_newton(algorithm)) return newton_has_option(key);
   try {
     (void)Optimizer(algorithm).option(key);
     return true;
@@ -385,8 +493,11 @@ std::string fmt(const char* format, double v) {
 // a line every few epochs with each epoch's train loss and test accuracy.
 class ProgressPrinter {
  public:
-  ProgressPrinter(std::string label, bool tty, int epochs)
-      : label_(std::move(label)), tty_(tty), group_(std::max(1, (epochs + 5) / 6)) {}
+  ProgressPrinter(std::string label, bool tty, int epochs, std::string unit = "epochs")
+      : label_(std::move(label)),
+        tty_(tty),
+        group_(std::max(1, (epochs + 5) / 6)),
+        unit_(std::move(unit)) {}
 
   void operator()(const Progress& p) {
     if (p.finished) {
@@ -440,8 +551,8 @@ class ProgressPrinter {
     }
     const std::string span =
         std::to_string(pending_.front().epoch) + "-" + std::to_string(pending_.back().epoch);
-    std::printf("%-16s epochs %-6s loss%s  test %%%s\n", label_.c_str(), span.c_str(), loss.c_str(),
-                acc.c_str());
+    std::printf("%-16s %-6s %-6s loss%s  test %%%s\n", label_.c_str(), unit_.c_str(), span.c_str(),
+                loss.c_str(), acc.c_str());
     pending_.clear();
     std::fflush(stdout);
   }
@@ -449,6 +560,7 @@ class ProgressPrinter {
   std::string label_;
   bool tty_;
   int group_;
+  std::string unit_;
   Clock::time_point last_draw_{};
   EpochStats last_;
   bool have_last_ = false;
@@ -456,60 +568,123 @@ class ProgressPrinter {
 };
 
 void print_table(const std::vector<RunResult>& results) {
-  std::printf("\n%-8s %-9s %9s %11s %10s %9s %10s %7s\n", "model", "optimizer", "lr", "train loss",
-              "train acc", "test acc", "step (us)", "steps");
+  std::printf("\n%-8s %-9s %9s %11s %10s %9s %10s %7s %6s\n", "model", "optimizer", "lr",
+              "train loss", "train acc", "test acc", "step (us)", "steps", "evals");
+  const RunResult* newton = nullptr;
   for (const RunResult& r : results) {
     const EpochStats& s = r.history.back();
-    std::printf("%-8s %-9s %9s %11s %9.1f%% %8.1f%% %10.2f %7lld\n", r.model.c_str(),
-                r.optimizer.c_str(), fmt("%.3g", r.lr).c_str(),
+    const bool nt = is_newton(r.optimizer);
+    if (nt) newton = &r;
+    std::printf("%-8s %-9s %9s %11s %9.1f%% %8.1f%% %10.2f %7lld %6s\n", r.model.c_str(),
+                r.optimizer.c_str(), nt ? "-" : fmt("%.3g", r.lr).c_str(),
                 r.diverged ? "diverged" : fmt("%.4g", s.train_loss).c_str(), 100 * s.train_accuracy,
-                100 * s.test_accuracy, r.mean_step_us(), static_cast<long long>(r.steps));
+                100 * s.test_accuracy, r.mean_step_us(), static_cast<long long>(r.steps),
+                nt ? std::to_string(r.evaluations).c_str() : "-");
   }
+  if (!newton) return;
+  const RunResult& r = *newton;
+  std::printf(
+      "\nnewton: damped Newton's method (fusedopt/newton.hpp), full batch, on the mean"
+      "\n  cross-entropy + %g/2 |W, b|^2: %d unknowns in double, the exact Hessian. %lld steps,"
+      "\n  %lld evaluations (objective, gradient and Hessian: %.1f ms each), max |g| %.1e%s."
+      "\n  Its train loss is the cross-entropy alone; its step time is the whole step (%.1f ms:"
+      "\n  evaluations and Cholesky solves), the other rows' the optimizer update alone.\n",
+      r.l2, (kFeatures + 1) * kClasses, static_cast<long long>(r.steps),
+      static_cast<long long>(r.evaluations),
+      r.evaluations ? 1e3 * r.eval_seconds / static_cast<double>(r.evaluations) : 0.0, r.grad_norm,
+      r.converged ? "" : " (not converged)", r.mean_step_us() / 1e3);
 }
 
 void write_history(const std::string& path, const std::vector<RunResult>& results) {
   std::ofstream out(path, std::ios::trunc);
-  out << "model,optimizer,epoch,train_loss,train_accuracy,test_loss,test_accuracy\n";
+  out << "model,optimizer,epoch,step,train_loss,train_accuracy,test_loss,test_accuracy\n";
   char line[256];
   for (const RunResult& r : results)
     for (const EpochStats& s : r.history) {
-      std::snprintf(line, sizeof line, "%s,%s,%d,%.6g,%.6g,%.6g,%.6g\n", r.model.c_str(),
-                    r.optimizer.c_str(), s.epoch, s.train_loss, s.train_accuracy, s.test_loss,
-                    s.test_accuracy);
+      std::snprintf(line, sizeof line, "%s,%s,%d,%lld,%.6g,%.6g,%.6g,%.6g\n", r.model.c_str(),
+                    r.optimizer.c_str(), s.epoch, static_cast<long long>(s.step), s.train_loss,
+                    s.train_accuracy, s.test_loss, s.test_accuracy);
       out << line;
     }
   out.close();
   if (!out) throw std::runtime_error("cannot write " + path);
 }
 
-// Train loss per epoch, one line per optimizer, on a log scale.
+// Train loss, one line per optimizer, on a log scale. Against the epoch; or, when newton is
+// among the runs, against the optimizer steps on a log axis, so that its few steps and the
+// first-order methods' hundreds compare in one picture (newton's steps marked).
 void write_loss_plot(const std::string& path, ModelKind kind, const std::vector<RunResult>& runs,
                      const std::string& batch_label) {
-  double lo = INFINITY, hi = 0;
-  int epochs = 1;
+  const bool by_step = std::any_of(runs.begin(), runs.end(),
+                                   [](const RunResult& r) { return is_newton(r.optimizer); });
+  // The x of a measurement, or NAN where it has none (step 0 on the log axis).
+  auto x_of = [&](const EpochStats& s) {
+    if (!by_step) return static_cast<double>(s.epoch);
+    return s.step > 0 ? static_cast<double>(s.step) : NAN;
+  };
+  double lo = INFINITY, hi = 0, x_hi = 1;
   for (const RunResult& r : runs) {
     hi = std::max(hi, r.history.front().train_loss);
     for (const EpochStats& s : r.history) {
       if (std::isfinite(s.train_loss) && s.train_loss > 0) lo = std::min(lo, s.train_loss);
-      epochs = std::max(epochs, s.epoch);
+      if (std::isfinite(x_of(s))) x_hi = std::max(x_hi, x_of(s));
     }
   }
   if (!(lo < hi)) lo = hi / 10;
-  SvgPlot plot(760, 480, {0, static_cast<double>(epochs)}, {lo / 1.5, hi * 1.5, true});
+  const Range x_range =
+      by_step ? Range{0.7, std::max(10.0, 1.4 * x_hi), true} : Range{0, x_hi, false};
+  SvgPlot plot(760, 480, x_range, {lo / 1.5, hi * 1.5, true});
   const std::string title =
       std::string(kind == ModelKind::softmax ? "softmax regression" : "two-layer perceptron") +
-      " on digits: train loss, " + batch_label;
-  plot.axes("epoch", "train loss (mean cross-entropy)", title);
+      " on digits: train loss, " + batch_label + (by_step ? " (newton: full batch)" : "");
+  plot.axes(
+      by_step ? "optimizer steps, log scale (newton: one step = one exact-Hessian solve)" : "epoch",
+      "train loss (mean cross-entropy)", title);
   std::vector<LegendEntry> legend;
   for (std::size_t i = 0; i < runs.size(); ++i) {
+    const bool nt = is_newton(runs[i].optimizer);
     std::vector<Point> pts;
     for (const EpochStats& s : runs[i].history)
-      pts.push_back({static_cast<double>(s.epoch), s.train_loss});
+      if (std::isfinite(x_of(s))) pts.push_back({x_of(s), s.train_loss});
     plot.polyline(pts, svg_color(i), 2);
-    legend.push_back({runs[i].optimizer + (runs[i].diverged ? " (diverged)" : ""), svg_color(i)});
+    if (nt)
+      for (const Point& p : pts) plot.marker(p, svg_color(i), 3.5);
+    legend.push_back({runs[i].optimizer +
+                          (nt ? " (exact Hessian, L2 " + fmt("%g", runs[i].l2) + ")" : "") +
+                          (runs[i].diverged ? " (diverged)" : ""),
+                      svg_color(i)});
+  }
+  if (by_step && !runs.empty()) {
+    // Step 0 has no place on the log axis: say where every run starts.
+    const double start = runs.front().history.front().train_loss;
+    if (std::isfinite(start) && start > 0)
+      plot.text({0.75, start}, "every run starts at " + fmt("%.3g", start) + " (step 0)", 11,
+                "start", "#555");
   }
   plot.legend(legend);
   plot.save(path);
+}
+
+// `fusedopt-demo train`'s newton row: progress in lines of steps, then how it stopped.
+RunResult run_newton(const NewtonConfig& config, const Split& split, bool tty) {
+  const std::string label = "softmax newton";
+  if (tty) {
+    std::printf("%-16s %d unknowns, exact Hessian ...", label.c_str(), (kFeatures + 1) * kClasses);
+    std::fflush(stdout);
+  }
+  const auto t0 = Clock::now();
+  RunResult r = newton_run(config, split);
+  const double seconds = seconds_since(t0);
+  if (tty) std::printf("\r\033[K");
+  const int steps = static_cast<int>(r.steps);
+  ProgressPrinter progress(label, false, 30, "steps");  // as for 30 epochs: 5 steps a line
+  for (std::size_t k = 1; k < r.history.size(); ++k)
+    progress({static_cast<int>(k), steps, 1, 1, &r.history[k]});
+  std::printf("%-16s %s: max |g| %.1e after %d steps, %lld evaluations, %.2f s (cpu, double)\n",
+              label.c_str(), r.converged ? "converged" : "stopped", r.grad_norm, steps,
+              static_cast<long long>(r.evaluations), seconds);
+  std::fflush(stdout);
+  return r;
 }
 
 }  // namespace
@@ -548,12 +723,17 @@ int run_train(int argc, char** argv) {
     }
     for (const std::string& name : cli.optimizers) {
       options.push_back(options_for(name, cli.sets));
+      if (is_newton(name)) {
+        (void)newton_config(options.back(), cli.seed);  // throws UsageError for a bad value
+        continue;
+      }
       try {
         Optimizer probe(name, device);
         for (const auto& [key, value] : demo_defaults(name)) probe.set_option(key, value);
         for (const auto& [key, value] : options.back()) probe.set_option(key, value);
       } catch (const Error& e) {
-        const std::string what = e.what();  // the library's messages mostly name the algorithm
+        std::string what = e.what();  // the library's messages mostly name the algorithm
+        if (what.rfind("unknown algorithm", 0) == 0) what += "; or newton, the demo's own";
         throw UsageError(what.rfind(name + ":", 0) == 0 ? what : name + ": " + what);
       }
     }
@@ -565,6 +745,10 @@ int run_train(int argc, char** argv) {
         throw UsageError(std::string("--schedule: ") + e.what());
       }
     }
+
+    const bool only_newton = std::all_of(cli.optimizers.begin(), cli.optimizers.end(), is_newton);
+    if (only_newton && cli.models == std::vector<ModelKind>{ModelKind::mlp})
+      throw UsageError("newton runs on the softmax model only: nothing to train on the mlp");
 
     const Dataset all = load_digits(cli.data);
     const Split split = split_dataset(all, 360, cli.seed);
@@ -581,6 +765,20 @@ int run_train(int argc, char** argv) {
     std::vector<RunResult> results;
     for (ModelKind kind : cli.models) {
       for (std::size_t k = 0; k < cli.optimizers.size(); ++k) {
+        if (is_newton(cli.optimizers[k])) {
+          if (kind == ModelKind::softmax) {
+            results.push_back(run_newton(newton_config(options[k], cli.seed), split, tty));
+          } else {
+            std::size_t unknowns = 0;
+            const Model<float> mlp({kind, cli.hidden});
+            for (const TensorSlice& t : mlp.tensors()) unknowns += t.numel;
+            std::printf(
+                "%-16s skipped: the mlp's loss is not convex (an indefinite Hessian) and its "
+                "%zu x %zu Hessian is too large; newton runs on the softmax model\n",
+                (std::string(model_name(kind)) + " newton").c_str(), unknowns, unknowns);
+          }
+          continue;
+        }
         TrainConfig c;
         c.model = {kind, cli.hidden, cli.activation};
         c.optimizer = cli.optimizers[k];
@@ -607,6 +805,7 @@ int run_train(int argc, char** argv) {
       std::vector<RunResult> runs;
       for (const RunResult& r : results)
         if (r.model == model_name(kind)) runs.push_back(r);
+      if (runs.empty()) continue;
       svgs.push_back(
           (std::filesystem::path(cli.out) / ("loss_" + std::string(model_name(kind)) + ".svg"))
               .string());

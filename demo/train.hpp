@@ -20,7 +20,8 @@
 
 namespace fo::demo {
 
-/// The optimizers `train` compares unless told otherwise.
+/// The optimizers `train` compares unless told otherwise: six of fusedopt's first-order
+/// algorithms and "newton" (newton_run; the softmax model only).
 const std::vector<std::string>& default_optimizers();
 
 /// The options the demo sets before the user's: an lr tuned for this problem (and momentum
@@ -42,7 +43,8 @@ struct TrainConfig {
 };
 
 struct EpochStats {
-  int epoch = 0;  // 0: before the first step
+  int epoch = 0;          // 0: before the first step (newton_run: the Newton step)
+  std::int64_t step = 0;  // optimizer steps taken when it was measured
   double train_loss = 0, train_accuracy = 0;
   double test_loss = 0, test_accuracy = 0;
 };
@@ -63,6 +65,13 @@ struct RunResult {
   std::int64_t steps = 0;
   double step_seconds = 0;  // summed over opt.step calls only
   bool diverged = false;    // the train loss became inf or nan; training stopped
+  // newton_run only (step_seconds then times the whole of fo::newton_minimize):
+  std::int64_t evaluations = 0;  // of the objective with its Hessian, the start point included
+  double l2 = 0;                 // the L2 coefficient of the objective
+  double objective = 0;          // at the end: mean cross-entropy + (l2 / 2) |theta|^2
+  double grad_norm = 0;          // at the end: max |g| of the objective
+  bool converged = false;        // grad_norm <= NewtonConfig::grad_tol
+  double eval_seconds = 0;       // in the objective (gradient and Hessian), of step_seconds
   double mean_step_us() const {
     return steps ? 1e6 * step_seconds / static_cast<double>(steps) : 0;
   }
@@ -73,6 +82,21 @@ struct RunResult {
 /// optimizer takes there. Throws fo::Error for a bad optimizer option.
 RunResult train_run(const TrainConfig& config, const Split& data,
                     const std::function<void(const Progress&)>& on_progress = {});
+
+/// Damped Newton's method (fusedopt/newton.hpp) on softmax regression.
+struct NewtonConfig {
+  double l2 = 1e-4;        // the objective's (l2 / 2) |theta|^2, weights and biases; > 0
+  double grad_tol = 1e-8;  // stop when max |g| <= grad_tol (fo::NewtonOptions::grad_tol)
+  int max_steps = 100;     // accepted Newton steps at most
+  std::uint64_t seed = 1;  // the initialisation: the same start as train_run's softmax model
+};
+
+/// Minimises softmax_objective over the whole training set, 650 unknowns in double with the
+/// exact Hessian, from Model<float>::init(seed) (the first-order runs' start). The result's
+/// history is the start, then one entry per accepted step (epoch = step = the step's number),
+/// evaluated as train_run's are (train_loss is the mean cross-entropy, without the L2 term).
+/// Throws std::invalid_argument for an invalid config (fo::Error from newton_minimize).
+RunResult newton_run(const NewtonConfig& config, const Split& data);
 
 /// `fusedopt-demo train [options]`; argv[0] is "train". Returns the exit status.
 int run_train(int argc, char** argv);
