@@ -59,6 +59,24 @@ class DeviceFloats {
 };
 #endif
 
+/// Train and test loss and accuracy of a model at `params`, as one history entry.
+template <class T>
+EpochStats evaluate_split(const Model<T>& model, const T* params, const Split& split, int epoch,
+                          std::int64_t step) {
+  const Dataset& train = split.train;
+  const Dataset& test = split.test;
+  const Evaluation tr = model.evaluate(params, train.x.data(), train.y.data(), train.size());
+  const Evaluation te = model.evaluate(params, test.x.data(), test.y.data(), test.size());
+  EpochStats s;
+  s.epoch = epoch;
+  s.step = step;
+  s.train_loss = tr.loss;
+  s.train_accuracy = tr.accuracy;
+  s.test_loss = te.loss;
+  s.test_accuracy = te.accuracy;
+  return s;
+}
+
 }  // namespace
 
 const std::vector<std::string>& default_optimizers() {
@@ -86,7 +104,6 @@ RunResult train_run(const TrainConfig& config, const Split& data,
                     const std::function<void(const Progress&)>& on_progress) {
   if (config.epochs < 0) throw std::invalid_argument("epochs must be >= 0");
   const Dataset& train = data.train;
-  const Dataset& test = data.test;
   if (train.size() == 0) throw std::invalid_argument("the training set is empty");
 
   const Model<float> model(config.model);
@@ -128,17 +145,7 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   r.lr = config.lr_at ? config.lr_at(1) : opt.option("lr");
 
   auto evaluate = [&](int epoch) {
-    EpochStats s;
-    s.epoch = epoch;
-    s.step = r.steps;
-    const Evaluation tr =
-        model.evaluate(params.data(), train.x.data(), train.y.data(), train.size());
-    const Evaluation te = model.evaluate(params.data(), test.x.data(), test.y.data(), test.size());
-    s.train_loss = tr.loss;
-    s.train_accuracy = tr.accuracy;
-    s.test_loss = te.loss;
-    s.test_accuracy = te.accuracy;
-    return s;
+    return evaluate_split(model, params.data(), data, epoch, r.steps);
   };
   r.history.push_back(evaluate(0));
 
@@ -198,7 +205,6 @@ RunResult newton_run(const NewtonConfig& config, const Split& data) {
   if (!(config.l2 > 0) || !std::isfinite(config.l2))
     throw std::invalid_argument("newton: l2 must be > 0 (the cross-entropy's Hessian is singular)");
   const Dataset& train = data.train;
-  const Dataset& test = data.test;
   if (train.size() == 0) throw std::invalid_argument("the training set is empty");
 
   // The first-order runs' start, in double: W then b, as softmax_objective orders theta.
@@ -220,17 +226,7 @@ RunResult newton_run(const NewtonConfig& config, const Split& data) {
     std::copy_n(th.begin(), tw.numel, params.begin() + static_cast<long>(tw.offset));
     std::copy_n(th.begin() + static_cast<long>(tw.numel), tb.numel,
                 params.begin() + static_cast<long>(tb.offset));
-    EpochStats s;
-    s.epoch = step;
-    s.step = step;
-    const Evaluation tr =
-        model.evaluate(params.data(), train.x.data(), train.y.data(), train.size());
-    const Evaluation te = model.evaluate(params.data(), test.x.data(), test.y.data(), test.size());
-    s.train_loss = tr.loss;
-    s.train_accuracy = tr.accuracy;
-    s.test_loss = te.loss;
-    s.test_accuracy = te.accuracy;
-    return s;
+    return evaluate_split(model, params.data(), data, step, step);
   };
 
   RunResult r;

@@ -116,7 +116,6 @@ std::vector<unsigned char> encode_checkpoint(const CheckpointData& d) {
   }
   // Tensor table: offsets are known once the header's size is, and the header's size does
   // not depend on the offsets' values (fixed-width fields).
-  std::size_t table_at = h.out.size();
   h.pod(static_cast<std::uint32_t>(d.tensors.size()));
   std::vector<std::size_t> offset_slots;
   for (const auto& t : d.tensors) {
@@ -130,7 +129,6 @@ std::vector<unsigned char> encode_checkpoint(const CheckpointData& d) {
   }
   const std::size_t size_slot = h.out.size();
   h.pod(std::uint64_t{0});  // file size
-  (void)table_at;
 
   std::size_t at = (kPreamble + h.out.size() + kAlign - 1) / kAlign * kAlign;
   for (std::size_t i = 0; i < d.tensors.size(); ++i) {

@@ -57,6 +57,14 @@ struct AdamOp {
   }
 };
 
+/// The constraints every Adam-like optimizer (adam, adamw, lazyadam) puts on its options.
+inline void validate_adam_core(double lr, double eps, double beta1, double beta2, Validator& v) {
+  v.at_least("lr", lr, 0.0);
+  v.at_least("eps", eps, 0.0);
+  v.in_unit_interval("beta1", beta1);
+  v.in_unit_interval("beta2", beta2);
+}
+
 /// Options and validation common to adam and adamw (they differ in the weight_decay default).
 struct AdamOptionsBase {
   double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
@@ -78,10 +86,7 @@ struct AdamFamily {
   static bool has_state(const Options& o, int k) { return k < 2 || o.amsgrad; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {
-    v.at_least("lr", o.lr, 0.0);
-    v.at_least("eps", o.eps, 0.0);
-    v.in_unit_interval("beta1", o.beta1);
-    v.in_unit_interval("beta2", o.beta2);
+    validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
     v.at_least("weight_decay", o.weight_decay, 0.0);
   }
 };

@@ -7,7 +7,7 @@
 // Traffic per touched element: p, m, v read and written; the summed grad read.
 #pragma once
 
-#include "fusedopt/kernels/algorithm.hpp"
+#include "fusedopt/kernels/ops/adam.hpp"  // validate_adam_core
 
 namespace fo {
 
@@ -47,10 +47,7 @@ struct LazyAdam {
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {
-    v.at_least("lr", o.lr, 0.0);
-    v.at_least("eps", o.eps, 0.0);
-    v.in_unit_interval("beta1", o.beta1);
-    v.in_unit_interval("beta2", o.beta2);
+    validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
   }
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     const double bc1 = 1.0 - pow(o.beta1, static_cast<double>(step));
