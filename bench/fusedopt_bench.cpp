@@ -331,16 +331,19 @@ std::vector<std::int64_t> sparse_indices(std::int64_t rows, std::int64_t nnz, bo
 }
 
 /// sparse/<algorithm>/<backend>/<rows>x<dim>/<nnz>/<uniform|zipf>: one step_sparse of an
-/// embedding table. Bytes: each distinct row's param and states read and written, every
-/// gradient row and index read. Wall time (a sparse step waits for its index check).
-void bench_sparse(benchmark::State& state, const char* algorithm, fo::Device device,
+/// embedding table. Bytes: each distinct row's param and states read and written (a row-wise
+/// state is one float per row), every gradient row and index read. Wall time (a sparse step
+/// waits for its index check). `algorithm` "adagrad_rowwise" is adagrad with rowwise = 1.
+void bench_sparse(benchmark::State& state, const std::string& algorithm, fo::Device device,
                   std::int64_t rows, std::int64_t dim, std::int64_t nnz, bool zipf) {
+  const bool rowwise = algorithm == "adagrad_rowwise";
   const std::vector<std::int64_t> idx = sparse_indices(rows, nnz, zipf, 7);
   std::vector<std::int64_t> distinct = idx;
   std::sort(distinct.begin(), distinct.end());
   const auto unique_rows = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
   const std::size_t grad_bytes = static_cast<std::size_t>(nnz * dim) * 4;
-  fo::Optimizer opt(algorithm, device);
+  fo::Optimizer opt(rowwise ? "adagrad" : algorithm, device);
+  if (rowwise) opt.set_option("rowwise", 1);
   void* table = nullptr;
   void* grads = nullptr;
   void* d_idx = nullptr;
@@ -371,9 +374,10 @@ void bench_sparse(benchmark::State& state, const char* algorithm, fo::Device dev
     if (device == fo::Device::cuda) cudaDeviceSynchronize();
 #endif
   }
-  const double bytes =
-      static_cast<double>(unique_rows) * double(dim) * 4.0 * 2.0 * double(1 + states) +
-      static_cast<double>(grad_bytes) + static_cast<double>(nnz) * 8.0;
+  const double state_floats_per_row = rowwise ? 1.0 : double(dim);
+  const double bytes = static_cast<double>(unique_rows) * 4.0 * 2.0 *
+                           (double(dim) + state_floats_per_row * static_cast<double>(states)) +
+                       static_cast<double>(grad_bytes) + static_cast<double>(nnz) * 8.0;
   state.counters["bytes_per_second"] =
       benchmark::Counter(bytes * static_cast<double>(state.iterations()),
                          benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
@@ -393,7 +397,7 @@ void register_sparse(bool cuda) {
     shapes.push_back({fo::Device::cuda, 1 << 20, 128});
     shapes.push_back({fo::Device::cuda, 10 * (1 << 20), 64});
   }
-  for (const char* algorithm : {"lazyadam", "adagrad"})
+  for (const char* algorithm : {"lazyadam", "adagrad", "adagrad_rowwise"})
     for (const auto& sh : shapes)
       for (bool zipf : {false, true}) {
         const std::int64_t nnz = 1 << 16;

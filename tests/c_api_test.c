@@ -431,6 +431,34 @@ static void test_state_sparse_checkpoint(void) {
   fo_optimizer_destroy(opt);
 }
 
+/* Row-wise AdaGrad through the ABI: a [rows] state sized by fo_optimizer_state_numel, sparse
+ * steps only, and the state a caller sized by the element count is refused. */
+static void test_rowwise_state_numel(void) {
+  enum { ROWS = 12, DIM = 5 };
+  float table[ROWS * DIM], g[2 * DIM], sum[ROWS], wrong[ROWS * DIM];
+  const int64_t shape[2] = {ROWS, DIM};
+  const int64_t idx[2] = {7, 2};
+  int64_t n = -1;
+  fill(table, ROWS * DIM);
+  fill(g, 2 * DIM);
+  fo_optimizer* opt = make("adagrad", 0.1);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "rowwise", 1), OK);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "emb", table, FO_FLOAT32, 2, shape), OK);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "emb", "sum", &n), OK);
+  CHECK(n == ROWS);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "emb", "nope", &n), INVALID);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "emb", "sum", NULL), INVALID);
+  CHECK_STATUS(fo_optimizer_step_sparse(opt, "emb", idx, FO_INT64, 2, g, NULL), OK);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "emb", "sum", sum, ROWS), OK);
+  CHECK(sum[7] > 0.0f && sum[2] > 0.0f && sum[0] == 0.0f && sum[11] == 0.0f);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "emb", "sum", wrong, ROWS * DIM), INVALID);
+  const void* grads[1] = {g};
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), FO_UNSUPPORTED);
+  CHECK(steps_of(opt, "emb") == 1);
+  fo_optimizer_destroy(opt);
+  CHECK(fo_abi_version() >= 4);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -443,6 +471,7 @@ int main(int argc, char** argv) {
   test_add_param_errors();
   test_param_option();
   test_state_sparse_checkpoint();
+  test_rowwise_state_numel();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

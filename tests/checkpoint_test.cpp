@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -299,6 +300,63 @@ TEST(CheckpointErrors, StateFreeParamsRoundTrip) {
   EXPECT_EQ(loaded.step_count("b"), 1);
   EXPECT_EQ(loaded.param_option("a", "momentum"), 0.9);
   EXPECT_EQ(loaded.state("a", "momentum_buffer"), saved.state("a", "momentum_buffer"));
+}
+
+// Row-wise AdaGrad keeps [rows] state beside a [rows x dim] table: resuming from a checkpoint
+// equals never stopping, and a state tensor of any other length is corrupt.
+TEST(CheckpointRowwise, ResumingEqualsNeverStoppingAndSizesAreChecked) {
+  TempDir dir;
+  auto rng = make_rng();
+  const std::int64_t rows = 50, dim = 9;
+  const std::vector<float> init = random_floats(rng, rows * dim);
+  std::vector<std::vector<std::int64_t>> idx(10);
+  std::vector<std::vector<float>> grads(10);
+  for (int t = 0; t < 10; ++t) {
+    idx[t].resize(30);
+    for (auto& i : idx[t]) i = std::uniform_int_distribution<std::int64_t>(0, rows - 1)(rng);
+    grads[t] = random_floats(rng, 30 * dim);
+  }
+  struct Table {
+    std::vector<float> w;
+    Optimizer opt{"adagrad"};
+    explicit Table(const std::vector<float>& init) : w(init) {
+      opt.set_option("rowwise", 1);
+      opt.set_option("lr_decay", 0.01);
+      opt.add_param("emb", w.data(), DType::f32, {50, 9});
+    }
+    void steps(int from, int to, const std::vector<std::vector<std::int64_t>>& idx,
+               const std::vector<std::vector<float>>& grads) {
+      for (int t = from; t < to; ++t)
+        opt.step_sparse("emb", idx[t].data(), DType::i64, 30, grads[t].data());
+    }
+  };
+  Table straight(init), first(init), resumed(init);
+  straight.steps(0, 10, idx, grads);
+  first.steps(0, 5, idx, grads);
+  first.opt.save(dir.file("ckpt"));
+  resumed.w = first.w;
+  resumed.opt.load(dir.file("ckpt"));
+  EXPECT_EQ(resumed.opt.state("emb", "sum").size(), static_cast<std::size_t>(rows));
+  resumed.steps(5, 10, idx, grads);
+  EXPECT_TRUE(bitwise_equal(resumed.w, straight.w)) << first_difference(resumed.w, straight.w);
+  EXPECT_TRUE(bitwise_equal(resumed.opt.state("emb", "sum"), straight.opt.state("emb", "sum")));
+  EXPECT_EQ(resumed.opt.step_count("emb"), 10);
+
+  // The accumulator with one value per element instead of per row: corrupt, nothing changes.
+  const std::vector<unsigned char> file = bytes_of(dir.file("ckpt"));
+  detail::CheckpointData d = detail::decode_checkpoint(file.data(), file.size());
+  ASSERT_EQ(d.tensors.size(), 1u);
+  d.tensors[0].values.resize(static_cast<std::size_t>(rows * dim), 0.5f);
+  write_bytes(dir.file("bad"), detail::encode_checkpoint(d));
+  const std::vector<float> sum_before = resumed.opt.state("emb", "sum");
+  try {
+    resumed.opt.load(dir.file("bad"));
+    ADD_FAILURE() << "loaded a per-element accumulator into a row-wise table";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::corrupt_data);
+    EXPECT_NE(std::string(e.what()).find("expected 50"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(bitwise_equal(resumed.opt.state("emb", "sum"), sum_before));
 }
 
 TEST(CheckpointErrors, DuplicateOrUnknownEntriesAreCorrupt) {

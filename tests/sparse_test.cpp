@@ -1,12 +1,13 @@
-// Sparse row steps of embedding tables (lazyadam, adagrad) on the CPU and, where present, a
-// GPU: against the double reference, and the properties SPEC.md promises exactly
-// (duplicates summed deterministically, untouched rows bitwise unchanged, bad indices
+// Sparse row steps of embedding tables (lazyadam, adagrad, row-wise adagrad) on the CPU and,
+// where present, a GPU: against the double reference, and the properties SPEC.md promises
+// exactly (duplicates summed deterministically, untouched rows bitwise unchanged, bad indices
 // rejected with nothing changed).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <numeric>
@@ -22,25 +23,34 @@
 namespace fo::test {
 namespace {
 
+using Options = std::vector<std::pair<std::string, double>>;
+
 struct Case {
   std::string algorithm;
   Device device;
+  Options options;  // e.g. {{"rowwise", 1}}
+  std::string variant;
+
+  bool rowwise() const { return !options.empty() && options[0].first == "rowwise"; }
+  ref::OptionMap option_map() const { return {options.begin(), options.end()}; }
 };
 
 void PrintTo(const Case& c, std::ostream* os) {
-  *os << c.algorithm << (c.device == Device::cuda ? " on cuda" : " on cpu");
+  *os << c.algorithm << (c.variant.empty() ? "" : " " + c.variant)
+      << (c.device == Device::cuda ? " on cuda" : " on cpu");
 }
 
 /// A table in an optimizer, with its indices and gradient rows staged on the same device.
 class Table {
  public:
   Table(const Case& c, std::int64_t rows, std::int64_t dim, std::mt19937_64& rng,
-        const std::vector<std::pair<std::string, double>>& options = {})
+        const Options& options = {})
       : device_(c.device),
         rows_(rows),
         dim_(dim),
         data_(c.device, random_floats(rng, static_cast<std::size_t>(rows * dim))),
         opt_(c.algorithm, c.device) {
+    for (const auto& [k, v] : c.options) opt_.set_option(k, v);
     for (const auto& [k, v] : options) opt_.set_option(k, v);
     opt_.add_param("table", data_.data(), DType::f32, {rows, dim});
   }
@@ -93,6 +103,22 @@ class Sparse : public ::testing::TestWithParam<Case> {
   }
 };
 
+/// Every sparse algorithm on both devices, plus each row-wise form (an algorithm with the
+/// option "rowwise") as its own case.
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  for (const auto& a : dense_algorithms()) {
+    if (!a.sparse) continue;
+    const bool has_rowwise =
+        std::find(a.options.begin(), a.options.end(), "rowwise") != a.options.end();
+    for (Device d : {Device::cpu, Device::cuda}) {
+      v.push_back({a.name, d, {}, ""});
+      if (has_rowwise) v.push_back({a.name, d, {{"rowwise", 1}}, "rowwise"});
+    }
+  }
+  return v;
+}
+
 std::vector<float> rows_of(std::mt19937_64& rng, std::size_t nnz, std::int64_t dim) {
   return random_floats(rng, nnz * static_cast<std::size_t>(dim));
 }
@@ -114,8 +140,11 @@ TEST_P(Sparse, MatchesTheReferenceAndLeavesOtherRowsAlone) {
     std::vector<double> ref_table(initial.begin(), initial.end());
     ref::StateMap ref_states;
     for (const auto& s : table.states())
-      ref_states[s].assign(static_cast<std::size_t>(rows * dim),
-                           ref::state_initial_value(c.algorithm, {}, s));
+      ref_states[s].assign(static_cast<std::size_t>(table.opt().state_numel("table", s)),
+                           ref::state_initial_value(c.algorithm, c.option_map(), s));
+    // Row-wise: the mean square's fp32 sum adds up to ceil(dim / 32) + 6 roundings
+    // (kernels/rowwise.hpp) to the rate, hence to every change and to the accumulator.
+    const double extra = c.rowwise() ? static_cast<double>((dim + 31) / 32 + 6) : 0.0;
     for (int t = 1; t <= 20; ++t) {
       SCOPED_TRACE("step " + std::to_string(t));
       std::vector<std::int64_t> idx(std::uniform_int_distribution<int>(0, 300)(rng));
@@ -139,38 +168,44 @@ TEST_P(Sparse, MatchesTheReferenceAndLeavesOtherRowsAlone) {
       }
       std::vector<double> want_table = ref_table;
       ref::StateMap want_states = ref_states;
-      ref::sparse_step(c.algorithm, {}, t, want_table, rows, dim, distinct, summed, want_states);
-      auto check = [&](const std::string& what, const std::vector<float>& got,
+      ref::sparse_step(c.algorithm, c.option_map(), t, want_table, rows, dim, distinct, summed,
+                       want_states);
+      // `item`: the index of this buffer in everything() (0 the table, then the states).
+      auto check = [&](const std::string& what, std::size_t item, const std::vector<float>& got,
                        const std::vector<double>& want, const std::vector<double>& old) {
+        const std::size_t per_row = want.size() / static_cast<std::size_t>(rows);
         double max_change = 0.0;
         for (std::size_t i = 0; i < want.size(); ++i)
           max_change = std::max(max_change, std::abs(want[i] - old[i]));
         int bad = 0;
         for (std::size_t i = 0; i < want.size(); ++i) {
-          const bool touched =
-              std::find(idx.begin(), idx.end(), static_cast<std::int64_t>(i) / dim) != idx.end();
-          if (!touched) {  // untouched rows: exactly as before
-            if (std::memcmp(&got[i], &before[what == "table" ? 0 : 1][i], 4) != 0 &&
-                what == "table")
-              ++bad;
+          const auto row = static_cast<std::int64_t>(i / per_row);
+          if (std::find(idx.begin(), idx.end(), row) == idx.end()) {  // untouched: as before
+            if (std::memcmp(&got[i], &before[item][i], 4) != 0 && ++bad <= 3)
+              ADD_FAILURE() << what << "[" << i << "] of an untouched row changed";
             continue;
           }
-          const double tol = 8 * kU * std::abs(want[i]) + 16 * kU * max_change + 1e-37;
+          const double tol =
+              (8 + extra) * kU * std::abs(want[i]) + (16 + extra) * kU * max_change + 1e-37;
           if (!(std::abs(got[i] - want[i]) <= tol) && ++bad <= 3)
             ADD_FAILURE() << what << "[" << i << "]: got " << got[i] << ", want " << want[i]
                           << ", tol " << tol;
         }
         EXPECT_EQ(bad, 0) << what;
       };
-      check("table", table.values(), want_table, ref_table);
-      for (const auto& s : table.states()) check(s, table.state(s), want_states[s], ref_states[s]);
-      // Untouched rows of every state: bitwise as before (the check above covers the table).
+      check("table", 0, table.values(), want_table, ref_table);
+      std::size_t item = 1;
+      for (const auto& s : table.states())
+        check(s, item++, table.state(s), want_states[s], ref_states[s]);
+      // Odd rows are never touched: bitwise as before in the table and every state.
       const auto after = table.everything();
-      for (std::size_t k = 1; k + 1 < after.size(); ++k)
-        for (std::int64_t r = 1; r < rows; r += 2)  // odd rows are never touched
-          for (std::int64_t j = 0; j < dim; ++j)
-            ASSERT_EQ(std::memcmp(&after[k][r * dim + j], &before[k][r * dim + j], 4), 0)
-                << "state " << k << " of untouched row " << r << " changed";
+      for (std::size_t k = 0; k + 1 < after.size(); ++k) {
+        const std::size_t per_row = after[k].size() / static_cast<std::size_t>(rows);
+        for (std::size_t i = per_row; i < after[k].size(); i += 2 * per_row)
+          for (std::size_t j = i; j < i + per_row; ++j)
+            ASSERT_EQ(std::memcmp(&after[k][j], &before[k][j], 4), 0)
+                << "item " << k << " of untouched row " << i / per_row << " changed";
+      }
       EXPECT_EQ(table.opt().step_count("table"), t);
       const auto v = table.values();
       ref_table.assign(v.begin(), v.end());
@@ -304,7 +339,7 @@ TEST_P(Sparse, ANanInOneRowDoesNotSpread) {
   const auto a = with_nan.everything(), b = clean.everything();
   for (std::size_t k = 0; k + 1 < a.size(); ++k)
     for (std::size_t i = 0; i < a[k].size(); ++i) {
-      if (i / 8 == 10) continue;
+      if (i / (a[k].size() / 64) == 10) continue;  // row 10, per element or per row
       ASSERT_EQ(std::memcmp(&a[k][i], &b[k][i], 4), 0) << "item " << k << "[" << i << "]";
     }
   EXPECT_TRUE(std::isnan(with_nan.values()[10 * 8 + 5]));
@@ -343,34 +378,118 @@ TEST(SparseAdagrad, WeightDecayIsRejectedForSparseSteps) {
   EXPECT_THROW(opt.step_sparse("w", idx.data(), DType::i64, 1, g.data()), Error);
 }
 
-TEST(SparseGpu, GpuEqualsCpuBitwise) {
-  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device on this machine";
-  for (const std::string algorithm : {"lazyadam", "adagrad"}) {
-    auto rng = make_rng(algorithm);
-    const std::uint64_t seed = rng();
-    std::mt19937_64 r1(seed), r2(seed);
-    Table cpu({algorithm, Device::cpu}, 1000, 33, r1), gpu({algorithm, Device::cuda}, 1000, 33, r2);
-    for (int t = 0; t < 5; ++t) {
-      std::vector<std::int64_t> idx(5000);
-      for (auto& i : idx) i = std::uniform_int_distribution<std::int64_t>(0, 999)(rng);
-      const std::vector<float> g = rows_of(rng, idx.size(), 33);
-      cpu.step(idx, g);
-      gpu.step(idx, g);
+// Row-wise AdaGrad's exact arithmetic on one row of dim 5, written out in the order
+// kernels/rowwise.hpp documents: lane l holds g[l]^2, and the folds by 4, 2, 1 give
+// ((g0^2 + g4^2) + g2^2) + (g1^2 + g3^2). Pins that order (GpuEqualsCpuBitwise holds the GPU
+// to the CPU) and the formula; the reference test covers accuracy.
+TEST(SparseRowwiseAdagrad, FollowsTheDocumentedOrderBitwise) {
+  auto rng = make_rng();
+  std::vector<float> table = random_floats(rng, 6 * 5);
+  const std::vector<float> p0 = table;
+  Optimizer opt("adagrad");
+  opt.set_option("rowwise", 1);
+  opt.set_option("lr", 0.5);
+  opt.set_option("initial_accumulator_value", 0.25);
+  opt.add_param("t", table.data(), DType::f32, {6, 5});
+  const std::vector<float> g = random_floats(rng, 5);
+  const std::vector<std::int64_t> idx{4};
+  opt.step_sparse("t", idx.data(), DType::i64, 1, g.data());
+  const auto sq = [&](int j) { return g[j] * g[j]; };
+  const float mean = (((sq(0) + sq(4)) + sq(2)) + (sq(1) + sq(3))) / 5.0f;
+  const float sum = 0.25f + mean;
+  const float rate = 0.5f / (std::sqrt(sum) + 1e-10f);
+  const std::vector<float> sums = opt.state("t", "sum");
+  ASSERT_EQ(sums.size(), 6u);
+  EXPECT_EQ(std::memcmp(&sums[4], &sum, 4), 0) << sums[4] << " vs " << sum;
+  for (int r = 0; r < 6; ++r) {
+    if (r != 4) {
+      EXPECT_EQ(sums[r], 0.25f) << "row " << r;
     }
-    expect_same(gpu.everything(), cpu.everything(), algorithm + ": GPU vs CPU");
+  }
+  for (int j = 0; j < 5; ++j) {
+    const float want = std::fma(-rate, g[j], p0[4 * 5 + j]);
+    EXPECT_EQ(std::memcmp(&table[4 * 5 + j], &want, 4), 0) << "column " << j;
+  }
+  for (int i = 0; i < 30; ++i) {
+    if (i / 5 != 4) {
+      EXPECT_EQ(std::memcmp(&table[i], &p0[i], 4), 0) << "element " << i;
+    }
   }
 }
 
-std::vector<Case> cases() {
-  std::vector<Case> v;
-  for (const auto& a : dense_algorithms())
-    if (a.sparse)
-      for (Device d : {Device::cpu, Device::cuda}) v.push_back({a.name, d});
-  return v;
+TEST(SparseRowwiseAdagrad, StateIsOnePerRowAndDenseStepsAreRejected) {
+  auto rng = make_rng();
+  const Case c{"adagrad", Device::cpu, {{"rowwise", 1}}, "rowwise"};
+  Table t(c, 40, 7, rng);
+  EXPECT_EQ(t.opt().state_numel("table", "sum"), 40);
+  EXPECT_EQ(t.opt().state("table", "sum").size(), 40u);  // before the first step too
+  t.step({3, 9, 3}, rows_of(rng, 3, 7));
+  const auto before = t.everything();
+  std::vector<float> g = random_floats(rng, 40 * 7);
+  std::vector<float> wrong(40 * 7);
+  auto expect = [&](auto&& f, StatusCode code, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "accepted; expected an error mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), code) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    expect_same(t.everything(), before, "after a rejected call");
+  };
+  expect([&] { t.opt().step({g.data()}); }, StatusCode::unsupported, "sparse steps");
+  expect([&] { t.opt().get_state("table", "sum", wrong.data(), 40 * 7); },
+         StatusCode::invalid_argument, "40 values");
+  expect([&] { t.opt().set_option("rowwise", 0); }, StatusCode::invalid_argument, "row-wise");
+  expect([&] { t.opt().set_param_option("table", "rowwise", 0); }, StatusCode::invalid_argument,
+         "row-wise");
+  // The stateless API has no rows: it refuses the option outright.
+  Adagrad::Options o;
+  o.rowwise = true;
+  std::vector<float> p(8), grad(8), sum(8);
+  DenseTensors dense;
+  dense.param = p.data();
+  dense.grad = grad.data();
+  dense.states[0] = sum.data();
+  dense.numel = 8;
+  expect([&] { fused_step<Adagrad>(o, 1, dense); }, StatusCode::unsupported, "rowwise");
+  // Before a param has stepped, rowwise may still change.
+  std::vector<float> fresh(12);
+  Optimizer other("adagrad");
+  other.set_option("rowwise", 1);
+  other.add_param("w", fresh.data(), DType::f32, {3, 4});
+  other.set_option("rowwise", 0);
+  EXPECT_EQ(other.state_numel("w", "sum"), 12);
+}
+
+TEST(SparseGpu, GpuEqualsCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  for (const auto& c : cases()) {
+    if (c.device != Device::cpu) continue;
+    // dim 33: one full warp-wide pass plus a tail; 130: four passes plus a tail of two.
+    for (std::int64_t dim : {33, 130}) {
+      const std::string what = c.algorithm + " " + c.variant + " dim " + std::to_string(dim);
+      auto rng = make_rng(what);
+      const std::uint64_t seed = rng();
+      std::mt19937_64 r1(seed), r2(seed);
+      Table cpu(c, 1000, dim, r1),
+          gpu({c.algorithm, Device::cuda, c.options, c.variant}, 1000, dim, r2);
+      for (int t = 0; t < 5; ++t) {
+        std::vector<std::int64_t> idx(5000);
+        for (auto& i : idx) i = std::uniform_int_distribution<std::int64_t>(0, 999)(rng);
+        const std::vector<float> g = rows_of(rng, idx.size(), dim);
+        cpu.step(idx, g);
+        gpu.step(idx, g);
+      }
+      expect_same(gpu.everything(), cpu.everything(), what + ": GPU vs CPU");
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, Sparse, ::testing::ValuesIn(cases()), [](const auto& param_info) {
-  return param_info.param.algorithm + (param_info.param.device == Device::cuda ? "_cuda" : "_cpu");
+  const Case& c = param_info.param;
+  return c.algorithm + (c.variant.empty() ? "" : "_" + c.variant) +
+         (c.device == Device::cuda ? "_cuda" : "_cpu");
 });
 
 }  // namespace

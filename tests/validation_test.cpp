@@ -197,7 +197,7 @@ TEST(Validation, BadStateQueriesAreRejected) {
   expect_error([&] { s.opt.get_state("a", "max_exp_avg_sq", out.data(), 37); },
                StatusCode::invalid_argument, "no state 'max_exp_avg_sq'");
   expect_error([&] { s.opt.get_state("a", "exp_avg", out.data(), 36); },
-               StatusCode::invalid_argument, "37 elements");
+               StatusCode::invalid_argument, "37 values");
   expect_error([&] { s.opt.get_state("a", "exp_avg", nullptr, 37); }, StatusCode::invalid_argument,
                "null");
   expect_error([&] { s.opt.get_state("zz", "exp_avg", out.data(), 37); },

@@ -26,8 +26,12 @@ struct AlgorithmInfo {
   void (*cuda_list_step)(const std::vector<double>& options, const cuda::ListEntry* entries,
                          std::size_t n, const cuda::ListSettings& settings, void* stream);
 
+  /// Whether these options make the algorithm row-wise (each state one value per table row;
+  /// sparse steps only), or null when it has no row-wise form.
+  bool (*rowwise)(const std::vector<double>& options);
+
   /// A sparse step at step count `step` (validated options and indices), or null when the
-  /// algorithm has none.
+  /// algorithm has none. Sets s.rowwise from the options.
   void (*sparse_step)(const std::vector<double>& options, std::int64_t step, const SparseStep& s,
                       Device device, void* stream);
 

@@ -15,7 +15,8 @@ struct fo_optimizer {
 
 namespace {
 
-constexpr int kAbiVersion = 3;  // 2: step settings, device scalars, grad_norm; 3: schedules
+// 2: step settings, device scalars, grad_norm; 3: schedules; 4: fo_optimizer_state_numel
+constexpr int kAbiVersion = 4;
 
 thread_local std::string t_last_error;
 
@@ -134,6 +135,17 @@ fo_status fo_optimizer_get_state(const fo_optimizer* opt, const char* name, cons
     require(name, "name");
     require(state, "state");
     opt->impl.get_state(name, state, out, numel);
+  });
+}
+
+fo_status fo_optimizer_state_numel(const fo_optimizer* opt, const char* name, const char* state,
+                                   int64_t* numel) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    require(name, "name");
+    require(state, "state");
+    require(numel, "numel");
+    *numel = opt->impl.state_numel(name, state);
   });
 }
 

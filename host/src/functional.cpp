@@ -80,6 +80,12 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                 const Exec& exec, const StepControls& controls) {
   if (const std::string err = options_error<A>(options); !err.empty()) invalid(err);
   if (step < 1) invalid(std::string(A::kName) + ": step must be >= 1, got " + std::to_string(step));
+  if constexpr (RowwiseCapable<A>::value)
+    if (A::rowwise(options))
+      throw Error(StatusCode::unsupported,
+                  std::string(A::kName) +
+                      ": rowwise applies to sparse steps of embedding tables (step_sparse); "
+                      "dense steps take rowwise = 0");
   check_tensors<A>(options, t, exec, controls);
   if (t.numel == 0) return;
   constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
@@ -142,14 +148,24 @@ AlgorithmInfo make_info() {
   for (const char* s : A::kStates) info.desc.states.emplace_back(s);
   info.desc.sparse = SparseCapable<A>::value;
   info.sparse_step = nullptr;
+  info.rowwise = nullptr;
+  if constexpr (RowwiseCapable<A>::value)
+    info.rowwise = [](const std::vector<double>& v) { return A::rowwise(unpack<A>(v)); };
   if constexpr (SparseCapable<A>::value)
     info.sparse_step = [](const std::vector<double>& v, std::int64_t step, const SparseStep& s,
                           Device device, void* stream) {
-      const typename A::Op op = A::make_op(unpack<A>(v), step);
-      if (device == Device::cuda)
-        cuda::sparse_step(IndexOf<A>::value, &op, s, stream);
-      else
-        cpu::sparse_step(IndexOf<A>::value, &op, s);
+      const typename A::Options o = unpack<A>(v);
+      auto run = [&](const auto& op, bool rowwise) {
+        SparseStep with = s;
+        with.rowwise = rowwise;
+        if (device == Device::cuda)
+          cuda::sparse_step(IndexOf<A>::value, &op, with, stream);
+        else
+          cpu::sparse_step(IndexOf<A>::value, &op, with);
+      };
+      if constexpr (RowwiseCapable<A>::value)
+        if (A::rowwise(o)) return run(A::make_row_op(o, step), true);
+      run(A::make_op(o, step), false);
     };
   info.validate = [](const std::vector<double>& v) { return options_error<A>(unpack<A>(v)); };
   info.has_state = [](const std::vector<double>& v, int k) {

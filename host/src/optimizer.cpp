@@ -182,6 +182,9 @@ struct Optimizer::Impl {
     if (const std::string err = info->validate(next); !err.empty())
       invalid("param '" + p.name + "': " + err);
     if (!has_buffers(p)) return;
+    if (rowwise(p.options) != rowwise(next))
+      invalid("param '" + p.name + "' has already stepped; this change would make its " +
+              (rowwise(next) ? "per-element state row-wise" : "row-wise state per element"));
     for (int k = 0; k < static_cast<int>(info->desc.states.size()); ++k)
       if (info->has_state(p.options, k) != info->has_state(next, k))
         invalid("param '" + p.name + "' has already stepped; this change would " +
@@ -202,8 +205,17 @@ struct Optimizer::Impl {
   bool has_master(const ParamEntry& p) const {
     return settings.master_weights && p.dtype != DType::f32;
   }
+  bool rowwise(const std::vector<double>& options) const {
+    return info->rowwise && info->rowwise(options);
+  }
+  /// Values in each state buffer of `p` under `options`: one per element, or one per row
+  /// (shape[0]) for a row-wise algorithm.
+  std::int64_t state_numel(const ParamEntry& p, const std::vector<double>& options) const {
+    if (!rowwise(options)) return p.numel;
+    return p.shape.empty() ? p.numel : p.shape[0];
+  }
   std::size_t state_bytes(const ParamEntry& p) const {
-    return static_cast<std::size_t>(p.numel) * dtype_size(settings.state_dtype);
+    return static_cast<std::size_t>(state_numel(p, p.options)) * dtype_size(settings.state_dtype);
   }
 
   void create_first_step_state(const std::vector<std::size_t>& stepping, void* stream);
@@ -361,6 +373,9 @@ void Optimizer::step(const void* const* grads, void* stream) {
   for (std::size_t i = 0; i < m.params.size(); ++i) {
     const void* g = grads[i];
     if (!g) continue;
+    if (m.rowwise(m.params[i].options))
+      unsupported("step: param '" + m.params[i].name +
+                  "' is row-wise (rowwise = 1): it takes sparse steps (step_sparse) only");
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(m.params[i])) != 0)
       invalid("step: the grad of param '" + m.params[i].name +
               "' is not aligned to its element size");
@@ -399,10 +414,11 @@ void Optimizer::Impl::create_first_step_state(const std::vector<std::size_t>& st
     for (int k = 0; k < kMaxStates; ++k) {
       if (!f.states[k]) continue;
       const auto init = static_cast<float>(info->state_init(p.options, k));
+      const std::int64_t n = state_numel(p, p.options);
       if (device == Device::cuda)
-        cuda::fill(f.states[k]->data(), settings.state_dtype, init, p.numel, stream);
+        cuda::fill(f.states[k]->data(), settings.state_dtype, init, n, stream);
       else
-        std::fill(f.states[k]->f32(), f.states[k]->f32() + p.numel, init);
+        std::fill(f.states[k]->f32(), f.states[k]->f32() + n, init);
       p.states[k] = std::move(f.states[k]);
     }
     if (f.master) {
@@ -580,7 +596,7 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
       invalid(who + "grad_rows is not aligned to its element size");
   }
   const detail::SparseStep probe{
-      nullptr, {nullptr, nullptr, nullptr},         rows, dim, indices, index_dtype,
+      nullptr, {nullptr, nullptr, nullptr},         false, rows, dim, indices, index_dtype,
       nnz,     static_cast<const float*>(grad_rows)};
   const bool cuda = m.device == Device::cuda;
   std::optional<cuda::DeviceGuard> guard;
@@ -752,13 +768,14 @@ void Optimizer::load(const std::string& path) {
       if (std::find(expected.begin(), expected.end(), t->state) == expected.end())
         throw Error(StatusCode::corrupt_data,
                     who + "param '" + p.name + "' has an unexpected state '" + t->state + "'");
-      if (static_cast<std::int64_t>(t->values.size()) != p.numel)
+      const bool is_master = t->state == kMasterState;
+      const std::int64_t count = is_master ? p.numel : m.state_numel(p, l.options);
+      if (static_cast<std::int64_t>(t->values.size()) != count)
         throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
                                                   "' has " + std::to_string(t->values.size()) +
-                                                  " values for " + std::to_string(p.numel));
-      const bool is_master = t->state == kMasterState;
+                                                  " values, expected " + std::to_string(count));
       const DType storage = is_master ? DType::f32 : settings.state_dtype;
-      const std::size_t bytes_needed = static_cast<std::size_t>(p.numel) * dtype_size(storage);
+      const std::size_t bytes_needed = static_cast<std::size_t>(count) * dtype_size(storage);
       std::optional<detail::StateBuffer>& slot =
           is_master ? l.master : l.states[m.info->state_index(t->state)];
       if (slot) throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' twice");
@@ -850,9 +867,10 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   if (!master && (k < 0 || !m.info->has_state(p.options, k)))
     invalid("param '" + p.name + "' has no state '" + std::string(state) +
             "' (its states: " + join(state_names(name)) + ")");
-  if (numel != p.numel)
-    invalid("get_state: param '" + p.name + "' has " + std::to_string(p.numel) +
-            " elements, the output " + std::to_string(numel));
+  const std::int64_t count = master ? p.numel : m.state_numel(p, p.options);
+  if (numel != count)
+    invalid("get_state: state '" + std::string(state) + "' of param '" + p.name + "' has " +
+            std::to_string(count) + " values, the output " + std::to_string(numel));
   if (numel > 0 && !out) invalid("get_state: the output is null");
   const auto n = static_cast<std::size_t>(numel);
   const std::optional<detail::StateBuffer>& buf = master ? p.master : p.states[k];
@@ -885,8 +903,19 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   for (std::size_t i = 0; i < n; ++i) out[i] = to_float(bf16{raw[i]});
 }
 
+std::int64_t Optimizer::state_numel(std::string_view name, std::string_view state) const {
+  const Impl& m = *impl_;
+  const ParamEntry& p = m.param(name);
+  if (state == kMasterState && m.has_master(p)) return p.numel;
+  const int k = m.info->state_index(state);
+  if (k < 0 || !m.info->has_state(p.options, k))
+    invalid("param '" + p.name + "' has no state '" + std::string(state) +
+            "' (its states: " + join(state_names(name)) + ")");
+  return m.state_numel(p, p.options);
+}
+
 std::vector<float> Optimizer::state(std::string_view name, std::string_view state) const {
-  std::vector<float> out(static_cast<std::size_t>(numel(name)));
+  std::vector<float> out(static_cast<std::size_t>(state_numel(name, state)));
   get_state(name, state, out.data(), static_cast<std::int64_t>(out.size()));
   return out;
 }

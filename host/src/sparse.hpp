@@ -13,11 +13,13 @@
 namespace fo::detail {
 
 /// One sparse step: a [rows x dim] float32 table and its states (null where the algorithm
-/// keeps none), nnz indices (int32 or int64) and their [nnz x dim] float32 gradient rows.
-/// All on one device. Offsets are computed in 64 bits.
+/// keeps none; [rows x dim], or [rows] when `rowwise`), nnz indices (int32 or int64) and
+/// their [nnz x dim] float32 gradient rows. All on one device. Offsets are computed in 64 bits.
+/// `rowwise`: `op` is the algorithm's RowOp, applied as kernels/rowwise.hpp describes.
 struct SparseStep {
   float* table;
   float* states[kMaxStates];
+  bool rowwise;
   std::int64_t rows;
   std::int64_t dim;
   const void* indices;

@@ -41,7 +41,7 @@ OptionMap defaults(const std::string& a) {
             {"weight_decay", 0}, {"nesterov", 0}, {"maximize", 0}};
   if (a == "adagrad")
     return {{"lr", 1e-2},   {"lr_decay", 0}, {"weight_decay", 0}, {"initial_accumulator_value", 0},
-            {"eps", 1e-10}, {"maximize", 0}};
+            {"eps", 1e-10}, {"maximize", 0}, {"rowwise", 0}};
   if (a == "adadelta")
     return {{"lr", 1.0}, {"rho", 0.9}, {"eps", 1e-6}, {"weight_decay", 0}, {"maximize", 0}};
   if (a == "rmsprop")
@@ -100,6 +100,8 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous) {
   const OptionMap o = resolve(a, options);
+  if (a == "adagrad" && o.at("rowwise") != 0)
+    throw std::invalid_argument("fo::ref: row-wise adagrad has sparse steps only");
   const std::size_t n = param.size();
   if (grad.size() != n) throw std::invalid_argument("fo::ref: grad and param sizes differ");
   std::vector<std::vector<double>*> s;  // the buffers, in state_names() order
@@ -226,6 +228,23 @@ void sparse_step(const std::string& a, const OptionMap& options, std::int64_t t,
     auto& g = summed.try_emplace(r, std::vector<double>(static_cast<std::size_t>(dim), 0.0))
                   .first->second;
     for (std::int64_t j = 0; j < dim; ++j) g[j] += grad_rows[k * dim + j];
+  }
+  // Row-wise AdaGrad (FBGEMM): one accumulator per row, sum += mean(g^2) over the row, then
+  // p -= clr / (sqrt(sum) + eps) * g with the row's rate.
+  const OptionMap o = resolve(a, options);
+  if (a == "adagrad" && o.at("rowwise") != 0) {
+    std::vector<double>& sum = buffer(states, "sum", static_cast<std::size_t>(rows));
+    const double clr = o.at("lr") / (1.0 + static_cast<double>(t - 1) * o.at("lr_decay"));
+    for (const auto& [r, g] : summed) {
+      double mean_square = 0.0;
+      for (double x : g) mean_square += x * x;
+      mean_square /= static_cast<double>(dim);
+      sum[r] += mean_square;
+      const double rate = clr / (std::sqrt(sum[r]) + o.at("eps"));
+      for (std::int64_t j = 0; j < dim; ++j)
+        table[r * dim + j] -= rate * (o.at("maximize") != 0 ? -g[j] : g[j]);
+    }
+    return;
   }
   // One dense step of each touched row, on that row alone.
   const std::vector<std::string> names = state_names(a, options);

@@ -43,6 +43,8 @@ void step(const std::string& algorithm, const OptionMap& options, std::int64_t t
 /// One sparse step (SPEC.md "Sparse updates"): the gradient rows of each distinct index are
 /// summed, then each touched row of the [rows x dim] table takes one step() with the table's
 /// step count t; untouched rows and their states are not changed. Throws on a bad index.
+/// adagrad with rowwise = 1 (FBGEMM's row-wise AdaGrad; its state "sum" has `rows` values):
+/// sum[r] += mean over the row of g*g, then p -= clr / (sqrt(sum[r]) + eps) * g.
 void sparse_step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
                  std::vector<double>& table, std::int64_t rows, std::int64_t dim,
                  const std::vector<std::int64_t>& indices, const std::vector<double>& grad_rows,

@@ -92,6 +92,11 @@ FO_API fo_status fo_schedule_lr(const char* spec, int64_t step, double* out);
 FO_API fo_status fo_schedule_to_device(const char* spec, const int64_t* d_step, float* d_lr,
                                        void* stream);
 
+/* ABI version 4. The number of values fo_optimizer_get_state copies: the param's element
+ * count, or its rows (shape[0]) for a row-wise state (adagrad with option rowwise = 1). */
+FO_API fo_status fo_optimizer_state_numel(const fo_optimizer* opt, const char* name,
+                                          const char* state, int64_t* numel);
+
 #ifdef __cplusplus
 }
 #endif

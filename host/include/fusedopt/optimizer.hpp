@@ -83,6 +83,10 @@ class Optimizer {
   /// position, and nothing changes. nnz == 0 still counts the step. Algorithms with
   /// AlgorithmDescription::sparse (lazyadam; adagrad without weight decay). On CUDA this
   /// waits for the index check; the update itself is stream-ordered.
+  ///
+  /// adagrad with rowwise = 1 (FBGEMM's row-wise AdaGrad) keeps one accumulator per row,
+  /// state [rows]: sum += mean(g*g) over the row, p -= lr / (sqrt(sum) + eps) * g. Such a
+  /// param takes sparse steps only; a dense step naming it is rejected.
   void step_sparse(std::string_view name, const void* indices, DType index_dtype, std::int64_t nnz,
                    const void* grad_rows, void* stream = nullptr);
 
@@ -115,7 +119,10 @@ class Optimizer {
   /// The states this param keeps under its current options, by SPEC.md name (and "master"
   /// for a param with master weights).
   std::vector<std::string> state_names(std::string_view name) const;
-  /// Copies a state buffer, as float32, into host memory (`numel` must be the param's numel).
+  /// Values in a state buffer: the param's numel, or its rows (shape[0]) for a row-wise
+  /// state (adagrad with rowwise = 1).
+  std::int64_t state_numel(std::string_view name, std::string_view state) const;
+  /// Copies a state buffer, as float32, into host memory (`numel` must be state_numel).
   void get_state(std::string_view name, std::string_view state, float* out,
                  std::int64_t numel) const;
   std::vector<float> state(std::string_view name, std::string_view state) const;

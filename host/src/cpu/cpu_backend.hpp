@@ -14,9 +14,16 @@ namespace fo::cpu {
 using RangeKernel = void (*)(const void* op, const DensePtrs& t, std::int64_t begin,
                              std::int64_t end);
 
-/// One ISA's kernels: a step per algorithm, and the traffic probe (see traffic_probe).
+/// One row of a row-wise step (rowwise_row): `row_op` points to the algorithm's RowOp,
+/// `row_states[k]` to the row's value of state k (or null).
+using RowKernel = void (*)(const void* row_op, float* param, const float* grad,
+                           float* const* row_states, std::int64_t dim);
+
+/// One ISA's kernels: a step per algorithm, a row step per row-wise algorithm (null for the
+/// others), and the traffic probe (see traffic_probe).
 struct KernelTable {
   RangeKernel step[detail::kNumDenseAlgorithms];
+  RowKernel row_step[detail::kNumDenseAlgorithms];
   RangeKernel probe;
 };
 

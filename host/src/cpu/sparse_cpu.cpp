@@ -1,7 +1,9 @@
 // The CPU sparse step: a stable sort of the indices, each distinct row's gradient summed in
 // fp32 in original order starting from its first row (as the GPU does: the two agree
 // bitwise, and a row named once is stepped exactly as a dense step would), then the
-// algorithm's SIMD kernel over that row. Threads take distinct rows, so no two write one.
+// algorithm's SIMD kernel over that row (a row-wise algorithm's row kernel: its mean square
+// in the order of kernels/rowwise.hpp, the GPU's order). Threads take distinct rows, so no
+// two write one.
 #include <omp.h>
 
 #include <algorithm>
@@ -50,6 +52,7 @@ void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& 
   run_start.push_back(s.nnz);
   const auto runs = static_cast<std::int64_t>(run_start.size()) - 1;
   const RangeKernel kernel = active_table().step[algorithm_index];
+  const RowKernel row_kernel = active_table().row_step[algorithm_index];
   const int threads =
       static_cast<int>(std::min<std::int64_t>(num_threads(), std::max<std::int64_t>(1, runs / 64)));
   // Allocated here: an exception may not leave an OpenMP region.
@@ -73,7 +76,14 @@ void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& 
         }
         grad = g;
       }
-      const std::int64_t offset = sorted[start[r]].row * s.dim;
+      const std::int64_t row = sorted[start[r]].row, offset = row * s.dim;
+      if (s.rowwise) {
+        float* row_states[kMaxStates];
+        for (int k = 0; k < kMaxStates; ++k)
+          row_states[k] = s.states[k] ? s.states[k] + row : nullptr;
+        row_kernel(op, s.table + offset, grad, row_states, s.dim);
+        continue;
+      }
       DensePtrs t{s.table + offset, grad, {nullptr, nullptr, nullptr}};
       for (int k = 0; k < kMaxStates; ++k)
         if (s.states[k]) t.states[k] = s.states[k] + offset;

@@ -9,6 +9,9 @@
 // fixed by the data alone, never by the launch configuration or thread timing: the same bits
 // on every run, and the CPU's bits as long as the CPU sums the same way (sparse.hpp).
 //
+// Row-wise algorithms (kernels/rowwise.hpp) take a warp per distinct row instead: the same
+// sums, then the row's mean square, one RowOp::row per row and the rate over its elements.
+//
 // Traffic per touched element (c = occurrences of its row): c gradient floats read; param and
 // each state read and written once. Per index: the index and a 32-bit position through the
 // sort (a few passes of key + value bytes, end_bit = bits of rows - 1), the RLE and the scan.
@@ -29,6 +32,7 @@
 #include "algorithm_index.hpp"
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/registry.hpp"
+#include "fusedopt/kernels/rowwise.hpp"
 #include "sparse.hpp"
 
 namespace fo::cuda {
@@ -146,27 +150,109 @@ dim3 row_block(std::int64_t dim) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::max(1, kRowBlock / x)), 1);
 }
 
+// Enough blocks to fill the GPU once (the grid strides over the rows, whose number is known
+// only on the device), and never more than the worst case of nnz distinct rows needs.
+template <class Kernel>
+unsigned rows_grid(Kernel kernel, dim3 block, std::int64_t nnz) {
+  int device = 0, sms = 0, per_sm = 0;
+  FO_CUDA_CHECK(cudaGetDevice(&device));
+  FO_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  FO_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, static_cast<int>(block.x * block.y), 0));
+  const std::int64_t needed = (nnz + block.y - 1) / block.y;
+  const std::int64_t cap = static_cast<std::int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+  return static_cast<unsigned>(std::clamp<std::int64_t>(needed, 1, cap));
+}
+
+StatePtrs state_ptrs(const detail::SparseStep& s) {
+  StatePtrs states{};
+  for (int i = 0; i < kMaxStates; ++i) states.p[i] = s.states[i];
+  return states;
+}
+
 template <class Op, class T>
 void launch_rows(const void* op, const detail::SparseStep& s, const RowLaunch& l,
                  cudaStream_t stream) {
   const auto kernel = &sparse_rows_kernel<Op, T>;
   const dim3 block = row_block(s.dim);
-  const int threads = static_cast<int>(block.x * block.y);
-  // Enough blocks to fill the GPU once (the grid strides over the rows, whose number is known
-  // only on the device), and never more than the worst case of nnz distinct rows needs.
-  int device = 0, sms = 0, per_sm = 0;
-  FO_CUDA_CHECK(cudaGetDevice(&device));
-  FO_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  FO_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  const std::int64_t needed = (s.nnz + block.y - 1) / block.y;
-  const std::int64_t cap = static_cast<std::int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
-  const auto grid = static_cast<unsigned>(std::clamp<std::int64_t>(needed, 1, cap));
-  StatePtrs states{};
-  for (int i = 0; i < kMaxStates; ++i) states.p[i] = s.states[i];
-  kernel<<<grid, block, 0, stream>>>(*static_cast<const Op*>(op), s.table, states, s.dim,
-                                     l.grad_rows, static_cast<const T*>(l.unique_rows), l.offsets,
-                                     l.sorted_positions, l.num_runs, s.nnz);
+  kernel<<<rows_grid(kernel, block, s.nnz), block, 0, stream>>>(
+      *static_cast<const Op*>(op), s.table, state_ptrs(s), s.dim, l.grad_rows,
+      static_cast<const T*>(l.unique_rows), l.offsets, l.sorted_positions, l.num_runs, s.nnz);
   FO_CUDA_CHECK(cudaPeekAtLastError());
+}
+
+// Row-wise algorithms (kernels/rowwise.hpp): one warp per distinct row, kRowwiseWarps rows
+// per block. Lane l sums the row's gradient rows (ascending position, as above) at columns
+// l, l + 32, ... and adds their squares; the lanes fold by __shfl_down_sync in the header's
+// order; lane 0 applies RowOp::row to the row's states; every lane then sums its columns'
+// gradient again (the same order: the same bits, from L1/L2) and applies the rate. The loop
+// over rows is uniform across a warp, so the full-mask shuffles are safe.
+constexpr int kRowwiseWarps = 8;
+
+template <class RowOp, class T>
+__global__ void sparse_rowwise_kernel(RowOp op, float* table, StatePtrs states, std::int64_t dim,
+                                      const float* grad_rows, const T* unique_rows,
+                                      const Pos* offsets, const Pos* sorted_positions,
+                                      const Pos* num_runs, std::int64_t nnz) {
+  constexpr unsigned kAll = 0xffffffffu;
+  const std::int64_t runs = *num_runs;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.y;
+  const auto lane = static_cast<std::int64_t>(threadIdx.x);
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; r < runs;
+       r += stride) {
+    const std::int64_t begin = offsets[r];
+    const std::int64_t end = r + 1 < runs ? static_cast<std::int64_t>(offsets[r + 1]) : nnz;
+    const auto row = static_cast<std::int64_t>(unique_rows[r]);
+    const auto summed = [&](std::int64_t j) {
+      float g = grad_rows[static_cast<std::int64_t>(sorted_positions[begin]) * dim + j];
+      for (std::int64_t k = begin + 1; k < end; ++k)
+        g += grad_rows[static_cast<std::int64_t>(sorted_positions[k]) * dim + j];
+      return g;
+    };
+    float squares = 0.0f;
+    for (std::int64_t j = lane; j < dim; j += kRowLanes) {
+      const float g = summed(j);
+      squares = squares + g * g;  // --fmad=false: rounded product, then the sum
+    }
+    for (int w = kRowLanes / 2; w > 0; w /= 2)
+      squares = squares + __shfl_down_sync(kAll, squares, w);
+    float rate = 0.0f;
+    if (lane == 0) {
+      float s[kMaxStates];
+#pragma unroll
+      for (int i = 0; i < kMaxStates; ++i) s[i] = states.p[i] ? states.p[i][row] : 0.0f;
+      rate = op.row(s, squares / static_cast<float>(dim));
+#pragma unroll
+      for (int i = 0; i < kMaxStates; ++i)
+        if (states.p[i]) states.p[i][row] = s[i];
+    }
+    rate = __shfl_sync(kAll, rate, 0);
+    float* const p_row = table + row * dim;
+    for (std::int64_t j = lane; j < dim; j += kRowLanes) {
+      float p = p_row[j];
+      op(p, summed(j), rate);
+      p_row[j] = p;
+    }
+  }
+}
+
+template <class RowOp, class T>
+void launch_rowwise(const void* op, const detail::SparseStep& s, const RowLaunch& l,
+                    cudaStream_t stream) {
+  const auto kernel = &sparse_rowwise_kernel<RowOp, T>;
+  const dim3 block(kRowLanes, kRowwiseWarps, 1);
+  kernel<<<rows_grid(kernel, block, s.nnz), block, 0, stream>>>(
+      *static_cast<const RowOp*>(op), s.table, state_ptrs(s), s.dim, l.grad_rows,
+      static_cast<const T*>(l.unique_rows), l.offsets, l.sorted_positions, l.num_runs, s.nnz);
+  FO_CUDA_CHECK(cudaPeekAtLastError());
+}
+
+template <class A, class T>
+constexpr RowLauncher rowwise_launcher() {
+  if constexpr (RowwiseCapable<A>::value)
+    return &launch_rowwise<typename A::RowOp, T>;
+  else
+    return nullptr;
 }
 
 // [algorithm][index dtype: i32, i64]
@@ -177,6 +263,14 @@ constexpr RowLauncher kRowLaunchers[][2] = {
 #undef FO_LAUNCHERS
 };
 static_assert(sizeof(kRowLaunchers) / sizeof(kRowLaunchers[0]) == detail::kNumDenseAlgorithms);
+
+// The same for row-wise steps; null where an algorithm has no row-wise form.
+constexpr RowLauncher kRowwiseLaunchers[][2] = {
+#define FO_LAUNCHERS(A) \
+  {rowwise_launcher<fo::A, std::int32_t>(), rowwise_launcher<fo::A, std::int64_t>()},
+    FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
+#undef FO_LAUNCHERS
+};
 
 // Bits that hold every index in [0, rows): of rows - 1, at least 1, at most the key's width.
 template <class T>
@@ -246,7 +340,8 @@ void sparse_step_typed(int algorithm_index, const void* op, const detail::Sparse
   FO_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(cub_temp, bytes, counts, counts, n, stream));
 
   const RowLaunch l{s.grad_rows, unique_rows, counts, sorted_positions, num_runs};
-  kRowLaunchers[algorithm_index][sizeof(T) == 8 ? 1 : 0](op, s, l, stream);
+  const auto& launchers = s.rowwise ? kRowwiseLaunchers : kRowLaunchers;
+  launchers[algorithm_index][sizeof(T) == 8 ? 1 : 0](op, s, l, stream);
 }
 
 }  // namespace

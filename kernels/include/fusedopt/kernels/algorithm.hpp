@@ -11,6 +11,10 @@
 //   static double state_init(const Options&, int k);      // its initial value
 //   static void validate(const Options&, Validator&);     // SPEC's constraints
 //   using Op = ...;  static Op make_op(const Options&, std::int64_t step);
+// Optionally:
+//   static constexpr bool kSparse = true;                 // takes sparse row steps
+//   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
+//   static bool rowwise(const Options&);                  // states per row, not per element
 #pragma once
 
 #include <cmath>
@@ -87,6 +91,14 @@ template <class A, class = void>
 struct SparseCapable : std::false_type {};
 template <class A>
 struct SparseCapable<A, std::void_t<decltype(A::kSparse)>> : std::bool_constant<A::kSparse> {};
+
+/// Whether algorithm A has a row-wise form (its descriptor declares RowOp, make_row_op and
+/// rowwise): under options with rowwise(o), each state holds one value per table row, and a
+/// sparse step calls RowOp::row once per touched row (kernels/rowwise.hpp).
+template <class A, class = void>
+struct RowwiseCapable : std::false_type {};
+template <class A>
+struct RowwiseCapable<A, std::void_t<typename A::RowOp>> : std::true_type {};
 
 /// Precomputes a value the functor needs as float from a double computed on the host.
 FO_HOST_DEVICE float to_f32(double v) { return static_cast<float>(v); }

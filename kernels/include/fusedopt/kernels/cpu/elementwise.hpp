@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/rowwise.hpp"
 
 namespace fo::cpu {
 
@@ -53,6 +54,38 @@ inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t beg
     if (s0) Io::store(s0 + i, s[0], m);
     if (s1) Io::store(s1 + i, s[1], m);
     if (s2) Io::store(s2 + i, s[2], m);
+  }
+}
+
+}  // namespace fo::cpu
+
+namespace fo::cpu {
+
+/// One row of a row-wise step (RowwiseCapable): `row_states[k]` points to that row's value
+/// of state k (null where the algorithm keeps none); the row's mean square gradient in the
+/// order of kernels/rowwise.hpp, then RowOp::row, then the rate applied to the row's `dim`
+/// elements through the same vector code as elementwise_range.
+template <class Io, class RowOp>
+inline void rowwise_row(const RowOp& op, float* p, const float* g, float* const* row_states,
+                        std::int64_t dim) {
+  using V = typename Io::V;
+  constexpr std::int64_t W = sizeof(V) / sizeof(float);
+  float s[kMaxStates];
+  for (int k = 0; k < kMaxStates; ++k) s[k] = row_states[k] ? *row_states[k] : 0.0f;
+  const float rate = op.row(s, row_mean_square(g, dim));
+  for (int k = 0; k < kMaxStates; ++k)
+    if (row_states[k]) *row_states[k] = s[k];
+  std::int64_t i = 0;
+  for (; i + W <= dim; i += W) {
+    V pv = Io::load(p + i);
+    op(pv, Io::load(g + i), rate);
+    Io::store(p + i, pv);
+  }
+  if (i < dim) {
+    const auto m = Io::tail_mask(dim - i);
+    V pv = Io::load(p + i, m);
+    op(pv, Io::load(g + i, m), rate);
+    Io::store(p + i, pv, m);
   }
 }
 

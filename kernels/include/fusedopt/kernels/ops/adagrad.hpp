@@ -1,7 +1,15 @@
-// AdaGrad (SPEC.md `adagrad`).
+// AdaGrad (SPEC.md `adagrad`), and its row-wise form for embedding tables.
 //
 // Precision: fp32; the decayed rate lr / (1 + (t-1)*lr_decay) is computed in double per step.
 // Traffic per element: p, g, sum read; p, sum written.
+//
+// Row-wise (`rowwise` = 1, FBGEMM's row-wise AdaGrad; sparse steps only): one accumulator per
+// row instead of per element, so the state is [rows] instead of [rows x dim]. For a touched
+// row with summed gradient g (dim values):
+//   sum += mean(g*g)                       (mean in the fixed order of kernels/rowwise.hpp)
+//   p   -= clr / (sqrt(sum) + eps) * g
+// Traffic per touched row: dim floats of p read and written, the gradient read, one float of
+// state read and written.
 #pragma once
 
 #include "fusedopt/kernels/algorithm.hpp"
@@ -23,6 +31,24 @@ struct AdagradOp {
   }
 };
 
+// Row-wise: row() once per touched row with its states and the row's mean square gradient,
+// then the call operator over the row's elements with the rate row() returned.
+struct AdagradRowOp {
+  float clr, eps;
+  bool maximize;
+
+  // s[0] sum (one per row)
+  FO_HOST_DEVICE float row(float* s, float mean_square) const {
+    s[0] = s[0] + mean_square;
+    return clr / (vsqrt(s[0]) + eps);
+  }
+  template <class V>
+  FO_HOST_DEVICE void operator()(V& p, V g, float rate) const {
+    if (maximize) g = -g;
+    p = vfma(V(-rate), g, p);
+  }
+};
+
 struct Adagrad {
   static constexpr const char* kName = "adagrad";
   static constexpr bool kSparse = true;  // per touched element, as torch.optim.Adagrad
@@ -30,8 +56,10 @@ struct Adagrad {
     double lr = 1e-2, lr_decay = 0.0, weight_decay = 0.0, initial_accumulator_value = 0.0,
            eps = 1e-10;
     bool maximize = false;
+    bool rowwise = false;  // one accumulator per row (sparse steps of [rows x dim] tables)
   };
   using Op = AdagradOp;
+  using RowOp = AdagradRowOp;
   static constexpr OptionField<Options> kOptions[] = {
       real_option("lr", &Options::lr),
       real_option("lr_decay", &Options::lr_decay),
@@ -39,6 +67,7 @@ struct Adagrad {
       real_option("initial_accumulator_value", &Options::initial_accumulator_value),
       real_option("eps", &Options::eps),
       flag_option("maximize", &Options::maximize),
+      flag_option("rowwise", &Options::rowwise),
   };
   static constexpr const char* kStates[] = {"sum"};
   static bool has_state(const Options&, int) { return true; }
@@ -49,6 +78,12 @@ struct Adagrad {
     v.at_least("weight_decay", o.weight_decay, 0.0);
     v.at_least("initial_accumulator_value", o.initial_accumulator_value, 0.0);
     v.at_least("eps", o.eps, 0.0);
+  }
+  /// Row-wise: every state holds one value per row, and sparse steps use RowOp.
+  static bool rowwise(const Options& o) { return o.rowwise; }
+  FO_HOST_DEVICE static RowOp make_row_op(const Options& o, std::int64_t step) {
+    const Op op = make_op(o, step);
+    return RowOp{op.clr, op.eps, op.maximize};
   }
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     AdagradOp op{};
