@@ -1,6 +1,8 @@
-// The training loop and `fusedopt-demo train`. The models run on the CPU; only the optimizer
-// step is fusedopt's, and only it is timed. Newton's method on the softmax model (newton_run)
-// is fusedopt's newton_minimize over the demo's exact Hessian, timed whole.
+// The training loop and `fusedopt-demo train`. The models run on the CPU (model.hpp) or, with
+// --device cuda, on the GPU (model_cuda.hpp: cuBLAS), where params and gradients stay in
+// device memory and the optimizer steps them there. Only the optimizer step is fusedopt's, and
+// only it is timed. Newton's method on the softmax model (newton_run) is fusedopt's
+// newton_minimize over the demo's exact Hessian, in double on the CPU, timed whole.
 #include "train.hpp"
 
 #include <unistd.h>
@@ -23,7 +25,7 @@
 #include "svg.hpp"
 
 #ifdef FUSEDOPT_WITH_CUDA
-#include <cuda_runtime.h>
+#include "model_cuda.hpp"
 #endif
 
 namespace fo::demo {
@@ -37,25 +39,54 @@ double seconds_since(Clock::time_point t0) {
 }
 
 #ifdef FUSEDOPT_WITH_CUDA
-void cuda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorName(e) + " (" +
-                             cudaGetErrorString(e) + ")");
-}
-
-// Device memory for n floats, freed on destruction.
-class DeviceFloats {
+// What a GPU run keeps on the device: the model (its scratch and cuBLAS handle), params and
+// gradients, the training set (copied once) and the epoch's order of its rows. The model's
+// work and the optimizer's steps go to one stream (the default one).
+class GpuRun {
  public:
-  explicit DeviceFloats(std::size_t n) {
-    cuda_check(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(float)), "cudaMalloc");
+  GpuRun(const ModelSpec& spec, std::size_t batch, const Dataset& train,
+         const std::vector<float>& h_params)
+      : model_(spec, batch),
+        params_(model_.num_params()),
+        grads_(model_.num_params()),
+        x_(train.x.size()),
+        y_(train.size()),
+        order_(train.size()),
+        h_order_(train.size()) {
+    params_.copy_from_host(h_params.data(), h_params.size(), model_.stream());
+    x_.copy_from_host(train.x.data(), train.x.size(), model_.stream());
+    y_.copy_from_host(train.y.data(), train.size(), model_.stream());
   }
-  ~DeviceFloats() { cudaFree(p_); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  float* get() const { return p_; }
+  float* params() const { return params_.data(); }
+  const float* grads() const { return grads_.data(); }
+
+  /// The epoch's order of the training rows, copied once; a batch is a slice of it.
+  void set_order(const std::vector<std::size_t>& order) {
+    for (std::size_t i = 0; i < order.size(); ++i) h_order_[i] = static_cast<int>(order[i]);
+    order_.copy_from_host(h_order_.data(), h_order_.size(), model_.stream());
+  }
+  /// The gradient of the batch order[first, first + m), waited for, so that the clock then
+  /// measures the optimizer step alone. The batch's loss is not asked for: as on the CPU,
+  /// where it is dropped, the epoch's numbers come from the evaluation.
+  void gradient(std::size_t first, std::size_t m) {
+    model_.loss_async(params_.data(), x_.data(), y_.data(), order_.data() + first, m, grads_.data(),
+                      nullptr);
+    FO_DEMO_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
+  }
+  /// One optimizer step on the model's stream, waited for (for the timing).
+  void step(Optimizer& opt, const std::vector<const void*>& grad_ptrs) {
+    opt.step(grad_ptrs.data(), model_.stream());
+    FO_DEMO_CUDA_CHECK(cudaStreamSynchronize(model_.stream()));
+  }
+  void params_to_host(std::vector<float>& h_params) const {
+    params_.copy_to_host(h_params.data(), h_params.size(), model_.stream());
+  }
 
  private:
-  float* p_ = nullptr;
+  CudaModel model_;
+  DeviceArray<float> params_, grads_, x_;
+  DeviceArray<int> y_, order_;
+  std::vector<int> h_order_;
 };
 #endif
 
@@ -115,20 +146,20 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   for (const auto& [key, value] : demo_defaults(config.optimizer)) opt.set_option(key, value);
   for (const auto& [key, value] : config.options) opt.set_option(key, value);
 
-  // What the optimizer steps: the host buffers, or device copies of them.
+  const std::size_t n = train.size();
+  const std::size_t batch = config.batch == 0 ? n : std::min(config.batch, n);
+
+  // What the optimizer steps: the host buffers, or the GPU model's device buffers, which start
+  // from the same initialisation.
   float* step_params = params.data();
   const float* step_grads = grads.data();
   const bool on_device = config.device == Device::cuda;
 #ifdef FUSEDOPT_WITH_CUDA
-  std::optional<DeviceFloats> d_params, d_grads;
+  std::optional<GpuRun> gpu;
   if (on_device) {
-    d_params.emplace(np);
-    d_grads.emplace(np);
-    cuda_check(
-        cudaMemcpy(d_params->get(), params.data(), np * sizeof(float), cudaMemcpyHostToDevice),
-        "cudaMemcpy");
-    step_params = d_params->get();
-    step_grads = d_grads->get();
+    gpu.emplace(config.model, batch, train, params);
+    step_params = gpu->params();
+    step_grads = gpu->grads();
   }
 #else
   if (on_device) throw std::runtime_error("this fusedopt-demo was built without CUDA");
@@ -149,48 +180,45 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   };
   r.history.push_back(evaluate(0));
 
-  const std::size_t n = train.size();
-  const std::size_t batch = config.batch == 0 ? n : std::min(config.batch, n);
   const std::size_t batches = (n + batch - 1) / batch;
   std::vector<std::size_t> order(n);
   std::iota(order.begin(), order.end(), std::size_t{0});
-  std::vector<float> xb(batch * kFeatures);
-  std::vector<int> yb(batch);
+  std::vector<float> xb(on_device ? 0 : batch * kFeatures);
+  std::vector<int> yb(on_device ? 0 : batch);
   Rng batch_rng(config.seed ^ 0xb47c4u);  // the same batch order for every optimizer
 
   for (int epoch = 1; epoch <= config.epochs; ++epoch) {
     batch_rng.shuffle(order);
+#ifdef FUSEDOPT_WITH_CUDA
+    if (gpu) gpu->set_order(order);
+#endif
     for (std::size_t b = 0; b < batches; ++b) {
       const std::size_t first = b * batch;
       const std::size_t m = std::min(batch, n - first);
-      for (std::size_t i = 0; i < m; ++i) {
-        const std::size_t src = order[first + i];
-        std::copy_n(train.x.data() + src * kFeatures, kFeatures, xb.data() + i * kFeatures);
-        yb[i] = train.y[src];
+      if (!on_device) {
+        for (std::size_t i = 0; i < m; ++i) {
+          const std::size_t src = order[first + i];
+          std::copy_n(train.x.data() + src * kFeatures, kFeatures, xb.data() + i * kFeatures);
+          yb[i] = train.y[src];
+        }
+        model.loss(params.data(), xb.data(), yb.data(), m, grads.data());
       }
-      model.loss(params.data(), xb.data(), yb.data(), m, grads.data());
-      if (config.lr_at) opt.set_option("lr", config.lr_at(r.steps + 1));
 #ifdef FUSEDOPT_WITH_CUDA
-      if (on_device)
-        cuda_check(
-            cudaMemcpy(d_grads->get(), grads.data(), np * sizeof(float), cudaMemcpyHostToDevice),
-            "cudaMemcpy");
+      if (gpu) gpu->gradient(first, m);  // forward and backward on the GPU
 #endif
+      if (config.lr_at) opt.set_option("lr", config.lr_at(r.steps + 1));
       const auto t0 = Clock::now();
-      opt.step(grad_ptrs.data());
+      if (!on_device) opt.step(grad_ptrs.data());
 #ifdef FUSEDOPT_WITH_CUDA
-      if (on_device) cuda_check(cudaDeviceSynchronize(), "the optimizer step");  // for the timing
+      if (gpu) gpu->step(opt, grad_ptrs);
 #endif
       r.step_seconds += seconds_since(t0);
       ++r.steps;
-#ifdef FUSEDOPT_WITH_CUDA
-      if (on_device)
-        cuda_check(
-            cudaMemcpy(params.data(), d_params->get(), np * sizeof(float), cudaMemcpyDeviceToHost),
-            "cudaMemcpy");
-#endif
       if (on_progress) on_progress({epoch, config.epochs, b + 1, batches, nullptr});
     }
+#ifdef FUSEDOPT_WITH_CUDA
+    if (gpu) gpu->params_to_host(params);  // once an epoch, for the CPU model's evaluation
+#endif
     r.history.push_back(evaluate(epoch));
     if (on_progress) on_progress({epoch, config.epochs, batches, batches, &r.history.back()});
     if (!std::isfinite(r.history.back().train_loss)) {
@@ -288,7 +316,8 @@ options:
   --schedule SPEC      an lr schedule, e.g. warmup_cosine:lr=3e-3,warmup=100,total=1350
                        (fusedopt/schedule.hpp lists the kinds); its lr replaces every
                        listed optimizer's lr, step by step
-  --device D           cpu, cuda or auto (default auto: cuda when a GPU is present)
+  --device D           cpu, cuda or auto (default auto: cuda when a GPU is present); on
+                       cuda the models run in cuBLAS and the optimizers step device memory
   --seed N             the split, the initialisation and the batch order (default 1)
   --data PATH          digits.csv.gz (default: the copy in the source tree)
   --out DIR            where the SVGs and history.csv go (default ./fusedopt-demo-out)
@@ -753,8 +782,8 @@ int run_train(int argc, char** argv) {
         cli.batch == 0 ? "full batch" : "batch " + std::to_string(cli.batch);
     std::printf("digits: %zu train / %zu test examples (%s)\n", split.train.size(),
                 split.test.size(), cli.data.c_str());
-    std::printf("%d epochs, %s, optimizer steps on %s%s\n\n", cli.epochs, batch_label.c_str(),
-                device == Device::cuda ? "cuda (model on the CPU)" : "cpu",
+    std::printf("%d epochs, %s, models and optimizer steps on %s%s\n\n", cli.epochs,
+                batch_label.c_str(), device == Device::cuda ? "cuda (cuBLAS)" : "the cpu",
                 cli.schedule ? (", lr schedule " + *cli.schedule).c_str() : "");
     std::fflush(stdout);
 

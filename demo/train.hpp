@@ -78,8 +78,10 @@ struct RunResult {
 };
 
 /// Trains one model with one optimizer. Params and gradients are float32 on the CPU; with
-/// Device::cuda (a CUDA build) they are copied to device memory around each step, which the
-/// optimizer takes there. Throws fo::Error for a bad optimizer option.
+/// Device::cuda (a CUDA build) the model runs on the GPU (CudaModel, model_cuda.hpp) from the
+/// same initialisation, on the training set copied there once, and params and gradients stay
+/// in device memory, where the optimizer steps them; the params come back once an epoch for
+/// the CPU model's evaluation. Throws fo::Error for a bad optimizer option.
 RunResult train_run(const TrainConfig& config, const Split& data,
                     const std::function<void(const Progress&)>& on_progress = {});
 

@@ -1,27 +1,36 @@
 // fusedopt-demo's building blocks: the models' gradients against central finite differences,
-// the softmax objective's exact Hessian (for Newton's method) against central differences of
-// its gradient, end-to-end Adam and Newton runs that must reach stated accuracies, and the SVG
-// it writes checked as well-formed XML by a small checker in this file.
+// the GPU models (cuBLAS) against the CPU ones (their GEMM sequence also on the CPU, so it is
+// checked without a GPU), the softmax objective's exact Hessian (for Newton's method) against
+// central differences of its gradient, end-to-end Adam and Newton runs that must reach stated
+// accuracies, and the SVG it writes checked as well-formed XML by a small checker in this file.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <set>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "data.hpp"
+#include "fusedopt/fusedopt.h"
 #include "fusedopt/newton.hpp"
 #include "model.hpp"
+#include "model_cuda_plan.hpp"
 #include "svg.hpp"
 #include "test_util.hpp"
 #include "train.hpp"
+
+#ifdef FUSEDOPT_WITH_CUDA
+#include "model_cuda.hpp"
+#endif
 
 namespace fo::test {
 namespace {
@@ -273,6 +282,300 @@ TEST(DemoModel, GradientMatchesCentralDifferencesInDouble) {
   }
 }
 
+// ---- The GPU model (model_cuda.hpp): its sequence of GEMMs and kernels, model_cuda_plan.hpp,
+// run on the CPU here (so that every cuBLAS argument is checked on machines without a GPU),
+// then CudaModel itself where a GPU is present. Both against Model<float>.
+
+// Odd and even hidden widths, both activations.
+std::vector<GradCase> gpu_cases() {
+  return {{"softmax", {ModelKind::softmax, 0, Activation::tanh}},
+          {"mlp_tanh_37", {ModelKind::mlp, 37, Activation::tanh}},
+          {"mlp_relu_64", {ModelKind::mlp, 64, Activation::relu}}};
+}
+
+// Batches of 1 (every GEMM with n or k = 1), odd sizes, the demo's 32, and more rows than
+// features (k = n > 64 in the weight gradients).
+const std::size_t kGpuBatches[] = {1, 2, 7, 32, 97, 301};
+
+// A loss and gradient from the GPU model's path against Model<float>'s at the same params and
+// batch. Both are fp32 with the same operations per element; they differ in the order of each
+// GEMM's sums (cuBLAS blocks them and may split k; the CPU model adds in index order) and in
+// the last bits of expf, logf and tanhf (the GPU's are within 2 ulp). A float sum of k terms
+// errs by at most about k * 2^-24 times the sum of the terms' magnitudes, and by about
+// sqrt(k) * 2^-24 times it in practice. Every gradient entry is such a sum, over the batch or
+// over the classes, of terms whose magnitudes add up to a bound that does not grow with n: an
+// example's delta is (p - onehot(y)) / n, each entry at most 1 / n in size, and the pixels lie
+// in [0, 1], so the bound is max|h| (the hidden activations: at most 1 for tanh, a few units
+// for ReLU) or 2 max|W2|, under 10 at these params. For n = 301 that is about
+// 2 * sqrt(301) * 2^-24 * 10 = 2e-5 for the two sides together: atol 1e-4 leaves room for
+// unlucky sums, and rtol 1e-4 covers the relative error of the large entries. The loss is a mean
+// of per-example losses whose logits are sums of at most 64 terms: 1e-4 * max(1, loss). On the
+// host path below (sums in reverse order) the differences stay under 3e-6, 1% of either
+// tolerance, while a mistake in the layout (a transposed operand, a wrong leading dimension,
+// k or offset) moves entries by the size of the gradient itself, 1e-3 and up.
+void expect_matches_cpu_model(const demo::Model<float>& m, const float* x, const int* y,
+                              std::size_t n, const std::vector<float>& params, float got_loss,
+                              const std::vector<float>* got_grad) {
+  std::vector<float> want(m.num_params());
+  const float want_loss = m.loss(params.data(), x, y, n, want.data());
+  EXPECT_NEAR(got_loss, want_loss, 1e-4 * std::max(1.0f, std::fabs(want_loss))) << "the loss";
+  if (!got_grad) return;
+  ASSERT_EQ(got_grad->size(), want.size());
+  const double atol = 1e-4, rtol = 1e-4;
+  int failures = 0;
+  std::vector<bool> is_param(want.size(), false);
+  for (const auto& t : m.tensors())
+    for (std::size_t k = 0; k < t.numel; ++k) {
+      const std::size_t j = t.offset + k;
+      is_param[j] = true;
+      const double g = (*got_grad)[j], w = want[j];
+      if (!(std::fabs(g - w) <= atol + rtol * std::fabs(w)) && ++failures <= 5)
+        ADD_FAILURE() << t.name << "[" << k << "] (element " << j << "): got " << g << ", want "
+                      << w;
+    }
+  EXPECT_EQ(failures, 0);
+  for (std::size_t j = 0; j < want.size(); ++j)
+    if (!is_param[j]) {
+      EXPECT_EQ((*got_grad)[j], 0.0f) << "padding element " << j;
+    }
+}
+
+// model_cuda_plan.hpp's executor with plain loops: each GEMM as the BLAS reference defines it
+// (column-major; op(A)(i, l) is a[i + l * lda], or a[l + i * lda] transposed), after the
+// argument checks with which cublasSgemm returns CUBLAS_STATUS_INVALID_VALUE, and after
+// checking that every element it reads or writes lies within one of the buffers the test
+// declared. Its sums run in the reverse of the CPU model's order, so that the comparison
+// depends on the tolerance above, not on equal rounding.
+class HostExec {
+ public:
+  void declare(const void* p, std::size_t bytes) {
+    buffers_.push_back({reinterpret_cast<std::uintptr_t>(p), bytes});
+  }
+
+  void gemm(demo::gpu::Op ta, demo::gpu::Op tb, int m, int n, int k, const float* a, int lda,
+            const float* b, int ldb, float* c, int ldc) {
+    using demo::gpu::Op;
+    const int a_rows = ta == Op::n ? m : k, a_cols = ta == Op::n ? k : m;
+    const int b_rows = tb == Op::n ? k : n, b_cols = tb == Op::n ? n : k;
+    if (m < 0 || n < 0 || k < 0 || lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) ||
+        ldc < std::max(1, m))
+      throw std::logic_error("gemm: invalid arguments m " + std::to_string(m) + " n " +
+                             std::to_string(n) + " k " + std::to_string(k) + " lda " +
+                             std::to_string(lda) + " ldb " + std::to_string(ldb) + " ldc " +
+                             std::to_string(ldc));
+    check(a, extent(a_rows, a_cols, lda), "gemm A");
+    check(b, extent(b_rows, b_cols, ldb), "gemm B");
+    check(c, extent(m, n, ldc), "gemm C");
+    auto at = [](const float* p, Op o, int i, int l, int ld) {
+      return o == Op::n ? p[i + static_cast<std::size_t>(l) * ld]
+                        : p[l + static_cast<std::size_t>(i) * ld];
+    };
+    for (int j = 0; j < n; ++j)
+      for (int i = 0; i < m; ++i) {
+        float s = 0;
+        for (int l = k - 1; l >= 0; --l) s += at(a, ta, i, l, lda) * at(b, tb, l, j, ldb);
+        c[i + static_cast<std::size_t>(j) * ldc] = s;
+      }
+  }
+  void zero(float* p, std::size_t count) {
+    check(p, count, "zero");
+    std::fill(p, p + count, 0.0f);
+  }
+  void bias_activation(float* a, const float* bias, int rows, int cols, demo::gpu::Pointwise f) {
+    check(a, static_cast<std::size_t>(rows) * cols, "bias_activation a");
+    check(bias, static_cast<std::size_t>(cols), "bias_activation bias");
+    for (std::size_t e = 0; e < static_cast<std::size_t>(rows) * cols; ++e)
+      a[e] = demo::gpu::activate(f, a[e] + bias[e % static_cast<std::size_t>(cols)]);
+  }
+  void activation_backward(float* d, const float* h, std::size_t count, demo::gpu::Pointwise f) {
+    check(d, count, "activation_backward d");
+    check(h, count, "activation_backward h");
+    for (std::size_t e = 0; e < count; ++e) d[e] = demo::gpu::activation_backward(f, d[e], h[e]);
+  }
+  void softmax_xent(float* z, const int* y, int n, float inv_n, float* row_loss, bool grad) {
+    check(z, static_cast<std::size_t>(n) * demo::kClasses, "softmax_xent z");
+    check(y, static_cast<std::size_t>(n), "softmax_xent y");
+    if (row_loss) check(row_loss, static_cast<std::size_t>(n), "softmax_xent row_loss");
+    for (int i = 0; i < n; ++i) {
+      const float l = demo::gpu::softmax_xent_row(z + static_cast<std::size_t>(i) * demo::kClasses,
+                                                  y[i], inv_n, grad);
+      if (row_loss) row_loss[i] = l;
+    }
+  }
+  void column_sum(const float* a, int rows, int cols, float* out) {
+    check(a, static_cast<std::size_t>(rows) * cols, "column_sum a");
+    check(out, static_cast<std::size_t>(cols), "column_sum out");
+    for (int j = 0; j < cols; ++j) {
+      float s = 0;
+      for (int i = rows - 1; i >= 0; --i) s += a[static_cast<std::size_t>(i) * cols + j];
+      out[j] = s;
+    }
+  }
+  void mean(const float* v, int n, float* out) {
+    check(v, static_cast<std::size_t>(n), "mean v");
+    check(out, std::size_t{1}, "mean out");
+    double s = 0;
+    for (int i = n - 1; i >= 0; --i) s += v[i];
+    *out = static_cast<float>(s / n);
+  }
+
+ private:
+  struct Buffer {
+    std::uintptr_t begin;
+    std::size_t bytes;
+  };
+  // Elements spanned by a column-major rows x cols matrix with leading dimension ld.
+  static std::size_t extent(int rows, int cols, int ld) {
+    if (rows == 0 || cols == 0) return 0;
+    return static_cast<std::size_t>(cols - 1) * ld + rows;
+  }
+  template <class T>
+  void check(const T* p, std::size_t count, const char* what) const {
+    const auto begin = reinterpret_cast<std::uintptr_t>(p);
+    for (const Buffer& b : buffers_)
+      if (begin >= b.begin && begin + count * sizeof(T) <= b.begin + b.bytes) return;
+    throw std::logic_error(std::string(what) + ": " + std::to_string(count) +
+                           " elements not within one declared buffer");
+  }
+  std::vector<Buffer> buffers_;
+};
+
+// The plan's loss and gradient on the host, in buffers sized as CudaModel sizes them for a
+// batch of exactly n (scratch) and as Model lays out params.
+float run_plan_on_host(const demo::Model<float>& m, const std::vector<float>& params,
+                       const std::vector<float>& x, const std::vector<int>& y, std::size_t n,
+                       std::vector<float>* grad) {
+  const demo::ModelSpec& spec = m.spec();
+  const std::size_t hidden =
+      spec.kind == ModelKind::mlp ? n * static_cast<std::size_t>(spec.hidden) : 0;
+  std::vector<float> h(hidden, NAN), dh(hidden, NAN), z(n * demo::kClasses, NAN), rl(n, NAN);
+  float loss = NAN;
+  HostExec e;
+  auto declare = [&e](const auto& v) { e.declare(v.data(), v.size() * sizeof(v[0])); };
+  declare(params);
+  declare(x);
+  declare(y);
+  declare(h);
+  declare(dh);
+  declare(z);
+  declare(rl);
+  e.declare(&loss, sizeof loss);
+  if (grad) {
+    grad->assign(m.num_params(), NAN);  // poisoned: the plan must write every element
+    declare(*grad);
+  }
+  const demo::gpu::Scratch s{h.data(), dh.data(), z.data(), rl.data()};
+  demo::gpu::forward_backward(e, spec, m.tensors(), m.num_params(), static_cast<int>(n),
+                              params.data(), x.data(), y.data(), s, grad ? grad->data() : nullptr,
+                              &loss);
+  return loss;
+}
+
+TEST(DemoGpuPlan, ColumnMajorGemmsOnTheHostMatchCpuModel) {
+  auto rng = make_rng();
+  for (const GradCase& gc : gpu_cases()) {
+    const demo::Model<float> m(gc.spec);
+    for (std::size_t n : kGpuBatches) {
+      SCOPED_TRACE(std::string(gc.label) + ", batch " + std::to_string(n));
+      std::vector<float> x;
+      std::vector<int> y;
+      random_batch(rng, n, x, y);
+      const std::vector<float> p = random_params(rng, m);
+      std::vector<float> g;
+      const float loss = run_plan_on_host(m, p, x, y, n, &g);
+      expect_matches_cpu_model(m, x.data(), y.data(), n, p, loss, &g);
+      // Forward only: the same loss without a gradient.
+      EXPECT_EQ(run_plan_on_host(m, p, x, y, n, nullptr), loss);
+    }
+  }
+}
+
+#ifdef FUSEDOPT_WITH_CUDA
+
+TEST(DemoCudaModel, LossAndGradientMatchCpuModel) {
+  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  auto rng = make_rng();
+  const std::size_t max_batch = *std::max_element(std::begin(kGpuBatches), std::end(kGpuBatches));
+  for (const GradCase& gc : gpu_cases()) {
+    const demo::CudaModel gm(gc.spec, max_batch);
+    const demo::Model<float>& m = gm.host_model();
+    const std::size_t np = m.num_params();
+    const cudaStream_t stream = gm.stream();
+    demo::DeviceArray<float> d_p(np), d_g(np), d_x(max_batch * demo::kFeatures), d_loss(1);
+    demo::DeviceArray<int> d_y(max_batch);
+    std::vector<float> g(np);
+    for (std::size_t n : kGpuBatches) {
+      SCOPED_TRACE(std::string(gc.label) + ", batch " + std::to_string(n));
+      std::vector<float> x;
+      std::vector<int> y;
+      random_batch(rng, n, x, y);
+      const std::vector<float> p = random_params(rng, m);
+      d_p.copy_from_host(p.data(), np, stream);
+      d_x.copy_from_host(x.data(), x.size(), stream);
+      d_y.copy_from_host(y.data(), n, stream);
+      // Poisoned: all-ones bytes are a NaN in every element, padding included.
+      FO_DEMO_CUDA_CHECK(cudaMemsetAsync(d_g.data(), 0xff, np * sizeof(float), stream));
+      const float loss = gm.loss(d_p.data(), d_x.data(), d_y.data(), n, d_g.data());
+      d_g.copy_to_host(g.data(), np, stream);
+      expect_matches_cpu_model(m, x.data(), y.data(), n, p, loss, &g);
+      // Forward only: the same GEMMs and kernels on the same data, and cuBLAS gives the same
+      // bits for the same call on one GPU (single stream), so the same loss exactly.
+      EXPECT_EQ(gm.loss(d_p.data(), d_x.data(), d_y.data(), n, nullptr), loss);
+    }
+
+    // Rows picked from a larger set by index (as train_run's batches are, repeats allowed),
+    // the loss left in device memory by loss_async.
+    SCOPED_TRACE(std::string(gc.label) + ", gathered rows");
+    const std::size_t total = 3 * max_batch, n = max_batch - 4;
+    std::vector<float> xs;
+    std::vector<int> ys;
+    random_batch(rng, total, xs, ys);
+    std::vector<int> rows(n);
+    for (int& r : rows) r = static_cast<int>(rng() % total);
+    std::vector<float> xb(n * demo::kFeatures);
+    std::vector<int> yb(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto src = static_cast<std::size_t>(rows[i]);
+      std::copy_n(xs.data() + src * demo::kFeatures, demo::kFeatures,
+                  xb.data() + i * demo::kFeatures);
+      yb[i] = ys[src];
+    }
+    demo::DeviceArray<float> d_xs(xs.size());
+    demo::DeviceArray<int> d_ys(total), d_rows(n);
+    d_xs.copy_from_host(xs.data(), xs.size(), stream);
+    d_ys.copy_from_host(ys.data(), total, stream);
+    d_rows.copy_from_host(rows.data(), n, stream);
+    const std::vector<float> p = random_params(rng, m);
+    d_p.copy_from_host(p.data(), np, stream);
+    FO_DEMO_CUDA_CHECK(cudaMemsetAsync(d_g.data(), 0xff, np * sizeof(float), stream));
+    gm.loss_async(d_p.data(), d_xs.data(), d_ys.data(), d_rows.data(), n, d_g.data(),
+                  d_loss.data());
+    float loss = NAN;
+    d_loss.copy_to_host(&loss, 1, stream);
+    d_g.copy_to_host(g.data(), np, stream);
+    expect_matches_cpu_model(m, xb.data(), yb.data(), n, p, loss, &g);
+  }
+}
+
+TEST(DemoCudaModel, RejectsBadBatches) {
+  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  EXPECT_THROW(demo::CudaModel({ModelKind::softmax}, 0), std::invalid_argument);
+  EXPECT_THROW(demo::CudaModel({ModelKind::mlp, 0}, 4), std::invalid_argument);
+  const demo::CudaModel gm({ModelKind::softmax}, 4);
+  demo::DeviceArray<float> d_p(gm.num_params()), d_g(gm.num_params()), d_x(4 * demo::kFeatures);
+  demo::DeviceArray<int> d_y(4);
+  EXPECT_THROW(gm.loss(d_p.data(), d_x.data(), d_y.data(), 0, d_g.data()), std::invalid_argument);
+  EXPECT_THROW(gm.loss(d_p.data(), d_x.data(), d_y.data(), 5, d_g.data()), std::invalid_argument);
+  EXPECT_THROW(gm.loss_async(d_p.data(), d_x.data(), d_y.data(), nullptr, 2, nullptr, nullptr),
+               std::invalid_argument);
+}
+
+#else
+
+TEST(DemoCudaModel, Skipped) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif  // FUSEDOPT_WITH_CUDA
+
 // ---- The softmax objective of Newton's method
 
 TEST(DemoNewton, SoftmaxHessianMatchesCentralDifferencesOfGradient) {
@@ -423,6 +726,32 @@ TEST(DemoTrain, AdamOnSoftmaxRegressionReachesStatedAccuracy) {
   // standard deviations below the mean and 1.3 points below the worst of the 300 runs.
   EXPECT_GE(r.history.back().test_accuracy, 0.92) << "seed " << seed;
 }
+
+#ifdef FUSEDOPT_WITH_CUDA
+TEST(DemoTrain, AdamOnSoftmaxRegressionOnGpuReachesStatedAccuracy) {
+  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  // The CPU test's run and threshold, with the model and the optimizer on the GPU. The start
+  // (initialised on the host) and the batch order are the CPU run's, and every gradient is
+  // the CPU model's to within rounding (DemoCudaModel above), so the accuracy is drawn from
+  // the distribution measured there.
+  const std::uint64_t seed = run_seed();
+  const demo::Split split =
+      demo::split_dataset(demo::load_digits(demo::default_data_path()), 360, seed);
+  demo::TrainConfig c;
+  c.model.kind = ModelKind::softmax;
+  c.optimizer = "adam";
+  c.epochs = 20;
+  c.batch = 32;
+  c.seed = seed;
+  c.device = Device::cuda;
+  const demo::RunResult r = demo::train_run(c, split);
+  ASSERT_EQ(r.history.size(), 21u);
+  EXPECT_FALSE(r.diverged);
+  EXPECT_EQ(r.steps, 20 * 45);
+  EXPECT_LT(r.history.back().train_loss, 0.25 * r.history.front().train_loss);
+  EXPECT_GE(r.history.back().test_accuracy, 0.92) << "seed " << seed;
+}
+#endif
 
 TEST(DemoTrain, NewtonOnSoftmaxRegressionConvergesInFewSteps) {
   const std::uint64_t seed = run_seed();
