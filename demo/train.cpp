@@ -273,6 +273,7 @@ RunResult newton_run(const NewtonConfig& config, const Split& data) {
   NewtonOptions options;
   options.grad_tol = config.grad_tol;
   options.max_iters = config.max_steps;
+  options.device = config.device;
   const auto t0 = Clock::now();
   const NewtonResult nr = newton_minimize(objective, theta, options);
   r.step_seconds = seconds_since(t0);
@@ -705,9 +706,10 @@ RunResult run_newton(const NewtonConfig& config, const Split& split, bool tty) {
   ProgressPrinter progress(label, false, 30, "steps");  // as for 30 epochs: 5 steps a line
   for (std::size_t k = 1; k < r.history.size(); ++k)
     progress({static_cast<int>(k), steps, 1, 1, &r.history[k]});
-  std::printf("%-16s %s: max |g| %.1e after %d steps, %lld evaluations, %.2f s (cpu, double)\n",
+  std::printf("%-16s %s: max |g| %.1e after %d steps, %lld evaluations, %.2f s (%s, double)\n",
               label.c_str(), r.converged ? "converged" : "stopped", r.grad_norm, steps,
-              static_cast<long long>(r.evaluations), seconds);
+              static_cast<long long>(r.evaluations), seconds,
+              config.device == Device::cuda ? "solves in cuSOLVER" : "cpu");
   std::fflush(stdout);
   return r;
 }
@@ -792,7 +794,9 @@ int run_train(int argc, char** argv) {
       for (std::size_t k = 0; k < cli.optimizers.size(); ++k) {
         if (is_newton(cli.optimizers[k])) {
           if (kind == ModelKind::softmax) {
-            results.push_back(run_newton(newton_config(options[k], cli.seed), split, tty));
+            NewtonConfig config = newton_config(options[k], cli.seed);
+            config.device = device;
+            results.push_back(run_newton(config, split, tty));
           } else {
             std::size_t unknowns = 0;
             const Model<float> mlp({kind, cli.hidden});

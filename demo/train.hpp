@@ -87,10 +87,11 @@ RunResult train_run(const TrainConfig& config, const Split& data,
 
 /// Damped Newton's method (fusedopt/newton.hpp) on softmax regression.
 struct NewtonConfig {
-  double l2 = 1e-4;        // the objective's (l2 / 2) |theta|^2, weights and biases; > 0
-  double grad_tol = 1e-8;  // stop when max |g| <= grad_tol (fo::NewtonOptions::grad_tol)
-  int max_steps = 100;     // accepted Newton steps at most
-  std::uint64_t seed = 1;  // the initialisation: the same start as train_run's softmax model
+  double l2 = 1e-4;             // the objective's (l2 / 2) |theta|^2, weights and biases; > 0
+  double grad_tol = 1e-8;       // stop when max |g| <= grad_tol (fo::NewtonOptions::grad_tol)
+  int max_steps = 100;          // accepted Newton steps at most
+  std::uint64_t seed = 1;       // the initialisation: the same start as train_run's softmax model
+  Device device = Device::cpu;  // where the damped systems are solved (cuda: cuSOLVER)
 };
 
 /// Minimises softmax_objective over the whole training set, 650 unknowns in double with the

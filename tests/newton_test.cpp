@@ -18,6 +18,7 @@
 
 #include "../demo/paths.hpp"
 #include "fusedopt/types.hpp"
+#include "tensor_buffer.hpp"
 #include "test_util.hpp"
 
 namespace fo::test {
@@ -231,6 +232,59 @@ TEST(Newton, UndampedNewtonFallsBackToDampingOnRosenbrock) {
   EXPECT_NEAR(x[0], 1.0, 1e-8);
   EXPECT_NEAR(x[1], 1.0, 1e-8);
   EXPECT_LE(r.steps, 32);  // measured: 27 (same margin reasoning as above)
+}
+
+// ---- the cuSOLVER solve (a GPU only)
+
+TEST(CholeskyGpu, MatchesTheCpuSolveAndRejectsWhatItRejects) {
+  if (cuda_devices() == 0) {
+    // Without a GPU (or without CUDA) asking for one is an error, not a silent CPU solve.
+    std::vector<double> x;
+    EXPECT_THROW(cholesky_solve({4.0}, {2.0}, 1, x, Device::cuda), Error);
+    NewtonOptions o;
+    o.device = Device::cuda;
+    std::vector<double> v = {-1.5, 2.0};
+    EXPECT_THROW(newton_minimize(rosenbrock, v, o), Error);
+    EXPECT_EQ(v, (std::vector<double>{-1.5, 2.0}));
+    GTEST_SKIP() << "no CUDA device on this machine";
+  }
+  auto rng = make_rng();
+  std::normal_distribution<double> normal(0.0, 1.0);
+  // n from 1 to past cuSOLVER's blocking (its potrf switches to blocked code near 64-128).
+  for (std::size_t n : {1u, 2u, 17u, 64u, 200u, 513u}) {
+    const std::vector<double> a = random_spd(rng, n);
+    std::vector<double> want(n), x_cpu, x_gpu;
+    for (double& e : want) e = normal(rng);
+    const std::vector<double> b = mat_vec(a, want);
+    ASSERT_TRUE(cholesky_solve(a, b, static_cast<int>(n), x_cpu)) << "n=" << n;
+    ASSERT_TRUE(cholesky_solve(a, b, static_cast<int>(n), x_gpu, Device::cuda)) << "n=" << n;
+    // Both backward stable on a matrix of condition <= ~5: each within ~n eps of want
+    // (1e-10 relative, as the CPU test), whatever order cuSOLVER sums in.
+    for (std::size_t i = 0; i < n; ++i)
+      ASSERT_NEAR(x_gpu[i], x_cpu[i], 1e-10 * (1.0 + std::fabs(want[i]))) << "n=" << n;
+  }
+  std::vector<double> x = {42.0};
+  EXPECT_FALSE(cholesky_solve({1, 2, 2, 1}, {1, 1}, 2, x, Device::cuda));  // indefinite
+  EXPECT_EQ(x, std::vector<double>{42.0});
+}
+
+TEST(NewtonGpu, TheCuSolverSolveReachesTheSameMinima) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  for (auto* f : {&rosenbrock, &beale}) {
+    std::vector<double> start =
+        f == &rosenbrock ? std::vector<double>{-1.5, 2.0} : std::vector<double>{1.0, 1.0};
+    std::vector<double> x_cpu = start, x_gpu = start;
+    NewtonOptions o;
+    const NewtonResult cpu = newton_minimize(f, x_cpu, o);
+    o.device = Device::cuda;
+    const NewtonResult gpu = newton_minimize(f, x_gpu, o);
+    EXPECT_TRUE(gpu.converged);
+    // The two solves round differently, which may flip an accept/reject decision near the
+    // minimum: a step or two either way, the same point to far below the tolerance.
+    EXPECT_LE(std::abs(gpu.steps - cpu.steps), 2);
+    EXPECT_NEAR(x_gpu[0], x_cpu[0], 1e-8);
+    EXPECT_NEAR(x_gpu[1], x_cpu[1], 1e-8);
+  }
 }
 
 TEST(Newton, ReachesBealesMinimum) {

@@ -1,14 +1,18 @@
 // Damped Newton's method (fusedopt/newton.hpp): Levenberg-Marquardt damping over a dense
-// Cholesky solve, all in double on the CPU.
+// Cholesky solve in double, on the CPU or through cuSOLVER (cuda/newton_cusolver.cu).
 #include "fusedopt/newton.hpp"
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <string>
 #include <utility>
 
+#include "buffer.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "cuda/newton_device.hpp"
 #include "fusedopt/types.hpp"
 
 namespace fo {
@@ -44,9 +48,59 @@ void validate(const NewtonOptions& o) {
   if (!(o.grad_tol >= 0.0)) invalid("newton: grad_tol must be >= 0, got " + fmt(o.grad_tol));
 }
 
+void check_device(const char* who, Device device, int device_index) {
+  if (device == Device::cpu) {
+    if (device_index != 0)
+      invalid(std::string(who) + ": the CPU device index must be 0, got " +
+              std::to_string(device_index));
+    return;
+  }
+  if (device != Device::cuda)
+    invalid(std::string(who) + ": unknown device " + std::to_string(static_cast<int>(device)));
+  if (!cuda::built_with_cuda())
+    throw Error(StatusCode::unsupported, std::string(who) + ": fusedopt was built without CUDA");
+  const int n = cuda::device_count();
+  if (device_index < 0 || device_index >= n)
+    invalid(std::string(who) + ": CUDA device " + std::to_string(device_index) +
+            " does not exist (" + std::to_string(n) + " visible)");
+}
+
 bool all_finite(const std::vector<double>& v) {
   return std::all_of(v.begin(), v.end(), [](double e) { return std::isfinite(e); });
 }
+
+/// Solves on a GPU with buffers kept across calls of one size (a Newton run's attempts).
+class DeviceSolver {
+ public:
+  DeviceSolver(int device_index, std::size_t n)
+      : index_(device_index),
+        n_(n),
+        a_(Device::cuda, device_index, n * n * sizeof(double)),
+        b_(Device::cuda, device_index, n * sizeof(double)),
+        info_(Device::cuda, device_index, sizeof(int)) {}
+
+  /// a: n*n row-major (lower triangle read), b: n. False if not positive definite.
+  bool solve(const std::vector<double>& a, const std::vector<double>& b, std::vector<double>& x) {
+    cuda::DeviceGuard guard(index_);
+    cuda::copy_from_host(a_.data(), a.data(), n_ * n_ * sizeof(double), nullptr);
+    cuda::copy_from_host(b_.data(), b.data(), n_ * sizeof(double), nullptr);
+    cuda::cholesky_solve_device(static_cast<double*>(a_.data()), static_cast<double*>(b_.data()),
+                                static_cast<int>(n_), 1, static_cast<int*>(info_.data()), nullptr);
+    int info = 0;
+    cuda::copy_to_host(&info, info_.data(), sizeof info);  // waits for the solve
+    if (info != 0) return false;
+    std::vector<double> out(n_);
+    cuda::copy_to_host(out.data(), b_.data(), n_ * sizeof(double));
+    if (!all_finite(out)) return false;
+    x = std::move(out);
+    return true;
+  }
+
+ private:
+  int index_;
+  std::size_t n_;
+  detail::StateBuffer a_, b_, info_;
+};
 
 double max_abs(const std::vector<double>& v) {
   double m = 0.0;
@@ -77,7 +131,8 @@ void evaluate(const NewtonObjective& fn, Point& p, std::size_t n) {
 
 }  // namespace
 
-bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::vector<double>& x) {
+bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::vector<double>& x,
+                    Device device, int device_index) {
   if (n <= 0) invalid("cholesky_solve: n must be > 0, got " + std::to_string(n));
   const std::size_t un = static_cast<std::size_t>(n);
   if (a.size() != un * un)
@@ -86,6 +141,8 @@ bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::ve
   if (b.size() != un)
     invalid("cholesky_solve: b has " + std::to_string(b.size()) +
             " elements, n = " + std::to_string(n));
+  check_device("cholesky_solve", device, device_index);
+  if (device == Device::cuda) return DeviceSolver(device_index, un).solve(a, b, x);
 
   // A = L L^T, L stored over the lower triangle of a (Cholesky-Banachiewicz, row by row).
   for (std::size_t i = 0; i < un; ++i) {
@@ -124,8 +181,11 @@ NewtonResult newton_minimize(const NewtonObjective& f, std::vector<double>& x,
     invalid("newton: x has " + std::to_string(x.size()) +
             " elements, too many for a dense Hessian");
   validate(options);
+  check_device("newton", options.device, options.device_index);
   const std::size_t n = x.size();
   const int ni = static_cast<int>(n);
+  std::optional<DeviceSolver> gpu;  // its buffers serve every attempt
+  if (options.device == Device::cuda) gpu.emplace(options.device_index, n);
 
   NewtonResult r;
   Point cur;
@@ -159,7 +219,9 @@ NewtonResult newton_minimize(const NewtonObjective& f, std::vector<double>& x,
     for (;;) {
       std::vector<double> a = cur.h;
       for (std::size_t i = 0; i < n; ++i) a[i * n + i] += lambda;
-      if (cholesky_solve(std::move(a), neg_g, ni, d)) {
+      const bool solved =
+          gpu ? gpu->solve(a, neg_g, d) : cholesky_solve(std::move(a), neg_g, ni, d);
+      if (solved) {
         trial.x.resize(n);
         for (std::size_t i = 0; i < n; ++i) trial.x[i] = cur.x[i] + d[i];
         evaluate(f, trial, n);

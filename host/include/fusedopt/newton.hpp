@@ -1,5 +1,6 @@
-// Damped Newton's method for small dense problems on the CPU, in double precision: each
-// iteration solves (H + lambda*I) d = -g by Cholesky and takes x + d if it lowers f.
+// Damped Newton's method for small dense problems, in double precision: each iteration
+// solves (H + lambda*I) d = -g by Cholesky, on the CPU or on a GPU through cuSOLVER, and takes
+// x + d if it lowers f.
 // Levenberg-Marquardt damping: lambda grows (and the step is retried) when H + lambda*I is
 // not positive definite or the step does not lower f, and shrinks after every good step, so
 // the method is a cautious gradient step far from a minimum and pure Newton near one.
@@ -11,6 +12,8 @@
 #include <functional>
 #include <vector>
 
+#include "fusedopt/types.hpp"
+
 namespace fo {
 
 /// Options of newton_minimize. Invalid values throw fo::Error (invalid_argument).
@@ -21,6 +24,11 @@ struct NewtonOptions {
   double max_damping = 1e16;  // give up (stalled) when lambda would exceed this (> 0)
   int max_iters = 100;        // accepted steps at most, >= 0
   double grad_tol = 1e-10;    // converged when max_i |g_i| <= grad_tol (>= 0)
+  /// Where the damped systems are solved: the CPU, or CUDA device `device_index` through
+  /// cuSOLVER (potrf + potrs in double; the Hessian goes to the GPU once per attempt). The
+  /// objective always runs on the host. Without CUDA, Device::cuda is an error.
+  Device device = Device::cpu;
+  int device_index = 0;
 };
 
 /// Why newton_minimize returned.
@@ -62,9 +70,12 @@ NewtonResult newton_minimize(const NewtonObjective& f, std::vector<double>& x,
 /// triangle is read) by Cholesky factorization A = L L^T and two triangular solves. Returns
 /// false, leaving x unchanged, if A is not positive definite (a pivot <= 0 or not finite).
 /// Throws fo::Error (invalid_argument) if n <= 0, a.size() != n*n or b.size() != n.
+/// With Device::cuda the solve runs on GPU `device_index` through cuSOLVER (potrf + potrs,
+/// double); a build without CUDA throws fo::Error (unsupported).
 ///
 ///   std::vector<double> x;
 ///   bool ok = fo::cholesky_solve({4, 2, 2, 3}, {2, 1}, 2, x);  // x = (0.5, 0)
-bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::vector<double>& x);
+bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::vector<double>& x,
+                    Device device = Device::cpu, int device_index = 0);
 
 }  // namespace fo

@@ -44,3 +44,14 @@ void sparse_step(int, const void*, const detail::SparseStep&, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
 }  // namespace fo::cuda
+
+#include "cuda/newton_device.hpp"
+
+namespace fo::cuda {
+void cholesky_solve_device(double*, double*, int, int, int*, void*) {
+  throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+}
+void cholesky_solve_device(float*, float*, int, int, int*, void*) {
+  throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+}
+}  // namespace fo::cuda
