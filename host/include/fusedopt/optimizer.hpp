@@ -86,7 +86,8 @@ class Optimizer {
   ///
   /// adagrad with rowwise = 1 (FBGEMM's row-wise AdaGrad) keeps one accumulator per row,
   /// state [rows]: sum += mean(g*g) over the row, p -= lr / (sqrt(sum) + eps) * g. Such a
-  /// param takes sparse steps only; a dense step naming it is rejected.
+  /// param takes sparse steps only; a dense step naming it is rejected. In an optimizer that
+  /// also steps dense params, set it per table: set_param_option(table, "rowwise", 1).
   void step_sparse(std::string_view name, const void* indices, DType index_dtype, std::int64_t nnz,
                    const void* grad_rows, void* stream = nullptr);
 

@@ -271,6 +271,8 @@ constexpr RowLauncher kRowwiseLaunchers[][2] = {
     FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
 #undef FO_LAUNCHERS
 };
+static_assert(sizeof(kRowwiseLaunchers) / sizeof(kRowwiseLaunchers[0]) ==
+              detail::kNumDenseAlgorithms);
 
 // Bits that hold every index in [0, rows): of rows - 1, at least 1, at most the key's width.
 template <class T>

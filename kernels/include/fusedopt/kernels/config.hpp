@@ -9,8 +9,13 @@
 
 #include <cmath>
 
+// Always inlined, also on the host at -O0: each CPU ISA's translation unit compiles these with
+// its own instruction set, and an out-of-line copy (a weak symbol) from the AVX-512 unit could
+// be the one the linker keeps for the scalar path.
 #if defined(__CUDACC__)
 #define FO_HOST_DEVICE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FO_HOST_DEVICE inline __attribute__((always_inline))
 #else
 #define FO_HOST_DEVICE inline
 #endif

@@ -8,8 +8,8 @@
 // row with summed gradient g (dim values):
 //   sum += mean(g*g)                       (mean in the fixed order of kernels/rowwise.hpp)
 //   p   -= clr / (sqrt(sum) + eps) * g
-// Traffic per touched row: dim floats of p read and written, the gradient read, one float of
-// state read and written.
+// Traffic per touched row: dim floats of p read and written, the gradient read (on CUDA twice,
+// the second time mostly from cache), one float of state read and written.
 #pragma once
 
 #include "fusedopt/kernels/algorithm.hpp"
