@@ -721,6 +721,56 @@ TEST(Cuda, GradScale) {
   }
 }
 
+// Host memory handed to a CUDA optimizer is refused before any kernel could touch it (an
+// illegal address would end the CUDA context for the whole process), and nothing changes.
+TEST(Cuda, HostPointersAreRejected) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const std::vector<float> p0 = random_floats(rng, 1000);
+  DeviceArray<float> p(p0), g(random_floats(rng, 1000));
+  std::vector<float> host_grad = random_floats(rng, 1000);
+  Optimizer opt("adam", Device::cuda);
+  opt.add_param("w", p.get(), DType::f32, {1000});
+  opt.step({g.get()});  // a device grad: checked once, then remembered
+  const std::vector<float> after_one = p.download();
+  const std::vector<float> exp_avg = opt.state("w", "exp_avg");
+  auto expect_refused = [&](auto&& call, const std::string& needle) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted host memory";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), StatusCode::invalid_argument) << e.what();
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(bitwise_equal(p.download(), after_one));
+    EXPECT_TRUE(bitwise_equal(opt.state("w", "exp_avg"), exp_avg));
+    EXPECT_EQ(opt.step_count("w"), 1);
+  };
+  expect_refused([&] { opt.step({host_grad.data()}); }, "not memory of CUDA device");
+  Adam::Options o;
+  DenseTensors t;
+  t.param = p.get();
+  t.grad = host_grad.data();
+  t.numel = 1000;
+  DeviceArray<float> m(1000), v(1000);
+  t.states[0] = m.get();
+  t.states[1] = v.get();
+  expect_refused(
+      [&] {
+        fused_step<Adam>(o, 2, t, Exec{Device::cuda, nullptr});
+      },
+      "not CUDA device memory");
+  Optimizer table("lazyadam", Device::cuda);
+  table.add_param("emb", p.get(), DType::f32, {100, 10});
+  std::vector<std::int64_t> host_idx = {1, 2};
+  DeviceArray<std::int64_t> idx(host_idx);
+  EXPECT_THROW(table.step_sparse("emb", host_idx.data(), DType::i64, 2, g.get()), Error);
+  EXPECT_THROW(table.step_sparse("emb", idx.get(), DType::i64, 2, host_grad.data()), Error);
+  EXPECT_EQ(table.step_count("emb"), 0);
+  EXPECT_TRUE(bitwise_equal(p.download(), after_one));
+  cuda_ok(cudaGetLastError(), "the CUDA context after the refusals");
+}
+
 // A step captured into a CUDA graph and replayed: the lr comes from device memory at run time
 // and the step count from the device, so ten replays are ten real steps, with the lr set
 // between them. The CPU takes the same eleven steps with the same lrs (as floats, so that both

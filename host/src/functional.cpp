@@ -63,6 +63,10 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
     if (!ptr) invalid(who + ": " + what + " is null");
     if (misaligned(ptr, dtype_size(dtype)))
       invalid(who + ": " + what + " is not aligned to its element size");
+    // A host pointer in a kernel would be an illegal address that ends the CUDA context. One
+    // pointer query per buffer (about a microsecond): the Optimizer's steps avoid it.
+    if (cuda && !cuda::is_device_pointer(ptr, -1))
+      invalid(who + ": " + what + " is not CUDA device memory");
   };
   check(t.param, t.param_dtype, "param");
   check(t.grad, t.grad_dtype, "grad");

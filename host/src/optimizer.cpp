@@ -151,6 +151,10 @@ struct Optimizer::Impl {
   const float* d_lr = nullptr;
   const float* d_grad_multiplier = nullptr;
   float* d_found_inf = nullptr;
+  // CUDA: the grad pointer of each param last found to be memory of this device. A training
+  // loop passes the same buffers every step, so the pointer query runs once per buffer, not
+  // once per step. (Under unified addressing a live device range is never a host address.)
+  std::vector<const void*> device_checked_grads;
 
   std::vector<double> effective(const ParamEntry& p, const std::vector<double>& base) const {
     std::vector<double> v = base;
@@ -369,19 +373,28 @@ void Optimizer::step(const void* const* grads, void* stream) {
   Impl& m = *impl_;
   if (!grads && !m.params.empty()) invalid("step: the grads array is null");
   // 1. Validate every gradient before anything is written.
+  const bool cuda = m.device == Device::cuda;
   std::vector<std::size_t> stepping;
   for (std::size_t i = 0; i < m.params.size(); ++i) {
     const void* g = grads[i];
     if (!g) continue;
-    if (m.rowwise(m.params[i].options))
-      unsupported("step: param '" + m.params[i].name +
+    const ParamEntry& p = m.params[i];
+    if (m.rowwise(p.options))
+      unsupported("step: param '" + p.name +
                   "' is row-wise (rowwise = 1): it takes sparse steps (step_sparse) only");
-    if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(m.params[i])) != 0)
-      invalid("step: the grad of param '" + m.params[i].name +
-              "' is not aligned to its element size");
+    if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
+      invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
+    // A host pointer in a kernel would be an illegal address that ends the CUDA context.
+    const bool known = i < m.device_checked_grads.size() && m.device_checked_grads[i] == g;
+    if (cuda && p.numel > 0 && !known && !cuda::is_device_pointer(g, m.device_index))
+      invalid("step: the grad of param '" + p.name + "' is not memory of CUDA device " +
+              std::to_string(m.device_index));
     stepping.push_back(i);
   }
-  if (m.device == Device::cuda) {
+  if (cuda) {
+    m.device_checked_grads.resize(m.params.size(), nullptr);
+    for (std::size_t i : stepping)
+      if (m.params[i].numel > 0) m.device_checked_grads[i] = grads[i];
     cuda::DeviceGuard guard(m.device_index);
     m.step_cuda(stepping, grads, stream);
   } else {
@@ -594,6 +607,12 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
       invalid(who + "indices are not aligned to their element size");
     if (reinterpret_cast<std::uintptr_t>(grad_rows) % sizeof(float) != 0)
       invalid(who + "grad_rows is not aligned to its element size");
+    if (m.device == Device::cuda) {  // a host pointer in a kernel would end the CUDA context
+      if (!cuda::is_device_pointer(indices, m.device_index))
+        invalid(who + "indices are not memory of CUDA device " + std::to_string(m.device_index));
+      if (!cuda::is_device_pointer(grad_rows, m.device_index))
+        invalid(who + "grad_rows is not memory of CUDA device " + std::to_string(m.device_index));
+    }
   }
   const detail::SparseStep probe{
       nullptr, {nullptr, nullptr, nullptr},         false, rows, dim, indices, index_dtype,

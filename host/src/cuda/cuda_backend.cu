@@ -266,7 +266,7 @@ bool is_device_pointer(const void* p, int device) {
     return false;
   }
   return (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) &&
-         attr.device == device;
+         (device < 0 || attr.device == device);
 }
 
 }  // namespace fo::cuda

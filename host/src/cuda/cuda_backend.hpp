@@ -75,7 +75,7 @@ void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);
 void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* stream);
 /// Waits for all work on the current device.
 void synchronize();
-/// True if `p` is device (or managed) memory of `device`.
+/// True if `p` is device (or managed) memory of `device` (of any device when device < 0).
 bool is_device_pointer(const void* p, int device);
 
 /// Makes `device` current for the guard's lifetime (no-op without CUDA or for device < 0).
