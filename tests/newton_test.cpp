@@ -263,9 +263,15 @@ TEST(CholeskyGpu, MatchesTheCpuSolveAndRejectsWhatItRejects) {
     for (std::size_t i = 0; i < n; ++i)
       ASSERT_NEAR(x_gpu[i], x_cpu[i], 1e-10 * (1.0 + std::fabs(want[i]))) << "n=" << n;
   }
-  std::vector<double> x = {42.0};
-  EXPECT_FALSE(cholesky_solve({1, 2, 2, 1}, {1, 1}, 2, x, Device::cuda));  // indefinite
-  EXPECT_EQ(x, std::vector<double>{42.0});
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const auto& bad : std::vector<std::vector<double>>{
+           {1, 2, 2, 1},       // indefinite
+           {inf, 0, 0, 1},     // an infinite pivot, which LAPACK alone would accept
+           {1, 0, inf, 1}}) {  // inf in the lower triangle
+    std::vector<double> x = {42.0};
+    EXPECT_FALSE(cholesky_solve(bad, {1, 1}, 2, x, Device::cuda)) << bad[0] << " " << bad[2];
+    EXPECT_EQ(x, std::vector<double>{42.0});
+  }
 }
 
 TEST(NewtonGpu, TheCuSolverSolveReachesTheSameMinima) {

@@ -81,6 +81,12 @@ class DeviceSolver {
 
   /// a: n*n row-major (lower triangle read), b: n. False if not positive definite.
   bool solve(const std::vector<double>& a, const std::vector<double>& b, std::vector<double>& x) {
+    // LAPACK's potrf flags a pivot <= 0 or NaN, not an infinite one: refuse what the CPU
+    // solve refuses, a non-finite lower triangle or right-hand side, before the GPU sees it.
+    for (std::size_t i = 0; i < n_; ++i)
+      for (std::size_t j = 0; j <= i; ++j)
+        if (!std::isfinite(a[i * n_ + j])) return false;
+    if (!all_finite(b)) return false;
     cuda::DeviceGuard guard(index_);
     cuda::copy_from_host(a_.data(), a.data(), n_ * n_ * sizeof(double), nullptr);
     cuda::copy_from_host(b_.data(), b.data(), n_ * sizeof(double), nullptr);
