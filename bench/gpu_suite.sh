@@ -31,7 +31,8 @@
 # the tests check against a double-precision CPU reference, which is most of their time, so
 # shards in parallel keep the run within minutes. Knobs (environment):
 #   GPU_SUITE_SHARDS           parallel shards (default: min(nproc, 8))
-#   GPU_SUITE_SAN_FILTER       gtest filter under compute-sanitizer (default 'Cuda*:*Cuda*-*Huge*')
+#   GPU_SUITE_SAN_FILTER       gtest filter under compute-sanitizer (default
+#                              'Cuda*:*Cuda*:*cuda*:SparseGpu*-*Huge*')
 #   GPU_SUITE_SAN_ARGS         more compute-sanitizer options, e.g. '--report-api-errors no'
 #                              where a test makes a CUDA call fail on purpose
 #   GPU_SUITE_BENCH_MIN_TIME   --benchmark_min_time in seconds (default 0.2)
@@ -58,11 +59,16 @@ BUILD=build/$PRESET
 SHARED=build/gpu-shared
 WORK=build/gpu-suite
 TEST_BIN=$BUILD/tests/fusedopt_tests
+DEMO_TEST_BIN=$BUILD/tests/fusedopt_demo_test
 BENCH_BIN=$BUILD/bench/fusedopt_bench
 NPROC=$(nproc 2>/dev/null || echo 4)
 SHARDS=${GPU_SUITE_SHARDS:-$((NPROC < 8 ? NPROC : 8))}
-GPU_FILTER='Cuda*:*Cuda*:GpuSuite*'
-SAN_FILTER=${GPU_SUITE_SAN_FILTER:-'Cuda*:*Cuda*-*Huge*'}
+# Every test that needs a GPU has Cuda, cuda, Gpu or Device in its name (the sparse suite's
+# "..._cuda" cases, SparseGpu, CheckpointDevices, ScheduleDevice; the demo's DemoCudaModel,
+# *Gpu*, CholeskyGpu, NewtonGpu).
+GPU_FILTER='Cuda*:*Cuda*:*cuda*:*Gpu*:*Device*:GpuSuite*'
+DEMO_GPU_FILTER='*Cuda*:*Gpu*'
+SAN_FILTER=${GPU_SUITE_SAN_FILTER:-'Cuda*:*Cuda*:*cuda*:SparseGpu*-*Huge*'}
 read -r -a SAN_ARGS <<<"${GPU_SUITE_SAN_ARGS:-}"
 BENCH_MIN_TIME=${GPU_SUITE_BENCH_MIN_TIME:-0.2}
 BUILD_TIMEOUT=${GPU_SUITE_BUILD_TIMEOUT:-600}
@@ -325,7 +331,7 @@ run_shards() {
 phase "c. tests"
 run_ctest() {
   local limit rc=0
-  limit=$(step_limit "$CTEST_TIMEOUT" $((R_GTEST + 3 * R_SAN + R_BENCH + R_TORCH)))
+  limit=$(step_limit "$CTEST_TIMEOUT" $((2 * R_GTEST + 3 * R_SAN + R_BENCH + R_TORCH)))
   out_of_time "$limit" "ctest" && return 0
   log "ctest --preset $PRESET --output-on-failure -j $NPROC (limit $limit s)"
   timeout "$limit" ctest --preset "$PRESET" --output-on-failure -j "$NPROC" \
@@ -339,20 +345,23 @@ run_ctest() {
 }
 run_ctest
 
-# The GPU tests straight from the binary: none may be skipped (a skip passes under ctest).
+# The GPU tests straight from the binaries: none may be skipped (a skip passes under ctest).
+# $1: the test binary, $2: its gtest filter, $3: a name for logs, $4: seconds to keep for
+# further test runs before the sanitizer.
 run_gpu_tests() {
-  local limit i log=$WORK/gpu-tests.log ran passed failed skipped skipped_cuda n reason
-  limit=$(step_limit "$GTEST_TIMEOUT" $((3 * R_SAN + R_BENCH + R_TORCH)))
-  out_of_time "$limit" "GPU tests" && return 0
-  log "$TEST_BIN --gtest_filter='$GPU_FILTER' --gtest_brief=0 ($SHARDS shards, limit $limit s)"
-  printf '\n\n##### %s --gtest_filter=%s --gtest_brief=0\n' "$TEST_BIN" "$GPU_FILTER" \
+  local bin=$1 filter=$2 name=$3 reserve=${4:-0}
+  local limit i log=$WORK/$name.log ran passed failed skipped skipped_cuda n reason
+  limit=$(step_limit "$GTEST_TIMEOUT" $((reserve + 3 * R_SAN + R_BENCH + R_TORCH)))
+  out_of_time "$limit" "GPU tests ($name)" && return 0
+  log "$bin --gtest_filter='$filter' --gtest_brief=0 ($SHARDS shards, limit $limit s)"
+  printf '\n\n##### %s --gtest_filter=%s --gtest_brief=0\n' "$bin" "$filter" \
     >>"$TESTS_LOG"
   rm -f "$log"
-  run_shards gpu-tests "$limit" "$log" "$TEST_BIN" --gtest_filter="$GPU_FILTER" --gtest_brief=0
+  run_shards "$name" "$limit" "$log" "$bin" --gtest_filter="$filter" --gtest_brief=0
   cat "$log" >>"$TESTS_LOG"
   for ((i = 0; i < SHARDS; i++)); do
     if [ "${SHARD_RCS[$i]}" -ne 0 ]; then
-      fail "GPU tests, shard $i" "$(status_text "${SHARD_RCS[$i]}" "$limit"); see tests.log"
+      fail "GPU tests ($name), shard $i" "$(status_text "${SHARD_RCS[$i]}" "$limit"); see tests.log"
     fi
   done
   ran=$(grep -c '^\[ RUN      \]' "$log" || true)
@@ -360,28 +369,33 @@ run_gpu_tests() {
   failed=$(grep -E '^\[  FAILED  \] .*\(' "$log" | sed 's/ (.*//' | sort -u || true)
   skipped=$(grep -E '^\[  SKIPPED \] ' "$log" | grep -vE 'tests?, listed below' |
     sed 's/ (.*//' | sort -u || true)
-  skipped_cuda=$(printf '%s\n' "$skipped" | grep -i 'cuda' || true)
+  skipped_cuda=$(printf '%s\n' "$skipped" | grep -iE 'cuda|gpu|device' || true)
   n=$(printf '%s\n' "$skipped" | grep -c . || true)
-  log "GPU tests: $ran run, $passed passed, $n skipped"
+  log "GPU tests ($name): $ran run, $passed passed, $n skipped"
   if [ -n "$failed" ]; then
     printf '%s\n' "$failed" | head -n 20
   fi
   if [ "${ran:-0}" -eq 0 ]; then
-    fail "GPU tests" "no test matched '$GPU_FILTER'"
+    fail "GPU tests ($name)" "no test matched '$filter'"
   fi
   if [ -n "$skipped_cuda" ]; then
     printf '%s\n' "$skipped_cuda" | head -n 20
     # gtest prints the skip's message on the line before "[  SKIPPED ]".
-    reason=$(grep -B1 -E '^\[  SKIPPED \] .*[Cc][Uu][Dd][Aa]' "$log" | grep -vE '^\[|^--' |
+    reason=$(grep -B1 -iE '^\[  SKIPPED \] .*(cuda|gpu|device)' "$log" | grep -vE '^\[|^--' |
       head -n 1 || true)
     n=$(printf '%s\n' "$skipped_cuda" | grep -c . || true)
-    fail "GPU tests skipped" "$n CUDA tests SKIPPED${reason:+, e.g.: $reason}"
+    fail "GPU tests skipped ($name)" "$n GPU tests SKIPPED${reason:+, e.g.: $reason}"
   elif [ -n "$skipped" ]; then
-    log "skipped (no 'cuda' in the name, so allowed):"
+    log "skipped (no cuda, gpu or device in the name, so allowed):"
     printf '%s\n' "$skipped" | head -n 20
   fi
 }
-run_gpu_tests
+run_gpu_tests "$TEST_BIN" "$GPU_FILTER" gpu-tests "$R_GTEST"
+if [ -x "$DEMO_TEST_BIN" ]; then
+  run_gpu_tests "$DEMO_TEST_BIN" "$DEMO_GPU_FILTER" gpu-demo-tests
+else
+  fail "GPU tests (demo)" "$DEMO_TEST_BIN was not built"
+fi
 
 # ------------------------------------------------------------------- d. compute-sanitizer
 phase "d. compute-sanitizer"
