@@ -13,6 +13,7 @@
 #include "buffer.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "cuda/newton_device.hpp"
+#include "device_check.hpp"
 #include "fusedopt/types.hpp"
 
 namespace fo {
@@ -46,23 +47,6 @@ void validate(const NewtonOptions& o) {
   if (o.max_iters < 0)
     invalid("newton: max_iters must be >= 0, got " + std::to_string(o.max_iters));
   if (!(o.grad_tol >= 0.0)) invalid("newton: grad_tol must be >= 0, got " + fmt(o.grad_tol));
-}
-
-void check_device(const char* who, Device device, int device_index) {
-  if (device == Device::cpu) {
-    if (device_index != 0)
-      invalid(std::string(who) + ": the CPU device index must be 0, got " +
-              std::to_string(device_index));
-    return;
-  }
-  if (device != Device::cuda)
-    invalid(std::string(who) + ": unknown device " + std::to_string(static_cast<int>(device)));
-  if (!cuda::built_with_cuda())
-    throw Error(StatusCode::unsupported, std::string(who) + ": fusedopt was built without CUDA");
-  const int n = cuda::device_count();
-  if (device_index < 0 || device_index >= n)
-    invalid(std::string(who) + ": CUDA device " + std::to_string(device_index) +
-            " does not exist (" + std::to_string(n) + " visible)");
 }
 
 bool all_finite(const std::vector<double>& v) {
@@ -147,7 +131,7 @@ bool cholesky_solve(std::vector<double> a, std::vector<double> b, int n, std::ve
   if (b.size() != un)
     invalid("cholesky_solve: b has " + std::to_string(b.size()) +
             " elements, n = " + std::to_string(n));
-  check_device("cholesky_solve", device, device_index);
+  detail::check_device("cholesky_solve", device, device_index);
   if (device == Device::cuda) return DeviceSolver(device_index, un).solve(a, b, x);
 
   // A = L L^T, L stored over the lower triangle of a (Cholesky-Banachiewicz, row by row).
@@ -187,7 +171,7 @@ NewtonResult newton_minimize(const NewtonObjective& f, std::vector<double>& x,
     invalid("newton: x has " + std::to_string(x.size()) +
             " elements, too many for a dense Hessian");
   validate(options);
-  check_device("newton", options.device, options.device_index);
+  detail::check_device("newton", options.device, options.device_index);
   const std::size_t n = x.size();
   const int ni = static_cast<int>(n);
   std::optional<DeviceSolver> gpu;  // its buffers serve every attempt

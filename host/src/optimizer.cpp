@@ -20,6 +20,7 @@
 #include "checkpoint.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "device_check.hpp"
 #include "fusedopt/kernels/convert.hpp"
 
 namespace fo {
@@ -238,17 +239,7 @@ Optimizer::Optimizer(std::string_view algorithm, Device device, int device_index
     for (const auto& d : dense_algorithms()) names.push_back(d.name);
     invalid("unknown algorithm '" + std::string(algorithm) + "' (known: " + join(names) + ")");
   }
-  if (device != Device::cpu && device != Device::cuda)
-    invalid("unknown device " + std::to_string(static_cast<int>(device)));
-  if (device == Device::cuda) {
-    if (!cuda::built_with_cuda()) unsupported("fusedopt was built without CUDA");
-    const int n = cuda::device_count();
-    if (device_index < 0 || device_index >= n)
-      invalid("CUDA device " + std::to_string(device_index) + " does not exist (" +
-              std::to_string(n) + " visible)");
-  } else if (device_index != 0) {
-    invalid("the CPU device index must be 0, got " + std::to_string(device_index));
-  }
+  detail::check_device("", device, device_index);
   impl_->device = device;
   impl_->device_index = device_index;
   impl_->defaults = impl_->info->desc.defaults;

@@ -94,6 +94,19 @@ struct StatePtrs {
   float* p[kMaxStates];
 };
 
+// Column j of a distinct row's gradient: its gradient rows sorted_positions[begin, end) summed
+// in fp32 in ascending k = ascending original position (the stable sort), starting from the
+// first (no added +0). The one order every sparse kernel, and the CPU, sums in.
+__device__ __forceinline__ float summed_gradient(const float* grad_rows,
+                                                 const Pos* sorted_positions, std::int64_t begin,
+                                                 std::int64_t end, std::int64_t dim,
+                                                 std::int64_t j) {
+  float g = grad_rows[static_cast<std::int64_t>(sorted_positions[begin]) * dim + j];
+  for (std::int64_t k = begin + 1; k < end; ++k)
+    g += grad_rows[static_cast<std::int64_t>(sorted_positions[k]) * dim + j];
+  return g;
+}
+
 // blockDim.y rows per block, blockDim.x threads over the columns of each. The number of
 // distinct rows is read from device memory; the grid strides over them.
 template <class Op, class T>
@@ -109,10 +122,7 @@ __global__ void sparse_rows_kernel(Op op, float* table, StatePtrs states, std::i
     const std::int64_t end = r + 1 < runs ? static_cast<std::int64_t>(offsets[r + 1]) : nnz;
     const std::int64_t base = static_cast<std::int64_t>(unique_rows[r]) * dim;
     for (std::int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-      // Ascending k = ascending original position (stable sort): a fixed order.
-      float g = grad_rows[static_cast<std::int64_t>(sorted_positions[begin]) * dim + j];
-      for (std::int64_t k = begin + 1; k < end; ++k)
-        g += grad_rows[static_cast<std::int64_t>(sorted_positions[k]) * dim + j];
+      const float g = summed_gradient(grad_rows, sorted_positions, begin, end, dim, j);
       const std::int64_t e = base + j;
       float p = table[e];
       float s[kMaxStates];
@@ -204,10 +214,7 @@ __global__ void sparse_rowwise_kernel(RowOp op, float* table, StatePtrs states, 
     const std::int64_t end = r + 1 < runs ? static_cast<std::int64_t>(offsets[r + 1]) : nnz;
     const auto row = static_cast<std::int64_t>(unique_rows[r]);
     const auto summed = [&](std::int64_t j) {
-      float g = grad_rows[static_cast<std::int64_t>(sorted_positions[begin]) * dim + j];
-      for (std::int64_t k = begin + 1; k < end; ++k)
-        g += grad_rows[static_cast<std::int64_t>(sorted_positions[k]) * dim + j];
-      return g;
+      return summed_gradient(grad_rows, sorted_positions, begin, end, dim, j);
     };
     float squares = 0.0f;
     for (std::int64_t j = lane; j < dim; j += kRowLanes) {
