@@ -38,6 +38,32 @@ void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& 
 }  // namespace fo::cpu
 
 namespace fo::cuda {
+FO_EMULATION_BEGIN
+
+/// Positions in a step's index list: 32-bit (CUB's run-length encoder counts in int).
+using SparsePos = int;
+
+/// The indices of a sparse step, sorted (stably) and run-length encoded: the distinct rows in
+/// ascending order, the offset of each one's run in the sorted order, the original positions
+/// in sorted order, and the number of runs. Device memory.
+struct SparseRuns {
+  const void* unique_rows;  // the index dtype
+  const SparsePos* offsets;
+  const SparsePos* sorted_positions;
+  const SparsePos* num_runs;
+};
+
+// The kernels' launchers (sparse_launch.cu; also compiled for the host emulation).
+/// The row kernel of `algorithm_index` (its RowOp's when s.rowwise) over the runs.
+void launch_sparse_rows(int algorithm_index, const void* op, const detail::SparseStep& s,
+                        const SparseRuns& runs, void* stream);
+/// atomicMin into *d_first of every position whose index is outside [0, s.rows).
+void launch_first_bad_index(const detail::SparseStep& s, unsigned long long* d_first, void* stream);
+/// out[i] = i for i < n.
+void launch_iota(SparsePos* out, std::int64_t n, void* stream);
+
+FO_EMULATION_END
+
 /// Position of the first index outside [0, rows), or -1. Waits for `stream`.
 std::int64_t sparse_first_bad_index(const detail::SparseStep& s, void* stream);
 /// The step with functor `op` of algorithm `algorithm_index`; indices already validated.

@@ -1,11 +1,13 @@
-// The CUDA backend: launchers of the multi-tensor step and the gradient-norm pass (launch
-// plans from multi_tensor_plan, one kernel per algorithm and param storage), device memory,
-// fills and copies. Every launch is checked; nothing here synchronizes with the host except
-// copy_to_host.
-#include <cuda_runtime.h>
-
+// The CUDA backend's launchers: the multi-tensor step and the gradient-norm pass (launch plans
+// from multi_tensor_plan, one kernel per algorithm and param storage), and the fills and
+// widenings of state buffers. Every launch is checked with cudaGetLastError; nothing here
+// synchronizes with the host. Devices, memory and copies are in cuda_memory.cu.
+//
+// Also compiled as host C++ under FO_CUDA_HOST_EMULATION (tests/emulation), where the same
+// planning and argument packing drive the kernels on CPU threads.
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -13,11 +15,13 @@
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
+#include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "multi_tensor_plan.hpp"
 
 namespace fo::cuda {
+FO_EMULATION_BEGIN
 namespace {
 
 using cuda_kernels::kBlock;
@@ -25,6 +29,7 @@ using cuda_kernels::kMaxListTensors;
 using cuda_kernels::StepConfig;
 using cuda_kernels::TensorList;
 
+// The largest functor and options travel beside the list (Adam's: under 100 bytes each).
 static_assert(sizeof(TensorList) + sizeof(StepConfig) + 512 <= 32764,
               "kernel parameters over the 32 KB limit of CUDA 12.1+");
 
@@ -58,16 +63,20 @@ std::vector<detail::LaunchGroup> plan(const ListEntry* entries, std::size_t n) {
   return detail::plan_launches(numels, kChunk, kMaxListTensors, kMaxGrid);
 }
 
-using StepLauncher = void (*)(const void* options, const TensorList& list, std::int64_t blocks,
-                              const StepConfig& cfg, cudaStream_t stream);
+/// Launches one planned group. `host_step`: the step every tensor of the list takes, for the
+/// functor built here, when cfg.device_scalars is off.
+using StepLauncher = void (*)(const void* options, std::int64_t host_step, const TensorList& list,
+                              std::int64_t blocks, const StepConfig& cfg, cudaStream_t stream);
 
 template <class A, int kParam>
-void launch_step(const void* options, const TensorList& list, std::int64_t blocks,
-                 const StepConfig& cfg, cudaStream_t stream) {
-  cuda_kernels::multi_tensor_step_kernel<A, kParam>
-      <<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(
-          *static_cast<const typename A::Options*>(options), list, cfg);
-  FO_CUDA_CHECK(cudaPeekAtLastError());
+void launch_step(const void* options, std::int64_t host_step, const TensorList& list,
+                 std::int64_t blocks, const StepConfig& cfg, cudaStream_t stream) {
+  const auto& o = *static_cast<const typename A::Options*>(options);
+  const typename A::Op host_op = cfg.device_scalars ? typename A::Op{} : A::make_op(o, host_step);
+  FO_LAUNCH(static_cast<unsigned>(blocks), kBlock, stream,
+            cuda_kernels::multi_tensor_step_kernel<A, kParam>)
+  (o, host_op, list, cfg);
+  FO_CUDA_CHECK(cudaGetLastError());
 }
 
 // [algorithm][param storage: f32, f16, bf16]
@@ -79,6 +88,24 @@ constexpr StepLauncher kStepLaunchers[][3] = {
 #undef FO_LAUNCHERS
 };
 static_assert(sizeof(kStepLaunchers) / sizeof(kStepLaunchers[0]) == detail::kNumDenseAlgorithms);
+
+void increment_steps(std::int64_t* d_steps, const TensorList& list, const float* d_found_inf,
+                     cudaStream_t stream) {
+  FO_LAUNCH(1, kBlock, stream, cuda_kernels::increment_steps_kernel)(d_steps, list, d_found_inf);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+/// Plans and launches the step of entries [0, n), all taking `host_step` unless
+/// cfg.device_scalars.
+void launch_list(StepLauncher launch, const void* options, std::int64_t host_step,
+                 const ListEntry* entries, std::size_t n, const StepConfig& cfg,
+                 std::int64_t* d_steps, cudaStream_t stream) {
+  for (const auto& g : plan(entries, n)) {
+    const TensorList list = make_list(entries, g);
+    launch(options, host_step, list, g.blocks, cfg, stream);
+    if (d_steps) increment_steps(d_steps, list, cfg.d_found_inf, stream);
+  }
+}
 
 template <class T>
 __global__ void fill_kernel(T* p, T value, std::int64_t n) {
@@ -101,31 +128,6 @@ unsigned elementwise_grid(std::int64_t n) {
 
 }  // namespace
 
-bool built_with_cuda() noexcept { return true; }
-
-int device_count() noexcept {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the "no driver" error
-    return 0;
-  }
-  return n;
-}
-
-DeviceGuard::DeviceGuard(int device) {
-  if (device < 0) return;
-  FO_CUDA_CHECK(cudaGetDevice(&previous_));
-  if (previous_ == device) {
-    previous_ = -1;
-    return;
-  }
-  FO_CUDA_CHECK(cudaSetDevice(device));
-}
-
-DeviceGuard::~DeviceGuard() {
-  if (previous_ >= 0) FO_CUDA_CHECK_NOTHROW(cudaSetDevice(previous_));
-}
-
 void multi_tensor_step(int algorithm_index, const void* options, const ListEntry* entries,
                        std::size_t n, const ListSettings& s, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
@@ -135,6 +137,7 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   cfg.stochastic = s.stochastic;
   cfg.seed = s.seed;
   cfg.grad_scale = s.grad_scale;
+  cfg.device_scalars = s.d_lr != nullptr || s.d_steps != nullptr;
   cfg.d_lr = s.d_lr;
   cfg.d_steps = s.d_steps;
   cfg.d_grad_scale = s.d_grad_scale;
@@ -142,13 +145,14 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
   const StepLauncher launch = kStepLaunchers[algorithm_index][storage_code(s.param_dtype)];
-  for (const auto& g : plan(entries, n)) {
-    const TensorList list = make_list(entries, g);
-    launch(options, list, g.blocks, cfg, st);
-    if (s.d_steps) {
-      cuda_kernels::increment_steps_kernel<<<1, kBlock, 0, st>>>(s.d_steps, list, s.d_found_inf);
-      FO_CUDA_CHECK(cudaPeekAtLastError());
-    }
+  if (cfg.device_scalars) {
+    launch_list(launch, options, 0, entries, n, cfg, s.d_steps, st);
+  } else {
+    // Host-counted steps: one functor per distinct step, built here (usually one).
+    std::map<std::int64_t, std::vector<ListEntry>> by_step;
+    for (std::size_t i = 0; i < n; ++i) by_step[entries[i].step].push_back(entries[i]);
+    for (const auto& [step, list] : by_step)
+      launch_list(launch, options, step, list.data(), list.size(), cfg, nullptr, st);
   }
   // Empty tensors get no blocks in any launch, but their steps count all the same.
   if (s.d_steps) {
@@ -157,15 +161,11 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
       if (entries[i].numel != 0) continue;
       empty.key[empty.count++] = entries[i].key;
       if (empty.count == kMaxListTensors) {
-        cuda_kernels::increment_steps_kernel<<<1, kBlock, 0, st>>>(s.d_steps, empty, s.d_found_inf);
-        FO_CUDA_CHECK(cudaPeekAtLastError());
+        increment_steps(s.d_steps, empty, s.d_found_inf, st);
         empty.count = 0;
       }
     }
-    if (empty.count > 0) {
-      cuda_kernels::increment_steps_kernel<<<1, kBlock, 0, st>>>(s.d_steps, empty, s.d_found_inf);
-      FO_CUDA_CHECK(cudaPeekAtLastError());
-    }
+    if (empty.count > 0) increment_steps(s.d_steps, empty, s.d_found_inf, st);
   }
 }
 
@@ -174,9 +174,8 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   cfg.grad_scale = 1.0f;
   cfg.chunk = kChunk;
   const TrafficProbe::Options options{};
-  for (const auto& g : plan(entries, n))
-    launch_step<TrafficProbe, cuda_kernels::kF32>(&options, make_list(entries, g), g.blocks, cfg,
-                                                  static_cast<cudaStream_t>(stream));
+  launch_list(&launch_step<TrafficProbe, cuda_kernels::kF32>, &options, 1, entries, n, cfg, nullptr,
+              static_cast<cudaStream_t>(stream));
 }
 
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n) {
@@ -191,32 +190,18 @@ void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float 
   const auto st = static_cast<cudaStream_t>(stream);
   std::int64_t offset = 0;
   for (const auto& g : plan(entries, n)) {
-    cuda_kernels::grad_sumsq_kernel<<<static_cast<unsigned>(g.blocks), kBlock, 0, st>>>(
-        make_list(entries, g), storage_code(grad_dtype), grad_scale, d_grad_scale, kChunk,
-        reinterpret_cast<double*>(d_workspace), offset);
-    FO_CUDA_CHECK(cudaPeekAtLastError());
+    FO_LAUNCH(static_cast<unsigned>(g.blocks), kBlock, st, cuda_kernels::grad_sumsq_kernel)
+    (make_list(entries, g), storage_code(grad_dtype), grad_scale, d_grad_scale, kChunk,
+     reinterpret_cast<double*>(d_workspace), offset);
+    FO_CUDA_CHECK(cudaGetLastError());
     offset += g.blocks;
   }
-  cuda_kernels::finalize_norm_kernel<<<1, kBlock, 0, st>>>(
-      reinterpret_cast<const double*>(d_workspace), offset, max_norm, check_finite, d_norm, d_clip,
-      d_found_inf);
-  FO_CUDA_CHECK(cudaPeekAtLastError());
-}
-
-void* allocate(std::size_t bytes, int device) {
-  DeviceGuard guard(device);
-  void* p = nullptr;
-  FO_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(bytes, 1)));
-  return p;
-}
-
-void deallocate(void* p, int device) noexcept {
-  int previous = -1;
-  if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
-  if (device >= 0 && previous != device) FO_CUDA_CHECK_NOTHROW(cudaSetDevice(device));
-  FO_CUDA_CHECK_NOTHROW(cudaFree(p));
-  if (device >= 0 && previous >= 0 && previous != device)
-    FO_CUDA_CHECK_NOTHROW(cudaSetDevice(previous));
+  // With no gradient elements at all (every tensor empty), the finalize pass still runs over
+  // zero partials: the norm is 0 and the clipping coefficient 1, never unwritten memory.
+  FO_LAUNCH(1, kBlock, st, cuda_kernels::finalize_norm_kernel)
+  (reinterpret_cast<const double*>(d_workspace), offset, max_norm, check_finite, d_norm, d_clip,
+   d_found_inf);
+  FO_CUDA_CHECK(cudaGetLastError());
 }
 
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream) {
@@ -224,49 +209,26 @@ void fill(void* p, DType storage, float value, std::int64_t n, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   switch (storage) {
     case DType::bf16:
-      fill_kernel<<<elementwise_grid(n), kBlock, 0, st>>>(static_cast<bf16*>(p), to_bf16(value), n);
+      FO_LAUNCH(elementwise_grid(n), kBlock, st, fill_kernel<bf16>)
+      (static_cast<bf16*>(p), to_bf16(value), n);
       break;
     case DType::f16:
-      fill_kernel<<<elementwise_grid(n), kBlock, 0, st>>>(static_cast<f16*>(p), to_f16(value), n);
+      FO_LAUNCH(elementwise_grid(n), kBlock, st, fill_kernel<f16>)
+      (static_cast<f16*>(p), to_f16(value), n);
       break;
-    default: fill_kernel<<<elementwise_grid(n), kBlock, 0, st>>>(static_cast<float*>(p), value, n);
+    default:
+      FO_LAUNCH(elementwise_grid(n), kBlock, st, fill_kernel<float>)
+      (static_cast<float*>(p), value, n);
   }
-  FO_CUDA_CHECK(cudaPeekAtLastError());
+  FO_CUDA_CHECK(cudaGetLastError());
 }
 
 void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream) {
   if (n == 0) return;
-  widen_kernel<<<elementwise_grid(n), kBlock, 0, static_cast<cudaStream_t>(stream)>>>(
-      dst, src, storage_code(storage), n);
-  FO_CUDA_CHECK(cudaPeekAtLastError());
+  FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), widen_kernel)
+  (dst, src, storage_code(storage), n);
+  FO_CUDA_CHECK(cudaGetLastError());
 }
 
-void memset_zero(void* p, std::size_t bytes, void* stream) {
-  FO_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, static_cast<cudaStream_t>(stream)));
-}
-
-void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes) {
-  if (bytes == 0) return;
-  FO_CUDA_CHECK(cudaDeviceSynchronize());  // the source may still be written on any stream
-  FO_CUDA_CHECK(cudaMemcpy(h_dst, d_src, bytes, cudaMemcpyDeviceToHost));
-}
-
-void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* stream) {
-  if (bytes == 0) return;
-  FO_CUDA_CHECK(cudaMemcpyAsync(d_dst, h_src, bytes, cudaMemcpyHostToDevice,
-                                static_cast<cudaStream_t>(stream)));
-}
-
-void synchronize() { FO_CUDA_CHECK(cudaDeviceSynchronize()); }
-
-bool is_device_pointer(const void* p, int device) {
-  cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) &&
-         (device < 0 || attr.device == device);
-}
-
+FO_EMULATION_END
 }  // namespace fo::cuda

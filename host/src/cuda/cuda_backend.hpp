@@ -41,6 +41,9 @@ struct ListSettings {
   const float* d_found_inf = nullptr;   // skip the step where non-zero, or null
 };
 
+// The launchers (cuda_backend.cu): also compiled for the host emulation of the kernels.
+FO_EMULATION_BEGIN
+
 /// Launches one step of algorithm `algorithm_index` (detail::AlgorithmIndex) with options
 /// `options` (a pointer to its Options) over `n` tensors, in as few launches as the kernel
 /// parameters allow, on `stream`. With settings.d_steps, each tensor's device step count
@@ -56,18 +59,23 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream);
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n);
 
 /// The global L2 norm of all gradients times grad_scale (and *d_grad_scale), deterministic
-/// (fp32, fixed order): writes *d_norm, the clipping coefficient *d_clip (1 when
-/// max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any gradient is inf/nan.
+/// (squares summed in double, in a fixed order): writes *d_norm, the clipping coefficient
+/// *d_clip (1 when max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any
+/// gradient is inf/nan. With no elements at all (n = 0 included) the norm is 0.
 void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_scale,
                const float* d_grad_scale, float max_norm, bool check_finite, float* d_workspace,
                float* d_norm, float* d_clip, float* d_found_inf, void* stream);
 
-void* allocate(std::size_t bytes, int device);  // throws out_of_memory / device_error
-void deallocate(void* p, int device) noexcept;  // never throws; logs a failure
 /// Fills n elements of `storage` (f32, bf16, f16) with `value` rounded to nearest.
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream);
 /// dst[i] = float(src[i]) for a bf16/f16/f32 source.
 void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream);
+
+FO_EMULATION_END
+
+// Devices, memory and copies (cuda_memory.cu): CUDA builds only.
+void* allocate(std::size_t bytes, int device);  // throws out_of_memory / device_error
+void deallocate(void* p, int device) noexcept;  // never throws; logs a failure
 void memset_zero(void* p, std::size_t bytes, void* stream);
 /// Waits for the device, then copies `bytes` to the host.
 void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);

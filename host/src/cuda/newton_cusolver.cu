@@ -140,7 +140,7 @@ void solve(T* d_a, T* d_b, int n, int nrhs, int* d_info, void* stream_ptr) {
 
   FO_CUSOLVER_CHECK(potrf(handle, n, d_a, work, lwork, d_potrf_info));
   FO_CUSOLVER_CHECK(potrs(handle, n, nrhs, d_a, d_b, d_potrs_info));
-  FO_CUDA_CHECK(cudaPeekAtLastError());
+  FO_CUDA_CHECK(cudaGetLastError());
   if (d_info) return;  // stream-ordered: the caller reads *d_info when it needs it
 
   int info[2] = {0, 0};

@@ -9,6 +9,7 @@
 #include "fusedopt/types.hpp"
 
 namespace fo::cuda {
+FO_EMULATION_BEGIN
 
 /// Enqueues on `stream` (a cudaStream_t) one thread that writes
 /// float(schedule_lr(s, *d_step + 1)) to *d_lr_out. No validation (fo::schedule_to_device
@@ -16,4 +17,5 @@ namespace fo::cuda {
 void schedule_to_device(const Schedule& s, const std::int64_t* d_step, float* d_lr_out,
                         void* stream);
 
+FO_EMULATION_END
 }  // namespace fo::cuda

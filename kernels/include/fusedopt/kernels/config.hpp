@@ -20,6 +20,17 @@
 #define FO_HOST_DEVICE inline
 #endif
 
+// The CUDA kernels and their launchers sit in an inline namespace when compiled as host C++
+// for the host emulation (kernels/cuda/host_emulation.hpp), so that a test binary can hold
+// them beside the library's real CUDA backend (or its stub) without a clash of symbols.
+#if defined(FO_CUDA_HOST_EMULATION)
+#define FO_EMULATION_BEGIN inline namespace host_emulation {
+#define FO_EMULATION_END }
+#else
+#define FO_EMULATION_BEGIN
+#define FO_EMULATION_END
+#endif
+
 namespace fo {
 
 /// Most state buffers any optimizer keeps per element (rmsprop: square_avg, momentum, grad_avg).

@@ -12,11 +12,14 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fusedopt/kernels/config.hpp"
 #include "fusedopt/kernels/convert.hpp"
+#include "fusedopt/kernels/cuda/runtime.hpp"
 
 namespace fo::cuda_kernels {
+FO_EMULATION_BEGIN
 
 inline constexpr int kBlock = 256;
 // Kernel parameters of up to 32 KB (CUDA 12.1+, sm_70+) hold this many tensors per launch.
@@ -43,6 +46,7 @@ struct StepConfig {
   bool stochastic;    // stochastic rounding of low-precision writes
   std::uint64_t seed;
   float grad_scale;             // host multiplier of every gradient (1/loss scale)
+  bool device_scalars;          // build the functor on the device (d_lr or d_steps is set)
   const float* d_lr;            // capturable: lr in device memory, or null
   const std::int64_t* d_steps;  // capturable: steps taken, per key, or null
   const float* d_grad_scale;    // device multiplier of every gradient, or null
@@ -131,22 +135,44 @@ __device__ __forceinline__ int find_tensor(const TensorList& list, std::int64_t 
 // ------------------------------------------------------------------------------ the step
 
 /// Random-draw counters: element i's param uses 4i, its state k uses 4i + 1 + k.
+///
+/// The functor's step scalars (make_op: powers and a square root in double) are computed
+/// once, never per thread: by the host, which passes them in `host_op`, when the step count
+/// and the lr are host values (every tensor of the launch then takes the same step); when
+/// either lives in device memory (capturable steps), by thread 0 of each block into shared
+/// memory, from its tensor's device step count.
 template <class A, int kParamStorage>
 __global__ void __launch_bounds__(kBlock)
-    multi_tensor_step_kernel(const typename A::Options options, const TensorList list,
-                             const StepConfig cfg) {
+    multi_tensor_step_kernel(const typename A::Options options, const typename A::Op host_op,
+                             const TensorList list, const StepConfig cfg) {
+  using Op = typename A::Op;
+  static_assert(std::is_trivially_copyable<Op>::value, "a functor travels by bytes");
   if (cfg.d_found_inf && *cfg.d_found_inf != 0.0f) return;
   const int t = find_tensor(list, blockIdx.x);
   const std::int64_t begin = (blockIdx.x - list.block_start[t]) * cfg.chunk;
   const std::int64_t end = begin + cfg.chunk < list.numel[t] ? begin + cfg.chunk : list.numel[t];
 
-  typename A::Options o = options;
-  if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);  // a schedule's factor
-  const std::int64_t step = cfg.d_steps ? cfg.d_steps[list.key[t]] + 1 : list.step[t];
-  const typename A::Op op = A::make_op(o, step);
-  float gscale = cfg.grad_scale;
-  if (cfg.d_grad_scale) gscale *= *cfg.d_grad_scale;
-  if (cfg.d_clip) gscale *= *cfg.d_clip;
+  static_assert(alignof(Op) <= 8, "the functor's shared copy is 8-byte aligned");
+  __shared__ unsigned long long s_op[(sizeof(Op) + 7) / 8];
+  __shared__ std::int64_t s_step;
+  __shared__ float s_gscale;
+  if (threadIdx.x == 0) {
+    const std::int64_t step_taken = cfg.d_steps ? cfg.d_steps[list.key[t]] + 1 : list.step[t];
+    if (cfg.device_scalars) {
+      typename A::Options o = options;
+      if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);  // a schedule's factor
+      *reinterpret_cast<Op*>(s_op) = A::make_op(o, step_taken);
+    }
+    float gs = cfg.grad_scale;  // the multiplier of every gradient
+    if (cfg.d_grad_scale) gs *= *cfg.d_grad_scale;
+    if (cfg.d_clip) gs *= *cfg.d_clip;
+    s_step = step_taken;
+    s_gscale = gs;
+  }
+  __syncthreads();
+  const Op op = cfg.device_scalars ? *reinterpret_cast<const Op*>(s_op) : host_op;
+  const std::int64_t step = s_step;
+  const float gscale = s_gscale;
 
   void* const param = list.param[t];
   const void* const grad = list.grad[t];
@@ -245,7 +271,7 @@ __global__ void __launch_bounds__(kBlock)
   s_sum[threadIdx.x] = sum;
   s_bad[threadIdx.x] = bad;
   __syncthreads();
-  for (int w = kBlock / 2; w > 0; w /= 2) {  // a fixed tree: the same bits every run
+  for (unsigned w = kBlock / 2; w > 0; w /= 2) {  // a fixed tree: the same bits every run
     if (threadIdx.x < w) {
       s_sum[threadIdx.x] += s_sum[threadIdx.x + w];
       s_bad[threadIdx.x] |= s_bad[threadIdx.x + w];
@@ -275,7 +301,7 @@ __global__ void __launch_bounds__(kBlock)
   s_sum[threadIdx.x] = sum;
   s_bad[threadIdx.x] = bad;
   __syncthreads();
-  for (int w = kBlock / 2; w > 0; w /= 2) {
+  for (unsigned w = kBlock / 2; w > 0; w /= 2) {
     if (threadIdx.x < w) {
       s_sum[threadIdx.x] += s_sum[threadIdx.x + w];
       s_bad[threadIdx.x] |= s_bad[threadIdx.x + w];
@@ -295,7 +321,9 @@ __global__ void __launch_bounds__(kBlock)
 __global__ void increment_steps_kernel(std::int64_t* d_steps, const TensorList list,
                                        const float* d_found_inf) {
   if (d_found_inf && *d_found_inf != 0.0f) return;
-  for (int i = threadIdx.x; i < list.count; i += blockDim.x) d_steps[list.key[i]] += 1;
+  for (int i = static_cast<int>(threadIdx.x); i < list.count; i += static_cast<int>(blockDim.x))
+    d_steps[list.key[i]] += 1;
 }
 
+FO_EMULATION_END
 }  // namespace fo::cuda_kernels

@@ -1,0 +1,737 @@
+// The CUDA kernels' own source, run on CPU threads (kernels/cuda/host_emulation.hpp) through
+// the library's own launchers (host/src/cuda/*.cu compiled as host C++: the same launch
+// planning, list packing, functor building and launch tables), compared bytewise with the CPU
+// backend. Every registered algorithm is covered by being registered.
+//
+// What runs here: the multi-tensor step (every algorithm, every option combination its
+// validation accepts, host- and device-counted steps, a device lr factor, gradient scales,
+// found_inf; every param, grad, state and master storage, stochastic rounding), the gradient
+// norm pass, the step counters, fills and widenings, the sparse row kernels (per element and
+// row-wise, warp shuffles included), index validation and the device-side schedule.
+//
+// What cannot run here, and is left to the GPU suite (bench/gpu_suite.sh): CUB's sort,
+// run-length encoding and scan of the sparse step (the row kernels get a run list sorted on
+// the host instead), cuSOLVER, device memory and streams, the GPU's memory model, occupancy
+// and real launch limits, and the device's own math library (pow, sqrt in double). An
+// emulated result is never a GPU result (docs/host-emulation.md).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "algorithm_index.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "cuda/schedule_device.hpp"
+#include "fusedopt/functional.hpp"
+#include "fusedopt/kernels/convert.hpp"
+#include "fusedopt/kernels/cuda/runtime.hpp"
+#include "fusedopt/kernels/registry.hpp"
+#include "fusedopt/kernels/schedule.hpp"
+#include "fusedopt/types.hpp"
+#include "sparse.hpp"
+#include "test_util.hpp"
+
+namespace fo::test {
+namespace {
+
+// cuda::multi_tensor_step and the rest name the emulated launchers here (FO_CUDA_HOST_EMULATION
+// puts them in the inline namespace cuda::host_emulation), never the library's own.
+
+constexpr std::uint32_t kPoison = 0x7FBADBADu;  // a NaN no step produces
+
+// ------------------------------------------------------------------------ typed buffers
+
+/// Bytes of n elements of one storage, placed `offset` elements into an allocation that is
+/// 16-byte aligned (so offsets 1-3 break the kernel's 4-wide vector accesses).
+class Buffer {
+ public:
+  Buffer(DType dtype, std::size_t n, std::size_t offset)
+      : dtype_(dtype), n_(n), offset_(offset), bytes_((n + offset) * dtype_size(dtype) + 16) {}
+  void* data() { return base() + offset_ * dtype_size(dtype_); }
+  const void* data() const { return const_cast<Buffer*>(this)->data(); }
+  std::size_t size() const { return n_; }
+  DType dtype() const { return dtype_; }
+  float get(std::size_t i) const {
+    const auto* p = static_cast<const unsigned char*>(data()) + i * dtype_size(dtype_);
+    if (dtype_ == DType::f32) {
+      float v;
+      std::memcpy(&v, p, 4);
+      return v;
+    }
+    std::uint16_t h;
+    std::memcpy(&h, p, 2);
+    return dtype_ == DType::bf16 ? to_float(bf16{h}) : to_float(f16{h});
+  }
+  void set(std::size_t i, float v) {  // round to nearest
+    auto* p = static_cast<unsigned char*>(data()) + i * dtype_size(dtype_);
+    if (dtype_ == DType::f32) {
+      std::memcpy(p, &v, 4);
+    } else {
+      const std::uint16_t h = dtype_ == DType::bf16 ? to_bf16(v).bits : to_f16(v).bits;
+      std::memcpy(p, &h, 2);
+    }
+  }
+  void fill_from(const std::vector<float>& v) {
+    for (std::size_t i = 0; i < n_; ++i) set(i, v[i]);
+  }
+  std::vector<unsigned char> bytes() const {
+    const auto* p = static_cast<const unsigned char*>(data());
+    return {p, p + n_ * dtype_size(dtype_)};
+  }
+  bool operator==(const Buffer& o) const { return bytes() == o.bytes(); }
+
+ private:
+  unsigned char* base() {
+    const auto a = reinterpret_cast<std::uintptr_t>(storage_.data());
+    return storage_.data() + (16 - a % 16) % 16;
+  }
+  DType dtype_;
+  std::size_t n_, offset_;
+  std::size_t bytes_;
+  std::vector<unsigned char> storage_ = std::vector<unsigned char>(bytes_);
+};
+
+std::string first_byte_difference(const Buffer& got, const Buffer& want) {
+  const auto a = got.bytes(), b = want.bytes();
+  const std::size_t w = dtype_size(got.dtype());
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i])
+      return "element " + std::to_string(i / w) + " of " + std::to_string(got.size()) + ": got " +
+             std::to_string(got.get(i / w)) + ", want " + std::to_string(want.get(i / w));
+  return "equal";
+}
+
+// -------------------------------------------------------------------- one tensor's buffers
+
+struct Storage {
+  DType param = DType::f32, grad = DType::f32, state = DType::f32;
+  bool master = false, stochastic = false;
+  std::string name() const {
+    return std::string("param ") + dtype_name(param) + ", grad " + dtype_name(grad) + ", state " +
+           dtype_name(state) + (master ? ", master" : "") + (stochastic ? ", stochastic" : "");
+  }
+};
+
+/// Param, grad, master and every state of one tensor, with random contents. Every other
+/// tensor has all its buffers 16-byte aligned (the kernel's 4-wide vector path); the rest
+/// are placed 0-3 elements off at random, each buffer on its own (the scalar path, mostly).
+struct Tensor {
+  Tensor(const Storage& st, std::size_t n, std::mt19937_64& rng, const std::vector<float>& init)
+      : aligned(rng() % 2 == 0),
+        param(st.param, n, offset(rng)),
+        grad(st.grad, n, offset(rng)),
+        master(DType::f32, st.master ? n : 0, offset(rng)) {
+    const std::vector<float> p0 = random_floats(rng, n);
+    param.fill_from(p0);
+    if (st.master) master.fill_from(p0);
+    grad.fill_from(random_floats(rng, n));
+    for (int k = 0; k < kMaxStates; ++k) {
+      states.emplace_back(st.state, n, offset(rng));
+      // A state starts at its initial value plus noise of its sign: it may be a square.
+      std::vector<float> s = random_floats(rng, n);
+      for (float& x : s) x = init[static_cast<std::size_t>(k)] + std::fabs(x) * 0.1f;
+      states.back().fill_from(s);
+    }
+  }
+  std::size_t offset(std::mt19937_64& rng) const { return aligned ? 0 : rng() % 4; }
+  bool aligned;
+  Buffer param, grad, master;
+  std::vector<Buffer> states;
+};
+
+// ------------------------------------------------------------------- options to cover
+
+/// Every combination of the algorithm's flags and of its zero-default real options set to
+/// 0.5 that its own validation accepts and that takes dense steps: all its code paths.
+template <class A>
+std::vector<typename A::Options> option_variants() {
+  using Options = typename A::Options;
+  const Options defaults{};
+  std::vector<const OptionField<Options>*> toggles;
+  for (const auto& f : A::kOptions)
+    if (f.flag || f.get(defaults) == 0.0) toggles.push_back(&f);
+  std::vector<Options> out;
+  for (unsigned mask = 0; mask < (1u << toggles.size()); ++mask) {
+    Options o = defaults;
+    for (std::size_t j = 0; j < toggles.size(); ++j)
+      if (mask & (1u << j)) toggles[j]->set(o, toggles[j]->flag ? 1.0 : 0.5);
+    Validator v;
+    A::validate(o, v);
+    if (!v.ok()) continue;
+    if constexpr (RowwiseCapable<A>::value) {
+      if (A::rowwise(o)) continue;
+    }
+    out.push_back(o);
+  }
+  return out;
+}
+
+template <class A>
+std::string describe(const typename A::Options& o) {
+  std::string s = A::kName;
+  const typename A::Options defaults{};
+  for (const auto& f : A::kOptions)
+    if (f.get(o) != f.get(defaults))
+      s += " " + std::string(f.name) + "=" + Validator::fmt(f.get(o));
+  return s;
+}
+
+template <class A>
+std::vector<float> state_inits(const typename A::Options& o) {
+  std::vector<float> init(kMaxStates, 0.0f);
+  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
+  for (int k = 0; k < kStates; ++k)
+    init[static_cast<std::size_t>(k)] = static_cast<float>(A::state_init(o, k));
+  return init;
+}
+
+template <class A>
+cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t step, int key) {
+  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
+  cuda::ListEntry e{t.param.data(),
+                    t.grad.data(),
+                    nullptr,
+                    {nullptr, nullptr, nullptr},
+                    static_cast<std::int64_t>(t.param.size()),
+                    step,
+                    key};
+  if (t.master.size() > 0) e.master = static_cast<float*>(t.master.data());
+  for (int k = 0; k < kStates; ++k)
+    if (A::has_state(o, k)) e.states[k] = t.states[static_cast<std::size_t>(k)].data();
+  return e;
+}
+
+// --------------------------------------------------- f32: against the CPU backend bytewise
+
+/// Sizes that hit every tail of the 4-wide vector path and of a block's 8192-element chunk.
+const std::vector<std::size_t> kSizes = {0, 1, 3, 4, 5, 7, 8, 9, 31, 33, 8191, 8192, 8193, 20011};
+
+/// Which of a step's scalars live in (emulated) device memory.
+struct DeviceScalars {
+  bool counted_on_device = false;  // step counts in d_steps (capturable steps)
+  float lr_factor = 0.0f;          // d_lr, where non-zero
+  float device_grad_scale = 0.0f;  // d_grad_scale, where non-zero
+  bool pass_found_inf = false;     // d_found_inf, holding found_inf
+  float found_inf = 0.0f;
+};
+
+/// Two steps of A over `sizes` (each tensor's buffers misaligned at random) through the
+/// emulated launcher, and the same through fo::fused_step on the CPU backend; every byte of
+/// param and state must agree.
+template <class A>
+void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std::size_t>& sizes,
+                            const DeviceScalars& d, std::mt19937_64& rng) {
+  const std::vector<float> init = state_inits<A>(o);
+  const Storage f32{};
+  std::vector<Tensor> emu, cpu;
+  for (std::size_t n : sizes) {
+    std::mt19937_64 copy = rng;
+    emu.emplace_back(f32, n, copy, init);
+    cpu.emplace_back(f32, n, rng, init);
+  }
+  const float grad_scale = 0.75f;
+  std::vector<std::int64_t> d_steps(sizes.size() + 3, 0);
+  for (std::size_t i = 0; i < d_steps.size(); ++i) d_steps[i] = static_cast<std::int64_t>(i % 3);
+  const std::vector<std::int64_t> steps_before = d_steps;
+  const float lr_factor = d.lr_factor, dgs = d.device_grad_scale, found = d.found_inf;
+  const std::string what = describe<A>(o);
+
+  for (int round = 0; round < 2; ++round) {
+    std::vector<cuda::ListEntry> entries;
+    for (std::size_t i = 0; i < emu.size(); ++i)
+      entries.push_back(
+          entry_of<A>(o, emu[i], d.counted_on_device ? 0 : round + 1, static_cast<int>(i) + 2));
+    cuda::ListSettings s;
+    s.grad_scale = grad_scale;
+    if (d.counted_on_device) s.d_steps = d_steps.data();
+    if (lr_factor != 0.0f) s.d_lr = &lr_factor;
+    if (dgs != 0.0f) s.d_grad_scale = &dgs;
+    if (d.pass_found_inf) s.d_found_inf = &found;
+    cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
+                            nullptr);
+
+    if (found != 0.0f) continue;  // the CPU takes no step either
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      typename A::Options oc = o;
+      if (lr_factor != 0.0f) oc.lr *= static_cast<double>(lr_factor);
+      const std::int64_t step = d.counted_on_device ? steps_before[i + 2] + round + 1 : round + 1;
+      DenseTensors t;
+      t.param = cpu[i].param.data();
+      t.grad = cpu[i].grad.data();
+      for (int k = 0; k < kMaxStates; ++k)
+        t.states[k] = cpu[i].states[static_cast<std::size_t>(k)].data();
+      t.numel = static_cast<std::int64_t>(sizes[i]);
+      StepControls c;
+      c.grad_multiplier = dgs != 0.0f ? grad_scale * dgs : grad_scale;
+      fused_step<A>(oc, step, t, Exec{}, c);
+    }
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_TRUE(emu[i].param == cpu[i].param)
+        << what << ", size " << sizes[i]
+        << ", param: " << first_byte_difference(emu[i].param, cpu[i].param);
+    for (int k = 0; k < kMaxStates; ++k) {
+      const auto kk = static_cast<std::size_t>(k);
+      if (!A::has_state(o, k)) continue;
+      EXPECT_TRUE(emu[i].states[kk] == cpu[i].states[kk])
+          << what << ", size " << sizes[i] << ", state " << A::kStates[k] << ": "
+          << first_byte_difference(emu[i].states[kk], cpu[i].states[kk]);
+    }
+  }
+  if (d.counted_on_device) {
+    const std::int64_t taken = found != 0.0f ? 0 : 2;
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+      EXPECT_EQ(d_steps[i + 2], steps_before[i + 2] + taken) << what << ": device step count";
+    EXPECT_EQ(d_steps[0], steps_before[0]) << "a step count of a key not in the list moved";
+  }
+}
+
+// ------------------------------- 16-bit storages: against a per-element reference bytewise
+
+/// What the step kernel promises per element (multi_tensor.cuh): widen every operand to fp32,
+/// run the functor once, write the master exactly and every 16-bit value rounded to nearest
+/// even, or stochastically with the draw of (seed of the key, step, 4i for the param,
+/// 4i + 1 + k for state k).
+template <class A>
+void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
+                    std::uint64_t seed, int key, float grad_scale) {
+  const typename A::Op op = A::make_op(o, step);
+  const std::uint64_t key_seed =
+      seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
+  auto store = [&](Buffer& b, std::size_t i, float x, std::uint64_t counter) {
+    if (b.dtype() == DType::f32 || !st.stochastic) return b.set(i, x);
+    const std::uint32_t r = random_bits(key_seed, static_cast<std::uint64_t>(step), counter);
+    const std::uint16_t h =
+        b.dtype() == DType::bf16 ? to_bf16_stochastic(x, r).bits : to_f16_stochastic(x, r).bits;
+    std::memcpy(static_cast<unsigned char*>(b.data()) + 2 * i, &h, 2);
+  };
+  for (std::size_t i = 0; i < t.param.size(); ++i) {
+    float p = st.master ? t.master.get(i) : t.param.get(i);
+    float s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k)
+      s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
+    op(p, t.grad.get(i) * grad_scale, s);
+    if (st.master) t.master.set(i, p);
+    store(t.param, i, p, 4 * i);
+    for (int k = 0; k < kMaxStates; ++k)
+      if (A::has_state(o, k)) store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
+  }
+}
+
+std::vector<Storage> storages() {
+  std::vector<Storage> out;
+  for (DType param : {DType::f32, DType::f16, DType::bf16})
+    for (DType grad : {param, DType::f32})
+      for (DType state : {DType::f32, DType::bf16})
+        for (bool master : {false, true})
+          for (bool stochastic : {false, true}) {
+            if (grad != param && param == DType::f32) continue;  // the same twice
+            if (master && param == DType::f32) continue;         // masters are for 16 bits
+            const bool narrow = param != DType::f32 || state != DType::f32;
+            if (stochastic && !narrow) continue;
+            out.push_back({param, grad, state, master, stochastic});
+          }
+  return out;
+}
+
+template <class A>
+void expect_storages_match_reference(std::mt19937_64& rng) {
+  const std::vector<typename A::Options> variants = option_variants<A>();
+  const typename A::Options o = variants.back();  // the most options on
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<std::size_t> sizes = {1, 3, 4, 5, 9, 8197};
+  const float grad_scale = 0.5f;
+  const std::uint64_t seed = rng();
+  for (const Storage& st : storages()) {
+    std::vector<Tensor> emu, ref;
+    for (std::size_t n : sizes) {
+      std::mt19937_64 copy = rng;
+      emu.emplace_back(st, n, copy, init);
+      ref.emplace_back(st, n, rng, init);
+    }
+    for (std::int64_t step = 1; step <= 2; ++step) {
+      std::vector<cuda::ListEntry> entries;
+      for (std::size_t i = 0; i < emu.size(); ++i)
+        entries.push_back(entry_of<A>(o, emu[i], step, static_cast<int>(i)));
+      cuda::ListSettings s;
+      s.param_dtype = st.param;
+      s.grad_dtype = st.grad;
+      s.state_dtype = st.state;
+      s.stochastic = st.stochastic;
+      s.seed = seed;
+      s.grad_scale = grad_scale;
+      cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
+                              nullptr);
+      for (std::size_t i = 0; i < ref.size(); ++i)
+        reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_scale);
+    }
+    const std::string what = describe<A>(o) + ", " + st.name();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      EXPECT_TRUE(emu[i].param == ref[i].param)
+          << what << ", size " << sizes[i]
+          << ", param: " << first_byte_difference(emu[i].param, ref[i].param);
+      if (st.master) {
+        EXPECT_TRUE(emu[i].master == ref[i].master) << what << ", size " << sizes[i] << ", master";
+      }
+      for (int k = 0; k < kMaxStates; ++k) {
+        const auto kk = static_cast<std::size_t>(k);
+        if (A::has_state(o, k)) {
+          EXPECT_TRUE(emu[i].states[kk] == ref[i].states[kk])
+              << what << ", size " << sizes[i] << ", state " << A::kStates[k] << ": "
+              << first_byte_difference(emu[i].states[kk], ref[i].states[kk]);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ sparse row kernels (no CUB)
+
+/// The sort and run-length encoding CUB does on the GPU, done here on the host: stable by
+/// index, so equal indices keep ascending positions.
+template <class T>
+struct HostRuns {
+  std::vector<T> unique_rows;
+  std::vector<cuda::SparsePos> offsets, sorted_positions;
+  cuda::SparsePos num_runs = 0;
+  HostRuns(const std::vector<T>& indices) {
+    sorted_positions.resize(indices.size());
+    std::iota(sorted_positions.begin(), sorted_positions.end(), 0);
+    std::stable_sort(sorted_positions.begin(), sorted_positions.end(), [&](int a, int b) {
+      return indices[static_cast<std::size_t>(a)] < indices[static_cast<std::size_t>(b)];
+    });
+    for (std::size_t k = 0; k < indices.size(); ++k) {
+      const T row = indices[static_cast<std::size_t>(sorted_positions[k])];
+      if (unique_rows.empty() || unique_rows.back() != row) {
+        unique_rows.push_back(row);
+        offsets.push_back(static_cast<cuda::SparsePos>(k));
+      }
+    }
+    num_runs = static_cast<cuda::SparsePos>(unique_rows.size());
+  }
+  cuda::SparseRuns view() const {
+    return {unique_rows.data(), offsets.data(), sorted_positions.data(), &num_runs};
+  }
+};
+
+template <class A, class T>
+void expect_sparse_matches_cpu(const typename A::Options& o, std::int64_t dim,
+                               std::mt19937_64& rng) {
+  const std::int64_t rows = 40;
+  const bool rowwise = [&] {
+    if constexpr (RowwiseCapable<A>::value) return A::rowwise(o);
+    return false;
+  }();
+  const std::int64_t state_len = rowwise ? rows : rows * dim;
+  const std::int64_t nnz = 3 * rows;  // with many duplicates, and rows never named
+  std::vector<T> indices(static_cast<std::size_t>(nnz));
+  for (auto& i : indices) i = static_cast<T>(rng() % static_cast<std::uint64_t>(rows - 7));
+  const std::vector<float> grads = random_floats(rng, static_cast<std::size_t>(nnz * dim));
+  const std::vector<float> table0 = random_floats(rng, static_cast<std::size_t>(rows * dim));
+  std::vector<std::vector<float>> states0;
+  for (int k = 0; k < kMaxStates; ++k) {
+    std::vector<float> s = random_floats(rng, static_cast<std::size_t>(state_len));
+    for (float& x : s) x = std::fabs(x);
+    states0.push_back(s);
+  }
+  auto run = [&](bool emulated) {
+    std::vector<float> table = table0;
+    std::vector<std::vector<float>> states = states0;
+    detail::SparseStep s{};
+    s.table = table.data();
+    for (int k = 0; k < kMaxStates; ++k)
+      s.states[k] = A::has_state(o, k) ? states[static_cast<std::size_t>(k)].data() : nullptr;
+    s.rowwise = rowwise;
+    s.rows = rows;
+    s.dim = dim;
+    s.indices = indices.data();
+    s.index_dtype = sizeof(T) == 8 ? DType::i64 : DType::i32;
+    s.nnz = nnz;
+    s.grad_rows = grads.data();
+    const HostRuns<T> runs(indices);
+    auto go = [&](const auto& op) {
+      if (emulated)
+        cuda::launch_sparse_rows(detail::IndexOf<A>::value, &op, s, runs.view(), nullptr);
+      else
+        cpu::sparse_step(detail::IndexOf<A>::value, &op, s);
+    };
+    if constexpr (RowwiseCapable<A>::value) {
+      if (rowwise) {
+        go(A::make_row_op(o, 3));
+        return std::make_pair(table, states);
+      }
+    }
+    go(A::make_op(o, 3));
+    return std::make_pair(table, states);
+  };
+  const auto emu = run(true), cpu = run(false);
+  const std::string what = describe<A>(o) + ", dim " + std::to_string(dim) + ", " +
+                           (sizeof(T) == 8 ? "int64" : "int32") + " indices";
+  EXPECT_TRUE(bitwise_equal(emu.first, cpu.first))
+      << what << ", table: " << first_difference(emu.first, cpu.first);
+  for (int k = 0; k < kMaxStates; ++k)
+    EXPECT_TRUE(bitwise_equal(emu.second[static_cast<std::size_t>(k)],
+                              cpu.second[static_cast<std::size_t>(k)]))
+        << what << ", state " << k;
+}
+
+template <class A>
+void expect_sparse_kernels_match_cpu(std::mt19937_64& rng) {
+  if constexpr (SparseCapable<A>::value) {
+    std::vector<typename A::Options> variants;
+    const typename A::Options defaults{};
+    variants.push_back(defaults);
+    if constexpr (RowwiseCapable<A>::value) {
+      typename A::Options r = defaults;
+      for (const auto& f : A::kOptions)
+        if (std::string(f.name) == "rowwise") f.set(r, 1.0);
+      ASSERT_TRUE(A::rowwise(r));
+      variants.push_back(r);
+    }
+    for (const auto& o : variants)
+      for (std::int64_t dim : {1, 5, 31, 32, 33, 130}) {
+        expect_sparse_matches_cpu<A, std::int32_t>(o, dim, rng);
+        expect_sparse_matches_cpu<A, std::int64_t>(o, dim, rng);
+      }
+  } else {
+    GTEST_SKIP() << A::kName << " takes no sparse steps";
+  }
+}
+
+// ------------------------------------------------------------ one test case per algorithm
+
+struct AlgorithmCase {
+  const char* name;
+  void (*options_f32)(std::mt19937_64&);
+  void (*device_scalars)(std::mt19937_64&);
+  void (*storages)(std::mt19937_64&);
+  void (*many_tensors)(std::mt19937_64&);
+  void (*sparse)(std::mt19937_64&);
+};
+
+template <class A>
+AlgorithmCase make_case() {
+  AlgorithmCase c;
+  c.name = A::kName;
+  c.options_f32 = [](std::mt19937_64& rng) {
+    for (const auto& o : option_variants<A>()) expect_f32_matches_cpu<A>(o, kSizes, {}, rng);
+  };
+  c.device_scalars = [](std::mt19937_64& rng) {
+    const typename A::Options o = option_variants<A>().back();
+    const std::vector<std::size_t> sizes = {0, 5, 8193, 3, 0, 20011};
+    DeviceScalars d;
+    d.counted_on_device = true;
+    expect_f32_matches_cpu<A>(o, sizes, d, rng);  // capturable: steps on the device
+    d.lr_factor = 0.375f;
+    d.device_grad_scale = 0.5f;
+    d.pass_found_inf = true;
+    expect_f32_matches_cpu<A>(o, sizes, d, rng);  // and a schedule's lr, a loss scale
+    d.found_inf = 1.0f;
+    expect_f32_matches_cpu<A>(o, sizes, d, rng);  // a skipped step: nothing moves
+    DeviceScalars lr_only;
+    lr_only.lr_factor = 0.25f;
+    expect_f32_matches_cpu<A>(o, sizes, lr_only, rng);  // host steps, device lr
+  };
+  c.storages = [](std::mt19937_64& rng) { expect_storages_match_reference<A>(rng); };
+  c.many_tensors = [](std::mt19937_64& rng) {
+    // Over 256 tensors (the kernel's list): two launches, block offsets across them.
+    std::vector<std::size_t> sizes;
+    for (int i = 0; i < 300; ++i) sizes.push_back(rng() % 40);
+    sizes[137] = 100003;
+    expect_f32_matches_cpu<A>(typename A::Options{}, sizes, {}, rng);
+  };
+  c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
+  return c;
+}
+
+const std::vector<AlgorithmCase>& cases() {
+  static const std::vector<AlgorithmCase> all = {
+#define FO_CASE(A) make_case<fo::A>(),
+      FO_FOR_EACH_DENSE_ALGORITHM(FO_CASE)
+#undef FO_CASE
+  };
+  return all;
+}
+
+class EmulatedKernels : public ::testing::TestWithParam<int> {
+ protected:
+  const AlgorithmCase& algorithm() const { return cases()[static_cast<std::size_t>(GetParam())]; }
+};
+
+TEST_P(EmulatedKernels, EveryOptionCombinationMatchesCpuBitwise) {
+  auto rng = make_rng();
+  algorithm().options_f32(rng);
+}
+
+TEST_P(EmulatedKernels, DeviceCountedStepsLrFactorAndSkipsMatchCpuBitwise) {
+  auto rng = make_rng();
+  algorithm().device_scalars(rng);
+}
+
+TEST_P(EmulatedKernels, EveryStorageMatchesThePerElementContract) {
+  auto rng = make_rng();
+  algorithm().storages(rng);
+}
+
+TEST_P(EmulatedKernels, MoreTensorsThanOneLaunchHoldsMatchCpuBitwise) {
+  auto rng = make_rng();
+  algorithm().many_tensors(rng);
+}
+
+TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
+  auto rng = make_rng();
+  algorithm().sparse(rng);
+}
+
+INSTANTIATE_TEST_SUITE_P(Every, EmulatedKernels,
+                         ::testing::Range(0, static_cast<int>(detail::kNumDenseAlgorithms)),
+                         [](const ::testing::TestParamInfo<int>& p) {
+                           return std::string(cases()[static_cast<std::size_t>(p.param)].name);
+                         });
+
+// --------------------------------------------------------------------- the norm pass
+
+double reference_sumsq(const std::vector<Buffer>& grads, float scale) {
+  double sum = 0.0;
+  for (const Buffer& g : grads)
+    for (std::size_t i = 0; i < g.size(); ++i) {
+      const double v = static_cast<double>(g.get(i) * scale);
+      sum += v * v;
+    }
+  return sum;
+}
+
+TEST(EmulatedGradNorm, MatchesADoubleReferenceForEveryGradStorage) {
+  auto rng = make_rng();
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
+    std::vector<Buffer> grads;
+    std::vector<cuda::ListEntry> entries;
+    // f32: more tensors than one launch holds (two launches, partials at an offset).
+    const int count = dtype == DType::f32 ? 262 : 12;
+    for (int i = 0; i < count; ++i) {
+      const std::size_t n = i == 7 ? 20011 : 1 + rng() % 50;
+      grads.emplace_back(dtype, n, rng() % 4);
+      grads.back().fill_from(random_floats(rng, n));
+    }
+    for (auto& g : grads)
+      entries.push_back(
+          {nullptr, g.data(), nullptr, {}, static_cast<std::int64_t>(g.size()), 1, 0});
+    const float scale = 0.5f, device_scale = 0.25f, max_norm = 1.0f;
+    std::vector<float> ws(
+        static_cast<std::size_t>(cuda::grad_norm_workspace(entries.data(), entries.size())));
+    float norm, clip, found_inf = 0.0f;
+    std::memcpy(&norm, &kPoison, 4);
+    std::memcpy(&clip, &kPoison, 4);
+    cuda::grad_norm(entries.data(), entries.size(), dtype, scale, &device_scale, max_norm, true,
+                    ws.data(), &norm, &clip, &found_inf, nullptr);
+    // The kernel sums float squares in double: the only roundings that matter are the final
+    // sqrt's and the float conversion, so the norm is within 2 ulp of the exact one.
+    const double want = std::sqrt(reference_sumsq(grads, scale * device_scale));
+    EXPECT_NEAR(norm, want, 2.0 * want * std::numeric_limits<float>::epsilon())
+        << dtype_name(dtype);
+    EXPECT_EQ(clip, std::min(1.0f, max_norm / (norm + 1e-6f))) << dtype_name(dtype);
+    EXPECT_EQ(found_inf, 0.0f);
+
+    const std::size_t bad = grads.size() - 2;  // in the second launch, for f32
+    grads[bad].set(grads[bad].size() / 2, dtype == DType::f32
+                                              ? std::numeric_limits<float>::quiet_NaN()
+                                              : std::numeric_limits<float>::infinity());
+    cuda::grad_norm(entries.data(), entries.size(), dtype, scale, &device_scale, 0.0f, true,
+                    ws.data(), &norm, &clip, &found_inf, nullptr);
+    EXPECT_EQ(found_inf, 1.0f) << dtype_name(dtype) << ": a non-finite gradient went unseen";
+    EXPECT_EQ(clip, 1.0f) << "no clipping asked for";
+  }
+}
+
+TEST(EmulatedGradNorm, NoElementsGiveNormZeroAndClipOne) {
+  // The optimizer runs the pass even when every grad is null; it must write, not leave garbage.
+  std::vector<float> ws(4);
+  float norm, clip, found_inf = 0.0f;
+  std::memcpy(&norm, &kPoison, 4);
+  std::memcpy(&clip, &kPoison, 4);
+  cuda::grad_norm(nullptr, 0, DType::f32, 1.0f, nullptr, 1.0f, true, ws.data(), &norm, &clip,
+                  &found_inf, nullptr);
+  EXPECT_EQ(norm, 0.0f);
+  EXPECT_EQ(clip, 1.0f);
+  EXPECT_EQ(found_inf, 0.0f);
+}
+
+// --------------------------------------------------- fills, widenings, schedule, indices
+
+TEST(EmulatedHelpers, FillAndWidenRoundAsTheHostDoes) {
+  auto rng = make_rng();
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
+    const std::size_t n = 70001;  // past the grid's stride
+    Buffer b(dtype, n, 1), want(dtype, n, 0);
+    cuda::fill(b.data(), dtype, 0.1f, static_cast<std::int64_t>(n), nullptr);
+    for (std::size_t i = 0; i < n; ++i) want.set(i, 0.1f);
+    EXPECT_TRUE(b.bytes() == want.bytes()) << dtype_name(dtype);
+    const std::vector<float> v = random_floats(rng, n);
+    b.fill_from(v);
+    std::vector<float> wide(n);
+    cuda::widen(wide.data(), b.data(), dtype, static_cast<std::int64_t>(n), nullptr);
+    for (std::size_t i = 0; i < n; i += 997) ASSERT_EQ(wide[i], b.get(i)) << dtype_name(dtype);
+  }
+}
+
+TEST(EmulatedHelpers, ScheduleKernelGivesTheHostsLr) {
+  for (int kind = 0; kind <= static_cast<int>(ScheduleKind::one_cycle); ++kind) {
+    Schedule s{};
+    s.kind = static_cast<ScheduleKind>(kind);
+    s.lr = 0.1;
+    s.total = 100;
+    s.warmup = 10;
+    s.step_size = 7;
+    s.max_lr = 0.5;
+    s.min_lr = 0.01;
+    for (std::int64_t taken :
+         {std::int64_t{0}, std::int64_t{5}, std::int64_t{57}, std::int64_t{250}}) {
+      float lr;
+      std::memcpy(&lr, &kPoison, 4);
+      cuda::schedule_to_device(s, &taken, &lr, nullptr);
+      EXPECT_EQ(lr, static_cast<float>(schedule_lr(s, taken + 1))) << "kind " << kind;
+    }
+  }
+}
+
+TEST(EmulatedHelpers, IndexValidationFindsTheFirstBadIndex) {
+  auto rng = make_rng();
+  for (int trial = 0; trial < 4; ++trial) {
+    std::vector<std::int64_t> idx(3001);
+    for (auto& i : idx) i = static_cast<std::int64_t>(rng() % 100);
+    if (trial > 0) idx[rng() % idx.size()] = trial == 1 ? -1 : 100;
+    if (trial == 3) idx[2999] = 1000;
+    detail::SparseStep s{};
+    s.rows = 100;
+    s.indices = idx.data();
+    s.index_dtype = DType::i64;
+    s.nnz = static_cast<std::int64_t>(idx.size());
+    unsigned long long first = ~0ull;
+    cuda::launch_first_bad_index(s, &first, nullptr);
+    const std::int64_t want = cpu::sparse_first_bad_index(s);
+    EXPECT_EQ(first == ~0ull ? -1 : static_cast<std::int64_t>(first), want) << "trial " << trial;
+  }
+}
+
+// ------------------------------------------------------------------------ launch errors
+
+TEST(EmulatedLaunches, AStaleErrorIsReportedOnceNotForever) {
+  // A failed runtime call elsewhere (the user's, or an out-of-memory the caller retries)
+  // leaves a last error. The next launch check reports it, and clears it: the launch after
+  // that must succeed. (cudaPeekAtLastError would report it on every launch from then on.)
+  std::vector<float> v(64);
+  fo::emu::tl_last_error = cudaErrorMemoryAllocation;
+  EXPECT_THROW(cuda::fill(v.data(), DType::f32, 1.0f, 64, nullptr), Error);
+  EXPECT_NO_THROW(cuda::fill(v.data(), DType::f32, 2.0f, 64, nullptr));
+  EXPECT_EQ(v[63], 2.0f);
+}
+
+}  // namespace
+}  // namespace fo::test
