@@ -659,7 +659,10 @@ TEST(ScheduleDevice, MatchesTheHostForEveryKindAndReplaysFromAGraph) {
     const Schedule s = parse_schedule(spec);
     // Direct launches: *d_step steps taken, so the kernel writes the lr of step *d_step + 1.
     for (std::int64_t taken = 0; taken < 100; ++taken) {
-      ASSERT_EQ(cudaMemcpy(d_step, &taken, sizeof taken, cudaMemcpyHostToDevice), cudaSuccess);
+      // On `stream`: a plain cudaMemcpy from pageable memory runs on the legacy stream and
+      // may return before its DMA lands, unordered with a non-blocking stream's kernel.
+      ASSERT_EQ(cudaMemcpyAsync(d_step, &taken, sizeof taken, cudaMemcpyHostToDevice, stream),
+                cudaSuccess);
       schedule_to_device(s, d_step, d_lr, stream);
       float got = 0.0f;
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);

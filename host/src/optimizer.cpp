@@ -540,6 +540,9 @@ void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const 
       by_grad[grad_dtype(params[stepping[j]])].push_back(entries[j]);
     if (by_grad.size() > 1)
       unsupported("clipping and the non-finite check need one gradient dtype across params");
+    // No gradient at all (every grad null): the pass still runs, over nothing, so that the
+    // norm reads 0 and the clipping coefficient 1, as on the CPU.
+    if (by_grad.empty()) by_grad[DType::f32];
     for (const auto& [dtype, list] : by_grad)
       cuda::grad_norm(list.data(), list.size(), dtype, mult, d_grad_multiplier,
                       static_cast<float>(settings.max_grad_norm), settings.skip_nonfinite,
