@@ -1,88 +1,158 @@
 #!/usr/bin/env bash
-# gpu_suite.sh: everything fusedopt checks on a machine with an NVIDIA GPU, in one command.
+# gpu_suite.sh: fusedopt's GPU checks and CUDA benchmarks in one command that ends within
+# 360 s (6 minutes) on the lent H200 machine (compute capability 9.0, CUDA 13.0, 16 cores).
 #
-#   bash bench/gpu_suite.sh [OUT_DIR]          (OUT_DIR defaults to ./gpu-suite-out)
+#   bash bench/gpu_suite.sh [OUT_DIR]            run it (OUT_DIR defaults to ./gpu-suite-out)
+#   bash bench/gpu_suite.sh --dry-run [OUT_DIR]  print the plan, check that the budgets fit
+#                                                the deadline (exit 1 if not); runs nothing
 #
-#   a. prints the machine: date, nvidia-smi, nvcc --version (and cmake, g++)
-#   b. builds the `cuda-native` preset (static library, tests, benchmark) and, alongside it,
-#      a shared library with CUDA for Python in build/gpu-shared
-#   c. runs every test (ctest -j$(nproc)), then the GPU tests again straight from the test
-#      binary, failing if any test with "cuda" in its name was SKIPPED or if none ran
-#   d. runs the GPU tests under compute-sanitizer: memcheck, racecheck, initcheck
-#   e. runs the CUDA benchmarks of fusedopt_bench (JSON)
-#   f. compares with torch.optim through bench/torch_compare.py, if python3 has torch
-#   g. prints a summary table from the JSON files: the last thing printed
+# NONE OF THIS HAS RUN ON A GPU YET. It was checked without one: bash -n, shellcheck, the dry
+# run, and bench/gpu_suite_test.sh, which runs it against stand-ins for nvidia-smi, cmake, the
+# test binaries and compute-sanitizer. The budgets below are estimates; the first real run's
+# summary gives each step's time.
 #
-# Every step runs even if an earlier test step failed (a build failure stops the run); the
-# exit status is 0 only if nothing failed, and the table's last line names what failed.
+# From the device tool (it runs in the repo root; the machine has no network):
+#   command: bash bench/gpu_suite.sh $OUT    carry: [".debs"]    timeout_s: 420
+# .debs (git-ignored) holds the Debian packages of what that machine lacks: Google Test and
+# Benchmark, and the zlib and xxhash headers in case it lacks them too (not checked there);
+# 1.5 MB, made here (Debian 12; that they work on the device's image is not checked) with
+#   mkdir -p .debs && (cd .debs && apt-get download libgtest-dev libbenchmark-dev \
+#     libbenchmark1debian libxxhash-dev zlib1g-dev zlib1g)
+# They are unpacked (dpkg-deb, or ar and tar) into build/gpu-suite/deps, never into /, and
+# found through CMAKE_PREFIX_PATH and CPATH. The 8 files that come back in OUT_DIR: setup.log (machine,
+# configure, build), tests.log, sanitizer.log, bench.log (console of the benchmarks),
+# bench_cuda.json, torch_compare.json, summary.txt and results.md (a markdown report to
+# commit as bench/results/<date>-gpu-h200.md). Scratch goes to build/gpu-suite.
 #
-# OUT_DIR gets at most 7 files: setup.log (machine, dependencies, configure and build),
-# tests.log (ctest, then the direct GPU-test run), sanitizer.log, bench.log (benchmark and
-# torch_compare console output), bench_cuda.json, torch_compare.json, summary.txt.
-# Scratch files (shard logs, the dependency probe) go to build/gpu-suite/.
+# The steps, most important first, with their budgets in seconds. A step must end by the sum
+# of the budgets up to it (time a step leaves unused goes to the later ones) and never later
+# than the deadline less the summary's budget; a step still running then is killed with its
+# process group (timeout -k 5) and counts as failed. Budgets: 330 s, within the 340 s that
+# the deadline of 360 s (GPU_SUITE_DEADLINE) allows after a 20 s margin. Every step writes
+# its files before the next starts, so what ran survives a later timeout.
+#    8  1 machine     nvidia-smi, nvcc --version; unpacks .debs
+#  150  2 build       the `cuda` preset (CMAKE_CUDA_ARCHITECTURES=90, what CI compiles; Ninja
+#                     if present, -j nproc): only fusedopt_tests, fusedopt_demo_test and
+#                     fusedopt_bench; alongside it, the library shared and with CUDA for
+#                     torch_compare.py (build/cuda-shared)
+#   10  3 bitwise     the GPU==CPU bitwise tests, first: Cuda.GpuEqualsCpuBitwise,
+#                     SparseGpu.GpuEqualsCpuBitwise, Cuda.Bf16AndF16ParamsWithMasterWeights,
+#                     CheckpointDevices.*
+#   30  4 gpu-tests   every other test of fusedopt_tests whose name says Cuda, cuda, Gpu, GPU
+#                     or Device (the Cuda suite, Cuda/DenseReference, the sparse *_cuda
+#                     cases, ScheduleDevice)
+#   12  5 demo-tests  the GPU tests of fusedopt_demo_test (DemoCudaModel, the Gpu training
+#                     run, CholeskyGpu, NewtonGpu)
+#   40  6 bench       fusedopt_bench --benchmark_filter=/cuda/ --benchmark_min_time=0.02 (JSON)
+#   40  7 torch       bench/torch_compare.py against torch.optim's fused and foreach steps in
+#                     the same process: dense cases, then sparse; 2 warm-up, 10 timed steps
+#   25  8 memcheck    compute-sanitizer memcheck on a few fast GPU tests (small sizes) and
+#                     the demo's model test (its kernels, cuBLAS)
+#   12  9 racecheck   compute-sanitizer racecheck on fewer, if time remains (running out of
+#                     time for it is no failure)
+#    3 10 summary     the table printed last; summary.txt and results.md
+# CPU-only tests do not run here: CI runs them. Test steps run gtest shards in parallel
+# (GTEST_TOTAL_SHARDS, one core each, OMP_NUM_THREADS=1) and fail if any selected test
+# failed or SKIPPED, or none ran. FUSEDOPT_TEST_LARGE_N=100003 (odd, 13 blocks of 8192)
+# shrinks the tests' large size from 1000003: their time is the double-precision CPU
+# reference. The exit status is 0 only if no step failed.
 #
-# Google Test and Google Benchmark (Debian's libgtest-dev and libbenchmark-dev): used where
-# CMake finds them; else unpacked from the .deb files in $FUSEDOPT_DEB_DIR (default ./.debs,
-# e.g. from `apt-get download libgtest-dev libbenchmark-dev libbenchmark1debian` on a machine
-# with Debian's archive) into build/gpu-suite/deps; else installed with apt-get; else the
-# run stops with a message saying what is missing.
-#
-# The GPU-test and sanitizer runs use gtest's sharding (GTEST_TOTAL_SHARDS/GTEST_SHARD_INDEX):
-# the tests check against a double-precision CPU reference, which is most of their time, so
-# shards in parallel keep the run within minutes. Knobs (environment):
-#   GPU_SUITE_SHARDS           parallel shards (default: min(nproc, 8))
-#   GPU_SUITE_SAN_FILTER       gtest filter under compute-sanitizer (default
-#                              'Cuda*:*Cuda*:*cuda*:SparseGpu*-*Huge*')
-#   GPU_SUITE_SAN_ARGS         more compute-sanitizer options, e.g. '--report-api-errors no'
-#                              where a test makes a CUDA call fail on purpose
-#   GPU_SUITE_BENCH_MIN_TIME   --benchmark_min_time in seconds (default 0.2)
-#   GPU_SUITE_*_TIMEOUT        seconds per step at most: BUILD (600), CTEST (300), GTEST (180),
-#                              SAN (180 per tool), BENCH (240), TORCH (300)
-#   GPU_SUITE_DEADLINE         seconds from the start by which the run should end (default 540,
-#                              for machines that stop a command at 10 minutes; 0: none). Each
-#                              step's limit is cut so that the later steps keep their usual time
-#                              (GPU_SUITE_RESERVE_*: GTEST 40, SAN 45 per tool, BENCH 100,
-#                              TORCH 90) and the summary is still printed; a step left with
-#                              under 15 s does not run, and counts as failed.
-# A step that runs past its limit is killed (with its process group) and counts as failed.
-set -euo pipefail
+# Knobs (environment): GPU_SUITE_DEADLINE (360), GPU_SUITE_BUDGET_<STEP> (e.g.
+# GPU_SUITE_BUDGET_BUILD=200, GPU_SUITE_BUDGET_GPU_TESTS=40), GPU_SUITE_NPROC (nproc; 16 in a
+# dry run), GPU_SUITE_SHARDS (nproc, at most 16), GPU_SUITE_LARGE_N (100003),
+# GPU_SUITE_BENCH_MIN_TIME (0.02), GPU_SUITE_SAN_ARGS (more compute-sanitizer options),
+# FUSEDOPT_DEB_DIR (./.debs). Needs bash >= 4.4, coreutils' timeout, python3.
+set -uo pipefail
 
 SUITE_START=$SECONDS
-out_arg=${1:-./gpu-suite-out}
-mkdir -p "$out_arg"
-OUT=$(cd "$out_arg" && pwd)
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
+DRY_RUN=0
+if [ "${1:-}" = "--dry-run" ]; then
+  DRY_RUN=1
+  shift
+fi
+if [ $# -gt 1 ] || [[ ${1:-} == -* ]]; then
+  echo "usage: bash bench/gpu_suite.sh [--dry-run] [OUT_DIR]" >&2
+  exit 2
+fi
+OUT=${1:-./gpu-suite-out}
+if [ "$DRY_RUN" = 0 ]; then
+  if ! mkdir -p "$OUT" || ! OUT=$(cd "$OUT" && pwd); then exit 2; fi
+elif [[ $OUT != /* ]]; then
+  OUT=$PWD/${OUT#./}
+fi
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || exit 2
+cd "$ROOT" || exit 2
 
-PRESET=cuda-native
-BUILD=build/$PRESET
-SHARED=build/gpu-shared
-WORK=build/gpu-suite
-TEST_BIN=$BUILD/tests/fusedopt_tests
-DEMO_TEST_BIN=$BUILD/tests/fusedopt_demo_test
-BENCH_BIN=$BUILD/bench/fusedopt_bench
-NPROC=$(nproc 2>/dev/null || echo 4)
-SHARDS=${GPU_SUITE_SHARDS:-$((NPROC < 8 ? NPROC : 8))}
-# Every test that needs a GPU has Cuda, cuda, Gpu or Device in its name (the sparse suite's
-# "..._cuda" cases, SparseGpu, CheckpointDevices, ScheduleDevice; the demo's DemoCudaModel,
-# *Gpu*, CholeskyGpu, NewtonGpu).
-GPU_FILTER='Cuda*:*Cuda*:*cuda*:*Gpu*:*Device*:GpuSuite*'
-DEMO_GPU_FILTER='*Cuda*:*Gpu*'
-SAN_FILTER=${GPU_SUITE_SAN_FILTER:-'Cuda*:*Cuda*:*cuda*:SparseGpu*-*Huge*'}
+# ----------------------------------------------------------------------------- the plan
+STEPS=(machine build bitwise gpu-tests demo-tests bench torch memcheck racecheck summary)
+declare -A BUDGET=([machine]=8 [build]=150 [bitwise]=10 [gpu-tests]=30 [demo-tests]=12
+  [bench]=40 [torch]=40 [memcheck]=25 [racecheck]=12 [summary]=3)
+declare -A TITLE=(
+  [machine]="nvidia-smi, nvcc --version; unpack .debs"
+  [build]="cuda preset, sm_90; shared lib beside"
+  [bitwise]="GPU==CPU bitwise tests"
+  [gpu-tests]="other GPU tests (fusedopt_tests)"
+  [demo-tests]="demo GPU tests (fusedopt_demo_test)"
+  [bench]="fusedopt_bench, CUDA benchmarks"
+  [torch]="torch_compare.py vs torch.optim"
+  [memcheck]="compute-sanitizer memcheck"
+  [racecheck]="compute-sanitizer racecheck, if time"
+  [summary]="summary.txt, results.md")
+OPTIONAL_STEP=racecheck  # no time for it, or not enough, is no failure (errors are)
+DEADLINE=${GPU_SUITE_DEADLINE:-360}
+MARGIN=20                # the budgets must add up to at most DEADLINE - MARGIN
+MIN_STEP=5               # a step left less than this does not start
+declare -A END
+total=0
+for s in "${STEPS[@]}"; do
+  var=GPU_SUITE_BUDGET_${s^^}
+  var=${var//-/_}
+  BUDGET[$s]=${!var:-${BUDGET[$s]}}
+  [[ ${BUDGET[$s]} =~ ^[0-9]+$ ]] || { echo "$var must be a whole number of seconds" >&2; exit 2; }
+  total=$((total + BUDGET[$s]))
+  END[$s]=$total
+done
+BUDGET_TOTAL=$total
+[[ $DEADLINE =~ ^[0-9]+$ ]] || { echo "GPU_SUITE_DEADLINE must be a whole number" >&2; exit 2; }
+
+if [ "$DRY_RUN" = 1 ]; then NPROC=${GPU_SUITE_NPROC:-16}; else NPROC=${GPU_SUITE_NPROC:-$(nproc)}; fi
+SHARDS=${GPU_SUITE_SHARDS:-$((NPROC < 16 ? NPROC : 16))}
+SAN_SHARDS=$((SHARDS < 8 ? SHARDS : 8))
+FEW_SHARDS=$((SHARDS < 4 ? SHARDS : 4))  # for runs of a few tests
+SHARED_JOBS=$((NPROC / 4 > 2 ? NPROC / 4 : 2))
+LARGE_N=${GPU_SUITE_LARGE_N:-100003}
+SAN_LARGE_N=8193  # one block of 8192 and a tail: every path, at sanitizer speed
+BENCH_MIN_TIME=${GPU_SUITE_BENCH_MIN_TIME:-0.02}
 read -r -a SAN_ARGS <<<"${GPU_SUITE_SAN_ARGS:-}"
-BENCH_MIN_TIME=${GPU_SUITE_BENCH_MIN_TIME:-0.2}
-BUILD_TIMEOUT=${GPU_SUITE_BUILD_TIMEOUT:-600}
-CTEST_TIMEOUT=${GPU_SUITE_CTEST_TIMEOUT:-300}
-GTEST_TIMEOUT=${GPU_SUITE_GTEST_TIMEOUT:-180}
-SAN_TIMEOUT=${GPU_SUITE_SAN_TIMEOUT:-180}
-BENCH_TIMEOUT=${GPU_SUITE_BENCH_TIMEOUT:-240}
-TORCH_TIMEOUT=${GPU_SUITE_TORCH_TIMEOUT:-300}
-DEADLINE=${GPU_SUITE_DEADLINE:-540}
-R_GTEST=${GPU_SUITE_RESERVE_GTEST:-40}
-R_SAN=${GPU_SUITE_RESERVE_SAN:-45}
-R_BENCH=${GPU_SUITE_RESERVE_BENCH:-100}
-R_TORCH=${GPU_SUITE_RESERVE_TORCH:-90}
 DEB_DIR=${FUSEDOPT_DEB_DIR:-$ROOT/.debs}
+
+BUILD=build/cuda  # the cuda preset's binaryDir
+SHARED=build/cuda-shared
+WORK=build/gpu-suite
+DEPS=$ROOT/$WORK/deps
+TEST_BIN=$BUILD/tests/fusedopt_tests
+DEMO_BIN=$BUILD/tests/fusedopt_demo_test
+BENCH_BIN=$BUILD/bench/fusedopt_bench
+SHARED_LIB=$SHARED/host/libfusedopt.so
+if [ "$DRY_RUN" = 1 ] || command -v ninja >/dev/null 2>&1; then
+  GENERATOR=Ninja
+  KEEP_GOING=(-k 0)
+else
+  GENERATOR="Unix Makefiles"
+  KEEP_GOING=(-k)
+fi
+
+# Test selections. gtest runs tests in its own order whatever the filter says, so the bitwise
+# tests go first as a run of their own.
+BITWISE_FILTER='Cuda.GpuEqualsCpuBitwise:SparseGpu.GpuEqualsCpuBitwise:Cuda.Bf16AndF16ParamsWithMasterWeights:CheckpointDevices.*'
+GPU_FILTER="*Cuda*:*cuda*:*Gpu*:*GPU*:*Device*-$BITWISE_FILTER"
+DEMO_FILTER='*Cuda*:*Gpu*:*GPU*:*Device*-DemoGpuPlan.*'  # DemoGpuPlan runs on the host
+MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda'
+# racecheck: the kernels with shared memory (every step's, the norm and non-finite reductions)
+RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.SkipNonFinite:Cuda/DenseReference.*/adam_v1_cuda'
+DEMO_SAN_FILTER='DemoCudaModel.LossAndGradientMatchCpuModel'
+TEST_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$LARGE_N")
+SAN_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$SAN_LARGE_N")
 
 SETUP_LOG=$OUT/setup.log
 TESTS_LOG=$OUT/tests.log
@@ -91,437 +161,574 @@ BENCH_LOG=$OUT/bench.log
 BENCH_JSON=$OUT/bench_cuda.json
 TORCH_JSON=$OUT/torch_compare.json
 SUMMARY=$OUT/summary.txt
-rm -f "$SETUP_LOG" "$TESTS_LOG" "$SAN_LOG" "$BENCH_LOG" "$BENCH_JSON" "$TORCH_JSON" "$SUMMARY"
-mkdir -p "$WORK"
+RESULTS=$OUT/results.md
+OUT_FILES=(setup.log tests.log sanitizer.log bench.log bench_cuda.json torch_compare.json
+  summary.txt results.md)
 
-FAILURES=()
-SHARED_PID=
+TORCH_DENSE_CASES=flat24,gpt2,flat28
+TORCH_SPARSE_CASES=sparse-1Mx128-uniform,sparse-1Mx128-zipf,sparse-10Mx64-uniform,sparse-10Mx64-zipf
+DEP_ARGS=()
+make_commands() {  # after the .debs are unpacked (DEP_ARGS)
+  CONFIGURE=(cmake --preset cuda -G "$GENERATOR" -DCMAKE_CUDA_ARCHITECTURES=90 "${DEP_ARGS[@]}")
+  BUILD_CMD=(cmake --build "$BUILD" -j "$NPROC" --target fusedopt_tests fusedopt_demo_test
+    fusedopt_bench -- "${KEEP_GOING[@]}")
+  SHARED_CONFIGURE=(cmake -S . -B "$SHARED" -G "$GENERATOR" -DCMAKE_BUILD_TYPE=Release
+    -DBUILD_SHARED_LIBS=ON -DFUSEDOPT_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90
+    -DFUSEDOPT_BUILD_TESTS=OFF -DFUSEDOPT_BUILD_BENCH=OFF -DFUSEDOPT_BUILD_DEMO=OFF)
+  SHARED_BUILD=(cmake --build "$SHARED" -j "$SHARED_JOBS" --target fusedopt)
+  BENCH_CMD=("$BENCH_BIN" --benchmark_filter=/cuda/ "--benchmark_min_time=$BENCH_MIN_TIME"
+    "--benchmark_out=$BENCH_JSON" --benchmark_out_format=json)
+  local torch=(env PYTHONUNBUFFERED=1 python3 bench/torch_compare.py --lib "$SHARED_LIB"
+    --warmup 2 --iters 10)
+  TORCH_DENSE=("${torch[@]}" --cases "$TORCH_DENSE_CASES" --out "$WORK/torch_dense.json")
+  TORCH_SPARSE=("${torch[@]}" --cases "$TORCH_SPARSE_CASES" --out "$WORK/torch_sparse.json")
+}
+make_commands
 
-log() { printf '[gpu-suite %4ds] %s\n' "$((SECONDS - SUITE_START))" "$*"; }
-phase() {
-  echo
-  log "=== $* ==="
+# A command line, quoted where the shell needs it.
+q() {
+  local a out=()
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./=:,+@%-]+$ ]]; then
+      out+=("$a")
+    elif [[ $a =~ ^(-[-A-Za-z0-9_]+=)(.*)$ ]]; then  # --gtest_filter='...'
+      out+=("${BASH_REMATCH[1]}'${BASH_REMATCH[2]}'")
+    else
+      out+=("'$a'")
+    fi
+  done
+  echo "${out[*]}"
 }
-fail() {
-  FAILURES+=("$1")
-  log "FAIL: $1${2:+ ($2)}"
+sharded() {  # shards prefix... : the command line of one shard
+  local n=$1 shards=""
+  shift
+  [ "$n" -gt 1 ] && shards="GTEST_TOTAL_SHARDS=$n GTEST_SHARD_INDEX=0..$((n - 1)) "
+  echo "${shards}timeout -k 5 <limit> $(q "$@")"
 }
-die() {
-  log "ERROR: $*" >&2
+
+print_plan() {
+  local s i=0 tool=compute-sanitizer
+  echo "gpu_suite plan: $ROOT -> $OUT"
+  echo "  files: ${OUT_FILES[*]}"
+  echo "  nproc $NPROC, $SHARDS test shards, $SAN_SHARDS sanitizer shards, generator $GENERATOR"
+  printf '  %-3s %-11s %6s %7s  %s\n' "#" step budget "ends by" what
+  for s in "${STEPS[@]}"; do
+    i=$((i + 1))
+    printf '  %-3s %-11s %5ss %6ss  %s\n' "$i" "$s" "${BUDGET[$s]}" "${END[$s]}" "${TITLE[$s]}"
+    case $s in
+      machine)
+        echo "        nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total; nvcc --version"
+        local debs=("$DEB_DIR"/*.deb)
+        [ -e "${debs[0]}" ] || debs=()
+        echo "        dpkg-deb -x $DEB_DIR/*.deb $DEPS (${#debs[@]} .debs there now), then"
+        echo "        -DCMAKE_PREFIX_PATH=$DEPS/usr and CPATH=$DEPS/usr/include" ;;
+      build)
+        echo "        $(q "${CONFIGURE[@]}")"
+        echo "        $(q "${BUILD_CMD[@]}")"
+        echo "        alongside: $(q "${SHARED_CONFIGURE[@]}")"
+        echo "                   $(q "${SHARED_BUILD[@]}")" ;;
+      bitwise) echo "        $(sharded "$FEW_SHARDS" "${TEST_ENV[@]}" "$TEST_BIN" --gtest_filter="$BITWISE_FILTER")" ;;
+      gpu-tests) echo "        $(sharded "$SHARDS" "${TEST_ENV[@]}" "$TEST_BIN" --gtest_filter="$GPU_FILTER")" ;;
+      demo-tests) echo "        $(sharded "$FEW_SHARDS" "${TEST_ENV[@]}" "$DEMO_BIN" --gtest_filter="$DEMO_FILTER")" ;;
+      bench) echo "        timeout -k 5 <limit> $(q "${BENCH_CMD[@]}")" ;;
+      torch)
+        echo "        $(q "${TORCH_DENSE[@]}")"
+        echo "        $(q "${TORCH_SPARSE[@]}")"
+        echo "        (each merged into $TORCH_JSON as it ends)" ;;
+      memcheck | racecheck)
+        local f=$MEMCHECK_FILTER
+        [ "$s" = racecheck ] && f=$RACECHECK_FILTER
+        echo "        $(sharded "$SAN_SHARDS" "${SAN_ENV[@]}" "$tool" --tool "$s" --error-exitcode 86 "${SAN_ARGS[@]}" "$TEST_BIN" --gtest_filter="$f")"
+        [ "$s" = memcheck ] &&
+          echo "        $(sharded 1 "${SAN_ENV[@]}" "$tool" --tool "$s" --error-exitcode 86 "${SAN_ARGS[@]}" "$DEMO_BIN" --gtest_filter="$DEMO_SAN_FILTER")"
+        ;;
+      summary) echo "        python3 (inline): $SUMMARY and $RESULTS from the step table and the JSON files" ;;
+    esac
+  done
+  echo "  budgets $BUDGET_TOTAL s; deadline $DEADLINE s (GPU_SUITE_DEADLINE) less a $MARGIN s margin allows $((DEADLINE - MARGIN)) s"
+}
+budgets_fit() { [ "$BUDGET_TOTAL" -le $((DEADLINE - MARGIN)) ]; }
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "gpu_suite.sh --dry-run: nothing is built or run"
+  print_plan
+  if budgets_fit; then
+    echo "dry run: the budgets fit the deadline"
+    exit 0
+  fi
+  echo "dry run: the budgets ($BUDGET_TOTAL s) do not fit the deadline ($DEADLINE s - $MARGIN s)" >&2
   exit 1
+fi
+
+# ------------------------------------------------------------------------ step machinery
+mkdir -p "$WORK"
+for f in "${OUT_FILES[@]}"; do rm -f "${OUT:?}/$f"; done
+rm -f "$WORK"/*.log "$WORK"/*.json "$WORK"/*.tsv
+declare -A STATUS USED NOTE
+for s in "${STEPS[@]}"; do
+  STATUS[$s]="-"
+  USED[$s]=0
+  NOTE[$s]="not run"
+done
+CUR=""
+STEP_T0=0
+STEP_END=0
+ABORT=""  # set when nothing further can run (no GPU, no build)
+
+elapsed() { echo $((SECONDS - SUITE_START)); }
+log() { printf '[gpu-suite %3ds] %s\n' "$(elapsed)" "$*"; }
+left() { echo $((STEP_END - $(elapsed))); }
+# Seconds to an absolute time (date +%s), at least 1: `timeout 0` would mean no limit.
+secs_to() {
+  local n=$(($1 - $(date +%s)))
+  echo $((n < 1 ? 1 : n))
 }
-# A step's exit status in words.
-status_text() {
+
+# The steps' table as text: written to summary.txt after every step (the final summary
+# replaces it), so a run cut short still leaves it.
+step_table() {
+  local s i=0
+  printf '%-3s %-11s %6s %5s  %-7s %s\n' "#" step budget used status note
+  for s in "${STEPS[@]}"; do
+    i=$((i + 1))
+    printf '%-3s %-11s %6s %5s  %-7s %s\n' "$i" "$s" "${BUDGET[$s]}" "${USED[$s]}" \
+      "${STATUS[$s]}" "${NOTE[$s]}"
+  done
+}
+
+begin_step() {  # step: 1 if it does not run (recorded)
+  CUR=$1
+  STEP_T0=$(elapsed)
+  STEP_END=${END[$CUR]}
+  local cap=$((DEADLINE - BUDGET[summary]))
+  [ "$CUR" = summary ] && cap=$DEADLINE
+  [ "$STEP_END" -gt "$cap" ] && STEP_END=$cap
+  echo
+  log "=== $CUR: ${TITLE[$CUR]} (budget ${BUDGET[$CUR]} s, may run $(left) s) ==="
+  [ "$CUR" = summary ] && return 0  # runs whatever happened before
+  if [ -n "$ABORT" ]; then
+    finish_step FAIL "not run: $ABORT"
+    return 1
+  fi
+  if [ "$(left)" -lt "$MIN_STEP" ]; then
+    if [ "$CUR" = "$OPTIONAL_STEP" ]; then finish_step SKIP "no time left"; else finish_step FAIL "not run: no time left"; fi
+    return 1
+  fi
+  return 0
+}
+
+finish_step() {  # status note
+  STATUS[$CUR]=$1
+  NOTE[$CUR]=$2
+  USED[$CUR]=$(($(elapsed) - STEP_T0))
+  log "$CUR: $1${2:+ - $2} (${USED[$CUR]} s)"
+  local s
+  for s in "${STEPS[@]}"; do
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "${TITLE[$s]}" "${BUDGET[$s]}" "${USED[$s]}" \
+      "${STATUS[$s]}" "${NOTE[$s]}"
+  done >"$WORK/steps.tsv"
+  { echo "gpu_suite (partial: $(elapsed) s so far)"; step_table; } >"$SUMMARY"
+}
+
+# Runs "$@" under the time the step has left, output appended to $1's file. Its exit status:
+# 124 or 137 when it ran out of time.
+run_limited() {
+  local logfile=$1 limit
+  shift
+  limit=$(left)
+  [ "$limit" -ge 1 ] || return 124
+  printf '\n##### %s (limit %d s)\n' "$(q "$@")" "$limit" >>"$logfile"
+  timeout -k 5 "$limit" "$@" >>"$logfile" 2>&1
+}
+rc_text() {
   case $1 in
-    124 | 137) echo "timed out after $2 s" ;;
+    0) echo "ok" ;;
+    124 | 137) echo "timed out" ;;
+    86) echo "sanitizer errors" ;;
     *) echo "exit status $1" ;;
   esac
 }
-# The limit for a step that would take at most $1 s when the steps after it need $2 s.
-step_limit() {
-  local limit=$1 left
-  if [ "$DEADLINE" -gt 0 ]; then
-    left=$((DEADLINE - (SECONDS - SUITE_START) - $2))
-    if [ "$left" -lt "$limit" ]; then limit=$left; fi
-  fi
-  if [ "$limit" -lt 0 ]; then limit=0; fi
-  echo "$limit"
-}
-# True (and the step counts as failed) if a step's limit leaves it too little time to run.
-out_of_time() {
-  if [ "$1" -lt 15 ]; then
-    fail "$2" "not run: the suite's deadline of $DEADLINE s is near"
-    return 0
-  fi
-  return 1
-}
-# shellcheck disable=SC2317 # called by the EXIT trap
-cleanup() {
-  if [ -n "$SHARED_PID" ]; then kill "$SHARED_PID" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
 
-# ------------------------------------------------------------------------ a. the machine
-phase "a. machine"
-if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export PATH=/usr/local/cuda/bin:$PATH
-fi
-for tool in nvidia-smi nvcc cmake ctest g++ python3 timeout; do
-  command -v "$tool" >/dev/null 2>&1 || die "$tool is not on PATH (needed: CUDA toolkit, driver, cmake, g++, python3, coreutils)"
-done
-nvidia-smi -L >/dev/null 2>&1 || die "nvidia-smi finds no GPU: this suite needs an NVIDIA GPU and its driver"
-{
-  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "host: $(uname -n) $(uname -r), $NPROC CPUs"
-  nvidia-smi
-  nvcc --version
-  cmake --version | sed -n 1p
-  g++ --version | sed -n 1p
-} 2>&1 | tee -a "$SETUP_LOG"
-
-# ------------------------------------------------------------- Google Test and Benchmark
-phase "dependencies (Google Test, Google Benchmark)"
-DEPS_PREFIX=$ROOT/$WORK/deps
-DEP_ARGS=()
-
-# Prints the Debian packages whose CMake package is not found (nothing if both are).
-missing_deps() {
-  local src=$WORK/probe bld=$WORK/probe-build
-  mkdir -p "$src"
-  rm -rf "$bld"
-  cat >"$src/CMakeLists.txt" <<'EOF'
-cmake_minimum_required(VERSION 3.16)
-project(fusedopt_dependency_probe LANGUAGES CXX)
-find_package(GTest QUIET)
-find_package(benchmark QUIET)
-set(missing "")
-if(NOT (GTest_FOUND OR GTEST_FOUND))
-  string(APPEND missing " libgtest-dev")
-endif()
-if(NOT benchmark_FOUND)
-  string(APPEND missing " libbenchmark-dev")
-endif()
-file(WRITE "${CMAKE_BINARY_DIR}/missing.txt" "${missing}")
-EOF
-  if cmake -S "$src" -B "$bld" ${DEP_ARGS[@]+"${DEP_ARGS[@]}"} >>"$SETUP_LOG" 2>&1 &&
-    [ -f "$bld/missing.txt" ]; then
-    cat "$bld/missing.txt"
-  else
-    echo " libgtest-dev libbenchmark-dev"
-  fi
-}
-
-# Unpacks every .deb in DEB_DIR under DEPS_PREFIX and points CMake there.
-use_local_debs() {
-  local deb dir
-  command -v dpkg-deb >/dev/null 2>&1 || {
-    log "dpkg-deb not found: cannot unpack $DEB_DIR/*.deb"
-    return 1
-  }
-  rm -rf "$DEPS_PREFIX"
-  mkdir -p "$DEPS_PREFIX"
-  for deb in "$DEB_DIR"/*.deb; do
-    log "unpacking $(basename "$deb")"
-    dpkg-deb -x "$deb" "$DEPS_PREFIX" || return 1
-  done
-  DEP_ARGS=("-DCMAKE_PREFIX_PATH=$DEPS_PREFIX/usr;$DEPS_PREFIX/usr/local")
-  for dir in "$DEPS_PREFIX"/usr/lib/*/cmake/GTest "$DEPS_PREFIX"/usr/lib/cmake/GTest; do
-    if [ -f "$dir/GTestConfig.cmake" ]; then DEP_ARGS+=("-DGTest_DIR=$dir"); break; fi
-  done
-  for dir in "$DEPS_PREFIX"/usr/lib/*/cmake/benchmark "$DEPS_PREFIX"/usr/lib/cmake/benchmark; do
-    if [ -f "$dir/benchmarkConfig.cmake" ]; then DEP_ARGS+=("-Dbenchmark_DIR=$dir"); break; fi
+# gtest shards in the background: JOBS gets "pid|log|label" for each.
+JOBS=()
+start_gtest() {  # tag shards filter binary prefix...
+  local tag=$1 shards=$2 filter=$3 bin=$4 i log limit
+  shift 4
+  limit=$(left)
+  [ "$limit" -ge 1 ] || limit=1
+  for ((i = 0; i < shards; i++)); do
+    log=$WORK/$tag.$i.log
+    GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i timeout -k 5 "$limit" \
+      "$@" "$bin" --gtest_filter="$filter" >"$log" 2>&1 &
+    JOBS+=("$!|$log|$tag shard $i of $shards: $(q "$@" "$bin") --gtest_filter='$filter'")
   done
 }
-
-# apt-get install "$@": as is, then after an update; bounded, no retries.
-apt_install() {
-  local as_root=(env DEBIAN_FRONTEND=noninteractive)
-  local net=(-o Acquire::Retries=0 -o Acquire::http::Timeout=15 -o Acquire::https::Timeout=15)
-  command -v apt-get >/dev/null 2>&1 || return 1
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || return 1
-    as_root=(sudo -n env DEBIAN_FRONTEND=noninteractive)
-  fi
-  log "apt-get install -y $*"
-  if timeout 180 "${as_root[@]}" apt-get install -y -q --no-install-recommends "${net[@]}" "$@" \
-    >>"$SETUP_LOG" 2>&1; then
-    return 0
-  fi
-  log "apt-get update, then again"
-  timeout 120 "${as_root[@]}" apt-get update -q "${net[@]}" >>"$SETUP_LOG" 2>&1 || return 1
-  timeout 300 "${as_root[@]}" apt-get install -y -q --no-install-recommends "${net[@]}" "$@" \
-    >>"$SETUP_LOG" 2>&1
-}
-
-missing=$(missing_deps)
-if [ -n "$missing" ] && compgen -G "$DEB_DIR/*.deb" >/dev/null; then
-  log "not found:$missing; using the .deb files in $DEB_DIR"
-  use_local_debs || log "unpacking $DEB_DIR/*.deb failed (see $SETUP_LOG)"
-  missing=$(missing_deps)
-fi
-if [ -n "$missing" ]; then
-  log "not found:$missing; trying apt-get"
-  # shellcheck disable=SC2086 # $missing is a list of package names
-  apt_install $missing || log "apt-get could not install them (see $SETUP_LOG)"
-  missing=$(missing_deps)
-fi
-if [ -n "$missing" ]; then
-  die "CMake cannot find:$missing. Install them (apt-get install$missing), or put the .deb
-files of libgtest-dev, libbenchmark-dev and libbenchmark1debian in $DEB_DIR (or
-\$FUSEDOPT_DEB_DIR), e.g. from 'apt-get download libgtest-dev libbenchmark-dev
-libbenchmark1debian' on a Debian machine. Details: $SETUP_LOG"
-fi
-log "Google Test and Google Benchmark found${DEP_ARGS[0]:+ (${DEP_ARGS[0]})}"
-
-# ------------------------------------------------------------------------------ b. build
-phase "b. build ($PRESET, static; $SHARED, shared)"
-# Nothing runs without the build: it may use all the time but the summary's.
-build_limit=$(step_limit "$BUILD_TIMEOUT" 30)
-out_of_time "$build_limit" "build" && die "no time left to build"
-# The shared library for Python builds alongside (its CUDA compile is one long job).
-log "building $SHARED in the background"
-# shellcheck disable=SC2016 # $1 and $2 are the inner script's arguments
-timeout "$build_limit" bash -c '
-  set -e
-  cmake -S . -B "$1" -DBUILD_SHARED_LIBS=ON -DFUSEDOPT_ENABLE_CUDA=ON \
-    -DCMAKE_CUDA_ARCHITECTURES=native -DFUSEDOPT_BUILD_TESTS=OFF -DFUSEDOPT_BUILD_BENCH=OFF
-  cmake --build "$1" -j "$2"
-' _ "$SHARED" "$NPROC" >"$WORK/shared-build.log" 2>&1 &
-SHARED_PID=$!
-
-log "cmake --preset $PRESET -DBUILD_SHARED_LIBS=OFF"
-if ! timeout "$build_limit" cmake --preset "$PRESET" -DBUILD_SHARED_LIBS=OFF \
-  ${DEP_ARGS[@]+"${DEP_ARGS[@]}"} >>"$SETUP_LOG" 2>&1; then
-  tail -n 40 "$SETUP_LOG"
-  die "configuring the $PRESET preset failed (see $SETUP_LOG)"
-fi
-limit=$(step_limit "$BUILD_TIMEOUT" 30)
-log "cmake --build --preset $PRESET -j$NPROC"
-if [ "$limit" -lt 1 ] ||
-  ! timeout "$limit" cmake --build --preset "$PRESET" -j"$NPROC" >>"$SETUP_LOG" 2>&1; then
-  grep -E 'error|Error' "$SETUP_LOG" | tail -n 30 || true
-  die "building the $PRESET preset failed or ran out of time (see $SETUP_LOG)"
-fi
-[ -x "$TEST_BIN" ] || die "$TEST_BIN was not built"
-[ -x "$BENCH_BIN" ] || die "$BENCH_BIN was not built"
-
-shared_rc=0
-wait "$SHARED_PID" || shared_rc=$?
-SHARED_PID=
-{
-  echo
-  echo "##### shared build ($SHARED)"
-  cat "$WORK/shared-build.log"
-} >>"$SETUP_LOG"
-SHARED_LIB=$SHARED/host/libfusedopt.so
-if [ "$shared_rc" -ne 0 ] || [ ! -e "$SHARED_LIB" ]; then
-  tail -n 20 "$WORK/shared-build.log"
-  fail "shared build" "$(status_text "$shared_rc" "$build_limit"); see setup.log"
-fi
-log "built"
-
-# Runs "$@" as $SHARDS gtest shards at once, each under `timeout $limit`; appends their logs,
-# in shard order, to $log; SHARD_RCS gets each shard's exit status.
-SHARD_RCS=()
-run_shards() {
-  local name=$1 limit=$2 log=$3
-  shift 3
-  local dir=$WORK/$name i rc
-  local pids=()
-  rm -rf "$dir"
-  mkdir -p "$dir"
-  for ((i = 0; i < SHARDS; i++)); do
-    GTEST_TOTAL_SHARDS=$SHARDS GTEST_SHARD_INDEX=$i timeout "$limit" "$@" >"$dir/shard$i.log" 2>&1 &
-    pids+=("$!")
-  done
-  SHARD_RCS=()
-  for ((i = 0; i < SHARDS; i++)); do
+# Waits for JOBS; appends their logs to $1; JOB_RCS and JOB_LOGS get exit statuses and logs.
+JOB_RCS=()
+JOB_LOGS=()
+wait_jobs() {
+  local dest=$1 job pid log label rc
+  JOB_RCS=()
+  JOB_LOGS=()
+  for job in "${JOBS[@]}"; do
+    IFS='|' read -r pid log label <<<"$job"
     rc=0
-    wait "${pids[$i]}" || rc=$?
-    SHARD_RCS+=("$rc")
+    wait "$pid" || rc=$?
+    JOB_RCS+=("$rc")
+    JOB_LOGS+=("$log")
+    { printf '\n##### %s: %s\n' "$label" "$(rc_text "$rc")"; cat "$log"; } >>"$dest"
   done
-  for ((i = 0; i < SHARDS; i++)); do
-    printf '\n##### %s: shard %d of %d, %s\n' "$name" "$i" "$SHARDS" \
-      "$(status_text "${SHARD_RCS[$i]}" "$limit")"
-    cat "$dir/shard$i.log"
-  done >>"$log"
+  JOBS=()
 }
 
-# ------------------------------------------------------------------------------ c. tests
-phase "c. tests"
-run_ctest() {
-  local limit rc=0
-  limit=$(step_limit "$CTEST_TIMEOUT" $((2 * R_GTEST + 3 * R_SAN + R_BENCH + R_TORCH)))
-  out_of_time "$limit" "ctest" && return 0
-  log "ctest --preset $PRESET --output-on-failure -j $NPROC (limit $limit s)"
-  timeout "$limit" ctest --preset "$PRESET" --output-on-failure -j "$NPROC" \
-    >"$TESTS_LOG" 2>&1 || rc=$?
-  grep -E 'tests passed|tests failed|Total Test time' "$TESTS_LOG" || true
-  grep -E '\((Failed|Timeout|Not Run|Skipped|SEGFAULT|Subprocess aborted|Exception)\)' \
-    "$TESTS_LOG" | head -n 40 || true
-  if [ "$rc" -ne 0 ]; then
-    fail "ctest" "$(status_text "$rc" "$limit"); see tests.log"
-  fi
-}
-run_ctest
-
-# The GPU tests straight from the binaries: none may be skipped (a skip passes under ctest).
-# $1: the test binary, $2: its gtest filter, $3: a name for logs, $4: seconds to keep for
-# further test runs before the sanitizer.
-run_gpu_tests() {
-  local bin=$1 filter=$2 name=$3 reserve=${4:-0}
-  local limit i log=$WORK/$name.log ran passed failed skipped skipped_cuda n reason
-  limit=$(step_limit "$GTEST_TIMEOUT" $((reserve + 3 * R_SAN + R_BENCH + R_TORCH)))
-  out_of_time "$limit" "GPU tests ($name)" && return 0
-  log "$bin --gtest_filter='$filter' --gtest_brief=0 ($SHARDS shards, limit $limit s)"
-  printf '\n\n##### %s --gtest_filter=%s --gtest_brief=0\n' "$bin" "$filter" \
-    >>"$TESTS_LOG"
-  rm -f "$log"
-  run_shards "$name" "$limit" "$log" "$bin" --gtest_filter="$filter" --gtest_brief=0
-  cat "$log" >>"$TESTS_LOG"
-  for ((i = 0; i < SHARDS; i++)); do
-    if [ "${SHARD_RCS[$i]}" -ne 0 ]; then
-      fail "GPU tests ($name), shard $i" "$(status_text "${SHARD_RCS[$i]}" "$limit"); see tests.log"
-    fi
+# The verdict on the gtest runs just waited for: none failed, crashed, timed out or was
+# SKIPPED, and at least one ran.
+gtest_verdict() {
+  local all=$WORK/$CUR.all.log ran passed failed skipped slow bad=0 timed=0 rc status note
+  cat "${JOB_LOGS[@]}" >"$all"
+  for rc in "${JOB_RCS[@]}"; do
+    case $rc in 0) ;; 124 | 137) timed=$((timed + 1)) ;; *) bad=$((bad + 1)) ;; esac
   done
-  ran=$(grep -c '^\[ RUN      \]' "$log" || true)
-  passed=$(grep -c '^\[       OK \]' "$log" || true)
-  failed=$(grep -E '^\[  FAILED  \] .*\(' "$log" | sed 's/ (.*//' | sort -u || true)
-  skipped=$(grep -E '^\[  SKIPPED \] ' "$log" | grep -vE 'tests?, listed below' |
-    sed 's/ (.*//' | sort -u || true)
-  skipped_cuda=$(printf '%s\n' "$skipped" | grep -iE 'cuda|gpu|device' || true)
-  n=$(printf '%s\n' "$skipped" | grep -c . || true)
-  log "GPU tests ($name): $ran run, $passed passed, $n skipped"
-  if [ -n "$failed" ]; then
-    printf '%s\n' "$failed" | head -n 20
+  ran=$(grep -c '^\[ RUN      \]' "$all")
+  passed=$(grep -cE '^\[       OK \] .* \([0-9]+ ms\)$' "$all")
+  failed=$(grep -E '^\[  FAILED  \] .* \([0-9]+ ms\)$' "$all" | sed 's/^\[  FAILED  \] //; s/ ([0-9]* ms)$//')
+  skipped=$(grep -E '^\[  SKIPPED \] .* \([0-9]+ ms\)$' "$all" | sed 's/^\[  SKIPPED \] //; s/ ([0-9]* ms)$//')
+  slow=$(grep -E '^\[       OK \] .* \([0-9]+ ms\)$' "$all" |
+    sed -E 's/^\[       OK \] (.*) \(([0-9]+) ms\)$/\2 \1/' | sort -rn | head -n 1)
+  note="$ran run, $passed passed"
+  [ -n "$failed" ] && note+=", $(grep -c . <<<"$failed") FAILED"
+  [ -n "$skipped" ] && note+=", $(grep -c . <<<"$skipped") SKIPPED"
+  [ "$timed" -gt 0 ] && note+=", $timed shards timed out"
+  [ "$bad" -gt 0 ] && [ -z "$failed" ] && note+=", $bad shards exited non-zero (crash?)"
+  [ -n "$slow" ] && note+="; slowest ${slow#* } $((${slow%% *} / 1000)).$((${slow%% *} % 1000 / 100)) s"
+  if [ -n "$failed" ]; then echo "failed:" && head -n 10 <<<"$failed" | sed 's/^/  /'; fi
+  if [ -n "$skipped" ]; then
+    echo "SKIPPED (a GPU test must not skip here):"
+    head -n 10 <<<"$skipped" | sed 's/^/  /'
+    grep -B1 -E '^\[  SKIPPED \] .* \([0-9]+ ms\)$' "$all" | grep -vE '^\[|^--' | sort -u | head -n 3 | sed 's/^/  reason: /'
   fi
-  if [ "${ran:-0}" -eq 0 ]; then
-    fail "GPU tests ($name)" "no test matched '$filter'"
+  status=PASS
+  if [ "$timed" -gt 0 ]; then
+    status=TIMEOUT
+  elif [ "$bad" -gt 0 ] || [ -n "$failed" ] || [ -n "$skipped" ] || [ "$ran" -eq 0 ]; then
+    status=FAIL
   fi
-  if [ -n "$skipped_cuda" ]; then
-    printf '%s\n' "$skipped_cuda" | head -n 20
-    # gtest prints the skip's message on the line before "[  SKIPPED ]".
-    reason=$(grep -B1 -iE '^\[  SKIPPED \] .*(cuda|gpu|device)' "$log" | grep -vE '^\[|^--' |
-      head -n 1 || true)
-    n=$(printf '%s\n' "$skipped_cuda" | grep -c . || true)
-    fail "GPU tests skipped ($name)" "$n GPU tests SKIPPED${reason:+, e.g.: $reason}"
-  elif [ -n "$skipped" ]; then
-    log "skipped (no cuda, gpu or device in the name, so allowed):"
-    printf '%s\n' "$skipped" | head -n 20
-  fi
+  [ "$ran" -eq 0 ] && note="no test ran; $note"
+  finish_step "$status" "$note"
 }
-run_gpu_tests "$TEST_BIN" "$GPU_FILTER" gpu-tests "$R_GTEST"
-if [ -x "$DEMO_TEST_BIN" ]; then
-  run_gpu_tests "$DEMO_TEST_BIN" "$DEMO_GPU_FILTER" gpu-demo-tests
-else
-  fail "GPU tests (demo)" "$DEMO_TEST_BIN was not built"
-fi
 
-# ------------------------------------------------------------------- d. compute-sanitizer
-phase "d. compute-sanitizer"
-run_sanitizer() {
-  local sanitizer="" cand tool k=0 limit errors summaries problem i rc
-  for cand in "$(command -v compute-sanitizer 2>/dev/null || true)" \
-    "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
-    /usr/local/cuda/bin/compute-sanitizer \
-    /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
-    if [ -n "$cand" ] && [ -x "$cand" ]; then
-      sanitizer=$cand
-      break
-    fi
-  done
-  if [ -z "$sanitizer" ]; then
-    fail "compute-sanitizer" "not found on PATH or in /usr/local/cuda"
+# --------------------------------------------------------------------------- the steps
+unpack_debs() {
+  local debs=("$DEB_DIR"/*.deb) deb link target dir
+  if [ ! -e "${debs[0]}" ]; then
+    DEBS_NOTE="no .debs"
     return 0
   fi
-  log "$sanitizer ($("$sanitizer" --version 2>/dev/null | grep -i version | head -n 1 || true))"
-  for tool in memcheck racecheck initcheck; do
-    k=$((k + 1))
-    limit=$(step_limit "$SAN_TIMEOUT" $(((3 - k) * R_SAN + R_BENCH + R_TORCH)))
-    out_of_time "$limit" "compute-sanitizer $tool" && continue
-    log "$tool on --gtest_filter='$SAN_FILTER' ($SHARDS shards, limit $limit s)"
-    run_shards "san-$tool" "$limit" "$SAN_LOG" \
-      "$sanitizer" --tool "$tool" --error-exitcode 86 ${SAN_ARGS[@]+"${SAN_ARGS[@]}"} \
-      "$TEST_BIN" --gtest_filter="$SAN_FILTER" --gtest_brief=1
-    errors=$(cat "$WORK/san-$tool"/shard*.log | grep -E 'ERROR SUMMARY: [1-9]' || true)
-    summaries=$(cat "$WORK/san-$tool"/shard*.log | grep -c 'ERROR SUMMARY' || true)
-    problem=
-    for ((i = 0; i < SHARDS; i++)); do
-      rc=${SHARD_RCS[$i]}
-      case $rc in
-        0) ;;
-        86) problem="${problem:+$problem, }shard $i reported errors" ;;
-        124 | 137) problem="${problem:+$problem, }shard $i timed out after $limit s" ;;
-        *) problem="${problem:+$problem, }shard $i exit status $rc (a test failed, or the sanitizer could not run)" ;;
-      esac
-    done
-    if [ -n "$errors" ]; then
-      printf '%s\n' "$errors" | sort | uniq -c
-      # The first line of each report names its kind (Invalid __global__ write, Race ...).
-      grep -hE '^========= +(Invalid|Uninitialized|Race|Error|.*[Hh]azard|Program hit)' \
-        "$WORK/san-$tool"/shard*.log | sed 's/ at 0x[0-9a-f]*.*//' | sort | uniq -c |
-        sort -rn | head -n 10 || true
-      problem=${problem:-errors reported}
-    fi
-    if [ -z "$problem" ] && [ "${summaries:-0}" -lt "$SHARDS" ]; then
-      problem="only $summaries of $SHARDS shards printed an ERROR SUMMARY"
-    fi
-    if [ -n "$problem" ]; then
-      fail "compute-sanitizer $tool" "$problem; see sanitizer.log"
-    else
-      log "$tool: no errors"
-    fi
+  rm -rf "$DEPS"
+  mkdir -p "$DEPS/.ar"
+  for deb in "${debs[@]}"; do
+    echo "unpacking $deb"
+    if command -v dpkg-deb >/dev/null 2>&1; then
+      dpkg-deb -x "$deb" "$DEPS"
+    else  # a .deb is an ar archive holding data.tar.*
+      (cd "$DEPS/.ar" && rm -f data.tar.* && ar x "$deb" && tar -xf data.tar.* -C "$DEPS")
+    fi || { DEBS_NOTE="unpacking $deb failed"; return 1; }
   done
+  # Absolute links (libz.so -> /lib/x86_64-linux-gnu/libz.so.1.2.13) go to the unpacked target.
+  while IFS= read -r link; do
+    target=$(readlink "$link")
+    if [[ $target == /* ]] && [ -e "$DEPS$target" ]; then ln -sfn "$DEPS$target" "$link"; fi
+  done < <(find "$DEPS" -type l)
+  DEP_ARGS=("-DCMAKE_PREFIX_PATH=$DEPS/usr")
+  for dir in "$DEPS"/usr/lib/*/cmake/GTest "$DEPS"/usr/lib/*/cmake/benchmark; do
+    if [ -f "$dir/GTestConfig.cmake" ]; then DEP_ARGS+=("-DGTest_DIR=$dir"); fi
+    if [ -f "$dir/benchmarkConfig.cmake" ]; then DEP_ARGS+=("-Dbenchmark_DIR=$dir"); fi
+  done
+  # Headers that the sources include without a find_package (xxhash.h).
+  if [ -d "$DEPS/usr/include" ]; then export CPATH="$DEPS/usr/include${CPATH:+:$CPATH}"; fi
+  DEBS_NOTE="${#debs[@]} .debs unpacked"
 }
-run_sanitizer
 
-# -------------------------------------------------------------------------- e. benchmark
-phase "e. benchmark"
-run_bench() {
-  local limit rc=0
-  limit=$(step_limit "$BENCH_TIMEOUT" "$R_TORCH")
-  out_of_time "$limit" "benchmark" && return 0
-  log "fusedopt_bench --benchmark_filter='/cuda/' --benchmark_min_time=$BENCH_MIN_TIME (limit $limit s)"
-  timeout "$limit" "$BENCH_BIN" --benchmark_filter='/cuda/' \
-    --benchmark_min_time="$BENCH_MIN_TIME" \
-    --benchmark_out="$BENCH_JSON" --benchmark_out_format=json >"$BENCH_LOG" 2>&1 || rc=$?
-  if [ "$rc" -ne 0 ]; then
-    tail -n 20 "$BENCH_LOG"
-    fail "benchmark" "$(status_text "$rc" "$limit"); see bench.log"
-  elif ! grep -q '"name"' "$BENCH_JSON" 2>/dev/null; then
-    tail -n 5 "$BENCH_LOG"
-    fail "benchmark" "no CUDA benchmark ran (does fusedopt_bench see the GPU?); see bench.log"
-  elif grep -q 'ERROR OCCURRED' "$BENCH_LOG"; then
-    grep 'ERROR OCCURRED' "$BENCH_LOG" | head -n 10
-    fail "benchmark" "a benchmark reported an error; see bench.log"
+step_machine() {
+  begin_step machine || return
+  if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+  fi
+  local t missing=() info
+  for t in nvidia-smi nvcc cmake python3 timeout g++; do
+    command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    ABORT="${missing[*]} not on PATH (needed: the CUDA toolkit, cmake, g++, python3)"
+    finish_step FAIL "$ABORT"
+    return
+  fi
+  {
+    echo "##### the plan"
+    print_plan
+    echo "##### machine"
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "host: $(uname -srm), nproc $NPROC"
+    timeout 10 nvidia-smi
+    nvcc --version
+    cmake --version | head -n 1
+    g++ --version | head -n 1
+    command -v ninja >/dev/null 2>&1 && echo "ninja $(ninja --version)"
+    python3 --version
+  } >>"$SETUP_LOG" 2>&1
+  info=$(timeout 10 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>>"$SETUP_LOG" | head -n 1)
+  if [ -z "$info" ]; then
+    ABORT="nvidia-smi finds no GPU"
+    finish_step FAIL "$ABORT (see setup.log)"
+    return
+  fi
+  local gpu driver mem cuda commit
+  IFS=',' read -r gpu driver mem <<<"$info"
+  cuda=$(nvcc --version | sed -n 's/.*release \([0-9.]*\),.*/\1/p')
+  commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ "$commit" != unknown ] && [ -n "$(git status --porcelain 2>/dev/null | head -n 1)" ]; then
+    commit+=" with uncommitted changes"
+  fi
+  printf 'date\t%s\ngpu\t%s\ndriver\t%s\nmemory\t%s\ncuda\t%s\nhost\t%s\ncommit\t%s\n' \
+    "$(date -u '+%Y-%m-%d %H:%M UTC')" "${gpu# }" "${driver# }" "${mem# }" "${cuda:-?}" \
+    "$(uname -sr), $NPROC CPUs" "$commit" >"$WORK/machine.tsv"
+  log "${gpu# }, driver ${driver# }, ${mem# }, CUDA ${cuda:-?}, $NPROC CPUs"
+  MACHINE_OK=1
+  DEBS_NOTE=""
+  if ! unpack_debs >>"$SETUP_LOG" 2>&1; then  # the build may still find them installed
+    finish_step FAIL "$DEBS_NOTE (see setup.log)"
+    return
+  fi
+  make_commands
+  finish_step PASS "${gpu# }, driver ${driver# }, CUDA ${cuda:-?}; $DEBS_NOTE"
+}
+
+HAVE_TESTS=0 HAVE_DEMO=0 HAVE_BENCH=0 HAVE_SHARED=0
+BUILD_RC=1
+usable() {  # target binary: built by this run (or up to date)
+  [ -x "$2" ] || return 1
+  [ "$BUILD_RC" -eq 0 ] && return 0
+  if [ "$GENERATOR" = Ninja ]; then
+    ninja -C "$BUILD" -n "$1" 2>/dev/null | grep -q 'no work to do'
   else
-    log "done: $BENCH_JSON"
+    [ "$2" -nt "$WORK/build-start" ]
   fi
 }
-run_bench
+step_build() {
+  begin_step build || return
+  local dir end shared_pid shared_rc=0 rc=0 note missing=()
+  for dir in "$BUILD" "$SHARED"; do  # a cache from another generator stops cmake
+    if [ -f "$dir/CMakeCache.txt" ] &&
+      ! grep -qx "CMAKE_GENERATOR:INTERNAL=$GENERATOR" "$dir/CMakeCache.txt"; then
+      rm -rf "$dir"
+    fi
+  done
+  touch "$WORK/build-start"
+  end=$(($(date +%s) + $(left)))
+  {
+    echo "##### $(q "${SHARED_CONFIGURE[@]}")"
+    timeout -k 5 "$(secs_to "$end")" "${SHARED_CONFIGURE[@]}" &&
+      echo "##### $(q "${SHARED_BUILD[@]}")" &&
+      timeout -k 5 "$(secs_to "$end")" "${SHARED_BUILD[@]}"
+  } >"$WORK/shared-build.log" 2>&1 &
+  shared_pid=$!
+  log "$(q "${CONFIGURE[@]}")"
+  run_limited "$SETUP_LOG" "${CONFIGURE[@]}" || rc=$?
+  if [ "$rc" -eq 0 ]; then
+    log "$(q "${BUILD_CMD[@]}")"
+    run_limited "$SETUP_LOG" "${BUILD_CMD[@]}" || rc=$?
+  fi
+  BUILD_RC=$rc
+  wait "$shared_pid" || shared_rc=$?
+  { echo; echo "##### shared build ($SHARED)"; cat "$WORK/shared-build.log"; } >>"$SETUP_LOG"
+  usable fusedopt_tests "$TEST_BIN" && HAVE_TESTS=1
+  usable fusedopt_demo_test "$DEMO_BIN" && HAVE_DEMO=1
+  usable fusedopt_bench "$BENCH_BIN" && HAVE_BENCH=1
+  [ "$shared_rc" -eq 0 ] && [ -e "$SHARED_LIB" ] && HAVE_SHARED=1
+  [ "$HAVE_TESTS" = 1 ] || missing+=(fusedopt_tests)
+  [ "$HAVE_DEMO" = 1 ] || missing+=(fusedopt_demo_test)
+  [ "$HAVE_BENCH" = 1 ] || missing+=(fusedopt_bench)
+  [ "$HAVE_SHARED" = 1 ] || missing+=("shared lib: $(rc_text "$shared_rc")")
+  if [ "$rc" -eq 0 ] && [ "${#missing[@]}" -eq 0 ]; then
+    finish_step PASS "$GENERATOR -j $NPROC"
+    return
+  fi
+  grep -hE 'error:|FAILED:|Could NOT find|CMake Error' "$SETUP_LOG" | head -n 20
+  note="$(rc_text "$rc")"
+  [ "${#missing[@]}" -gt 0 ] && note+="; not built: ${missing[*]}"
+  if grep -qE 'Could NOT find|provided by "(GTest|benchmark)"|xxhash.h: No such file' "$SETUP_LOG"; then
+    note+="; dependencies missing: carry .debs (see this script's header)"
+  fi
+  [ "$HAVE_TESTS$HAVE_DEMO$HAVE_BENCH$HAVE_SHARED" = 0000 ] && ABORT="the build failed"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then finish_step TIMEOUT "$note"; else finish_step FAIL "$note; see setup.log"; fi
+}
 
-# ------------------------------------------------------------------ f. torch comparison
-phase "f. torch.optim comparison"
-run_torch() {
-  local limit rc=0
-  if ! python3 -c 'import torch' >/dev/null 2>&1; then
-    log "torch is missing (python3 -c 'import torch' failed): skipping the torch comparison"
-    return 0
+step_gtest() {  # step have binary filter shards
+  local step=$1 have=$2 bin=$3 filter=$4 shards=$5
+  begin_step "$step" || return
+  if [ "$have" != 1 ]; then
+    finish_step FAIL "not run: $bin was not built"
+    return
   fi
-  if [ ! -e "$SHARED_LIB" ]; then
-    log "no $SHARED_LIB (the shared build failed): skipping the torch comparison"
-    return 0
+  log "$(sharded "$shards" "${TEST_ENV[@]}" "$bin" --gtest_filter="$filter")"
+  start_gtest "$step" "$shards" "$filter" "$bin" "${TEST_ENV[@]}"
+  wait_jobs "$TESTS_LOG"
+  gtest_verdict
+}
+
+step_bench() {
+  begin_step bench || return
+  if [ "$HAVE_BENCH" != 1 ]; then
+    finish_step FAIL "not run: $BENCH_BIN was not built"
+    return
   fi
-  limit=$(step_limit "$TORCH_TIMEOUT" 5)
-  out_of_time "$limit" "torch comparison" && return 0
-  log "python3 bench/torch_compare.py --lib $SHARED_LIB --out $TORCH_JSON (limit $limit s)"
-  printf '\n\n##### bench/torch_compare.py\n' >>"$BENCH_LOG"
-  timeout "$limit" env PYTHONUNBUFFERED=1 python3 bench/torch_compare.py \
-    --lib "$SHARED_LIB" --out "$TORCH_JSON" >>"$BENCH_LOG" 2>&1 || rc=$?
-  sed -n '/##### bench\/torch_compare.py/,$p' "$BENCH_LOG" | grep -E 'skipped:|ERROR' |
-    head -n 20 || true
-  if [ "$rc" -ne 0 ]; then
-    tail -n 20 "$BENCH_LOG"
-    fail "torch comparison" "$(status_text "$rc" "$limit"); see bench.log"
+  local rc=0 runs errors
+  log "$(q "${BENCH_CMD[@]}")"
+  run_limited "$BENCH_LOG" "${BENCH_CMD[@]}" || rc=$?
+  runs=$(grep -c '"run_type": "iteration"' "$BENCH_JSON" 2>/dev/null)
+  errors=$(grep -c '"error_occurred": true' "$BENCH_JSON" 2>/dev/null)
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    tail -n 3 "$BENCH_LOG"
+    finish_step TIMEOUT "after ${runs:-0} runs"
+  elif [ "$rc" -ne 0 ]; then
+    tail -n 5 "$BENCH_LOG"
+    finish_step FAIL "$(rc_text "$rc") after ${runs:-0} runs; see bench.log"
+  elif [ "${runs:-0}" -eq 0 ]; then
+    finish_step FAIL "no CUDA benchmark ran (does fusedopt_bench see the GPU?)"
+  elif [ "${errors:-0}" -gt 0 ]; then
+    grep 'ERROR OCCURRED' "$BENCH_LOG" | head -n 5
+    finish_step FAIL "$runs runs, $errors with errors"
+  else
+    finish_step PASS "$runs runs, min time $BENCH_MIN_TIME s"
   fi
 }
-run_torch
 
-# ---------------------------------------------------------------------------- g. summary
-phase "g. summary ($((SECONDS - SUITE_START)) s in all)"
-status="PASS"
-if [ "${#FAILURES[@]}" -gt 0 ]; then
-  status="FAIL: $(printf '%s; ' "${FAILURES[@]}")"
-  status=${status%; }
-fi
-summary_rc=0
-python3 - "$BENCH_JSON" "$TORCH_JSON" "$status" "$((SECONDS - SUITE_START))" <<'PY' |
-import json
-import math
-import os
-import sys
+merge_torch() {  # the parts written so far, into torch_compare.json
+  timeout 20 python3 - "$TORCH_JSON" "$WORK/torch_dense.json" "$WORK/torch_sparse.json" \
+    >>"$BENCH_LOG" 2>&1 <<'PY'
+import json, os, sys
+merged = None
+for path in sys.argv[2:]:
+    if not os.path.exists(path):
+        continue
+    try:
+        with open(path) as f:
+            part = json.load(f)
+    except ValueError as exc:
+        print(f"merge: {path} unreadable: {exc}")
+        continue
+    if merged is None:
+        merged = part
+        continue
+    merged["results"] = merged.get("results", []) + part.get("results", [])
+    merged["sparse_results"] = merged.get("sparse_results", []) + part.get("sparse_results", [])
+    merged["copy_bandwidth"] = part.get("copy_bandwidth") or merged.get("copy_bandwidth")
+    merged["seconds"] = merged.get("seconds", 0) + part.get("seconds", 0)
+if merged is not None:
+    with open(sys.argv[1], "w") as f:
+        json.dump(merged, f, indent=1, allow_nan=True)
+PY
+}
+step_torch() {
+  begin_step torch || return
+  if [ "$HAVE_SHARED" != 1 ]; then
+    finish_step FAIL "not run: no $SHARED_LIB (the shared build failed; see setup.log)"
+    return
+  fi
+  local rc=0 rc2=0 note
+  log "$(q "${TORCH_DENSE[@]}")"
+  run_limited "$BENCH_LOG" "${TORCH_DENSE[@]}" || rc=$?
+  merge_torch
+  log "$(q "${TORCH_SPARSE[@]}")"
+  run_limited "$BENCH_LOG" "${TORCH_SPARSE[@]}" || rc2=$?
+  merge_torch
+  note="dense: $(rc_text "$rc"), sparse: $(rc_text "$rc2")"
+  if [ "$rc" -eq 0 ] && [ "$rc2" -eq 0 ]; then
+    finish_step PASS "$note"
+  else
+    grep -E 'torch_compare:|errors:|Error' "$BENCH_LOG" | tail -n 5
+    case "$rc $rc2" in *124* | *137*) finish_step TIMEOUT "$note" ;; *) finish_step FAIL "$note; see bench.log" ;; esac
+  fi
+}
 
-bench_path, torch_path, status, seconds = sys.argv[1:5]
+SANITIZER=""
+step_sanitizer() {  # tool filter
+  local tool=$1 filter=$2 cand rc i errors=0 timed=0 bad=0 ran note status
+  begin_step "$tool" || return
+  for cand in "$(command -v compute-sanitizer 2>/dev/null)" /usr/local/cuda/bin/compute-sanitizer; do
+    if [ -n "$cand" ] && [ -x "$cand" ]; then SANITIZER=$cand && break; fi
+  done
+  if [ -z "$SANITIZER" ]; then
+    finish_step FAIL "compute-sanitizer not found"
+    return
+  fi
+  if [ "$HAVE_TESTS" != 1 ]; then
+    finish_step FAIL "not run: $TEST_BIN was not built"
+    return
+  fi
+  local san=("${SAN_ENV[@]}" "$SANITIZER" --tool "$tool" --error-exitcode 86 "${SAN_ARGS[@]}")
+  log "$(sharded "$SAN_SHARDS" "${san[@]}" "$TEST_BIN" --gtest_filter="$filter")"
+  start_gtest "$tool" "$SAN_SHARDS" "$filter" "$TEST_BIN" "${san[@]}"
+  if [ "$HAVE_DEMO" = 1 ] && [ "$tool" = memcheck ]; then  # the demo's kernels (cuBLAS too)
+    start_gtest "$tool-demo" 1 "$DEMO_SAN_FILTER" "$DEMO_BIN" "${san[@]}"
+  fi
+  wait_jobs "$SAN_LOG"
+  for i in "${!JOB_RCS[@]}"; do
+    case ${JOB_RCS[$i]} in
+      0) ;;
+      86) errors=$((errors + 1)) ;;
+      124 | 137) timed=$((timed + 1)) ;;
+      *) bad=$((bad + 1)) ;;
+    esac
+  done
+  ran=$(cat "${JOB_LOGS[@]}" | grep -c '^\[ RUN      \]')
+  note="$ran tests"
+  [ "$errors" -gt 0 ] && note+=", errors in $errors runs"
+  [ "$timed" -gt 0 ] && note+=", $timed runs timed out"
+  [ "$bad" -gt 0 ] && note+=", $bad runs failed (a test, or the sanitizer)"
+  if [ "$errors" -gt 0 ]; then
+    cat "${JOB_LOGS[@]}" | grep -E '^========= +(Invalid|Uninitialized|Race|Error|.*[Hh]azard|Program hit)' |
+      sed 's/ at 0x[0-9a-f]*.*//' | sort | uniq -c | sort -rn | head -n 8
+  fi
+  status=PASS
+  if [ "$errors" -gt 0 ] || [ "$bad" -gt 0 ] || [ "$ran" -eq 0 ]; then
+    status=FAIL
+  elif [ "$timed" -gt 0 ]; then
+    status=TIMEOUT
+  fi
+  [ "$status" = PASS ] && note+=", no errors"
+  finish_step "$status" "$note"
+}
+
+step_summary() {
+  begin_step summary || return
+  local failed=() s status rc=0
+  for s in "${STEPS[@]}"; do
+    case ${STATUS[$s]} in
+      PASS | SKIP | -) ;;
+      TIMEOUT) [ "$s" = "$OPTIONAL_STEP" ] || failed+=("$s") ;;
+      *) failed+=("$s") ;;
+    esac
+  done
+  status=PASS
+  [ "${#failed[@]}" -gt 0 ] && status="FAIL (${failed[*]})"
+  finish_step PASS "" >/dev/null  # the summary's own row
+  timeout -k 2 "$(left)" python3 - "$WORK" "$BENCH_JSON" "$TORCH_JSON" "$RESULTS" "$status" "$(elapsed)" "$DEADLINE" \
+    >"$WORK/summary.txt" 2>&1 <<'PY' || rc=$?
+import json, math, os, re, sys
+
+work, bench_path, torch_path, results_path, status, seconds, deadline = sys.argv[1:8]
+
+
+def rows_of(path):
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+steps = rows_of(os.path.join(work, "steps.tsv"))
+machine = {}
+if os.path.exists(os.path.join(work, "machine.tsv")):
+    machine = {r[0]: r[1] for r in rows_of(os.path.join(work, "machine.tsv")) if len(r) > 1}
 
 
 def num(x, spec):
@@ -535,73 +742,170 @@ def load(path):
     try:
         with open(path) as f:
             return json.load(f), None
-    except Exception as exc:  # a truncated file from a killed run
-        return None, f"{os.path.basename(path)} unreadable: {exc}"
+    except Exception as exc:  # a file cut off by a timeout
+        return None, f"{os.path.basename(path)} unreadable ({exc})"
 
 
-print("=" * 100)
+tables = []  # (title, head, rows)
+tables.append(("Steps (seconds)", ["#", "step", "what", "budget", "used", "status", "note"],
+               [[str(i + 1), r[0], r[1], r[2], r[3], r[4], r[5] if len(r) > 5 else ""]
+                for i, r in enumerate(steps)]))
+
 bench, err = load(bench_path)
+notes = []
 if bench is None:
-    print(f"benchmark: {err}")
+    notes.append(f"fusedopt_bench: {err}")
 else:
-    rows = [b for b in bench.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
-    print(f"fusedopt_bench, CUDA, {len(rows)} runs: GB/s decimal (minimal traffic of a step);"
-          " %copy / %limit: a device copy / the traffic probe of the same bytes, over the step")
-    print(f"{'benchmark':<34} {'time':>12} {'GB/s':>6} {'%copy':>6} {'%limit':>6}")
-    for b in rows:
-        name = b.get("name", "?").replace("/manual_time", "")
-        if b.get("error_occurred"):
-            print(f"{name:<34} ERROR: {b.get('error_message', '')}")
-            continue
-        t = f"{num(b.get('real_time'), '.2f')} {b.get('time_unit', '')}"
-        bps = b.get("bytes_per_second")
-        gb = bps / 1e9 if isinstance(bps, (int, float)) else None
-        print(f"{name:<34} {t:>12} {num(gb, '.0f'):>6} {num(b.get('pct_of_copy'), '.1f'):>6}"
-              f" {num(b.get('pct_of_limit'), '.1f'):>6}")
+    runs = [b for b in bench.get("benchmarks", []) if b.get("run_type", "iteration") == "iteration"]
+    pivot, others = {}, []
+    for b in runs:
+        p = b.get("name", "").split("/")
+        if len(p) >= 5 and p[0] == "step" and p[2] == "cuda" and p[4].isdigit():
+            pivot.setdefault(f"{p[1]} {p[3]}", {})[int(p[4])] = b
+        else:
+            others.append(b)
 
-print()
+    def gbs(b):
+        if b.get("error_occurred"):
+            return "ERR"
+        bps = b.get("bytes_per_second")
+        return num(bps / 1e9 if isinstance(bps, (int, float)) else None, ".0f")
+
+    sizes = sorted({n for d in pivot.values() for n in d})
+    if pivot:
+        big = sizes[-1]
+        head = ["step"] + [f"2^{n.bit_length() - 1}" for n in sizes] + [
+            f"%copy 2^{big.bit_length() - 1}", f"%limit 2^{big.bit_length() - 1}"]
+        rows = []
+        for key, d in pivot.items():
+            last = d.get(big, {})
+            rows.append([key] + [gbs(d[n]) if n in d else "-" for n in sizes] +
+                        [num(last.get("pct_of_copy"), ".0f"), num(last.get("pct_of_limit"), ".0f")])
+        tables.append(("fusedopt_bench, CUDA steps: GB/s (decimal, minimal traffic) by numel; "
+                       "%copy, %limit: a device copy, the traffic probe of the same bytes, over the step",
+                       head, rows))
+    if others:
+        rows = []
+        for b in others:
+            name = b.get("name", "?").replace("/manual_time", "").replace("/real_time", "")
+            if b.get("error_occurred"):
+                rows.append([name, "ERROR: " + str(b.get("error_message", "")), "", "", "", ""])
+                continue
+            rps = b.get("rows_per_second")
+            rows.append([name, f"{num(b.get('real_time'), '.1f')} {b.get('time_unit', '')}", gbs(b),
+                         num(b.get("pct_of_copy"), ".0f"), num(b.get("pct_of_limit"), ".0f"),
+                         num(rps / 1e6 if isinstance(rps, (int, float)) else None, ".1f")])
+        tables.append(("fusedopt_bench, CUDA: GPT-2 small and sparse steps",
+                       ["benchmark", "time", "GB/s", "%copy", "%limit", "Mrows/s"], rows))
+
 tc, err = load(torch_path)
 if tc is None:
-    print(f"torch comparison: {err}")
+    notes.append(f"torch comparison: {err}")
 else:
-    print(f"fusedopt vs torch.optim {tc.get('torch_version', '')} on {tc.get('device', '')}: median ms"
-          f" of {tc.get('timed_steps', '?')} steps; x = torch ms / fusedopt ms;"
-          " rel diff = max|fusedopt - torch| / max|param change| after the warm-up")
-    head = (f"{'case':<7} {'optimizer':<9} | {'fusedopt':>8} {'GB/s':>6} | "
-            f"{'t.fused':>8} {'GB/s':>6} {'x':>5} | {'t.foreach':>9} {'GB/s':>6} {'x':>5} | "
-            f"{'rel diff':>8} {'vs':<7}")
-    print(head)
-    print("-" * len(head))
+    machine.setdefault("torch", f"{tc.get('torch_version', '?')} (CUDA {tc.get('torch_cuda', '?')})")
+    rows = []
     for r in tc.get("results", []):
         v = r.get("variants", {})
 
-        def cell(name, width):
+        def ms(name):
             e = v.get(name, {})
             if "ms" not in e:
-                tag = "skip" if "skipped" in e else ("err" if "error" in e else "-")
-                return f"{tag:>{width}} {'':>6}"
-            return f"{num(e['ms'], '.3f'):>{width}} {num(e.get('GBps'), '.0f'):>6}"
-
-        def sp(name):
-            return f"{num(v.get(name, {}).get('speedup_of_fusedopt'), '.2f'):>5}"
+                return "skip" if "skipped" in e else ("err" if "error" in e else "-")
+            return num(e["ms"], ".3f")
 
         chk = r.get("check") or {}
-        vs = {"torch_fused": "fused", "torch_foreach": "foreach"}.get(chk.get("vs"), "-")
-        print(f"{r.get('case', '?'):<7} {r.get('optimizer', '?'):<9} | {cell('fusedopt', 8)} | "
-              f"{cell('torch_fused', 8)} {sp('torch_fused')} | "
-              f"{cell('torch_foreach', 9)} {sp('torch_foreach')} | "
-              f"{num(chk.get('rel'), '.1e'):>8} {vs:<7}")
-    for r in tc.get("sparse_results", []):  # lazyadam vs SparseAdam (torch_compare.py)
+        rows.append([r.get("case", "?"), r.get("optimizer", "?"), ms("fusedopt"),
+                     num(v.get("fusedopt", {}).get("GBps"), ".0f"),
+                     ms("torch_fused"), num(v.get("torch_fused", {}).get("speedup_of_fusedopt"), ".2f"),
+                     ms("torch_foreach"), num(v.get("torch_foreach", {}).get("speedup_of_fusedopt"), ".2f"),
+                     num(chk.get("rel"), ".1e")])
+    if rows:
+        tables.append((f"fusedopt vs torch.optim {tc.get('torch_version', '')}: median ms of "
+                       f"{tc.get('timed_steps', '?')} steps; x = torch ms / fusedopt ms; rel diff "
+                       "after the warm-up",
+                       ["case", "optimizer", "fusedopt ms", "GB/s", "fused ms", "x", "foreach ms",
+                        "x", "rel diff"], rows))
+    rows = []
+    for r in tc.get("sparse_results", []):
         f, t = (r.get("variants", {}).get(k, {}) for k in ("fusedopt", "torch_sparseadam"))
-        print(f"{r.get('case', '?'):<21} lazyadam {num(f.get('ms'), '.3f')} ms"
-              f" {num(f.get('GBps'), '.0f')} GB/s {num(f.get('pct_of_copy'), '.0f')}% copy |"
-              f" SparseAdam {num(t.get('ms'), '.3f')} ms x{num(t.get('speedup_of_fusedopt'), '.1f')}"
-              f" | rel diff {num((r.get('check') or {}).get('rel'), '.1e')}")
-print("=" * 100)
-print(f"gpu_suite: {status} ({seconds} s)")
+        rows.append([r.get("case", "?"), str(r.get("distinct_rows", "-")), num(f.get("ms"), ".3f"),
+                     num(f.get("GBps"), ".0f"), num(f.get("pct_of_copy"), ".0f"),
+                     num(t.get("ms"), ".3f"), num(t.get("speedup_of_fusedopt"), ".1f"),
+                     num((r.get("check") or {}).get("rel"), ".1e")])
+    if rows:
+        cb = (tc.get("copy_bandwidth") or {}).get("GBps")
+        tables.append((f"lazyadam vs torch.optim.SparseAdam (device copy {num(cb, '.0f')} GB/s)",
+                       ["case", "distinct", "lazyadam ms", "GB/s", "%copy", "SparseAdam ms", "x",
+                        "rel diff"], rows))
+
+
+def numeric(rows, i):
+    """A column of numbers (and -, ERR, skip, err): right-aligned."""
+    cells = [str(r[i]) for r in rows if str(r[i]) not in ("-", "ERR", "skip", "err", "")]
+    return bool(cells) and all(re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?( [a-z]+)?", c)
+                               for c in cells)
+
+
+def text(title, head, rows):
+    w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    right = [numeric(rows, i) for i in range(len(head))]
+
+    def fmt(r):
+        return "  ".join(str(x).rjust(w[i]) if right[i] else str(x).ljust(w[i])
+                         for i, x in enumerate(r)).rstrip()
+
+    return [title, fmt(head)] + [fmt(r) for r in rows]
+
+
+out = ["=" * 96]
+who = ", ".join(x for x in (machine.get("gpu"), machine.get("driver") and "driver " + machine["driver"],
+                            machine.get("cuda") and "CUDA " + machine["cuda"]) if x)
+out.append(f"gpu_suite on {who or 'an unknown GPU'}, {machine.get('date', '')}")
+for title, head, rows in tables:
+    out += [""] + text(title, head, rows)
+out += [""] + notes
+out.append(f"gpu_suite: {status} ({seconds} s; deadline {deadline} s)")
+print("\n".join(out))
+
+md = [f"# GPU suite on {machine.get('gpu', 'an unknown GPU')}, {machine.get('date', '')}", "",
+      f"`bash bench/gpu_suite.sh`: **{status}** in {seconds} s (deadline {deadline} s).", "",
+      "| | |", "|---|---|"]
+for k in ("gpu", "memory", "driver", "cuda", "torch", "host", "commit"):
+    if k in machine:
+        md.append(f"| {k} | {machine[k]} |")
+for title, head, rows in tables:
+    md += ["", f"## {title}", "", "| " + " | ".join(head) + " |",
+           "|" + "|".join("---:" if numeric(rows, i) else "---" for i in range(len(head))) + "|"]
+    md += ["| " + " | ".join(str(x).replace("|", "/") for x in r) + " |" for r in rows]
+if notes:
+    md += [""] + [f"- {n}" for n in notes]
+with open(results_path, "w") as f:
+    f.write("\n".join(md) + "\n")
 PY
-  tee "$SUMMARY" || summary_rc=$?
-if [ "$summary_rc" -ne 0 ] || [ "${#FAILURES[@]}" -gt 0 ]; then
-  exit 1
+  if [ "$rc" -eq 0 ]; then
+    cp "$WORK/summary.txt" "$SUMMARY"
+  else  # the table of steps at least
+    { cat "$WORK/summary.txt"; step_table; echo "gpu_suite: $status ($(elapsed) s)"; } >"$SUMMARY"
+  fi
+  echo
+  cat "$SUMMARY"
+  [ "$status" = PASS ] && [ "$rc" -eq 0 ]
+}
+
+# ------------------------------------------------------------------------------ the run
+if ! budgets_fit; then
+  log "WARNING: the budgets ($BUDGET_TOTAL s) exceed the deadline less its margin ($((DEADLINE - MARGIN)) s): later steps will be cut"
 fi
-exit 0
+log "gpu_suite: $ROOT -> $OUT (deadline $DEADLINE s)"
+MACHINE_OK=0
+step_machine
+[ "$MACHINE_OK" = 1 ] || ABORT=${ABORT:-"the machine step did not run"}
+step_build
+step_gtest bitwise "$HAVE_TESTS" "$TEST_BIN" "$BITWISE_FILTER" "$FEW_SHARDS"
+step_gtest gpu-tests "$HAVE_TESTS" "$TEST_BIN" "$GPU_FILTER" "$SHARDS"
+step_gtest demo-tests "$HAVE_DEMO" "$DEMO_BIN" "$DEMO_FILTER" "$FEW_SHARDS"
+step_bench
+step_torch
+step_sanitizer memcheck "$MEMCHECK_FILTER"
+step_sanitizer racecheck "$RACECHECK_FILTER"
+step_summary
