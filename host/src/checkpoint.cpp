@@ -221,17 +221,25 @@ CheckpointData decode_checkpoint(const unsigned char* bytes, std::size_t size) {
             std::to_string(file_size) + " (truncated or extended)");
   const std::uint64_t payload_start = kPreamble + header_size;
   std::uint64_t previous_end = payload_start;
+  // The padding carries nothing and must be zero, so that every byte of the file is checked
+  // (a flipped bit there would otherwise load silently).
+  const auto expect_zero_padding = [&](std::uint64_t from, std::uint64_t to) {
+    for (std::uint64_t at = from; at < to; ++at)
+      if (bytes[at] != 0) corrupt("non-zero padding at byte " + std::to_string(at));
+  };
   for (std::uint32_t i = 0; i < ntensors; ++i) {
     const Extent& e = extents[i];
     const std::string who = "tensor " + d.tensors[i].param + "/" + d.tensors[i].state;
     if (e.offset % kAlign != 0 || e.bytes % sizeof(float) != 0) corrupt(who + " is misaligned");
     if (e.offset < previous_end || e.offset > size || e.bytes > size - e.offset)
       corrupt(who + " lies outside the payload or overlaps another");
+    expect_zero_padding(previous_end, e.offset);
     previous_end = e.offset + e.bytes;
     if (hash(bytes + e.offset, e.bytes) != e.hash) corrupt(who + ": checksum mismatch");
     d.tensors[i].values.resize(e.bytes / sizeof(float));
     if (e.bytes > 0) std::memcpy(d.tensors[i].values.data(), bytes + e.offset, e.bytes);
   }
+  expect_zero_padding(previous_end, size);
   return d;
 }
 
