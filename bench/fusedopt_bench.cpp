@@ -41,8 +41,7 @@ template <class A>
 int active_states() {
   const typename A::Options o{};
   int n = 0;
-  for (int k = 0; k < static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0])); ++k)
-    n += A::has_state(o, k) ? 1 : 0;
+  for (int k = 0; k < fo::StateList<A>::count; ++k) n += A::has_state(o, k) ? 1 : 0;
   return n;
 }
 
@@ -333,16 +332,17 @@ std::vector<std::int64_t> sparse_indices(std::int64_t rows, std::int64_t nnz, bo
 /// sparse/<algorithm>/<backend>/<rows>x<dim>/<nnz>/<uniform|zipf>: one step_sparse of an
 /// embedding table. Bytes: each distinct row's param and states read and written (a row-wise
 /// state is one float per row), every gradient row and index read. Wall time (a sparse step
-/// waits for its index check). `algorithm` "adagrad_rowwise" is adagrad with rowwise = 1.
-void bench_sparse(benchmark::State& state, const std::string& algorithm, fo::Device device,
-                  std::int64_t rows, std::int64_t dim, std::int64_t nnz, bool zipf) {
-  const bool rowwise = algorithm == "adagrad_rowwise";
+/// waits for its index check). With `rowwise`, the algorithm's row-wise form (rowwise = 1),
+/// named <algorithm>_rowwise.
+void bench_sparse(benchmark::State& state, const std::string& algorithm, bool rowwise,
+                  fo::Device device, std::int64_t rows, std::int64_t dim, std::int64_t nnz,
+                  bool zipf) {
   const std::vector<std::int64_t> idx = sparse_indices(rows, nnz, zipf, 7);
   std::vector<std::int64_t> distinct = idx;
   std::sort(distinct.begin(), distinct.end());
   const auto unique_rows = std::unique(distinct.begin(), distinct.end()) - distinct.begin();
   const std::size_t grad_bytes = static_cast<std::size_t>(nnz * dim) * 4;
-  fo::Optimizer opt(rowwise ? "adagrad" : algorithm, device);
+  fo::Optimizer opt(algorithm, device);
   if (rowwise) opt.set_option("rowwise", 1);
   void* table = nullptr;
   void* grads = nullptr;
@@ -397,19 +397,26 @@ void register_sparse(bool cuda) {
     shapes.push_back({fo::Device::cuda, 1 << 20, 128});
     shapes.push_back({fo::Device::cuda, 10 * (1 << 20), 64});
   }
-  for (const char* algorithm : {"lazyadam", "adagrad", "adagrad_rowwise"})
+  // Every algorithm that takes sparse steps, and the row-wise form of those that have one.
+  std::vector<std::pair<std::string, bool>> sparse;
+#define FO_SPARSE(A)                                                                       \
+  if constexpr (fo::SparseCapable<fo::A>::value) sparse.emplace_back(fo::A::kName, false); \
+  if constexpr (fo::RowwiseCapable<fo::A>::value) sparse.emplace_back(fo::A::kName, true);
+  FO_FOR_EACH_DENSE_ALGORITHM(FO_SPARSE)
+#undef FO_SPARSE
+  for (const auto& [algorithm, rowwise] : sparse)
     for (const auto& sh : shapes)
       for (bool zipf : {false, true}) {
         const std::int64_t nnz = 1 << 16;
-        const std::string name = std::string("sparse/") + algorithm + "/" +
+        const std::string name = "sparse/" + algorithm + (rowwise ? "_rowwise" : "") + "/" +
                                  (sh.device == fo::Device::cuda ? "cuda" : "cpu") + "/" +
                                  std::to_string(sh.rows) + "x" + std::to_string(sh.dim) + "/" +
                                  std::to_string(nnz) + "/" + (zipf ? "zipf" : "uniform");
-        benchmark::RegisterBenchmark(name.c_str(),
-                                     [=](benchmark::State& s) {
-                                       bench_sparse(s, algorithm, sh.device, sh.rows, sh.dim, nnz,
-                                                    zipf);
-                                     })
+        benchmark::RegisterBenchmark(
+            name.c_str(),
+            [=, algorithm = algorithm, rowwise = rowwise](benchmark::State& s) {
+              bench_sparse(s, algorithm, rowwise, sh.device, sh.rows, sh.dim, nnz, zipf);
+            })
             ->UseRealTime()
             ->Unit(benchmark::kMicrosecond);
       }

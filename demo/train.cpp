@@ -18,7 +18,6 @@
 #include <optional>
 #include <stdexcept>
 
-#include "fusedopt/fusedopt.h"
 #include "fusedopt/newton.hpp"
 #include "fusedopt/optimizer.hpp"
 #include "fusedopt/schedule.hpp"
@@ -733,9 +732,9 @@ int run_train(int argc, char** argv) {
 
   try {
     Device device = Device::cpu;
-    if (cli.device == "cuda" || (cli.device == "auto" && fo_cuda_device_count() > 0))
+    if (cli.device == "cuda" || (cli.device == "auto" && fo::cuda_device_count() > 0))
       device = Device::cuda;
-    if (device == Device::cuda && fo_cuda_device_count() == 0)
+    if (device == Device::cuda && fo::cuda_device_count() == 0)
       throw std::runtime_error("--device cuda: no CUDA device (or fusedopt built without CUDA)");
 
     // Every optimizer and option is checked before any training starts.

@@ -178,7 +178,7 @@ static void test_options(void) {
     v = -12345.0;
     CHECK_STATUS(fo_optimizer_get_option(opt, defaults[i].key, &v), OK);
     if (v != defaults[i].value)
-      fprintf(stderr, "  %s %s: got %.17g, SPEC default %.17g\n", defaults[i].algorithm,
+      fprintf(stderr, "  %s %s: got %.17g, documented default %.17g\n", defaults[i].algorithm,
               defaults[i].key, v, defaults[i].value);
     CHECK(v == defaults[i].value);
     fo_optimizer_destroy(opt);
@@ -208,7 +208,7 @@ static void test_options(void) {
   CHECK(v == 1.0);
   fo_optimizer_destroy(opt);
 
-  opt = make("sgd", -1); /* SPEC: nesterov requires momentum > 0 */
+  opt = make("sgd", -1); /* nesterov requires momentum > 0 */
   CHECK_STATUS(fo_optimizer_set_option(opt, "nesterov", 1.0), INVALID);
   CHECK_STATUS(fo_optimizer_get_option(opt, "nesterov", &v), OK);
   CHECK(v == 0.0);
@@ -318,7 +318,7 @@ static void test_adam(void) {
   CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), OK);
   CHECK_STATUS(fo_optimizer_get_state(opt, "w", "exp_avg", m, N_ADAM), OK);
   int bad_p = 0, bad_m = 0;
-  for (int i = 0; i < N_ADAM; ++i) { /* SPEC's adam at t = 1 from zero state, in double */
+  for (int i = 0; i < N_ADAM; ++i) { /* adam at t = 1 from zero state, in double */
     double gi = g[i], mi = (1 - beta1) * gi, vi = (1 - beta2) * gi * gi;
     double denom = sqrt(vi) / sqrt(1 - beta2) + eps;
     double ref = (double)p0[i] - (lr / (1 - beta1)) * mi / denom;

@@ -26,6 +26,7 @@
 
 #include "fusedopt/fusedopt.hpp"
 #include "fusedopt/kernels/convert.hpp"
+#include "reference/reference.hpp"
 #include "tensor_buffer.hpp"
 #include "test_util.hpp"
 
@@ -263,12 +264,9 @@ std::string first_bits_difference(const std::vector<std::uint16_t>& got,
   return "equal";
 }
 
-/// Options that give each algorithm all the states it can keep.
+/// Options that give each algorithm all the states it can keep: its reference's richest variant.
 std::vector<std::pair<std::string, double>> rich_options(const std::string& algorithm) {
-  if (algorithm == "sgd") return {{"momentum", 0.9}, {"nesterov", 1}, {"weight_decay", 0.01}};
-  if (algorithm == "rmsprop") return {{"momentum", 0.9}, {"centered", 1}};
-  if (algorithm == "adam" || algorithm == "adamw") return {{"amsgrad", 1}};
-  return {};
+  return ref::richest_options(algorithm);
 }
 
 void set_options(Optimizer& opt, const std::vector<std::pair<std::string, double>>& opts) {

@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "data.hpp"
-#include "fusedopt/fusedopt.h"
 #include "fusedopt/newton.hpp"
 #include "model.hpp"
 #include "model_cuda_plan.hpp"
@@ -493,7 +492,7 @@ TEST(DemoGpuPlan, ColumnMajorGemmsOnTheHostMatchCpuModel) {
 #ifdef FUSEDOPT_WITH_CUDA
 
 TEST(DemoCudaModel, LossAndGradientMatchCpuModel) {
-  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  if (fo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
   auto rng = make_rng();
   const std::size_t max_batch = *std::max_element(std::begin(kGpuBatches), std::end(kGpuBatches));
   for (const GradCase& gc : gpu_cases()) {
@@ -558,7 +557,7 @@ TEST(DemoCudaModel, LossAndGradientMatchCpuModel) {
 }
 
 TEST(DemoCudaModel, RejectsBadBatches) {
-  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  if (fo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
   EXPECT_THROW(demo::CudaModel({ModelKind::softmax}, 0), std::invalid_argument);
   EXPECT_THROW(demo::CudaModel({ModelKind::mlp, 0}, 4), std::invalid_argument);
   const demo::CudaModel gm({ModelKind::softmax}, 4);
@@ -729,7 +728,7 @@ TEST(DemoTrain, AdamOnSoftmaxRegressionReachesStatedAccuracy) {
 
 #ifdef FUSEDOPT_WITH_CUDA
 TEST(DemoTrain, AdamOnSoftmaxRegressionOnGpuReachesStatedAccuracy) {
-  if (fo_cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  if (fo::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
   // The CPU test's run and threshold, with the model and the optimizer on the GPU. The start
   // (initialised on the host) and the batch order are the CPU run's, and every gradient is
   // the CPU model's to within rounding (DemoCudaModel above), so the accuracy is drawn from

@@ -1,6 +1,6 @@
 // Every dense optimizer x every option that changes the math x every backend and CPU
 // instruction set x sizes that hit every vector tail, 25 steps each, against the
-// double-precision reference of tests/reference (written from SPEC.md, sharing no code).
+// double-precision reference of tests/reference (written from docs/optimizers.md, sharing no code).
 //
 // Each step starts the reference from the library's own previous output (converted exactly
 // to double), so the comparison measures one step's rounding and nothing accumulated:
@@ -25,66 +25,6 @@ namespace {
 
 using ref::OptionMap;
 
-/// Option sets per algorithm: together they give every option a non-default value
-/// (EveryOptionIsExercised checks), and each flag is combined with decay and maximize.
-const std::map<std::string, std::vector<OptionMap>>& variants() {
-  static const std::map<std::string, std::vector<OptionMap>> v = {
-      {"sgd",
-       {{},
-        {{"lr", 0.1}, {"momentum", 0.9}},
-        {{"lr", 0.1}, {"momentum", 0.9}, {"dampening", 0.3}},
-        {{"lr", 0.1}, {"momentum", 0.9}, {"nesterov", 1}, {"weight_decay", 0.1}},
-        {{"lr", 0.05}, {"weight_decay", 0.1}, {"maximize", 1}},
-        {{"lr", 0.05}, {"momentum", 0.5}, {"nesterov", 1}, {"maximize", 1}}}},
-      {"adagrad",
-       {{},
-        {{"lr_decay", 0.05}, {"weight_decay", 0.1}},
-        {{"initial_accumulator_value", 0.5}, {"eps", 1e-3}, {"maximize", 1}, {"lr", 0.1}}}},
-      {"adadelta",
-       {{}, {{"rho", 0.5}, {"eps", 1e-3}, {"weight_decay", 0.1}, {"maximize", 1}, {"lr", 0.5}}}},
-      {"rmsprop",
-       {{},
-        {{"centered", 1}},
-        {{"momentum", 0.9}},
-        {{"centered", 1},
-         {"momentum", 0.9},
-         {"weight_decay", 0.1},
-         {"maximize", 1},
-         {"alpha", 0.9},
-         {"eps", 1e-3},
-         {"lr", 0.001}}}},
-      {"adam",
-       {{},
-        {{"amsgrad", 1}},
-        {{"weight_decay", 0.1},
-         {"maximize", 1},
-         {"beta1", 0.8},
-         {"beta2", 0.99},
-         {"eps", 1e-3},
-         {"lr", 1e-2}},
-        {{"amsgrad", 1}, {"weight_decay", 0.1}, {"beta2", 0.9}}}},
-      {"adamw",
-       {{},
-        {{"amsgrad", 1}, {"maximize", 1}},
-        {{"weight_decay", 0.5}, {"lr", 1e-2}, {"beta1", 0.5}, {"beta2", 0.9}, {"eps", 1e-3}}}},
-      {"rprop",
-       {{},
-        {{"maximize", 1},
-         {"eta_minus", 0.3},
-         {"eta_plus", 1.5},
-         {"step_size_min", 1e-3},
-         {"step_size_max", 0.05},
-         {"lr", 0.1}},
-        {{"lr", 1e-8}}}},  // below step_size_min: the clamp applies from the first step
-      {"lazyadam",
-       {{}, {{"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"eps", 1e-3}, {"lr", 1e-2}}}},
-      {"lion",
-       {{},
-        {{"weight_decay", 0.5}, {"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"lr", 1e-2}}}},
-  };
-  return v;
-}
-
 struct Case {
   std::string algorithm;
   int variant;
@@ -106,8 +46,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 std::vector<Case> all_cases(Device device) {
   std::vector<Case> cases;
   for (const auto& algo : dense_algorithms()) {
-    auto it = variants().find(algo.name);
-    const int nv = it == variants().end() ? 1 : static_cast<int>(it->second.size());
+    const int nv = static_cast<int>(ref::test_variants(algo.name).size());
     for (int v = 0; v < nv; ++v) {
       if (device == Device::cuda) {
         cases.push_back({algo.name, v, device, cpu::Isa::scalar});
@@ -179,7 +118,7 @@ class DenseReference : public ::testing::TestWithParam<Case> {
 
 TEST_P(DenseReference, TwentyFiveStepsMatchDoubleReference) {
   const Case& c = GetParam();
-  const OptionMap options = variants().at(c.algorithm)[c.variant];
+  const OptionMap options = ref::test_variants(c.algorithm)[static_cast<std::size_t>(c.variant)];
   // The kernel computes with fp32 hyperparameters, some rounded from the double options and
   // some derived in double first (1 - beta2 is exact, 1 - fp32(beta2) is not). Both readings
   // are legitimate, so the reference runs under each and the spread between them joins the
@@ -263,22 +202,22 @@ INSTANTIATE_TEST_SUITE_P(Cuda, DenseReference, ::testing::ValuesIn(all_cases(Dev
 TEST(DenseReferenceCoverage, EveryOptionIsExercised) {
   for (const auto& algo : dense_algorithms()) {
     SCOPED_TRACE(algo.name);
-    auto it = variants().find(algo.name);
-    ASSERT_NE(it, variants().end()) << "register option variants for " << algo.name;
+    const std::vector<OptionMap>* variants = nullptr;
+    ASSERT_NO_THROW(variants = &ref::test_variants(algo.name))
+        << "give " << algo.name << " a reference with test variants (tests/reference)";
     for (std::size_t k = 0; k < algo.options.size(); ++k) {
       // Row-wise forms have no dense step: sparse_test.cpp runs them against the reference.
       if (algo.options[k] == "rowwise") continue;
       bool exercised = false;
-      for (const auto& v : it->second) {
+      for (const auto& v : *variants) {
         auto o = v.find(algo.options[k]);
         exercised = exercised || (o != v.end() && o->second != algo.defaults[k]);
       }
       EXPECT_TRUE(exercised) << "option " << algo.options[k] << " never leaves its default";
     }
-    // The library's state list is the reference's, under the richest variant.
-    OptionMap all_on;
-    for (const auto& v : it->second) all_on.insert(v.begin(), v.end());
-    EXPECT_EQ(ref::state_names(algo.name, all_on).size(), algo.states.size());
+    // The last variant switches on every state the library lists (tests that need all of
+    // an algorithm's states use it).
+    EXPECT_EQ(ref::state_names(algo.name, variants->back()).size(), algo.states.size());
   }
 }
 

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "fusedopt/fusedopt.hpp"
+#include "reference/reference.hpp"
 #include "test_util.hpp"
 
 namespace fo::test {
@@ -38,13 +39,9 @@ StepResult run_steps(const std::string& algorithm,
   return r;
 }
 
-// Options that switch on every state of each algorithm.
+// Options that switch on every state of each algorithm: its reference's richest variant.
 std::vector<std::pair<std::string, double>> rich_options(const std::string& algorithm) {
-  if (algorithm == "sgd") return {{"momentum", 0.9}, {"nesterov", 1}, {"weight_decay", 0.01}};
-  if (algorithm == "rmsprop") return {{"momentum", 0.9}, {"centered", 1}};
-  if (algorithm == "adam" || algorithm == "adamw") return {{"amsgrad", 1}, {"weight_decay", 0.01}};
-  if (algorithm == "lion") return {{"weight_decay", 0.1}};
-  return {};
+  return ref::richest_options(algorithm);
 }
 
 class Determinism : public ::testing::TestWithParam<std::string> {

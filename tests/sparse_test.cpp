@@ -1,7 +1,7 @@
 // Sparse row steps of embedding tables (lazyadam, adagrad, row-wise adagrad) on the CPU and,
-// where present, a GPU: against the double reference, and the properties SPEC.md promises
-// exactly (duplicates summed deterministically, untouched rows bitwise unchanged, bad indices
-// rejected with nothing changed).
+// where present, a GPU: against the double reference, and the properties docs/optimizers.md
+// promises exactly (duplicates summed deterministically, untouched rows bitwise unchanged, bad
+// indices rejected with nothing changed).
 #include <gtest/gtest.h>
 
 #include <algorithm>

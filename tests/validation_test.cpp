@@ -241,7 +241,7 @@ TEST(Validation, PerParamOverridesAffectOnlyThatParam) {
 }
 
 TEST(Validation, UnknownAlgorithmAndMissingDevice) {
-  expect_error([] { Optimizer("adamax"); }, StatusCode::invalid_argument, "known: sgd");
+  expect_error([] { Optimizer("no_such_optimizer"); }, StatusCode::invalid_argument, "known: sgd");
   if (test::cuda_devices() == 0) {  // nothing to reject where a GPU exists
     try {
       Optimizer("adam", Device::cuda);

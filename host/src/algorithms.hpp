@@ -30,6 +30,9 @@ struct AlgorithmInfo {
   /// sparse steps only), or null when it has no row-wise form.
   bool (*rowwise)(const std::vector<double>& options);
 
+  /// Why a sparse step refuses these options, or "" (SparseRefusal).
+  std::string (*sparse_refusal)(const std::vector<double>& options);
+
   /// A sparse step at step count `step` (validated options and indices), or null when the
   /// algorithm has none. Sets s.rowwise from the options.
   void (*sparse_step)(const std::vector<double>& options, std::int64_t step, const SparseStep& s,

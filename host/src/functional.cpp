@@ -71,10 +71,9 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   check(t.param, t.param_dtype, "param");
   check(t.grad, t.grad_dtype, "grad");
   if (t.master) check(t.master, DType::f32, "master");
-  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
-  for (int k = 0; k < kStates; ++k)
+  for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k))
-      check(t.states[k], t.state_dtype, std::string("state ") + A::kStates[k]);
+      check(t.states[k], t.state_dtype, std::string("state ") + StateList<A>::name(k));
 }
 
 }  // namespace
@@ -92,9 +91,8 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                       "dense steps take rowwise = 0");
   check_tensors<A>(options, t, exec, controls);
   if (t.numel == 0) return;
-  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
-  for (int k = 0; k < kStates; ++k)
+  for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(options, k)) states[k] = t.states[k];
   constexpr int index = detail::IndexOf<A>::value;
   if (exec.device == Device::cuda) {
@@ -149,9 +147,13 @@ AlgorithmInfo make_info() {
     info.desc.defaults.push_back(f.get(defaults));
     info.desc.is_flag.push_back(f.flag != nullptr);
   }
-  for (const char* s : A::kStates) info.desc.states.emplace_back(s);
+  for (int k = 0; k < StateList<A>::count; ++k)
+    info.desc.states.emplace_back(StateList<A>::name(k));
   info.desc.sparse = SparseCapable<A>::value;
   info.sparse_step = nullptr;
+  info.sparse_refusal = [](const std::vector<double>& v) {
+    return std::string(SparseRefusal<A>::of(unpack<A>(v)));
+  };
   info.rowwise = nullptr;
   if constexpr (RowwiseCapable<A>::value)
     info.rowwise = [](const std::vector<double>& v) { return A::rowwise(unpack<A>(v)); };
@@ -250,5 +252,7 @@ std::size_t dtype_size(DType t) noexcept {
   }
   return 0;
 }
+
+int cuda_device_count() noexcept { return cuda::device_count(); }
 
 }  // namespace fo

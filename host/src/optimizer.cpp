@@ -578,10 +578,13 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
   Impl& m = *impl_;
   ParamEntry& p = m.param(name);
   const std::string who = "step_sparse('" + p.name + "'): ";
-  if (!m.info->sparse_step)
-    unsupported(who + m.info->desc.name + " has no sparse step (sparse: lazyadam, adagrad)");
-  if (m.info->desc.name == "adagrad" && p.options[m.info->option_index("weight_decay")] != 0.0)
-    invalid(who + "adagrad's weight_decay does not apply to sparse gradients (as in PyTorch)");
+  if (!m.info->sparse_step) {
+    std::string sparse;
+    for (const auto& a : detail::algorithm_infos())
+      if (a.sparse_step) sparse += (sparse.empty() ? "" : ", ") + a.desc.name;
+    unsupported(who + m.info->desc.name + " has no sparse step (sparse: " + sparse + ")");
+  }
+  if (const std::string why = m.info->sparse_refusal(p.options); !why.empty()) invalid(who + why);
   if (p.dtype != DType::f32 || m.settings.state_dtype != DType::f32)
     unsupported(who + "sparse steps take float32 tables and states");
   if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)

@@ -1,6 +1,6 @@
-// Sparse row steps of embedding tables (SPEC.md "Sparse updates"): the buffers of one step,
-// and the CPU and CUDA implementations. Both sort the indices stably, sum the gradient rows of
-// each distinct row in their original order (fp32), and apply the algorithm's functor once to
+// Sparse row steps of embedding tables (docs/optimizers.md, "Sparse steps"): the buffers of one
+// step, and the CPU and CUDA implementations. Both sort the indices stably, sum the gradient rows
+// of each distinct row in their original order (fp32), and apply the algorithm's functor once to
 // each distinct row; rows not named are never read or written. Same order, same bits: the
 // CPU and the GPU agree bitwise, on any thread count or launch configuration.
 #pragma once

@@ -186,15 +186,13 @@ std::string describe(const typename A::Options& o) {
 template <class A>
 std::vector<float> state_inits(const typename A::Options& o) {
   std::vector<float> init(kMaxStates, 0.0f);
-  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
-  for (int k = 0; k < kStates; ++k)
+  for (int k = 0; k < StateList<A>::count; ++k)
     init[static_cast<std::size_t>(k)] = static_cast<float>(A::state_init(o, k));
   return init;
 }
 
 template <class A>
 cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t step, int key) {
-  constexpr int kStates = static_cast<int>(sizeof(A::kStates) / sizeof(A::kStates[0]));
   cuda::ListEntry e{t.param.data(),
                     t.grad.data(),
                     nullptr,
@@ -203,7 +201,7 @@ cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t s
                     step,
                     key};
   if (t.master.size() > 0) e.master = static_cast<float*>(t.master.data());
-  for (int k = 0; k < kStates; ++k)
+  for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k)) e.states[k] = t.states[static_cast<std::size_t>(k)].data();
   return e;
 }
@@ -281,7 +279,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
       const auto kk = static_cast<std::size_t>(k);
       if (!A::has_state(o, k)) continue;
       EXPECT_TRUE(emu[i].states[kk] == cpu[i].states[kk])
-          << what << ", size " << sizes[i] << ", state " << A::kStates[k] << ": "
+          << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
           << first_byte_difference(emu[i].states[kk], cpu[i].states[kk]);
     }
   }
@@ -384,7 +382,7 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
         const auto kk = static_cast<std::size_t>(k);
         if (A::has_state(o, k)) {
           EXPECT_TRUE(emu[i].states[kk] == ref[i].states[kk])
-              << what << ", size " << sizes[i] << ", state " << A::kStates[k] << ": "
+              << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
               << first_byte_difference(emu[i].states[kk], ref[i].states[kk]);
         }
       }

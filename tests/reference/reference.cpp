@@ -1,4 +1,5 @@
-// Plain double-precision reference for one optimizer step; see reference.hpp and SPEC.md.
+// Plain double-precision reference for one optimizer step; see reference.hpp and
+// docs/optimizers.md.
 #include "reference/reference.hpp"
 
 #include <algorithm>
@@ -35,6 +36,91 @@ std::vector<double>& buffer(StateMap& states, const std::string& name, std::size
 
 }  // namespace
 
+namespace {
+/// Option sets per algorithm: together they give every option a non-default value, each flag
+/// is combined with decay and maximize, and the last switches on every state
+/// (DenseReferenceCoverage.EveryOptionIsExercised checks both).
+const std::map<std::string, std::vector<OptionMap>>& all_variants() {
+  static const std::map<std::string, std::vector<OptionMap>> v = {
+      {"sgd",
+       {{},
+        {{"lr", 0.1}, {"momentum", 0.9}},
+        {{"lr", 0.1}, {"momentum", 0.9}, {"dampening", 0.3}},
+        {{"lr", 0.1}, {"momentum", 0.9}, {"nesterov", 1}, {"weight_decay", 0.1}},
+        {{"lr", 0.05}, {"weight_decay", 0.1}, {"maximize", 1}},
+        {{"lr", 0.05}, {"momentum", 0.5}, {"nesterov", 1}, {"maximize", 1}}}},
+      {"adagrad",
+       {{},
+        {{"lr_decay", 0.05}, {"weight_decay", 0.1}},
+        {{"initial_accumulator_value", 0.5}, {"eps", 1e-3}, {"maximize", 1}, {"lr", 0.1}}}},
+      {"adadelta",
+       {{}, {{"rho", 0.5}, {"eps", 1e-3}, {"weight_decay", 0.1}, {"maximize", 1}, {"lr", 0.5}}}},
+      {"rmsprop",
+       {{},
+        {{"centered", 1}},
+        {{"momentum", 0.9}},
+        {{"centered", 1},
+         {"momentum", 0.9},
+         {"weight_decay", 0.1},
+         {"maximize", 1},
+         {"alpha", 0.9},
+         {"eps", 1e-3},
+         {"lr", 0.001}}}},
+      {"adam",
+       {{},
+        {{"amsgrad", 1}},
+        {{"weight_decay", 0.1},
+         {"maximize", 1},
+         {"beta1", 0.8},
+         {"beta2", 0.99},
+         {"eps", 1e-3},
+         {"lr", 1e-2}},
+        {{"amsgrad", 1}, {"weight_decay", 0.1}, {"beta2", 0.9}}}},
+      {"adamw",
+       {{},
+        {{"weight_decay", 0.5}, {"lr", 1e-2}, {"beta1", 0.5}, {"beta2", 0.9}, {"eps", 1e-3}},
+        {{"amsgrad", 1}, {"maximize", 1}}}},
+      {"rprop",
+       {{},
+        {{"maximize", 1},
+         {"eta_minus", 0.3},
+         {"eta_plus", 1.5},
+         {"step_size_min", 1e-3},
+         {"step_size_max", 0.05},
+         {"lr", 0.1}},
+        {{"lr", 1e-8}}}},  // below step_size_min: the clamp applies from the first step
+      {"lazyadam",
+       {{}, {{"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"eps", 1e-3}, {"lr", 1e-2}}}},
+      {"lion",
+       {{},
+        {{"weight_decay", 0.5}, {"maximize", 1}, {"beta1", 0.5}, {"beta2", 0.9}, {"lr", 1e-2}}}},
+      {"adamax",
+       {{},
+        {{"weight_decay", 0.1},
+         {"maximize", 1},
+         {"beta1", 0.5},
+         {"beta2", 0.9},
+         {"eps", 1e-3},
+         {"lr", 1e-2}}}},
+      {"signsgd", {{}, {{"weight_decay", 0.1}, {"maximize", 1}, {"lr", 1e-2}}}},
+  };
+  return v;
+}
+
+}  // namespace
+
+const std::vector<OptionMap>& test_variants(const std::string& algorithm) {
+  const auto it = all_variants().find(algorithm);
+  if (it == all_variants().end())
+    throw std::invalid_argument("fo::ref: no test variants for algorithm '" + algorithm + "'");
+  return it->second;
+}
+
+std::vector<std::pair<std::string, double>> richest_options(const std::string& algorithm) {
+  const OptionMap& last = test_variants(algorithm).back();
+  return {last.begin(), last.end()};
+}
+
 OptionMap defaults(const std::string& a) {
   if (a == "sgd")
     return {{"lr", 1e-3},        {"momentum", 0}, {"dampening", 0},
@@ -62,6 +148,10 @@ OptionMap defaults(const std::string& a) {
     return {{"lr", 1e-4}, {"beta1", 0.9}, {"beta2", 0.99}, {"weight_decay", 0}, {"maximize", 0}};
   if (a == "lazyadam")
     return {{"lr", 1e-3}, {"beta1", 0.9}, {"beta2", 0.999}, {"eps", 1e-8}, {"maximize", 0}};
+  if (a == "adamax")  // torch.optim.Adamax
+    return {{"lr", 2e-3},  {"beta1", 0.9},      {"beta2", 0.999},
+            {"eps", 1e-8}, {"weight_decay", 0}, {"maximize", 0}};
+  if (a == "signsgd") return {{"lr", 1e-3}, {"weight_decay", 0}, {"maximize", 0}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
@@ -85,6 +175,8 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   }
   if (a == "rprop") return {"prev", "step_size"};
   if (a == "lazyadam") return {"exp_avg", "exp_avg_sq"};
+  if (a == "adamax") return {"exp_avg", "exp_inf"};
+  if (a == "signsgd") return {};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -111,17 +203,17 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   const double lr = o.at("lr");
   const bool maximize = o.at("maximize") != 0;
   const double wd = o.count("weight_decay") ? o.at("weight_decay") : 0.0;
-  const bool decoupled = (a == "adamw" || a == "lion");
 
   for (std::size_t i = 0; i < n; ++i) {
     double& p = param[i];
     double g = maximize ? -grad[i] : grad[i];
-    if (decoupled)
-      p *= 1.0 - lr * wd;  // decoupled weight decay
-    else
-      g += wd * p;  // L2 decay (wd is 0 for rprop, which has none)
+    // Each algorithm applies its own weight decay, as its documentation says: L2 (folded
+    // into g) or decoupled (p shrinks by lr * wd first); none for rprop and lazyadam.
+    const auto l2_decay = [&] { g += wd * p; };
+    const auto decoupled_decay = [&] { p *= 1.0 - lr * wd; };
 
     if (a == "sgd") {
+      l2_decay();
       const double momentum = o.at("momentum");
       if (momentum != 0) {
         double& b = (*s[0])[i];
@@ -130,11 +222,13 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       }
       p -= lr * g;
     } else if (a == "adagrad") {
+      l2_decay();
       double& sum = (*s[0])[i];
       const double clr = lr / (1.0 + double(t - 1) * o.at("lr_decay"));
       sum += g * g;
       p -= clr * g / (std::sqrt(sum) + o.at("eps"));
     } else if (a == "adadelta") {
+      l2_decay();
       double& sq = (*s[0])[i];
       double& acc = (*s[1])[i];
       const double rho = o.at("rho"), eps = o.at("eps");
@@ -143,6 +237,7 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       acc = rho * acc + (1.0 - rho) * delta * delta;
       p -= lr * delta;
     } else if (a == "rmsprop") {
+      l2_decay();
       const double alpha = o.at("alpha"), eps = o.at("eps"), momentum = o.at("momentum");
       const bool centered = o.at("centered") != 0;
       double& sq = (*s[0])[i];
@@ -163,6 +258,10 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
         p -= lr * g / avg;
       }
     } else if (a == "adam" || a == "adamw") {
+      if (a == "adamw")
+        decoupled_decay();
+      else
+        l2_decay();
       const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
       double& m = (*s[0])[i];
       double& v = (*s[1])[i];
@@ -191,7 +290,7 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       if (ambiguous && ((prod != 0 && std::fabs(prod) < 1e-30) ||
                         (g != 0 && std::fabs(g) < 1.1754943508222875e-38)))  // FLT_MIN
         (*ambiguous)[i] = 1;
-    } else if (a == "lazyadam") {  // SPEC: eps on the uncorrected sqrt(v)
+    } else if (a == "lazyadam") {  // eps on the uncorrected sqrt(v)
       const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
       double& m = (*s[0])[i];
       double& v = (*s[1])[i];
@@ -200,7 +299,23 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       const double bc1 = 1.0 - std::pow(beta1, double(t));
       const double bc2 = 1.0 - std::pow(beta2, double(t));
       p -= lr * std::sqrt(bc2) / bc1 * m / (std::sqrt(v) + eps);
+    } else if (a == "adamax") {  // torch.optim.Adamax
+      l2_decay();
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
+      double& m = (*s[0])[i];
+      double& u = (*s[1])[i];
+      m = beta1 * m + (1.0 - beta1) * g;
+      u = std::max(beta2 * u, std::fabs(g) + eps);
+      p -= lr / (1.0 - std::pow(beta1, double(t))) * m / u;
+    } else if (a == "signsgd") {
+      const double g0 = g;
+      l2_decay();
+      // sign(g + wd * p) is ambiguous in float32 where the sum nearly cancels.
+      const double bound = 1e-5 * (std::fabs(g0) + std::fabs(wd * p));
+      if (ambiguous && wd != 0 && bound > 0 && std::fabs(g) <= bound) (*ambiguous)[i] = 1;
+      p -= lr * sign(g);
     } else {  // lion
+      decoupled_decay();
       const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
       double& m = (*s[0])[i];
       const double c = beta1 * m + (1.0 - beta1) * g;  // uses the OLD m

@@ -1,27 +1,38 @@
 // Plain double-precision reference ("oracle") for one step of each dense fusedopt optimizer.
-// Written straight from /SPEC.md, independently of the library's kernels. Scalar loops only.
+// Written straight from docs/optimizers.md, independently of the library's kernels. Scalar loops
+// only.
 #pragma once
 #include <cstdint>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fo::ref {
-using OptionMap =
-    std::map<std::string, double>;  // flags as 0/1; a missing key means the SPEC default
-using StateMap = std::map<std::string, std::vector<double>>;  // state buffers by SPEC state name
+using OptionMap = std::map<std::string, double>;  // flags as 0/1; a missing key means the default
+using StateMap =
+    std::map<std::string, std::vector<double>>;  // state buffers by documented state name
 
-/// SPEC default options of an algorithm, every key present (e.g. adamw weight_decay 1e-2).
+/// Option sets a test runs the algorithm with: the first is {} (the defaults); together they
+/// give every option a non-default value, and the richest switches on every state. Throws
+/// std::invalid_argument for an algorithm the reference does not know.
+const std::vector<OptionMap>& test_variants(const std::string& algorithm);
+
+/// The last of test_variants (every state switched on), as (key, value) pairs in key order.
+std::vector<std::pair<std::string, double>> richest_options(const std::string& algorithm);
+
+/// The documented default options of an algorithm, every key present (e.g. adamw weight_decay
+/// 1e-2).
 OptionMap defaults(const std::string& algorithm);
 
-/// The state names the algorithm keeps under these options, in SPEC order
+/// The state names the algorithm keeps under these options, in the documented order
 /// (e.g. sgd with momentum 0 -> {}, rmsprop centered+momentum ->
 /// {"square_avg","momentum_buffer","grad_avg"}, adam with amsgrad ->
 /// {"exp_avg","exp_avg_sq","max_exp_avg_sq"}).
 std::vector<std::string> state_names(const std::string& algorithm, const OptionMap& options);
 
-/// SPEC initial value of a state (rprop step_size: lr; adagrad sum: initial_accumulator_value; else
-/// 0).
+/// The documented initial value of a state (rprop step_size: lr; adagrad sum:
+/// initial_accumulator_value; else 0).
 double state_initial_value(const std::string& algorithm, const OptionMap& options,
                            const std::string& state);
 
@@ -40,8 +51,8 @@ double state_initial_value(const std::string& algorithm, const OptionMap& option
 void step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous = nullptr);
-/// One sparse step (SPEC.md "Sparse updates"): the gradient rows of each distinct index are
-/// summed, then each touched row of the [rows x dim] table takes one step() with the table's
+/// One sparse step (docs/optimizers.md, "Sparse steps"): the gradient rows of each distinct index
+/// are summed, then each touched row of the [rows x dim] table takes one step() with the table's
 /// step count t; untouched rows and their states are not changed. Throws on a bad index.
 /// adagrad with rowwise = 1 (FBGEMM's row-wise AdaGrad; its state "sum" has `rows` values):
 /// sum[r] += mean over the row of g*g, then p -= clr / (sqrt(sum[r]) + eps) * g.

@@ -46,7 +46,7 @@ FO_API const char* fo_last_error(void);
 /* 0 when built without CUDA or no GPU is present. */
 FO_API int fo_cuda_device_count(void);
 
-/* algorithm: a name from SPEC.md's table ("sgd", "adam", ...). */
+/* algorithm: a name from docs/optimizers.md ("sgd", "adam", ...). */
 FO_API fo_status fo_optimizer_create(const char* algorithm, fo_device device, int device_index,
                                      fo_optimizer** out);
 FO_API void fo_optimizer_destroy(fo_optimizer* opt);

@@ -21,7 +21,7 @@ namespace fo {
 /// What a dense algorithm is called and what it has, for enumeration and FFI.
 struct AlgorithmDescription {
   std::string name;
-  std::vector<std::string> options;  // SPEC.md names, in declaration order
+  std::vector<std::string> options;  // docs/optimizers.md names, in declaration order
   std::vector<double> defaults;      // flags as 0/1
   std::vector<bool> is_flag;
   std::vector<std::string> states;  // every state the algorithm may keep
@@ -33,8 +33,8 @@ const std::vector<AlgorithmDescription>& dense_algorithms();
 
 class Optimizer {
  public:
-  /// `algorithm` is a SPEC.md name ("adam", ...). Throws fo::Error if unknown, or if `device`
-  /// is CUDA and this build or machine has no such device.
+  /// `algorithm` is a name from docs/optimizers.md ("adam", ...). Throws fo::Error if unknown, or
+  /// if `device` is CUDA and this build or machine has no such device.
   explicit Optimizer(std::string_view algorithm, Device device = Device::cpu, int device_index = 0);
   ~Optimizer();
   Optimizer(Optimizer&&) noexcept;
@@ -49,7 +49,7 @@ class Optimizer {
   /// Rejected (nothing changes) if any param's options would become invalid, or if a param
   /// that has stepped would gain or lose a state buffer.
   ///
-  /// Besides the algorithm's options (SPEC.md), optimizer-wide step settings:
+  /// Besides the algorithm's options (docs/optimizers.md), optimizer-wide step settings:
   ///   grad_scale (1)        gradients are divided by it: the loss scale of mixed precision
   ///   max_grad_norm (0)     clip the global L2 norm of all (unscaled) gradients to this; 0: off
   ///   skip_nonfinite (0)    if any gradient is inf or nan, skip the whole step: params, states
@@ -117,8 +117,8 @@ class Optimizer {
   std::int64_t numel(std::string_view name) const;
   std::int64_t step_count(std::string_view name) const;
 
-  /// The states this param keeps under its current options, by SPEC.md name (and "master"
-  /// for a param with master weights).
+  /// The states this param keeps under its current options, by the name docs/optimizers.md gives
+  /// (and "master" for a param with master weights).
   std::vector<std::string> state_names(std::string_view name) const;
   /// Values in a state buffer: the param's numel, or its rows (shape[0]) for a row-wise
   /// state (adagrad with rowwise = 1).

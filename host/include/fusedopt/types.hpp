@@ -37,4 +37,9 @@ class Error : public std::runtime_error {
 const char* dtype_name(DType t) noexcept;
 std::size_t dtype_size(DType t) noexcept;
 
+/// CUDA GPUs this process can use: 0 when the library was built without its CUDA backend, or
+/// where no driver or device is present. Never throws.
+///   const fo::Device d = fo::cuda_device_count() > 0 ? fo::Device::cuda : fo::Device::cpu;
+int cuda_device_count() noexcept;
+
 }  // namespace fo

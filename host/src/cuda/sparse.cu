@@ -1,5 +1,5 @@
-// Sparse row steps on the GPU (SPEC.md "Sparse updates"): index validation, and one step of
-// an optimizer's functor over the distinct rows named by nnz indices.
+// Sparse row steps on the GPU (docs/optimizers.md, "Sparse steps"): index validation, and one step
+// of an optimizer's functor over the distinct rows named by nnz indices.
 //
 // The step sorts (index, position) pairs by index with CUB's LSD radix sort (stable: equal
 // indices keep their positions in ascending order), run-length encodes the sorted indices

@@ -90,6 +90,15 @@ void launch_rowwise(const void* op, const detail::SparseStep& s, const SparseRun
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
+// Kernels only for the algorithms that take sparse steps (SparseCapable), null elsewhere.
+template <class A, class T>
+constexpr RowLauncher row_launcher() {
+  if constexpr (SparseCapable<A>::value)
+    return &launch_rows<typename A::Op, T>;
+  else
+    return nullptr;
+}
+
 template <class A, class T>
 constexpr RowLauncher rowwise_launcher() {
   if constexpr (RowwiseCapable<A>::value)
@@ -100,8 +109,7 @@ constexpr RowLauncher rowwise_launcher() {
 
 // [algorithm][index dtype: i32, i64]
 constexpr RowLauncher kRowLaunchers[][2] = {
-#define FO_LAUNCHERS(A) \
-  {&launch_rows<fo::A::Op, std::int32_t>, &launch_rows<fo::A::Op, std::int64_t>},
+#define FO_LAUNCHERS(A) {row_launcher<fo::A, std::int32_t>(), row_launcher<fo::A, std::int64_t>()},
     FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
 #undef FO_LAUNCHERS
 };
@@ -132,11 +140,10 @@ void launch_first_bad_index(const detail::SparseStep& s, unsigned long long* d_f
   if (s.index_dtype == DType::i64)
     FO_LAUNCH(elementwise_grid(s.nnz), kElementBlock, st,
               cuda_kernels::first_bad_index_kernel<std::int64_t>)
-    (static_cast<const std::int64_t*>(s.indices), s.nnz, s.rows, d_first);
-  else
-    FO_LAUNCH(elementwise_grid(s.nnz), kElementBlock, st,
-              cuda_kernels::first_bad_index_kernel<std::int32_t>)
-    (static_cast<const std::int32_t*>(s.indices), s.nnz, s.rows, d_first);
+  (static_cast<const std::int64_t*>(s.indices), s.nnz, s.rows, d_first);
+  else FO_LAUNCH(elementwise_grid(s.nnz), kElementBlock, st,
+                 cuda_kernels::first_bad_index_kernel<std::int32_t>)(
+      static_cast<const std::int32_t*>(s.indices), s.nnz, s.rows, d_first);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 

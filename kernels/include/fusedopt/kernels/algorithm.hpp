@@ -4,15 +4,18 @@
 //
 // An algorithm `A` provides:
 //   static constexpr const char* kName;
-//   struct A::Options { double ... ; bool ...; };         // SPEC.md defaults
-//   static constexpr OptionField<Options> kOptions[];     // every option, by SPEC name
-//   static constexpr const char* kStates[];               // SPEC state names, functor order
+//   struct A::Options { double ... ; bool ...; };         // documented defaults
+//   static constexpr OptionField<Options> kOptions[];     // every option, by its documented name
+//   static constexpr const char* kStates[];               // state names, functor order;
+//                                                         // a stateless algorithm omits it
 //   static bool has_state(const Options&, int k);         // is state k allocated?
 //   static double state_init(const Options&, int k);      // its initial value
-//   static void validate(const Options&, Validator&);     // SPEC's constraints
+//   static void validate(const Options&, Validator&);     // its documented constraints
 //   using Op = ...;  static Op make_op(const Options&, std::int64_t step);
 // Optionally:
 //   static constexpr bool kSparse = true;                 // takes sparse row steps
+//   static const char* sparse_refusal(const Options&);    // why a sparse step refuses
+//                                                         // these options ("" if it does not)
 //   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
 //   static bool rowwise(const Options&);                  // states per row, not per element
 #pragma once
@@ -22,6 +25,7 @@
 #include <cstdio>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "fusedopt/kernels/config.hpp"
 
@@ -86,11 +90,37 @@ class Validator {
   std::string message_;
 };
 
+/// A's state names (A::kStates, in the functor's order) and their number; an algorithm that
+/// keeps no state declares no kStates (C++ has no zero-length arrays).
+template <class A, class = void>
+struct StateList {
+  static constexpr int count = 0;
+  static constexpr const char* name(int) { return ""; }
+};
+template <class A>
+struct StateList<A, std::void_t<decltype(A::kStates)>> {
+  static constexpr int count = static_cast<int>(std::extent_v<decltype(A::kStates)>);
+  static_assert(count <= kMaxStates, "more states than the kernels carry (kMaxStates)");
+  static constexpr const char* name(int k) { return A::kStates[k]; }
+};
+
 /// Whether algorithm A takes sparse row steps (its descriptor sets kSparse = true).
 template <class A, class = void>
 struct SparseCapable : std::false_type {};
 template <class A>
 struct SparseCapable<A, std::void_t<decltype(A::kSparse)>> : std::bool_constant<A::kSparse> {};
+
+/// Why a sparse step of algorithm A refuses options `o`, or "" (A declares sparse_refusal
+/// where some options do not apply to sparse gradients).
+template <class A, class = void>
+struct SparseRefusal {
+  static const char* of(const typename A::Options&) { return ""; }
+};
+template <class A>
+struct SparseRefusal<
+    A, std::void_t<decltype(A::sparse_refusal(std::declval<typename A::Options>()))>> {
+  static const char* of(const typename A::Options& o) { return A::sparse_refusal(o); }
+};
 
 /// Whether algorithm A has a row-wise form (its descriptor declares RowOp, make_row_op and
 /// rowwise): under options with rowwise(o), each state holds one value per table row, and a

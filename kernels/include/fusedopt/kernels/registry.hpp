@@ -6,12 +6,14 @@
 #include "fusedopt/kernels/ops/adadelta.hpp"
 #include "fusedopt/kernels/ops/adagrad.hpp"
 #include "fusedopt/kernels/ops/adam.hpp"
+#include "fusedopt/kernels/ops/adamax.hpp"
 #include "fusedopt/kernels/ops/adamw.hpp"
 #include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
 #include "fusedopt/kernels/ops/rmsprop.hpp"
 #include "fusedopt/kernels/ops/rprop.hpp"
 #include "fusedopt/kernels/ops/sgd.hpp"
+#include "fusedopt/kernels/ops/signsgd.hpp"
 
 // X(Algorithm): the algorithm type of each dense optimizer, in a fixed order.
 #define FO_FOR_EACH_DENSE_ALGORITHM(X) \
@@ -23,4 +25,6 @@
   X(AdamW)                             \
   X(Rprop)                             \
   X(Lion)                              \
-  X(LazyAdam)
+  X(LazyAdam)                          \
+  X(Adamax)                            \
+  X(SignSgd)

@@ -1,4 +1,4 @@
-// AdaDelta (SPEC.md `adadelta`).
+// AdaDelta (docs/optimizers.md `adadelta`).
 //
 // Precision: fp32 throughout.
 // Traffic per element: p, g, square_avg, acc_delta read; p, square_avg, acc_delta written.

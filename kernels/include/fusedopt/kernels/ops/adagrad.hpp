@@ -1,4 +1,4 @@
-// AdaGrad (SPEC.md `adagrad`), and its row-wise form for embedding tables.
+// AdaGrad (docs/optimizers.md `adagrad`), and its row-wise form for embedding tables.
 //
 // Precision: fp32; the decayed rate lr / (1 + (t-1)*lr_decay) is computed in double per step.
 // Traffic per element: p, g, sum read; p, sum written.
@@ -78,6 +78,12 @@ struct Adagrad {
     v.at_least("weight_decay", o.weight_decay, 0.0);
     v.at_least("initial_accumulator_value", o.initial_accumulator_value, 0.0);
     v.at_least("eps", o.eps, 0.0);
+  }
+  /// Options a sparse step refuses, as torch.optim.Adagrad does: "" when none.
+  static const char* sparse_refusal(const Options& o) {
+    return o.weight_decay != 0.0
+               ? "adagrad's weight_decay does not apply to sparse gradients (as in PyTorch)"
+               : "";
   }
   /// Row-wise: every state holds one value per row, and sparse steps use RowOp.
   static bool rowwise(const Options& o) { return o.rowwise; }

@@ -1,4 +1,4 @@
-// Adam (SPEC.md `adam`) and the functor AdamW shares with it.
+// Adam (docs/optimizers.md `adam`) and the functor AdamW shares with it.
 //
 // Precision: storage is converted to fp32 by the kernel; every operation here is fp32. The
 // step-dependent scalars (lr / bc1, 1 / sqrt(bc2)) are computed once per step in double.

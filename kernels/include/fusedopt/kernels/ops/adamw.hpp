@@ -1,4 +1,5 @@
-// AdamW (SPEC.md `adamw`): Adam's functor with decoupled weight decay, p *= 1 - lr*wd first.
+// AdamW (docs/optimizers.md `adamw`): Adam's functor with decoupled weight decay, p *= 1 - lr*wd
+// first.
 #pragma once
 
 #include "fusedopt/kernels/ops/adam.hpp"

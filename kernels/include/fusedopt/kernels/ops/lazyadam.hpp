@@ -1,4 +1,4 @@
-// LazyAdam (SPEC.md `lazyadam`): Adam for embedding tables, stepped on the rows a sparse
+// LazyAdam (docs/optimizers.md `lazyadam`): Adam for embedding tables, stepped on the rows a sparse
 // gradient touches and nowhere else. As in PyTorch's SparseAdam and TF's LazyAdam, eps is
 // added to the uncorrected sqrt(v) and the bias corrections fold into the step size. No
 // weight decay. Its dense step is the sparse step with every row present once.

@@ -1,4 +1,5 @@
-// Lion (SPEC.md `lion`; Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+// Lion (docs/optimizers.md `lion`; Chen et al. 2023, "Symbolic Discovery of Optimization
+// Algorithms").
 //
 // Precision: fp32 throughout; sign(0) = 0.
 // Traffic per element: p, g, exp_avg read; p, exp_avg written.

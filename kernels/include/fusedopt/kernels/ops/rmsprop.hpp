@@ -1,4 +1,4 @@
-// RMSProp, plain, centered and with momentum (SPEC.md `rmsprop`).
+// RMSProp, plain, centered and with momentum (docs/optimizers.md `rmsprop`).
 //
 // Precision: fp32 throughout; the centered variance sq - ga^2 is one fused multiply-add.
 // Traffic per element: p, g, square_avg read; p, square_avg written; + momentum_buffer and

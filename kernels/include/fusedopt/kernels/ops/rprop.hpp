@@ -1,8 +1,8 @@
-// Rprop (SPEC.md `rprop`).
+// Rprop (docs/optimizers.md `rprop`).
 //
-// One deliberate difference from SPEC.md's prose, for PyTorch compatibility: like
-// torch.optim.Rprop, the step size is clamped to [step_size_min, step_size_max] on every
-// step, also where sign(g*prev) == 0. The two agree whenever lr lies within the bounds.
+// As in torch.optim.Rprop, the step size is clamped to [step_size_min, step_size_max] on
+// every step, also where sign(g*prev) == 0 (a literal reading of "clamp when it changes"
+// differs only when lr lies outside the bounds).
 // Precision: fp32 throughout.
 // Traffic per element: p, g, prev, step_size read; p, prev, step_size written.
 #pragma once

@@ -1,4 +1,4 @@
-// SGD with momentum, dampening and Nesterov (SPEC.md `sgd`).
+// SGD with momentum, dampening and Nesterov (docs/optimizers.md `sgd`).
 //
 // Precision: fp32 throughout; lr and momentum constants are rounded once from double.
 // Traffic per element: p, g read, p written; + momentum_buffer read and written if momentum != 0.
