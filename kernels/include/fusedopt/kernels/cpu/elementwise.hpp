@@ -23,8 +23,12 @@ struct DensePtrs {
 };
 
 template <class Io, class Op>
-inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t begin,
+inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
                               std::int64_t end) {
+  // A local copy: the loop's float stores cannot alias it, so its fields stay in registers
+  // and its branches are loop-invariant (through the reference, every store could change
+  // them, and each iteration reloaded and retested them).
+  const Op op = op_in;
   using V = typename Io::V;
   constexpr std::int64_t W = sizeof(V) / sizeof(float);
   float* const p = t.param;
