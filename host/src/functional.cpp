@@ -104,9 +104,9 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
     s.state_dtype = t.state_dtype;
     s.stochastic = controls.stochastic_rounding;
     s.seed = controls.seed;
-    s.grad_scale = controls.grad_multiplier;
+    s.grad_multiplier = controls.grad_multiplier;
     s.d_lr = controls.d_lr;
-    s.d_grad_scale = controls.d_grad_multiplier;
+    s.d_grad_multiplier = controls.d_grad_multiplier;
     s.d_found_inf = controls.d_found_inf;
     cuda::multi_tensor_step(index, &options, &entry, 1, s, exec.stream);
     return;

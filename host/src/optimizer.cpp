@@ -562,10 +562,10 @@ void Optimizer::Impl::step_cuda(const std::vector<std::size_t>& stepping, const 
     s.state_dtype = settings.state_dtype;
     s.stochastic = settings.stochastic_rounding;
     s.seed = static_cast<std::uint64_t>(settings.seed);
-    s.grad_scale = mult;
+    s.grad_multiplier = mult;
     s.d_lr = d_lr;
     s.d_steps = static_cast<std::int64_t*>(d_steps->data());
-    s.d_grad_scale = d_grad_multiplier;
+    s.d_grad_multiplier = d_grad_multiplier;
     s.d_clip = clip ? scalars + 1 : nullptr;
     s.d_found_inf = found_inf;
     info->cuda_list_step(key.first, list.data(), list.size(), s, stream);

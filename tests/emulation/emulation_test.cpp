@@ -213,10 +213,10 @@ const std::vector<std::size_t> kSizes = {0, 1, 3, 4, 5, 7, 8, 9, 31, 33, 8191, 8
 
 /// Which of a step's scalars live in (emulated) device memory.
 struct DeviceScalars {
-  bool counted_on_device = false;  // step counts in d_steps (capturable steps)
-  float lr_factor = 0.0f;          // d_lr, where non-zero
-  float device_grad_scale = 0.0f;  // d_grad_scale, where non-zero
-  bool pass_found_inf = false;     // d_found_inf, holding found_inf
+  bool counted_on_device = false;       // step counts in d_steps (capturable steps)
+  float lr_factor = 0.0f;               // d_lr, where non-zero
+  float device_grad_multiplier = 0.0f;  // d_grad_multiplier, where non-zero
+  bool pass_found_inf = false;          // d_found_inf, holding found_inf
   float found_inf = 0.0f;
 };
 
@@ -234,11 +234,11 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     emu.emplace_back(f32, n, copy, init);
     cpu.emplace_back(f32, n, rng, init);
   }
-  const float grad_scale = 0.75f;
+  const float grad_multiplier = 0.75f;
   std::vector<std::int64_t> d_steps(sizes.size() + 3, 0);
   for (std::size_t i = 0; i < d_steps.size(); ++i) d_steps[i] = static_cast<std::int64_t>(i % 3);
   const std::vector<std::int64_t> steps_before = d_steps;
-  const float lr_factor = d.lr_factor, dgs = d.device_grad_scale, found = d.found_inf;
+  const float lr_factor = d.lr_factor, dgs = d.device_grad_multiplier, found = d.found_inf;
   const std::string what = describe<A>(o);
 
   for (int round = 0; round < 2; ++round) {
@@ -247,10 +247,10 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
       entries.push_back(
           entry_of<A>(o, emu[i], d.counted_on_device ? 0 : round + 1, static_cast<int>(i) + 2));
     cuda::ListSettings s;
-    s.grad_scale = grad_scale;
+    s.grad_multiplier = grad_multiplier;
     if (d.counted_on_device) s.d_steps = d_steps.data();
     if (lr_factor != 0.0f) s.d_lr = &lr_factor;
-    if (dgs != 0.0f) s.d_grad_scale = &dgs;
+    if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
     if (d.pass_found_inf) s.d_found_inf = &found;
     cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
                             nullptr);
@@ -267,7 +267,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
         t.states[k] = cpu[i].states[static_cast<std::size_t>(k)].data();
       t.numel = static_cast<std::int64_t>(sizes[i]);
       StepControls c;
-      c.grad_multiplier = dgs != 0.0f ? grad_scale * dgs : grad_scale;
+      c.grad_multiplier = dgs != 0.0f ? grad_multiplier * dgs : grad_multiplier;
       fused_step<A>(oc, step, t, Exec{}, c);
     }
   }
@@ -299,7 +299,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// 4i + 1 + k for state k).
 template <class A>
 void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
-                    std::uint64_t seed, int key, float grad_scale) {
+                    std::uint64_t seed, int key, float grad_multiplier) {
   const typename A::Op op = A::make_op(o, step);
   const std::uint64_t key_seed =
       seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
@@ -315,7 +315,7 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
     float s[kMaxStates];
     for (int k = 0; k < kMaxStates; ++k)
       s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
-    op(p, t.grad.get(i) * grad_scale, s);
+    op(p, t.grad.get(i) * grad_multiplier, s);
     if (st.master) t.master.set(i, p);
     store(t.param, i, p, 4 * i);
     for (int k = 0; k < kMaxStates; ++k)
@@ -345,7 +345,7 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
   const typename A::Options o = variants.back();  // the most options on
   const std::vector<float> init = state_inits<A>(o);
   const std::vector<std::size_t> sizes = {1, 3, 4, 5, 9, 8197};
-  const float grad_scale = 0.5f;
+  const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
   for (const Storage& st : storages()) {
     std::vector<Tensor> emu, ref;
@@ -364,11 +364,11 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
       s.state_dtype = st.state;
       s.stochastic = st.stochastic;
       s.seed = seed;
-      s.grad_scale = grad_scale;
+      s.grad_multiplier = grad_multiplier;
       cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
                               nullptr);
       for (std::size_t i = 0; i < ref.size(); ++i)
-        reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_scale);
+        reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_multiplier);
     }
     const std::string what = describe<A>(o) + ", " + st.name();
     for (std::size_t i = 0; i < sizes.size(); ++i) {
@@ -528,7 +528,7 @@ AlgorithmCase make_case() {
     d.counted_on_device = true;
     expect_f32_matches_cpu<A>(o, sizes, d, rng);  // capturable: steps on the device
     d.lr_factor = 0.375f;
-    d.device_grad_scale = 0.5f;
+    d.device_grad_multiplier = 0.5f;
     d.pass_found_inf = true;
     expect_f32_matches_cpu<A>(o, sizes, d, rng);  // and a schedule's lr, a loss scale
     d.found_inf = 1.0f;

@@ -136,11 +136,11 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   cfg.state_storage = storage_code(s.state_dtype);
   cfg.stochastic = s.stochastic;
   cfg.seed = s.seed;
-  cfg.grad_scale = s.grad_scale;
+  cfg.grad_multiplier = s.grad_multiplier;
   cfg.device_scalars = s.d_lr != nullptr || s.d_steps != nullptr;
   cfg.d_lr = s.d_lr;
   cfg.d_steps = s.d_steps;
-  cfg.d_grad_scale = s.d_grad_scale;
+  cfg.d_grad_multiplier = s.d_grad_multiplier;
   cfg.d_clip = s.d_clip;
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
@@ -171,7 +171,7 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
 
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   StepConfig cfg{};
-  cfg.grad_scale = 1.0f;
+  cfg.grad_multiplier = 1.0f;
   cfg.chunk = kChunk;
   const TrafficProbe::Options options{};
   launch_list(&launch_step<TrafficProbe, cuda_kernels::kF32>, &options, 1, entries, n, cfg, nullptr,
@@ -184,14 +184,14 @@ std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n) {
   return 4 * std::max<std::int64_t>(blocks, 1);  // two doubles per block, in floats
 }
 
-void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_scale,
-               const float* d_grad_scale, float max_norm, bool check_finite, float* d_workspace,
-               float* d_norm, float* d_clip, float* d_found_inf, void* stream) {
+void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_multiplier,
+               const float* d_grad_multiplier, float max_norm, bool check_finite,
+               float* d_workspace, float* d_norm, float* d_clip, float* d_found_inf, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   std::int64_t offset = 0;
   for (const auto& g : plan(entries, n)) {
     FO_LAUNCH(static_cast<unsigned>(g.blocks), kBlock, st, cuda_kernels::grad_sumsq_kernel)
-    (make_list(entries, g), storage_code(grad_dtype), grad_scale, d_grad_scale, kChunk,
+    (make_list(entries, g), storage_code(grad_dtype), grad_multiplier, d_grad_multiplier, kChunk,
      reinterpret_cast<double*>(d_workspace), offset);
     FO_CUDA_CHECK(cudaGetLastError());
     offset += g.blocks;

@@ -33,12 +33,12 @@ struct ListSettings {
   DType state_dtype = DType::f32;
   bool stochastic = false;
   std::uint64_t seed = 0;
-  float grad_scale = 1.0f;              // gradients are multiplied by this
-  const float* d_lr = nullptr;          // lr in device memory (capturable), or null
-  std::int64_t* d_steps = nullptr;      // device step counts by key (read, then incremented)
-  const float* d_grad_scale = nullptr;  // device multiplier of the gradients, or null
-  const float* d_clip = nullptr;        // clipping coefficient, or null
-  const float* d_found_inf = nullptr;   // skip the step where non-zero, or null
+  float grad_multiplier = 1.0f;              // gradients are multiplied by this
+  const float* d_lr = nullptr;               // lr in device memory (capturable), or null
+  std::int64_t* d_steps = nullptr;           // device step counts by key (read, then incremented)
+  const float* d_grad_multiplier = nullptr;  // device multiplier of the gradients, or null
+  const float* d_clip = nullptr;             // clipping coefficient, or null
+  const float* d_found_inf = nullptr;        // skip the step where non-zero, or null
 };
 
 // The launchers (cuda_backend.cu): also compiled for the host emulation of the kernels.
@@ -58,13 +58,13 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream);
 /// Floats of workspace grad_norm needs for these tensors.
 std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n);
 
-/// The global L2 norm of all gradients times grad_scale (and *d_grad_scale), deterministic
-/// (squares summed in double, in a fixed order): writes *d_norm, the clipping coefficient
-/// *d_clip (1 when max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any
+/// The global L2 norm of all gradients times grad_multiplier (and *d_grad_multiplier),
+/// deterministic (squares summed in double, in a fixed order): writes *d_norm, the clipping
+/// coefficient *d_clip (1 when max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any
 /// gradient is inf/nan. With no elements at all (n = 0 included) the norm is 0.
-void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_scale,
-               const float* d_grad_scale, float max_norm, bool check_finite, float* d_workspace,
-               float* d_norm, float* d_clip, float* d_found_inf, void* stream);
+void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_multiplier,
+               const float* d_grad_multiplier, float max_norm, bool check_finite,
+               float* d_workspace, float* d_norm, float* d_clip, float* d_found_inf, void* stream);
 
 /// Fills n elements of `storage` (f32, bf16, f16) with `value` rounded to nearest.
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream);

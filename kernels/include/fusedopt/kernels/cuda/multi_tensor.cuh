@@ -45,14 +45,14 @@ struct StepConfig {
   int state_storage;  // kF32 or kBF16
   bool stochastic;    // stochastic rounding of low-precision writes
   std::uint64_t seed;
-  float grad_scale;             // host multiplier of every gradient (1/loss scale)
-  bool device_scalars;          // build the functor on the device (d_lr or d_steps is set)
-  const float* d_lr;            // capturable: lr in device memory, or null
-  const std::int64_t* d_steps;  // capturable: steps taken, per key, or null
-  const float* d_grad_scale;    // device multiplier of every gradient, or null
-  const float* d_clip;          // clipping coefficient from the norm pass, or null
-  const float* d_found_inf;     // non-zero: skip the whole step; or null
-  std::int64_t chunk;           // elements per block
+  float grad_multiplier;           // host multiplier of every gradient (1/loss scale)
+  bool device_scalars;             // build the functor on the device (d_lr or d_steps is set)
+  const float* d_lr;               // capturable: lr in device memory, or null
+  const std::int64_t* d_steps;     // capturable: steps taken, per key, or null
+  const float* d_grad_multiplier;  // device multiplier of every gradient, or null
+  const float* d_clip;             // clipping coefficient from the norm pass, or null
+  const float* d_found_inf;        // non-zero: skip the whole step; or null
+  std::int64_t chunk;              // elements per block
 };
 
 // ----------------------------------------------------------------------- loads and stores
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kBlock)
       if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);  // a schedule's factor
       *reinterpret_cast<Op*>(s_op) = A::make_op(o, step_taken);
     }
-    float gs = cfg.grad_scale;  // the multiplier of every gradient
-    if (cfg.d_grad_scale) gs *= *cfg.d_grad_scale;
+    float gs = cfg.grad_multiplier;  // the multiplier of every gradient
+    if (cfg.d_grad_multiplier) gs *= *cfg.d_grad_multiplier;
     if (cfg.d_clip) gs *= *cfg.d_clip;
     s_step = step_taken;
     s_gscale = gs;
@@ -251,14 +251,14 @@ __global__ void __launch_bounds__(kBlock)
 /// order: each thread a fixed stride, then a fixed tree. partial[2 * (offset + b)] = sum,
 /// partial[2 * (offset + b) + 1] = 1 if the block saw a non-finite value.
 __global__ void __launch_bounds__(kBlock)
-    grad_sumsq_kernel(const TensorList list, int grad_storage, float grad_scale,
-                      const float* d_grad_scale, std::int64_t chunk, double* partial,
+    grad_sumsq_kernel(const TensorList list, int grad_storage, float grad_multiplier,
+                      const float* d_grad_multiplier, std::int64_t chunk, double* partial,
                       std::int64_t offset) {
   const int t = find_tensor(list, blockIdx.x);
   const std::int64_t begin = (blockIdx.x - list.block_start[t]) * chunk;
   const std::int64_t end = begin + chunk < list.numel[t] ? begin + chunk : list.numel[t];
-  float scale = grad_scale;
-  if (d_grad_scale) scale *= *d_grad_scale;
+  float scale = grad_multiplier;
+  if (d_grad_multiplier) scale *= *d_grad_multiplier;
   double sum = 0.0;
   bool bad = false;
   for (std::int64_t i = begin + threadIdx.x; i < end; i += kBlock) {

@@ -39,8 +39,8 @@ struct AdamOp {
   FO_HOST_DEVICE static AdamOp make(double lr, double beta1, double beta2, double eps, double wd,
                                     bool amsgrad, bool maximize, bool decoupled,
                                     std::int64_t step) {
-    const double bc1 = 1.0 - pow(beta1, static_cast<double>(step));
-    const double bc2 = 1.0 - pow(beta2, static_cast<double>(step));
+    const double bc1 = 1.0 - power(beta1, step);
+    const double bc2 = 1.0 - power(beta2, step);
     AdamOp op{};
     op.beta1 = to_f32(beta1);
     op.one_minus_beta1 = to_f32(1.0 - beta1);

@@ -65,7 +65,7 @@ struct Adamax {
     op.beta2 = to_f32(o.beta2);
     op.eps = to_f32(o.eps);
     op.weight_decay = to_f32(o.weight_decay);
-    op.step_size = to_f32(o.lr / (1.0 - pow(o.beta1, static_cast<double>(step))));
+    op.step_size = to_f32(o.lr / (1.0 - power(o.beta1, step)));
     op.maximize = o.maximize;
     return op;
   }

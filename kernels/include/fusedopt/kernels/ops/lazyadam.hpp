@@ -50,8 +50,8 @@ struct LazyAdam {
     validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
   }
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
-    const double bc1 = 1.0 - pow(o.beta1, static_cast<double>(step));
-    const double bc2 = 1.0 - pow(o.beta2, static_cast<double>(step));
+    const double bc1 = 1.0 - power(o.beta1, step);
+    const double bc2 = 1.0 - power(o.beta2, step);
     LazyAdamOp op{};
     op.beta1 = to_f32(o.beta1);
     op.one_minus_beta1 = to_f32(1.0 - o.beta1);
