@@ -279,8 +279,8 @@ void set_options(Optimizer& opt, const std::vector<std::pair<std::string, double
 // kernel (vector and scalar paths, chunked blocks, multi-tensor launches) runs the same fp32
 // operations as the CPU in the same order per element, and neither side contracts a*b+c into
 // an FMA behind the code's back, so every bit must agree. (The per-step scalars, such as
-// Adam's 1 - beta^t, are computed in double on the device there and on the host here; pow
-// differing in its last double bit would only matter if it crossed a float rounding boundary.)
+// Adam's 1 - beta^t, are computed in double on the device there and on the host here, by
+// fo::power's plain multiplications: the same bits on both.)
 TEST(Cuda, GpuEqualsCpuBitwise) {
   if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
   auto rng = make_rng();
