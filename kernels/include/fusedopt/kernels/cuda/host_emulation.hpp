@@ -191,6 +191,11 @@ T shuffle(unsigned mask, T value, Source source) {
   return out;
 }
 
+inline std::mutex& launch_mutex() {
+  static std::mutex m;
+  return m;
+}
+
 /// Runs `kernel` over `grid` blocks of `block` threads with `args` as its parameters, as a
 /// kernel launch would (launch errors go to cudaGetLastError). Blocks run one at a time, in
 /// order of their linear index; the threads of one block run concurrently.
@@ -205,8 +210,8 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
     tl_last_error = cudaErrorInvalidConfiguration;
     return;
   }
-  static std::mutex one_launch_at_a_time;  // shared memory is function-local static storage
-  const std::lock_guard<std::mutex> lock(one_launch_at_a_time);
+  // One launch at a time in the whole process: shared memory is function-local static storage.
+  const std::lock_guard<std::mutex> lock(launch_mutex());
 
   // The parameters are copied once, as into the kernel's parameter space.
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
