@@ -218,6 +218,7 @@ struct DeviceScalars {
   float device_grad_multiplier = 0.0f;  // d_grad_multiplier, where non-zero
   bool pass_found_inf = false;          // d_found_inf, holding found_inf
   float found_inf = 0.0f;
+  bool mixed_host_steps = false;  // host steps that differ across the list (i % 3 apart)
 };
 
 /// Two steps of A over `sizes` (each tensor's buffers misaligned at random) through the
@@ -241,11 +242,14 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
   const float lr_factor = d.lr_factor, dgs = d.device_grad_multiplier, found = d.found_inf;
   const std::string what = describe<A>(o);
 
+  const auto host_step = [&](std::size_t i, int round) -> std::int64_t {
+    return round + 1 + (d.mixed_host_steps ? static_cast<std::int64_t>(i % 3) : 0);
+  };
   for (int round = 0; round < 2; ++round) {
     std::vector<cuda::ListEntry> entries;
     for (std::size_t i = 0; i < emu.size(); ++i)
-      entries.push_back(
-          entry_of<A>(o, emu[i], d.counted_on_device ? 0 : round + 1, static_cast<int>(i) + 2));
+      entries.push_back(entry_of<A>(o, emu[i], d.counted_on_device ? 0 : host_step(i, round),
+                                    static_cast<int>(i) + 2));
     cuda::ListSettings s;
     s.grad_multiplier = grad_multiplier;
     if (d.counted_on_device) s.d_steps = d_steps.data();
@@ -259,7 +263,8 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     for (std::size_t i = 0; i < cpu.size(); ++i) {
       typename A::Options oc = o;
       if (lr_factor != 0.0f) oc.lr *= static_cast<double>(lr_factor);
-      const std::int64_t step = d.counted_on_device ? steps_before[i + 2] + round + 1 : round + 1;
+      const std::int64_t step =
+          d.counted_on_device ? steps_before[i + 2] + round + 1 : host_step(i, round);
       DenseTensors t;
       t.param = cpu[i].param.data();
       t.grad = cpu[i].grad.data();
@@ -536,6 +541,10 @@ AlgorithmCase make_case() {
     DeviceScalars lr_only;
     lr_only.lr_factor = 0.25f;
     expect_f32_matches_cpu<A>(o, sizes, lr_only, rng);  // host steps, device lr
+    DeviceScalars mixed;
+    mixed.mixed_host_steps = true;
+    expect_f32_matches_cpu<A>(o, sizes, mixed, rng);  // host steps that differ: one
+                                                      // functor per step
   };
   c.storages = [](std::mt19937_64& rng) { expect_storages_match_reference<A>(rng); };
   c.many_tensors = [](std::mt19937_64& rng) {
@@ -715,6 +724,32 @@ TEST(EmulatedHelpers, IndexValidationFindsTheFirstBadIndex) {
     cuda::launch_first_bad_index(s, &first, nullptr);
     const std::int64_t want = cpu::sparse_first_bad_index(s);
     EXPECT_EQ(first == ~0ull ? -1 : static_cast<std::int64_t>(first), want) << "trial " << trial;
+  }
+}
+
+TEST(EmulatedHelpers, IotaCountsPastTheGridsStride) {
+  std::vector<cuda::SparsePos> out(70001);
+  std::fill(out.begin(), out.end(), -1);
+  cuda::launch_iota(out.data(), static_cast<std::int64_t>(out.size()), nullptr);
+  for (std::size_t i = 0; i < out.size(); ++i) ASSERT_EQ(out[i], static_cast<int>(i));
+}
+
+TEST(EmulatedHelpers, TrafficProbeTouchesExactlyItsStreams) {
+  // The probe's functor (kernels/probe.hpp): p += g and each present state += g, through
+  // the step kernel and its launcher; absent states are never touched.
+  auto rng = make_rng();
+  for (std::size_t n : {std::size_t{5}, std::size_t{8193}}) {
+    const std::vector<float> g = random_floats(rng, n), p0 = random_floats(rng, n);
+    std::vector<float> p = p0, s0 = p0, s2 = p0;
+    cuda::ListEntry e{
+        p.data(), g.data(), nullptr, {s0.data(), nullptr, s2.data()}, static_cast<std::int64_t>(n),
+        1,        0};
+    cuda::traffic_probe(&e, 1, nullptr);
+    for (std::size_t i = 0; i < n; ++i) {
+      ASSERT_EQ(p[i], p0[i] + g[i]);
+      ASSERT_EQ(s0[i], p0[i] + g[i]);
+      ASSERT_EQ(s2[i], p0[i] + g[i]);
+    }
   }
 }
 

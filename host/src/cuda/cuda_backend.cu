@@ -145,10 +145,16 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
   const StepLauncher launch = kStepLaunchers[algorithm_index][storage_code(s.param_dtype)];
-  if (cfg.device_scalars) {
-    launch_list(launch, options, 0, entries, n, cfg, s.d_steps, st);
+  const bool one_step = n == 0 || std::all_of(entries, entries + n, [&](const ListEntry& e) {
+                          return e.step == entries[0].step;
+                        });
+  if (cfg.device_scalars || one_step) {
+    // Device scalars, or every tensor at the same host step (the usual case): one list, no
+    // copies.
+    launch_list(launch, options, n ? entries[0].step : 0, entries, n, cfg, s.d_steps, st);
   } else {
-    // Host-counted steps: one functor per distinct step, built here (usually one).
+    // Host-counted steps that differ (params added or skipped at other times): one functor
+    // per distinct step, built here.
     std::map<std::int64_t, std::vector<ListEntry>> by_step;
     for (std::size_t i = 0; i < n; ++i) by_step[entries[i].step].push_back(entries[i]);
     for (const auto& [step, list] : by_step)
