@@ -9,7 +9,7 @@
 
 namespace fo::detail {
 
-StateBuffer::StateBuffer(Device device, int device_index, std::size_t bytes)
+Buffer::Buffer(Device device, int device_index, std::size_t bytes)
     : bytes_(bytes), device_(device), device_index_(device_index) {
   if (bytes == 0) return;
   if (device == Device::cuda) {
@@ -23,15 +23,15 @@ StateBuffer::StateBuffer(Device device, int device_index, std::size_t bytes)
                 "cannot allocate " + std::to_string(rounded) + " bytes of optimizer state");
 }
 
-StateBuffer::~StateBuffer() { release(); }
+Buffer::~Buffer() { release(); }
 
-StateBuffer::StateBuffer(StateBuffer&& o) noexcept
+Buffer::Buffer(Buffer&& o) noexcept
     : data_(std::exchange(o.data_, nullptr)),
       bytes_(std::exchange(o.bytes_, 0)),
       device_(o.device_),
       device_index_(o.device_index_) {}
 
-StateBuffer& StateBuffer::operator=(StateBuffer&& o) noexcept {
+Buffer& Buffer::operator=(Buffer&& o) noexcept {
   if (this != &o) {
     release();
     data_ = std::exchange(o.data_, nullptr);
@@ -42,7 +42,7 @@ StateBuffer& StateBuffer::operator=(StateBuffer&& o) noexcept {
   return *this;
 }
 
-void StateBuffer::release() noexcept {
+void Buffer::release() noexcept {
   if (!data_) return;
   if (device_ == Device::cuda)
     cuda::deallocate(data_, device_index_);

@@ -1,5 +1,6 @@
-// StateBuffer: the RAII owner of one state tensor, in host memory (64-byte aligned) or in a
-// GPU's memory. Constructed with its size in bytes; move-only; frees itself.
+// Buffer: the RAII owner of one block of memory (a state tensor, step counters, a workspace),
+// in host memory (64-byte aligned) or in a GPU's memory. Constructed with its size in bytes;
+// move-only; frees itself.
 #pragma once
 
 #include <cstdint>
@@ -9,15 +10,15 @@
 
 namespace fo::detail {
 
-class StateBuffer {
+class Buffer {
  public:
   /// Allocates `bytes` on `device`; throws fo::Error (out_of_memory) on failure.
-  StateBuffer(Device device, int device_index, std::size_t bytes);
-  ~StateBuffer();
-  StateBuffer(StateBuffer&& o) noexcept;
-  StateBuffer& operator=(StateBuffer&& o) noexcept;
-  StateBuffer(const StateBuffer&) = delete;
-  StateBuffer& operator=(const StateBuffer&) = delete;
+  Buffer(Device device, int device_index, std::size_t bytes);
+  ~Buffer();
+  Buffer(Buffer&& o) noexcept;
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
 
   void* data() const noexcept { return data_; }
   float* f32() const noexcept { return static_cast<float*>(data_); }

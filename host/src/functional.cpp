@@ -1,32 +1,19 @@
-// fused_step: validation, then dispatch of one algorithm's functor to a backend; and the
-// type-erased registry built from the same list.
+// fused_step: validation, then one algorithm's step on a backend, typed all the way down.
 #include "fusedopt/functional.hpp"
 
 #include <cmath>
 #include <cstdint>
 #include <string>
 
-#include "algorithm_index.hpp"
-#include "algorithms.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "typed_options.hpp"
 
 namespace fo {
 namespace {
 
 [[noreturn]] void invalid(const std::string& msg) {
   throw Error(StatusCode::invalid_argument, msg);
-}
-
-template <class A>
-std::string options_error(const typename A::Options& o) {
-  for (const auto& f : A::kOptions)
-    if (f.real && !std::isfinite(o.*f.real))
-      return std::string(A::kName) + ": option " + f.name + " must be finite, got " +
-             Validator::fmt(o.*f.real);
-  Validator v;
-  A::validate(o, v);
-  return v.ok() ? std::string() : std::string(A::kName) + ": " + v.message();
 }
 
 bool misaligned(const void* p, std::size_t align) {
@@ -81,7 +68,7 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
 template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
                 const Exec& exec, const StepControls& controls) {
-  if (const std::string err = options_error<A>(options); !err.empty()) invalid(err);
+  if (const std::string err = detail::options_error<A>(options); !err.empty()) invalid(err);
   if (step < 1) invalid(std::string(A::kName) + ": step must be >= 1, got " + std::to_string(step));
   if constexpr (RowwiseCapable<A>::value)
     if (A::rowwise(options))
@@ -94,7 +81,6 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(options, k)) states[k] = t.states[k];
-  constexpr int index = detail::IndexOf<A>::value;
   if (exec.device == Device::cuda) {
     const cuda::ListEntry entry{t.param, t.grad, t.master,    {states[0], states[1], states[2]},
                                 t.numel, step,   controls.key};
@@ -108,7 +94,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
     s.d_lr = controls.d_lr;
     s.d_grad_multiplier = controls.d_grad_multiplier;
     s.d_found_inf = controls.d_found_inf;
-    cuda::multi_tensor_step(index, &options, &entry, 1, s, exec.stream);
+    cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1), s, exec.stream);
     return;
   }
   cpu::DensePtrs ptrs{static_cast<float*>(t.param),
@@ -116,8 +102,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                       {static_cast<float*>(states[0]), static_cast<float*>(states[1]),
                        static_cast<float*>(states[2])},
                       controls.grad_multiplier};
-  const typename A::Op op = A::make_op(options, step);
-  cpu::parallel_for(cpu::active_table().step[index], &op, ptrs, t.numel);
+  cpu::dense_step<A>(options, step, ptrs, t.numel);
 }
 
 #define FO_INSTANTIATE(A)                                                                        \
@@ -125,111 +110,6 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                               const StepControls&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
-
-namespace detail {
-namespace {
-
-template <class A>
-typename A::Options unpack(const std::vector<double>& v) {
-  typename A::Options o;
-  int i = 0;
-  for (const auto& f : A::kOptions) f.set(o, v[i++]);
-  return o;
-}
-
-template <class A>
-AlgorithmInfo make_info() {
-  AlgorithmInfo info;
-  info.desc.name = A::kName;
-  const typename A::Options defaults{};
-  for (const auto& f : A::kOptions) {
-    info.desc.options.emplace_back(f.name);
-    info.desc.defaults.push_back(f.get(defaults));
-    info.desc.is_flag.push_back(f.flag != nullptr);
-  }
-  for (int k = 0; k < StateList<A>::count; ++k)
-    info.desc.states.emplace_back(StateList<A>::name(k));
-  info.desc.sparse = SparseCapable<A>::value;
-  info.sparse_step = nullptr;
-  info.sparse_refusal = [](const std::vector<double>& v) {
-    return std::string(SparseRefusal<A>::of(unpack<A>(v)));
-  };
-  info.rowwise = nullptr;
-  if constexpr (RowwiseCapable<A>::value)
-    info.rowwise = [](const std::vector<double>& v) { return A::rowwise(unpack<A>(v)); };
-  if constexpr (SparseCapable<A>::value)
-    info.sparse_step = [](const std::vector<double>& v, std::int64_t step, const SparseStep& s,
-                          Device device, void* stream) {
-      const typename A::Options o = unpack<A>(v);
-      auto run = [&](const auto& op, bool rowwise) {
-        SparseStep with = s;
-        with.rowwise = rowwise;
-        if (device == Device::cuda)
-          cuda::sparse_step(IndexOf<A>::value, &op, with, stream);
-        else
-          cpu::sparse_step(IndexOf<A>::value, &op, with);
-      };
-      if constexpr (RowwiseCapable<A>::value)
-        if (A::rowwise(o)) return run(A::make_row_op(o, step), true);
-      run(A::make_op(o, step), false);
-    };
-  info.validate = [](const std::vector<double>& v) { return options_error<A>(unpack<A>(v)); };
-  info.has_state = [](const std::vector<double>& v, int k) {
-    return A::has_state(unpack<A>(v), k);
-  };
-  info.state_init = [](const std::vector<double>& v, int k) {
-    return A::state_init(unpack<A>(v), k);
-  };
-  info.step = [](const std::vector<double>& v, std::int64_t step, const DenseTensors& t,
-                 const Exec& exec,
-                 const StepControls& c) { fused_step<A>(unpack<A>(v), step, t, exec, c); };
-  info.cuda_list_step = [](const std::vector<double>& v, const cuda::ListEntry* entries,
-                           std::size_t n, const cuda::ListSettings& s, void* stream) {
-    const typename A::Options o = unpack<A>(v);
-    cuda::multi_tensor_step(IndexOf<A>::value, &o, entries, n, s, stream);
-  };
-  return info;
-}
-
-}  // namespace
-
-int AlgorithmInfo::option_index(std::string_view key) const {
-  for (std::size_t i = 0; i < desc.options.size(); ++i)
-    if (desc.options[i] == key) return static_cast<int>(i);
-  return -1;
-}
-
-int AlgorithmInfo::state_index(std::string_view name) const {
-  for (std::size_t i = 0; i < desc.states.size(); ++i)
-    if (desc.states[i] == name) return static_cast<int>(i);
-  return -1;
-}
-
-const std::vector<AlgorithmInfo>& algorithm_infos() {
-  static const std::vector<AlgorithmInfo> infos = {
-#define FO_INFO(A) make_info<A>(),
-      FO_FOR_EACH_DENSE_ALGORITHM(FO_INFO)
-#undef FO_INFO
-  };
-  return infos;
-}
-
-const AlgorithmInfo* find_algorithm(std::string_view name) {
-  for (const auto& info : algorithm_infos())
-    if (info.desc.name == name) return &info;
-  return nullptr;
-}
-
-}  // namespace detail
-
-const std::vector<AlgorithmDescription>& dense_algorithms() {
-  static const std::vector<AlgorithmDescription> all = [] {
-    std::vector<AlgorithmDescription> v;
-    for (const auto& info : detail::algorithm_infos()) v.push_back(info.desc);
-    return v;
-  }();
-  return all;
-}
 
 const char* dtype_name(DType t) noexcept {
   switch (t) {

@@ -89,7 +89,7 @@ class DeviceSolver {
  private:
   int index_;
   std::size_t n_;
-  detail::StateBuffer a_, b_, info_;
+  detail::Buffer a_, b_, info_;
 };
 
 double max_abs(const std::vector<double>& v) {

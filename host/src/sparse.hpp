@@ -8,18 +8,18 @@
 #include <cstdint>
 
 #include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/types.hpp"
 
 namespace fo::detail {
 
 /// One sparse step: a [rows x dim] float32 table and its states (null where the algorithm
-/// keeps none; [rows x dim], or [rows] when `rowwise`), nnz indices (int32 or int64) and
-/// their [nnz x dim] float32 gradient rows. All on one device. Offsets are computed in 64 bits.
-/// `rowwise`: `op` is the algorithm's RowOp, applied as kernels/rowwise.hpp describes.
+/// keeps none; [rows x dim], or [rows] under options that make the algorithm row-wise), nnz
+/// indices (int32 or int64) and their [nnz x dim] float32 gradient rows. All on one device.
+/// Offsets are computed in 64 bits.
 struct SparseStep {
   float* table;
   float* states[kMaxStates];
-  bool rowwise;
   std::int64_t rows;
   std::int64_t dim;
   const void* indices;
@@ -33,8 +33,11 @@ struct SparseStep {
 namespace fo::cpu {
 /// Position of the first index outside [0, rows), or -1.
 std::int64_t sparse_first_bad_index(const detail::SparseStep& s);
-/// The step with functor `op` of algorithm `algorithm_index`; indices already validated.
-void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s);
+/// The step of algorithm A (SparseCapable) under valid options at step count `step`, row-wise
+/// where the options say so (kernels/rowwise.hpp); indices already validated.
+template <class A>
+void sparse_step(const typename A::Options& options, std::int64_t step,
+                 const detail::SparseStep& s);
 }  // namespace fo::cpu
 
 namespace fo::cuda {
@@ -54,9 +57,11 @@ struct SparseRuns {
 };
 
 // The kernels' launchers (sparse_launch.cu; also compiled for the host emulation).
-/// The row kernel of `algorithm_index` (its RowOp's when s.rowwise) over the runs.
-void launch_sparse_rows(int algorithm_index, const void* op, const detail::SparseStep& s,
-                        const SparseRuns& runs, void* stream);
+/// The row kernel of algorithm A (SparseCapable; its RowOp's where the options make it
+/// row-wise) at step count `step`, over the runs.
+template <class A>
+void launch_sparse_rows(const typename A::Options& options, std::int64_t step,
+                        const detail::SparseStep& s, const SparseRuns& runs, void* stream);
 /// atomicMin into *d_first of every position whose index is outside [0, s.rows).
 void launch_first_bad_index(const detail::SparseStep& s, unsigned long long* d_first, void* stream);
 /// out[i] = i for i < n.
@@ -66,7 +71,10 @@ FO_EMULATION_END
 
 /// Position of the first index outside [0, rows), or -1. Waits for `stream`.
 std::int64_t sparse_first_bad_index(const detail::SparseStep& s, void* stream);
-/// The step with functor `op` of algorithm `algorithm_index`; indices already validated.
-/// Stream-ordered; its temporary memory comes from the stream-ordered allocator.
-void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s, void* stream);
+/// The step of algorithm A (SparseCapable) under valid options at step count `step`;
+/// indices already validated. Stream-ordered; its temporary memory comes from the
+/// stream-ordered allocator.
+template <class A>
+void sparse_step(const typename A::Options& options, std::int64_t step, const detail::SparseStep& s,
+                 void* stream);
 }  // namespace fo::cuda

@@ -26,7 +26,6 @@
 #include <string>
 #include <vector>
 
-#include "algorithm_index.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "cuda/schedule_device.hpp"
 #include "fusedopt/functional.hpp"
@@ -179,7 +178,7 @@ std::string describe(const typename A::Options& o) {
   const typename A::Options defaults{};
   for (const auto& f : A::kOptions)
     if (f.get(o) != f.get(defaults))
-      s += " " + std::string(f.name) + "=" + Validator::fmt(f.get(o));
+      s += " " + std::string(f.name) + "=" + std::to_string(f.get(o));
   return s;
 }
 
@@ -256,8 +255,8 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     if (lr_factor != 0.0f) s.d_lr = &lr_factor;
     if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
     if (d.pass_found_inf) s.d_found_inf = &found;
-    cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
-                            nullptr);
+    cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                               cuda::plan_list(entries.data(), entries.size()), s, nullptr);
 
     if (found != 0.0f) continue;  // the CPU takes no step either
     for (std::size_t i = 0; i < cpu.size(); ++i) {
@@ -370,8 +369,8 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
       s.stochastic = st.stochastic;
       s.seed = seed;
       s.grad_multiplier = grad_multiplier;
-      cuda::multi_tensor_step(detail::IndexOf<A>::value, &o, entries.data(), entries.size(), s,
-                              nullptr);
+      cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                                 cuda::plan_list(entries.data(), entries.size()), s, nullptr);
       for (std::size_t i = 0; i < ref.size(); ++i)
         reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_multiplier);
     }
@@ -451,7 +450,6 @@ void expect_sparse_matches_cpu(const typename A::Options& o, std::int64_t dim,
     s.table = table.data();
     for (int k = 0; k < kMaxStates; ++k)
       s.states[k] = A::has_state(o, k) ? states[static_cast<std::size_t>(k)].data() : nullptr;
-    s.rowwise = rowwise;
     s.rows = rows;
     s.dim = dim;
     s.indices = indices.data();
@@ -459,19 +457,10 @@ void expect_sparse_matches_cpu(const typename A::Options& o, std::int64_t dim,
     s.nnz = nnz;
     s.grad_rows = grads.data();
     const HostRuns<T> runs(indices);
-    auto go = [&](const auto& op) {
-      if (emulated)
-        cuda::launch_sparse_rows(detail::IndexOf<A>::value, &op, s, runs.view(), nullptr);
-      else
-        cpu::sparse_step(detail::IndexOf<A>::value, &op, s);
-    };
-    if constexpr (RowwiseCapable<A>::value) {
-      if (rowwise) {
-        go(A::make_row_op(o, 3));
-        return std::make_pair(table, states);
-      }
-    }
-    go(A::make_op(o, 3));
+    if (emulated)
+      cuda::launch_sparse_rows<A>(o, 3, s, runs.view(), nullptr);
+    else
+      cpu::sparse_step<A>(o, 3, s);
     return std::make_pair(table, states);
   };
   const auto emu = run(true), cpu = run(false);
@@ -598,7 +587,7 @@ TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Every, EmulatedKernels,
-                         ::testing::Range(0, static_cast<int>(detail::kNumDenseAlgorithms)),
+                         ::testing::Range(0, static_cast<int>(cases().size())),
                          [](const ::testing::TestParamInfo<int>& p) {
                            return std::string(cases()[static_cast<std::size_t>(p.param)].name);
                          });
@@ -630,14 +619,14 @@ TEST(EmulatedGradNorm, MatchesADoubleReferenceForEveryGradStorage) {
     for (auto& g : grads)
       entries.push_back(
           {nullptr, g.data(), nullptr, {}, static_cast<std::int64_t>(g.size()), 1, 0});
+    const cuda::ListPlan plan = cuda::plan_list(entries.data(), entries.size());
     const float scale = 0.5f, device_scale = 0.25f, max_norm = 1.0f;
-    std::vector<float> ws(
-        static_cast<std::size_t>(cuda::grad_norm_workspace(entries.data(), entries.size())));
+    std::vector<float> ws(static_cast<std::size_t>(cuda::grad_norm_workspace(plan)));
     float norm, clip, found_inf = 0.0f;
     std::memcpy(&norm, &kPoison, 4);
     std::memcpy(&clip, &kPoison, 4);
-    cuda::grad_norm(entries.data(), entries.size(), dtype, scale, &device_scale, max_norm, true,
-                    ws.data(), &norm, &clip, &found_inf, nullptr);
+    cuda::grad_norm(entries.data(), plan, dtype, scale, &device_scale, max_norm, true, ws.data(),
+                    &norm, &clip, &found_inf, nullptr);
     // The kernel sums float squares in double: the only roundings that matter are the final
     // sqrt's and the float conversion, so the norm is within 2 ulp of the exact one.
     const double want = std::sqrt(reference_sumsq(grads, scale * device_scale));
@@ -650,8 +639,8 @@ TEST(EmulatedGradNorm, MatchesADoubleReferenceForEveryGradStorage) {
     grads[bad].set(grads[bad].size() / 2, dtype == DType::f32
                                               ? std::numeric_limits<float>::quiet_NaN()
                                               : std::numeric_limits<float>::infinity());
-    cuda::grad_norm(entries.data(), entries.size(), dtype, scale, &device_scale, 0.0f, true,
-                    ws.data(), &norm, &clip, &found_inf, nullptr);
+    cuda::grad_norm(entries.data(), plan, dtype, scale, &device_scale, 0.0f, true, ws.data(), &norm,
+                    &clip, &found_inf, nullptr);
     EXPECT_EQ(found_inf, 1.0f) << dtype_name(dtype) << ": a non-finite gradient went unseen";
     EXPECT_EQ(clip, 1.0f) << "no clipping asked for";
   }
@@ -663,8 +652,8 @@ TEST(EmulatedGradNorm, NoElementsGiveNormZeroAndClipOne) {
   float norm, clip, found_inf = 0.0f;
   std::memcpy(&norm, &kPoison, 4);
   std::memcpy(&clip, &kPoison, 4);
-  cuda::grad_norm(nullptr, 0, DType::f32, 1.0f, nullptr, 1.0f, true, ws.data(), &norm, &clip,
-                  &found_inf, nullptr);
+  cuda::grad_norm(nullptr, cuda::plan_list(nullptr, 0), DType::f32, 1.0f, nullptr, 1.0f, true,
+                  ws.data(), &norm, &clip, &found_inf, nullptr);
   EXPECT_EQ(norm, 0.0f);
   EXPECT_EQ(clip, 1.0f);
   EXPECT_EQ(found_inf, 0.0f);

@@ -88,22 +88,15 @@ int num_threads() noexcept {
   return n > 0 ? n : omp_get_max_threads();
 }
 
-const KernelTable& active_table() {
-#if defined(FO_HAVE_X86_ISAS)
-  switch (isa()) {
-    case Isa::avx512: return avx512_table();
-    case Isa::avx2: return avx2_table();
-    case Isa::scalar: break;
-  }
-#endif
-  return scalar_table();
-}
+namespace {
 
-void parallel_for(RangeKernel kernel, const void* op, const DensePtrs& t, std::int64_t n) {
+/// Runs range(begin, end) over [0, n) with the configured threads, split at kSplitAlign.
+template <class Range>
+void parallel_for(const Range& range, std::int64_t n) {
   const std::int64_t max_by_size = std::max<std::int64_t>(1, n / kMinParallel);
   const int threads = static_cast<int>(std::min<std::int64_t>(num_threads(), max_by_size));
   if (threads <= 1) {
-    kernel(op, t, 0, n);
+    range(0, n);
     return;
   }
   std::int64_t chunk = (n + threads - 1) / threads;
@@ -112,12 +105,26 @@ void parallel_for(RangeKernel kernel, const void* op, const DensePtrs& t, std::i
   {
     const std::int64_t begin = std::min<std::int64_t>(n, omp_get_thread_num() * chunk);
     const std::int64_t end = std::min<std::int64_t>(n, begin + chunk);
-    if (begin < end) kernel(op, t, begin, end);
+    if (begin < end) range(begin, end);
   }
 }
 
-void traffic_probe(const DensePtrs& t, std::int64_t n) {
-  parallel_for(active_table().probe, nullptr, t, n);
+}  // namespace
+
+template <class A>
+void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
+                std::int64_t n) {
+  const typename A::Op op = A::make_op(options, step);
+  const auto kernel = active_kernels<A>().range;
+  parallel_for([&](std::int64_t begin, std::int64_t end) { kernel(op, t, begin, end); }, n);
 }
+
+#define FO_INSTANTIATE(A)                                                                \
+  template void dense_step<fo::A>(const fo::A::Options&, std::int64_t, const DensePtrs&, \
+                                  std::int64_t);
+FO_FOR_EACH_CPU_KERNEL(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
+
+void traffic_probe(const DensePtrs& t, std::int64_t n) { dense_step<TrafficProbe>({}, 1, t, n); }
 
 }  // namespace fo::cpu

@@ -1,44 +1,71 @@
-// The CPU backend: per-ISA kernel tables and the threaded driver over them.
+// The CPU backend: each algorithm's kernels per instruction set, and the threaded drivers over
+// them. Typed by the algorithm throughout: the one type erasure is the optimizer layer's
+// (algorithm.hpp).
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
-#include "algorithm_index.hpp"
 #include "fusedopt/cpu.hpp"
+#include "fusedopt/kernels/algorithm.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
 #include "fusedopt/kernels/probe.hpp"
+#include "fusedopt/kernels/registry.hpp"
+
+// X(Algorithm): every type the CPU kernels are compiled for: the registry and the probe.
+#define FO_FOR_EACH_CPU_KERNEL(X) FO_FOR_EACH_DENSE_ALGORITHM(X) X(TrafficProbe)
 
 namespace fo::cpu {
 
-/// A kernel over [begin, end) of one tensor; `op` points to the algorithm's functor.
-using RangeKernel = void (*)(const void* op, const DensePtrs& t, std::int64_t begin,
-                             std::int64_t end);
-
-/// One row of a row-wise step (rowwise_row): `row_op` points to the algorithm's RowOp,
-/// `row_states[k]` to the row's value of state k (or null).
-using RowKernel = void (*)(const void* row_op, float* param, const float* grad,
-                           float* const* row_states, std::int64_t dim);
-
-/// One ISA's kernels: a step per algorithm, a row step per row-wise algorithm (null for the
-/// others), and the traffic probe (see traffic_probe).
-struct KernelTable {
-  RangeKernel step[detail::kNumDenseAlgorithms];
-  RowKernel row_step[detail::kNumDenseAlgorithms];
-  RangeKernel probe;
+/// The row functor of algorithm A's row-wise form, or NoRowOp where it has none.
+struct NoRowOp {};
+template <class A, class = void>
+struct RowOpOf {
+  using type = NoRowOp;
+};
+template <class A>
+struct RowOpOf<A, std::void_t<typename A::RowOp>> {
+  using type = typename A::RowOp;
 };
 
-const KernelTable& scalar_table();
+/// One instruction set's kernels of algorithm A: its step over [begin, end) of one tensor, and
+/// its step of one table row with per-row states (null where A has no row-wise form).
+template <class A>
+struct Kernels {
+  void (*range)(const typename A::Op& op, const DensePtrs& t, std::int64_t begin, std::int64_t end);
+  void (*row)(const typename RowOpOf<A>::type& op, float* param, const float* grad,
+              float* const* row_states, std::int64_t dim);
+};
+
+// Defined by isa_*.cpp for every FO_FOR_EACH_CPU_KERNEL type.
+template <class A>
+const Kernels<A>& scalar_kernels();
 #if defined(FO_HAVE_X86_ISAS)
-const KernelTable& avx2_table();
-const KernelTable& avx512_table();
+template <class A>
+const Kernels<A>& avx2_kernels();
+template <class A>
+const Kernels<A>& avx512_kernels();
 #endif
 
-/// Runs `kernel` over [0, n) with the configured threads; ranges are split at multiples of
-/// 64 elements (whole cache lines) so threads never share a line of an aligned tensor.
-void parallel_for(RangeKernel kernel, const void* op, const DensePtrs& t, std::int64_t n);
+/// A's kernels for the instruction set in use.
+template <class A>
+const Kernels<A>& active_kernels() {
+#if defined(FO_HAVE_X86_ISAS)
+  switch (isa()) {
+    case Isa::avx512: return avx512_kernels<A>();
+    case Isa::avx2: return avx2_kernels<A>();
+    case Isa::scalar: break;
+  }
+#endif
+  return scalar_kernels<A>();
+}
 
-/// The kernel table of the ISA in use.
-const KernelTable& active_table();
+/// One step of algorithm A at step count `step` over elements [0, n) of `t`, on the configured
+/// threads. Ranges are split at multiples of 64 elements (whole cache lines) so threads never
+/// share a line of an aligned tensor; any split gives the same bits. Options already valid.
+template <class A>
+void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
+                std::int64_t n);
 
 /// Reads and writes exactly the streams of a step (param, grad, non-null states) with trivial
 /// arithmetic, through the same loop and threads: the CPU's bandwidth limit for that step.

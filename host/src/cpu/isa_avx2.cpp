@@ -3,6 +3,5 @@
 #include "fusedopt/kernels/cpu/simd_avx2.hpp"
 
 using Io = fo::cpu::avx2::Io;
+#define FO_ISA_KERNELS avx2_kernels
 #include "cpu/kernel_table.inc"
-
-const fo::cpu::KernelTable& fo::cpu::avx2_table() { return kTable; }

@@ -3,6 +3,5 @@
 #include "fusedopt/kernels/cpu/simd_avx512.hpp"
 
 using Io = fo::cpu::avx512::Io;
+#define FO_ISA_KERNELS avx512_kernels
 #include "cpu/kernel_table.inc"
-
-const fo::cpu::KernelTable& fo::cpu::avx512_table() { return kTable; }

@@ -3,6 +3,5 @@
 #include "fusedopt/kernels/cpu/simd_scalar.hpp"
 
 using Io = fo::cpu::scalar::Io;
+#define FO_ISA_KERNELS scalar_kernels
 #include "cpu/kernel_table.inc"
-
-const fo::cpu::KernelTable& fo::cpu::scalar_table() { return kTable; }

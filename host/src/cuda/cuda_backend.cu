@@ -11,7 +11,6 @@
 #include <string>
 #include <vector>
 
-#include "algorithm_index.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
@@ -57,21 +56,12 @@ TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
   return list;
 }
 
-std::vector<detail::LaunchGroup> plan(const ListEntry* entries, std::size_t n) {
-  std::vector<std::int64_t> numels(n);
-  for (std::size_t i = 0; i < n; ++i) numels[i] = entries[i].numel;
-  return detail::plan_launches(numels, kChunk, kMaxListTensors, kMaxGrid);
-}
-
-/// Launches one planned group. `host_step`: the step every tensor of the list takes, for the
-/// functor built here, when cfg.device_scalars is off.
-using StepLauncher = void (*)(const void* options, std::int64_t host_step, const TensorList& list,
-                              std::int64_t blocks, const StepConfig& cfg, cudaStream_t stream);
-
+/// Launches one planned group of algorithm A's step for params stored as `param`. `host_step`:
+/// the step every tensor of the list takes, for the functor built here, when
+/// cfg.device_scalars is off.
 template <class A, int kParam>
-void launch_step(const void* options, std::int64_t host_step, const TensorList& list,
+void launch_step(const typename A::Options& o, std::int64_t host_step, const TensorList& list,
                  std::int64_t blocks, const StepConfig& cfg, cudaStream_t stream) {
-  const auto& o = *static_cast<const typename A::Options*>(options);
   const typename A::Op host_op = cfg.device_scalars ? typename A::Op{} : A::make_op(o, host_step);
   FO_LAUNCH(static_cast<unsigned>(blocks), kBlock, stream,
             cuda_kernels::multi_tensor_step_kernel<A, kParam>)
@@ -79,30 +69,29 @@ void launch_step(const void* options, std::int64_t host_step, const TensorList& 
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
-// [algorithm][param storage: f32, f16, bf16]
-constexpr StepLauncher kStepLaunchers[][3] = {
-#define FO_LAUNCHERS(A)                                                              \
-  {&launch_step<fo::A, cuda_kernels::kF32>, &launch_step<fo::A, cuda_kernels::kF16>, \
-   &launch_step<fo::A, cuda_kernels::kBF16>},
-    FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
-#undef FO_LAUNCHERS
-};
-static_assert(sizeof(kStepLaunchers) / sizeof(kStepLaunchers[0]) == detail::kNumDenseAlgorithms);
-
 void increment_steps(std::int64_t* d_steps, const TensorList& list, const float* d_found_inf,
                      cudaStream_t stream) {
   FO_LAUNCH(1, kBlock, stream, cuda_kernels::increment_steps_kernel)(d_steps, list, d_found_inf);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
-/// Plans and launches the step of entries [0, n), all taking `host_step` unless
+/// Launches the step of entries [0, n) planned as `plan`, all taking `host_step` unless
 /// cfg.device_scalars.
-void launch_list(StepLauncher launch, const void* options, std::int64_t host_step,
-                 const ListEntry* entries, std::size_t n, const StepConfig& cfg,
+template <class A>
+void launch_list(const typename A::Options& o, DType param, std::int64_t host_step,
+                 const ListEntry* entries, const ListPlan& plan, const StepConfig& cfg,
                  std::int64_t* d_steps, cudaStream_t stream) {
-  for (const auto& g : plan(entries, n)) {
+  for (const auto& g : plan) {
     const TensorList list = make_list(entries, g);
-    launch(options, host_step, list, g.blocks, cfg, stream);
+    switch (param) {
+      case DType::f16:
+        launch_step<A, cuda_kernels::kF16>(o, host_step, list, g.blocks, cfg, stream);
+        break;
+      case DType::bf16:
+        launch_step<A, cuda_kernels::kBF16>(o, host_step, list, g.blocks, cfg, stream);
+        break;
+      default: launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, stream);
+    }
     if (d_steps) increment_steps(d_steps, list, cfg.d_found_inf, stream);
   }
 }
@@ -128,8 +117,15 @@ unsigned elementwise_grid(std::int64_t n) {
 
 }  // namespace
 
-void multi_tensor_step(int algorithm_index, const void* options, const ListEntry* entries,
-                       std::size_t n, const ListSettings& s, void* stream) {
+ListPlan plan_list(const ListEntry* entries, std::size_t n) {
+  std::vector<std::int64_t> numels(n);
+  for (std::size_t i = 0; i < n; ++i) numels[i] = entries[i].numel;
+  return detail::plan_launches(numels, kChunk, kMaxListTensors, kMaxGrid);
+}
+
+template <class A>
+void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
+                       const ListPlan& plan, const ListSettings& s, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   StepConfig cfg{};
   cfg.grad_storage = storage_code(s.grad_dtype);
@@ -144,21 +140,22 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   cfg.d_clip = s.d_clip;
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
-  const StepLauncher launch = kStepLaunchers[algorithm_index][storage_code(s.param_dtype)];
   const bool one_step = n == 0 || std::all_of(entries, entries + n, [&](const ListEntry& e) {
                           return e.step == entries[0].step;
                         });
   if (cfg.device_scalars || one_step) {
-    // Device scalars, or every tensor at the same host step (the usual case): one list, no
-    // copies.
-    launch_list(launch, options, n ? entries[0].step : 0, entries, n, cfg, s.d_steps, st);
+    // Device scalars, or every tensor at the same host step (the usual case): the caller's
+    // plan, no copies.
+    launch_list<A>(options, s.param_dtype, n ? entries[0].step : 0, entries, plan, cfg, s.d_steps,
+                   st);
   } else {
     // Host-counted steps that differ (params added or skipped at other times): one functor
-    // per distinct step, built here.
+    // per distinct step, built here, each list planned here.
     std::map<std::int64_t, std::vector<ListEntry>> by_step;
     for (std::size_t i = 0; i < n; ++i) by_step[entries[i].step].push_back(entries[i]);
     for (const auto& [step, list] : by_step)
-      launch_list(launch, options, step, list.data(), list.size(), cfg, nullptr, st);
+      launch_list<A>(options, s.param_dtype, step, list.data(), plan_list(list.data(), list.size()),
+                     cfg, nullptr, st);
   }
   // Empty tensors get no blocks in any launch, but their steps count all the same.
   if (s.d_steps) {
@@ -175,27 +172,33 @@ void multi_tensor_step(int algorithm_index, const void* options, const ListEntry
   }
 }
 
+#define FO_INSTANTIATE(A)                                                                      \
+  template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
+                                         const ListPlan&, const ListSettings&, void*);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
+
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   StepConfig cfg{};
   cfg.grad_multiplier = 1.0f;
   cfg.chunk = kChunk;
-  const TrafficProbe::Options options{};
-  launch_list(&launch_step<TrafficProbe, cuda_kernels::kF32>, &options, 1, entries, n, cfg, nullptr,
-              static_cast<cudaStream_t>(stream));
+  launch_list<TrafficProbe>({}, DType::f32, 1, entries, plan_list(entries, n), cfg, nullptr,
+                            static_cast<cudaStream_t>(stream));
 }
 
-std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n) {
+std::int64_t grad_norm_workspace(const ListPlan& plan) {
   std::int64_t blocks = 0;
-  for (const auto& g : plan(entries, n)) blocks += g.blocks;
+  for (const auto& g : plan) blocks += g.blocks;
   return 4 * std::max<std::int64_t>(blocks, 1);  // two doubles per block, in floats
 }
 
-void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_multiplier,
-               const float* d_grad_multiplier, float max_norm, bool check_finite,
-               float* d_workspace, float* d_norm, float* d_clip, float* d_found_inf, void* stream) {
+void grad_norm(const ListEntry* entries, const ListPlan& plan, DType grad_dtype,
+               float grad_multiplier, const float* d_grad_multiplier, float max_norm,
+               bool check_finite, float* d_workspace, float* d_norm, float* d_clip,
+               float* d_found_inf, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
   std::int64_t offset = 0;
-  for (const auto& g : plan(entries, n)) {
+  for (const auto& g : plan) {
     FO_LAUNCH(static_cast<unsigned>(g.blocks), kBlock, st, cuda_kernels::grad_sumsq_kernel)
     (make_list(entries, g), storage_code(grad_dtype), grad_multiplier, d_grad_multiplier, kChunk,
      reinterpret_cast<double*>(d_workspace), offset);

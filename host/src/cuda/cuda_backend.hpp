@@ -5,9 +5,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/types.hpp"
+#include "multi_tensor_plan.hpp"
 
 namespace fo::cuda {
 
@@ -44,27 +47,36 @@ struct ListSettings {
 // The launchers (cuda_backend.cu): also compiled for the host emulation of the kernels.
 FO_EMULATION_BEGIN
 
-/// Launches one step of algorithm `algorithm_index` (detail::AlgorithmIndex) with options
-/// `options` (a pointer to its Options) over `n` tensors, in as few launches as the kernel
-/// parameters allow, on `stream`. With settings.d_steps, each tensor's device step count
-/// goes up by one after its launch (unless found_inf). Throws fo::Error on a launch failure.
-void multi_tensor_step(int algorithm_index, const void* options, const ListEntry* entries,
-                       std::size_t n, const ListSettings& settings, void* stream);
+/// The launches of a list of tensors: which share a launch, and where each one's blocks start.
+/// Depends on the tensors' sizes only, so a caller stepping the same tensors reuses it.
+using ListPlan = std::vector<detail::LaunchGroup>;
+ListPlan plan_list(const ListEntry* entries, std::size_t n);
+
+/// Launches one step of algorithm A under valid `options` over `n` tensors planned as `plan`
+/// (plan_list of the same entries), on `stream`. With settings.d_steps, each tensor's device
+/// step count goes up by one after its launch (unless found_inf). Entries at different host
+/// steps (no d_steps) are grouped by step and planned here. Throws fo::Error on a launch
+/// failure.
+template <class A>
+void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
+                       const ListPlan& plan, const ListSettings& settings, void* stream);
 
 /// The traffic probe (kernels/probe.hpp) through the same multi-tensor kernel, f32 only:
 /// the bandwidth limit of a step with these streams.
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream);
 
-/// Floats of workspace grad_norm needs for these tensors.
-std::int64_t grad_norm_workspace(const ListEntry* entries, std::size_t n);
+/// Floats of workspace grad_norm needs for a list planned as `plan`.
+std::int64_t grad_norm_workspace(const ListPlan& plan);
 
-/// The global L2 norm of all gradients times grad_multiplier (and *d_grad_multiplier),
-/// deterministic (squares summed in double, in a fixed order): writes *d_norm, the clipping
-/// coefficient *d_clip (1 when max_norm <= 0) and, when check_finite, sets *d_found_inf = 1 if any
-/// gradient is inf/nan. With no elements at all (n = 0 included) the norm is 0.
-void grad_norm(const ListEntry* entries, std::size_t n, DType grad_dtype, float grad_multiplier,
-               const float* d_grad_multiplier, float max_norm, bool check_finite,
-               float* d_workspace, float* d_norm, float* d_clip, float* d_found_inf, void* stream);
+/// The global L2 norm of all gradients (entries planned as `plan`) times grad_multiplier (and
+/// *d_grad_multiplier), deterministic (squares summed in double, in a fixed order): writes *d_norm,
+/// the clipping coefficient *d_clip (1 when max_norm <= 0) and, when check_finite, sets
+/// *d_found_inf = 1 if any gradient is inf/nan. With no elements at all (n = 0 included) the norm
+/// is 0.
+void grad_norm(const ListEntry* entries, const ListPlan& plan, DType grad_dtype,
+               float grad_multiplier, const float* d_grad_multiplier, float max_norm,
+               bool check_finite, float* d_workspace, float* d_norm, float* d_clip,
+               float* d_found_inf, void* stream);
 
 /// Fills n elements of `storage` (f32, bf16, f16) with `value` rounded to nearest.
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream);

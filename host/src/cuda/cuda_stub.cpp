@@ -10,13 +10,20 @@ namespace {
 
 bool built_with_cuda() noexcept { return false; }
 int device_count() noexcept { return 0; }
-void multi_tensor_step(int, const void*, const ListEntry*, std::size_t, const ListSettings&,
-                       void*) {
+ListPlan plan_list(const ListEntry*, std::size_t) { unsupported(); }
+template <class A>
+void multi_tensor_step(const typename A::Options&, const ListEntry*, std::size_t, const ListPlan&,
+                       const ListSettings&, void*) {
   unsupported();
 }
+#define FO_INSTANTIATE(A)                                                                      \
+  template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
+                                         const ListPlan&, const ListSettings&, void*);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
 void traffic_probe(const ListEntry*, std::size_t, void*) { unsupported(); }
-std::int64_t grad_norm_workspace(const ListEntry*, std::size_t) { unsupported(); }
-void grad_norm(const ListEntry*, std::size_t, DType, float, const float*, float, bool, float*,
+std::int64_t grad_norm_workspace(const ListPlan&) { unsupported(); }
+void grad_norm(const ListEntry*, const ListPlan&, DType, float, const float*, float, bool, float*,
                float*, float*, float*, void*) {
   unsupported();
 }
@@ -40,9 +47,15 @@ namespace fo::cuda {
 std::int64_t sparse_first_bad_index(const detail::SparseStep&, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
-void sparse_step(int, const void*, const detail::SparseStep&, void*) {
+template <class A>
+void sparse_step(const typename A::Options&, std::int64_t, const detail::SparseStep&, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
+#define FO_INSTANTIATE(A)                                                                          \
+  template void sparse_step<fo::A>(const fo::A::Options&, std::int64_t, const detail::SparseStep&, \
+                                   void*);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
 }  // namespace fo::cuda
 
 #include "cuda/newton_device.hpp"

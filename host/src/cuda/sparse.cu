@@ -29,6 +29,7 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_run_length_encode.cuh>
 #include <cub/device/device_scan.cuh>
+#include <optional>
 #include <string>
 
 #include "cuda/cuda_check.hpp"
@@ -70,9 +71,11 @@ std::size_t align_up(std::size_t n) { return (n + 255) / 256 * 256; }
 
 // The indices are sorted as they are (int32 or int64): validated, hence non-negative, so the
 // low key_bits bits order them (CUB flips only the sign bit of signed keys).
+// Sorts and run-length encodes the indices into `arena` (allocated here): the runs the row
+// kernels walk.
 template <class T>
-void sparse_step_typed(int algorithm_index, const void* op, const detail::SparseStep& s,
-                       cudaStream_t stream) {
+SparseRuns sort_runs(const detail::SparseStep& s, std::optional<StreamBuffer>& arena,
+                     cudaStream_t stream) {
   const auto* indices = static_cast<const T*>(s.indices);
   const int n = static_cast<int>(s.nnz);
   const int end_bit = key_bits<T>(s.rows);
@@ -94,8 +97,8 @@ void sparse_step_typed(int algorithm_index, const void* op, const detail::Sparse
   const std::size_t keys_bytes = align_up(sizeof(T) * static_cast<std::size_t>(n));
   const std::size_t pos_bytes = align_up(sizeof(Pos) * static_cast<std::size_t>(n));
   const std::size_t total = 2 * keys_bytes + 2 * pos_bytes + align_up(sizeof(Pos)) + cub_bytes;
-  StreamBuffer arena(total, stream);
-  char* at = arena.get();
+  arena.emplace(total, stream);
+  char* at = arena->get();
   T* sorted_keys = reinterpret_cast<T*>(at);
   at += keys_bytes;
   T* unique_rows = reinterpret_cast<T*>(at);
@@ -124,8 +127,7 @@ void sparse_step_typed(int algorithm_index, const void* op, const detail::Sparse
   bytes = scan_bytes;
   FO_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(cub_temp, bytes, counts, counts, n, stream));
 
-  launch_sparse_rows(algorithm_index, op, s,
-                     SparseRuns{unique_rows, counts, sorted_positions, num_runs}, stream);
+  return SparseRuns{unique_rows, counts, sorted_positions, num_runs};
 }
 
 }  // namespace
@@ -143,17 +145,29 @@ std::int64_t sparse_first_bad_index(const detail::SparseStep& s, void* stream) {
   return h_first == ULLONG_MAX ? -1 : static_cast<std::int64_t>(h_first);
 }
 
-void sparse_step(int algorithm_index, const void* op, const detail::SparseStep& s, void* stream) {
-  if (s.nnz == 0) return;
-  if (s.nnz > INT_MAX)
-    throw Error(StatusCode::invalid_argument, "sparse step: " + std::to_string(s.nnz) +
-                                                  " indices; the CUDA backend takes at most " +
-                                                  std::to_string(INT_MAX) + " per step");
-  const auto st = static_cast<cudaStream_t>(stream);
-  if (s.index_dtype == DType::i64)
-    sparse_step_typed<std::int64_t>(algorithm_index, op, s, st);
-  else
-    sparse_step_typed<std::int32_t>(algorithm_index, op, s, st);
+template <class A>
+void sparse_step(const typename A::Options& options, std::int64_t step, const detail::SparseStep& s,
+                 void* stream) {
+  if constexpr (!SparseCapable<A>::value) {
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " takes no sparse steps");
+  } else {
+    if (s.nnz == 0) return;
+    if (s.nnz > INT_MAX)
+      throw Error(StatusCode::invalid_argument, "sparse step: " + std::to_string(s.nnz) +
+                                                    " indices; the CUDA backend takes at most " +
+                                                    std::to_string(INT_MAX) + " per step");
+    const auto st = static_cast<cudaStream_t>(stream);
+    std::optional<StreamBuffer> arena;  // freed on the stream after the row kernel
+    const SparseRuns runs = s.index_dtype == DType::i64 ? sort_runs<std::int64_t>(s, arena, st)
+                                                        : sort_runs<std::int32_t>(s, arena, st);
+    launch_sparse_rows<A>(options, step, s, runs, st);
+  }
 }
+
+#define FO_INSTANTIATE(A)                                                                          \
+  template void sparse_step<fo::A>(const fo::A::Options&, std::int64_t, const detail::SparseStep&, \
+                                   void*);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
 
 }  // namespace fo::cuda

@@ -4,8 +4,8 @@
 // (tests/emulation), which feeds the row kernels a run list sorted on the host.
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
-#include "algorithm_index.hpp"
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/cuda/sparse_rows.cuh"
@@ -64,75 +64,61 @@ StatePtrs state_ptrs(const detail::SparseStep& s) {
   return states;
 }
 
-using RowLauncher = void (*)(const void* op, const detail::SparseStep& s, const SparseRuns& r,
-                             cudaStream_t stream);
-
 template <class Op, class T>
-void launch_rows(const void* op, const detail::SparseStep& s, const SparseRuns& r,
+void launch_rows(const Op& op, const detail::SparseStep& s, const SparseRuns& r,
                  cudaStream_t stream) {
   const auto kernel = &cuda_kernels::sparse_rows_kernel<Op, T>;
   const dim3 block = row_block(s.dim);
   FO_LAUNCH(rows_grid(kernel, block, s.nnz), block, stream, cuda_kernels::sparse_rows_kernel<Op, T>)
-  (*static_cast<const Op*>(op), s.table, state_ptrs(s), s.dim, s.grad_rows,
-   static_cast<const T*>(r.unique_rows), r.offsets, r.sorted_positions, r.num_runs, s.nnz);
+  (op, s.table, state_ptrs(s), s.dim, s.grad_rows, static_cast<const T*>(r.unique_rows), r.offsets,
+   r.sorted_positions, r.num_runs, s.nnz);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class RowOp, class T>
-void launch_rowwise(const void* op, const detail::SparseStep& s, const SparseRuns& r,
+void launch_rowwise(const RowOp& op, const detail::SparseStep& s, const SparseRuns& r,
                     cudaStream_t stream) {
   const auto kernel = &cuda_kernels::sparse_rowwise_kernel<RowOp, T>;
   const dim3 block(kRowLanes, kRowwiseWarps, 1);
   FO_LAUNCH(rows_grid(kernel, block, s.nnz), block, stream,
             cuda_kernels::sparse_rowwise_kernel<RowOp, T>)
-  (*static_cast<const RowOp*>(op), s.table, state_ptrs(s), s.dim, s.grad_rows,
-   static_cast<const T*>(r.unique_rows), r.offsets, r.sorted_positions, r.num_runs, s.nnz);
+  (op, s.table, state_ptrs(s), s.dim, s.grad_rows, static_cast<const T*>(r.unique_rows), r.offsets,
+   r.sorted_positions, r.num_runs, s.nnz);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
-// Kernels only for the algorithms that take sparse steps (SparseCapable), null elsewhere.
+// Kernels only for the algorithms that take sparse steps (SparseCapable), and the row-wise
+// kernel only for those with a row-wise form.
 template <class A, class T>
-constexpr RowLauncher row_launcher() {
-  if constexpr (SparseCapable<A>::value)
-    return &launch_rows<typename A::Op, T>;
-  else
-    return nullptr;
-}
-
-template <class A, class T>
-constexpr RowLauncher rowwise_launcher() {
+void launch_typed(const typename A::Options& o, std::int64_t step, const detail::SparseStep& s,
+                  const SparseRuns& runs, cudaStream_t stream) {
   if constexpr (RowwiseCapable<A>::value)
-    return &launch_rowwise<typename A::RowOp, T>;
-  else
-    return nullptr;
+    if (A::rowwise(o))
+      return launch_rowwise<typename A::RowOp, T>(A::make_row_op(o, step), s, runs, stream);
+  launch_rows<typename A::Op, T>(A::make_op(o, step), s, runs, stream);
 }
-
-// [algorithm][index dtype: i32, i64]
-constexpr RowLauncher kRowLaunchers[][2] = {
-#define FO_LAUNCHERS(A) {row_launcher<fo::A, std::int32_t>(), row_launcher<fo::A, std::int64_t>()},
-    FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
-#undef FO_LAUNCHERS
-};
-static_assert(sizeof(kRowLaunchers) / sizeof(kRowLaunchers[0]) == detail::kNumDenseAlgorithms);
-
-// The same for row-wise steps; null where an algorithm has no row-wise form.
-constexpr RowLauncher kRowwiseLaunchers[][2] = {
-#define FO_LAUNCHERS(A) \
-  {rowwise_launcher<fo::A, std::int32_t>(), rowwise_launcher<fo::A, std::int64_t>()},
-    FO_FOR_EACH_DENSE_ALGORITHM(FO_LAUNCHERS)
-#undef FO_LAUNCHERS
-};
-static_assert(sizeof(kRowwiseLaunchers) / sizeof(kRowwiseLaunchers[0]) ==
-              detail::kNumDenseAlgorithms);
 
 }  // namespace
 
-void launch_sparse_rows(int algorithm_index, const void* op, const detail::SparseStep& s,
-                        const SparseRuns& runs, void* stream) {
-  const auto& launchers = s.rowwise ? kRowwiseLaunchers : kRowLaunchers;
-  launchers[algorithm_index][s.index_dtype == DType::i64 ? 1 : 0](
-      op, s, runs, static_cast<cudaStream_t>(stream));
+template <class A>
+void launch_sparse_rows(const typename A::Options& options, std::int64_t step,
+                        const detail::SparseStep& s, const SparseRuns& runs, void* stream) {
+  if constexpr (!SparseCapable<A>::value) {
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " takes no sparse steps");
+  } else {
+    const auto st = static_cast<cudaStream_t>(stream);
+    if (s.index_dtype == DType::i64)
+      launch_typed<A, std::int64_t>(options, step, s, runs, st);
+    else
+      launch_typed<A, std::int32_t>(options, step, s, runs, st);
+  }
 }
+
+#define FO_INSTANTIATE(A)                                                      \
+  template void launch_sparse_rows<fo::A>(const fo::A::Options&, std::int64_t, \
+                                          const detail::SparseStep&, const SparseRuns&, void*);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
 
 void launch_first_bad_index(const detail::SparseStep& s, unsigned long long* d_first,
                             void* stream) {

@@ -18,12 +18,12 @@
 //                                                         // these options ("" if it does not)
 //   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
 //   static bool rowwise(const Options&);                  // states per row, not per element
+//   static StateShape state_shape(const Options&, int k); // see StateShape
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -58,36 +58,37 @@ constexpr OptionField<Options> flag_option(const char* name, bool Options::*m) {
   return {name, nullptr, m};
 }
 
-/// Collects the first violated constraint of a set of options as a message.
+/// Collects the first violated constraint of a set of options as a message. Fixed storage
+/// and printf formatting: the kernel headers need no host library beyond <cstdio>.
 class Validator {
  public:
-  bool ok() const { return message_.empty(); }
-  const std::string& message() const { return message_; }
+  bool ok() const { return message_[0] == '\0'; }
+  const char* message() const { return message_; }
 
-  void fail(const std::string& msg) {
-    if (ok()) message_ = msg;
+  /// Records `format` (printf-style, with args) unless a failure is already recorded.
+  template <class... Args>
+  void fail(const char* format, Args... args) {
+    if (!ok()) return;
+    if constexpr (sizeof...(Args) == 0)
+      std::snprintf(message_, sizeof message_, "%s", format);
+    else
+      std::snprintf(message_, sizeof message_, format, args...);
   }
   void at_least(const char* name, double v, double lo) {
-    if (!(v >= lo)) fail(std::string(name) + " must be >= " + fmt(lo) + ", got " + fmt(v));
+    if (!(v >= lo)) fail("%s must be >= %g, got %g", name, lo, v);
   }
   void in_unit_interval(const char* name, double v) {  // [0, 1)
-    if (!(v >= 0.0 && v < 1.0)) fail(std::string(name) + " must be in [0, 1), got " + fmt(v));
+    if (!(v >= 0.0 && v < 1.0)) fail("%s must be in [0, 1), got %g", name, v);
   }
   void in_open_unit_interval(const char* name, double v) {  // (0, 1)
-    if (!(v > 0.0 && v < 1.0)) fail(std::string(name) + " must be in (0, 1), got " + fmt(v));
+    if (!(v > 0.0 && v < 1.0)) fail("%s must be in (0, 1), got %g", name, v);
   }
   void greater_than(const char* name, double v, double lo) {
-    if (!(v > lo)) fail(std::string(name) + " must be > " + fmt(lo) + ", got " + fmt(v));
-  }
-
-  static std::string fmt(double v) {
-    char buf[32];
-    std::snprintf(buf, sizeof buf, "%g", v);
-    return buf;
+    if (!(v > lo)) fail("%s must be > %g, got %g", name, lo, v);
   }
 
  private:
-  std::string message_;
+  char message_[256] = {};
 };
 
 /// A's state names (A::kStates, in the functor's order) and their number; an algorithm that
@@ -129,6 +130,33 @@ template <class A, class = void>
 struct RowwiseCapable : std::false_type {};
 template <class A>
 struct RowwiseCapable<A, std::void_t<typename A::RowOp>> : std::true_type {};
+
+/// Whether options `o` make algorithm A row-wise (false where A has no row-wise form).
+template <class A>
+bool is_rowwise(const typename A::Options& o) {
+  if constexpr (RowwiseCapable<A>::value)
+    return A::rowwise(o);
+  else
+    return false;
+}
+
+/// How many values a state keeps, relative to its param of shape [d0, d1, ...]: one per
+/// element, or one per row (d0 of them; row-wise AdaGrad). An algorithm whose states differ
+/// in shape declares `static StateShape state_shape(const Options&, int k)`; otherwise its
+/// states are per row where its options make it row-wise, per element elsewhere.
+enum class StateShape : int { element = 0, row = 1 };
+
+template <class A, class = void>
+struct StateShapes {
+  static StateShape of(const typename A::Options& o, int) {
+    return is_rowwise<A>(o) ? StateShape::row : StateShape::element;
+  }
+};
+template <class A>
+struct StateShapes<A,
+                   std::void_t<decltype(A::state_shape(std::declval<typename A::Options>(), 0))>> {
+  static StateShape of(const typename A::Options& o, int k) { return A::state_shape(o, k); }
+};
 
 /// base^n for n >= 0 by binary exponentiation in double: the same IEEE multiplications in the
 /// same order on the host and the device, so step scalars built on the GPU (capturable

@@ -19,7 +19,7 @@ struct DensePtrs {
   float* param;
   const float* grad;
   float* states[kMaxStates];
-  float grad_scale = 1.0f;  // every gradient is multiplied by this first (exact when 1)
+  float grad_multiplier = 1.0f;  // every gradient is multiplied by this first (exact when 1)
 };
 
 template <class Io, class Op>
@@ -36,7 +36,7 @@ inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t 
   float* const s0 = t.states[0];
   float* const s1 = t.states[1];
   float* const s2 = t.states[2];
-  const V scale(t.grad_scale);
+  const V scale(t.grad_multiplier);
   std::int64_t i = begin;
   for (; i + W <= end; i += W) {
     V pv = Io::load(p + i);

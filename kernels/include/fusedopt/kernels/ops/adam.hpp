@@ -71,8 +71,11 @@ struct AdamOptionsBase {
   bool amsgrad = false, maximize = false;
 };
 
-template <class Options>
+/// Everything adam and adamw declare but their name: options `O`, and where weight decay goes.
+template <class O, bool kDecoupled>
 struct AdamFamily {
+  using Options = O;
+  using Op = AdamOp;
   static constexpr OptionField<Options> kOptions[] = {
       real_option<Options>("lr", &Options::lr),
       real_option<Options>("beta1", &Options::beta1),
@@ -89,16 +92,14 @@ struct AdamFamily {
     validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
     v.at_least("weight_decay", o.weight_decay, 0.0);
   }
-};
-
-struct Adam : AdamFamily<AdamOptionsBase> {
-  static constexpr const char* kName = "adam";
-  using Options = AdamOptionsBase;
-  using Op = AdamOp;
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
     return AdamOp::make(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.amsgrad, o.maximize,
-                        /*decoupled=*/false, step);
+                        kDecoupled, step);
   }
+};
+
+struct Adam : AdamFamily<AdamOptionsBase, /*kDecoupled=*/false> {
+  static constexpr const char* kName = "adam";
 };
 
 }  // namespace fo

@@ -54,8 +54,8 @@ struct Rprop {
     v.greater_than("eta_plus", o.eta_plus, 1.0);
     v.at_least("step_size_min", o.step_size_min, 0.0);
     if (!(o.step_size_min <= o.step_size_max))
-      v.fail("step_size_min must be <= step_size_max, got " + Validator::fmt(o.step_size_min) +
-             " > " + Validator::fmt(o.step_size_max));
+      v.fail("step_size_min must be <= step_size_max, got %g > %g", o.step_size_min,
+             o.step_size_max);
   }
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t) {
     RpropOp op{};

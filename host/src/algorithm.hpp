@@ -1,0 +1,68 @@
+// The one place where an algorithm's type is erased. The optimizer objects and the C ABI work
+// by name and with options as numbers; Algorithm is what they hold: implemented once, by
+// AlgorithmImpl<A> (algorithms.cpp), for every registered algorithm. It keeps each param's
+// options as A::Options, made once when they change, and steps through the backends' typed
+// templates: no algorithm index, no untyped payload, no option vector in a step.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "cpu/cpu_backend.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "fusedopt/optimizer.hpp"
+#include "sparse.hpp"
+
+namespace fo::detail {
+
+/// What a param's option values imply for the generic layer: checked once, when they change.
+struct OptionFacts {
+  std::string error;  // why the values are invalid, or "" when they are valid
+  bool has_state[kMaxStates] = {};
+  float state_init[kMaxStates] = {};
+  StateShape state_shape[kMaxStates] = {};
+  bool dense = true;           // takes dense steps (every state per element)
+  std::string sparse_refusal;  // why a sparse step refuses these values, or ""
+};
+
+/// Values in a state of this shape for a param of `shape` (numel elements).
+std::int64_t state_numel(StateShape s, const std::vector<std::int64_t>& shape, std::int64_t numel);
+
+class Algorithm {
+ public:
+  virtual ~Algorithm() = default;
+  virtual const AlgorithmDescription& description() const = 0;
+
+  /// What option values (description().options order) mean; .error when they are invalid
+  /// (not finite, a flag not 0 or 1, or against the algorithm's constraints).
+  virtual OptionFacts facts(const std::vector<double>& values) const = 0;
+
+  /// Sets the options of param `param` (an index up to the number set so far, which adds one)
+  /// from valid values. Only adding can throw (memory).
+  virtual void set_options(std::size_t param, const std::vector<double>& values) = 0;
+  /// Whether params a and b have equal options (they can share a multi-tensor launch).
+  virtual bool same_options(std::size_t a, std::size_t b) const = 0;
+
+  /// A dense step of param `param` on the CPU at step count `step`.
+  virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
+                        std::int64_t n) const = 0;
+  /// A multi-tensor step on CUDA of tensors sharing the options of param `param`.
+  virtual void cuda_step(std::size_t param, const cuda::ListEntry* entries, std::size_t n,
+                         const cuda::ListPlan& plan, const cuda::ListSettings& settings,
+                         void* stream) const = 0;
+  /// A sparse step of param `param` (description().sparse) at step count `step`.
+  virtual void sparse_step(std::size_t param, std::int64_t step, const SparseStep& s, Device device,
+                           void* stream) const = 0;
+};
+
+/// A new Algorithm of the registered algorithm `name` with no params, or null if unknown.
+std::unique_ptr<Algorithm> make_algorithm(std::string_view name);
+
+/// Index of `key` in `names`, or -1.
+int index_of(const std::vector<std::string>& names, std::string_view key);
+
+}  // namespace fo::detail

@@ -1,0 +1,140 @@
+// The registry at run time: AlgorithmImpl<A>, the one implementation of Algorithm, made for
+// each registered algorithm by name.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "algorithm.hpp"
+#include "typed_options.hpp"
+
+namespace fo::detail {
+namespace {
+
+template <class A>
+AlgorithmDescription describe() {
+  AlgorithmDescription d;
+  d.name = A::kName;
+  const typename A::Options defaults{};
+  for (const auto& f : A::kOptions) {
+    d.options.emplace_back(f.name);
+    d.defaults.push_back(f.get(defaults));
+    d.is_flag.push_back(f.flag != nullptr);
+  }
+  for (int k = 0; k < StateList<A>::count; ++k) d.states.emplace_back(StateList<A>::name(k));
+  d.sparse = SparseCapable<A>::value;
+  return d;
+}
+
+template <class A>
+const AlgorithmDescription& description_of() {
+  static const AlgorithmDescription d = describe<A>();
+  return d;
+}
+
+template <class A>
+class AlgorithmImpl final : public Algorithm {
+ public:
+  using Options = typename A::Options;
+
+  const AlgorithmDescription& description() const override { return description_of<A>(); }
+
+  OptionFacts facts(const std::vector<double>& values) const override {
+    OptionFacts f;
+    int i = 0;
+    for (const auto& field : A::kOptions) {
+      const double v = values[i++];
+      if (!std::isfinite(v)) {
+        f.error = std::string(A::kName) + ": option " + field.name + " must be finite, got " +
+                  format_number(v);
+        return f;
+      }
+      if (field.flag && v != 0.0 && v != 1.0) {
+        f.error = std::string(A::kName) + ": option " + field.name +
+                  " is a flag and takes 0 or 1, got " + format_number(v);
+        return f;
+      }
+    }
+    const Options o = unpack<A>(values);
+    f.error = options_error<A>(o);
+    if (!f.error.empty()) return f;
+    for (int k = 0; k < StateList<A>::count; ++k) {
+      f.has_state[k] = A::has_state(o, k);
+      f.state_init[k] = static_cast<float>(A::state_init(o, k));
+      f.state_shape[k] = StateShapes<A>::of(o, k);
+      if (f.has_state[k] && f.state_shape[k] != StateShape::element) f.dense = false;
+    }
+    f.sparse_refusal = SparseRefusal<A>::of(o);
+    return f;
+  }
+
+  void set_options(std::size_t param, const std::vector<double>& values) override {
+    if (param == options_.size())
+      options_.push_back(unpack<A>(values));
+    else
+      options_[param] = unpack<A>(values);
+  }
+
+  bool same_options(std::size_t a, std::size_t b) const override {
+    for (const auto& f : A::kOptions)
+      if (f.get(options_[a]) != f.get(options_[b])) return false;
+    return true;
+  }
+
+  void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
+                std::int64_t n) const override {
+    cpu::dense_step<A>(options_[param], step, t, n);
+  }
+
+  void cuda_step(std::size_t param, const cuda::ListEntry* entries, std::size_t n,
+                 const cuda::ListPlan& plan, const cuda::ListSettings& settings,
+                 void* stream) const override {
+    cuda::multi_tensor_step<A>(options_[param], entries, n, plan, settings, stream);
+  }
+
+  void sparse_step(std::size_t param, std::int64_t step, const SparseStep& s, Device device,
+                   void* stream) const override {
+    if (device == Device::cuda)
+      cuda::sparse_step<A>(options_[param], step, s, stream);
+    else
+      cpu::sparse_step<A>(options_[param], step, s);
+  }
+
+ private:
+  std::vector<Options> options_;  // by param index
+};
+
+}  // namespace
+
+std::unique_ptr<Algorithm> make_algorithm(std::string_view name) {
+#define FO_MAKE(A) \
+  if (name == A::kName) return std::make_unique<AlgorithmImpl<A>>();
+  FO_FOR_EACH_DENSE_ALGORITHM(FO_MAKE)
+#undef FO_MAKE
+  return nullptr;
+}
+
+int index_of(const std::vector<std::string>& names, std::string_view key) {
+  for (std::size_t i = 0; i < names.size(); ++i)
+    if (names[i] == key) return static_cast<int>(i);
+  return -1;
+}
+
+std::int64_t state_numel(StateShape s, const std::vector<std::int64_t>& shape, std::int64_t numel) {
+  if (s == StateShape::row && !shape.empty()) return shape[0];
+  return numel;
+}
+
+}  // namespace fo::detail
+
+namespace fo {
+
+const std::vector<AlgorithmDescription>& dense_algorithms() {
+  static const std::vector<AlgorithmDescription> all = {
+#define FO_DESCRIBE(A) detail::description_of<A>(),
+      FO_FOR_EACH_DENSE_ALGORITHM(FO_DESCRIBE)
+#undef FO_DESCRIBE
+  };
+  return all;
+}
+
+}  // namespace fo

@@ -1,0 +1,197 @@
+// Optimizer checkpoints: save and load (the file format is checkpoint.hpp's). A load checks
+// everything, the file's options and every state tensor, before it changes anything.
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "checkpoint.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "fusedopt/kernels/convert.hpp"
+#include "optimizer_impl.hpp"
+
+namespace fo {
+
+using detail::invalid;
+using detail::kMasterState;
+using detail::OptionFacts;
+using detail::ParamEntry;
+using detail::Settings;
+
+void Optimizer::save(const std::string& path) const {
+  const Impl& m = *impl_;
+  detail::CheckpointData d;
+  d.algorithm = m.desc().name;
+  for (std::size_t k = 0; k < m.defaults.size(); ++k)
+    d.options.emplace_back(m.desc().options[k], m.defaults[k]);
+  for (const auto& key : Settings::keys()) d.options.emplace_back(key, m.settings.get(key));
+  for (const ParamEntry& p : m.params) {
+    detail::CheckpointParam cp{p.name, p.dtype, p.shape, step_count(p.name), {}};
+    for (std::size_t k = 0; k < p.overrides.size(); ++k)
+      if (p.overrides[k]) cp.overrides.emplace_back(m.desc().options[k], *p.overrides[k]);
+    d.params.push_back(std::move(cp));
+    const bool has_state = p.master || std::any_of(std::begin(p.states), std::end(p.states),
+                                                   [](const auto& b) { return b.has_value(); });
+    if (!has_state) continue;  // never stepped: its state is still the initial value
+    for (const auto& s : state_names(p.name)) d.tensors.push_back({p.name, s, state(p.name, s)});
+  }
+  detail::write_file_atomically(path, detail::encode_checkpoint(d));
+}
+
+void Optimizer::load(const std::string& path) {
+  Impl& m = *impl_;
+  const std::vector<unsigned char> bytes = detail::read_file(path);
+  const detail::CheckpointData d = detail::decode_checkpoint(bytes.data(), bytes.size());
+  const std::string who = "load('" + path + "'): ";
+  if (d.algorithm != m.desc().name)
+    invalid(who + "the checkpoint is of " + d.algorithm + ", this optimizer is " + m.desc().name);
+  // 1. Options and settings, validated on copies.
+  std::vector<double> defaults = m.desc().defaults;
+  Settings settings;
+  std::vector<std::string> seen_keys;
+  for (const auto& [key, value] : d.options) {
+    if (std::find(seen_keys.begin(), seen_keys.end(), key) != seen_keys.end())
+      throw Error(StatusCode::corrupt_data, who + "option '" + key + "' appears twice");
+    seen_keys.push_back(key);
+    if (Settings::is_key(key)) {
+      // States are float32 in the file: a bf16-state checkpoint loads onto the CPU as f32.
+      const bool cpu_bf16 = key == "state_dtype" && value == 2.0 && m.device != Device::cuda;
+      settings.set(key, cpu_bf16 ? 0.0 : value, m.device);
+      continue;
+    }
+    defaults[m.option_index(key)] = value;
+  }
+  m.checked_facts(defaults, who);
+  // 2. The same params, by name, shape and dtype: every mismatch in one message.
+  std::vector<std::string> problems;
+  std::unordered_map<std::string, const detail::CheckpointParam*> in_file;
+  for (const auto& cp : d.params)
+    if (!in_file.emplace(cp.name, &cp).second)
+      throw Error(StatusCode::corrupt_data, who + "param '" + cp.name + "' appears twice");
+  for (const auto& t : d.tensors)
+    if (!in_file.count(t.param))
+      throw Error(StatusCode::corrupt_data, who + "a tensor of unknown param '" + t.param + "'");
+  for (const ParamEntry& p : m.params) {
+    auto it = in_file.find(p.name);
+    if (it == in_file.end()) {
+      problems.push_back("param '" + p.name + "' is not in the checkpoint");
+      continue;
+    }
+    const detail::CheckpointParam& cp = *it->second;
+    if (cp.shape != p.shape) {
+      std::string a, b;
+      for (auto x : cp.shape) a += (a.empty() ? "" : "x") + std::to_string(x);
+      for (auto x : p.shape) b += (b.empty() ? "" : "x") + std::to_string(x);
+      problems.push_back("param '" + p.name + "' has shape [" + b + "], the checkpoint [" + a +
+                         "]");
+    }
+    if (cp.dtype != p.dtype)
+      problems.push_back("param '" + p.name + "' is " + dtype_name(p.dtype) + ", the checkpoint " +
+                         dtype_name(cp.dtype));
+  }
+  for (const auto& cp : d.params)
+    if (!m.by_name.count(cp.name))
+      problems.push_back("the checkpoint's param '" + cp.name + "' is not in this optimizer");
+  if (!problems.empty()) {
+    std::string msg;
+    for (const auto& x : problems) msg += (msg.empty() ? "" : "; ") + x;
+    invalid(who + "the checkpoint does not match this optimizer: " + msg);
+  }
+  // 3. Per param: options, state tensors complete and of the right size, new buffers filled.
+  struct Loaded {
+    std::vector<std::optional<double>> overrides;
+    std::vector<double> options;
+    OptionFacts facts;
+    std::int64_t step;
+    std::optional<detail::Buffer> states[kMaxStates];
+    std::optional<detail::Buffer> master;
+  };
+  std::vector<Loaded> loaded(m.params.size());
+  std::unordered_map<std::string, std::vector<const detail::CheckpointTensor*>> tensors;
+  for (const auto& t : d.tensors) tensors[t.param].push_back(&t);
+  for (std::size_t i = 0; i < m.params.size(); ++i) {
+    const ParamEntry& p = m.params[i];
+    const detail::CheckpointParam& cp = *in_file.at(p.name);
+    Loaded& l = loaded[i];
+    l.step = cp.step;
+    l.overrides.resize(defaults.size());
+    for (const auto& [key, value] : cp.overrides) l.overrides[m.option_index(key)] = value;
+    l.options = defaults;
+    for (std::size_t k = 0; k < defaults.size(); ++k)
+      if (l.overrides[k]) l.options[k] = *l.overrides[k];
+    l.facts = m.checked_facts(l.options, who + "param '" + p.name + "': ");
+    const auto& ts = tensors[p.name];
+    std::vector<std::string> expected;
+    for (int k = 0; k < static_cast<int>(m.desc().states.size()); ++k)
+      if (l.facts.has_state[k]) expected.push_back(m.desc().states[k]);
+    const bool master = settings.master_weights && p.dtype != DType::f32;
+    if (master) expected.emplace_back(kMasterState);
+    if (ts.empty()) {  // never stepped, or state-free under these options (sgd, momentum 0)
+      if (cp.step > 0 && !expected.empty())
+        throw Error(StatusCode::corrupt_data,
+                    who + "param '" + p.name + "' has stepped but the checkpoint has no state");
+      continue;
+    }
+    if (ts.size() != expected.size())
+      throw Error(StatusCode::corrupt_data,
+                  who + "param '" + p.name + "' has " + std::to_string(ts.size()) +
+                      " state tensors, expected " + std::to_string(expected.size()));
+    for (const auto* t : ts) {
+      if (std::find(expected.begin(), expected.end(), t->state) == expected.end())
+        throw Error(StatusCode::corrupt_data,
+                    who + "param '" + p.name + "' has an unexpected state '" + t->state + "'");
+      const bool is_master = t->state == kMasterState;
+      const int k = is_master ? -1 : detail::index_of(m.desc().states, t->state);
+      const std::int64_t count = is_master ? p.numel : p.state_numel(l.facts, k);
+      if (static_cast<std::int64_t>(t->values.size()) != count)
+        throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
+                                                  "' has " + std::to_string(t->values.size()) +
+                                                  " values, expected " + std::to_string(count));
+      const DType storage = is_master ? DType::f32 : settings.state_dtype;
+      const std::size_t bytes_needed = static_cast<std::size_t>(count) * dtype_size(storage);
+      std::optional<detail::Buffer>& slot = is_master ? l.master : l.states[k];
+      if (slot) throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' twice");
+      slot.emplace(m.device, m.device_index, bytes_needed);
+      if (m.device == Device::cuda) {
+        cuda::DeviceGuard guard(m.device_index);
+        if (storage == DType::f32) {
+          cuda::copy_from_host(slot->data(), t->values.data(), bytes_needed, nullptr);
+        } else {
+          std::vector<std::uint16_t> raw(t->values.size());
+          for (std::size_t j = 0; j < raw.size(); ++j) raw[j] = to_bf16(t->values[j]).bits;
+          cuda::copy_from_host(slot->data(), raw.data(), bytes_needed, nullptr);
+        }
+      } else {
+        std::copy(t->values.begin(), t->values.end(), slot->f32());
+      }
+    }
+  }
+  // 4. Commit: nothing below throws but a device failure writing the step counts.
+  if (m.device == Device::cuda) {
+    cuda::DeviceGuard guard(m.device_index);
+    m.grow_device_steps(nullptr);
+    std::vector<std::int64_t> steps(m.d_steps_capacity, 0);
+    for (std::size_t i = 0; i < m.params.size(); ++i) steps[m.params[i].key] = loaded[i].step;
+    cuda::copy_from_host(m.d_steps->data(), steps.data(), steps.size() * sizeof(std::int64_t),
+                         nullptr);
+    // The copies ran on the legacy default stream, which does not order against non-blocking
+    // streams: finish them before any step can read the state.
+    cuda::synchronize();
+  }
+  m.defaults = std::move(defaults);
+  m.settings = settings;
+  for (std::size_t i = 0; i < m.params.size(); ++i) {
+    ParamEntry& p = m.params[i];
+    Loaded& l = loaded[i];
+    p.overrides = std::move(l.overrides);
+    m.assign(i, std::move(l.options), std::move(l.facts));
+    p.steps_launched = l.step;
+    for (int k = 0; k < kMaxStates; ++k) p.states[k] = std::move(l.states[k]);
+    p.master = std::move(l.master);
+  }
+}
+
+}  // namespace fo

@@ -1,0 +1,160 @@
+// fo::Optimizer's state, shared by the files that implement it: optimizer.cpp (options,
+// params, state queries), settings.cpp (the optimizer-wide step settings), optimizer_step.cpp
+// (dense and sparse steps) and optimizer_checkpoint.cpp (save and load).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "algorithm.hpp"
+#include "buffer.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "fusedopt/optimizer.hpp"
+
+namespace fo::detail {
+
+[[noreturn]] void invalid(const std::string& msg);
+[[noreturn]] void unsupported(const std::string& msg);
+std::string join(const std::vector<std::string>& v);
+
+inline constexpr const char* kMasterState = "master";
+
+/// Optimizer-wide step settings (optimizer.hpp), kept apart from the algorithm's options.
+struct Settings {
+  double grad_scale = 1.0;  // gradients are divided by it
+  double max_grad_norm = 0.0;
+  bool skip_nonfinite = false;
+  bool master_weights = false;
+  DType state_dtype = DType::f32;
+  bool fp32_grads = false;
+  bool stochastic_rounding = false;
+  double seed = 0.0;
+
+  static const std::vector<std::string>& keys();
+  static bool is_key(std::string_view key);
+  /// Settings that fix a param's storage once it has stepped.
+  static bool is_storage_key(std::string_view key);
+  double get(std::string_view key) const;
+  /// Validates and sets; throws without changing anything.
+  void set(std::string_view key, double v, Device device);
+  /// What multiplies the gradients: 1 / grad_scale.
+  float grad_multiplier() const { return static_cast<float>(1.0 / grad_scale); }
+};
+
+struct ParamEntry {
+  std::string name;
+  void* data;
+  DType dtype;
+  std::vector<std::int64_t> shape;
+  std::int64_t numel;
+  int key;                                       // its index: RNG stream and device step slot
+  std::vector<std::optional<double>> overrides;  // per option index
+  std::vector<double> options;                   // effective: defaults with overrides applied
+  OptionFacts facts;                             // what `options` imply
+  // Steps launched. On the CPU every launched step is taken (a skipped one is not launched);
+  // on CUDA the device may skip one (found_inf), so the device's count is the step count and
+  // this is an upper bound of it.
+  std::int64_t steps_launched = 0;
+  std::optional<Buffer> states[kMaxStates];  // created at the first step
+  std::optional<Buffer> master;              // f32 master weights
+
+  /// Values in state k's buffer under facts `f`.
+  std::int64_t state_numel(const OptionFacts& f, int k) const {
+    return detail::state_numel(f.state_shape[k], shape, numel);
+  }
+  /// True once the param has state or master buffers (or has stepped): its storage layout is
+  /// then fixed, even if the step that created the buffers failed or was skipped.
+  bool has_buffers() const {
+    if (steps_launched > 0 || master) return true;
+    for (const auto& b : states)
+      if (b) return true;
+    return false;
+  }
+};
+
+/// Params that share options and dtype: one multi-tensor launch sequence per step on CUDA.
+/// Its entries and plan are kept between steps: a step that steps the same params as the
+/// previous one plans nothing and allocates nothing.
+struct StepGroup {
+  std::vector<std::size_t> members;  // param indices
+  std::vector<std::size_t> planned;  // the members the plan was made for
+  std::vector<cuda::ListEntry> entries;
+  cuda::ListPlan plan;
+};
+
+}  // namespace fo::detail
+
+namespace fo {
+
+struct Optimizer::Impl {
+  std::unique_ptr<detail::Algorithm> algorithm;
+  Device device;
+  int device_index;
+  std::vector<double> defaults;
+  detail::Settings settings;
+  std::vector<detail::ParamEntry> params;
+  std::map<std::string, std::size_t, std::less<>> by_name;  // finds a string_view, no copy
+
+  // The step path's scratch, kept between steps so that a step allocates nothing.
+  std::vector<std::size_t> stepping;
+  std::vector<double> norm_partials;
+  std::vector<detail::StepGroup> groups;  // CUDA; rebuilt when options or params change
+  bool groups_stale = true;
+  detail::StepGroup norm_list;  // CUDA: every stepping param, for the norm pass
+
+  // CPU: the last norm. CUDA: device buffers for step counts, the norm pass and its scalars.
+  float host_norm = std::numeric_limits<float>::quiet_NaN();
+  std::optional<detail::Buffer> d_steps;  // int64 per param key
+  std::size_t d_steps_capacity = 0;
+  std::optional<detail::Buffer> d_workspace;
+  std::optional<detail::Buffer> d_scalars;  // [norm, clip, found_inf]
+  bool norm_computed = false;
+  const float* d_lr = nullptr;
+  const float* d_grad_multiplier = nullptr;
+  float* d_found_inf = nullptr;
+  // CUDA: the grad pointer of each param last found to be memory of this device. A training
+  // loop passes the same buffers every step, so the pointer query runs once per buffer, not
+  // once per step. (Under unified addressing a live device range is never a host address.)
+  std::vector<const void*> device_checked_grads;
+
+  const AlgorithmDescription& desc() const { return algorithm->description(); }
+
+  /// Index of option `key`; throws naming the options and settings if there is none.
+  int option_index(std::string_view key) const;
+  /// Facts of `values`; throws (invalid_argument, prefixed by `who`) if they are invalid.
+  detail::OptionFacts checked_facts(const std::vector<double>& values,
+                                    const std::string& who) const;
+  /// Throws if param `p` may not move to options with facts `next`.
+  void check_transition(const detail::ParamEntry& p, const detail::OptionFacts& next) const;
+  /// Commits valid options to param i (its typed options included).
+  void assign(std::size_t i, std::vector<double> values, detail::OptionFacts facts) noexcept;
+
+  detail::ParamEntry& param(std::string_view name);
+  const detail::ParamEntry& param(std::string_view name) const;
+
+  DType grad_dtype(const detail::ParamEntry& p) const {
+    return settings.fp32_grads ? DType::f32 : p.dtype;
+  }
+  bool has_master(const detail::ParamEntry& p) const {
+    return settings.master_weights && p.dtype != DType::f32;
+  }
+  std::size_t state_bytes(const detail::ParamEntry& p, int k) const {
+    return static_cast<std::size_t>(p.state_numel(p.facts, k)) * dtype_size(settings.state_dtype);
+  }
+
+  void create_first_step_state(const std::size_t* indices, std::size_t n, void* stream);
+  void grow_device_steps(void* stream);
+  float cpu_norm(const void* const* grads, float mult, bool* nonfinite);
+  void step_cpu(const void* const* grads);
+  void regroup();
+  void step_cuda(const void* const* grads, void* stream);
+};
+
+}  // namespace fo

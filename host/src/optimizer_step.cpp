@@ -1,0 +1,365 @@
+// Optimizer steps: the gradient-norm pass (clipping, the non-finite check), then one fused
+// pass per param on the CPU, or one multi-tensor launch sequence per group of params sharing
+// options and dtype on CUDA; and sparse steps of embedding tables. After a param's first step
+// (which creates its state) a step allocates nothing and plans no launch it planned before.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_backend.hpp"
+#include "cuda/cuda_backend.hpp"
+#include "optimizer_impl.hpp"
+
+namespace fo {
+
+using detail::invalid;
+using detail::ParamEntry;
+using detail::unsupported;
+
+void Optimizer::step(std::initializer_list<const void*> grads, void* stream) {
+  if (grads.size() != impl_->params.size())
+    invalid("step: got " + std::to_string(grads.size()) + " grads for " +
+            std::to_string(impl_->params.size()) + " params");
+  step(grads.begin(), stream);
+}
+
+void Optimizer::step(const void* const* grads, void* stream) {
+  Impl& m = *impl_;
+  if (!grads && !m.params.empty()) invalid("step: the grads array is null");
+  // 1. Validate every gradient before anything is written.
+  const bool cuda = m.device == Device::cuda;
+  m.stepping.clear();
+  for (std::size_t i = 0; i < m.params.size(); ++i) {
+    const void* g = grads[i];
+    if (!g) continue;
+    const ParamEntry& p = m.params[i];
+    if (!p.facts.dense)
+      unsupported("step: param '" + p.name + "' keeps per-row state (" + m.desc().name +
+                  " with these options): it takes sparse steps (step_sparse) only");
+    if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
+      invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
+    // A host pointer in a kernel would be an illegal address that ends the CUDA context.
+    const bool known = i < m.device_checked_grads.size() && m.device_checked_grads[i] == g;
+    if (cuda && p.numel > 0 && !known && !cuda::is_device_pointer(g, m.device_index))
+      invalid("step: the grad of param '" + p.name + "' is not memory of CUDA device " +
+              std::to_string(m.device_index));
+    m.stepping.push_back(i);
+  }
+  if (cuda) {
+    m.device_checked_grads.resize(m.params.size(), nullptr);
+    for (std::size_t i : m.stepping)
+      if (m.params[i].numel > 0) m.device_checked_grads[i] = grads[i];
+    cuda::DeviceGuard guard(m.device_index);
+    m.step_cuda(grads, stream);
+  } else {
+    m.step_cpu(grads);
+  }
+}
+
+// Creates the state of params stepping for the first time; a failed allocation leaves every
+// param as it was.
+void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::size_t n,
+                                              void* stream) {
+  if (std::all_of(indices, indices + n, [&](std::size_t i) { return params[i].has_buffers(); }))
+    return;
+  struct Fresh {
+    std::size_t index;
+    std::vector<std::optional<detail::Buffer>> states;
+    std::optional<detail::Buffer> master;
+  };
+  std::vector<Fresh> fresh;
+  for (std::size_t j = 0; j < n; ++j) {
+    const std::size_t i = indices[j];
+    const ParamEntry& p = params[i];
+    if (p.has_buffers()) continue;
+    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt};
+    for (int k = 0; k < static_cast<int>(desc().states.size()); ++k)
+      if (p.facts.has_state[k]) f.states[k].emplace(device, device_index, state_bytes(p, k));
+    if (has_master(p))
+      f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
+    fresh.push_back(std::move(f));
+  }
+  for (Fresh& f : fresh) {  // nothing below allocates
+    ParamEntry& p = params[f.index];
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!f.states[k]) continue;
+      const float init = p.facts.state_init[k];
+      const std::int64_t count = p.state_numel(p.facts, k);
+      if (device == Device::cuda)
+        cuda::fill(f.states[k]->data(), settings.state_dtype, init, count, stream);
+      else
+        std::fill(f.states[k]->f32(), f.states[k]->f32() + count, init);
+      p.states[k] = std::move(f.states[k]);
+    }
+    if (f.master) {
+      cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
+      p.master = std::move(f.master);
+    }
+  }
+}
+
+// The norm of all stepping gradients times `mult`: fixed chunks summed in double, then in
+// order, so the result does not depend on the thread count.
+float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonfinite) {
+  constexpr std::int64_t kChunk = 1 << 16;
+  double total = 0.0;
+  bool bad = false;
+  for (std::size_t i : stepping) {
+    const float* g = static_cast<const float*>(grads[i]);
+    const std::int64_t n = params[i].numel, chunks = (n + kChunk - 1) / kChunk;
+    norm_partials.assign(static_cast<std::size_t>(chunks), 0.0);
+    double* const partial = norm_partials.data();
+    int any_bad = 0;
+#pragma omp parallel for num_threads(cpu::num_threads()) reduction(| : any_bad) schedule(static)
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      double s = 0.0;
+      const std::int64_t end = std::min(n, (c + 1) * kChunk);
+      for (std::int64_t j = c * kChunk; j < end; ++j) {
+        const float x = g[j] * mult;
+        any_bad |= !std::isfinite(x);
+        s += static_cast<double>(x) * x;
+      }
+      partial[c] = s;
+    }
+    for (std::int64_t c = 0; c < chunks; ++c) total += partial[c];
+    bad = bad || any_bad;
+  }
+  *nonfinite = bad;
+  return static_cast<float>(std::sqrt(total));
+}
+
+void Optimizer::Impl::step_cpu(const void* const* grads) {
+  float mult = settings.grad_multiplier();
+  if (settings.max_grad_norm > 0.0 || settings.skip_nonfinite) {
+    bool nonfinite = false;
+    host_norm = cpu_norm(grads, mult, &nonfinite);
+    norm_computed = true;
+    if (nonfinite && settings.skip_nonfinite) return;  // nothing changes, no step is counted
+    if (settings.max_grad_norm > 0.0)
+      mult *= std::min(1.0f, static_cast<float>(settings.max_grad_norm) / (host_norm + 1e-6f));
+  }
+  create_first_step_state(stepping.data(), stepping.size(), nullptr);
+  for (std::size_t i : stepping) {
+    ParamEntry& p = params[i];
+    cpu::DensePtrs t{static_cast<float*>(p.data), static_cast<const float*>(grads[i]), {}, mult};
+    for (int k = 0; k < kMaxStates; ++k) t.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
+    if (p.numel > 0) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel);
+    ++p.steps_launched;
+  }
+}
+
+// Device step counts by param key; grows (keeping the counts) as params are added.
+void Optimizer::Impl::grow_device_steps(void* stream) {
+  if (d_steps && d_steps_capacity >= params.size()) return;
+  const std::size_t capacity = std::max<std::size_t>(16, 2 * params.size());
+  detail::Buffer next(device, device_index, capacity * sizeof(std::int64_t));
+  cuda::memset_zero(next.data(), capacity * sizeof(std::int64_t), stream);
+  if (d_steps) {  // params were added after stepping: carry the old counts over
+    std::vector<std::int64_t> h(d_steps_capacity);
+    cuda::copy_to_host(h.data(), d_steps->data(), h.size() * sizeof(std::int64_t));
+    cuda::copy_from_host(next.data(), h.data(), h.size() * sizeof(std::int64_t), stream);
+  }
+  d_steps = std::move(next);
+  d_steps_capacity = capacity;
+}
+
+// Groups the params by options and dtype, in param order (each group led by its first param).
+void Optimizer::Impl::regroup() {
+  std::vector<detail::StepGroup> next;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    auto same = [&](const detail::StepGroup& g) {
+      const std::size_t lead = g.members.front();
+      return params[lead].dtype == params[i].dtype && algorithm->same_options(lead, i);
+    };
+    auto it = std::find_if(next.begin(), next.end(), same);
+    if (it == next.end()) it = next.insert(next.end(), detail::StepGroup{});
+    it->members.push_back(i);
+  }
+  groups = std::move(next);
+  groups_stale = false;
+}
+
+namespace {
+
+// Fills g.entries with g's members that step (grads[i] non-null) and plans their launches
+// unless these are the members planned last time.
+void fill_group(detail::StepGroup& g, const std::vector<ParamEntry>& params,
+                const void* const* grads) {
+  g.entries.clear();
+  std::size_t n = 0;
+  bool same = true;
+  for (std::size_t i : g.members) {
+    if (!grads[i]) continue;
+    same = same && n < g.planned.size() && g.planned[n] == i;
+    ++n;
+    const ParamEntry& p = params[i];
+    cuda::ListEntry e{p.data, grads[i], p.master ? p.master->f32() : nullptr, {}, p.numel,
+                      0,      p.key};
+    for (int k = 0; k < kMaxStates; ++k) e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
+    g.entries.push_back(e);
+  }
+  if (same && n == g.planned.size()) return;
+  g.plan = cuda::plan_list(g.entries.data(), g.entries.size());
+  g.planned.clear();
+  for (std::size_t i : g.members)
+    if (grads[i]) g.planned.push_back(i);
+}
+
+}  // namespace
+
+void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
+  const bool clip = settings.max_grad_norm > 0.0;
+  const bool norm = clip || settings.skip_nonfinite;
+  const DType norm_dtype = stepping.empty() ? DType::f32 : grad_dtype(params[stepping[0]]);
+  if (norm)  // checked before anything is allocated
+    for (std::size_t i : stepping)
+      if (grad_dtype(params[i]) != norm_dtype)
+        unsupported("clipping and the non-finite check need one gradient dtype across params");
+  grow_device_steps(stream);
+  create_first_step_state(stepping.data(), stepping.size(), stream);
+  if (!d_scalars) d_scalars.emplace(device, device_index, 4 * sizeof(float));
+  if (groups_stale) regroup();
+
+  float* const scalars = d_scalars->f32();  // [norm, clip, found_inf]
+  const float mult = settings.grad_multiplier();
+  float* found_inf = d_found_inf;
+  if (!found_inf && settings.skip_nonfinite) {
+    found_inf = scalars + 2;
+    cuda::memset_zero(found_inf, sizeof(float), stream);
+  }
+  if (norm) {
+    // One pass over every stepping gradient. With none at all (every grad null) it still
+    // runs, over nothing, so that the norm reads 0 and the clipping coefficient 1, as on the
+    // CPU.
+    if (norm_list.members.size() != params.size()) {
+      norm_list.members.resize(params.size());
+      for (std::size_t i = 0; i < params.size(); ++i) norm_list.members[i] = i;
+    }
+    fill_group(norm_list, params, grads);
+    const std::int64_t ws = cuda::grad_norm_workspace(norm_list.plan);
+    if (!d_workspace || d_workspace->bytes() < static_cast<std::size_t>(ws) * sizeof(float))
+      d_workspace.emplace(device, device_index, static_cast<std::size_t>(ws) * sizeof(float));
+    cuda::grad_norm(norm_list.entries.data(), norm_list.plan, norm_dtype, mult, d_grad_multiplier,
+                    static_cast<float>(settings.max_grad_norm), settings.skip_nonfinite,
+                    d_workspace->f32(), scalars, scalars + 1, found_inf, stream);
+    norm_computed = true;
+  }
+  for (detail::StepGroup& g : groups) {
+    fill_group(g, params, grads);
+    if (g.entries.empty()) continue;
+    const ParamEntry& lead = params[g.members.front()];
+    cuda::ListSettings s;
+    s.param_dtype = lead.dtype;
+    s.grad_dtype = grad_dtype(lead);
+    s.state_dtype = settings.state_dtype;
+    s.stochastic = settings.stochastic_rounding;
+    s.seed = static_cast<std::uint64_t>(settings.seed);
+    s.grad_multiplier = mult;
+    s.d_lr = d_lr;
+    s.d_steps = static_cast<std::int64_t*>(d_steps->data());
+    s.d_grad_multiplier = d_grad_multiplier;
+    s.d_clip = clip ? scalars + 1 : nullptr;
+    s.d_found_inf = found_inf;
+    algorithm->cuda_step(g.members.front(), g.entries.data(), g.entries.size(), g.plan, s, stream);
+  }
+  for (std::size_t i : stepping) ++params[i].steps_launched;
+}
+
+void Optimizer::step_sparse(std::string_view name, const void* indices, DType index_dtype,
+                            std::int64_t nnz, const void* grad_rows, void* stream) {
+  Impl& m = *impl_;
+  ParamEntry& p = m.param(name);
+  // Built only for a message: a valid step allocates nothing.
+  const auto who = [&] { return "step_sparse('" + p.name + "'): "; };
+  if (!m.desc().sparse) {
+    std::string sparse;
+    for (const auto& a : dense_algorithms())
+      if (a.sparse) sparse += (sparse.empty() ? "" : ", ") + a.name;
+    unsupported(who() + m.desc().name + " has no sparse step (sparse: " + sparse + ")");
+  }
+  if (!p.facts.sparse_refusal.empty()) invalid(who() + p.facts.sparse_refusal);
+  if (p.dtype != DType::f32 || m.settings.state_dtype != DType::f32)
+    unsupported(who() + "sparse steps take float32 tables and states");
+  if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)
+    unsupported(who() + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
+  if (p.shape.empty() || p.shape[0] == 0 || p.numel == 0)
+    invalid(who() + "the table must have rows and columns (shape [rows x dim], dim > 0)");
+  if (index_dtype != DType::i32 && index_dtype != DType::i64)
+    invalid(who() + "indices must be int32 or int64, got " + dtype_name(index_dtype));
+  if (nnz < 0) invalid(who() + "nnz must be >= 0, got " + std::to_string(nnz));
+  if (m.device == Device::cuda && nnz > 2147483647)  // CUB's run-length encode counts in int
+    invalid(who() + "a CUDA sparse step takes at most 2^31-1 indices, got " + std::to_string(nnz));
+  const std::int64_t rows = p.shape[0], dim = p.numel / rows;
+  if (nnz > 0) {
+    if (!indices) invalid(who() + "indices is null");
+    if (!grad_rows) invalid(who() + "grad_rows is null");
+    if (reinterpret_cast<std::uintptr_t>(indices) % dtype_size(index_dtype) != 0)
+      invalid(who() + "indices are not aligned to their element size");
+    if (reinterpret_cast<std::uintptr_t>(grad_rows) % sizeof(float) != 0)
+      invalid(who() + "grad_rows is not aligned to its element size");
+    if (m.device == Device::cuda) {  // a host pointer in a kernel would end the CUDA context
+      if (!cuda::is_device_pointer(indices, m.device_index))
+        invalid(who() + "indices are not memory of CUDA device " + std::to_string(m.device_index));
+      if (!cuda::is_device_pointer(grad_rows, m.device_index))
+        invalid(who() + "grad_rows is not memory of CUDA device " + std::to_string(m.device_index));
+    }
+  }
+  const detail::SparseStep probe{
+      nullptr, {nullptr, nullptr, nullptr},         rows, dim, indices, index_dtype,
+      nnz,     static_cast<const float*>(grad_rows)};
+  const bool cuda = m.device == Device::cuda;
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(m.device_index);
+  if (nnz > 0) {
+    const std::int64_t bad =
+        cuda ? cuda::sparse_first_bad_index(probe, stream) : cpu::sparse_first_bad_index(probe);
+    if (bad >= 0) {
+      std::int64_t value = 0;
+      const std::size_t size = dtype_size(index_dtype);
+      const auto* src = static_cast<const char*>(indices) + bad * static_cast<std::int64_t>(size);
+      std::int32_t v32 = 0;
+      if (cuda)
+        cuda::copy_to_host(index_dtype == DType::i32 ? static_cast<void*>(&v32) : &value, src,
+                           size);
+      else if (index_dtype == DType::i32)
+        v32 = *reinterpret_cast<const std::int32_t*>(src);
+      else
+        value = *reinterpret_cast<const std::int64_t*>(src);
+      if (index_dtype == DType::i32) value = v32;
+      invalid(who() + "index " + std::to_string(value) + " at position " + std::to_string(bad) +
+              " is outside [0, " + std::to_string(rows) + "); nothing was changed");
+    }
+  }
+  const std::size_t index = m.by_name.at(p.name);
+  if (cuda) m.grow_device_steps(stream);
+  m.create_first_step_state(&index, 1, stream);
+  // The table's step count: on CUDA it lives on the device (dense steps count there too).
+  std::int64_t step = p.steps_launched;
+  auto* d_step = cuda ? static_cast<std::int64_t*>(m.d_steps->data()) + p.key : nullptr;
+  if (cuda && p.steps_launched > 0) cuda::copy_to_host(&step, d_step, sizeof step);
+  ++step;
+  if (nnz > 0) {
+    detail::SparseStep s = probe;
+    s.table = static_cast<float*>(p.data);
+    for (int k = 0; k < kMaxStates; ++k) s.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
+    m.algorithm->sparse_step(index, step, s, m.device, stream);
+  }
+  if (cuda) cuda::copy_from_host(d_step, &step, sizeof step, stream);
+  p.steps_launched = cuda ? std::max(p.steps_launched + 1, step) : step;
+}
+
+float Optimizer::grad_norm() const {
+  const Impl& m = *impl_;
+  if (!m.norm_computed) return std::numeric_limits<float>::quiet_NaN();
+  if (m.device != Device::cuda) return m.host_norm;
+  float norm = 0.0f;
+  cuda::DeviceGuard guard(m.device_index);
+  cuda::copy_to_host(&norm, m.d_scalars->data(), sizeof(float));
+  return norm;
+}
+
+}  // namespace fo

@@ -1,0 +1,82 @@
+// The optimizer-wide step settings (optimizer.hpp, set_option): loss scale, clipping, the
+// non-finite skip, storage, stochastic rounding.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "optimizer_impl.hpp"
+#include "typed_options.hpp"
+
+namespace fo::detail {
+
+void invalid(const std::string& msg) { throw Error(StatusCode::invalid_argument, msg); }
+void unsupported(const std::string& msg) { throw Error(StatusCode::unsupported, msg); }
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+const std::vector<std::string>& Settings::keys() {
+  static const std::vector<std::string> k = {
+      "grad_scale",  "max_grad_norm", "skip_nonfinite",      "master_weights",
+      "state_dtype", "fp32_grads",    "stochastic_rounding", "seed"};
+  return k;
+}
+
+bool Settings::is_key(std::string_view key) {
+  return std::find(keys().begin(), keys().end(), key) != keys().end();
+}
+
+bool Settings::is_storage_key(std::string_view key) {
+  return key == "master_weights" || key == "state_dtype" || key == "fp32_grads";
+}
+
+double Settings::get(std::string_view key) const {
+  if (key == "grad_scale") return grad_scale;
+  if (key == "max_grad_norm") return max_grad_norm;
+  if (key == "skip_nonfinite") return skip_nonfinite;
+  if (key == "master_weights") return master_weights;
+  if (key == "state_dtype") return static_cast<double>(static_cast<int>(state_dtype));
+  if (key == "fp32_grads") return fp32_grads;
+  if (key == "stochastic_rounding") return stochastic_rounding;
+  return seed;
+}
+
+void Settings::set(std::string_view key, double v, Device device) {
+  const std::string k(key);
+  if (!std::isfinite(v)) invalid("option " + k + " must be finite, got " + format_number(v));
+  auto flag = [&] {
+    if (v != 0.0 && v != 1.0) invalid("option " + k + " is a flag and takes 0 or 1");
+    return v != 0.0;
+  };
+  if (key == "grad_scale") {
+    const auto inverse = static_cast<float>(1.0 / v);  // what multiplies the gradients
+    if (!(v > 0.0) || !std::isfinite(inverse) || inverse == 0.0f)
+      invalid("grad_scale must be > 0 with 1/grad_scale a finite, non-zero float, got " +
+              format_number(v));
+    grad_scale = v;
+  } else if (key == "max_grad_norm") {
+    if (!(v >= 0.0)) invalid("max_grad_norm must be >= 0, got " + format_number(v));
+    max_grad_norm = v;
+  } else if (key == "skip_nonfinite") {
+    skip_nonfinite = flag();
+  } else if (key == "master_weights") {
+    master_weights = flag();
+  } else if (key == "state_dtype") {
+    if (v != 0.0 && v != 2.0) invalid("state_dtype takes 0 (float32) or 2 (bfloat16)");
+    if (v == 2.0 && device != Device::cuda) unsupported("bfloat16 states need the CUDA backend");
+    state_dtype = v == 2.0 ? DType::bf16 : DType::f32;
+  } else if (key == "fp32_grads") {
+    fp32_grads = flag();
+  } else if (key == "stochastic_rounding") {
+    stochastic_rounding = flag();
+  } else if (key == "seed") {
+    if (!(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v)))
+      invalid("seed must be an integer in [0, 2^53] (exact as a double)");
+    seed = v;
+  }
+}
+
+}  // namespace fo::detail

@@ -1,0 +1,42 @@
+// Typed options of an algorithm A from and to the numbers the host API takes: one value per
+// A::kOptions entry, flags as 0 or 1. Used where options change, never in a step.
+#pragma once
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "fusedopt/kernels/algorithm.hpp"
+
+namespace fo::detail {
+
+/// A number as messages print it (%g).
+inline std::string format_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+/// "" if `o` is valid for A, else the reason, prefixed with A's name.
+template <class A>
+std::string options_error(const typename A::Options& o) {
+  for (const auto& f : A::kOptions)
+    if (f.real && !std::isfinite(o.*f.real))
+      return std::string(A::kName) + ": option " + f.name + " must be finite, got " +
+             format_number(o.*f.real);
+  Validator v;
+  A::validate(o, v);
+  return v.ok() ? std::string() : std::string(A::kName) + ": " + v.message();
+}
+
+/// A::Options from values in kOptions order (flags: non-zero is true).
+template <class A>
+typename A::Options unpack(const std::vector<double>& values) {
+  typename A::Options o;
+  std::size_t i = 0;
+  for (const auto& f : A::kOptions) f.set(o, values[i++]);
+  return o;
+}
+
+}  // namespace fo::detail

@@ -1,0 +1,92 @@
+// After a param's first step, the optimizer's step path allocates nothing: a training loop
+// that steps the same params every iteration never reaches the heap. Counted by replacing the
+// global operator new for this test binary (counting only while a test asks), on the CPU
+// backend; the CUDA step path keeps the same scratch (optimizer_step.cpp) but needs a GPU.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "fusedopt/fusedopt.hpp"
+#include "test_util.hpp"
+
+namespace {
+std::atomic<bool> g_counting{false};
+std::atomic<long> g_allocations{0};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+namespace fo::test {
+namespace {
+
+/// Heap allocations through operator new made by f().
+template <class F>
+long allocations_in(F&& f) {
+  g_allocations = 0;
+  g_counting = true;
+  f();
+  g_counting = false;
+  return g_allocations.load();
+}
+
+TEST(StepAllocations, NoneAfterTheFirstStep) {
+  auto rng = make_rng();
+  for (const std::string algorithm : {"adam", "sgd", "rprop"}) {
+    SCOPED_TRACE(algorithm);
+    Optimizer opt(algorithm);
+    const std::vector<std::int64_t> sizes = {1, 7, 70001, 1 << 17};  // threaded and not
+    std::vector<std::vector<float>> params, grads;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      params.push_back(random_floats(rng, static_cast<std::size_t>(sizes[i])));
+      grads.push_back(random_floats(rng, static_cast<std::size_t>(sizes[i])));
+      opt.add_param("p" + std::to_string(i), params.back().data(), DType::f32, {sizes[i]});
+    }
+    opt.set_param_option("p1", "lr", 0.5);  // two groups of options
+    opt.set_option("max_grad_norm", 1.0);   // and the norm pass
+    std::vector<const void*> g;
+    for (const auto& x : grads) g.push_back(x.data());
+    opt.step(g.data());  // creates the state
+    EXPECT_EQ(allocations_in([&] {
+                for (int s = 0; s < 3; ++s) opt.step(g.data());
+              }),
+              0);
+    g[2] = nullptr;  // a param without a gradient this step
+    opt.step(g.data());
+    EXPECT_EQ(allocations_in([&] { opt.step(g.data()); }), 0);
+    EXPECT_EQ(opt.step_count("p2"), 4);
+    EXPECT_EQ(opt.step_count("p0"), 6);
+  }
+}
+
+TEST(StepAllocations, NoneInASparseStepAfterTheFirst) {
+  auto rng = make_rng();
+  Optimizer opt("lazyadam");
+  const std::int64_t rows = 300, dim = 16;
+  std::vector<float> table = random_floats(rng, static_cast<std::size_t>(rows * dim));
+  opt.add_param("table", table.data(), DType::f32, {rows, dim});
+  const std::vector<std::int64_t> indices = {5, 299, 5, 0, 17};
+  const std::vector<float> grad_rows = random_floats(rng, indices.size() * dim);
+  const auto step = [&] {
+    opt.step_sparse("table", indices.data(), DType::i64, static_cast<std::int64_t>(indices.size()),
+                    grad_rows.data());
+  };
+  step();
+  EXPECT_EQ(allocations_in([&] {
+              for (int s = 0; s < 3; ++s) step();
+            }),
+            0);
+  EXPECT_EQ(opt.step_count("table"), 4);
+}
+
+}  // namespace
+}  // namespace fo::test
