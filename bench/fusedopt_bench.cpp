@@ -22,10 +22,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "buffer.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/fusedopt.hpp"
@@ -71,24 +73,21 @@ std::int64_t llc_bytes() {
 
 // ---------------------------------------------------------------------------------- CPU
 
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using HostArray = std::unique_ptr<float, FreeDeleter>;
-
-/// 64-byte aligned, filled with small non-zero values (zeros can run faster than data).
-HostArray host_array(std::int64_t n, float value) {
-  const std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(float) + 63) / 64 * 64;
-  HostArray a(static_cast<float*>(std::aligned_alloc(64, bytes)));
-  if (!a) throw std::bad_alloc();
-  std::fill(a.get(), a.get() + n, value);
+/// Host memory as the library allocates its own states (detail::Buffer: 64-byte aligned, on
+/// transparent huge pages from 2 MiB), filled with small non-zero values (zeros can run faster
+/// than data). The probe and the step run on the same kind of memory.
+std::optional<fo::detail::Buffer> host_array(std::int64_t n, float value) {
+  std::optional<fo::detail::Buffer> a;
+  a.emplace(fo::Device::cpu, 0, static_cast<std::size_t>(n) * sizeof(float));
+  std::fill(a->f32(), a->f32() + n, value);
   return a;
 }
 
 struct HostSet {
-  HostArray param, grad, states[fo::kMaxStates];
+  std::optional<fo::detail::Buffer> param, grad, states[fo::kMaxStates];
   fo::cpu::DensePtrs ptrs() const {
-    return {param.get(), grad.get(), {states[0].get(), states[1].get(), states[2].get()}};
+    auto ptr = [](const std::optional<fo::detail::Buffer>& b) { return b ? b->f32() : nullptr; };
+    return {ptr(param), ptr(grad), {ptr(states[0]), ptr(states[1]), ptr(states[2])}};
   }
 };
 
