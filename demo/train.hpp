@@ -101,7 +101,11 @@ struct NewtonConfig {
 /// Throws std::invalid_argument for an invalid config (fo::Error from newton_minimize).
 RunResult newton_run(const NewtonConfig& config, const Split& data);
 
-/// `fusedopt-demo train [options]`; argv[0] is "train". Returns the exit status.
+/// Whether `optimizer` names the demo's own "newton" (newton_run) rather than a fusedopt
+/// algorithm.
+bool is_newton(const std::string& optimizer);
+
+/// `fusedopt-demo train [options]` (train_cli.cpp); argv[0] is "train". Returns the exit status.
 int run_train(int argc, char** argv);
 
 }  // namespace fo::demo
