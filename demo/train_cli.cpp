@@ -38,7 +38,9 @@ options:
                        newton.max_iters (100))
   --opt-set KEY=VALUE  an fo::Optimizer option for every listed optimizer that has it;
                        NAME.KEY=VALUE for one optimizer (repeatable; e.g. adam.lr=0.01,
-                       weight_decay=1e-4, max_grad_norm=1)
+                       weight_decay=1e-4, max_grad_norm=1). Unless set here, each
+                       optimizer's lr is 10x the library's default (sgd: 0.1 with
+                       momentum 0.9; rmsprop: its default, 0.01)
   --model M            softmax, mlp or both (default both)
   --hidden N           width of the mlp's hidden layer (default 64)
   --activation A       tanh or relu (default tanh)

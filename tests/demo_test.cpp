@@ -21,6 +21,7 @@
 
 #include "data.hpp"
 #include "fusedopt/newton.hpp"
+#include "fusedopt/optimizer.hpp"
 #include "model.hpp"
 #include "model_cuda_plan.hpp"
 #include "svg.hpp"
@@ -751,6 +752,31 @@ TEST(DemoTrain, AdamOnSoftmaxRegressionOnGpuReachesStatedAccuracy) {
   EXPECT_GE(r.history.back().test_accuracy, 0.92) << "seed " << seed;
 }
 #endif
+
+TEST(DemoTrain, EveryRegisteredAlgorithmTrainsWithTheDemosDefaults) {
+  // demo_defaults names no optimizer but sgd and rmsprop: every other one, a newly registered
+  // one too, gets its lr from the registry's default, and must then learn the digits.
+  const std::uint64_t seed = run_seed();
+  const demo::Split split =
+      demo::split_dataset(demo::load_digits(demo::default_data_path()), 360, seed);
+  for (const AlgorithmDescription& a : dense_algorithms()) {
+    SCOPED_TRACE(a.name);
+    const auto defaults = demo::demo_defaults(a.name);
+    ASSERT_FALSE(defaults.empty()) << "no lr for " << a.name;
+    EXPECT_EQ(defaults.front().first, "lr");
+    demo::TrainConfig c;
+    c.model.kind = ModelKind::softmax;
+    c.optimizer = a.name;
+    c.epochs = 5;
+    c.seed = seed;
+    const demo::RunResult r = demo::train_run(c, split);
+    EXPECT_FALSE(r.diverged);
+    EXPECT_EQ(r.lr, defaults.front().second);
+    // Chance is 0.1; after 5 epochs the weakest, rprop (a full-batch method), had 0.82 to 0.87
+    // over seeds 1-3, the others 0.91 and up.
+    EXPECT_GE(r.history.back().test_accuracy, 0.5) << "seed " << seed;
+  }
+}
 
 TEST(DemoTrain, NewtonOnSoftmaxRegressionConvergesInFewSteps) {
   const std::uint64_t seed = run_seed();
