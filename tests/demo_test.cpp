@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "cli.hpp"
 #include "data.hpp"
 #include "fusedopt/newton.hpp"
 #include "fusedopt/optimizer.hpp"
@@ -846,6 +847,63 @@ TEST(DemoSvg, PlotIsWellFormedAndEscapesText) {
 
   EXPECT_THROW(demo::SvgPlot(640, 400, {1, 1}, {0, 1}), std::invalid_argument);
   EXPECT_THROW(demo::SvgPlot(640, 400, {0, 1}, {0, 1, true}), std::invalid_argument);
+}
+
+// ---- The command line
+
+// What a command printed and returned.
+struct Ran {
+  int status;
+  std::string out, err;
+};
+
+// fusedopt-demo with `args` after its name, as a user would run it, stdout and stderr captured.
+Ran run_demo(std::vector<std::string> args) {
+  args.insert(args.begin(), "fusedopt-demo");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  ::testing::internal::CaptureStdout();
+  ::testing::internal::CaptureStderr();
+  const int status = demo::run_demo(static_cast<int>(args.size()), argv.data());
+  std::fflush(stdout);
+  std::fflush(stderr);
+  Ran r{status, ::testing::internal::GetCapturedStdout(), ""};
+  r.err = ::testing::internal::GetCapturedStderr();
+  return r;
+}
+
+bool contains(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
+}
+
+TEST(DemoCli, HelpPrintsTheUsageToStdoutAndSucceeds) {
+  for (const char* help : {"help", "--help", "-h"}) {
+    SCOPED_TRACE(help);
+    const Ran r = run_demo({help});
+    EXPECT_EQ(r.status, 0);
+    EXPECT_TRUE(contains(r.out, "usage: fusedopt-demo <command>")) << r.out;
+    EXPECT_TRUE(contains(r.out, "train")) << r.out;
+    EXPECT_EQ(r.err, "");
+  }
+  const Ran train = run_demo({"help", "train"});
+  EXPECT_EQ(train.status, 0);
+  EXPECT_TRUE(contains(train.out, "usage: fusedopt-demo train")) << train.out;
+  const Ran paths = run_demo({"help", "paths"});
+  EXPECT_EQ(paths.status, 0);
+  EXPECT_TRUE(contains(paths.out, "usage: fusedopt-demo paths")) << paths.out;
+}
+
+TEST(DemoCli, UnknownOrMissingCommandPrintsTheUsageToStderrAndFails) {
+  const Ran unknown = run_demo({"frobnicate"});
+  EXPECT_EQ(unknown.status, 2);
+  EXPECT_TRUE(contains(unknown.err, "unknown command 'frobnicate'")) << unknown.err;
+  EXPECT_TRUE(contains(unknown.err, "usage: fusedopt-demo <command>")) << unknown.err;
+  EXPECT_EQ(unknown.out, "");
+  const Ran none = run_demo({});
+  EXPECT_EQ(none.status, 2);
+  EXPECT_TRUE(contains(none.err, "usage: fusedopt-demo <command>")) << none.err;
+  EXPECT_EQ(none.out, "");
 }
 
 // Runs the command line as a user would and checks what it writes.
