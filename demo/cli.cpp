@@ -4,8 +4,14 @@
 //   help    the usage below
 #include "cli.hpp"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>
+#include <system_error>
 
 #include "paths.hpp"
 #include "train.hpp"
@@ -49,6 +55,24 @@ int run_demo(int argc, char** argv) {
   }
   std::fprintf(stderr, "fusedopt-demo: unknown command '%s'\n\n%s", command, kUsage);
   return 2;
+}
+
+void prepare_out_dir(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const std::string what = "--out " + dir + ": ";
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw std::runtime_error(what + "cannot create the directory (" + ec.message() + ")");
+  if (!fs::is_directory(dir, ec)) throw std::runtime_error(what + "not a directory");
+  // Permissions, a read-only file system or a full disk all show on a real file.
+  const fs::path probe = fs::path(dir) / (".fusedopt-demo-probe-" + std::to_string(getpid()));
+  std::ofstream out(probe, std::ios::binary | std::ios::trunc);
+  const bool opened = out.is_open();
+  out << "probe\n";
+  out.close();
+  const bool written = opened && !out.fail();
+  if (opened) fs::remove(probe, ec);
+  if (!written) throw std::runtime_error(what + "cannot write files in this directory");
 }
 
 }  // namespace fo::demo

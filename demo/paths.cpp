@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli.hpp"
 #include "fusedopt/newton.hpp"
 #include "fusedopt/optimizer.hpp"
 #include "fusedopt/types.hpp"
@@ -485,7 +486,7 @@ int run_paths(int argc, char** argv) {
   }
 
   try {
-    std::filesystem::create_directories(dir);
+    prepare_out_dir(dir);
     std::vector<std::string> written;
     std::printf("%-10s %-40s %6s %14s %14s\n", "function", "optimizer", "steps", "final f",
                 "dist to min");

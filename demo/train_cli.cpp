@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli.hpp"
 #include "fusedopt/optimizer.hpp"
 #include "fusedopt/schedule.hpp"
 #include "report.hpp"
@@ -324,6 +325,7 @@ int run_train(int argc, char** argv) {
     const bool only_newton = std::all_of(cli.optimizers.begin(), cli.optimizers.end(), is_newton);
     if (only_newton && cli.models == std::vector<ModelKind>{ModelKind::mlp})
       throw UsageError("newton runs on the softmax model only: nothing to train on the mlp");
+    prepare_out_dir(cli.out);  // before the training, which the results would be lost after
 
     const Dataset all = load_digits(cli.data);
     const Split split = split_dataset(all, 360, cli.seed);
@@ -374,7 +376,6 @@ int run_train(int argc, char** argv) {
     }
     print_table(results);
 
-    std::filesystem::create_directories(cli.out);
     const std::string history = (std::filesystem::path(cli.out) / "history.csv").string();
     write_history(history, results);
     std::vector<std::string> svgs;

@@ -974,6 +974,22 @@ TEST(DemoTrain, CommandRunsNewtonOnSoftmaxOnlyAndPlotsItsSteps) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(DemoTrain, CommandChecksTheOutputDirectoryBeforeTraining) {
+  // /proc/nope cannot be made and /proc takes no new files, for root too.
+  for (const char* out : {"/proc/nope", "/proc"}) {
+    SCOPED_TRACE(out);
+    const Ran r = run_demo({"train", "--optimizers", "adam", "--model", "softmax", "--epochs", "1",
+                            "--device", "cpu", "--out", out});
+    EXPECT_EQ(r.status, 1);
+    EXPECT_TRUE(contains(r.err, std::string("--out ") + out + ":")) << r.err;
+    EXPECT_FALSE(contains(r.out, "softmax adam")) << "trained first:\n" << r.out;
+  }
+  const Ran paths = run_demo({"paths", "--out", "/proc/nope"});
+  EXPECT_EQ(paths.status, 1);
+  EXPECT_TRUE(contains(paths.err, "--out /proc/nope:")) << paths.err;
+  EXPECT_EQ(paths.out, "");
+}
+
 TEST(DemoTrain, CommandRejectsBadArguments) {
   EXPECT_EQ(run_train({"--no-such-option"}), 2);
   EXPECT_EQ(run_train({"--epochs", "zero"}), 2);
