@@ -4,6 +4,7 @@
 #include <zlib.h>
 
 #include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <numeric>
 #include <stdexcept>
@@ -52,6 +53,9 @@ void parse_row(const std::string& path, long line_no, const char* s, float* x, i
 }  // namespace
 
 Dataset load_digits(const std::string& path) {
+  // gzopen opens a directory, and its read error would say only "Is a directory".
+  if (std::filesystem::is_directory(path))
+    throw std::runtime_error("'" + path + "' is a directory, not the digits data (digits.csv.gz)");
   std::unique_ptr<gzFile_s, GzCloser> f(gzopen(path.c_str(), "rb"));
   if (!f)
     throw std::runtime_error("cannot open the digits data '" + path +

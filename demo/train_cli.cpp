@@ -53,7 +53,8 @@ options:
   --device D           cpu, cuda or auto (default auto: cuda when a GPU is present); on
                        cuda the models run in cuBLAS and the optimizers step device memory
   --seed N             the split, the initialisation and the batch order (default 1)
-  --data PATH          digits.csv.gz (default: the copy in the source tree)
+  --data FILE          the digits file, CSV, gzipped or not (default: the source tree's
+                       demo/data/digits.csv.gz)
   --out DIR            where the SVGs and history.csv go (default ./fusedopt-demo-out)
   -h, --help           this text
 )";
@@ -325,6 +326,16 @@ int run_train(int argc, char** argv) {
     const bool only_newton = std::all_of(cli.optimizers.begin(), cli.optimizers.end(), is_newton);
     if (only_newton && cli.models == std::vector<ModelKind>{ModelKind::mlp})
       throw UsageError("newton runs on the softmax model only: nothing to train on the mlp");
+    if (std::filesystem::is_directory(cli.data)) {
+      const std::filesystem::path inside = std::filesystem::path(cli.data) / "digits.csv.gz";
+      throw UsageError(
+          "--data " + cli.data +
+          " is a directory; --data takes the digits file itself (CSV, gzipped or "
+          "not): " +
+          (std::filesystem::is_regular_file(inside)
+               ? "use --data " + inside.string()
+               : "digits.csv.gz (the source tree's copy: " + default_data_path() + ")"));
+    }
     prepare_out_dir(cli.out);  // before the training, which the results would be lost after
 
     const Dataset all = load_digits(cli.data);

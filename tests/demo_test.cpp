@@ -1004,5 +1004,15 @@ TEST(DemoTrain, CommandRejectsBadArguments) {
   EXPECT_EQ(run_train({"--data", "/nonexistent/digits.csv.gz", "--epochs", "1"}), 1);
 }
 
+TEST(DemoTrain, CommandSaysDataNeedsTheFileWhenGivenItsDirectory) {
+  const std::string dir = std::filesystem::path(demo::default_data_path()).parent_path().string();
+  const Ran r = run_demo({"train", "--data", dir, "--epochs", "1"});
+  EXPECT_EQ(r.status, 2);
+  EXPECT_TRUE(contains(r.err, "--data " + dir + " is a directory")) << r.err;
+  EXPECT_TRUE(contains(r.err, "--data " + demo::default_data_path())) << r.err;  // the file in it
+  EXPECT_EQ(r.out, "");
+  EXPECT_THROW(demo::load_digits(dir), std::runtime_error);
+}
+
 }  // namespace
 }  // namespace fo::test
