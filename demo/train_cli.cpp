@@ -46,7 +46,8 @@ options:
   --hidden N           width of the mlp's hidden layer (default 64)
   --activation A       tanh or relu (default tanh)
   --epochs N           passes over the training set (default 30)
-  --batch N|full       examples per step: 1, 32 (default), ..., or full for full batch
+  --batch N|full       examples per step: 1, 32 (default), ..., or full for full batch;
+                       an N above the training set's size (1437) is rejected
   --schedule SPEC      an lr schedule, e.g. warmup_cosine:lr=3e-3,warmup=100,total=1350
                        (fusedopt/schedule.hpp lists the kinds); its lr replaces every
                        listed optimizer's lr, step by step
@@ -336,10 +337,14 @@ int run_train(int argc, char** argv) {
                ? "use --data " + inside.string()
                : "digits.csv.gz (the source tree's copy: " + default_data_path() + ")"));
     }
-    prepare_out_dir(cli.out);  // before the training, which the results would be lost after
-
     const Dataset all = load_digits(cli.data);
     const Split split = split_dataset(all, 360, cli.seed);
+    if (cli.batch > split.train.size())
+      throw UsageError("--batch " + std::to_string(cli.batch) + ": the training set has only " +
+                       std::to_string(split.train.size()) +
+                       " examples (--batch full takes them all in every step)");
+    prepare_out_dir(cli.out);  // before the training, whose results would be lost after
+
     const bool tty = isatty(fileno(stdout)) != 0;
     const std::string batch_label =
         cli.batch == 0 ? "full batch" : "batch " + std::to_string(cli.batch);

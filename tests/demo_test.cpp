@@ -1004,6 +1004,15 @@ TEST(DemoTrain, CommandRejectsBadArguments) {
   EXPECT_EQ(run_train({"--data", "/nonexistent/digits.csv.gz", "--epochs", "1"}), 1);
 }
 
+TEST(DemoTrain, CommandRejectsABatchLargerThanTheTrainingSet) {
+  // 1437 training examples: a larger batch gave one step an epoch without a word.
+  const Ran r = run_demo({"train", "--batch", "100000", "--epochs", "1", "--out", "/proc/nope"});
+  EXPECT_EQ(r.status, 2);  // a usage error, before the output directory is looked at
+  EXPECT_TRUE(contains(r.err, "--batch 100000: the training set has only 1437 examples")) << r.err;
+  EXPECT_TRUE(contains(r.err, "--batch full")) << r.err;
+  EXPECT_EQ(r.out, "");
+}
+
 TEST(DemoTrain, CommandSaysDataNeedsTheFileWhenGivenItsDirectory) {
   const std::string dir = std::filesystem::path(demo::default_data_path()).parent_path().string();
   const Ran r = run_demo({"train", "--data", dir, "--epochs", "1"});
