@@ -77,9 +77,12 @@ void ProgressPrinter::flush() {
     loss += " " + fmt("%-6.3g", s.train_loss);
     acc += " " + fmt("%4.1f", 100 * s.test_accuracy);
   }
+  // "epoch 3" for one, "epochs 1-5" for a group.
+  const int first = pending_.front().epoch, last = pending_.back().epoch;
+  const std::string unit = first == last ? unit_ : unit_ + "s";
   const std::string span =
-      std::to_string(pending_.front().epoch) + "-" + std::to_string(pending_.back().epoch);
-  std::printf("%-16s %-6s %-6s loss%s  test %%%s\n", label_.c_str(), unit_.c_str(), span.c_str(),
+      first == last ? std::to_string(first) : std::to_string(first) + "-" + std::to_string(last);
+  std::printf("%-16s %-6s %-6s loss%s  test %%%s\n", label_.c_str(), unit.c_str(), span.c_str(),
               loss.c_str(), acc.c_str());
   pending_.clear();
   std::fflush(stdout);

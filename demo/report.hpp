@@ -27,8 +27,8 @@ inline double seconds_since(Clock::time_point t0) {
 /// and test accuracy.
 class ProgressPrinter {
  public:
-  /// `unit` names what the lines count ("epochs"; "steps" for newton).
-  ProgressPrinter(std::string label, bool tty, int epochs, std::string unit = "epochs");
+  /// `unit` names what the lines count, in the singular ("epoch"; "step" for newton).
+  ProgressPrinter(std::string label, bool tty, int epochs, std::string unit = "epoch");
 
   void operator()(const Progress& p);
   /// The run's last line: its time on a terminal, else what is left and whether it diverged.

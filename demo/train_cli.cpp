@@ -254,7 +254,7 @@ RunResult run_newton(const NewtonConfig& config, const Split& split, bool tty) {
   const double seconds = seconds_since(t0);
   if (tty) std::printf("\r\033[K");
   const int steps = static_cast<int>(r.steps);
-  ProgressPrinter progress(label, false, 30, "steps");  // as for 30 epochs: 5 steps a line
+  ProgressPrinter progress(label, false, 30, "step");  // as for 30 epochs: 5 steps a line
   for (std::size_t k = 1; k < r.history.size(); ++k)
     progress({static_cast<int>(k), steps, 1, 1, &r.history[k]});
   std::printf("%-16s %s: max |g| %.1e after %d steps, %lld evaluations, %.2f s (%s, double)\n",
@@ -350,8 +350,9 @@ int run_train(int argc, char** argv) {
         cli.batch == 0 ? "full batch" : "batch " + std::to_string(cli.batch);
     std::printf("digits: %zu train / %zu test examples (%s)\n", split.train.size(),
                 split.test.size(), cli.data.c_str());
-    std::printf("%d epochs, %s, models and optimizer steps on %s%s\n\n", cli.epochs,
-                batch_label.c_str(), device == Device::cuda ? "cuda (cuBLAS)" : "the cpu",
+    std::printf("%d epoch%s, %s, models and optimizer steps on %s%s\n\n", cli.epochs,
+                cli.epochs == 1 ? "" : "s", batch_label.c_str(),
+                device == Device::cuda ? "cuda (cuBLAS)" : "the cpu",
                 cli.schedule ? (", lr schedule " + *cli.schedule).c_str() : "");
     std::fflush(stdout);
 

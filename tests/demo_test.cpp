@@ -1004,6 +1004,24 @@ TEST(DemoTrain, CommandRejectsBadArguments) {
   EXPECT_EQ(run_train({"--data", "/nonexistent/digits.csv.gz", "--epochs", "1"}), 1);
 }
 
+TEST(DemoTrain, ProgressLinesNameOneEpochOrARange) {
+  // Not a terminal (captured): a line per group of epochs, one epoch a line for up to 6.
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("fusedopt_demo_progress_test_" + std::to_string(run_seed()));
+  const Ran two = run_demo({"train", "--optimizers", "adam", "--model", "softmax", "--epochs", "2",
+                            "--device", "cpu", "--out", dir.string()});
+  ASSERT_EQ(two.status, 0) << two.err;
+  EXPECT_TRUE(contains(two.out, "softmax adam     epoch  1 ")) << two.out;
+  EXPECT_TRUE(contains(two.out, "softmax adam     epoch  2 ")) << two.out;
+  EXPECT_FALSE(contains(two.out, "1-1")) << two.out;
+  const Ran seven = run_demo({"train", "--optimizers", "adam", "--model", "softmax", "--epochs",
+                              "7", "--device", "cpu", "--out", dir.string()});
+  ASSERT_EQ(seven.status, 0) << seven.err;
+  EXPECT_TRUE(contains(seven.out, "softmax adam     epochs 1-2 ")) << seven.out;
+  EXPECT_TRUE(contains(seven.out, "softmax adam     epoch  7 ")) << seven.out;
+  std::filesystem::remove_all(dir);
+}
+
 TEST(DemoTrain, CommandRejectsABatchLargerThanTheTrainingSet) {
   // 1437 training examples: a larger batch gave one step an epoch without a word.
   const Ran r = run_demo({"train", "--batch", "100000", "--epochs", "1", "--out", "/proc/nope"});
