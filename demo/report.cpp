@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <stdexcept>
 
 #include "svg.hpp"
@@ -19,6 +20,9 @@ std::string fmt(const char* format, double v) {
   std::snprintf(buf, sizeof buf, format, v);
   return buf;
 }
+
+// In every loss plot's title: how is_loss_plot knows the demo's own.
+const char kLossPlotMark[] = " on digits: train loss";
 
 }  // namespace
 
@@ -157,7 +161,7 @@ void write_loss_plot(const std::string& path, ModelKind kind, const std::vector<
   SvgPlot plot(760, 480, x_range, {lo / 1.5, hi * 1.5, true});
   const std::string title =
       std::string(kind == ModelKind::softmax ? "softmax regression" : "two-layer perceptron") +
-      " on digits: train loss, " + batch_label + (by_step ? " (newton: full batch)" : "");
+      kLossPlotMark + ", " + batch_label + (by_step ? " (newton: full batch)" : "");
   plot.axes(
       by_step ? "optimizer steps, log scale (newton: one step = one exact-Hessian solve)" : "epoch",
       "train loss (mean cross-entropy)", title);
@@ -184,6 +188,12 @@ void write_loss_plot(const std::string& path, ModelKind kind, const std::vector<
   }
   plot.legend(legend);
   plot.save(path);
+}
+
+bool is_loss_plot(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  const std::string svg{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  return svg.rfind("<?xml", 0) == 0 && svg.find(kLossPlotMark) != std::string::npos;
 }
 
 }  // namespace fo::demo

@@ -60,4 +60,8 @@ void write_history(const std::string& path, const std::vector<RunResult>& result
 void write_loss_plot(const std::string& path, ModelKind kind, const std::vector<RunResult>& runs,
                      const std::string& batch_label);
 
+/// Whether the file at `path` is a plot that write_loss_plot wrote (in this run or an earlier
+/// one): the demo removes only its own files.
+bool is_loss_plot(const std::string& path);
+
 }  // namespace fo::demo

@@ -56,7 +56,9 @@ options:
   --seed N             the split, the initialisation and the batch order (default 1)
   --data FILE          the digits file, CSV, gzipped or not (default: the source tree's
                        demo/data/digits.csv.gz)
-  --out DIR            where the SVGs and history.csv go (default ./fusedopt-demo-out)
+  --out DIR            where history.csv and loss_<model>.svg go (default
+                       ./fusedopt-demo-out); an earlier run's plot of a model this run
+                       does not train is removed
   -h, --help           this text
 )";
 
@@ -395,19 +397,31 @@ int run_train(int argc, char** argv) {
 
     const std::string history = (std::filesystem::path(cli.out) / "history.csv").string();
     write_history(history, results);
-    std::vector<std::string> svgs;
-    for (ModelKind kind : cli.models) {
+    // A plot for each model trained; a plot of a model this run did not train is an earlier
+    // run's and would pass for this one's beside the new history.csv: removed if it is the
+    // demo's own, else named.
+    std::vector<std::string> svgs, notes;
+    for (ModelKind kind : {ModelKind::softmax, ModelKind::mlp}) {
+      const std::string model = model_name(kind);
+      const std::string path =
+          (std::filesystem::path(cli.out) / ("loss_" + model + ".svg")).string();
       std::vector<RunResult> runs;
       for (const RunResult& r : results)
-        if (r.model == model_name(kind)) runs.push_back(r);
-      if (runs.empty()) continue;
-      svgs.push_back(
-          (std::filesystem::path(cli.out) / ("loss_" + std::string(model_name(kind)) + ".svg"))
-              .string());
-      write_loss_plot(svgs.back(), kind, runs, batch_label);
+        if (r.model == model) runs.push_back(r);
+      if (!runs.empty()) {
+        write_loss_plot(path, kind, runs, batch_label);
+        svgs.push_back(path);
+      } else if (std::filesystem::exists(path)) {
+        notes.push_back(is_loss_plot(path) && std::filesystem::remove(path)
+                            ? "removed " + path + ", an earlier run's plot (this run trained no " +
+                                  model + " model)"
+                            : "note: " + path +
+                                  " is not this run's, nor a plot of this demo's: left as it is");
+      }
     }
     std::printf("\nper-epoch numbers: %s\nloss curves:\n", history.c_str());
     for (const std::string& s : svgs) std::printf("  %s\n", s.c_str());
+    for (const std::string& s : notes) std::printf("%s\n", s.c_str());
     return 0;
   } catch (const UsageError& e) {
     std::fprintf(stderr, "fusedopt-demo train: %s\n", e.what());

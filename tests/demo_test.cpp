@@ -990,6 +990,39 @@ TEST(DemoTrain, CommandChecksTheOutputDirectoryBeforeTraining) {
   EXPECT_EQ(paths.out, "");
 }
 
+TEST(DemoTrain, CommandLeavesNoStalePlotOfAModelItDidNotTrain) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("fusedopt_demo_stale_test_" + std::to_string(run_seed()));
+  std::filesystem::remove_all(dir);
+  const std::vector<std::string> common = {"--optimizers", "adam",      "--hidden", "8",
+                                           "--epochs",     "1",         "--device", "cpu",
+                                           "--out",        dir.string()};
+  auto train = [&](const char* model) {
+    std::vector<std::string> args = {"train", "--model", model};
+    args.insert(args.end(), common.begin(), common.end());
+    return run_demo(args);
+  };
+  const std::string softmax = (dir / "loss_softmax.svg").string();
+  const std::string mlp = (dir / "loss_mlp.svg").string();
+  ASSERT_EQ(train("both").status, 0);
+  ASSERT_TRUE(std::filesystem::exists(mlp));
+
+  // The earlier run's mlp plot goes, and the run names exactly the plots it wrote.
+  const Ran r = train("softmax");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(std::filesystem::exists(softmax));
+  EXPECT_FALSE(std::filesystem::exists(mlp));
+  EXPECT_TRUE(contains(r.out, "loss curves:\n  " + softmax + "\nremoved " + mlp)) << r.out;
+
+  // A file of that name that the demo did not write stays, and is named.
+  { std::ofstream(mlp) << "<svg xmlns=\"http://www.w3.org/2000/svg\"/>\n"; }
+  const Ran again = train("softmax");
+  ASSERT_EQ(again.status, 0) << again.err;
+  EXPECT_TRUE(std::filesystem::exists(mlp));
+  EXPECT_TRUE(contains(again.out, "note: " + mlp + " is not this run's")) << again.out;
+  std::filesystem::remove_all(dir);
+}
+
 TEST(DemoTrain, CommandRejectsBadArguments) {
   EXPECT_EQ(run_train({"--no-such-option"}), 2);
   EXPECT_EQ(run_train({"--epochs", "zero"}), 2);
