@@ -171,13 +171,13 @@ void write_loss_plot(const std::string& path, ModelKind kind, const std::vector<
     std::vector<Point> pts;
     for (const EpochStats& s : runs[i].history)
       if (std::isfinite(x_of(s))) pts.push_back({x_of(s), s.train_loss});
-    plot.polyline(pts, svg_color(i), 2);
+    plot.polyline(pts, svg_color(i), 2, svg_dash(i));
     if (nt)
       for (const Point& p : pts) plot.marker(p, svg_color(i), 3.5);
     legend.push_back({runs[i].optimizer +
                           (nt ? " (exact Hessian, L2 " + fmt("%g", runs[i].l2) + ")" : "") +
                           (runs[i].diverged ? " (diverged)" : ""),
-                      svg_color(i)});
+                      svg_color(i), svg_dash(i), nt});
   }
   if (by_step && !runs.empty()) {
     // Step 0 has no place on the log axis: say where every run starts.

@@ -105,6 +105,11 @@ const char* svg_color(std::size_t i) {
   return colors[i % 10];
 }
 
+const char* svg_dash(std::size_t i) {
+  static const char* const dashes[] = {"", "8 4", "2 3", "10 3 2 3", "5 5", "12 3 3 3 3 3", "1 4"};
+  return dashes[i % 7];
+}
+
 SvgPlot::SvgPlot(double width, double height, Range x, Range y)
     : width_(width), height_(height), x_(x), y_(y) {
   check_range(x_, "x");
@@ -169,7 +174,7 @@ void SvgPlot::axes(const std::string& x_label, const std::string& y_label,
 }
 
 void SvgPlot::polyline(const std::vector<Point>& points, const std::string& color, double width,
-                       bool dashed) {
+                       const std::string& dash) {
   auto usable = [&](const Point& p) {
     return std::isfinite(p.x) && std::isfinite(p.y) && (!x_.log || p.x > 0) && (!y_.log || p.y > 0);
   };
@@ -185,7 +190,8 @@ void SvgPlot::polyline(const std::vector<Point>& points, const std::string& colo
     if (count < 2) continue;
     body_ += "<polyline points=\"" + pts + "\" fill=\"none\" stroke=\"" + escape(color) +
              "\" stroke-width=\"" + num(width) + "\" stroke-linejoin=\"round\"" +
-             (dashed ? " stroke-dasharray=\"6 4\"" : "") + " clip-path=\"url(#plot-area)\"/>\n";
+             (dash.empty() ? "" : " stroke-dasharray=\"" + escape(dash) + "\"") +
+             " clip-path=\"url(#plot-area)\"/>\n";
   }
 }
 
@@ -210,33 +216,39 @@ void SvgPlot::legend(const std::vector<LegendEntry>& entries) {
   std::size_t longest = 0;
   for (const auto& e : entries) longest = std::max(longest, e.label.size());
   const double line = 18;
-  const double w = 44 + 7.0 * static_cast<double>(longest);
+  const double w = 52 + 7.0 * static_cast<double>(longest);
   const double h = 8 + line * static_cast<double>(entries.size());
-  const double x0 = right_ - w - 8;
-  const double y0 = top_ + 8;
-  std::string s = "<g font-size=\"12\">\n<rect x=\"" + num(x0) + "\" y=\"" + num(y0) +
-                  "\" width=\"" + num(w) + "\" height=\"" + num(h) +
-                  "\" fill=\"white\" fill-opacity=\"0.9\" stroke=\"#bbb\"/>\n";
+  const double x0 = right_ + 14;  // beside the plot area, not over it
+  const double y0 = top_;
+  legend_right_ = x0 + w + 10;
+  std::string s = "<g font-size=\"12\">\n<rect class=\"legend\" x=\"" + num(x0) + "\" y=\"" +
+                  num(y0) + "\" width=\"" + num(w) + "\" height=\"" + num(h) +
+                  "\" fill=\"white\" stroke=\"#bbb\"/>\n";
   for (std::size_t i = 0; i < entries.size(); ++i) {
+    const LegendEntry& e = entries[i];
     const double y = y0 + 4 + line * (static_cast<double>(i) + 0.5);
-    s += "<line x1=\"" + num(x0 + 8) + "\" y1=\"" + num(y) + "\" x2=\"" + num(x0 + 30) +
-         "\" y2=\"" + num(y) + "\" stroke=\"" + escape(entries[i].color) +
-         "\" stroke-width=\"2.5\"/>\n";
-    s += "<text x=\"" + num(x0 + 36) + "\" y=\"" + num(y + 4) + "\" fill=\"#222\">" +
-         escape(entries[i].label) + "</text>\n";
+    s += "<line x1=\"" + num(x0 + 8) + "\" y1=\"" + num(y) + "\" x2=\"" + num(x0 + 38) +
+         "\" y2=\"" + num(y) + "\" stroke=\"" + escape(e.color) + "\" stroke-width=\"2.5\"" +
+         (e.dash.empty() ? "" : " stroke-dasharray=\"" + escape(e.dash) + "\"") + "/>\n";
+    if (e.marker)
+      s += "<circle cx=\"" + num(x0 + 23) + "\" cy=\"" + num(y) + "\" r=\"3.5\" fill=\"" +
+           escape(e.color) + "\"/>\n";
+    s += "<text x=\"" + num(x0 + 44) + "\" y=\"" + num(y + 4) + "\" fill=\"#222\">" +
+         escape(e.label) + "</text>\n";
   }
   body_ += s + "</g>\n";
 }
 
 std::string SvgPlot::str() const {
+  const double width = std::max(width_, legend_right_);
   std::string s = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
-  s += "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + num(width_) + "\" height=\"" +
-       num(height_) + "\" viewBox=\"0 0 " + num(width_) + " " + num(height_) +
+  s += "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + num(width) + "\" height=\"" +
+       num(height_) + "\" viewBox=\"0 0 " + num(width) + " " + num(height_) +
        "\" font-family=\"sans-serif\">\n";
   s += "<defs><clipPath id=\"plot-area\"><rect x=\"" + num(left_) + "\" y=\"" + num(top_) +
        "\" width=\"" + num(right_ - left_) + "\" height=\"" + num(bottom_ - top_) +
        "\"/></clipPath></defs>\n";
-  s += "<rect width=\"" + num(width_) + "\" height=\"" + num(height_) + "\" fill=\"white\"/>\n";
+  s += "<rect width=\"" + num(width) + "\" height=\"" + num(height_) + "\" fill=\"white\"/>\n";
   return s + body_ + "</svg>\n";
 }
 

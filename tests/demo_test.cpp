@@ -831,7 +831,7 @@ TEST(DemoSvg, PlotIsWellFormedAndEscapesText) {
   // A NaN and a non-positive value on the log axis split this line into three polylines.
   plot.polyline({{0, 2}, {1, 1}, {2, NAN}, {3, 0.5}, {4, 0.2}, {5, -1}, {6, 0.1}, {7, 0.05}},
                 demo::svg_color(0));
-  plot.polyline({{0, 1e9}, {10, 1e-9}}, demo::svg_color(1), 1, true);  // far out: clamped
+  plot.polyline({{0, 1e9}, {10, 1e-9}}, demo::svg_color(1), 1, "6 4");  // far out: clamped
   plot.marker({5, 0.1}, "red");
   plot.text({5, 1}, "a<b", 12, "middle");
   plot.legend({{"adam <1>", demo::svg_color(0)}, {"sgd & co", demo::svg_color(1)}});
@@ -847,6 +847,59 @@ TEST(DemoSvg, PlotIsWellFormedAndEscapesText) {
 
   EXPECT_THROW(demo::SvgPlot(640, 400, {1, 1}, {0, 1}), std::invalid_argument);
   EXPECT_THROW(demo::SvgPlot(640, 400, {0, 1}, {0, 1, true}), std::invalid_argument);
+}
+
+// The value of attribute `name`, as a number, of the last element in the first match of
+// `start` (e.g. "<rect class=\"legend\"", or "<clipPath id=\"a\"><rect" for that rect); NAN
+// if there is none.
+double attribute(const std::string& svg, const std::string& start, const std::string& name) {
+  std::size_t at = svg.find(start);
+  if (at == std::string::npos) return NAN;
+  at += start.rfind('<');
+  const std::size_t end = svg.find('>', at);
+  const std::size_t a = svg.find(" " + name + "=\"", at);
+  if (a == std::string::npos || a > end) return NAN;
+  return std::strtod(svg.c_str() + a + name.size() + 3, nullptr);
+}
+
+// The legend of a plot the demo wrote lies right of its plot area (the clip path's rect), so
+// it covers no data, and inside the document; the data is clipped to the plot area.
+void expect_legend_beside_plot(const std::string& svg) {
+  const std::string clip = "<clipPath id=\"plot-area\"><rect";
+  const double plot_right = attribute(svg, clip, "x") + attribute(svg, clip, "width");
+  const std::string legend = "<rect class=\"legend\"";
+  const double legend_left = attribute(svg, legend, "x");
+  const double legend_right = legend_left + attribute(svg, legend, "width");
+  ASSERT_TRUE(std::isfinite(plot_right)) << "no clip path for the plot area";
+  ASSERT_TRUE(std::isfinite(legend_right)) << "no legend box";
+  EXPECT_GT(legend_left, plot_right);
+  EXPECT_LE(legend_right, attribute(svg, "<svg", "width"));
+  for (std::size_t at = svg.find("<polyline"); at != std::string::npos;
+       at = svg.find("<polyline", at + 1))
+    EXPECT_NE(svg.substr(at, svg.find('>', at) - at).find("clip-path=\"url(#plot-area)\""),
+              std::string::npos);
+}
+
+TEST(DemoSvg, LegendSitsBesideThePlotAreaAndLinesDifferInDashes) {
+  demo::SvgPlot plot(640, 400, {0, 10}, {0, 1});
+  plot.axes("x", "y");
+  std::vector<demo::LegendEntry> legend;
+  for (std::size_t i = 0; i < 3; ++i) {
+    plot.polyline({{0, 0.9}, {10, 0.9}}, demo::svg_color(i), 2, demo::svg_dash(i));
+    legend.push_back(
+        {"a long label to make the legend wide", demo::svg_color(i), demo::svg_dash(i), i == 2});
+  }
+  plot.legend(legend);
+  const std::string s = plot.str();
+  ASSERT_EQ(xml_error(s), "") << s;
+  expect_legend_beside_plot(s);
+  EXPECT_GT(attribute(s, "<svg", "width"), 640);  // widened for the legend
+  // Three lines, three patterns (the first solid), each in the plot and in the legend.
+  EXPECT_NE(demo::svg_dash(1), std::string(demo::svg_dash(2)));
+  for (std::size_t i = 1; i < 3; ++i) {
+    const std::string dash = std::string("stroke-dasharray=\"") + demo::svg_dash(i) + "\"";
+    EXPECT_NE(s.find(dash), s.rfind(dash)) << dash;  // at least twice
+  }
 }
 
 // ---- The command line
@@ -932,6 +985,7 @@ TEST(DemoTrain, CommandWritesWellFormedSvgsAndHistory) {
     ASSERT_FALSE(names.empty());
     EXPECT_EQ(names.front(), "svg");
     EXPECT_EQ(count(names, "polyline"), 2u) << path;  // one per optimizer
+    expect_legend_beside_plot(svg);
   }
   std::istringstream history(read_text(dir / "history.csv"));
   std::string line;
@@ -964,7 +1018,8 @@ TEST(DemoTrain, CommandRunsNewtonOnSoftmaxOnlyAndPlotsItsSteps) {
   std::vector<std::string> names;
   EXPECT_EQ(xml_error(softmax, &names), "");
   EXPECT_EQ(count(names, "polyline"), 2u);
-  EXPECT_EQ(count(names, "circle"), static_cast<std::size_t>(newton_rows - 1));  // its steps
+  // Newton's steps, and its line's sample in the legend.
+  EXPECT_EQ(count(names, "circle"), static_cast<std::size_t>(newton_rows - 1 + 1));
   EXPECT_NE(softmax.find("log scale"), std::string::npos);
   const std::string mlp = read_text(dir / "loss_mlp.svg");
   names.clear();
