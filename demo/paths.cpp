@@ -1,10 +1,12 @@
-// `fusedopt-demo paths`: the classic picture of optimizer trajectories. Every optimizer of
-// the library steps a 2-element float32 param through fo::Optimizer from the same start on
-// Rosenbrock's valley, Beale's function and the saddle x^2 - y^2; damped Newton
-// (fo::newton_minimize, in double) runs beside them, its few steps drawn as markers. One SVG
-// per function: log-spaced iso-lines by marching squares, one coloured path per optimizer,
-// a legend and axes. The SVG is written here directly (a handful of element strings) so the
-// command depends on nothing but the library.
+// `fusedopt-demo paths`: the classic picture of optimizer trajectories. Eight of the library's
+// optimizers (problems() below lists them and their lrs) step a 2-element float32 param
+// through fo::Optimizer from the same start on Rosenbrock's valley, Beale's function and the
+// saddle x^2 - y^2; damped Newton (fo::newton_minimize, in double) runs beside them, its few
+// steps drawn as markers. One SVG per function: log-spaced iso-lines by marching squares, one
+// path per optimizer (told apart by colour, dash pattern and marker shape), cut at the frame
+// by a clip path, and a legend beside the plot that says where each cut path ends. The SVG is
+// written here directly (a handful of element strings) so the command depends on nothing but
+// the library.
 #include "paths.hpp"
 
 #include <algorithm>
@@ -168,6 +170,13 @@ std::string fmt_num(double v) {
   return buf;
 }
 
+// Three significant digits: where a path ends.
+std::string short_num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3g", v);
+  return buf;
+}
+
 Trace run_optimizer(const Problem& pr, const OptSpec& spec) {
   Trace t;
   t.label = spec.algorithm;
@@ -304,6 +313,32 @@ constexpr double kWidth = 1040, kHeight = 720;
 constexpr double kPlotX = 70, kPlotY = 50, kPlotW = 600, kPlotH = 600;
 const char* const kColours[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                                 "#8c564b", "#e377c2", "#17becf", "#bcbd22"};
+// Beside its colour, each optimizer's path has its own dash pattern and marker shape (a
+// marker every tenth of the steps): paths that run together, as in Rosenbrock's valley, stay
+// told apart, and the markers show how far each got in the same number of steps.
+const char* const kDashes[] = {"", "7 3", "2 2", "9 3 2 3", "4 4", "12 3 3 3", "1 3", "6 2 2 2"};
+// Marker outlines, radius about 1, y down: square, triangles up and down, diamond, plus,
+// triangles right and left, hexagon.
+const std::vector<std::vector<std::pair<double, double>>> kShapes = {
+    {{-0.8, -0.8}, {0.8, -0.8}, {0.8, 0.8}, {-0.8, 0.8}},
+    {{0, -1.1}, {0.95, 0.7}, {-0.95, 0.7}},
+    {{0, 1.1}, {0.95, -0.7}, {-0.95, -0.7}},
+    {{0, -1.2}, {1, 0}, {0, 1.2}, {-1, 0}},
+    {{-0.35, -1},
+     {0.35, -1},
+     {0.35, -0.35},
+     {1, -0.35},
+     {1, 0.35},
+     {0.35, 0.35},
+     {0.35, 1},
+     {-0.35, 1},
+     {-0.35, 0.35},
+     {-1, 0.35},
+     {-1, -0.35},
+     {-0.35, -0.35}},
+    {{1.1, 0}, {-0.7, -0.95}, {-0.7, 0.95}},
+    {{-1.1, 0}, {0.7, -0.95}, {0.7, 0.95}},
+    {{1, 0}, {0.5, 0.87}, {-0.5, 0.87}, {-1, 0}, {-0.5, -0.87}, {0.5, -0.87}}};
 
 std::string esc(const std::string& s) {
   std::string o;
@@ -323,6 +358,21 @@ std::string num(double v) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f", v);
   return buf;
+}
+
+// Path data for marker shape `k` of radius `r` pixels centred on (x, y).
+std::string marker_d(std::size_t k, double x, double y, double r) {
+  std::string d;
+  for (const auto& [u, v] : kShapes[k % kShapes.size()])
+    d += (d.empty() ? "M" : "L") + num(x + r * u) + " " + num(y + r * v);
+  return d + "Z";
+}
+
+// Whether a trace runs outside the plotted window anywhere: it is drawn cut at the frame.
+bool clipped(const Problem& pr, const Trace& t) {
+  for (const auto& [x, y] : t.pts)
+    if (x < pr.xmin || x > pr.xmax || y < pr.ymin || y > pr.ymax) return true;
+  return false;
 }
 
 struct Svg {
@@ -401,24 +451,38 @@ std::string render(const Problem& pr, const std::vector<Trace>& traces) {
   s.text(kPlotX + kPlotW / 2, kPlotY + kPlotH + 38, "x", "text-anchor=\"middle\"");
   s.text(kPlotX - 45, kPlotY + kPlotH / 2, "y", "text-anchor=\"middle\"");
 
-  // Paths, the start, the minimum.
+  // Paths, the start, the minimum; all cut at the frame (the clip path).
   s.out +=
       "<g clip-path=\"url(#plot)\" fill=\"none\" stroke-width=\"1.4\" "
       "stroke-opacity=\"0.85\" stroke-linejoin=\"round\">\n";
   // Newton (markers) first, underneath: its few long steps would hide the others' paths.
-  auto draw = [&](const Trace& t, const std::string& colour) {
-    s.out += "<polyline stroke=\"" + colour + "\" points=\"";
+  const std::size_t every = static_cast<std::size_t>(std::max(1, pr.steps / 10));
+  auto draw = [&](std::size_t k) {
+    const Trace& t = traces[k];
+    const std::string colour = t.markers ? "black" : kColours[k % 9];
+    s.out += "<polyline stroke=\"" + colour + "\"";
+    if (!t.markers && kDashes[k % 8][0] != '\0')
+      s.out += " stroke-dasharray=\"" + std::string(kDashes[k % 8]) + "\"";
+    s.out += " points=\"";
     for (const auto& [x, y] : t.pts) s.out += num(px(x)) + "," + num(py(y)) + " ";
     s.out += "\"/>\n";
-    if (t.markers)
+    if (t.markers) {
       for (std::size_t i = 1; i < t.pts.size(); ++i)
         s.out += "<circle cx=\"" + num(px(t.pts[i].first)) + "\" cy=\"" + num(py(t.pts[i].second)) +
                  "\" r=\"3.5\" fill=\"white\" stroke=\"black\"/>\n";
+      return;
+    }
+    std::string d;
+    for (std::size_t i = every; i < t.pts.size(); i += every)
+      d += marker_d(k, px(t.pts[i].first), py(t.pts[i].second), 4.0);
+    if (!d.empty())
+      s.out += "<path fill=\"" + colour +
+               "\" fill-opacity=\"1\" stroke=\"white\" stroke-width=\"0.6\" d=\"" + d + "\"/>\n";
   };
-  for (const Trace& t : traces)
-    if (t.markers) draw(t, "black");
   for (std::size_t k = 0; k < traces.size(); ++k)
-    if (!traces[k].markers) draw(traces[k], kColours[k % 9]);
+    if (traces[k].markers) draw(k);
+  for (std::size_t k = 0; k < traces.size(); ++k)
+    if (!traces[k].markers) draw(k);
   s.out += "<circle cx=\"" + num(px(pr.x0)) + "\" cy=\"" + num(py(pr.y0)) +
            "\" r=\"5\" fill=\"black\"/>\n";
   if (pr.has_min)
@@ -427,21 +491,31 @@ std::string render(const Problem& pr, const std::vector<Trace>& traces) {
              "stroke=\"black\" stroke-width=\"2.5\"/>\n";
   s.out += "</g>\n";
 
-  // Legend.
+  // Legend: each path's colour, dash and marker; [clipped] where it runs outside the frame.
   const double lx = kPlotX + kPlotW + 20, ly = kPlotY;
   const double lh = 22.0 * static_cast<double>(traces.size() + 2) + 10;
-  s.out += "<rect x=\"" + num(lx) + "\" y=\"" + num(ly) + "\" width=\"" + num(kWidth - lx - 10) +
-           "\" height=\"" + num(lh) + "\" fill=\"white\" stroke=\"#888\"/>\n";
+  s.out += "<rect class=\"legend\" x=\"" + num(lx) + "\" y=\"" + num(ly) + "\" width=\"" +
+           num(kWidth - lx - 10) + "\" height=\"" + num(lh) +
+           "\" fill=\"white\" stroke=\"#888\"/>\n";
+  std::vector<std::size_t> cut;
   for (std::size_t k = 0; k < traces.size(); ++k) {
     const Trace& t = traces[k];
     const double y = ly + 20 + 22.0 * static_cast<double>(k);
     const std::string colour = t.markers ? "black" : kColours[k % 9];
+    const std::string dash = t.markers || kDashes[k % 8][0] == '\0'
+                                 ? ""
+                                 : " stroke-dasharray=\"" + std::string(kDashes[k % 8]) + "\"";
     s.line(lx + 10, y - 4, lx + 40, y - 4,
-           ("stroke=\"" + colour + "\" stroke-width=\"2.5\"").c_str());
+           ("stroke=\"" + colour + "\" stroke-width=\"2.5\"" + dash).c_str());
     if (t.markers)
       s.out += "<circle cx=\"" + num(lx + 25) + "\" cy=\"" + num(y - 4) +
                "\" r=\"3.5\" fill=\"white\" stroke=\"black\"/>\n";
-    s.text(lx + 48, y, t.label + (t.left ? " [leaves]" : ""));
+    else
+      s.out += "<path fill=\"" + colour + "\" stroke=\"white\" stroke-width=\"0.6\" d=\"" +
+               marker_d(k, lx + 25, y - 4, 4.0) + "\"/>\n";
+    const bool is_cut = clipped(pr, t);
+    if (is_cut) cut.push_back(k);
+    s.text(lx + 48, y, t.label + (is_cut ? " [clipped]" : ""));
   }
   const double ye = ly + 20 + 22.0 * static_cast<double>(traces.size());
   s.out +=
@@ -453,9 +527,32 @@ std::string render(const Problem& pr, const std::vector<Trace>& traces) {
              "stroke=\"black\" stroke-width=\"2.5\"/>\n";
     s.text(lx + 48, ye + 22, "minimum (" + fmt_num(pr.mx) + ", " + fmt_num(pr.my) + ")");
   }
-  s.text(lx, ly + lh + 20,
+  double note_y = ly + lh + 20;
+  s.text(lx, note_y,
          "iso-lines at log-spaced levels of " +
              std::string(pr.signed_levels ? "|f| (blue: f < 0)" : "f"));
+  s.text(lx, note_y + 16, "markers every " + std::to_string(every) + " steps (newton: every step)");
+  // Where the clipped paths end, which the picture cannot show.
+  if (!cut.empty()) {
+    note_y += 44;
+    s.text(lx, note_y, "[clipped]: the path runs outside the frame and is cut");
+    s.text(lx, note_y + 16, "there. Where each ends, (x, y) after n steps:");
+    note_y += 16;
+    bool any_left = false;
+    for (std::size_t k : cut) {
+      const Trace& t = traces[k];
+      note_y += 17;
+      any_left = any_left || t.left;
+      s.text(lx + 10, note_y,
+             t.label.substr(0, t.label.find(' ')) + ": (" + short_num(t.pts.back().first) + ", " +
+                 short_num(t.pts.back().second) + ") after " + std::to_string(t.steps) +
+                 (t.left ? " *" : ""));
+    }
+    if (any_left) {
+      s.text(lx, note_y + 22, "* stopped on leaving the window: the frame and a");
+      s.text(lx, note_y + 38, "quarter of its width or height beyond each side");
+    }
+  }
   s.out += "</svg>\n";
   return s.out;
 }
@@ -488,8 +585,8 @@ int run_paths(int argc, char** argv) {
   try {
     prepare_out_dir(dir);
     std::vector<std::string> written;
-    std::printf("%-10s %-40s %6s %14s %14s\n", "function", "optimizer", "steps", "final f",
-                "dist to min");
+    std::printf("%-10s %-40s %6s %-20s %12s %12s\n", "function", "optimizer", "steps",
+                "final (x, y)", "final f", "dist to min");
     for (const Problem& pr : problems()) {
       std::vector<Trace> traces;
       for (const OptSpec& spec : pr.optimizers) traces.push_back(run_optimizer(pr, spec));
@@ -498,8 +595,12 @@ int run_paths(int argc, char** argv) {
         const auto [x, y] = t.pts.back();
         const double f = pr.f(x, y, nullptr, nullptr);
         const std::string dist = pr.has_min ? fmt_num(std::hypot(x - pr.mx, y - pr.my)) : "-";
-        std::printf("%-10s %-40s %6d %14.6g %14s%s\n", pr.name, t.label.c_str(), t.steps, f,
-                    dist.c_str(), t.left ? "  (left the window: stopped)" : "");
+        const std::string at = "(" + short_num(x) + ", " + short_num(y) + ")";
+        std::printf("%-10s %-40s %6d %-20s %12.6g %12s%s\n", pr.name, t.label.c_str(), t.steps,
+                    at.c_str(), f, dist.c_str(),
+                    t.left           ? "  left the window: stopped"
+                    : clipped(pr, t) ? "  outside the plot: clipped"
+                                     : "");
       }
       const std::string path =
           (std::filesystem::path(dir) / ("paths_" + std::string(pr.name) + ".svg")).string();
@@ -511,7 +612,9 @@ int run_paths(int argc, char** argv) {
       written.push_back(path);
     }
     std::printf(
-        "(a path that leaves the window stops there: on the saddle, steps = steps to escape)\n");
+        "(a path that leaves the window, the plotted range and a quarter beyond each side, stops\n"
+        "there: on the saddle, steps = steps to escape. The SVGs cut paths at the plot's frame\n"
+        "and list where each clipped path ends.)\n");
     for (const std::string& p : written) std::printf("wrote %s\n", p.c_str());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "fusedopt-demo paths: %s\n", e.what());

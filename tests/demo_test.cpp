@@ -959,6 +959,60 @@ TEST(DemoCli, UnknownOrMissingCommandPrintsTheUsageToStderrAndFails) {
   EXPECT_EQ(none.out, "");
 }
 
+// ---- fusedopt-demo paths (its functions and well-formedness: newton_test.cpp)
+
+TEST(DemoPaths, PathsDifferInDashAndMarkerAndClippedOnesSayWhereTheyEnd) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("fusedopt_demo_paths_test_" + std::to_string(run_seed()));
+  std::filesystem::remove_all(dir);
+  const Ran r = run_demo({"paths", "--out", dir.string()});
+  ASSERT_EQ(r.status, 0) << r.err;
+  const char* const optimizers[] = {"sgd",  "rmsprop", "adagrad",  "adam",  "adamw",
+                                    "lion", "rprop",   "adadelta", "newton"};
+  for (const char* fn : {"rosenbrock", "beale", "saddle"}) {
+    SCOPED_TRACE(fn);
+    const std::string svg = read_text(dir / (std::string("paths_") + fn + ".svg"));
+    ASSERT_EQ(xml_error(svg), "");
+    // Every path inside the group cut at the frame by the clip path.
+    const std::string clip = "<clipPath id=\"plot\"><rect";
+    ASSERT_NE(svg.find(clip), std::string::npos);
+    const std::size_t group = svg.rfind("<g clip-path=\"url(#plot)\"");
+    const std::size_t group_end = svg.find("</g>", group);
+    std::set<std::string> dashes;
+    std::size_t lines = 0;
+    for (std::size_t at = svg.find("<polyline"); at != std::string::npos;
+         at = svg.find("<polyline", at + 1), ++lines) {
+      EXPECT_GT(at, group);
+      EXPECT_LT(at, group_end);
+      const std::string tag = svg.substr(at, svg.find('>', at) - at);
+      const std::size_t d = tag.find("stroke-dasharray=\"");
+      dashes.insert(d == std::string::npos ? "" : tag.substr(d, tag.find('"', d + 18) - d));
+    }
+    EXPECT_EQ(lines, 9u);
+    EXPECT_EQ(dashes.size(), 8u);  // 8 optimizers' patterns (one solid); newton solid, marked
+    // Markers: one path per optimizer in the legend, and one on the plot where it took enough
+    // steps (on the saddle adadelta leaves before its first marker).
+    std::size_t marker_paths = 0;
+    for (std::size_t at = svg.find("<path fill="); at != std::string::npos;
+         at = svg.find("<path fill=", at + 1))
+      ++marker_paths;
+    EXPECT_EQ(marker_paths, std::string(fn) == "saddle" ? 15u : 16u);
+    // The legend beside the plot, not over it.
+    EXPECT_GT(attribute(svg, "<rect class=\"legend\"", "x"),
+              attribute(svg, clip, "x") + attribute(svg, clip, "width"));
+    // A path that runs outside the frame says so, and where it ends.
+    if (std::string(fn) == "saddle")
+      for (const char* name : optimizers) {
+        EXPECT_TRUE(contains(svg, std::string(">") + name + " (")) << name;
+        EXPECT_TRUE(contains(svg, std::string(">") + name + ": (")) << name << " has no end point";
+      }
+    EXPECT_EQ(contains(svg, "[clipped]"), contains(svg, "Where each ends"));
+  }
+  EXPECT_TRUE(contains(r.out, "final (x, y)")) << r.out;
+  EXPECT_TRUE(contains(r.out, "left the window: stopped")) << r.out;
+  std::filesystem::remove_all(dir);
+}
+
 // Runs the command line as a user would and checks what it writes.
 int run_train(std::vector<std::string> args) {
   args.insert(args.begin(), "train");
