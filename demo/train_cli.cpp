@@ -267,6 +267,129 @@ RunResult run_newton(const NewtonConfig& config, const Split& split, bool tty) {
   return r;
 }
 
+using OptionList = std::vector<std::pair<std::string, double>>;
+
+// Each listed optimizer's --opt-set values, every one checked on an optimizer built with
+// them (and newton's config), so that no run fails half way. Throws UsageError.
+std::vector<OptionList> checked_options(const Cli& cli, Device device) {
+  for (const OptSet& s : cli.sets) {
+    bool used = false;
+    for (const std::string& name : cli.optimizers)
+      used = used || s.target == name || (s.target.empty() && has_option(name, s.key));
+    if (!used)
+      throw UsageError("--opt-set " + (s.target.empty() ? "" : s.target + ".") + s.key +
+                       ": no optimizer in the list takes it");
+  }
+  std::vector<OptionList> options;
+  for (const std::string& name : cli.optimizers) {
+    options.push_back(options_for(name, cli.sets));
+    if (is_newton(name)) {
+      (void)newton_config(options.back(), cli.seed);  // throws UsageError for a bad value
+      continue;
+    }
+    try {
+      Optimizer probe(name, device);
+      for (const auto& [key, value] : demo_defaults(name)) probe.set_option(key, value);
+      for (const auto& [key, value] : options.back()) probe.set_option(key, value);
+    } catch (const Error& e) {
+      std::string what = e.what();  // the library's messages mostly name the algorithm
+      if (what.rfind("unknown algorithm", 0) == 0) what += "; or newton, the demo's own";
+      throw UsageError(what.rfind(name + ":", 0) == 0 ? what : name + ": " + what);
+    }
+  }
+  return options;
+}
+
+// The digits, split, with --data and --batch checked against them. Throws UsageError.
+Split load_split(const Cli& cli) {
+  if (std::filesystem::is_directory(cli.data)) {
+    const std::filesystem::path inside = std::filesystem::path(cli.data) / "digits.csv.gz";
+    throw UsageError("--data " + cli.data +
+                     " is a directory; --data takes the digits file itself (CSV, gzipped or "
+                     "not): " +
+                     (std::filesystem::is_regular_file(inside)
+                          ? "use --data " + inside.string()
+                          : "digits.csv.gz (the source tree's copy: " + default_data_path() + ")"));
+  }
+  Split split = split_dataset(load_digits(cli.data), 360, cli.seed);
+  if (cli.batch > split.train.size())
+    throw UsageError("--batch " + std::to_string(cli.batch) + ": the training set has only " +
+                     std::to_string(split.train.size()) +
+                     " examples (--batch full takes them all in every step)");
+  return split;
+}
+
+// Every model with every optimizer, in command-line order, with progress on stdout.
+std::vector<RunResult> train_all(const Cli& cli, const std::vector<OptionList>& options,
+                                 const std::optional<Schedule>& schedule, const Split& split,
+                                 Device device, bool tty) {
+  std::vector<RunResult> results;
+  for (ModelKind kind : cli.models) {
+    for (std::size_t k = 0; k < cli.optimizers.size(); ++k) {
+      if (is_newton(cli.optimizers[k])) {
+        if (kind == ModelKind::softmax) {
+          NewtonConfig config = newton_config(options[k], cli.seed);
+          config.device = device;
+          results.push_back(run_newton(config, split, tty));
+        } else {
+          std::size_t unknowns = 0;
+          const Model<float> mlp({kind, cli.hidden});
+          for (const TensorSlice& t : mlp.tensors()) unknowns += t.numel;
+          std::printf(
+              "%-16s skipped: the mlp's loss is not convex (an indefinite Hessian) and its "
+              "%zu x %zu Hessian is too large; newton runs on the softmax model\n",
+              (std::string(model_name(kind)) + " newton").c_str(), unknowns, unknowns);
+        }
+        continue;
+      }
+      TrainConfig c;
+      c.model = {kind, cli.hidden, cli.activation};
+      c.optimizer = cli.optimizers[k];
+      c.options = options[k];
+      c.epochs = cli.epochs;
+      c.batch = cli.batch;
+      c.seed = cli.seed;
+      c.device = device;
+      if (schedule) c.lr_at = [&s = *schedule](std::int64_t step) { return scheduled_lr(s, step); };
+      ProgressPrinter progress(std::string(model_name(kind)) + " " + c.optimizer, tty, c.epochs);
+      const auto t0 = Clock::now();
+      results.push_back(train_run(c, split, std::ref(progress)));
+      progress.finish(results.back(), seconds_since(t0));
+    }
+  }
+  return results;
+}
+
+// history.csv and a loss plot per model trained, then their paths on stdout. A plot of a
+// model this run did not train is an earlier run's and would pass for this one's beside the
+// new history.csv: removed if it is the demo's own, else named.
+void write_outputs(const Cli& cli, const std::vector<RunResult>& results,
+                   const std::string& batch_label) {
+  const std::string history = (std::filesystem::path(cli.out) / "history.csv").string();
+  write_history(history, results);
+  std::vector<std::string> svgs, notes;
+  for (ModelKind kind : {ModelKind::softmax, ModelKind::mlp}) {
+    const std::string model = model_name(kind);
+    const std::string path = (std::filesystem::path(cli.out) / ("loss_" + model + ".svg")).string();
+    std::vector<RunResult> runs;
+    for (const RunResult& r : results)
+      if (r.model == model) runs.push_back(r);
+    if (!runs.empty()) {
+      write_loss_plot(path, kind, runs, batch_label);
+      svgs.push_back(path);
+    } else if (std::filesystem::exists(path)) {
+      notes.push_back(is_loss_plot(path) && std::filesystem::remove(path)
+                          ? "removed " + path + ", an earlier run's plot (this run trained no " +
+                                model + " model)"
+                          : "note: " + path +
+                                " is not this run's, nor a plot of this demo's: left as it is");
+    }
+  }
+  std::printf("\nper-epoch numbers: %s\nloss curves:\n", history.c_str());
+  for (const std::string& s : svgs) std::printf("  %s\n", s.c_str());
+  for (const std::string& s : notes) std::printf("%s\n", s.c_str());
+}
+
 }  // namespace
 
 int run_train(int argc, char** argv) {
@@ -291,32 +414,8 @@ int run_train(int argc, char** argv) {
     if (device == Device::cuda && fo::cuda_device_count() == 0)
       throw std::runtime_error("--device cuda: no CUDA device (or fusedopt built without CUDA)");
 
-    // Every optimizer and option is checked before any training starts.
-    std::vector<std::vector<std::pair<std::string, double>>> options;
-    for (const OptSet& s : cli.sets) {
-      bool used = false;
-      for (const std::string& name : cli.optimizers)
-        used = used || s.target == name || (s.target.empty() && has_option(name, s.key));
-      if (!used)
-        throw UsageError("--opt-set " + (s.target.empty() ? "" : s.target + ".") + s.key +
-                         ": no optimizer in the list takes it");
-    }
-    for (const std::string& name : cli.optimizers) {
-      options.push_back(options_for(name, cli.sets));
-      if (is_newton(name)) {
-        (void)newton_config(options.back(), cli.seed);  // throws UsageError for a bad value
-        continue;
-      }
-      try {
-        Optimizer probe(name, device);
-        for (const auto& [key, value] : demo_defaults(name)) probe.set_option(key, value);
-        for (const auto& [key, value] : options.back()) probe.set_option(key, value);
-      } catch (const Error& e) {
-        std::string what = e.what();  // the library's messages mostly name the algorithm
-        if (what.rfind("unknown algorithm", 0) == 0) what += "; or newton, the demo's own";
-        throw UsageError(what.rfind(name + ":", 0) == 0 ? what : name + ": " + what);
-      }
-    }
+    // Everything is checked before any training starts: options, data, the output directory.
+    const std::vector<OptionList> options = checked_options(cli, device);
     std::optional<Schedule> schedule;
     if (cli.schedule) {
       try {
@@ -325,26 +424,10 @@ int run_train(int argc, char** argv) {
         throw UsageError(std::string("--schedule: ") + e.what());
       }
     }
-
     const bool only_newton = std::all_of(cli.optimizers.begin(), cli.optimizers.end(), is_newton);
     if (only_newton && cli.models == std::vector<ModelKind>{ModelKind::mlp})
       throw UsageError("newton runs on the softmax model only: nothing to train on the mlp");
-    if (std::filesystem::is_directory(cli.data)) {
-      const std::filesystem::path inside = std::filesystem::path(cli.data) / "digits.csv.gz";
-      throw UsageError(
-          "--data " + cli.data +
-          " is a directory; --data takes the digits file itself (CSV, gzipped or "
-          "not): " +
-          (std::filesystem::is_regular_file(inside)
-               ? "use --data " + inside.string()
-               : "digits.csv.gz (the source tree's copy: " + default_data_path() + ")"));
-    }
-    const Dataset all = load_digits(cli.data);
-    const Split split = split_dataset(all, 360, cli.seed);
-    if (cli.batch > split.train.size())
-      throw UsageError("--batch " + std::to_string(cli.batch) + ": the training set has only " +
-                       std::to_string(split.train.size()) +
-                       " examples (--batch full takes them all in every step)");
+    const Split split = load_split(cli);
     prepare_out_dir(cli.out);  // before the training, whose results would be lost after
 
     const bool tty = isatty(fileno(stdout)) != 0;
@@ -358,70 +441,9 @@ int run_train(int argc, char** argv) {
                 cli.schedule ? (", lr schedule " + *cli.schedule).c_str() : "");
     std::fflush(stdout);
 
-    std::vector<RunResult> results;
-    for (ModelKind kind : cli.models) {
-      for (std::size_t k = 0; k < cli.optimizers.size(); ++k) {
-        if (is_newton(cli.optimizers[k])) {
-          if (kind == ModelKind::softmax) {
-            NewtonConfig config = newton_config(options[k], cli.seed);
-            config.device = device;
-            results.push_back(run_newton(config, split, tty));
-          } else {
-            std::size_t unknowns = 0;
-            const Model<float> mlp({kind, cli.hidden});
-            for (const TensorSlice& t : mlp.tensors()) unknowns += t.numel;
-            std::printf(
-                "%-16s skipped: the mlp's loss is not convex (an indefinite Hessian) and its "
-                "%zu x %zu Hessian is too large; newton runs on the softmax model\n",
-                (std::string(model_name(kind)) + " newton").c_str(), unknowns, unknowns);
-          }
-          continue;
-        }
-        TrainConfig c;
-        c.model = {kind, cli.hidden, cli.activation};
-        c.optimizer = cli.optimizers[k];
-        c.options = options[k];
-        c.epochs = cli.epochs;
-        c.batch = cli.batch;
-        c.seed = cli.seed;
-        c.device = device;
-        if (schedule)
-          c.lr_at = [&s = *schedule](std::int64_t step) { return scheduled_lr(s, step); };
-        ProgressPrinter progress(std::string(model_name(kind)) + " " + c.optimizer, tty, c.epochs);
-        const auto t0 = Clock::now();
-        results.push_back(train_run(c, split, std::ref(progress)));
-        progress.finish(results.back(), seconds_since(t0));
-      }
-    }
+    const std::vector<RunResult> results = train_all(cli, options, schedule, split, device, tty);
     print_table(results);
-
-    const std::string history = (std::filesystem::path(cli.out) / "history.csv").string();
-    write_history(history, results);
-    // A plot for each model trained; a plot of a model this run did not train is an earlier
-    // run's and would pass for this one's beside the new history.csv: removed if it is the
-    // demo's own, else named.
-    std::vector<std::string> svgs, notes;
-    for (ModelKind kind : {ModelKind::softmax, ModelKind::mlp}) {
-      const std::string model = model_name(kind);
-      const std::string path =
-          (std::filesystem::path(cli.out) / ("loss_" + model + ".svg")).string();
-      std::vector<RunResult> runs;
-      for (const RunResult& r : results)
-        if (r.model == model) runs.push_back(r);
-      if (!runs.empty()) {
-        write_loss_plot(path, kind, runs, batch_label);
-        svgs.push_back(path);
-      } else if (std::filesystem::exists(path)) {
-        notes.push_back(is_loss_plot(path) && std::filesystem::remove(path)
-                            ? "removed " + path + ", an earlier run's plot (this run trained no " +
-                                  model + " model)"
-                            : "note: " + path +
-                                  " is not this run's, nor a plot of this demo's: left as it is");
-      }
-    }
-    std::printf("\nper-epoch numbers: %s\nloss curves:\n", history.c_str());
-    for (const std::string& s : svgs) std::printf("  %s\n", s.c_str());
-    for (const std::string& s : notes) std::printf("%s\n", s.c_str());
+    write_outputs(cli, results, batch_label);
     return 0;
   } catch (const UsageError& e) {
     std::fprintf(stderr, "fusedopt-demo train: %s\n", e.what());
