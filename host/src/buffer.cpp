@@ -13,17 +13,20 @@
 namespace fo::detail {
 namespace {
 
-// Host buffers of this size or more sit on its boundaries and ask for transparent huge pages:
-// a step streams each state once, and with 4 KiB pages every 4 KiB of every stream costs a
-// TLB miss and a page walk. Where THP is off (or "never") the advice changes nothing.
+// Host buffers of this size or more start on its boundary and ask for transparent huge pages
+// over their whole huge pages: a step streams each state once, and with 4 KiB pages every
+// 4 KiB of every stream costs a TLB miss and a page walk. The tail past the last whole huge
+// page keeps small pages, so a buffer never holds more memory than it asked for (the
+// alignment only reserves address space). Where THP is off the advice changes nothing.
 constexpr std::size_t kHugePage = std::size_t{2} << 20;
 
 void* host_allocate(std::size_t bytes) {
-  if (bytes < kHugePage) return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  const std::size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* p = std::aligned_alloc(kHugePage, rounded);
+  const std::size_t rounded = (bytes + 63) / 64 * 64;
+  if (bytes < kHugePage) return std::aligned_alloc(64, rounded);
+  void* p = nullptr;
+  if (posix_memalign(&p, kHugePage, rounded) != 0) return nullptr;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (p) madvise(p, rounded, MADV_HUGEPAGE);  // advice: a failure is no error
+  madvise(p, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);  // advice: a failure is no error
 #endif
   return p;
 }
