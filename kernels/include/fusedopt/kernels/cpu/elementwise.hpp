@@ -22,15 +22,14 @@ struct DensePtrs {
   float grad_multiplier = 1.0f;  // every gradient is multiplied by this first (exact when 1)
 };
 
-template <class Io, class Op>
-inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
-                              std::int64_t end) {
-  // A local copy: the loop's float stores cannot alias it, so its fields stay in registers
-  // and its branches are loop-invariant (through the reference, every store could change
-  // them, and each iteration reloaded and retested them).
-  const Op op = op_in;
+/// The loop of elementwise_range for one set of present states (bit k of kPresent: state k),
+/// so that the loop tests no pointer: fewer instructions per vector keep more loads in flight.
+template <class Io, int kPresent, class Op>
+inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begin,
+                             std::int64_t end) {
   using V = typename Io::V;
   constexpr std::int64_t W = sizeof(V) / sizeof(float);
+  constexpr bool k0 = kPresent & 1, k1 = kPresent & 2, k2 = kPresent & 4;
   float* const p = t.param;
   const float* const g = t.grad;
   float* const s0 = t.states[0];
@@ -40,24 +39,45 @@ inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t 
   std::int64_t i = begin;
   for (; i + W <= end; i += W) {
     V pv = Io::load(p + i);
-    V s[kMaxStates] = {s0 ? Io::load(s0 + i) : V(0.0f), s1 ? Io::load(s1 + i) : V(0.0f),
-                       s2 ? Io::load(s2 + i) : V(0.0f)};
+    V s[kMaxStates] = {k0 ? Io::load(s0 + i) : V(0.0f), k1 ? Io::load(s1 + i) : V(0.0f),
+                       k2 ? Io::load(s2 + i) : V(0.0f)};
     op(pv, Io::load(g + i) * scale, s);
     Io::store(p + i, pv);
-    if (s0) Io::store(s0 + i, s[0]);
-    if (s1) Io::store(s1 + i, s[1]);
-    if (s2) Io::store(s2 + i, s[2]);
+    if constexpr (k0) Io::store(s0 + i, s[0]);
+    if constexpr (k1) Io::store(s1 + i, s[1]);
+    if constexpr (k2) Io::store(s2 + i, s[2]);
   }
   if (i < end) {
     const auto m = Io::tail_mask(end - i);
     V pv = Io::load(p + i, m);
-    V s[kMaxStates] = {s0 ? Io::load(s0 + i, m) : V(0.0f), s1 ? Io::load(s1 + i, m) : V(0.0f),
-                       s2 ? Io::load(s2 + i, m) : V(0.0f)};
+    V s[kMaxStates] = {k0 ? Io::load(s0 + i, m) : V(0.0f), k1 ? Io::load(s1 + i, m) : V(0.0f),
+                       k2 ? Io::load(s2 + i, m) : V(0.0f)};
     op(pv, Io::load(g + i, m) * scale, s);
     Io::store(p + i, pv, m);
-    if (s0) Io::store(s0 + i, s[0], m);
-    if (s1) Io::store(s1 + i, s[1], m);
-    if (s2) Io::store(s2 + i, s[2], m);
+    if constexpr (k0) Io::store(s0 + i, s[0], m);
+    if constexpr (k1) Io::store(s1 + i, s[1], m);
+    if constexpr (k2) Io::store(s2 + i, s[2], m);
+  }
+}
+
+template <class Io, class Op>
+inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
+                              std::int64_t end) {
+  // A local copy: the loop's float stores cannot alias it, so its fields stay in registers
+  // and its branches are loop-invariant (through the reference, every store could change
+  // them, and each iteration reloaded and retested them).
+  const Op op = op_in;
+  const int present = (t.states[0] ? 1 : 0) | (t.states[1] ? 2 : 0) | (t.states[2] ? 4 : 0);
+  static_assert(kMaxStates == 3, "one loop per subset of the states");
+  switch (present) {
+    case 0: return elementwise_loop<Io, 0>(op, t, begin, end);
+    case 1: return elementwise_loop<Io, 1>(op, t, begin, end);
+    case 2: return elementwise_loop<Io, 2>(op, t, begin, end);
+    case 3: return elementwise_loop<Io, 3>(op, t, begin, end);
+    case 4: return elementwise_loop<Io, 4>(op, t, begin, end);
+    case 5: return elementwise_loop<Io, 5>(op, t, begin, end);
+    case 6: return elementwise_loop<Io, 6>(op, t, begin, end);
+    default: return elementwise_loop<Io, 7>(op, t, begin, end);
   }
 }
 
