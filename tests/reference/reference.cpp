@@ -6,6 +6,7 @@
 #include <cmath>
 #include <map>
 #include <stdexcept>
+#include <utility>
 
 namespace fo::ref {
 namespace {
@@ -211,6 +212,13 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
     // into g) or decoupled (p shrinks by lr * wd first); none for rprop and lazyadam.
     const auto l2_decay = [&] { g += wd * p; };
     const auto decoupled_decay = [&] { p *= 1.0 - lr * wd; };
+    // Adam's two moments (states 0 and 1) from g; returns the bias corrections at step t.
+    const auto adam_moments = [&](double& m, double& v) {
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
+      m = beta1 * m + (1.0 - beta1) * g;
+      v = beta2 * v + (1.0 - beta2) * g * g;
+      return std::make_pair(1.0 - std::pow(beta1, double(t)), 1.0 - std::pow(beta2, double(t)));
+    };
 
     if (a == "sgd") {
       l2_decay();
@@ -262,13 +270,10 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
         decoupled_decay();
       else
         l2_decay();
-      const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
       double& m = (*s[0])[i];
       double& v = (*s[1])[i];
-      m = beta1 * m + (1.0 - beta1) * g;
-      v = beta2 * v + (1.0 - beta2) * g * g;
-      const double bc1 = 1.0 - std::pow(beta1, double(t));
-      const double bc2 = 1.0 - std::pow(beta2, double(t));
+      const auto [bc1, bc2] = adam_moments(m, v);
+      const double eps = o.at("eps");
       double vv = v;
       if (o.at("amsgrad") != 0) {
         double& vmax = (*s[2])[i];
@@ -291,14 +296,10 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
                         (g != 0 && std::fabs(g) < 1.1754943508222875e-38)))  // FLT_MIN
         (*ambiguous)[i] = 1;
     } else if (a == "lazyadam") {  // eps on the uncorrected sqrt(v)
-      const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
       double& m = (*s[0])[i];
       double& v = (*s[1])[i];
-      m = beta1 * m + (1.0 - beta1) * g;
-      v = beta2 * v + (1.0 - beta2) * g * g;
-      const double bc1 = 1.0 - std::pow(beta1, double(t));
-      const double bc2 = 1.0 - std::pow(beta2, double(t));
-      p -= lr * std::sqrt(bc2) / bc1 * m / (std::sqrt(v) + eps);
+      const auto [bc1, bc2] = adam_moments(m, v);
+      p -= lr * std::sqrt(bc2) / bc1 * m / (std::sqrt(v) + o.at("eps"));
     } else if (a == "adamax") {  // torch.optim.Adamax
       l2_decay();
       const double beta1 = o.at("beta1"), beta2 = o.at("beta2"), eps = o.at("eps");
