@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fusedopt against torch.optim on a CUDA GPU: step time, achieved bandwidth, agreement.
 
-    python3 bench/torch_compare.py --lib build/gpu-shared/host/libfusedopt.so \
+    python3 bench/torch_compare.py --lib build/cuda-shared/host/libfusedopt.so \
         --out torch_compare.json
 
 Loads the fusedopt shared library (a BUILD_SHARED_LIBS=ON build with CUDA) through its C ABI
@@ -718,7 +718,7 @@ def sparse_table(results, copy):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lib", default="build/gpu-shared/host/libfusedopt.so",
+    ap.add_argument("--lib", default="build/cuda-shared/host/libfusedopt.so",
                     help="the fusedopt shared library (built with CUDA)")
     ap.add_argument("--out", default="torch_compare.json", help="JSON results")
     ap.add_argument("--cases", default=",".join(list(CASES) + list(SPARSE_CASES)),
