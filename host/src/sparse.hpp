@@ -77,4 +77,8 @@ std::int64_t sparse_first_bad_index(const detail::SparseStep& s, void* stream);
 template <class A>
 void sparse_step(const typename A::Options& options, std::int64_t step, const detail::SparseStep& s,
                  void* stream);
+// Its explicit instantiation for algorithm A (sparse.cu, and the CPU-only stub).
+#define FO_INSTANTIATE_CUDA_SPARSE_STEP(A)                                                         \
+  template void sparse_step<fo::A>(const fo::A::Options&, std::int64_t, const detail::SparseStep&, \
+                                   void*);
 }  // namespace fo::cuda

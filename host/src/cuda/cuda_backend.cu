@@ -172,11 +172,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   }
 }
 
-#define FO_INSTANTIATE(A)                                                                      \
-  template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
-                                         const ListPlan&, const ListSettings&, void*);
-FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
-#undef FO_INSTANTIATE
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MULTI_TENSOR_STEP)
 
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   StepConfig cfg{};

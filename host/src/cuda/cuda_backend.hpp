@@ -60,6 +60,10 @@ ListPlan plan_list(const ListEntry* entries, std::size_t n);
 template <class A>
 void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
                        const ListPlan& plan, const ListSettings& settings, void* stream);
+// Its explicit instantiation for algorithm A (cuda_backend.cu, and the CPU-only stub).
+#define FO_INSTANTIATE_MULTI_TENSOR_STEP(A)                                                    \
+  template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
+                                         const ListPlan&, const ListSettings&, void*);
 
 /// The traffic probe (kernels/probe.hpp) through the same multi-tensor kernel, f32 only:
 /// the bandwidth limit of a step with these streams.

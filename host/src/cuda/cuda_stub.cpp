@@ -16,11 +16,7 @@ void multi_tensor_step(const typename A::Options&, const ListEntry*, std::size_t
                        const ListSettings&, void*) {
   unsupported();
 }
-#define FO_INSTANTIATE(A)                                                                      \
-  template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
-                                         const ListPlan&, const ListSettings&, void*);
-FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
-#undef FO_INSTANTIATE
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MULTI_TENSOR_STEP)
 void traffic_probe(const ListEntry*, std::size_t, void*) { unsupported(); }
 std::int64_t grad_norm_workspace(const ListPlan&) { unsupported(); }
 void grad_norm(const ListEntry*, const ListPlan&, DType, float, const float*, float, bool, float*,
@@ -51,11 +47,7 @@ template <class A>
 void sparse_step(const typename A::Options&, std::int64_t, const detail::SparseStep&, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
-#define FO_INSTANTIATE(A)                                                                          \
-  template void sparse_step<fo::A>(const fo::A::Options&, std::int64_t, const detail::SparseStep&, \
-                                   void*);
-FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
-#undef FO_INSTANTIATE
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_CUDA_SPARSE_STEP)
 }  // namespace fo::cuda
 
 #include "cuda/newton_device.hpp"

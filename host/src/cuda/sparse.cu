@@ -164,10 +164,6 @@ void sparse_step(const typename A::Options& options, std::int64_t step, const de
   }
 }
 
-#define FO_INSTANTIATE(A)                                                                          \
-  template void sparse_step<fo::A>(const fo::A::Options&, std::int64_t, const detail::SparseStep&, \
-                                   void*);
-FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
-#undef FO_INSTANTIATE
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_CUDA_SPARSE_STEP)
 
 }  // namespace fo::cuda
