@@ -7,14 +7,13 @@
 
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "messages.hpp"
 #include "typed_options.hpp"
 
 namespace fo {
 namespace {
 
-[[noreturn]] void invalid(const std::string& msg) {
-  throw Error(StatusCode::invalid_argument, msg);
-}
+using detail::invalid;
 
 bool misaligned(const void* p, std::size_t align) {
   return reinterpret_cast<std::uintptr_t>(p) % align != 0;

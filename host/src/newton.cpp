@@ -15,19 +15,13 @@
 #include "cuda/newton_device.hpp"
 #include "device_check.hpp"
 #include "fusedopt/types.hpp"
+#include "messages.hpp"
 
 namespace fo {
 namespace {
 
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
-}
-
-[[noreturn]] void invalid(const std::string& msg) {
-  throw Error(StatusCode::invalid_argument, msg);
-}
+using detail::invalid;
+const auto& fmt = detail::format_number;
 
 void validate(const NewtonOptions& o) {
   const std::pair<const char*, double> reals[] = {{"damping", o.damping},

@@ -17,12 +17,9 @@
 #include "buffer.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/optimizer.hpp"
+#include "messages.hpp"
 
 namespace fo::detail {
-
-[[noreturn]] void invalid(const std::string& msg);
-[[noreturn]] void unsupported(const std::string& msg);
-std::string join(const std::vector<std::string>& v);
 
 inline constexpr const char* kMasterState = "master";
 

@@ -9,19 +9,13 @@
 #include <system_error>
 
 #include "cuda/schedule_device.hpp"
+#include "messages.hpp"
 
 namespace fo {
 namespace {
 
-[[noreturn]] void invalid(const std::string& msg) {
-  throw Error(StatusCode::invalid_argument, msg);
-}
-
-std::string fmt(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
-}
+using detail::invalid;
+const auto& fmt = detail::format_number;
 
 constexpr std::int64_t kMaxInteger = std::int64_t{1} << 53;  // exact in double
 

@@ -9,15 +9,6 @@
 
 namespace fo::detail {
 
-void invalid(const std::string& msg) { throw Error(StatusCode::invalid_argument, msg); }
-void unsupported(const std::string& msg) { throw Error(StatusCode::unsupported, msg); }
-
-std::string join(const std::vector<std::string>& v) {
-  std::string s;
-  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
-  return s;
-}
-
 const std::vector<std::string>& Settings::keys() {
   static const std::vector<std::string> k = {
       "grad_scale",  "max_grad_norm", "skip_nonfinite",      "master_weights",

@@ -3,20 +3,13 @@
 #pragma once
 
 #include <cmath>
-#include <cstdio>
 #include <string>
 #include <vector>
 
 #include "fusedopt/kernels/algorithm.hpp"
+#include "messages.hpp"
 
 namespace fo::detail {
-
-/// A number as messages print it (%g).
-inline std::string format_number(double v) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%g", v);
-  return buf;
-}
 
 /// "" if `o` is valid for A, else the reason, prefixed with A's name.
 template <class A>

@@ -75,8 +75,8 @@ std::int64_t grad_norm_workspace(const ListPlan& plan);
 /// The global L2 norm of all gradients (entries planned as `plan`) times grad_multiplier (and
 /// *d_grad_multiplier), deterministic (squares summed in double, in a fixed order): writes *d_norm,
 /// the clipping coefficient *d_clip (1 when max_norm <= 0) and, when check_finite, sets
-/// *d_found_inf = 1 if any gradient is inf/nan. With no elements at all (n = 0 included) the norm
-/// is 0.
+/// *d_found_inf = 1 if any gradient is inf/nan. With no elements at all (an empty plan included)
+/// the norm is 0.
 void grad_norm(const ListEntry* entries, const ListPlan& plan, DType grad_dtype,
                float grad_multiplier, const float* d_grad_multiplier, float max_norm,
                bool check_finite, float* d_workspace, float* d_norm, float* d_clip,

@@ -69,10 +69,10 @@ int key_bits(std::int64_t rows) {
 
 std::size_t align_up(std::size_t n) { return (n + 255) / 256 * 256; }
 
-// The indices are sorted as they are (int32 or int64): validated, hence non-negative, so the
-// low key_bits bits order them (CUB flips only the sign bit of signed keys).
 // Sorts and run-length encodes the indices into `arena` (allocated here): the runs the row
-// kernels walk.
+// kernels walk. The indices are sorted as they are (int32 or int64): validated, hence
+// non-negative, so the low key_bits bits order them (CUB flips only the sign bit of signed
+// keys).
 template <class T>
 SparseRuns sort_runs(const detail::SparseStep& s, std::optional<StreamBuffer>& arena,
                      cudaStream_t stream) {
