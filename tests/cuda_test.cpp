@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "cuda/newton_device.hpp"
 #include "fusedopt/fusedopt.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "reference/reference.hpp"
@@ -925,6 +926,13 @@ TEST(Cuda, HugeTensorOver2To31Elements) {
       ASSERT_EQ(grad[j], 2.0f) << "grad element " << start + j << " was written";
     }
   }
+}
+
+// cuSOLVER is loaded on first use, not linked (a program that steps only on the CPU must not
+// need it): it must load, GPU or not, from the toolkit this build was made with.
+TEST(CudaLibraries, CuSolverLoadsWhenFirstNeededWithoutAGpu) {
+  EXPECT_NO_THROW(cuda::require_cusolver());
+  EXPECT_NO_THROW(cuda::require_cusolver());  // once per process, then the same entry points
 }
 
 }  // namespace

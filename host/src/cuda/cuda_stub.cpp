@@ -59,4 +59,5 @@ void cholesky_solve_device(double*, double*, int, int, int*, void*) {
 void cholesky_solve_device(float*, float*, int, int, int*, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
+void require_cusolver() { throw Error(StatusCode::unsupported, "fusedopt was built without CUDA"); }
 }  // namespace fo::cuda

@@ -3,11 +3,19 @@
 // lower triangle is, read column-major, the upper triangle: hence CUBLAS_FILL_MODE_UPPER,
 // so the GPU reads exactly the elements fo::cholesky_solve reads. O(n^3/3) flops, O(n^2)
 // bytes: meant for the dense Hessians of damped Newton, not for bandwidth.
+//
+// cuSOLVER is loaded on first use (dlopen), not linked: it is the only CUDA library besides
+// the runtime that fusedopt calls, only here, and linking it would make every program that
+// links fusedopt need libcusolver (with the cuBLAS, cuSPARSE and nvJitLink it loads, about 950 MB
+// in CUDA 13.0) to start, also when it only steps on the CPU. cusolverDn.h gives the types and
+// signatures.
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
+#include <dlfcn.h>
 
 #include <cstddef>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
@@ -16,6 +24,69 @@
 
 namespace fo::cuda {
 namespace {
+
+#define FO_STR2(x) #x
+#define FO_STR(x) FO_STR2(x)
+
+// The cuSOLVER entry points this file calls, resolved once per process.
+struct Cusolver {
+  decltype(&cusolverDnCreate) create = nullptr;
+  decltype(&cusolverDnDestroy) destroy = nullptr;
+  decltype(&cusolverDnSetStream) set_stream = nullptr;
+  decltype(&cusolverDnSpotrf_bufferSize) spotrf_buffer_size = nullptr;
+  decltype(&cusolverDnDpotrf_bufferSize) dpotrf_buffer_size = nullptr;
+  decltype(&cusolverDnSpotrf) spotrf = nullptr;
+  decltype(&cusolverDnDpotrf) dpotrf = nullptr;
+  decltype(&cusolverDnSpotrs) spotrs = nullptr;
+  decltype(&cusolverDnDpotrs) dpotrs = nullptr;
+};
+
+// The soname of the cuSOLVER this file was compiled against, looked up the usual way
+// (LD_LIBRARY_PATH, the loader cache), then in the toolkit fusedopt was built with.
+constexpr const char* kCusolverSoname = "libcusolver.so." FO_STR(CUSOLVER_VER_MAJOR);
+
+Cusolver load_cusolver() {
+  void* lib = dlopen(kCusolverSoname, RTLD_NOW | RTLD_LOCAL);
+  std::string tried = kCusolverSoname;
+#ifdef FO_CUDA_TOOLKIT_LIBRARY_DIR
+  if (!lib) {
+    const std::string path = std::string(FO_CUDA_TOOLKIT_LIBRARY_DIR) + "/" + kCusolverSoname;
+    lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    tried += ", " + path;
+  }
+#endif
+  if (!lib)
+    throw Error(StatusCode::unsupported,
+                std::string("cholesky_solve_device needs cuSOLVER, which was not found (tried ") +
+                    tried +
+                    "): install the CUDA toolkit's cuSOLVER or add its directory to "
+                    "LD_LIBRARY_PATH");
+  // Never dlclose'd: handles live until their threads exit, which may be after static
+  // destructors run.
+  Cusolver api;
+  auto bind = [&](auto& fn, const char* name) {
+    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
+    if (!fn)
+      throw Error(StatusCode::unsupported,
+                  std::string("cholesky_solve_device: ") + kCusolverSoname + " lacks " + name);
+  };
+  bind(api.create, "cusolverDnCreate");
+  bind(api.destroy, "cusolverDnDestroy");
+  bind(api.set_stream, "cusolverDnSetStream");
+  bind(api.spotrf_buffer_size, "cusolverDnSpotrf_bufferSize");
+  bind(api.dpotrf_buffer_size, "cusolverDnDpotrf_bufferSize");
+  bind(api.spotrf, "cusolverDnSpotrf");
+  bind(api.dpotrf, "cusolverDnDpotrf");
+  bind(api.spotrs, "cusolverDnSpotrs");
+  bind(api.dpotrs, "cusolverDnDpotrs");
+  return api;
+}
+
+// Loaded on first use; a failed load throws and is tried again by the next call.
+const Cusolver& cusolver() {
+  static const Cusolver api = load_cusolver();
+  return api;
+}
 
 const char* cusolver_status_name(cusolverStatus_t s) {
   switch (s) {
@@ -56,13 +127,13 @@ class HandleCache {
   HandleCache& operator=(const HandleCache&) = delete;
   ~HandleCache() {
     for (cusolverDnHandle_t h : handles_)
-      if (h) cusolverDnDestroy(h);  // status ignored: nothing to do about it at thread exit
+      if (h) cusolver().destroy(h);  // status ignored: nothing to do about it at thread exit
   }
   cusolverDnHandle_t get() {
     int device = 0;
     FO_CUDA_CHECK(cudaGetDevice(&device));
     if (handles_.size() <= static_cast<std::size_t>(device)) handles_.resize(device + 1, nullptr);
-    if (!handles_[device]) FO_CUSOLVER_CHECK(cusolverDnCreate(&handles_[device]));
+    if (!handles_[device]) FO_CUSOLVER_CHECK(cusolver().create(&handles_[device]));
     return handles_[device];
   }
 
@@ -95,23 +166,23 @@ class AsyncScratch {
 
 // The S/D entry points under one name.
 cusolverStatus_t potrf_buffer_size(cusolverDnHandle_t h, int n, float* a, int* lwork) {
-  return cusolverDnSpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, n, a, n, lwork);
+  return cusolver().spotrf_buffer_size(h, CUBLAS_FILL_MODE_UPPER, n, a, n, lwork);
 }
 cusolverStatus_t potrf_buffer_size(cusolverDnHandle_t h, int n, double* a, int* lwork) {
-  return cusolverDnDpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, n, a, n, lwork);
+  return cusolver().dpotrf_buffer_size(h, CUBLAS_FILL_MODE_UPPER, n, a, n, lwork);
 }
 cusolverStatus_t potrf(cusolverDnHandle_t h, int n, float* a, float* work, int lwork, int* info) {
-  return cusolverDnSpotrf(h, CUBLAS_FILL_MODE_UPPER, n, a, n, work, lwork, info);
+  return cusolver().spotrf(h, CUBLAS_FILL_MODE_UPPER, n, a, n, work, lwork, info);
 }
 cusolverStatus_t potrf(cusolverDnHandle_t h, int n, double* a, double* work, int lwork, int* info) {
-  return cusolverDnDpotrf(h, CUBLAS_FILL_MODE_UPPER, n, a, n, work, lwork, info);
+  return cusolver().dpotrf(h, CUBLAS_FILL_MODE_UPPER, n, a, n, work, lwork, info);
 }
 cusolverStatus_t potrs(cusolverDnHandle_t h, int n, int nrhs, const float* a, float* b, int* info) {
-  return cusolverDnSpotrs(h, CUBLAS_FILL_MODE_UPPER, n, nrhs, a, n, b, n, info);
+  return cusolver().spotrs(h, CUBLAS_FILL_MODE_UPPER, n, nrhs, a, n, b, n, info);
 }
 cusolverStatus_t potrs(cusolverDnHandle_t h, int n, int nrhs, const double* a, double* b,
                        int* info) {
-  return cusolverDnDpotrs(h, CUBLAS_FILL_MODE_UPPER, n, nrhs, a, n, b, n, info);
+  return cusolver().dpotrs(h, CUBLAS_FILL_MODE_UPPER, n, nrhs, a, n, b, n, info);
 }
 
 template <class T>
@@ -126,7 +197,7 @@ void solve(T* d_a, T* d_b, int n, int nrhs, int* d_info, void* stream_ptr) {
     throw Error(StatusCode::invalid_argument, "cholesky_solve_device: d_a or d_b is null");
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const cusolverDnHandle_t handle = thread_handle();
-  FO_CUSOLVER_CHECK(cusolverDnSetStream(handle, stream));
+  FO_CUSOLVER_CHECK(cusolver().set_stream(handle, stream));
 
   int lwork = 0;
   FO_CUSOLVER_CHECK(potrf_buffer_size(handle, n, d_a, &lwork));
@@ -157,6 +228,8 @@ void solve(T* d_a, T* d_b, int n, int nrhs, int* d_info, void* stream_ptr) {
 }
 
 }  // namespace
+
+void require_cusolver() { cusolver(); }
 
 void cholesky_solve_device(double* d_a, double* d_b, int n, int nrhs, int* d_info, void* stream) {
   solve(d_a, d_b, n, nrhs, d_info, stream);

@@ -1,6 +1,6 @@
 // The Cholesky solve of damped Newton (fusedopt/newton.hpp) on the GPU, through cuSOLVER's
 // potrf/potrs. Declared without CUDA headers (the stream is a void*, as in fo::Optimizer) so
-// host code can include it; defined in newton_cusolver.cu, which needs CUDA::cusolver.
+// host code can include it; defined in newton_cusolver.cu, which loads cuSOLVER on first use.
 #pragma once
 
 namespace fo::cuda {
@@ -24,6 +24,11 @@ namespace fo::cuda {
 ///   fo::cuda::cholesky_solve_device(d_h, d_step, n, 1, d_info, stream);
 void cholesky_solve_device(double* d_a, double* d_b, int n, int nrhs, int* d_info,
                            void* stream = nullptr);
+
+/// Loads cuSOLVER now (the first solve does otherwise): libcusolver.so.<major> from the
+/// loader's path, then from the toolkit fusedopt was built with. Throws fo::Error
+/// (unsupported), naming what it tried, when it is not there. Needs no GPU.
+void require_cusolver();
 void cholesky_solve_device(float* d_a, float* d_b, int n, int nrhs, int* d_info,
                            void* stream = nullptr);
 
