@@ -104,6 +104,23 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
          {"eps", 1e-3},
          {"lr", 1e-2}}}},
       {"signsgd", {{}, {{"weight_decay", 0.1}, {"maximize", 1}, {"lr", 1e-2}}}},
+      {"nadam",
+       {{},
+        {{"weight_decay", 0.1}, {"maximize", 1}, {"momentum_decay", 0.02}, {"lr", 1e-2}},
+        {{"weight_decay", 0.5},
+         {"decoupled_weight_decay", 1},
+         {"beta1", 0.5},
+         {"beta2", 0.9},
+         {"eps", 1e-3},
+         {"momentum_decay", 0}}}},
+      {"radam",
+       {{},  // beta2 0.999: rho_t > 5 from step 7, so a 25-step run takes both branches
+        {{"weight_decay", 0.1}, {"maximize", 1}, {"beta2", 0.9}, {"lr", 1e-2}},
+        {{"weight_decay", 0.5},
+         {"decoupled_weight_decay", 1},
+         {"beta1", 0.5},
+         {"beta2", 0.99},
+         {"eps", 1e-3}}}},
   };
   return v;
 }
@@ -153,6 +170,19 @@ OptionMap defaults(const std::string& a) {
     return {{"lr", 2e-3},  {"beta1", 0.9},      {"beta2", 0.999},
             {"eps", 1e-8}, {"weight_decay", 0}, {"maximize", 0}};
   if (a == "signsgd") return {{"lr", 1e-3}, {"weight_decay", 0}, {"maximize", 0}};
+  if (a == "nadam")  // torch.optim.NAdam
+    return {{"lr", 2e-3},        {"beta1", 0.9},
+            {"beta2", 0.999},    {"eps", 1e-8},
+            {"weight_decay", 0}, {"momentum_decay", 4e-3},
+            {"maximize", 0},     {"decoupled_weight_decay", 0}};
+  if (a == "radam")  // torch.optim.RAdam
+    return {{"lr", 1e-3},
+            {"beta1", 0.9},
+            {"beta2", 0.999},
+            {"eps", 1e-8},
+            {"weight_decay", 0},
+            {"maximize", 0},
+            {"decoupled_weight_decay", 0}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
@@ -177,6 +207,7 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   if (a == "rprop") return {"prev", "step_size"};
   if (a == "lazyadam") return {"exp_avg", "exp_avg_sq"};
   if (a == "adamax") return {"exp_avg", "exp_inf"};
+  if (a == "nadam" || a == "radam") return {"exp_avg", "exp_avg_sq"};
   if (a == "signsgd") return {};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
@@ -204,6 +235,14 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   const double lr = o.at("lr");
   const bool maximize = o.at("maximize") != 0;
   const double wd = o.count("weight_decay") ? o.at("weight_decay") : 0.0;
+
+  // nadam's momentum schedule mu_k and mu_product = mu_1 * ... * mu_t.
+  const auto mu = [&](std::int64_t k) {
+    return o.at("beta1") * (1.0 - 0.5 * std::pow(0.96, double(k) * o.at("momentum_decay")));
+  };
+  double mu_product = 1.0;
+  if (a == "nadam")
+    for (std::int64_t k = 1; k <= t; ++k) mu_product *= mu(k);
 
   for (std::size_t i = 0; i < n; ++i) {
     double& p = param[i];
@@ -308,6 +347,35 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       m = beta1 * m + (1.0 - beta1) * g;
       u = std::max(beta2 * u, std::fabs(g) + eps);
       p -= lr / (1.0 - std::pow(beta1, double(t))) * m / u;
+    } else if (a == "nadam") {  // torch.optim.NAdam, mu_product as a plain running product
+      if (o.at("decoupled_weight_decay") != 0)
+        decoupled_decay();
+      else
+        l2_decay();
+      double& m = (*s[0])[i];
+      double& v = (*s[1])[i];
+      const double bc2 = adam_moments(m, v).second;
+      const double denom = std::sqrt(v / bc2) + o.at("eps");
+      p -= lr * (1.0 - mu(t)) / (1.0 - mu_product) * g / denom;
+      p -= lr * mu(t + 1) / (1.0 - mu_product * mu(t + 1)) * m / denom;
+    } else if (a == "radam") {  // torch.optim.RAdam
+      if (o.at("decoupled_weight_decay") != 0)
+        decoupled_decay();
+      else
+        l2_decay();
+      const double beta2 = o.at("beta2");
+      double& m = (*s[0])[i];
+      double& v = (*s[1])[i];
+      const auto [bc1, bc2] = adam_moments(m, v);
+      const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+      const double rho_t = rho_inf - 2.0 * double(t) * std::pow(beta2, double(t)) / bc2;
+      if (rho_t > 5.0) {
+        const double rect = std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
+                                      ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
+        p -= m / bc1 * lr * std::sqrt(bc2) / (std::sqrt(v) + o.at("eps")) * rect;
+      } else {
+        p -= m / bc1 * lr;
+      }
     } else if (a == "signsgd") {
       const double g0 = g;
       l2_decay();

@@ -172,6 +172,30 @@ FO_HOST_DEVICE double power(double base, std::int64_t n) {
   return result;
 }
 
+/// e^x - 1 and e^x in double from +, -, *, / and exact scaling by powers of two only, so that
+/// step scalars built on the device have the host's very bits (exp() and pow() promise no
+/// such thing between glibc and CUDA). Within a few ulp of the true value: a Taylor series to
+/// r^17/17! on |r| <= ln(2)/2 (truncation below 2^-60), after x = n ln2 + r with ln2 split so
+/// n * ln2_hi is exact. portable_expm1 keeps its relative accuracy for tiny |x|.
+FO_HOST_DEVICE double exp_series_minus_one(double r) {  // e^r - 1 for |r| <= 0.35
+  double term = r, sum = r;
+  for (int k = 2; k <= 17; ++k) {
+    term *= r / k;
+    sum += term;
+  }
+  return sum;
+}
+FO_HOST_DEVICE double portable_exp(double x) {
+  if (!(x > -746.0)) return x != x ? x : 0.0;  // NaN stays NaN; below the least subnormal: 0
+  if (x > 709.8) return HUGE_VAL;
+  const double n = floor(x * 1.4426950408889634 + 0.5);
+  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  return ldexp(1.0 + exp_series_minus_one(r), static_cast<int>(n));
+}
+FO_HOST_DEVICE double portable_expm1(double x) {
+  return x > -0.34 && x < 0.34 ? exp_series_minus_one(x) : portable_exp(x) - 1.0;
+}
+
 /// Precomputes a value the functor needs as float from a double computed on the host.
 FO_HOST_DEVICE float to_f32(double v) { return static_cast<float>(v); }
 

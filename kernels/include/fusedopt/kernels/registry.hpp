@@ -10,6 +10,8 @@
 #include "fusedopt/kernels/ops/adamw.hpp"
 #include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
+#include "fusedopt/kernels/ops/nadam.hpp"
+#include "fusedopt/kernels/ops/radam.hpp"
 #include "fusedopt/kernels/ops/rmsprop.hpp"
 #include "fusedopt/kernels/ops/rprop.hpp"
 #include "fusedopt/kernels/ops/sgd.hpp"
@@ -27,4 +29,6 @@
   X(Lion)                              \
   X(LazyAdam)                          \
   X(Adamax)                            \
-  X(SignSgd)
+  X(SignSgd)                           \
+  X(NAdam)                             \
+  X(RAdam)
