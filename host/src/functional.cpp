@@ -22,47 +22,58 @@ bool misaligned(const void* p, std::size_t align) {
   return reinterpret_cast<std::uintptr_t>(p) % align != 0;
 }
 
-// `who` starts every message: the algorithm's name, and the tensor's index in a list.
+/// The start of a message about tensor `index` of a list (or about the tensor of a single step
+/// when index < 0): built only when a check fails, so a list's checks allocate nothing.
+template <class A>
+std::string label(std::int64_t index) {
+  return index < 0 ? std::string(A::kName)
+                   : std::string(A::kName) + ": tensor " + std::to_string(index);
+}
+
 template <class A>
 void check_tensors(const typename A::Options& o, const DenseTensors& t, const Exec& exec,
-                   const StepControls& c, const std::string& who) {
-  if (t.numel < 0) invalid(who + ": numel must be >= 0, got " + std::to_string(t.numel));
+                   const StepControls& c, std::int64_t index) {
+  const auto who = [index] { return label<A>(index); };
+  if (t.numel < 0) invalid(who() + ": numel must be >= 0, got " + std::to_string(t.numel));
   const bool cuda = exec.device == Device::cuda;
   auto unsupported = [&](const std::string& what) {
-    throw Error(StatusCode::unsupported, who + ": " + what);
+    throw Error(StatusCode::unsupported, who() + ": " + what);
   };
   if (t.param_dtype != DType::f32 && t.param_dtype != DType::bf16 && t.param_dtype != DType::f16)
-    invalid(who + ": params must be float32, bfloat16 or float16, got " +
+    invalid(who() + ": params must be float32, bfloat16 or float16, got " +
             dtype_name(t.param_dtype));
   if (t.grad_dtype != t.param_dtype && t.grad_dtype != DType::f32)
-    invalid(who + ": grads must be float32 or the param's dtype, got " + dtype_name(t.grad_dtype));
+    invalid(who() + ": grads must be float32 or the param's dtype, got " +
+            dtype_name(t.grad_dtype));
   if (t.state_dtype != DType::f32 && t.state_dtype != DType::bf16)
-    invalid(who + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
+    invalid(who() + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
   if (t.master && t.param_dtype == DType::f32)
-    invalid(who + ": master weights belong to bfloat16 or float16 params");
+    invalid(who() + ": master weights belong to bfloat16 or float16 params");
   if (!cuda) {
     if (t.param_dtype != DType::f32 || t.grad_dtype != DType::f32 || t.state_dtype != DType::f32)
       unsupported("the CPU backend steps float32 params, grads and states only");
     if (c.stochastic_rounding || c.d_lr || c.d_grad_multiplier || c.d_found_inf)
       unsupported("device-side scalars and stochastic rounding need the CUDA backend");
   }
-  if (!std::isfinite(c.grad_multiplier)) invalid(who + ": the gradient multiplier must be finite");
+  if (!std::isfinite(c.grad_multiplier))
+    invalid(who() + ": the gradient multiplier must be finite");
   if (t.numel == 0) return;
-  auto check = [&](const void* ptr, DType dtype, const std::string& what) {
-    if (!ptr) invalid(who + ": " + what + " is null");
+  // what, name: "state", "exp_avg" (name may be ""), joined only for a message.
+  auto check = [&](const void* ptr, DType dtype, const char* what_kind, const char* name) {
+    auto what = [&] { return std::string(what_kind) + (*name ? " " : "") + name; };
+    if (!ptr) invalid(who() + ": " + what() + " is null");
     if (misaligned(ptr, dtype_size(dtype)))
-      invalid(who + ": " + what + " is not aligned to its element size");
+      invalid(who() + ": " + what() + " is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context. One
     // pointer query per buffer (about a microsecond): the Optimizer's steps avoid it.
     if (cuda && !c.buffers_on_device && !cuda::is_device_pointer(ptr, -1))
-      invalid(who + ": " + what + " is not CUDA device memory");
+      invalid(who() + ": " + what() + " is not CUDA device memory");
   };
-  check(t.param, t.param_dtype, "param");
-  check(t.grad, t.grad_dtype, "grad");
-  if (t.master) check(t.master, DType::f32, "master");
+  check(t.param, t.param_dtype, "param", "");
+  check(t.grad, t.grad_dtype, "grad", "");
+  if (t.master) check(t.master, DType::f32, "master", "");
   for (int k = 0; k < StateList<A>::count; ++k)
-    if (A::has_state(o, k))
-      check(t.states[k], t.state_dtype, std::string("state ") + StateList<A>::name(k));
+    if (A::has_state(o, k)) check(t.states[k], t.state_dtype, "state", StateList<A>::name(k));
 }
 
 // Options a dense step takes: valid, and not row-wise.
@@ -77,8 +88,9 @@ void check_options(const typename A::Options& options) {
                       "dense steps take rowwise = 0");
 }
 
-void check_step(std::int64_t step, const std::string& who) {
-  if (step < 1) invalid(who + ": step must be >= 1, got " + std::to_string(step));
+template <class A>
+void check_step(std::int64_t step, std::int64_t index) {
+  if (step < 1) invalid(label<A>(index) + ": step must be >= 1, got " + std::to_string(step));
 }
 
 /// A::Options from values by name over A's defaults; throws for an unknown name or a flag
@@ -148,8 +160,8 @@ template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
                 const Exec& exec, const StepControls& controls) {
   check_options<A>(options);
-  check_step(step, A::kName);
-  check_tensors<A>(options, t, exec, controls, A::kName);
+  check_step<A>(step, -1);
+  check_tensors<A>(options, t, exec, controls, -1);
   if (t.numel == 0) return;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
   for (int k = 0; k < StateList<A>::count; ++k)
@@ -190,18 +202,18 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
   const DenseTensors& first = tensors[0];
   for (std::size_t i = 0; i < n; ++i) {
     const DenseTensors& t = tensors[i];
-    const std::string who = std::string(A::kName) + ": tensor " + std::to_string(i);
-    check_step(steps[i], who);
-    check_tensors<A>(options, t, exec, controls, who);
+    const auto index = static_cast<std::int64_t>(i);
+    check_step<A>(steps[i], index);
+    check_tensors<A>(options, t, exec, controls, index);
     if (t.param_dtype != first.param_dtype || t.grad_dtype != first.grad_dtype ||
         t.state_dtype != first.state_dtype)
-      invalid(who + ": its dtypes (param " + dtype_name(t.param_dtype) + ", grad " +
+      invalid(label<A>(index) + ": its dtypes (param " + dtype_name(t.param_dtype) + ", grad " +
               dtype_name(t.grad_dtype) + ", states " + dtype_name(t.state_dtype) +
               ") differ from tensor 0's (" + dtype_name(first.param_dtype) + ", " +
               dtype_name(first.grad_dtype) + ", " + dtype_name(first.state_dtype) +
               "): one list takes one combination");
     if ((t.master != nullptr) != (first.master != nullptr))
-      invalid(who + ": either every tensor of a list has master weights or none has");
+      invalid(label<A>(index) + ": either every tensor of a list has master weights or none has");
   }
   // 2. The step: only the states the options use are passed on, as in fused_step.
   if (exec.device == Device::cuda) {

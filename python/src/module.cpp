@@ -55,8 +55,8 @@ const DLPackExchangeAPI* exchange_api(PyTypeObject* type) {
   const auto it = cache.find(type);
   if (it != cache.end()) return it->second;
   const DLPackExchangeAPI* api = nullptr;
-  PyObject* capsule = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type),
-                                             "__dlpack_c_exchange_api__");
+  PyObject* capsule =
+      PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__dlpack_c_exchange_api__");
   if (capsule && PyCapsule_IsValid(capsule, "dlpack_exchange_api")) {
     const auto* a =
         static_cast<const DLPackExchangeAPI*>(PyCapsule_GetPointer(capsule, "dlpack_exchange_api"));
@@ -82,7 +82,7 @@ struct View {
   bool contiguous = true;
   bool steppable = true;  // float32, bfloat16 or float16: dtype says which
   bool f64 = false;       // float64: only a step count may be one
-  std::string dtype_text;
+  dl::dtype raw{};        // for messages
 };
 
 std::string dtype_text(const dl::dtype& t) {
@@ -120,7 +120,7 @@ void fill_view(View& v, const dl::dltensor& t) {
     v.dtype = fo::DType::bf16;
   else
     v.steppable = false, v.f64 = scalar && t.dtype.code == 2 && t.dtype.bits == 64;
-  v.dtype_text = dtype_text(t.dtype);
+  v.raw = t.dtype;
 }
 
 /// Views of Python arrays: the DLPack exchange API's (no reference kept: the caller's lists
@@ -192,9 +192,8 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
     raise_value("step: " + std::to_string(n) + " params, " + std::to_string(grads.size()) +
                 " grads and " + std::to_string(steps.size()) + " step counts");
   if (states.size() != specs.size())
-    raise_value("step: " + algorithm + " with these options uses " +
-                std::to_string(specs.size()) + " states, got " + std::to_string(states.size()) +
-                " lists");
+    raise_value("step: " + algorithm + " with these options uses " + std::to_string(specs.size()) +
+                " states, got " + std::to_string(states.size()) + " lists");
   std::vector<nb::list> state_lists;
   for (std::size_t j = 0; j < specs.size(); ++j) {
     nb::list l = nb::borrow<nb::list>(states[j]);
@@ -214,10 +213,10 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
   int device_type = kDLCPU, device_id = 0;
   View p, g, s;
   for (std::size_t i = 0; i < n; ++i) {
-    const std::string at = " of param " + std::to_string(i);
+    const auto at = [i] { return " of param " + std::to_string(i); };
     importer.view(params[i], p, "param", i);
     if (!p.steppable)
-      raise_type("param " + std::to_string(i) + " is " + p.dtype_text +
+      raise_type("param " + std::to_string(i) + " is " + dtype_text(p.raw) +
                  ": fusedopt steps float32 params (and bfloat16, float16 on CUDA)");
     if (!p.contiguous)
       raise_value("param " + std::to_string(i) +
@@ -230,20 +229,22 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
                   device_text(device_type, device_id) +
                   ": one step takes the params of one device (split the param group)");
     param_shape.assign(p.shape, p.shape + p.ndim);
-    auto same_place = [&](const View& v, const std::string& what) {
+    // what: "grad", or a state's name; the message is built only on failure.
+    auto same_place = [&](const View& v, const std::string* state_name) {
+      auto what = [&] { return state_name ? "state " + *state_name : std::string("the grad"); };
       if (v.device_type != p.device_type || v.device_id != p.device_id)
-        raise_value(what + at + " is on " + device_text(v.device_type, v.device_id) +
+        raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
                     ", the param on " + device_text(p.device_type, p.device_id));
       if (v.ndim != static_cast<int>(param_shape.size()) ||
           !std::equal(param_shape.begin(), param_shape.end(), v.shape))
-        raise_value(what + at + " has a different shape from the param");
-      if (!v.contiguous) raise_value(what + at + " is not contiguous");
+        raise_value(what() + at() + " has a different shape from the param");
+      if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
       if (!v.steppable)
-        raise_type(what + at + " is " + v.dtype_text + ": fusedopt takes float32 " + what +
-                   "s (and bfloat16 on CUDA)");
+        raise_type(what() + at() + " is " + dtype_text(v.raw) +
+                   ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
     };
     importer.view(grads[i], g, "grad", i);
-    same_place(g, "the grad");
+    same_place(g, nullptr);
     fo::DenseTensors& t = tensors[i];
     t.param = p.data;
     t.grad = g.data;
@@ -253,9 +254,9 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
     t.state_dtype = fo::DType::f32;
     for (std::size_t j = 0; j < specs.size(); ++j) {
       importer.view(state_lists[j][i], s, "state", i);
-      same_place(s, "state " + specs[j].name);
+      same_place(s, &specs[j].name);
       if (j > 0 && s.dtype != t.state_dtype)
-        raise_type("the states" + at + " differ in dtype: one takes one dtype for all");
+        raise_type("the states" + at() + " differ in dtype: one takes one dtype for all");
       t.states[specs[j].index] = s.data;
       t.state_dtype = s.dtype;
     }
@@ -270,15 +271,15 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
     importer.view(c, sv, "step count", i);
     const bool f32 = sv.steppable && sv.dtype == fo::DType::f32;
     if (sv.device_type != kDLCPU || sv.numel != 1 || !(f32 || sv.f64))
-      raise_value("the step count" + at + " is a " + sv.dtype_text + " array of " +
+      raise_value("the step count" + at() + " is a " + dtype_text(sv.raw) + " array of " +
                   std::to_string(sv.numel) + " elements on " +
                   device_text(sv.device_type, sv.device_id) +
                   ": it must be one float32 or float64 on the CPU (torch's non-capturable "
                   "state['step'])");
-    const double now = f32 ? *reinterpret_cast<const float*>(sv.data)
-                           : *reinterpret_cast<const double*>(sv.data);
+    const double now =
+        f32 ? *reinterpret_cast<const float*>(sv.data) : *reinterpret_cast<const double*>(sv.data);
     if (!(now >= 0.0 && now < 9.0e15 && now == static_cast<double>(static_cast<std::int64_t>(now))))
-      raise_value("the step count" + at + " is " + std::to_string(now) +
+      raise_value("the step count" + at() + " is " + std::to_string(now) +
                   ": it must be a whole number >= 0");
     counts[i] = static_cast<std::int64_t>(now) + 1;
     counted[i] = true;
