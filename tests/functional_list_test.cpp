@@ -200,6 +200,14 @@ TEST(FusedStepList, RejectedListChangesNothing) {
         },
         StatusCode::unsupported, "rowwise");
   }
+  {
+    auto t = list();
+    t[last].states[0] = nullptr;
+    expect_error([&] { check_step_list("adam", {}, t.data(), steps.data(), t.size()); },
+                 StatusCode::invalid_argument, "tensor 7: state exp_avg is null");
+    auto good = list();
+    check_step_list("adam", {}, good.data(), steps.data(), good.size());  // checks, steps nothing
+  }
   expect_same(b.all(), before, "after the rejected lists");
 }
 

@@ -126,11 +126,39 @@ std::vector<StateSpec> states_of(const NamedOptions& named) {
   return out;
 }
 
+// Every check of a list step, in order; throws on the first failure.
+template <class A>
+void check_list(const typename A::Options& options, const DenseTensors* tensors,
+                const std::int64_t* steps, std::size_t n, const Exec& exec,
+                const StepControls& controls) {
+  check_options<A>(options);
+  if (n == 0) return;
+  if (!tensors || !steps) invalid(std::string(A::kName) + ": the tensor or step array is null");
+  const DenseTensors& first = tensors[0];
+  for (std::size_t i = 0; i < n; ++i) {
+    const DenseTensors& t = tensors[i];
+    const auto index = static_cast<std::int64_t>(i);
+    check_step<A>(steps[i], index);
+    check_tensors<A>(options, t, exec, controls, index);
+    if (t.param_dtype != first.param_dtype || t.grad_dtype != first.grad_dtype ||
+        t.state_dtype != first.state_dtype)
+      invalid(label<A>(index) + ": its dtypes (param " + dtype_name(t.param_dtype) + ", grad " +
+              dtype_name(t.grad_dtype) + ", states " + dtype_name(t.state_dtype) +
+              ") differ from tensor 0's (" + dtype_name(first.param_dtype) + ", " +
+              dtype_name(first.grad_dtype) + ", " + dtype_name(first.state_dtype) +
+              "): one list takes one combination");
+    if ((t.master != nullptr) != (first.master != nullptr))
+      invalid(label<A>(index) + ": either every tensor of a list has master weights or none has");
+  }
+}
+
 // The registry's table from name to typed entry: the one place a name becomes a type.
 struct ByName {
   const char* name;
   void (*step_list)(const NamedOptions&, const DenseTensors*, const std::int64_t*, std::size_t,
                     const Exec&, const StepControls&);
+  void (*check_list)(const NamedOptions&, const DenseTensors*, const std::int64_t*, std::size_t,
+                     const Exec&, const StepControls&);
   std::vector<StateSpec> (*states)(const NamedOptions&);
 };
 
@@ -140,9 +168,15 @@ void step_list_by_name(const NamedOptions& named, const DenseTensors* t, const s
   fused_step_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
 }
 
+template <class A>
+void check_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
+                        std::size_t n, const Exec& exec, const StepControls& controls) {
+  check_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
+}
+
 const ByName& by_name(std::string_view algorithm) {
   static const ByName table[] = {
-#define FO_BY_NAME(A) {A::kName, &step_list_by_name<A>, &states_of<A>},
+#define FO_BY_NAME(A) {A::kName, &step_list_by_name<A>, &check_list_by_name<A>, &states_of<A>},
       FO_FOR_EACH_DENSE_ALGORITHM(FO_BY_NAME)
 #undef FO_BY_NAME
   };
@@ -196,25 +230,9 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
                      const std::int64_t* steps, std::size_t n, const Exec& exec,
                      const StepControls& controls) {
   // 1. Everything is checked before anything is written.
-  check_options<A>(options);
+  check_list<A>(options, tensors, steps, n, exec, controls);
   if (n == 0) return;
-  if (!tensors || !steps) invalid(std::string(A::kName) + ": the tensor or step array is null");
   const DenseTensors& first = tensors[0];
-  for (std::size_t i = 0; i < n; ++i) {
-    const DenseTensors& t = tensors[i];
-    const auto index = static_cast<std::int64_t>(i);
-    check_step<A>(steps[i], index);
-    check_tensors<A>(options, t, exec, controls, index);
-    if (t.param_dtype != first.param_dtype || t.grad_dtype != first.grad_dtype ||
-        t.state_dtype != first.state_dtype)
-      invalid(label<A>(index) + ": its dtypes (param " + dtype_name(t.param_dtype) + ", grad " +
-              dtype_name(t.grad_dtype) + ", states " + dtype_name(t.state_dtype) +
-              ") differ from tensor 0's (" + dtype_name(first.param_dtype) + ", " +
-              dtype_name(first.grad_dtype) + ", " + dtype_name(first.state_dtype) +
-              "): one list takes one combination");
-    if ((t.master != nullptr) != (first.master != nullptr))
-      invalid(label<A>(index) + ": either every tensor of a list has master weights or none has");
-  }
   // 2. The step: only the states the options use are passed on, as in fused_step.
   if (exec.device == Device::cuda) {
     std::vector<cuda::ListEntry> entries;
@@ -269,6 +287,12 @@ void fused_step_list(std::string_view algorithm, const NamedOptions& options,
                      const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
                      const Exec& exec, const StepControls& controls) {
   by_name(algorithm).step_list(options, tensors, steps, n, exec, controls);
+}
+
+void check_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec, const StepControls& controls) {
+  by_name(algorithm).check_list(options, tensors, steps, n, exec, controls);
 }
 
 std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options) {

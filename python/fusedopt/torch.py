@@ -43,7 +43,8 @@ class _Spec:
 
     algorithm: the library's name. step: how torch keeps state["step"] ("tensor": a CPU float32
     scalar; "int": a Python int; None: no step key, and a state created by this step marks the
-    first step). init_state: torch creates the state in the constructor (Adagrad).
+    first step). init_state: torch creates the state in the constructor, from the
+    constructor's arguments even where a group sets its own (Adagrad's sum).
     variants: {group flag: algorithm used where the flag is true}. extra_defaults: defaults
     torch's class adds beyond its arguments.
     """
@@ -79,9 +80,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 "(fusedopt steps params in place, outside autograd)")
         super().__init__(params, defaults)
         if self._spec.init_state:
+            # As torch's: from the constructor's arguments, whatever a group overrides.
             for group in self.param_groups:
                 for p in group["params"]:
-                    self._create_state(p, self.state[p], group)
+                    self._create_state(p, self.state[p], self.defaults)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -151,20 +153,36 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        # One library call for all groups: every group is checked before any is stepped.
+        calls, fresh, counted = [], [], []
+        try:
+            for group in self.param_groups:
+                call = self._gather(group, fresh, counted)
+                if call is not None:
+                    calls.append(call)
+            if calls:
+                _fusedopt.step_groups(calls)
+        except Exception:
+            for st, keys in fresh:  # state created for this step goes again
+                for k in keys:
+                    del st[k]
+            raise
+        for st in counted:  # torch keeps an int step (SparseAdam's format)
+            st["step"] += 1
         return loss
 
-    def _step_group(self, group):
+    def _gather(self, group, fresh, counted):
+        """The library call's arguments for one group: the params with a grad, their grads,
+        states and step counts. Creates the state of params stepping for the first time
+        (recorded in `fresh`)."""
         algorithm = self._algorithm(group)
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
         names = [name for name, _, _ in specs]
-        wanted = set(names) | ({"step"} if self._spec.step else set())
         kind = self._spec.step
+        wanted = set(names) | ({"step"} if kind else set())
         params, grads, steps = [], [], []
         states = [[] for _ in names]
-        fresh = []  # (state dict, keys created here): removed again if the step raises
         state = self.state
         for p in group["params"]:
             g = p.grad
@@ -187,20 +205,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 steps.append(st["step"])
             elif kind == "int":
                 steps.append(st["step"] + 1)
+                counted.append(st)
             else:
                 steps.append(1 if created else 2)
         if not params:
-            return
-        try:
-            _fusedopt.step(algorithm, options, params, grads, states, steps)
-        except Exception:
-            for st, keys in fresh:
-                for k in keys:
-                    del st[k]
-            raise
-        if kind == "int":
-            for p in params:
-                state[p]["step"] += 1
+            return None
+        return (algorithm, options, params, grads, states, steps)
 
 
 def _fused_class(name, spec, init, doc):

@@ -181,11 +181,25 @@ fo::NamedOptions named_options(const nb::dict& options) {
   return named;
 }
 
-/// One list step; see the Python docstring below.
-void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
-          const nb::list& grads, const nb::list& states, const nb::list& steps,
-          const nb::object& stream) {
-  const fo::NamedOptions named = named_options(options);
+/// One list step, viewed and checked, ready to run.
+struct Prepared {
+  std::string algorithm;
+  fo::NamedOptions named;
+  std::vector<fo::DenseTensors> tensors;
+  std::vector<std::int64_t> counts;
+  std::vector<View> step_views;
+  std::vector<bool> counted;  // counts[i] came from an array, to be written back
+  fo::Exec exec;
+  fo::StepControls controls;
+};
+
+/// Views every array of one list step and makes every check, the library's included.
+void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
+             const nb::dict& options, const nb::list& params, const nb::list& grads,
+             const nb::list& states, const nb::list& steps, const nb::object& stream) {
+  out.algorithm = algorithm;
+  out.named = named_options(options);
+  const fo::NamedOptions& named = out.named;
   const std::vector<fo::StateSpec> specs = fo::step_states(algorithm, named);
   const std::size_t n = params.size();
   if (grads.size() != n || steps.size() != n)
@@ -203,12 +217,14 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
     state_lists.push_back(std::move(l));
   }
 
-  // 1. Every array is viewed and checked before anything is written.
-  Importer importer;
-  std::vector<fo::DenseTensors> tensors(n);
-  std::vector<std::int64_t> counts(n);
-  std::vector<View> step_views(n);
-  std::vector<bool> counted(n, false);
+  std::vector<fo::DenseTensors>& tensors = out.tensors;
+  std::vector<std::int64_t>& counts = out.counts;
+  std::vector<View>& step_views = out.step_views;
+  std::vector<bool>& counted = out.counted;
+  tensors.assign(n, fo::DenseTensors{});
+  counts.assign(n, 0);
+  step_views.assign(n, View{});
+  counted.assign(n, false);
   std::vector<std::int64_t> param_shape;
   int device_type = kDLCPU, device_id = 0;
   View p, g, s;
@@ -285,8 +301,8 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
     counted[i] = true;
   }
 
-  fo::Exec exec;
-  fo::StepControls controls;
+  fo::Exec& exec = out.exec;
+  fo::StepControls& controls = out.controls;
   if (device_type == kDLCUDA || device_type == kDLCUDAManaged) {
     exec.device = fo::Device::cuda;
     exec.device_index = device_id;
@@ -307,18 +323,51 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
                 ": fusedopt steps arrays on the CPU and on CUDA");
   }
 
-  // 2. The step (no Python object is touched: other threads may run), then the counts.
+  fo::check_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
+}
+
+/// Runs prepared steps, then writes the step counts back.
+void run(std::vector<Prepared>& steps) {
   {
-    nb::gil_scoped_release release;
-    fo::fused_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
+    nb::gil_scoped_release release;  // no Python object is touched: other threads may run
+    for (const Prepared& s : steps)
+      fo::fused_step_list(s.algorithm, s.named, s.tensors.data(), s.counts.data(), s.tensors.size(),
+                          s.exec, s.controls);
   }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (!counted[i]) continue;
-    if (!step_views[i].f64)
-      *reinterpret_cast<float*>(step_views[i].data) = static_cast<float>(counts[i]);
-    else
-      *reinterpret_cast<double*>(step_views[i].data) = static_cast<double>(counts[i]);
+  for (const Prepared& s : steps)
+    for (std::size_t i = 0; i < s.tensors.size(); ++i) {
+      if (!s.counted[i]) continue;
+      if (!s.step_views[i].f64)
+        *reinterpret_cast<float*>(s.step_views[i].data) = static_cast<float>(s.counts[i]);
+      else
+        *reinterpret_cast<double*>(s.step_views[i].data) = static_cast<double>(s.counts[i]);
+    }
+}
+
+void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
+          const nb::list& grads, const nb::list& states, const nb::list& steps,
+          const nb::object& stream) {
+  Importer importer;
+  std::vector<Prepared> prepared(1);
+  prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream);
+  run(prepared);
+}
+
+/// Several list steps as one: all are checked before any runs.
+void step_groups(const nb::list& groups, const nb::object& stream) {
+  Importer importer;
+  std::vector<Prepared> prepared(groups.size());
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    nb::tuple g;
+    if (!nb::try_cast(groups[i], g) || g.size() != 6)
+      raise_type(
+          "step_groups: each group is a tuple (algorithm, options, params, grads, "
+          "states, steps)");
+    prepare(prepared[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]),
+            nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
+            nb::cast<nb::list>(g[5]), stream);
   }
+  run(prepared);
 }
 
 nb::list algorithms() {
@@ -379,6 +428,10 @@ NB_MODULE(_fusedopt, m) {
         "Every array is checked before anything is written; a call that raises has changed\n"
         "nothing. CUDA arrays run on `stream` (an int cudaStream_t) or, when None, the\n"
         "producer's current stream of their device (torch: torch.cuda.current_stream()).");
+  m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("stream") = nb::none(),
+        "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
+        "states, steps), each as step() takes them. Every group is checked before any is\n"
+        "stepped, so a call that raises has changed nothing (torch's param groups).");
   m.def("cuda_device_count", &fo::cuda_device_count,
         "CUDA devices this build can use (0 when built without CUDA).");
 }

@@ -102,6 +102,13 @@ void fused_step_list(std::string_view algorithm, const NamedOptions& options,
                      const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
                      const Exec& exec = {}, const StepControls& controls = {});
 
+/// Every check fused_step_list(algorithm, ...) makes, without the step: for a caller that
+/// steps several lists as one operation (param groups) and must not step any when one is
+/// bad. Throws what that call would throw.
+void check_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec = {}, const StepControls& controls = {});
+
 /// One state buffer a step uses: its name (A::kStates), its slot in DenseTensors::states and
 /// the value it starts at.
 struct StateSpec {
