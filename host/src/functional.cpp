@@ -1,9 +1,12 @@
-// fused_step: validation, then one algorithm's step on a backend, typed all the way down.
+// fused_step and fused_step_list: validation, then one algorithm's step on a backend, typed
+// all the way down; and the by-name entries, where the registry's table turns a name into a
+// type once per call.
 #include "fusedopt/functional.hpp"
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
@@ -19,47 +22,170 @@ bool misaligned(const void* p, std::size_t align) {
   return reinterpret_cast<std::uintptr_t>(p) % align != 0;
 }
 
+/// The start of a message about tensor `index` of a list (or about the tensor of a single step
+/// when index < 0): built only when a check fails, so a list's checks allocate nothing.
+template <class A>
+std::string label(std::int64_t index) {
+  return index < 0 ? std::string(A::kName)
+                   : std::string(A::kName) + ": tensor " + std::to_string(index);
+}
+
 template <class A>
 void check_tensors(const typename A::Options& o, const DenseTensors& t, const Exec& exec,
-                   const StepControls& c) {
-  const std::string who = A::kName;
-  if (t.numel < 0) invalid(who + ": numel must be >= 0, got " + std::to_string(t.numel));
+                   const StepControls& c, std::int64_t index) {
+  const auto who = [index] { return label<A>(index); };
+  if (t.numel < 0) invalid(who() + ": numel must be >= 0, got " + std::to_string(t.numel));
   const bool cuda = exec.device == Device::cuda;
   auto unsupported = [&](const std::string& what) {
-    throw Error(StatusCode::unsupported, who + ": " + what);
+    throw Error(StatusCode::unsupported, who() + ": " + what);
   };
   if (t.param_dtype != DType::f32 && t.param_dtype != DType::bf16 && t.param_dtype != DType::f16)
-    invalid(who + ": params must be float32, bfloat16 or float16, got " +
+    invalid(who() + ": params must be float32, bfloat16 or float16, got " +
             dtype_name(t.param_dtype));
   if (t.grad_dtype != t.param_dtype && t.grad_dtype != DType::f32)
-    invalid(who + ": grads must be float32 or the param's dtype, got " + dtype_name(t.grad_dtype));
+    invalid(who() + ": grads must be float32 or the param's dtype, got " +
+            dtype_name(t.grad_dtype));
   if (t.state_dtype != DType::f32 && t.state_dtype != DType::bf16)
-    invalid(who + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
+    invalid(who() + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
   if (t.master && t.param_dtype == DType::f32)
-    invalid(who + ": master weights belong to bfloat16 or float16 params");
+    invalid(who() + ": master weights belong to bfloat16 or float16 params");
   if (!cuda) {
     if (t.param_dtype != DType::f32 || t.grad_dtype != DType::f32 || t.state_dtype != DType::f32)
       unsupported("the CPU backend steps float32 params, grads and states only");
     if (c.stochastic_rounding || c.d_lr || c.d_grad_multiplier || c.d_found_inf)
       unsupported("device-side scalars and stochastic rounding need the CUDA backend");
   }
-  if (!std::isfinite(c.grad_multiplier)) invalid(who + ": the gradient multiplier must be finite");
+  if (!std::isfinite(c.grad_multiplier))
+    invalid(who() + ": the gradient multiplier must be finite");
   if (t.numel == 0) return;
-  auto check = [&](const void* ptr, DType dtype, const std::string& what) {
-    if (!ptr) invalid(who + ": " + what + " is null");
+  // what, name: "state", "exp_avg" (name may be ""), joined only for a message.
+  auto check = [&](const void* ptr, DType dtype, const char* what_kind, const char* name) {
+    auto what = [&] { return std::string(what_kind) + (*name ? " " : "") + name; };
+    if (!ptr) invalid(who() + ": " + what() + " is null");
     if (misaligned(ptr, dtype_size(dtype)))
-      invalid(who + ": " + what + " is not aligned to its element size");
+      invalid(who() + ": " + what() + " is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context. One
     // pointer query per buffer (about a microsecond): the Optimizer's steps avoid it.
-    if (cuda && !cuda::is_device_pointer(ptr, -1))
-      invalid(who + ": " + what + " is not CUDA device memory");
+    if (cuda && !c.buffers_on_device && !cuda::is_device_pointer(ptr, -1))
+      invalid(who() + ": " + what() + " is not CUDA device memory");
   };
-  check(t.param, t.param_dtype, "param");
-  check(t.grad, t.grad_dtype, "grad");
-  if (t.master) check(t.master, DType::f32, "master");
+  check(t.param, t.param_dtype, "param", "");
+  check(t.grad, t.grad_dtype, "grad", "");
+  if (t.master) check(t.master, DType::f32, "master", "");
   for (int k = 0; k < StateList<A>::count; ++k)
-    if (A::has_state(o, k))
-      check(t.states[k], t.state_dtype, std::string("state ") + StateList<A>::name(k));
+    if (A::has_state(o, k)) check(t.states[k], t.state_dtype, "state", StateList<A>::name(k));
+}
+
+// Options a dense step takes: valid, and not row-wise.
+template <class A>
+void check_options(const typename A::Options& options) {
+  if (const std::string err = detail::options_error<A>(options); !err.empty()) invalid(err);
+  if constexpr (RowwiseCapable<A>::value)
+    if (A::rowwise(options))
+      throw Error(StatusCode::unsupported,
+                  std::string(A::kName) +
+                      ": rowwise applies to sparse steps of embedding tables (step_sparse); "
+                      "dense steps take rowwise = 0");
+}
+
+template <class A>
+void check_step(std::int64_t step, std::int64_t index) {
+  if (step < 1) invalid(label<A>(index) + ": step must be >= 1, got " + std::to_string(step));
+}
+
+/// A::Options from values by name over A's defaults; throws for an unknown name or a flag
+/// that is not 0 or 1 (the rest is checked by check_options).
+template <class A>
+typename A::Options options_by_name(const NamedOptions& named) {
+  typename A::Options o;
+  for (const auto& [name, value] : named) {
+    const OptionField<typename A::Options>* field = nullptr;
+    for (const auto& f : A::kOptions)
+      if (name == f.name) field = &f;
+    if (!field) {
+      std::vector<std::string> known;
+      for (const auto& f : A::kOptions) known.emplace_back(f.name);
+      invalid(std::string(A::kName) + ": unknown option '" + name +
+              "' (known: " + detail::join(known) + ")");
+    }
+    if (field->flag && value != 0.0 && value != 1.0)
+      invalid(std::string(A::kName) + ": option " + name + " is a flag and takes 0 or 1, got " +
+              detail::format_number(value));
+    field->set(o, value);
+  }
+  return o;
+}
+
+template <class A>
+std::vector<StateSpec> states_of(const NamedOptions& named) {
+  const typename A::Options o = options_by_name<A>(named);
+  check_options<A>(o);
+  std::vector<StateSpec> out;
+  for (int k = 0; k < StateList<A>::count; ++k)
+    if (A::has_state(o, k)) out.push_back({StateList<A>::name(k), k, A::state_init(o, k)});
+  return out;
+}
+
+// Every check of a list step, in order; throws on the first failure.
+template <class A>
+void check_list(const typename A::Options& options, const DenseTensors* tensors,
+                const std::int64_t* steps, std::size_t n, const Exec& exec,
+                const StepControls& controls) {
+  check_options<A>(options);
+  if (n == 0) return;
+  if (!tensors || !steps) invalid(std::string(A::kName) + ": the tensor or step array is null");
+  const DenseTensors& first = tensors[0];
+  for (std::size_t i = 0; i < n; ++i) {
+    const DenseTensors& t = tensors[i];
+    const auto index = static_cast<std::int64_t>(i);
+    check_step<A>(steps[i], index);
+    check_tensors<A>(options, t, exec, controls, index);
+    if (t.param_dtype != first.param_dtype || t.grad_dtype != first.grad_dtype ||
+        t.state_dtype != first.state_dtype)
+      invalid(label<A>(index) + ": its dtypes (param " + dtype_name(t.param_dtype) + ", grad " +
+              dtype_name(t.grad_dtype) + ", states " + dtype_name(t.state_dtype) +
+              ") differ from tensor 0's (" + dtype_name(first.param_dtype) + ", " +
+              dtype_name(first.grad_dtype) + ", " + dtype_name(first.state_dtype) +
+              "): one list takes one combination");
+    if ((t.master != nullptr) != (first.master != nullptr))
+      invalid(label<A>(index) + ": either every tensor of a list has master weights or none has");
+  }
+}
+
+// The registry's table from name to typed entry: the one place a name becomes a type.
+struct ByName {
+  const char* name;
+  void (*step_list)(const NamedOptions&, const DenseTensors*, const std::int64_t*, std::size_t,
+                    const Exec&, const StepControls&);
+  void (*check_list)(const NamedOptions&, const DenseTensors*, const std::int64_t*, std::size_t,
+                     const Exec&, const StepControls&);
+  std::vector<StateSpec> (*states)(const NamedOptions&);
+};
+
+template <class A>
+void step_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
+                       std::size_t n, const Exec& exec, const StepControls& controls) {
+  fused_step_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
+}
+
+template <class A>
+void check_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
+                        std::size_t n, const Exec& exec, const StepControls& controls) {
+  check_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
+}
+
+const ByName& by_name(std::string_view algorithm) {
+  static const ByName table[] = {
+#define FO_BY_NAME(A) {A::kName, &step_list_by_name<A>, &check_list_by_name<A>, &states_of<A>},
+      FO_FOR_EACH_DENSE_ALGORITHM(FO_BY_NAME)
+#undef FO_BY_NAME
+  };
+  for (const ByName& entry : table)
+    if (algorithm == entry.name) return entry;
+  std::vector<std::string> known;
+  for (const ByName& entry : table) known.emplace_back(entry.name);
+  invalid("unknown algorithm '" + std::string(algorithm) + "' (known: " + detail::join(known) +
+          ")");
 }
 
 }  // namespace
@@ -67,15 +193,9 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
 template <class A>
 void fused_step(const typename A::Options& options, std::int64_t step, const DenseTensors& t,
                 const Exec& exec, const StepControls& controls) {
-  if (const std::string err = detail::options_error<A>(options); !err.empty()) invalid(err);
-  if (step < 1) invalid(std::string(A::kName) + ": step must be >= 1, got " + std::to_string(step));
-  if constexpr (RowwiseCapable<A>::value)
-    if (A::rowwise(options))
-      throw Error(StatusCode::unsupported,
-                  std::string(A::kName) +
-                      ": rowwise applies to sparse steps of embedding tables (step_sparse); "
-                      "dense steps take rowwise = 0");
-  check_tensors<A>(options, t, exec, controls);
+  check_options<A>(options);
+  check_step<A>(step, -1);
+  check_tensors<A>(options, t, exec, controls, -1);
   if (t.numel == 0) return;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
   for (int k = 0; k < StateList<A>::count; ++k)
@@ -93,6 +213,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
     s.d_lr = controls.d_lr;
     s.d_grad_multiplier = controls.d_grad_multiplier;
     s.d_found_inf = controls.d_found_inf;
+    cuda::DeviceGuard guard(exec.device_index);
     cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1), s, exec.stream);
     return;
   }
@@ -104,11 +225,79 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   cpu::dense_step<A>(options, step, ptrs, t.numel);
 }
 
+template <class A>
+void fused_step_list(const typename A::Options& options, const DenseTensors* tensors,
+                     const std::int64_t* steps, std::size_t n, const Exec& exec,
+                     const StepControls& controls) {
+  // 1. Everything is checked before anything is written.
+  check_list<A>(options, tensors, steps, n, exec, controls);
+  if (n == 0) return;
+  const DenseTensors& first = tensors[0];
+  // 2. The step: only the states the options use are passed on, as in fused_step.
+  if (exec.device == Device::cuda) {
+    std::vector<cuda::ListEntry> entries;
+    entries.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      const DenseTensors& t = tensors[i];
+      if (t.numel == 0) continue;
+      cuda::ListEntry e{t.param, t.grad,   t.master,    {nullptr, nullptr, nullptr},
+                        t.numel, steps[i], controls.key};
+      for (int k = 0; k < StateList<A>::count; ++k)
+        if (A::has_state(options, k)) e.states[k] = t.states[k];
+      entries.push_back(e);
+    }
+    if (entries.empty()) return;
+    cuda::ListSettings s;
+    s.param_dtype = first.param_dtype;
+    s.grad_dtype = first.grad_dtype;
+    s.state_dtype = first.state_dtype;
+    s.stochastic = controls.stochastic_rounding;
+    s.seed = controls.seed;
+    s.grad_multiplier = controls.grad_multiplier;
+    s.d_lr = controls.d_lr;
+    s.d_grad_multiplier = controls.d_grad_multiplier;
+    s.d_found_inf = controls.d_found_inf;
+    cuda::DeviceGuard guard(exec.device_index);
+    cuda::multi_tensor_step<A>(options, entries.data(), entries.size(),
+                               cuda::plan_list(entries.data(), entries.size()), s, exec.stream);
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    const DenseTensors& t = tensors[i];
+    if (t.numel == 0) continue;
+    cpu::DensePtrs ptrs{static_cast<float*>(t.param),
+                        static_cast<const float*>(t.grad),
+                        {nullptr, nullptr, nullptr},
+                        controls.grad_multiplier};
+    for (int k = 0; k < StateList<A>::count; ++k)
+      if (A::has_state(options, k)) ptrs.states[k] = static_cast<float*>(t.states[k]);
+    cpu::dense_step<A>(options, steps[i], ptrs, t.numel);
+  }
+}
+
 #define FO_INSTANTIATE(A)                                                                        \
   template void fused_step<A>(const A::Options&, std::int64_t, const DenseTensors&, const Exec&, \
-                              const StepControls&);
+                              const StepControls&);                                              \
+  template void fused_step_list<A>(const A::Options&, const DenseTensors*, const std::int64_t*,  \
+                                   std::size_t, const Exec&, const StepControls&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
+
+void fused_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec, const StepControls& controls) {
+  by_name(algorithm).step_list(options, tensors, steps, n, exec, controls);
+}
+
+void check_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec, const StepControls& controls) {
+  by_name(algorithm).check_list(options, tensors, steps, n, exec, controls);
+}
+
+std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options) {
+  return by_name(algorithm).states(options);
+}
 
 const char* dtype_name(DType t) noexcept {
   switch (t) {

@@ -1,11 +1,18 @@
-// The stateless layer: one call is one fused optimizer step over one tensor, with the caller
-// owning every buffer. The optimizer objects (optimizer.hpp) are built on it.
+// The stateless layer: one call is one fused optimizer step over one tensor, or over a list of
+// tensors sharing options, with the caller owning every buffer. The optimizer objects
+// (optimizer.hpp) are built on it, and so are the Python bindings (python/), which own their
+// state as torch tensors.
 //
 //   fo::Adam::Options opt;  opt.lr = 3e-4;
 //   fo::fused_step<fo::Adam>(opt, step, {param, grad, {exp_avg, exp_avg_sq}, n});
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
 
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/types.hpp"
@@ -30,6 +37,7 @@ struct DenseTensors {
 struct Exec {
   Device device = Device::cpu;
   void* stream = nullptr;  // cudaStream_t
+  int device_index = -1;   // CUDA: the device made current for the call (-1: the current one)
 };
 
 /// Extras of a step. The CPU takes grad_multiplier; the rest needs CUDA.
@@ -41,6 +49,9 @@ struct StepControls {
   const float* d_lr = nullptr;               // a device-side factor on lr (a schedule's)
   const float* d_grad_multiplier = nullptr;  // a device-side gradient multiplier
   const float* d_found_inf = nullptr;        // where non-zero, the step does nothing
+  // CUDA: the caller vouches that every buffer is device memory (a DLPack producer said so),
+  // which skips the pointer query per buffer (about a microsecond each).
+  bool buffers_on_device = false;
 };
 
 /// One fused step of algorithm A (fo::Sgd, fo::Adam, ... from the registry) at step count
@@ -57,5 +68,60 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                                      const Exec&, const StepControls&);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_DECLARE_FUSED_STEP)
 #undef FO_DECLARE_FUSED_STEP
+
+/// One step of algorithm A over a list of n tensors under the same options: tensors[i] takes
+/// step count steps[i] (each >= 1; they may differ, as for params that skipped steps), with
+/// the same result, bit for bit, as fused_step on each tensor. Every tensor has the same
+/// param, grad and state dtypes. On CUDA the list goes out as multi-tensor launches (tensors at
+/// the same step share launches); on the CPU each tensor is one threaded pass. Everything is
+/// validated before anything is written: a call that throws fo::Error has changed nothing.
+///   const fo::DenseTensors ts[] = {{w, gw, {mw, vw}, nw}, {b, gb, {mb, vb}, nb}};
+///   const std::int64_t steps[] = {t, t};
+///   fo::fused_step_list<fo::Adam>(opt, ts, steps, 2);
+template <class A>
+void fused_step_list(const typename A::Options& options, const DenseTensors* tensors,
+                     const std::int64_t* steps, std::size_t n, const Exec& exec = {},
+                     const StepControls& controls = {});
+
+#define FO_DECLARE_FUSED_STEP_LIST(A)                                                    \
+  extern template void fused_step_list<A>(const A::Options&, const DenseTensors*,        \
+                                          const std::int64_t*, std::size_t, const Exec&, \
+                                          const StepControls&);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_DECLARE_FUSED_STEP_LIST)
+#undef FO_DECLARE_FUSED_STEP_LIST
+
+/// Option values by their docs/optimizers.md names (flags as 0 or 1); an option not named
+/// keeps its default.
+using NamedOptions = std::vector<std::pair<std::string, double>>;
+
+/// fused_step_list with the algorithm ("adam", ...) and its options named, for code that
+/// holds no algorithm type (bindings). Throws fo::Error, having changed nothing, for an
+/// unknown algorithm or option, a flag that is not 0 or 1, or what the typed call rejects.
+///   fo::fused_step_list("adamw", {{"lr", 3e-4}, {"weight_decay", 0.1}}, ts, steps, 2);
+void fused_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec = {}, const StepControls& controls = {});
+
+/// Every check fused_step_list(algorithm, ...) makes, without the step: for a caller that
+/// steps several lists as one operation (param groups) and must not step any when one is
+/// bad. Throws what that call would throw.
+void check_step_list(std::string_view algorithm, const NamedOptions& options,
+                     const DenseTensors* tensors, const std::int64_t* steps, std::size_t n,
+                     const Exec& exec = {}, const StepControls& controls = {});
+
+/// One state buffer a step uses: its name (A::kStates), its slot in DenseTensors::states and
+/// the value it starts at.
+struct StateSpec {
+  std::string name;
+  int index = 0;
+  double init = 0.0;
+};
+
+/// The states a dense step of `algorithm` under `options` reads and writes (in slot order),
+/// each with its initial value: what a caller that owns the state allocates before a param's
+/// first step. Validates like fused_step_list (throws fo::Error for an unknown algorithm or
+/// option, or invalid values), so it also checks options where they are set.
+///   for (const fo::StateSpec& s : fo::step_states("adam", {{"amsgrad", 1}})) ...
+std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options);
 
 }  // namespace fo

@@ -1,0 +1,308 @@
+"""Drop-in ``torch.optim`` classes stepped by fusedopt: change one import.
+
+    from fusedopt.torch import AdamW      # was: from torch.optim import AdamW
+
+``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax`` take exactly the arguments and
+defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``param_groups``,
+``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
+checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
+``SignSGD`` are fusedopt's other optimizers in the same form.
+
+Each ``step()`` makes one call into the library per param group: every param with a grad is
+validated (contiguous, float32 on the CPU; float32, bfloat16 or float16 on CUDA; grad and
+states of the param's shape and device) before any is written, then stepped by fused kernels
+(on CUDA: multi-tensor launches on the current stream). Bad input raises ValueError or
+TypeError and changes nothing.
+
+Arguments that change the math and that fusedopt does not implement raise (``differentiable=
+True``: NotImplementedError). ``foreach`` and ``fused`` are accepted and kept in the param
+groups (checkpoints carry them) but do not change anything: every step is fused. ``capturable``
+is accepted likewise; the step counts stay CPU tensors (torch's non-capturable format), so a
+step is not CUDA-graph capturable. Sparse gradients are not taken yet (NotImplementedError).
+"""
+
+import torch
+
+from . import _fusedopt
+
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "Lion",
+           "LazyAdam", "SignSGD"]
+
+# torch's keyword for a library option that torch keeps in a pair; every other option has the
+# same name in both.
+_PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "eta_minus": ("etas", 0),
+           "eta_plus": ("etas", 1), "step_size_min": ("step_sizes", 0),
+           "step_size_max": ("step_sizes", 1)}
+# Accepted and kept in the groups; they do not change the math of a fused step.
+_IGNORED = ("foreach", "fused", "capturable")
+_ALGORITHMS = {a["name"]: a for a in _fusedopt.algorithms()}
+
+
+class _Spec:
+    """What differs between the classes, as data.
+
+    algorithm: the library's name. step: how torch keeps state["step"] ("tensor": a CPU float32
+    scalar; "int": a Python int; None: no step key, and a state created by this step marks the
+    first step). init_state: torch creates the state in the constructor, from the
+    constructor's arguments even where a group sets its own (Adagrad's sum).
+    variants: {group flag: algorithm used where the flag is true}. extra_defaults: defaults
+    torch's class adds beyond its arguments.
+    """
+
+    def __init__(self, algorithm, step="tensor", init_state=False, variants=None,
+                 extra_defaults=None):
+        self.algorithm = algorithm
+        self.step = step
+        self.init_state = init_state
+        self.variants = variants or {}
+        self.extra_defaults = extra_defaults or {}
+
+
+def _number(value):
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        return float(value.item())
+    return float(value)
+
+
+class _FusedOptimizer(torch.optim.Optimizer):
+    """The common body of fusedopt.torch's classes (torch.optim.Optimizer with a fused step)."""
+
+    _spec = None  # set by each class
+
+    def _setup(self, params, args):
+        defaults = {k: v for k, v in args.items() if k not in ("self", "params", "__class__")}
+        defaults.update(self._spec.extra_defaults)
+        if defaults.get("differentiable"):
+            raise NotImplementedError(
+                f"fusedopt.torch.{type(self).__name__}: differentiable=True is not supported "
+                "(fusedopt steps params in place, outside autograd)")
+        super().__init__(params, defaults)
+        if self._spec.init_state:
+            # As torch's: from the constructor's arguments, whatever a group overrides.
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self._create_state(p, self.state[p], self.defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:  # the library's checks of the options (ValueError with its message)
+            _fusedopt.step_states(self._algorithm(group), self._options(group))
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # A checkpoint of torch's fused or capturable optimizer keeps step on the param's
+        # device; fusedopt reads step counts on the CPU, as torch's default does.
+        for st in self.state.values():
+            step = st.get("step")
+            if torch.is_tensor(step) and (step.device.type != "cpu" or step.dtype not in (
+                    torch.float32, torch.float64)):
+                st["step"] = step.to(device="cpu", dtype=torch.float32)
+
+    # -- from a torch param group to the library's call ---------------------------------------
+
+    def _algorithm(self, group):
+        for flag, algorithm in self._spec.variants.items():
+            if group.get(flag):
+                return algorithm
+        return self._spec.algorithm
+
+    def _options(self, group):
+        """The library's options (by its names) from a torch param group."""
+        options = {}
+        for name in _ALGORITHMS[self._algorithm(group)]["defaults"]:
+            key, index = _PAIRED.get(name, (name, None))
+            if key not in group:
+                continue  # a library option torch's class does not have: its default
+            value = group[key] if index is None else group[key][index]
+            options[name] = _number(value)
+        return options
+
+    def _create_state(self, p, st, group, specs=None):
+        if specs is None:
+            specs = _fusedopt.step_states(self._algorithm(group), self._options(group))
+        if self._spec.step == "tensor" and "step" not in st:
+            st["step"] = torch.tensor(0.0, dtype=torch.float32)
+        elif self._spec.step == "int" and "step" not in st:
+            st["step"] = 0
+        created = False
+        for name, _, init in specs:
+            if name not in st:
+                st[name] = torch.full_like(p, init, memory_format=torch.preserve_format)
+                created = True
+        return created
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused step of every param group (params whose grad is None are skipped).
+
+        closure: reevaluates the model and returns the loss, as torch's.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # One library call for all groups: every group is checked before any is stepped.
+        calls, fresh, counted = [], [], []
+        try:
+            for group in self.param_groups:
+                call = self._gather(group, fresh, counted)
+                if call is not None:
+                    calls.append(call)
+            if calls:
+                _fusedopt.step_groups(calls)
+        except Exception:
+            for st, keys in fresh:  # state created for this step goes again
+                for k in keys:
+                    del st[k]
+            raise
+        for st in counted:  # torch keeps an int step (SparseAdam's format)
+            st["step"] += 1
+        return loss
+
+    def _gather(self, group, fresh, counted):
+        """The library call's arguments for one group: the params with a grad, their grads,
+        states and step counts. Creates the state of params stepping for the first time
+        (recorded in `fresh`)."""
+        algorithm = self._algorithm(group)
+        options = self._options(group)
+        specs = _fusedopt.step_states(algorithm, options)
+        names = [name for name, _, _ in specs]
+        kind = self._spec.step
+        wanted = set(names) | ({"step"} if kind else set())
+        params, grads, steps = [], [], []
+        states = [[] for _ in names]
+        state = self.state
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise NotImplementedError(
+                    f"fusedopt.torch.{type(self).__name__} does not take sparse gradients yet")
+            st = state[p]
+            created = False
+            if not st.keys() >= wanted:  # a first step, or options that add a state
+                before = set(st)
+                created = self._create_state(p, st, group, specs)
+                fresh.append((st, set(st) - before))
+            params.append(p)
+            grads.append(g)
+            for j, name in enumerate(names):
+                states[j].append(st[name])
+            if kind == "tensor":
+                steps.append(st["step"])
+            elif kind == "int":
+                steps.append(st["step"] + 1)
+                counted.append(st)
+            else:
+                steps.append(1 if created else 2)
+        if not params:
+            return None
+        return (algorithm, options, params, grads, states, steps)
+
+
+def _fused_class(name, spec, init, doc):
+    cls = type(name, (_FusedOptimizer,), {"__init__": init, "_spec": spec, "__doc__": doc,
+                                           "__module__": __name__})
+    init.__qualname__ = f"{name}.__init__"
+    return cls
+
+
+def _doc(torch_name, algorithm):
+    return (f"fusedopt's fused {algorithm} (docs/optimizers.md) as torch.optim.{torch_name}: "
+            f"the same arguments, defaults, param groups and state_dict format.\n\n"
+            "foreach, fused and capturable are accepted and change nothing (every step is fused;"
+            " step counts stay on the CPU); differentiable=True raises NotImplementedError.")
+
+
+# The constructors: torch 2.15's signatures, argument for argument (tests/python compares them
+# with inspect.signature). Each passes its arguments, as torch's do, as the group defaults.
+def _sgd_init(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False,
+              *, maximize=False, foreach=None, differentiable=False, fused=None):
+    self._setup(params, locals())
+
+
+def _adagrad_init(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None):
+    self._setup(params, locals())
+
+
+def _adadelta_init(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                   capturable=False, maximize=False, differentiable=False):
+    self._setup(params, locals())
+
+
+def _rmsprop_init(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                  centered=False, capturable=False, foreach=None, maximize=False,
+                  differentiable=False):
+    self._setup(params, locals())
+
+
+def _adam_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+               amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+               differentiable=False, fused=None, decoupled_weight_decay=False):
+    self._setup(params, locals())
+
+
+def _adamw_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                differentiable=False, fused=None):
+    self._setup(params, locals())
+
+
+def _rprop_init(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                capturable=False, foreach=None, maximize=False, differentiable=False):
+    self._setup(params, locals())
+
+
+def _adamax_init(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False):
+    self._setup(params, locals())
+
+
+# fusedopt's own optimizers, in the same form (their defaults are the library's).
+def _lion_init(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False):
+    self._setup(params, locals())
+
+
+def _lazyadam_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    self._setup(params, locals())
+
+
+def _signsgd_init(self, params, lr=1e-3, weight_decay=0.0, *, maximize=False):
+    self._setup(params, locals())
+
+
+SGD = _fused_class("SGD", _Spec("sgd", step=None), _sgd_init, _doc("SGD", "sgd"))
+Adagrad = _fused_class("Adagrad", _Spec("adagrad", init_state=True), _adagrad_init,
+                       _doc("Adagrad", "adagrad"))
+Adadelta = _fused_class("Adadelta", _Spec("adadelta"), _adadelta_init,
+                        _doc("Adadelta", "adadelta"))
+RMSprop = _fused_class("RMSprop", _Spec("rmsprop"), _rmsprop_init, _doc("RMSprop", "rmsprop"))
+Adam = _fused_class("Adam", _Spec("adam", variants={"decoupled_weight_decay": "adamw"}),
+                    _adam_init, _doc("Adam", "adam"))
+AdamW = _fused_class("AdamW", _Spec("adamw", extra_defaults={"decoupled_weight_decay": True}),
+                     _adamw_init, _doc("AdamW", "adamw"))
+Rprop = _fused_class("Rprop", _Spec("rprop"), _rprop_init, _doc("Rprop", "rprop"))
+Adamax = _fused_class("Adamax", _Spec("adamax"), _adamax_init, _doc("Adamax", "adamax"))
+Lion = _fused_class("Lion", _Spec("lion"), _lion_init,
+                    "fusedopt's Lion (docs/optimizers.md `lion`) as a torch.optim.Optimizer.")
+LazyAdam = _fused_class(
+    "LazyAdam", _Spec("lazyadam", step="int"), _lazyadam_init,
+    "fusedopt's LazyAdam (docs/optimizers.md `lazyadam`; torch.optim.SparseAdam's math and "
+    "state format) as a torch.optim.Optimizer, here for dense gradients.")
+SignSGD = _fused_class("SignSGD", _Spec("signsgd"), _signsgd_init,
+                       "fusedopt's SignSGD (docs/optimizers.md `signsgd`) as a "
+                       "torch.optim.Optimizer.")

@@ -1,0 +1,437 @@
+// fusedopt._fusedopt: the Python bindings, a thin layer over the library's stateless list step
+// (fusedopt/functional.hpp). Arrays cross as DLPack, so no libtorch is linked and torch,
+// numpy, CuPy or JAX arrays all work: through the producer's DLPack C exchange API where it
+// has one (torch 2.10+: `type(t).__dlpack_c_exchange_api__`, a C call per tensor), else through
+// nanobind's nb::ndarray (`__dlpack__` or the buffer protocol). The first is what keeps a step
+// over a long param list cheap: torch's `Tensor.__dlpack__` costs about 15 us a tensor here.
+//
+// Nothing here names an optimizer: the algorithm and its options arrive by name and go to
+// fo::fused_step_list, whose registry table types them.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "fusedopt/fusedopt.hpp"
+
+namespace nb = nanobind;
+namespace dl = nanobind::dlpack;
+
+namespace {
+
+// The DLPack C exchange API (dlpack.h, DLPack 1.2+), declared here with nanobind's DLTensor
+// (the same layout) for the two calls used: a non-owning view of a Python tensor, and the
+// producer's current stream of a device.
+struct DLPackVersion {
+  std::uint32_t major, minor;
+};
+struct DLPackExchangeAPIHeader {
+  DLPackVersion version;
+  DLPackExchangeAPIHeader* prev_api;
+};
+struct DLPackExchangeAPI {
+  DLPackExchangeAPIHeader header;
+  void* managed_tensor_allocator;
+  void* managed_tensor_from_py_object_no_sync;
+  void* managed_tensor_to_py_object_no_sync;
+  int (*dltensor_from_py_object_no_sync)(void* py_object, dl::dltensor* out);
+  int (*current_work_stream)(int device_type, std::int32_t device_id, void** out_stream);
+};
+
+constexpr int kDLCPU = 1, kDLCUDA = 2, kDLCUDAManaged = 13;
+
+/// The exchange API of a Python type, or null (looked up once per type).
+const DLPackExchangeAPI* exchange_api(PyTypeObject* type) {
+  static std::unordered_map<PyTypeObject*, const DLPackExchangeAPI*> cache;
+  const auto it = cache.find(type);
+  if (it != cache.end()) return it->second;
+  const DLPackExchangeAPI* api = nullptr;
+  PyObject* capsule =
+      PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), "__dlpack_c_exchange_api__");
+  if (capsule && PyCapsule_IsValid(capsule, "dlpack_exchange_api")) {
+    const auto* a =
+        static_cast<const DLPackExchangeAPI*>(PyCapsule_GetPointer(capsule, "dlpack_exchange_api"));
+    if (a && a->header.version.major == 1 && a->dltensor_from_py_object_no_sync) api = a;
+  }
+  Py_XDECREF(capsule);
+  PyErr_Clear();
+  cache.emplace(type, api);
+  return api;
+}
+
+[[noreturn]] void raise_type(const std::string& msg) { throw nb::type_error(msg.c_str()); }
+[[noreturn]] void raise_value(const std::string& msg) { throw nb::value_error(msg.c_str()); }
+
+/// What a step needs of one array: where its elements are and what they are.
+struct View {
+  char* data = nullptr;
+  fo::DType dtype = fo::DType::f32;
+  int device_type = kDLCPU, device_id = 0;
+  std::int64_t numel = 1;
+  int ndim = 0;
+  const std::int64_t* shape = nullptr;  // valid while the call holds the array
+  bool contiguous = true;
+  bool steppable = true;  // float32, bfloat16 or float16: dtype says which
+  bool f64 = false;       // float64: only a step count may be one
+  dl::dtype raw{};        // for messages
+};
+
+std::string dtype_text(const dl::dtype& t) {
+  const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  std::string s = (t.code < 7 ? std::string(kinds[t.code]) : "code " + std::to_string(t.code)) +
+                  std::to_string(t.bits);
+  if (t.lanes != 1) s += "x" + std::to_string(t.lanes);
+  return s;
+}
+
+void fill_view(View& v, const dl::dltensor& t) {
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.device_type = t.device.device_type;
+  v.device_id = t.device.device_id;
+  v.ndim = t.ndim;
+  v.shape = t.shape;
+  v.numel = 1;
+  for (int i = 0; i < t.ndim; ++i) v.numel *= t.shape[i];
+  v.contiguous = true;
+  if (t.strides) {
+    std::int64_t expect = 1;
+    for (int i = t.ndim - 1; i >= 0; --i) {
+      if (t.shape[i] != 1 && t.strides[i] != expect) v.contiguous = false;
+      expect *= t.shape[i];
+    }
+  }
+  const bool scalar = t.dtype.lanes == 1;
+  v.steppable = scalar;
+  v.f64 = false;
+  if (scalar && t.dtype.code == 2 && t.dtype.bits == 32)
+    v.dtype = fo::DType::f32;
+  else if (scalar && t.dtype.code == 2 && t.dtype.bits == 16)
+    v.dtype = fo::DType::f16;
+  else if (scalar && t.dtype.code == 4 && t.dtype.bits == 16)
+    v.dtype = fo::DType::bf16;
+  else
+    v.steppable = false, v.f64 = scalar && t.dtype.code == 2 && t.dtype.bits == 64;
+  v.raw = t.dtype;
+}
+
+/// Views of Python arrays: the DLPack exchange API's (no reference kept: the caller's lists
+/// hold the arrays), or nb::ndarray's (kept here for the call).
+class Importer {
+ public:
+  void view(nb::handle obj, View& v, const char* what, std::size_t index) {
+    if (const DLPackExchangeAPI* api = exchange_api(Py_TYPE(obj.ptr()))) {
+      dl::dltensor t;
+      if (api->dltensor_from_py_object_no_sync(obj.ptr(), &t) != 0) {
+        PyErr_Clear();
+        raise_type(std::string(what) + " " + std::to_string(index) +
+                   " cannot be viewed through DLPack (a sparse or non-strided tensor?)");
+      }
+      fill_view(v, t);
+      return;
+    }
+    nb::ndarray<> a;
+    if (!nb::try_cast(obj, a, /*convert=*/false))
+      raise_type(std::string(what) + " " + std::to_string(index) + " is a " +
+                 nb::type_name(obj.type()).c_str() +
+                 ", not an array that speaks DLPack (torch, numpy, CuPy, JAX) or is writable");
+    dl::dltensor t{};
+    t.data = a.data_handle();
+    t.device.device_type = a.device_type();
+    t.device.device_id = a.device_id();
+    t.ndim = static_cast<std::int32_t>(a.ndim());
+    t.dtype = a.dtype();
+    t.shape = const_cast<std::int64_t*>(a.shape_ptr());
+    t.strides = const_cast<std::int64_t*>(a.stride_ptr());
+    t.byte_offset = a.byte_offset();
+    fill_view(v, t);
+    kept_.push_back(std::move(a));
+  }
+
+ private:
+  std::vector<nb::ndarray<>> kept_;
+};
+
+std::string device_text(int type, int id) {
+  if (type == kDLCPU) return "cpu";
+  if (type == kDLCUDA) return "cuda:" + std::to_string(id);
+  if (type == kDLCUDAManaged) return "cuda (managed):" + std::to_string(id);
+  return "DLPack device type " + std::to_string(type) + ":" + std::to_string(id);
+}
+
+fo::NamedOptions named_options(const nb::dict& options) {
+  fo::NamedOptions named;
+  named.reserve(options.size());
+  for (auto [k, v] : options) {
+    if (!nb::isinstance<nb::str>(k)) raise_type("option names are strings");
+    double value;
+    if (!nb::try_cast(v, value))
+      raise_type("option " + std::string(nb::str(k).c_str()) + " must be a number, got " +
+                 nb::type_name(v.type()).c_str());
+    named.emplace_back(nb::str(k).c_str(), value);
+  }
+  return named;
+}
+
+/// One list step, viewed and checked, ready to run.
+struct Prepared {
+  std::string algorithm;
+  fo::NamedOptions named;
+  std::vector<fo::DenseTensors> tensors;
+  std::vector<std::int64_t> counts;
+  std::vector<View> step_views;
+  std::vector<bool> counted;  // counts[i] came from an array, to be written back
+  fo::Exec exec;
+  fo::StepControls controls;
+};
+
+/// Views every array of one list step and makes every check, the library's included.
+void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
+             const nb::dict& options, const nb::list& params, const nb::list& grads,
+             const nb::list& states, const nb::list& steps, const nb::object& stream) {
+  out.algorithm = algorithm;
+  out.named = named_options(options);
+  const fo::NamedOptions& named = out.named;
+  const std::vector<fo::StateSpec> specs = fo::step_states(algorithm, named);
+  const std::size_t n = params.size();
+  if (grads.size() != n || steps.size() != n)
+    raise_value("step: " + std::to_string(n) + " params, " + std::to_string(grads.size()) +
+                " grads and " + std::to_string(steps.size()) + " step counts");
+  if (states.size() != specs.size())
+    raise_value("step: " + algorithm + " with these options uses " + std::to_string(specs.size()) +
+                " states, got " + std::to_string(states.size()) + " lists");
+  std::vector<nb::list> state_lists;
+  for (std::size_t j = 0; j < specs.size(); ++j) {
+    nb::list l = nb::borrow<nb::list>(states[j]);
+    if (l.size() != n)
+      raise_value("step: the list of state " + specs[j].name + " has " + std::to_string(l.size()) +
+                  " entries for " + std::to_string(n) + " params");
+    state_lists.push_back(std::move(l));
+  }
+
+  std::vector<fo::DenseTensors>& tensors = out.tensors;
+  std::vector<std::int64_t>& counts = out.counts;
+  std::vector<View>& step_views = out.step_views;
+  std::vector<bool>& counted = out.counted;
+  tensors.assign(n, fo::DenseTensors{});
+  counts.assign(n, 0);
+  step_views.assign(n, View{});
+  counted.assign(n, false);
+  std::vector<std::int64_t> param_shape;
+  int device_type = kDLCPU, device_id = 0;
+  View p, g, s;
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto at = [i] { return " of param " + std::to_string(i); };
+    importer.view(params[i], p, "param", i);
+    if (!p.steppable)
+      raise_type("param " + std::to_string(i) + " is " + dtype_text(p.raw) +
+                 ": fusedopt steps float32 params (and bfloat16, float16 on CUDA)");
+    if (!p.contiguous)
+      raise_value("param " + std::to_string(i) +
+                  " is not contiguous: fusedopt steps a param's memory in place, which needs "
+                  "contiguous params");
+    if (i == 0) device_type = p.device_type, device_id = p.device_id;
+    if (p.device_type != device_type || p.device_id != device_id)
+      raise_value("param " + std::to_string(i) + " is on " +
+                  device_text(p.device_type, p.device_id) + ", param 0 on " +
+                  device_text(device_type, device_id) +
+                  ": one step takes the params of one device (split the param group)");
+    param_shape.assign(p.shape, p.shape + p.ndim);
+    // what: "grad", or a state's name; the message is built only on failure.
+    auto same_place = [&](const View& v, const std::string* state_name) {
+      auto what = [&] { return state_name ? "state " + *state_name : std::string("the grad"); };
+      if (v.device_type != p.device_type || v.device_id != p.device_id)
+        raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
+                    ", the param on " + device_text(p.device_type, p.device_id));
+      if (v.ndim != static_cast<int>(param_shape.size()) ||
+          !std::equal(param_shape.begin(), param_shape.end(), v.shape))
+        raise_value(what() + at() + " has a different shape from the param");
+      if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
+      if (!v.steppable)
+        raise_type(what() + at() + " is " + dtype_text(v.raw) +
+                   ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
+    };
+    importer.view(grads[i], g, "grad", i);
+    same_place(g, nullptr);
+    fo::DenseTensors& t = tensors[i];
+    t.param = p.data;
+    t.grad = g.data;
+    t.numel = p.numel;
+    t.param_dtype = p.dtype;
+    t.grad_dtype = g.dtype;
+    t.state_dtype = fo::DType::f32;
+    for (std::size_t j = 0; j < specs.size(); ++j) {
+      importer.view(state_lists[j][i], s, "state", i);
+      same_place(s, &specs[j].name);
+      if (j > 0 && s.dtype != t.state_dtype)
+        raise_type("the states" + at() + " differ in dtype: one takes one dtype for all");
+      t.states[specs[j].index] = s.data;
+      t.state_dtype = s.dtype;
+    }
+    // The step count: an int taken as is, or a scalar array (torch's state["step"]) read
+    // here and incremented after the step.
+    nb::handle c = steps[i];
+    if (PyLong_Check(c.ptr())) {
+      counts[i] = nb::cast<std::int64_t>(c);
+      continue;
+    }
+    View& sv = step_views[i];
+    importer.view(c, sv, "step count", i);
+    const bool f32 = sv.steppable && sv.dtype == fo::DType::f32;
+    if (sv.device_type != kDLCPU || sv.numel != 1 || !(f32 || sv.f64))
+      raise_value("the step count" + at() + " is a " + dtype_text(sv.raw) + " array of " +
+                  std::to_string(sv.numel) + " elements on " +
+                  device_text(sv.device_type, sv.device_id) +
+                  ": it must be one float32 or float64 on the CPU (torch's non-capturable "
+                  "state['step'])");
+    const double now =
+        f32 ? *reinterpret_cast<const float*>(sv.data) : *reinterpret_cast<const double*>(sv.data);
+    if (!(now >= 0.0 && now < 9.0e15 && now == static_cast<double>(static_cast<std::int64_t>(now))))
+      raise_value("the step count" + at() + " is " + std::to_string(now) +
+                  ": it must be a whole number >= 0");
+    counts[i] = static_cast<std::int64_t>(now) + 1;
+    counted[i] = true;
+  }
+
+  fo::Exec& exec = out.exec;
+  fo::StepControls& controls = out.controls;
+  if (device_type == kDLCUDA || device_type == kDLCUDAManaged) {
+    exec.device = fo::Device::cuda;
+    exec.device_index = device_id;
+    controls.buffers_on_device = true;  // DLPack said so
+    if (!stream.is_none()) {
+      exec.stream = reinterpret_cast<void*>(nb::cast<std::uintptr_t>(stream));
+    } else if (n > 0) {
+      // The producer's current stream of the device (torch.cuda.current_stream()).
+      const DLPackExchangeAPI* api = exchange_api(Py_TYPE(params[0].ptr()));
+      if (api && api->current_work_stream &&
+          api->current_work_stream(kDLCUDA, device_id, &exec.stream) != 0) {
+        PyErr_Clear();
+        exec.stream = nullptr;
+      }
+    }
+  } else if (device_type != kDLCPU && n > 0) {
+    raise_value("params on " + device_text(device_type, device_id) +
+                ": fusedopt steps arrays on the CPU and on CUDA");
+  }
+
+  fo::check_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
+}
+
+/// Runs prepared steps, then writes the step counts back.
+void run(std::vector<Prepared>& steps) {
+  {
+    nb::gil_scoped_release release;  // no Python object is touched: other threads may run
+    for (const Prepared& s : steps)
+      fo::fused_step_list(s.algorithm, s.named, s.tensors.data(), s.counts.data(), s.tensors.size(),
+                          s.exec, s.controls);
+  }
+  for (const Prepared& s : steps)
+    for (std::size_t i = 0; i < s.tensors.size(); ++i) {
+      if (!s.counted[i]) continue;
+      if (!s.step_views[i].f64)
+        *reinterpret_cast<float*>(s.step_views[i].data) = static_cast<float>(s.counts[i]);
+      else
+        *reinterpret_cast<double*>(s.step_views[i].data) = static_cast<double>(s.counts[i]);
+    }
+}
+
+void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
+          const nb::list& grads, const nb::list& states, const nb::list& steps,
+          const nb::object& stream) {
+  Importer importer;
+  std::vector<Prepared> prepared(1);
+  prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream);
+  run(prepared);
+}
+
+/// Several list steps as one: all are checked before any runs.
+void step_groups(const nb::list& groups, const nb::object& stream) {
+  Importer importer;
+  std::vector<Prepared> prepared(groups.size());
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    nb::tuple g;
+    if (!nb::try_cast(groups[i], g) || g.size() != 6)
+      raise_type(
+          "step_groups: each group is a tuple (algorithm, options, params, grads, "
+          "states, steps)");
+    prepare(prepared[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]),
+            nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
+            nb::cast<nb::list>(g[5]), stream);
+  }
+  run(prepared);
+}
+
+nb::list algorithms() {
+  nb::list out;
+  for (const fo::AlgorithmDescription& d : fo::dense_algorithms()) {
+    nb::dict a;
+    a["name"] = d.name;
+    nb::dict defaults;
+    for (std::size_t i = 0; i < d.options.size(); ++i)
+      defaults[d.options[i].c_str()] =
+          d.is_flag[i] ? nb::object(nb::bool_(d.defaults[i] != 0.0)) : nb::float_(d.defaults[i]);
+    a["defaults"] = defaults;
+    a["states"] = d.states;
+    a["sparse"] = d.sparse;
+    out.append(a);
+  }
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_fusedopt, m) {
+  m.doc() = "fusedopt's fused optimizer steps over DLPack arrays (see fusedopt.torch)";
+
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const fo::Error& e) {
+      switch (e.code()) {
+        case fo::StatusCode::invalid_argument: PyErr_SetString(PyExc_ValueError, e.what()); break;
+        case fo::StatusCode::unsupported: PyErr_SetString(PyExc_TypeError, e.what()); break;
+        case fo::StatusCode::out_of_memory: PyErr_SetString(PyExc_MemoryError, e.what()); break;
+        default: PyErr_SetString(PyExc_RuntimeError, e.what());
+      }
+    }
+  });
+
+  m.def("algorithms", &algorithms,
+        "Every registered algorithm: name, option defaults (library names), states, sparse.");
+  m.def(
+      "step_states",
+      [](const std::string& algorithm, const nb::dict& options) {
+        std::vector<std::tuple<std::string, int, double>> out;
+        for (const fo::StateSpec& s : fo::step_states(algorithm, named_options(options)))
+          out.emplace_back(s.name, s.index, s.init);
+        return out;
+      },
+      nb::arg("algorithm"), nb::arg("options"),
+      "The states a step of `algorithm` under `options` uses, as (name, slot, initial value), "
+      "in slot order. Raises ValueError for an unknown algorithm or option, or invalid values.");
+  m.def("step", &step, nb::arg("algorithm"), nb::arg("options"), nb::arg("params"),
+        nb::arg("grads"), nb::arg("states"), nb::arg("steps"), nb::arg("stream") = nb::none(),
+        "One fused step of `algorithm` (a registered name) under `options` (a dict of its\n"
+        "option names to numbers) over the arrays of `params` with `grads`. `states` holds one\n"
+        "list per state step_states() names, in its order, each with one array per param.\n"
+        "`steps[i]` is param i's step count: an int (the count of the step being taken), or a\n"
+        "CPU scalar array holding the steps taken so far, which this call increments.\n"
+        "Every array is checked before anything is written; a call that raises has changed\n"
+        "nothing. CUDA arrays run on `stream` (an int cudaStream_t) or, when None, the\n"
+        "producer's current stream of their device (torch: torch.cuda.current_stream()).");
+  m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("stream") = nb::none(),
+        "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
+        "states, steps), each as step() takes them. Every group is checked before any is\n"
+        "stepped, so a call that raises has changed nothing (torch's param groups).");
+  m.def("cuda_device_count", &fo::cuda_device_count,
+        "CUDA devices this build can use (0 when built without CUDA).");
+}

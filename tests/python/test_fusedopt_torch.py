@@ -1,0 +1,567 @@
+"""fusedopt.torch (the installed Python package) against torch.optim on the CPU.
+
+Each class is stepped beside the torch class of the same name for 50 steps from the same
+float32 params and gradients (fresh random values each run; the seed is printed): two param
+groups with different options, a StepLR scheduler editing param_groups[i]["lr"], and a param
+whose grad is None on every third step (skipped: no state change, no step count). Every option
+that changes the math is on in some variant. Params and every state of the same name must agree
+after every step, and the step counts exactly.
+
+Tolerance: both compute the same float32 formula per element, but not always in the same
+operation order or with the same fused multiply-adds (torch's vectorized CPU kernels fuse where
+fusedopt does not, and the reverse), so results differ by a few float32 roundings per step,
+compounding over 50 steps: |fo - torch| <= 2e-5 * (|torch| + scale), scale being the largest
+magnitude of that quantity (param, or one state) over the param list (1e-5 of each tensor's own
+largest magnitude held for 6 steps in test_torch_parity.py; over 50 steps, a one-element
+momentum buffer whose terms cancel can carry roundings far larger than its own size, so the
+scale is taken over the list: a few ulps per step of the terms, fed back through the states,
+stay more than an order of magnitude under 2e-5 of it). A wrong
+constant, a missing bias correction or a decay in the wrong place is off by orders of magnitude
+more. Rprop's step size is multiplied by a factor chosen by the sign of g * prev, which a
+last-bit difference could flip where the product is tiny. Rprop (and SGD without momentum)
+compute op for op what torch computes, so they are checked bitwise (BITWISE below; Rprop only
+while no product within 1e-30 of zero has occurred, after which a flip would be legitimate).
+
+Also: constructor signatures and defaults equal torch's, state_dict round trips both ways,
+bad input changes nothing, closures and zero_grad, and the DLPack path from numpy.
+Needs the package installed (`pip install .`) and torch.
+"""
+
+import copy
+import inspect
+import io
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+if os.environ.get("FUSEDOPT_REQUIRE_PACKAGE"):  # CI: a missing package fails, never skips
+    import fusedopt.torch as ft
+else:
+    ft = pytest.importorskip("fusedopt.torch", reason="the fusedopt package is not installed "
+                                                      "(pip install . at the repository root)")
+import fusedopt  # noqa: E402
+
+SEED = int(os.environ.get("FUSEDOPT_TEST_SEED", random.SystemRandom().randrange(2**31)))
+print(f"test_fusedopt_torch seed: {SEED} (set FUSEDOPT_TEST_SEED to reproduce)")
+
+TOL = 2e-5
+STEPS = 50
+SHAPES = [(1,), (7,), (33,), (1000,), (17, 65), (4, 3, 9)]
+
+# Class name -> option variants (torch's keywords). Group 0 takes the variant, group 1 the
+# class defaults with its own lr, so the two groups differ in options and in state layout.
+CASES = {
+    "SGD": [{"lr": 0.1},
+            {"lr": 0.1, "momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1},
+            {"lr": 0.05, "momentum": 0.9, "nesterov": True, "maximize": True}],
+    "Adagrad": [{},
+                {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.5,
+                 "eps": 1e-3, "maximize": True}],
+    "Adadelta": [{},
+                 {"rho": 0.5, "eps": 1e-3, "weight_decay": 0.1, "maximize": True, "lr": 0.5}],
+    "RMSprop": [{},
+                {"centered": True, "momentum": 0.9, "weight_decay": 0.1, "alpha": 0.9,
+                 "eps": 1e-3, "maximize": True, "lr": 1e-3},
+                {"momentum": 0.5}],
+    "Adam": [{},
+             {"amsgrad": True, "weight_decay": 0.1, "betas": (0.8, 0.99), "maximize": True,
+              "lr": 1e-2},
+             {"decoupled_weight_decay": True, "weight_decay": 0.1}],
+    "AdamW": [{},
+              {"amsgrad": True, "weight_decay": 0.5, "betas": (0.5, 0.9), "eps": 1e-3,
+               "maximize": True, "lr": 1e-2}],
+    "Adamax": [{},
+               {"weight_decay": 0.1, "betas": (0.5, 0.9), "eps": 1e-3, "maximize": True,
+                "lr": 1e-2}],
+    "Rprop": [{},
+              {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.05), "maximize": True, "lr": 0.1}],
+}
+TORCH_CLASSES = sorted(CASES)
+# (class, variant) bitwise equal to torch's CPU path: the same float32 operations in the same
+# order (measured; the others differ in the last bits from the first step: FMA or op order).
+BITWISE = {("Rprop", 0), ("Rprop", 1), ("SGD", 0)}
+
+
+def rng_for(*salt):
+    return torch.Generator().manual_seed(SEED + sum(str(s).encode()[0] * (i + 1) * 7919
+                                                    for i, s in enumerate(salt)) % 100003)
+
+
+def close(got, want, what, scale=None):
+    got, want = got.detach().reshape(-1), want.detach().reshape(-1)
+    if scale is None:
+        scale = float(want.abs().max()) if want.numel() else 0.0
+    err = (got - want).abs()
+    bad = err > TOL * (want.abs() + scale) + 1e-30
+    bad |= got.isnan() != want.isnan()
+    bad &= ~(got.isnan() & want.isnan())
+    assert not bool(bad.any()), (
+        f"{what}: {int(bad.sum())} of {want.numel()} elements differ; first at "
+        f"{int(bad.nonzero()[0])}: fusedopt {float(got[bad][0])!r}, torch {float(want[bad][0])!r}")
+
+
+def bitwise(got, want, what):
+    assert torch.equal(got.detach().view(torch.int32), want.detach().view(torch.int32)), (
+        f"{what}: not bitwise equal; max |diff| {float((got - want).detach().abs().max())}")
+
+
+def make_pair(cls_name, variant, gen):
+    """Two param lists with the same values, and the two optimizers over them."""
+    p0 = [torch.randn(s, generator=gen) for s in SHAPES]
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    theirs = [torch.nn.Parameter(p.clone()) for p in p0]
+    options = CASES[cls_name][variant]
+    lr1 = options.get("lr", inspect.signature(getattr(torch.optim, cls_name)).parameters[
+        "lr"].default) * 0.5
+
+    def groups(ps):
+        return [{"params": ps[:3], **options}, {"params": ps[3:], "lr": lr1}]
+
+    return (mine, getattr(ft, cls_name)(groups(mine)),
+            theirs, getattr(torch.optim, cls_name)(groups(theirs)))
+
+
+def set_grads(mine, theirs, gen, step, skip):
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        if i == skip and step % 3 == 0:
+            a.grad = b.grad = None
+            continue
+        g = torch.randn(a.shape, generator=gen) * (0.1 + step % 5)
+        a.grad, b.grad = g.clone(), g.clone()
+
+
+def list_scale(tensors):
+    return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
+def compare(mine, fo, theirs, ref, what, exact):
+    # scale: the largest magnitude of that quantity over the whole param list, not of one
+    # tensor: in a one-element tensor whose value cancels (a momentum buffer summing terms of
+    # both signs) the value's own size says nothing of the roundings it went through.
+    scales = {"param": list_scale(theirs)}
+    for b in theirs:
+        for key, v in ref.state.get(b, {}).items():
+            if key != "step" and torch.is_tensor(v):
+                scales[key] = max(scales.get(key, 0.0), list_scale([v]))
+
+    def check(got, want, label, key):
+        if exact:
+            bitwise(got, want, label)
+        else:
+            close(got, want, label, scales[key])
+
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        check(a, b, f"{what} param {i}", "param")
+        sa, sb = fo.state.get(a, {}), ref.state.get(b, {})
+        assert sorted(sa) == sorted(sb), f"{what} param {i}: state keys {sorted(sa)} vs {sorted(sb)}"
+        for key, want in sb.items():
+            got = sa[key]
+            if key == "step":
+                assert float(got) == float(want), f"{what} param {i}: step {got} vs {want}"
+                assert torch.is_tensor(got) == torch.is_tensor(want)
+                if torch.is_tensor(want):
+                    assert got.dtype == want.dtype and got.device == want.device
+            else:
+                check(got, want, f"{what} param {i} state {key}", key)
+
+
+@pytest.mark.parametrize("cls_name,variant", [(c, v) for c in TORCH_CLASSES
+                                              for v in range(len(CASES[c]))])
+def test_fifty_steps_match_torch(cls_name, variant):
+    gen = rng_for(cls_name, variant)
+    mine, fo, theirs, ref = make_pair(cls_name, variant, gen)
+    sched_fo = torch.optim.lr_scheduler.StepLR(fo, step_size=10, gamma=0.5)
+    sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=10, gamma=0.5)
+    exact = (cls_name, variant) in BITWISE
+    for step in range(1, STEPS + 1):
+        set_grads(mine, theirs, gen, step, skip=4)
+        if cls_name == "Rprop" and exact:
+            # A last-bit difference can flip sign(g * prev) only where the product is tiny.
+            for p in theirs:
+                prev = ref.state.get(p, {}).get("prev")
+                if p.grad is not None and prev is not None:
+                    prod = p.grad * prev
+                    if bool(((prod != 0) & (prod.abs() < 1e-30)).any()):
+                        exact = False
+        fo.step()
+        ref.step()
+        sched_fo.step()
+        sched_ref.step()
+        compare(mine, fo, theirs, ref, f"{cls_name} {CASES[cls_name][variant]} step {step}",
+                exact)
+    assert fo.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+
+
+SKIP_ARGS = {"self", "params"}
+
+
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+def test_signature_and_defaults_are_torchs(cls_name):
+    theirs = inspect.signature(getattr(torch.optim, cls_name).__init__).parameters
+    mine = inspect.signature(getattr(ft, cls_name).__init__).parameters
+    assert list(mine) == list(theirs)
+    for name, p in theirs.items():
+        assert mine[name].kind == p.kind, name
+        assert mine[name].default == p.default, name
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    assert getattr(ft, cls_name)(w).defaults == getattr(torch.optim, cls_name)(
+        [torch.nn.Parameter(torch.zeros(3))]).defaults
+    assert issubclass(getattr(ft, cls_name), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+def test_every_torch_argument_is_mapped_ignored_or_refused(cls_name):
+    cls = getattr(ft, cls_name)
+    opt = cls([torch.nn.Parameter(torch.zeros(3))])
+    group = opt.param_groups[0]
+    options = opt._options(group)
+    mapped = set()
+    for name in options:
+        mapped.add(ft._PAIRED.get(name, (name, None))[0])
+    handled = mapped | set(ft._IGNORED) | {"differentiable"} | set(cls._spec.variants)
+    args = set(inspect.signature(cls.__init__).parameters) - SKIP_ARGS
+    assert args <= handled, f"{cls_name}: unhandled torch arguments {args - handled}"
+
+
+def test_differentiable_and_sparse_are_refused():
+    with pytest.raises(NotImplementedError, match="differentiable"):
+        ft.Adam([torch.nn.Parameter(torch.zeros(3))], differentiable=True)
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = ft.Adam(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(NotImplementedError, match="sparse"):
+        opt.step()
+    bitwise(emb.weight, before, "after the refused sparse step")
+    assert len(opt.state) == 0
+
+
+# -- state_dict -------------------------------------------------------------------------------
+
+def run(opt, params, gen, steps):
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+@pytest.mark.parametrize("direction", ["torch_to_fusedopt", "fusedopt_to_torch"])
+def test_state_dict_round_trips(cls_name, direction):
+    gen = rng_for(cls_name, direction)
+    options = CASES[cls_name][-1]
+    src_cls, dst_cls = ((getattr(torch.optim, cls_name), getattr(ft, cls_name))
+                        if direction == "torch_to_fusedopt"
+                        else (getattr(ft, cls_name), getattr(torch.optim, cls_name)))
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    src = src_cls(params, **options)
+    run(src, params, gen, 5)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    # The switch: the same params, a new optimizer of the other kind, the saved state.
+    switched = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    dst = dst_cls(switched, **options)
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf))
+    sd_src, sd_dst = src.state_dict(), dst.state_dict()
+    assert sd_src["param_groups"] == sd_dst["param_groups"]
+    assert sd_src["state"].keys() == sd_dst["state"].keys()
+    for k in sd_src["state"]:
+        assert sd_src["state"][k].keys() == sd_dst["state"][k].keys()
+    # Both continue from the same point with the same grads.
+    g_state = gen.get_state()
+    run(src, params, gen, 5)
+    gen.set_state(g_state)
+    run(dst, switched, gen, 5)
+    compare(switched, dst, params, src, f"{cls_name} {direction}",
+            exact=(cls_name, len(CASES[cls_name]) - 1) in BITWISE)
+
+
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+def test_fusedopt_checkpoint_resumes_bitwise(cls_name):
+    gen = rng_for(cls_name, "resume")
+    options = CASES[cls_name][-1]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = getattr(ft, cls_name)(params, **options)
+    run(opt, params, gen, 4)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    g_state = gen.get_state()
+    run(opt, params, gen, 4)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt2 = getattr(ft, cls_name)(resumed, **options)
+    opt2.load_state_dict(ckpt["opt"])
+    gen.set_state(g_state)
+    run(opt2, resumed, gen, 4)
+    compare(resumed, opt2, params, opt, f"{cls_name} resumed", exact=True)
+
+
+# -- bad input changes nothing ------------------------------------------------------------------
+
+def snapshot(opt):
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            out.append(p.detach().clone())
+            for k, v in sorted(opt.state.get(p, {}).items()):
+                out.append(v.detach().clone() if torch.is_tensor(v) else v)
+    return out, {id(p): sorted(opt.state.get(p, {})) for g in opt.param_groups
+                 for p in g["params"]}
+
+
+def assert_unchanged(opt, before, what):
+    after = snapshot(opt)
+    assert after[1] == before[1], f"{what}: state keys changed"
+    assert len(after[0]) == len(before[0])
+    for a, b in zip(after[0], before[0]):
+        if torch.is_tensor(b):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: a tensor changed"
+        else:
+            assert a == b, what
+
+
+def stepped_adamw(gen):
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ft.AdamW(params, weight_decay=0.1)
+    run(opt, params, gen, 2)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    return params, opt
+
+
+BAD = {
+    "non-contiguous param": (ValueError, "not contiguous"),
+    "bfloat16 param on the CPU": (TypeError, "float32"),
+    "grad of another shape": (ValueError, "different shape"),
+    "float64 state": (TypeError, "float64"),
+    "state of another shape": (ValueError, "different shape"),
+    "negative lr from a scheduler": (ValueError, "lr must be >= 0"),
+    "non-contiguous grad": (ValueError, "not contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_changes_nothing(case):
+    gen = rng_for("bad", case)
+    params, opt = stepped_adamw(gen)
+    last = params[-1]
+    if case == "non-contiguous param":
+        wide = torch.randn(12, 6, generator=gen)
+        p = torch.nn.Parameter(wide[:, ::2])
+        assert not p.is_contiguous()
+        opt.add_param_group({"params": [p]})
+        p.grad = torch.randn(p.shape, generator=gen)
+    elif case == "bfloat16 param on the CPU":
+        p = torch.nn.Parameter(torch.randn(8, generator=gen).bfloat16())
+        opt.add_param_group({"params": [p]})
+        p.grad = torch.randn(8, generator=gen).bfloat16()
+    elif case == "grad of another shape":
+        # torch refuses a grad of another shape on assignment, not a change of its .data
+        last.grad.data = torch.randn(last.numel() + 1, generator=gen)
+    elif case == "float64 state":
+        opt.state[last]["exp_avg"] = opt.state[last]["exp_avg"].double()
+    elif case == "state of another shape":
+        opt.state[last]["exp_avg_sq"] = opt.state[last]["exp_avg_sq"].reshape(-1)[:-1].clone()
+    elif case == "negative lr from a scheduler":
+        opt.param_groups[0]["lr"] = -1.0
+    elif case == "non-contiguous grad":
+        last.grad = torch.randn(last.shape[:-1] + (2 * last.shape[-1],), generator=gen)[..., ::2]
+        assert not last.grad.is_contiguous()
+    before = snapshot(opt)
+    error, needle = BAD[case]
+    with pytest.raises(error, match=needle):
+        opt.step()
+    assert_unchanged(opt, before, case)
+
+
+def test_invalid_options_are_rejected_at_construction():
+    w = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        ft.Adam(w, lr=-1)
+    with pytest.raises(ValueError, match="beta2"):
+        ft.AdamW(w, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="nesterov"):
+        ft.SGD(w, nesterov=True)
+    opt = ft.SGD(w, lr=0.1)
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "momentum": -1})
+    assert len(opt.param_groups) == 1
+
+
+def test_closure_zero_grad_and_skipped_params():
+    gen = rng_for("closure")
+    w = torch.nn.Parameter(torch.randn(10, generator=gen))
+    unused = torch.nn.Parameter(torch.randn(5, generator=gen))
+    opt = ft.Adam([w, unused], lr=0.1)
+    target = torch.randn(10, generator=gen)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((w - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    first = float(opt.step(closure).detach())
+    for _ in range(20):
+        loss = float(opt.step(closure).detach())
+    assert loss < first
+    assert float(opt.state[w]["step"]) == 21
+    assert unused not in opt.state  # never had a grad: no state, no step count
+    opt.zero_grad()
+    assert w.grad is None
+    before = w.detach().clone()
+    opt.step()  # no grads: nothing happens
+    assert torch.equal(w, before) and float(opt.state[w]["step"]) == 21
+
+
+@pytest.mark.parametrize("cls_name,torch_cls,kwargs", [
+    ("LazyAdam", "SparseAdam", {"lr": 1e-2, "betas": (0.8, 0.95), "maximize": True}),
+])
+def test_lazyadam_is_sparseadam_on_dense_rows(cls_name, torch_cls, kwargs):
+    # torch.optim.SparseAdam takes sparse gradients only; with every row present its update is
+    # LazyAdam's dense step.
+    gen = rng_for(cls_name)
+    p0 = torch.randn(20, 8, generator=gen)
+    a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    fo, ref = getattr(ft, cls_name)([a], **kwargs), getattr(torch.optim, torch_cls)([b], **kwargs)
+    for _ in range(20):
+        g = torch.randn(20, 8, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone().to_sparse()
+        fo.step()
+        ref.step()
+        close(a, b, cls_name)
+    assert fo.state[a]["step"] == ref.state[b]["step"] == 20
+    close(fo.state[a]["exp_avg"], ref.state[b]["exp_avg"], "exp_avg")
+
+
+def lion_reference(p, g, m, lr, b1, b2, wd):
+    c = b1 * m + (1 - b1) * g
+    p = p * (1 - lr * wd) - lr * torch.sign(c)
+    return p, b2 * m + (1 - b2) * g
+
+
+def test_lion_and_signsgd_follow_their_formulas():
+    # Reference in float64 from docs/optimizers.md; a sign of a value within float32 rounding
+    # of zero may legitimately differ, so elements with |c| < 1e-6 are left out.
+    gen = rng_for("lion")
+    p0 = torch.randn(1000, generator=gen)
+    w = torch.nn.Parameter(p0.clone())
+    opt = ft.Lion([w], lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)
+    p, m = p0.double(), torch.zeros(1000, dtype=torch.float64)
+    for _ in range(3):
+        g = torch.randn(1000, generator=gen)
+        w.grad = g.clone()
+        c = 0.8 * m + 0.2 * g.double()
+        opt.step()
+        p, m = lion_reference(p, g.double(), m, 1e-2, 0.8, 0.95, 0.1)
+        keep = c.abs() > 1e-6
+        assert torch.allclose(w.detach().double()[keep], p[keep], rtol=1e-5, atol=1e-6)
+        p[~keep] = w.detach().double()[~keep]
+    s = torch.nn.Parameter(p0.clone())
+    opt = ft.SignSGD([s], lr=0.1, weight_decay=0.0, maximize=True)
+    g = torch.randn(1000, generator=gen)
+    s.grad = g.clone()
+    opt.step()
+    assert torch.equal(s.detach(), p0 + 0.1 * torch.sign(g))
+
+
+# -- numpy through DLPack -----------------------------------------------------------------------
+
+def test_numpy_arrays_step_like_torch_tensors():
+    gen = np.random.default_rng(SEED)
+    p0 = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+    arrays = [p.copy() for p in p0]
+    tensors = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in p0]
+    opt_np = fusedopt.Optimizer("adamw", arrays, lr=1e-2, weight_decay=0.1, amsgrad=1)
+    opt_t = ft.AdamW(tensors, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    for step in range(5):
+        grads = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+        grads_np = [None if (i == 2 and step == 1) else g for i, g in enumerate(grads)]
+        for t, g in zip(tensors, grads_np):
+            t.grad = None if g is None else torch.from_numpy(g.copy())
+        opt_np.step(grads_np)
+        opt_t.step()
+    for i, (a, t) in enumerate(zip(arrays, tensors)):
+        assert np.array_equal(a, t.detach().numpy()), f"param {i}"
+        assert opt_np.steps[i] == int(opt_t.state[t]["step"])
+        for name, v in opt_np.state[i].items():
+            assert np.array_equal(v, opt_t.state[t][name].numpy()), f"param {i} {name}"
+
+
+def test_numpy_bad_input_changes_nothing():
+    w = np.ones(8, np.float32)
+    b = np.ones(8, np.float32)
+    opt = fusedopt.Optimizer("adam", [w, b])
+    with pytest.raises(TypeError, match="float64"):
+        opt.step([np.ones(8, np.float32), np.ones(8)])  # a float64 grad
+    assert np.array_equal(w, np.ones(8, np.float32)) and opt.steps == [0, 0]
+    assert opt.state == [{}, {}]
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        fusedopt.Optimizer("adamm", [w])
+    with pytest.raises(ValueError, match="beta1"):
+        fusedopt.Optimizer("adam", [w], beta1=1.5)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or fusedopt.cuda_device_count() == 0,
+    reason="needs a CUDA GPU and a fusedopt built with CUDA")
+
+
+@needs_cuda
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+def test_cuda_equals_cpu_bitwise_and_torch(cls_name):
+    gen = rng_for(cls_name, "cuda")
+    options = CASES[cls_name][-1]
+    p0 = [torch.randn(s, generator=gen) for s in SHAPES + [(3, 1 << 16)]]
+    cpu = [torch.nn.Parameter(p.clone()) for p in p0]
+    gpu = [torch.nn.Parameter(p.clone().cuda()) for p in p0]
+    ref = [torch.nn.Parameter(p.clone().cuda()) for p in p0]
+    o_cpu = getattr(ft, cls_name)(cpu, **options)
+    o_gpu = getattr(ft, cls_name)(gpu, **options)
+    o_ref = getattr(torch.optim, cls_name)(ref, **options)
+    for _ in range(10):
+        for a, b, c in zip(cpu, gpu, ref):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad, c.grad = g.clone(), g.cuda(), g.cuda()
+        o_cpu.step()
+        o_gpu.step()
+        o_ref.step()
+    torch.cuda.synchronize()
+    for a, b, c in zip(cpu, gpu, ref):
+        bitwise(b.cpu(), a, f"{cls_name} cuda vs cpu")
+        assert o_gpu.state[b].get("step", torch.tensor(0.)).device.type == "cpu"
+        close(b.cpu(), c.cpu(), f"{cls_name} cuda vs torch")
+
+
+@needs_cuda
+def test_cuda_param_with_state_on_another_device_changes_nothing():
+    w = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    opt = ft.Adam([w])
+    w.grad = torch.randn(64, device="cuda")
+    opt.step()
+    opt.state[w]["exp_avg"] = opt.state[w]["exp_avg"].cpu()
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match="is on cpu, the param on cuda:0"):
+        opt.step()
+    assert torch.equal(w, before) and float(opt.state[w]["step"]) == 1
+
+
+@needs_cuda
+def test_gradscaler_unscales_and_skips_nonfinite_steps():
+    w = torch.nn.Parameter(torch.randn(64, device="cuda"))
+    opt = ft.AdamW([w])
+    scaler = torch.amp.GradScaler("cuda")
+    loss = (w * w).sum()
+    scaler.scale(loss).backward()
+    w.grad[0] = float("inf")
+    before = w.detach().clone()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(w, before) and w not in opt.state
