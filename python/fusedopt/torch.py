@@ -2,7 +2,7 @@
 
     from fusedopt.torch import AdamW      # was: from torch.optim import AdamW
 
-``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax`` take exactly the arguments and
+``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam`` take exactly the arguments and
 defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``param_groups``,
 ``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
 checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
@@ -25,8 +25,8 @@ import torch
 
 from . import _fusedopt
 
-__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "Lion",
-           "LazyAdam", "SignSGD"]
+__all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
+           "RAdam", "Lion", "LazyAdam", "SignSGD"]
 
 # torch's keyword for a library option that torch keeps in a pair; every other option has the
 # same name in both.
@@ -50,12 +50,17 @@ class _Spec:
     """
 
     def __init__(self, algorithm, step="tensor", init_state=False, variants=None,
-                 extra_defaults=None):
+                 extra_defaults=None, torch_scalars=None):
         self.algorithm = algorithm
         self.step = step
         self.init_state = init_state
         self.variants = variants or {}
         self.extra_defaults = extra_defaults or {}
+        # {state name: (initial value, update(value, group, step) -> new value)}: per-param
+        # scalars torch keeps and its checkpoints carry, which the library computes from the
+        # step count instead (NAdam's mu_product). Kept here as torch keeps them, so that a
+        # checkpoint goes on in torch as it would have; the library never reads them.
+        self.torch_scalars = torch_scalars or {}
 
 
 def _number(value):
@@ -141,6 +146,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if name not in st:
                 st[name] = torch.full_like(p, init, memory_format=torch.preserve_format)
                 created = True
+        for name, (init, _) in self._spec.torch_scalars.items():
+            if name not in st:
+                st[name] = torch.tensor(init, dtype=torch.float32)
         return created
 
     @torch.no_grad()
@@ -155,11 +163,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # One library call for all groups: every group is checked before any is stepped.
         calls, fresh, counted = [], [], []
+        stepped = []  # (group, the states of its stepped params)
         try:
             for group in self.param_groups:
                 call = self._gather(group, fresh, counted)
                 if call is not None:
                     calls.append(call)
+                    if self._spec.torch_scalars:
+                        stepped.append((group, [self.state[p] for p in call[2]]))
             if calls:
                 _fusedopt.step_groups(calls)
         except Exception:
@@ -169,6 +180,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             raise
         for st in counted:  # torch keeps an int step (SparseAdam's format)
             st["step"] += 1
+        for group, states in stepped:
+            for st in states:
+                for name, (_, update) in self._spec.torch_scalars.items():
+                    st[name] = update(st[name], group, float(st["step"]))
         return loss
 
     def _gather(self, group, fresh, counted):
@@ -272,6 +287,24 @@ def _adamax_init(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_dec
     self._setup(params, locals())
 
 
+def _nadam_init(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                maximize=False, capturable=False, differentiable=False):
+    self._setup(params, locals())
+
+
+def _radam_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                differentiable=False):
+    self._setup(params, locals())
+
+
+def _nadam_mu_product(value, group, step):
+    """torch.optim.NAdam's running product of its momentum schedule, in float32 as torch's."""
+    beta1, md = group["betas"][0], group["momentum_decay"]
+    return value * (beta1 * (1.0 - 0.5 * (0.96 ** (step * md))))
+
+
 # fusedopt's own optimizers, in the same form (their defaults are the library's).
 def _lion_init(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False):
     self._setup(params, locals())
@@ -297,6 +330,9 @@ AdamW = _fused_class("AdamW", _Spec("adamw", extra_defaults={"decoupled_weight_d
                      _adamw_init, _doc("AdamW", "adamw"))
 Rprop = _fused_class("Rprop", _Spec("rprop"), _rprop_init, _doc("Rprop", "rprop"))
 Adamax = _fused_class("Adamax", _Spec("adamax"), _adamax_init, _doc("Adamax", "adamax"))
+NAdam = _fused_class("NAdam", _Spec("nadam", torch_scalars={
+    "mu_product": (1.0, _nadam_mu_product)}), _nadam_init, _doc("NAdam", "nadam"))
+RAdam = _fused_class("RAdam", _Spec("radam"), _radam_init, _doc("RAdam", "radam"))
 Lion = _fused_class("Lion", _Spec("lion"), _lion_init,
                     "fusedopt's Lion (docs/optimizers.md `lion`) as a torch.optim.Optimizer.")
 LazyAdam = _fused_class(

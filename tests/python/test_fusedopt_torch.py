@@ -78,6 +78,14 @@ CASES = {
                 "lr": 1e-2}],
     "Rprop": [{},
               {"etas": (0.3, 1.5), "step_sizes": (1e-3, 0.05), "maximize": True, "lr": 0.1}],
+    "NAdam": [{},
+              {"weight_decay": 0.1, "momentum_decay": 0.02, "maximize": True, "lr": 1e-2},
+              {"weight_decay": 0.5, "decoupled_weight_decay": True, "betas": (0.5, 0.9),
+               "eps": 1e-3, "momentum_decay": 0.0}],
+    "RAdam": [{},
+              {"weight_decay": 0.1, "betas": (0.9, 0.9), "maximize": True, "lr": 1e-2},
+              {"weight_decay": 0.5, "decoupled_weight_decay": True, "betas": (0.5, 0.99),
+               "eps": 1e-3}],
 }
 TORCH_CLASSES = sorted(CASES)
 # (class, variant) bitwise equal to torch's CPU path: the same float32 operations in the same
