@@ -93,32 +93,9 @@ void check_step(std::int64_t step, std::int64_t index) {
   if (step < 1) invalid(label<A>(index) + ": step must be >= 1, got " + std::to_string(step));
 }
 
-/// A::Options from values by name over A's defaults; throws for an unknown name or a flag
-/// that is not 0 or 1 (the rest is checked by check_options).
-template <class A>
-typename A::Options options_by_name(const NamedOptions& named) {
-  typename A::Options o;
-  for (const auto& [name, value] : named) {
-    const OptionField<typename A::Options>* field = nullptr;
-    for (const auto& f : A::kOptions)
-      if (name == f.name) field = &f;
-    if (!field) {
-      std::vector<std::string> known;
-      for (const auto& f : A::kOptions) known.emplace_back(f.name);
-      invalid(std::string(A::kName) + ": unknown option '" + name +
-              "' (known: " + detail::join(known) + ")");
-    }
-    if (field->flag && value != 0.0 && value != 1.0)
-      invalid(std::string(A::kName) + ": option " + name + " is a flag and takes 0 or 1, got " +
-              detail::format_number(value));
-    field->set(o, value);
-  }
-  return o;
-}
-
 template <class A>
 std::vector<StateSpec> states_of(const NamedOptions& named) {
-  const typename A::Options o = options_by_name<A>(named);
+  const typename A::Options o = detail::options_by_name<A>(named);
   check_options<A>(o);
   std::vector<StateSpec> out;
   for (int k = 0; k < StateList<A>::count; ++k)
@@ -165,13 +142,13 @@ struct ByName {
 template <class A>
 void step_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
                        std::size_t n, const Exec& exec, const StepControls& controls) {
-  fused_step_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
+  fused_step_list<A>(detail::options_by_name<A>(named), t, steps, n, exec, controls);
 }
 
 template <class A>
 void check_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
                         std::size_t n, const Exec& exec, const StepControls& controls) {
-  check_list<A>(options_by_name<A>(named), t, steps, n, exec, controls);
+  check_list<A>(detail::options_by_name<A>(named), t, steps, n, exec, controls);
 }
 
 const ByName& by_name(std::string_view algorithm) {

@@ -13,6 +13,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "optimizer_impl.hpp"
+#include "sparse_check.hpp"
 
 namespace fo {
 
@@ -288,52 +289,14 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     unsupported(who() + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
   if (p.shape.empty() || p.shape[0] == 0 || p.numel == 0)
     invalid(who() + "the table must have rows and columns (shape [rows x dim], dim > 0)");
-  if (index_dtype != DType::i32 && index_dtype != DType::i64)
-    invalid(who() + "indices must be int32 or int64, got " + dtype_name(index_dtype));
-  if (nnz < 0) invalid(who() + "nnz must be >= 0, got " + std::to_string(nnz));
-  if (m.device == Device::cuda && nnz > 2147483647)  // CUB's run-length encode counts in int
-    invalid(who() + "a CUDA sparse step takes at most 2^31-1 indices, got " + std::to_string(nnz));
   const std::int64_t rows = p.shape[0], dim = p.numel / rows;
-  if (nnz > 0) {
-    if (!indices) invalid(who() + "indices is null");
-    if (!grad_rows) invalid(who() + "grad_rows is null");
-    if (reinterpret_cast<std::uintptr_t>(indices) % dtype_size(index_dtype) != 0)
-      invalid(who() + "indices are not aligned to their element size");
-    if (reinterpret_cast<std::uintptr_t>(grad_rows) % sizeof(float) != 0)
-      invalid(who() + "grad_rows is not aligned to its element size");
-    if (m.device == Device::cuda) {  // a host pointer in a kernel would end the CUDA context
-      if (!cuda::is_device_pointer(indices, m.device_index))
-        invalid(who() + "indices are not memory of CUDA device " + std::to_string(m.device_index));
-      if (!cuda::is_device_pointer(grad_rows, m.device_index))
-        invalid(who() + "grad_rows is not memory of CUDA device " + std::to_string(m.device_index));
-    }
-  }
   const detail::SparseStep probe{
       nullptr, {nullptr, nullptr, nullptr},         rows, dim, indices, index_dtype,
       nnz,     static_cast<const float*>(grad_rows)};
   const bool cuda = m.device == Device::cuda;
   std::optional<cuda::DeviceGuard> guard;
   if (cuda) guard.emplace(m.device_index);
-  if (nnz > 0) {
-    const std::int64_t bad =
-        cuda ? cuda::sparse_first_bad_index(probe, stream) : cpu::sparse_first_bad_index(probe);
-    if (bad >= 0) {
-      std::int64_t value = 0;
-      const std::size_t size = dtype_size(index_dtype);
-      const auto* src = static_cast<const char*>(indices) + bad * static_cast<std::int64_t>(size);
-      std::int32_t v32 = 0;
-      if (cuda)
-        cuda::copy_to_host(index_dtype == DType::i32 ? static_cast<void*>(&v32) : &value, src,
-                           size);
-      else if (index_dtype == DType::i32)
-        v32 = *reinterpret_cast<const std::int32_t*>(src);
-      else
-        value = *reinterpret_cast<const std::int64_t*>(src);
-      if (index_dtype == DType::i32) value = v32;
-      invalid(who() + "index " + std::to_string(value) + " at position " + std::to_string(bad) +
-              " is outside [0, " + std::to_string(rows) + "); nothing was changed");
-    }
-  }
+  detail::check_sparse_buffers(probe, m.device, m.device_index, false, stream, who);
   const std::size_t index = m.by_name.at(p.name);
   if (cuda) m.grow_device_steps(stream);
   m.create_first_step_state(&index, 1, stream);

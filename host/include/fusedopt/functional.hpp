@@ -115,6 +115,7 @@ struct StateSpec {
   std::string name;
   int index = 0;
   double init = 0.0;
+  bool per_row = false;  // one value per table row (sparse_step_states, row-wise), not per element
 };
 
 /// The states a dense step of `algorithm` under `options` reads and writes (in slot order),
@@ -123,5 +124,50 @@ struct StateSpec {
 /// option, or invalid values), so it also checks options where they are set.
 ///   for (const fo::StateSpec& s : fo::step_states("adam", {{"amsgrad", 1}})) ...
 std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options);
+
+/// The buffers of one sparse row step (docs/optimizers.md, "Sparse steps"): a [rows x dim]
+/// float32 table, its states (states[k] is the algorithm's k-th state: [rows x dim], or [rows]
+/// where the options make the algorithm row-wise; an entry the options do not use is
+/// ignored), nnz row indices (int32 or int64, duplicates allowed: their gradient rows are
+/// summed) and their [nnz x dim] float32 gradient rows. Every pointer on the Exec's device.
+struct SparseTensors {
+  float* table = nullptr;
+  float* states[kMaxStates] = {nullptr, nullptr, nullptr};
+  std::int64_t rows = 0;
+  std::int64_t dim = 0;
+  const void* indices = nullptr;
+  DType index_dtype = DType::i64;
+  std::int64_t nnz = 0;
+  const float* grad_rows = nullptr;
+};
+
+/// One sparse step of algorithm A (one that takes sparse steps: lazyadam, adagrad) at the
+/// table's step count `step` (1 on its first step): each distinct indexed row steps once, with
+/// the same bits on the CPU and CUDA; no other row or state is read or written. Everything is
+/// checked first, every index included (on CUDA: a kernel and a wait for the stream); a call
+/// that throws fo::Error has changed nothing. StepControls::buffers_on_device skips the
+/// pointer queries, as for dense steps.
+///   fo::fused_sparse_step<fo::LazyAdam>(opt, t, {table, {m, v}, rows, dim, idx, fo::DType::i64,
+///                                                nnz, grad_rows});
+template <class A>
+void fused_sparse_step(const typename A::Options& options, std::int64_t step,
+                       const SparseTensors& t, const Exec& exec = {},
+                       const StepControls& controls = {});
+
+#define FO_DECLARE_FUSED_SPARSE_STEP(A)                                                            \
+  extern template void fused_sparse_step<A>(const A::Options&, std::int64_t, const SparseTensors&, \
+                                            const Exec&, const StepControls&);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_DECLARE_FUSED_SPARSE_STEP)
+#undef FO_DECLARE_FUSED_SPARSE_STEP
+
+/// fused_sparse_step with the algorithm and its options named (for bindings).
+void fused_sparse_step(std::string_view algorithm, const NamedOptions& options, std::int64_t step,
+                       const SparseTensors& t, const Exec& exec = {},
+                       const StepControls& controls = {});
+
+/// The states a sparse step of `algorithm` under `options` uses, with the number of values
+/// each holds relative to a [rows x dim] table (StateSpec::per_row: one per row). Validates
+/// like fused_sparse_step's options (throws for an algorithm without sparse steps).
+std::vector<StateSpec> sparse_step_states(std::string_view algorithm, const NamedOptions& options);
 
 }  // namespace fo
