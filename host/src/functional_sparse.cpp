@@ -49,11 +49,11 @@ std::vector<StateSpec> sparse_states_of(const NamedOptions& named) {
   return out;
 }
 
-}  // namespace
-
+// Every check of a sparse step; the SparseStep it describes.
 template <class A>
-void fused_sparse_step(const typename A::Options& options, std::int64_t step,
-                       const SparseTensors& t, const Exec& exec, const StepControls& controls) {
+detail::SparseStep check_sparse(const typename A::Options& options, std::int64_t step,
+                                const SparseTensors& t, const Exec& exec,
+                                const StepControls& controls) {
   const auto who = [] { return std::string(A::kName) + " sparse step: "; };
   check_sparse_options<A>(options);
   if (step < 1) invalid(who() + "step must be >= 1, got " + std::to_string(step));
@@ -84,7 +84,19 @@ void fused_sparse_step(const typename A::Options& options, std::int64_t step,
   if (cuda) guard.emplace(exec.device_index);
   detail::check_sparse_buffers(s, exec.device, exec.device_index, controls.buffers_on_device,
                                exec.stream, who);
+  return s;
+}
+
+}  // namespace
+
+template <class A>
+void fused_sparse_step(const typename A::Options& options, std::int64_t step,
+                       const SparseTensors& t, const Exec& exec, const StepControls& controls) {
+  const detail::SparseStep s = check_sparse<A>(options, step, t, exec, controls);
   if (t.nnz == 0) return;
+  const bool cuda = exec.device == Device::cuda;
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(exec.device_index);
   if (cuda)
     cuda::sparse_step<A>(options, step, s, exec.stream);
   else
@@ -103,6 +115,8 @@ struct SparseByName {
   const char* name;
   void (*step)(const NamedOptions&, std::int64_t, const SparseTensors&, const Exec&,
                const StepControls&);
+  void (*check)(const NamedOptions&, std::int64_t, const SparseTensors&, const Exec&,
+                const StepControls&);
   std::vector<StateSpec> (*states)(const NamedOptions&);
 };
 
@@ -112,9 +126,16 @@ void sparse_step_by_name(const NamedOptions& named, std::int64_t step, const Spa
   fused_sparse_step<A>(detail::options_by_name<A>(named), step, t, exec, controls);
 }
 
+template <class A>
+void sparse_check_by_name(const NamedOptions& named, std::int64_t step, const SparseTensors& t,
+                          const Exec& exec, const StepControls& controls) {
+  check_sparse<A>(detail::options_by_name<A>(named), step, t, exec, controls);
+}
+
 const SparseByName& sparse_by_name(std::string_view algorithm) {
   static const SparseByName table[] = {
-#define FO_BY_NAME(A) {A::kName, &sparse_step_by_name<A>, &sparse_states_of<A>},
+#define FO_BY_NAME(A) \
+  {A::kName, &sparse_step_by_name<A>, &sparse_check_by_name<A>, &sparse_states_of<A>},
       FO_FOR_EACH_DENSE_ALGORITHM(FO_BY_NAME)
 #undef FO_BY_NAME
   };
@@ -129,6 +150,11 @@ const SparseByName& sparse_by_name(std::string_view algorithm) {
 void fused_sparse_step(std::string_view algorithm, const NamedOptions& options, std::int64_t step,
                        const SparseTensors& t, const Exec& exec, const StepControls& controls) {
   sparse_by_name(algorithm).step(options, step, t, exec, controls);
+}
+
+void check_sparse_step(std::string_view algorithm, const NamedOptions& options, std::int64_t step,
+                       const SparseTensors& t, const Exec& exec, const StepControls& controls) {
+  sparse_by_name(algorithm).check(options, step, t, exec, controls);
 }
 
 std::vector<StateSpec> sparse_step_states(std::string_view algorithm, const NamedOptions& options) {

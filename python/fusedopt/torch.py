@@ -18,7 +18,9 @@ Arguments that change the math and that fusedopt does not implement raise (``dif
 True``: NotImplementedError). ``foreach`` and ``fused`` are accepted and kept in the param
 groups (checkpoints carry them) but do not change anything: every step is fused. ``capturable``
 is accepted likewise; the step counts stay CPU tensors (torch's non-capturable format), so a
-step is not CUDA-graph capturable. Sparse gradients are not taken yet (NotImplementedError).
+step is not CUDA-graph capturable. Sparse gradients (``nn.Embedding(sparse=True)``) go to the
+library's sparse row step where it has one (SparseAdam, LazyAdam, Adagrad): only the named rows
+and their states change, duplicates summed; elsewhere they raise NotImplementedError.
 """
 
 import torch
@@ -26,7 +28,7 @@ import torch
 from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
-           "RAdam", "Lion", "LazyAdam", "SignSGD"]
+           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD"]
 
 # torch's keyword for a library option that torch keeps in a pair; every other option has the
 # same name in both.
@@ -50,8 +52,10 @@ class _Spec:
     """
 
     def __init__(self, algorithm, step="tensor", init_state=False, variants=None,
-                 extra_defaults=None, torch_scalars=None):
+                 extra_defaults=None, torch_scalars=None, sparse_only=False):
         self.algorithm = algorithm
+        # Takes sparse gradients only, as torch.optim.SparseAdam (dense ones raise).
+        self.sparse_only = sparse_only
         self.step = step
         self.init_state = init_state
         self.variants = variants or {}
@@ -162,17 +166,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # One library call for all groups: every group is checked before any is stepped.
-        calls, fresh, counted = [], [], []
+        calls, sparse, fresh, counted = [], [], [], []
         stepped = []  # (group, the states of its stepped params)
         try:
             for group in self.param_groups:
-                call = self._gather(group, fresh, counted)
+                call = self._gather(group, fresh, counted, sparse)
                 if call is not None:
                     calls.append(call)
                     if self._spec.torch_scalars:
                         stepped.append((group, [self.state[p] for p in call[2]]))
-            if calls:
-                _fusedopt.step_groups(calls)
+            if calls or sparse:
+                _fusedopt.step_groups(calls, sparse)
         except Exception:
             for st, keys in fresh:  # state created for this step goes again
                 for k in keys:
@@ -186,10 +190,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     st[name] = update(st[name], group, float(st["step"]))
         return loss
 
-    def _gather(self, group, fresh, counted):
-        """The library call's arguments for one group: the params with a grad, their grads,
-        states and step counts. Creates the state of params stepping for the first time
-        (recorded in `fresh`)."""
+    def _gather(self, group, fresh, counted, sparse):
+        """The library call's arguments for one group: the params with a dense grad, their
+        grads, states and step counts; params with a sparse grad go to `sparse`, one sparse row
+        step each. Creates the state of params stepping for the first time (recorded in
+        `fresh`)."""
         algorithm = self._algorithm(group)
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
@@ -203,26 +208,43 @@ class _FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse:
-                raise NotImplementedError(
-                    f"fusedopt.torch.{type(self).__name__} does not take sparse gradients yet")
+            if g.is_sparse != self._spec.sparse_only and not (
+                    g.is_sparse and _ALGORITHMS[algorithm]["sparse"]):
+                if g.is_sparse:
+                    raise NotImplementedError(
+                        f"fusedopt.torch.{type(self).__name__} has no sparse step (sparse "
+                        "gradients: LazyAdam, SparseAdam, Adagrad)")
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support dense gradients, please consider "
+                    "Adam instead")
             st = state[p]
             created = False
             if not st.keys() >= wanted:  # a first step, or options that add a state
                 before = set(st)
                 created = self._create_state(p, st, group, specs)
                 fresh.append((st, set(st) - before))
+            if kind == "tensor":
+                count = st["step"]
+            elif kind == "int":
+                count = st["step"] + 1
+                counted.append(st)
+            else:
+                count = 1 if created else 2
+            if g.is_sparse:
+                if g.sparse_dim() != 1:
+                    raise ValueError(
+                        f"a sparse gradient of {g.sparse_dim()} sparse dims: fusedopt's sparse "
+                        "step takes gradients sparse in rows (sparse_dim 1), as nn.Embedding's")
+                sparse_names = [n for n, _, _, _ in
+                                _fusedopt.sparse_step_states(algorithm, options)]
+                sparse.append((algorithm, options, p, g._indices()[0], g._values().contiguous(),
+                               [st[n] for n in sparse_names], count))
+                continue
             params.append(p)
             grads.append(g)
             for j, name in enumerate(names):
                 states[j].append(st[name])
-            if kind == "tensor":
-                steps.append(st["step"])
-            elif kind == "int":
-                steps.append(st["step"] + 1)
-                counted.append(st)
-            else:
-                steps.append(1 if created else 2)
+            steps.append(count)
         if not params:
             return None
         return (algorithm, options, params, grads, states, steps)
@@ -287,6 +309,10 @@ def _adamax_init(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_dec
     self._setup(params, locals())
 
 
+def _sparseadam_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, maximize=False):
+    self._setup(params, locals())
+
+
 def _nadam_init(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                 maximize=False, capturable=False, differentiable=False):
@@ -333,6 +359,11 @@ Adamax = _fused_class("Adamax", _Spec("adamax"), _adamax_init, _doc("Adamax", "a
 NAdam = _fused_class("NAdam", _Spec("nadam", torch_scalars={
     "mu_product": (1.0, _nadam_mu_product)}), _nadam_init, _doc("NAdam", "nadam"))
 RAdam = _fused_class("RAdam", _Spec("radam"), _radam_init, _doc("RAdam", "radam"))
+SparseAdam = _fused_class(
+    "SparseAdam", _Spec("lazyadam", step="int", sparse_only=True), _sparseadam_init,
+    "fusedopt's lazyadam (docs/optimizers.md) as torch.optim.SparseAdam: sparse gradients "
+    "(nn.Embedding(sparse=True)) step only the rows they name; dense gradients raise, as "
+    "torch's.")
 Lion = _fused_class("Lion", _Spec("lion"), _lion_init,
                     "fusedopt's Lion (docs/optimizers.md `lion`) as a torch.optim.Optimizer.")
 LazyAdam = _fused_class(

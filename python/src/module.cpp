@@ -181,6 +181,63 @@ fo::NamedOptions named_options(const nb::dict& options) {
   return named;
 }
 
+/// A step count: an int taken as is (the count of the step being taken), or a scalar array
+/// (torch's state["step"]: the steps taken so far) read here, to be incremented after the
+/// step (`counted`).
+std::int64_t read_count(nb::handle c, View& sv, Importer& importer, std::size_t i, bool& counted) {
+  counted = false;
+  if (PyLong_Check(c.ptr())) return nb::cast<std::int64_t>(c);
+  const auto at = [i] { return " of param " + std::to_string(i); };
+  importer.view(c, sv, "step count", i);
+  const bool f32 = sv.steppable && sv.dtype == fo::DType::f32;
+  if (sv.device_type != kDLCPU || sv.numel != 1 || !(f32 || sv.f64))
+    raise_value("the step count" + at() + " is a " + dtype_text(sv.raw) + " array of " +
+                std::to_string(sv.numel) + " elements on " +
+                device_text(sv.device_type, sv.device_id) +
+                ": it must be one float32 or float64 on the CPU (torch's non-capturable "
+                "state['step'])");
+  const double now =
+      f32 ? *reinterpret_cast<const float*>(sv.data) : *reinterpret_cast<const double*>(sv.data);
+  if (!(now >= 0.0 && now < 9.0e15 && now == static_cast<double>(static_cast<std::int64_t>(now))))
+    raise_value("the step count" + at() + " is " + std::to_string(now) +
+                ": it must be a whole number >= 0");
+  counted = true;
+  return static_cast<std::int64_t>(now) + 1;
+}
+
+/// Writes a step count read by read_count back, incremented.
+void write_count(const View& sv, std::int64_t count) {
+  if (!sv.f64)
+    *reinterpret_cast<float*>(sv.data) = static_cast<float>(count);
+  else
+    *reinterpret_cast<double*>(sv.data) = static_cast<double>(count);
+}
+
+/// Where a step on arrays of (device_type, device_id) runs: the CPU, or CUDA on `stream` (an
+/// int) or, when None, the producer's current stream of that device (`first`'s type).
+void set_exec(fo::Exec& exec, fo::StepControls& controls, int device_type, int device_id,
+              const nb::object& stream, nb::handle first) {
+  if (device_type == kDLCUDA || device_type == kDLCUDAManaged) {
+    exec.device = fo::Device::cuda;
+    exec.device_index = device_id;
+    controls.buffers_on_device = true;  // DLPack said so
+    if (!stream.is_none()) {
+      exec.stream = reinterpret_cast<void*>(nb::cast<std::uintptr_t>(stream));
+    } else if (first.is_valid()) {
+      // The producer's current stream of the device (torch.cuda.current_stream()).
+      const DLPackExchangeAPI* api = exchange_api(Py_TYPE(first.ptr()));
+      if (api && api->current_work_stream &&
+          api->current_work_stream(kDLCUDA, device_id, &exec.stream) != 0) {
+        PyErr_Clear();
+        exec.stream = nullptr;
+      }
+    }
+  } else if (device_type != kDLCPU && first.is_valid()) {
+    raise_value("arrays on " + device_text(device_type, device_id) +
+                ": fusedopt steps arrays on the CPU and on CUDA");
+  }
+}
+
 /// One list step, viewed and checked, ready to run.
 struct Prepared {
   std::string algorithm;
@@ -276,72 +333,105 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
       t.states[specs[j].index] = s.data;
       t.state_dtype = s.dtype;
     }
-    // The step count: an int taken as is, or a scalar array (torch's state["step"]) read
-    // here and incremented after the step.
-    nb::handle c = steps[i];
-    if (PyLong_Check(c.ptr())) {
-      counts[i] = nb::cast<std::int64_t>(c);
-      continue;
-    }
-    View& sv = step_views[i];
-    importer.view(c, sv, "step count", i);
-    const bool f32 = sv.steppable && sv.dtype == fo::DType::f32;
-    if (sv.device_type != kDLCPU || sv.numel != 1 || !(f32 || sv.f64))
-      raise_value("the step count" + at() + " is a " + dtype_text(sv.raw) + " array of " +
-                  std::to_string(sv.numel) + " elements on " +
-                  device_text(sv.device_type, sv.device_id) +
-                  ": it must be one float32 or float64 on the CPU (torch's non-capturable "
-                  "state['step'])");
-    const double now =
-        f32 ? *reinterpret_cast<const float*>(sv.data) : *reinterpret_cast<const double*>(sv.data);
-    if (!(now >= 0.0 && now < 9.0e15 && now == static_cast<double>(static_cast<std::int64_t>(now))))
-      raise_value("the step count" + at() + " is " + std::to_string(now) +
-                  ": it must be a whole number >= 0");
-    counts[i] = static_cast<std::int64_t>(now) + 1;
-    counted[i] = true;
+    bool was_counted = false;
+    counts[i] = read_count(steps[i], step_views[i], importer, i, was_counted);
+    counted[i] = was_counted;
   }
 
-  fo::Exec& exec = out.exec;
-  fo::StepControls& controls = out.controls;
-  if (device_type == kDLCUDA || device_type == kDLCUDAManaged) {
-    exec.device = fo::Device::cuda;
-    exec.device_index = device_id;
-    controls.buffers_on_device = true;  // DLPack said so
-    if (!stream.is_none()) {
-      exec.stream = reinterpret_cast<void*>(nb::cast<std::uintptr_t>(stream));
-    } else if (n > 0) {
-      // The producer's current stream of the device (torch.cuda.current_stream()).
-      const DLPackExchangeAPI* api = exchange_api(Py_TYPE(params[0].ptr()));
-      if (api && api->current_work_stream &&
-          api->current_work_stream(kDLCUDA, device_id, &exec.stream) != 0) {
-        PyErr_Clear();
-        exec.stream = nullptr;
-      }
-    }
-  } else if (device_type != kDLCPU && n > 0) {
-    raise_value("params on " + device_text(device_type, device_id) +
-                ": fusedopt steps arrays on the CPU and on CUDA");
-  }
-
+  set_exec(out.exec, out.controls, device_type, device_id, stream,
+           n > 0 ? nb::handle(params[0]) : nb::handle());
+  const fo::Exec& exec = out.exec;
+  const fo::StepControls& controls = out.controls;
   fo::check_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
 }
 
+/// One sparse row step (an embedding table's), viewed and checked, ready to run.
+struct PreparedSparse {
+  std::string algorithm;
+  fo::NamedOptions named;
+  fo::SparseTensors tensors;
+  std::int64_t count = 0;
+  View step_view;
+  bool counted = false;
+  fo::Exec exec;
+  fo::StepControls controls;
+};
+
+/// Views the arrays of a sparse step (the table `param`, its `indices` (int32 or int64, one
+/// per gradient row, duplicates allowed) and `values` ([nnz, ...] gradient rows), its states in
+/// sparse_step_states() order) and makes every check, the library's included.
+void prepare_sparse(PreparedSparse& out, Importer& importer, const std::string& algorithm,
+                    const nb::dict& options, nb::handle param, nb::handle indices,
+                    nb::handle values, const nb::list& states, nb::handle step,
+                    const nb::object& stream) {
+  out.algorithm = algorithm;
+  out.named = named_options(options);
+  const std::vector<fo::StateSpec> specs = fo::sparse_step_states(algorithm, out.named);
+  if (states.size() != specs.size())
+    raise_value("sparse step: " + algorithm + " with these options uses " +
+                std::to_string(specs.size()) + " states, got " + std::to_string(states.size()));
+  View p, iv, gv, sv;
+  importer.view(param, p, "param", 0);
+  if (!p.steppable || p.dtype != fo::DType::f32)
+    raise_type("a sparse step takes a float32 table, got " + dtype_text(p.raw));
+  if (!p.contiguous) raise_value("the table of a sparse step is not contiguous");
+  if (p.ndim < 1 || p.shape[0] == 0 || p.numel == 0)
+    raise_value("the table of a sparse step must have rows and columns");
+  const std::int64_t rows = p.shape[0], dim = p.numel / rows;
+  importer.view(indices, iv, "indices", 0);
+  const bool i32 = iv.raw.code == 0 && iv.raw.bits == 32 && iv.raw.lanes == 1;
+  const bool i64 = iv.raw.code == 0 && iv.raw.bits == 64 && iv.raw.lanes == 1;
+  if (!i32 && !i64) raise_type("sparse indices must be int32 or int64, got " + dtype_text(iv.raw));
+  if (iv.ndim != 1 || !iv.contiguous)
+    raise_value("sparse indices must be one contiguous row of indices");
+  importer.view(values, gv, "gradient rows", 0);
+  if (!gv.steppable || gv.dtype != fo::DType::f32)
+    raise_type("sparse gradient rows must be float32, got " + dtype_text(gv.raw));
+  if (!gv.contiguous) raise_value("the sparse gradient rows are not contiguous");
+  if (gv.numel != iv.numel * dim)
+    raise_value("the sparse gradient holds " + std::to_string(gv.numel) + " values for " +
+                std::to_string(iv.numel) + " rows of " + std::to_string(dim));
+  for (const View* v : {&iv, &gv})
+    if (v->device_type != p.device_type || v->device_id != p.device_id)
+      raise_value("the sparse gradient is on " + device_text(v->device_type, v->device_id) +
+                  ", the table on " + device_text(p.device_type, p.device_id));
+  fo::SparseTensors& t = out.tensors;
+  t.table = reinterpret_cast<float*>(p.data);
+  t.rows = rows;
+  t.dim = dim;
+  t.indices = iv.data;
+  t.index_dtype = i32 ? fo::DType::i32 : fo::DType::i64;
+  t.nnz = iv.numel;
+  t.grad_rows = reinterpret_cast<const float*>(gv.data);
+  for (std::size_t j = 0; j < specs.size(); ++j) {
+    importer.view(states[j], sv, "state", j);
+    const std::int64_t want = specs[j].per_row ? rows : p.numel;
+    if (!sv.steppable || sv.dtype != fo::DType::f32 || !sv.contiguous || sv.numel != want ||
+        sv.device_type != p.device_type || sv.device_id != p.device_id)
+      raise_value("state " + specs[j].name + " of the sparse step must be " + std::to_string(want) +
+                  " contiguous float32 values on the table's device");
+    t.states[specs[j].index] = reinterpret_cast<float*>(sv.data);
+  }
+  out.count = read_count(step, out.step_view, importer, 0, out.counted);
+  set_exec(out.exec, out.controls, p.device_type, p.device_id, stream, param);
+  fo::check_sparse_step(algorithm, out.named, out.count, t, out.exec, out.controls);
+}
+
 /// Runs prepared steps, then writes the step counts back.
-void run(std::vector<Prepared>& steps) {
+void run(std::vector<Prepared>& steps, std::vector<PreparedSparse>& sparse) {
   {
     nb::gil_scoped_release release;  // no Python object is touched: other threads may run
     for (const Prepared& s : steps)
       fo::fused_step_list(s.algorithm, s.named, s.tensors.data(), s.counts.data(), s.tensors.size(),
                           s.exec, s.controls);
+    for (const PreparedSparse& s : sparse)
+      fo::fused_sparse_step(s.algorithm, s.named, s.count, s.tensors, s.exec, s.controls);
   }
   for (const Prepared& s : steps)
-    for (std::size_t i = 0; i < s.tensors.size(); ++i) {
-      if (!s.counted[i]) continue;
-      if (!s.step_views[i].f64)
-        *reinterpret_cast<float*>(s.step_views[i].data) = static_cast<float>(s.counts[i]);
-      else
-        *reinterpret_cast<double*>(s.step_views[i].data) = static_cast<double>(s.counts[i]);
-    }
+    for (std::size_t i = 0; i < s.tensors.size(); ++i)
+      if (s.counted[i]) write_count(s.step_views[i], s.counts[i]);
+  for (const PreparedSparse& s : sparse)
+    if (s.counted) write_count(s.step_view, s.count);
 }
 
 void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
@@ -350,11 +440,12 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
   Importer importer;
   std::vector<Prepared> prepared(1);
   prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream);
-  run(prepared);
+  std::vector<PreparedSparse> none;
+  run(prepared, none);
 }
 
-/// Several list steps as one: all are checked before any runs.
-void step_groups(const nb::list& groups, const nb::object& stream) {
+/// Several list steps and sparse steps as one: all are checked before any runs.
+void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb::object& stream) {
   Importer importer;
   std::vector<Prepared> prepared(groups.size());
   for (std::size_t i = 0; i < groups.size(); ++i) {
@@ -367,7 +458,17 @@ void step_groups(const nb::list& groups, const nb::object& stream) {
             nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
             nb::cast<nb::list>(g[5]), stream);
   }
-  run(prepared);
+  std::vector<PreparedSparse> sparse(sparse_steps.size());
+  for (std::size_t i = 0; i < sparse_steps.size(); ++i) {
+    nb::tuple g;
+    if (!nb::try_cast(sparse_steps[i], g) || g.size() != 7)
+      raise_type(
+          "step_groups: each sparse step is a tuple (algorithm, options, param, indices, "
+          "values, states, step)");
+    prepare_sparse(sparse[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]), g[2],
+                   g[3], g[4], nb::cast<nb::list>(g[5]), g[6], stream);
+  }
+  run(prepared, sparse);
 }
 
 nb::list algorithms() {
@@ -428,10 +529,24 @@ NB_MODULE(_fusedopt, m) {
         "Every array is checked before anything is written; a call that raises has changed\n"
         "nothing. CUDA arrays run on `stream` (an int cudaStream_t) or, when None, the\n"
         "producer's current stream of their device (torch: torch.cuda.current_stream()).");
-  m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("stream") = nb::none(),
+  m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("sparse") = nb::list(),
+        nb::arg("stream") = nb::none(),
         "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
-        "states, steps), each as step() takes them. Every group is checked before any is\n"
-        "stepped, so a call that raises has changed nothing (torch's param groups).");
+        "states, steps), each as step() takes them; `sparse` a list of sparse row steps of\n"
+        "embedding tables, tuples (algorithm, options, table, indices, values, states, step):\n"
+        "int32/int64 row indices (duplicates summed), [nnz, ...] float32 gradient rows, the\n"
+        "states sparse_step_states() names, a step count as step() takes one. Everything is\n"
+        "checked before anything is stepped, so a call that raises has changed nothing.");
+  m.def(
+      "sparse_step_states",
+      [](const std::string& algorithm, const nb::dict& options) {
+        std::vector<std::tuple<std::string, int, double, bool>> out;
+        for (const fo::StateSpec& s : fo::sparse_step_states(algorithm, named_options(options)))
+          out.emplace_back(s.name, s.index, s.init, s.per_row);
+        return out;
+      },
+      nb::arg("algorithm"), nb::arg("options"),
+      "The states a sparse step uses, as (name, slot, initial value, one value per row).");
   m.def("cuda_device_count", &fo::cuda_device_count,
         "CUDA devices this build can use (0 when built without CUDA).");
 }

@@ -206,7 +206,7 @@ def test_fifty_steps_match_torch(cls_name, variant):
 SKIP_ARGS = {"self", "params"}
 
 
-@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES + ["SparseAdam"])
 def test_signature_and_defaults_are_torchs(cls_name):
     theirs = inspect.signature(getattr(torch.optim, cls_name).__init__).parameters
     mine = inspect.signature(getattr(ft, cls_name).__init__).parameters
@@ -220,7 +220,7 @@ def test_signature_and_defaults_are_torchs(cls_name):
     assert issubclass(getattr(ft, cls_name), torch.optim.Optimizer)
 
 
-@pytest.mark.parametrize("cls_name", TORCH_CLASSES)
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES + ["SparseAdam"])
 def test_every_torch_argument_is_mapped_ignored_or_refused(cls_name):
     cls = getattr(ft, cls_name)
     opt = cls([torch.nn.Parameter(torch.zeros(3))])
@@ -445,6 +445,71 @@ def test_lazyadam_is_sparseadam_on_dense_rows(cls_name, torch_cls, kwargs):
         close(a, b, cls_name)
     assert fo.state[a]["step"] == ref.state[b]["step"] == 20
     close(fo.state[a]["exp_avg"], ref.state[b]["exp_avg"], "exp_avg")
+
+
+# Sparse gradients: nn.Embedding(sparse=True) tables stepped row by row, against torch's
+# sparse paths. Index batches repeat rows (summed, as torch's coalesce does; the sum's order may
+# differ, hence the tolerance, not bits) and leave most rows untouched (bitwise unchanged, with
+# their states).
+@pytest.mark.parametrize("cls_name,kwargs", [
+    ("SparseAdam", {}),
+    ("SparseAdam", {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-3, "maximize": True}),
+    ("Adagrad", {}),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.5, "eps": 1e-3,
+                 "maximize": True}),
+])
+def test_sparse_embedding_gradients_match_torch(cls_name, kwargs):
+    gen = rng_for("sparse", cls_name, len(kwargs))
+    rows, dim = 50, 12
+    w0 = torch.randn(rows, dim, generator=gen)
+    mine, theirs = torch.nn.Embedding(rows, dim, sparse=True), torch.nn.Embedding(
+        rows, dim, sparse=True)
+    with torch.no_grad():
+        mine.weight.copy_(w0)
+        theirs.weight.copy_(w0)
+    fo = getattr(ft, cls_name)(mine.parameters(), **kwargs)
+    ref = getattr(torch.optim, cls_name)(theirs.parameters(), **kwargs)
+    touched = torch.zeros(rows, dtype=torch.bool)
+    for step in range(1, 31):
+        idx = torch.randint(0, rows // 2, (9,), generator=gen)  # rows >= 25 never touched
+        touched[idx] = True
+        target = torch.randn(9, dim, generator=gen)
+        for emb in (mine, theirs):
+            emb.zero_grad()
+            ((emb(idx) - target) ** 2).sum().backward()
+        assert mine.weight.grad.is_sparse
+        fo.step()
+        ref.step()
+        what = f"{cls_name} {kwargs} step {step}"
+        close(mine.weight, theirs.weight, what)
+        for key, want in ref.state[theirs.weight].items():
+            got = fo.state[mine.weight][key]
+            if key == "step":
+                assert float(got) == float(want) and type(got) is type(want), (what, got, want)
+            else:
+                close(got, want, f"{what} state {key}")
+    untouched = ~touched
+    assert bool(untouched.any())
+    bitwise(mine.weight[untouched], w0[untouched], "rows no index named")
+
+
+def test_sparse_steps_refuse_what_torch_refuses_and_change_nothing():
+    w = torch.nn.Parameter(torch.randn(6, 3))
+    opt = ft.SparseAdam([w])
+    w.grad = torch.randn(6, 3)  # dense
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="does not support dense gradients"):
+        opt.step()
+    bitwise(w, before, "after a refused dense grad")
+    assert len(opt.state[w]) == 0
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    opt = ft.Adagrad(emb.parameters(), weight_decay=0.1)  # torch refuses it for sparse grads
+    emb(torch.tensor([1, 1, 4])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.step()
+    bitwise(emb.weight, before, "after a refused sparse step")
+    assert float(opt.state[emb.weight]["step"]) == 0
 
 
 def lion_reference(p, g, m, lr, b1, b2, wd):

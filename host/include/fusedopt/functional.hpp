@@ -165,6 +165,12 @@ void fused_sparse_step(std::string_view algorithm, const NamedOptions& options, 
                        const SparseTensors& t, const Exec& exec = {},
                        const StepControls& controls = {});
 
+/// Every check fused_sparse_step(algorithm, ...) makes, without the step (for a caller that
+/// steps several things as one operation and must step none when one is bad).
+void check_sparse_step(std::string_view algorithm, const NamedOptions& options, std::int64_t step,
+                       const SparseTensors& t, const Exec& exec = {},
+                       const StepControls& controls = {});
+
 /// The states a sparse step of `algorithm` under `options` uses, with the number of values
 /// each holds relative to a [rows x dim] table (StateSpec::per_row: one per row). Validates
 /// like fused_sparse_step's options (throws for an algorithm without sparse steps).
