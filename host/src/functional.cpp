@@ -129,6 +129,22 @@ void check_list(const typename A::Options& options, const DenseTensors* tensors,
   }
 }
 
+// A CUDA launch's settings: the dtypes of `t` (every tensor of a list shares them) and the
+// step controls.
+cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& controls) {
+  cuda::ListSettings s;
+  s.param_dtype = t.param_dtype;
+  s.grad_dtype = t.grad_dtype;
+  s.state_dtype = t.state_dtype;
+  s.stochastic = controls.stochastic_rounding;
+  s.seed = controls.seed;
+  s.grad_multiplier = controls.grad_multiplier;
+  s.d_lr = controls.d_lr;
+  s.d_grad_multiplier = controls.d_grad_multiplier;
+  s.d_found_inf = controls.d_found_inf;
+  return s;
+}
+
 // The registry's table from name to typed entry: the one place a name becomes a type.
 struct ByName {
   const char* name;
@@ -180,18 +196,9 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   if (exec.device == Device::cuda) {
     const cuda::ListEntry entry{t.param, t.grad, t.master,    {states[0], states[1], states[2]},
                                 t.numel, step,   controls.key};
-    cuda::ListSettings s;
-    s.param_dtype = t.param_dtype;
-    s.grad_dtype = t.grad_dtype;
-    s.state_dtype = t.state_dtype;
-    s.stochastic = controls.stochastic_rounding;
-    s.seed = controls.seed;
-    s.grad_multiplier = controls.grad_multiplier;
-    s.d_lr = controls.d_lr;
-    s.d_grad_multiplier = controls.d_grad_multiplier;
-    s.d_found_inf = controls.d_found_inf;
     cuda::DeviceGuard guard(exec.device_index);
-    cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1), s, exec.stream);
+    cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1),
+                               list_settings(t, controls), exec.stream);
     return;
   }
   cpu::DensePtrs ptrs{static_cast<float*>(t.param),
@@ -224,19 +231,10 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
       entries.push_back(e);
     }
     if (entries.empty()) return;
-    cuda::ListSettings s;
-    s.param_dtype = first.param_dtype;
-    s.grad_dtype = first.grad_dtype;
-    s.state_dtype = first.state_dtype;
-    s.stochastic = controls.stochastic_rounding;
-    s.seed = controls.seed;
-    s.grad_multiplier = controls.grad_multiplier;
-    s.d_lr = controls.d_lr;
-    s.d_grad_multiplier = controls.d_grad_multiplier;
-    s.d_found_inf = controls.d_found_inf;
     cuda::DeviceGuard guard(exec.device_index);
     cuda::multi_tensor_step<A>(options, entries.data(), entries.size(),
-                               cuda::plan_list(entries.data(), entries.size()), s, exec.stream);
+                               cuda::plan_list(entries.data(), entries.size()),
+                               list_settings(first, controls), exec.stream);
     return;
   }
   for (std::size_t i = 0; i < n; ++i) {

@@ -9,24 +9,54 @@
 
 namespace fo {
 
-struct AdamOp {
+/// What the Adam-like functors (adam, adamw, nadam, radam) share: maximize, weight decay (L2
+/// folded into g, or decoupled: p shrinks first) and the two moments. The same operations in
+/// the same order in each, so each rounds as Adam does.
+struct AdamCore {
   float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  float eps, weight_decay;  // weight_decay: L2 decay folded into g (adam); 0 for adamw
-  float param_scale;        // decoupled decay 1 - lr*wd (adamw); 1 for adam
-  float step_size;          // lr / bc1
-  float inv_sqrt_bc2;       // 1 / sqrt(bc2)
-  bool amsgrad, maximize;
+  float weight_decay;  // L2 decay folded into g; 0 when decoupled
+  float param_scale;   // decoupled decay 1 - lr*wd; 1 for L2
+  bool maximize;
+
+  // Applies maximize and decay to g and p, then the moments into s[0] (exp_avg) and s[1]
+  // (exp_avg_sq); returns them in m and v.
+  template <class V>
+  FO_HOST_DEVICE void moments(V& p, V& g, V* s, V& m, V& v) const {
+    if (maximize) g = -g;
+    p = p * V(param_scale);
+    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
+    m = vfma(V(beta1), s[0], V(one_minus_beta1) * g);
+    v = vfma(V(beta2), s[1], V(one_minus_beta2) * g * g);
+    s[0] = m;
+    s[1] = v;
+  }
+
+  FO_HOST_DEVICE static AdamCore make(double lr, double beta1, double beta2, double wd,
+                                      bool decoupled, bool maximize) {
+    AdamCore c{};
+    c.beta1 = to_f32(beta1);
+    c.one_minus_beta1 = to_f32(1.0 - beta1);
+    c.beta2 = to_f32(beta2);
+    c.one_minus_beta2 = to_f32(1.0 - beta2);
+    c.weight_decay = decoupled ? 0.0f : to_f32(wd);
+    c.param_scale = decoupled ? to_f32(1.0 - lr * wd) : 1.0f;
+    c.maximize = maximize;
+    return c;
+  }
+};
+
+struct AdamOp {
+  AdamCore core;
+  float eps;
+  float step_size;     // lr / bc1
+  float inv_sqrt_bc2;  // 1 / sqrt(bc2)
+  bool amsgrad;
 
   // s[0] exp_avg, s[1] exp_avg_sq, s[2] max_exp_avg_sq (amsgrad only)
   template <class V>
   FO_HOST_DEVICE void operator()(V& p, V g, V* s) const {
-    if (maximize) g = -g;
-    p = p * V(param_scale);
-    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
-    V m = vfma(V(beta1), s[0], V(one_minus_beta1) * g);
-    V v = vfma(V(beta2), s[1], V(one_minus_beta2) * g * g);
-    s[0] = m;
-    s[1] = v;
+    V m, v;
+    core.moments(p, g, s, m, v);
     if (amsgrad) {
       v = vmax(s[2], v);
       s[2] = v;
@@ -42,17 +72,11 @@ struct AdamOp {
     const double bc1 = 1.0 - power(beta1, step);
     const double bc2 = 1.0 - power(beta2, step);
     AdamOp op{};
-    op.beta1 = to_f32(beta1);
-    op.one_minus_beta1 = to_f32(1.0 - beta1);
-    op.beta2 = to_f32(beta2);
-    op.one_minus_beta2 = to_f32(1.0 - beta2);
+    op.core = AdamCore::make(lr, beta1, beta2, wd, decoupled, maximize);
     op.eps = to_f32(eps);
-    op.weight_decay = decoupled ? 0.0f : to_f32(wd);
-    op.param_scale = decoupled ? to_f32(1.0 - lr * wd) : 1.0f;
     op.step_size = to_f32(lr / bc1);
     op.inv_sqrt_bc2 = to_f32(1.0 / sqrt(bc2));
     op.amsgrad = amsgrad;
-    op.maximize = maximize;
     return op;
   }
 };

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "fusedopt/kernels/algorithm.hpp"
+#include "fusedopt/kernels/ops/adam.hpp"
 
 namespace fo {
 
@@ -63,24 +64,17 @@ FO_HOST_DEVICE double nadam_mu_product(double beta1, double momentum_decay, std:
 }
 
 struct NAdamOp {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float weight_decay;  // L2 decay folded into g; 0 with decoupled_weight_decay
-  float param_scale;   // 1 - lr * weight_decay with decoupled_weight_decay; else 1
-  float bc2;           // 1 - beta2^t
-  float grad_coef;     // lr * (1 - mu_t) / (1 - P_t)
-  float avg_coef;      // lr * mu_{t+1} / (1 - P_t * mu_{t+1})
-  bool maximize;
+  AdamCore core;
+  float eps;
+  float bc2;        // 1 - beta2^t
+  float grad_coef;  // lr * (1 - mu_t) / (1 - P_t)
+  float avg_coef;   // lr * mu_{t+1} / (1 - P_t * mu_{t+1})
 
   // s[0] exp_avg, s[1] exp_avg_sq
   template <class V>
   FO_HOST_DEVICE void operator()(V& p, V g, V* s) const {
-    if (maximize) g = -g;
-    p = p * V(param_scale);
-    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
-    const V m = vfma(V(beta1), s[0], V(one_minus_beta1) * g);
-    const V v = vfma(V(beta2), s[1], V(one_minus_beta2) * g * g);
-    s[0] = m;
-    s[1] = v;
+    V m, v;
+    core.moments(p, g, s, m, v);
     const V d = vsqrt(v / V(bc2)) + V(eps);
     p = vfma(V(-grad_coef), g / d, p);
     p = vfma(V(-avg_coef), m / d, p);
@@ -109,10 +103,7 @@ struct NAdam {
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {
-    v.at_least("lr", o.lr, 0.0);
-    v.at_least("eps", o.eps, 0.0);
-    v.in_unit_interval("beta1", o.beta1);
-    v.in_unit_interval("beta2", o.beta2);
+    validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
     v.at_least("weight_decay", o.weight_decay, 0.0);
     v.at_least("momentum_decay", o.momentum_decay, 0.0);
   }
@@ -121,17 +112,12 @@ struct NAdam {
     const double mu_next = o.beta1 * (1.0 - 0.5 * nadam_decay_power(o.momentum_decay, step + 1));
     const double mu_product = nadam_mu_product(o.beta1, o.momentum_decay, step);
     NAdamOp op{};
-    op.beta1 = to_f32(o.beta1);
-    op.one_minus_beta1 = to_f32(1.0 - o.beta1);
-    op.beta2 = to_f32(o.beta2);
-    op.one_minus_beta2 = to_f32(1.0 - o.beta2);
+    op.core = AdamCore::make(o.lr, o.beta1, o.beta2, o.weight_decay, o.decoupled_weight_decay,
+                             o.maximize);
     op.eps = to_f32(o.eps);
-    op.weight_decay = o.decoupled_weight_decay ? 0.0f : to_f32(o.weight_decay);
-    op.param_scale = o.decoupled_weight_decay ? to_f32(1.0 - o.lr * o.weight_decay) : 1.0f;
     op.bc2 = to_f32(1.0 - power(o.beta2, step));
     op.grad_coef = to_f32(o.lr * (1.0 - mu) / (1.0 - mu_product));
     op.avg_coef = to_f32(o.lr * mu_next / (1.0 - mu_product * mu_next));
-    op.maximize = o.maximize;
     return op;
   }
 };

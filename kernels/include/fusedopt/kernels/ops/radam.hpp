@@ -18,26 +18,21 @@
 #pragma once
 
 #include "fusedopt/kernels/algorithm.hpp"
+#include "fusedopt/kernels/ops/adam.hpp"
 
 namespace fo {
 
 struct RAdamOp {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  float weight_decay;  // L2 decay folded into g; 0 with decoupled_weight_decay
-  float param_scale;   // 1 - lr * weight_decay with decoupled_weight_decay; else 1
-  float step_size;     // lr * r_t * sqrt(bc2) / bc1 when rectified; else lr / bc1
-  bool rectified, maximize;
+  AdamCore core;
+  float eps;
+  float step_size;  // lr * r_t * sqrt(bc2) / bc1 when rectified; else lr / bc1
+  bool rectified;
 
   // s[0] exp_avg, s[1] exp_avg_sq
   template <class V>
   FO_HOST_DEVICE void operator()(V& p, V g, V* s) const {
-    if (maximize) g = -g;
-    p = p * V(param_scale);
-    if (weight_decay != 0.0f) g = vfma(V(weight_decay), p, g);
-    const V m = vfma(V(beta1), s[0], V(one_minus_beta1) * g);
-    const V v = vfma(V(beta2), s[1], V(one_minus_beta2) * g * g);
-    s[0] = m;
-    s[1] = v;
+    V m, v;
+    core.moments(p, g, s, m, v);
     if (rectified)
       p = vfma(V(-step_size), m / (vsqrt(v) + V(eps)), p);
     else
@@ -65,10 +60,7 @@ struct RAdam {
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {
-    v.at_least("lr", o.lr, 0.0);
-    v.at_least("eps", o.eps, 0.0);
-    v.in_unit_interval("beta1", o.beta1);
-    v.in_unit_interval("beta2", o.beta2);
+    validate_adam_core(o.lr, o.eps, o.beta1, o.beta2, v);
     v.at_least("weight_decay", o.weight_decay, 0.0);
   }
   FO_HOST_DEVICE static Op make_op(const Options& o, std::int64_t step) {
@@ -78,13 +70,9 @@ struct RAdam {
     const double rho_inf = 2.0 / (1.0 - o.beta2) - 1.0;
     const double rho_t = rho_inf - 2.0 * static_cast<double>(step) * beta2_t / bc2;
     RAdamOp op{};
-    op.beta1 = to_f32(o.beta1);
-    op.one_minus_beta1 = to_f32(1.0 - o.beta1);
-    op.beta2 = to_f32(o.beta2);
-    op.one_minus_beta2 = to_f32(1.0 - o.beta2);
+    op.core = AdamCore::make(o.lr, o.beta1, o.beta2, o.weight_decay, o.decoupled_weight_decay,
+                             o.maximize);
     op.eps = to_f32(o.eps);
-    op.weight_decay = o.decoupled_weight_decay ? 0.0f : to_f32(o.weight_decay);
-    op.param_scale = o.decoupled_weight_decay ? to_f32(1.0 - o.lr * o.weight_decay) : 1.0f;
     op.rectified = rho_t > 5.0;
     if (op.rectified) {
       const double r = sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf /
@@ -93,7 +81,6 @@ struct RAdam {
     } else {
       op.step_size = to_f32(o.lr / bc1);
     }
-    op.maximize = o.maximize;
     return op;
   }
 };
