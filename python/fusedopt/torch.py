@@ -6,7 +6,8 @@
 defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``param_groups``,
 ``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
 checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
-``SignSGD`` are fusedopt's other optimizers in the same form.
+``SignSGD`` are fusedopt's other optimizers in the same form; ``AdEMAMix`` takes the arguments
+and defaults of bitsandbytes' ``AdEMAMix`` (torch has none), states in fusedopt's names.
 
 Each ``step()`` makes one call into the library per param group: every param with a grad is
 validated (contiguous, float32 on the CPU; float32, bfloat16 or float16 on CUDA; grad and
@@ -28,13 +29,13 @@ import torch
 from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
-           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD"]
+           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix"]
 
-# torch's keyword for a library option that torch keeps in a pair; every other option has the
-# same name in both.
-_PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "eta_minus": ("etas", 0),
-           "eta_plus": ("etas", 1), "step_size_min": ("step_sizes", 0),
-           "step_size_max": ("step_sizes", 1)}
+# torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
+# AdEMAMix betas); every other option has the same name in both.
+_PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "beta3": ("betas", 2),
+           "eta_minus": ("etas", 0), "eta_plus": ("etas", 1),
+           "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
 # Accepted and kept in the groups; they do not change the math of a fused step.
 _IGNORED = ("foreach", "fused", "capturable")
 _ALGORITHMS = {a["name"]: a for a in _fusedopt.algorithms()}
@@ -135,6 +136,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if key not in group:
                 continue  # a library option torch's class does not have: its default
             value = group[key] if index is None else group[key][index]
+            if value is None:
+                continue  # an argument left unset (a warm-up of None): the library's default
             options[name] = _number(value)
         return options
 
@@ -344,6 +347,13 @@ def _signsgd_init(self, params, lr=1e-3, weight_decay=0.0, *, maximize=False):
     self._setup(params, locals())
 
 
+# bitsandbytes.optim.AdEMAMix's arguments and defaults (t_alpha, t_beta3: None is no warm-up,
+# the library's 0), without its quantization and paging arguments; maximize as the others.
+def _ademamix_init(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None,
+                   t_beta3=None, eps=1e-8, weight_decay=1e-2, *, maximize=False):
+    self._setup(params, locals())
+
+
 SGD = _fused_class("SGD", _Spec("sgd", step=None), _sgd_init, _doc("SGD", "sgd"))
 Adagrad = _fused_class("Adagrad", _Spec("adagrad", init_state=True), _adagrad_init,
                        _doc("Adagrad", "adagrad"))
@@ -373,3 +383,8 @@ LazyAdam = _fused_class(
 SignSGD = _fused_class("SignSGD", _Spec("signsgd"), _signsgd_init,
                        "fusedopt's SignSGD (docs/optimizers.md `signsgd`) as a "
                        "torch.optim.Optimizer.")
+AdEMAMix = _fused_class(
+    "AdEMAMix", _Spec("ademamix"), _ademamix_init,
+    "fusedopt's AdEMAMix (docs/optimizers.md `ademamix`) as a torch.optim.Optimizer, with "
+    "bitsandbytes.optim.AdEMAMix's arguments and defaults; states exp_avg, exp_avg_slow, "
+    "exp_avg_sq and a float32 step tensor.")

@@ -30,6 +30,7 @@ Needs the package installed (`pip install .`) and torch.
 import copy
 import inspect
 import io
+import math
 import os
 import random
 
@@ -541,6 +542,82 @@ def test_lion_and_signsgd_follow_their_formulas():
     s.grad = g.clone()
     opt.step()
     assert torch.equal(s.detach(), p0 + 0.1 * torch.sign(g))
+
+
+def ademamix_reference(p, g, st, step, lr, betas, alpha, t_alpha, t_beta3, eps, weight_decay):
+    """One AdEMAMix step in float64, from the paper as bitsandbytes writes it (its
+    _ReferenceAdEMAMix with the schedulers of its AdEMAMix.update_step; step counts from 1)."""
+    b1, b2, b3 = betas
+    if t_alpha:
+        alpha = min(step * alpha / t_alpha, alpha)
+    if t_beta3:
+        s = step / t_beta3
+        l1, l3 = math.log(b1), math.log(b3)
+        b3 = min(math.exp(l1 * l3 / ((1 - s) * l3 + s * l1)), b3)
+    st["m1"] = b1 * st["m1"] + (1 - b1) * g
+    st["m2"] = b3 * st["m2"] + (1 - b3) * g
+    st["nu"] = b2 * st["nu"] + (1 - b2) * g * g
+    denom = st["nu"].sqrt() / math.sqrt(1 - b2 ** step) + eps
+    update = (st["m1"] / (1 - b1 ** step) + alpha * st["m2"]) / denom
+    return p - lr * (update + weight_decay * p)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lr": 1e-2},  # bitsandbytes' defaults otherwise: no warm-up, weight_decay 1e-2
+    {"lr": 1e-2, "betas": (0.8, 0.99, 0.999), "alpha": 3.0, "t_alpha": 20, "t_beta3": 35,
+     "eps": 1e-6, "weight_decay": 0.1},
+    {"lr": 5e-3, "t_alpha": 60, "t_beta3": 10, "weight_decay": 0.0, "maximize": True},
+])
+def test_ademamix_follows_its_formula(kwargs):
+    # fusedopt computes in float32, the reference in float64 from the same float32 grads: over
+    # 50 steps the two part by float32 roundings of the param (about 1) and of each moment,
+    # under 1e-5 of the value plus the quantity's largest magnitude over the param list (as
+    # TOL above). A moment bias-corrected or not, a warm-up off by a step, or decay after the
+    # update instead of before is off by more.
+    gen = rng_for("ademamix", str(kwargs))
+    opt_args = dict(betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha=None, t_beta3=None,
+                    eps=1e-8, weight_decay=1e-2)
+    opt_args.update({k: v for k, v in kwargs.items() if k != "maximize"})
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ft.AdEMAMix(params, **kwargs)
+    ref = [p.detach().double().clone() for p in params]
+    states = [{k: torch.zeros_like(r) for k in ("m1", "m2", "nu")} for r in ref]
+    sign = -1.0 if kwargs.get("maximize") else 1.0
+    for step in range(1, STEPS + 1):
+        grads = [torch.randn(s, generator=gen) for s in SHAPES]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            ref[i] = ademamix_reference(ref[i], sign * g.double(), states[i], step, **opt_args)
+        pairs = {"param": [(p.detach(), ref[i]) for i, p in enumerate(params)]}
+        for name, key in (("exp_avg", "m1"), ("exp_avg_slow", "m2"), ("exp_avg_sq", "nu")):
+            pairs[name] = [(opt.state[p][name], states[i][key]) for i, p in enumerate(params)]
+        for what, values in pairs.items():
+            # Over the list: a one-element moment whose terms cancel keeps roundings of the
+            # size of its terms, not of its own.
+            scale = max(float(want.abs().max()) for _, want in values)
+            for i, (got, want) in enumerate(values):
+                err = (got.double() - want).abs()
+                bound = 1e-5 * (want.abs() + scale)
+                assert bool((err <= bound).all()), (
+                    f"{kwargs} step {step} param {i} {what}: max error {float(err.max()):.3g}")
+        assert all(float(opt.state[p]["step"]) == step for p in params)
+
+
+def test_ademamix_signature_is_bitsandbytes():
+    sig = inspect.signature(ft.AdEMAMix.__init__).parameters
+    assert list(sig)[:10] == ["self", "params", "lr", "betas", "alpha", "t_alpha", "t_beta3",
+                              "eps", "weight_decay", "maximize"]
+    opt = ft.AdEMAMix([torch.nn.Parameter(torch.zeros(3))])
+    assert opt.defaults == {"lr": 1e-3, "betas": (0.9, 0.999, 0.9999), "alpha": 5.0,
+                            "t_alpha": None, "t_beta3": None, "eps": 1e-8,
+                            "weight_decay": 1e-2, "maximize": False}
+    assert opt._options(opt.param_groups[0]) == {
+        "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "beta3": 0.9999, "alpha": 5.0, "eps": 1e-8,
+        "weight_decay": 1e-2, "maximize": 0.0}
+    with pytest.raises(ValueError, match="beta3"):
+        ft.AdEMAMix([torch.nn.Parameter(torch.zeros(3))], betas=(0.9, 0.999, 1.0))
 
 
 # -- numpy through DLPack -----------------------------------------------------------------------

@@ -121,6 +121,19 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
          {"beta1", 0.5},
          {"beta2", 0.99},
          {"eps", 1e-3}}}},
+      {"ademamix",
+       {{},
+        // Warm-ups shorter than a 25-step run: both schedules ramp, then hold.
+        {{"t_alpha", 10}, {"t_beta3", 15}, {"weight_decay", 0}, {"lr", 1e-2}},
+        {{"weight_decay", 0.1},
+         {"maximize", 1},
+         {"beta1", 0.5},
+         {"beta2", 0.9},
+         {"beta3", 0.99},
+         {"alpha", 2},
+         {"eps", 1e-3},
+         {"t_alpha", 7},
+         {"t_beta3", 40}}}},
   };
   return v;
 }
@@ -183,6 +196,10 @@ OptionMap defaults(const std::string& a) {
             {"weight_decay", 0},
             {"maximize", 0},
             {"decoupled_weight_decay", 0}};
+  if (a == "ademamix")  // bitsandbytes' AdEMAMix (t_alpha, t_beta3: 0 for its None)
+    return {{"lr", 1e-3},   {"beta1", 0.9}, {"beta2", 0.999},       {"beta3", 0.9999},
+            {"alpha", 5},   {"eps", 1e-8},  {"weight_decay", 1e-2}, {"t_alpha", 0},
+            {"t_beta3", 0}, {"maximize", 0}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
@@ -209,6 +226,7 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   if (a == "adamax") return {"exp_avg", "exp_inf"};
   if (a == "nadam" || a == "radam") return {"exp_avg", "exp_avg_sq"};
   if (a == "signsgd") return {};
+  if (a == "ademamix") return {"exp_avg", "exp_avg_slow", "exp_avg_sq"};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -376,6 +394,30 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
       } else {
         p -= m / bc1 * lr;
       }
+    } else if (a == "ademamix") {
+      // The AdEMAMix paper's Algorithm 1 with its warm-up schedulers, as bitsandbytes'
+      // _ReferenceAdEMAMix and AdEMAMix.update_step write them (t counts from 1).
+      const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
+      const double t_alpha = o.at("t_alpha"), t_beta3 = o.at("t_beta3");
+      double alpha = o.at("alpha"), beta3 = o.at("beta3");
+      if (t_alpha > 0) alpha = std::min(double(t) * alpha / t_alpha, alpha);
+      if (t_beta3 > 0) {
+        const double ln_beta1 = std::log(beta1), ln_beta3 = std::log(beta3);
+        const double scale = double(t) / t_beta3;
+        beta3 = std::min(
+            std::exp(ln_beta1 * ln_beta3 / ((1.0 - scale) * ln_beta3 + scale * ln_beta1)), beta3);
+      }
+      double& m1 = (*s[0])[i];
+      double& m2 = (*s[1])[i];
+      double& nu = (*s[2])[i];
+      m1 = beta1 * m1 + (1.0 - beta1) * g;
+      m2 = beta3 * m2 + (1.0 - beta3) * g;
+      nu = beta2 * nu + (1.0 - beta2) * g * g;
+      const double bc1 = 1.0 - std::pow(beta1, double(t));
+      const double bc2 = 1.0 - std::pow(beta2, double(t));
+      const double update =
+          (m1 / bc1 + alpha * m2) / (std::sqrt(nu) / std::sqrt(bc2) + o.at("eps"));
+      p -= lr * (update + wd * p);  // decay on the param before this step
     } else if (a == "signsgd") {
       const double g0 = g;
       l2_decay();

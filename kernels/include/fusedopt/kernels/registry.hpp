@@ -8,6 +8,7 @@
 #include "fusedopt/kernels/ops/adam.hpp"
 #include "fusedopt/kernels/ops/adamax.hpp"
 #include "fusedopt/kernels/ops/adamw.hpp"
+#include "fusedopt/kernels/ops/ademamix.hpp"
 #include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
 #include "fusedopt/kernels/ops/nadam.hpp"
@@ -31,4 +32,5 @@
   X(Adamax)                            \
   X(SignSgd)                           \
   X(NAdam)                             \
-  X(RAdam)
+  X(RAdam)                             \
+  X(AdEMAMix)
