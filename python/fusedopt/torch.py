@@ -39,6 +39,7 @@ _PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "beta3": ("betas", 2),
 # Accepted and kept in the groups; they do not change the math of a fused step.
 _IGNORED = ("foreach", "fused", "capturable")
 _ALGORITHMS = {a["name"]: a for a in _fusedopt.algorithms()}
+_HUGE_PAGE_MIN_BYTES = 4 << 20  # below, at most one whole 2 MiB page would gain
 
 
 class _Spec:
@@ -151,7 +152,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         created = False
         for name, _, init in specs:
             if name not in st:
-                st[name] = torch.full_like(p, init, memory_format=torch.preserve_format)
+                # Huge pages for large CPU states, advised before the memory is first touched
+                # (a step streams them; the library's own states get the same).
+                t = torch.empty_like(p, memory_format=torch.preserve_format)
+                if t.device.type == "cpu" and t.nbytes >= _HUGE_PAGE_MIN_BYTES:
+                    _fusedopt.advise_huge_pages(t)
+                st[name] = t.fill_(init)
                 created = True
         for name, (init, _) in self._spec.torch_scalars.items():
             if name not in st:

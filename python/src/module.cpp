@@ -13,6 +13,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 #include <nanobind/stl/vector.h>
+#include <sys/mman.h>
 
 #include <cstdint>
 #include <cstring>
@@ -471,6 +472,30 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
   run(prepared, sparse);
 }
 
+/// Asks the kernel to back the whole 2 MiB pages inside a CPU array with transparent huge
+/// pages (where THP is in `madvise` mode, the usual default): a step streams every byte of its
+/// states, and 4 KiB pages cost it TLB misses (the library's own state buffers do the same,
+/// host/src/buffer.cpp). Call it before the array's memory is first written. Advice only: arrays
+/// under 2 MiB, on a GPU or on other systems are left alone; returns whether advice was given.
+bool advise_huge_pages(nb::handle array) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  Importer importer;
+  View v;
+  importer.view(array, v, "array", 0);
+  if (v.device_type != kDLCPU) return false;
+  constexpr std::uintptr_t kHuge = std::uintptr_t{1} << 21;
+  const std::size_t element = v.steppable ? fo::dtype_size(v.dtype) : v.raw.bits / 8;
+  const auto begin = reinterpret_cast<std::uintptr_t>(v.data);
+  const std::uintptr_t end = begin + static_cast<std::uintptr_t>(v.numel) * element;
+  const std::uintptr_t first = (begin + kHuge - 1) / kHuge * kHuge, last = end / kHuge * kHuge;
+  if (last <= first) return false;
+  return madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE) == 0;
+#else
+  (void)array;
+  return false;
+#endif
+}
+
 nb::list algorithms() {
   nb::list out;
   for (const fo::AlgorithmDescription& d : fo::dense_algorithms()) {
@@ -547,6 +572,9 @@ NB_MODULE(_fusedopt, m) {
       },
       nb::arg("algorithm"), nb::arg("options"),
       "The states a sparse step uses, as (name, slot, initial value, one value per row).");
+  m.def("advise_huge_pages", &advise_huge_pages, nb::arg("array"),
+        "Advises transparent huge pages for the whole 2 MiB pages inside a CPU array (before it\n"
+        "is first written); returns whether advice was given. Advice only.");
   m.def("cuda_device_count", &fo::cuda_device_count,
         "CUDA devices this build can use (0 when built without CUDA).");
 }

@@ -513,6 +513,29 @@ def test_sparse_steps_refuse_what_torch_refuses_and_change_nothing():
     assert float(opt.state[emb.weight]["step"]) == 0
 
 
+def test_gradscaler_on_the_cpu_unscales_and_skips_like_torch():
+    # torch.amp.GradScaler's ordinary path: it unscales the grads in place, and skips
+    # optimizer.step() where they hold inf or NaN, then lowers its scale.
+    gen = rng_for("gradscaler")
+    w0 = torch.randn(40, generator=gen)
+    mine, theirs = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    fo, ref = ft.AdamW([mine], lr=1e-2), torch.optim.AdamW([theirs], lr=1e-2)
+    scalers = torch.amp.GradScaler("cpu", init_scale=2.0**12), torch.amp.GradScaler(
+        "cpu", init_scale=2.0**12)
+    for step in range(12):
+        target = torch.randn(40, generator=gen)
+        for w, opt, scaler in ((mine, fo, scalers[0]), (theirs, ref, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(((w - target) ** 2).sum()).backward()
+            if step in (3, 7):
+                w.grad[5] = float("inf") if step == 3 else float("nan")
+            scaler.step(opt)
+            scaler.update()
+        close(mine, theirs, f"GradScaler step {step}")
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert fo.state[mine]["step"] == ref.state[theirs]["step"] == 10  # two skipped
+
+
 def lion_reference(p, g, m, lr, b1, b2, wd):
     c = b1 * m + (1 - b1) * g
     p = p * (1 - lr * wd) - lr * torch.sign(c)
