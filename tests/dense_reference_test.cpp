@@ -191,10 +191,10 @@ TEST_P(DenseReference, TwentyFiveStepsMatchDoubleReference) {
 }
 
 // A large odd size, split over threads, on the GPU and the CPU's best ISA (the other ISAs are
-// held bitwise to it at that size by determinism_test), for the cases large_cases() picks. Tens of seconds per case on two cores:
-// ctest runs these under the label `large` (CI runs them; the README's test command leaves
-// them out). FUSEDOPT_TEST_LARGE_N shrinks the size where every access costs more (the
-// sanitizer presets set it); it stays large and odd.
+// held bitwise to it at that size by determinism_test), for the cases large_cases() picks. Tens of
+// seconds per case on two cores: ctest runs these under the label `large` (CI runs them; the
+// README's test command leaves them out). FUSEDOPT_TEST_LARGE_N shrinks the size where every access
+// costs more (the sanitizer presets set it); it stays large and odd.
 using DenseReferenceLarge = DenseReference;
 TEST_P(DenseReferenceLarge, TwentyFiveStepsMatchDoubleReference) {
   const char* env = std::getenv("FUSEDOPT_TEST_LARGE_N");
@@ -208,8 +208,7 @@ std::vector<Case> large_cases(Device device) {
   // set; each variant's own loop is held to the reference at every tail by the small sizes.
   // On CUDA (the GPU suite): every variant, each one's launch and state subset.
   for (const Case& c : all_cases(device)) {
-    const bool richest =
-        c.variant + 1 == static_cast<int>(ref::test_variants(c.algorithm).size());
+    const bool richest = c.variant + 1 == static_cast<int>(ref::test_variants(c.algorithm).size());
     if (c.device == Device::cuda || (c.isa == cpu::best_isa() && richest)) out.push_back(c);
   }
   return out;

@@ -212,6 +212,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         wanted = set(names) | ({"step"} if kind else set())
         params, grads, steps = [], [], []
         states = [[] for _ in names]
+        sparse_names = None  # the states a sparse step uses, asked once per group
         state = self.state
         for p in group["params"]:
             g = p.grad
@@ -220,9 +221,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if g.is_sparse != self._spec.sparse_only and not (
                     g.is_sparse and _ALGORITHMS[algorithm]["sparse"]):
                 if g.is_sparse:
+                    sparse_capable = ", ".join(a for a, d in _ALGORITHMS.items() if d["sparse"])
                     raise NotImplementedError(
-                        f"fusedopt.torch.{type(self).__name__} has no sparse step (sparse "
-                        "gradients: LazyAdam, SparseAdam, Adagrad)")
+                        f"fusedopt.torch.{type(self).__name__} has no sparse step (the library "
+                        f"steps sparse gradients with: {sparse_capable})")
                 raise RuntimeError(
                     f"{type(self).__name__} does not support dense gradients, please consider "
                     "Adam instead")
@@ -244,8 +246,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"a sparse gradient of {g.sparse_dim()} sparse dims: fusedopt's sparse "
                         "step takes gradients sparse in rows (sparse_dim 1), as nn.Embedding's")
-                sparse_names = [n for n, _, _, _ in
-                                _fusedopt.sparse_step_states(algorithm, options)]
+                if sparse_names is None:
+                    sparse_names = [n for n, _, _, _ in
+                                    _fusedopt.sparse_step_states(algorithm, options)]
                 sparse.append((algorithm, options, p, g._indices()[0], g._values().contiguous(),
                                [st[n] for n in sparse_names], count))
                 continue

@@ -24,10 +24,12 @@
 
 namespace fo {
 
+/// ln(0.96): the base of NAdam's momentum schedule.
+inline constexpr double kNAdamLn096 = -0.040821994520255166;
+
 /// 0.96^(t * momentum_decay), the decaying part of NAdam's mu_t.
 FO_HOST_DEVICE double nadam_decay_power(double momentum_decay, std::int64_t t) {
-  constexpr double kLn096 = -0.040821994520255166;  // ln(0.96)
-  return portable_exp(static_cast<double>(t) * momentum_decay * kLn096);
+  return portable_exp(static_cast<double>(t) * momentum_decay * kNAdamLn096);
 }
 
 /// P_t = prod_{i=1..t} beta1 * (1 - q^i / 2), q = 0.96^momentum_decay, in O(1) time in t
@@ -41,8 +43,7 @@ FO_HOST_DEVICE double nadam_decay_power(double momentum_decay, std::int64_t t) {
 /// about 1e-13, far below the float the functor keeps.
 FO_HOST_DEVICE double nadam_mu_product(double beta1, double momentum_decay, std::int64_t t) {
   if (t <= 0) return 1.0;
-  constexpr double kLn096 = -0.040821994520255166;
-  const double ln_q = momentum_decay * kLn096;
+  const double ln_q = momentum_decay * kNAdamLn096;
   const double one_minus_q = -portable_expm1(ln_q);
   const double one_minus_qt = -portable_expm1(static_cast<double>(t) * ln_q);
   const double q = 1.0 - one_minus_q, qt = 1.0 - one_minus_qt;
