@@ -10,6 +10,7 @@
 
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "fusedopt/kernels/ema.hpp"
 #include "messages.hpp"
 #include "typed_options.hpp"
 
@@ -57,6 +58,8 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   }
   if (!std::isfinite(c.grad_multiplier))
     invalid(who() + ": the gradient multiplier must be finite");
+  if (t.ema && !(c.ema_decay >= 0.0 && c.ema_decay < 1.0))
+    invalid(who() + ": ema_decay must be in [0, 1), got " + detail::format_number(c.ema_decay));
   if (t.numel == 0) return;
   // what, name: "state", "exp_avg" (name may be ""), joined only for a message.
   auto check = [&](const void* ptr, DType dtype, const char* what_kind, const char* name) {
@@ -72,6 +75,7 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   check(t.param, t.param_dtype, "param", "");
   check(t.grad, t.grad_dtype, "grad", "");
   if (t.master) check(t.master, DType::f32, "master", "");
+  if (t.ema) check(t.ema, DType::f32, "ema", "");
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k)) check(t.states[k], t.state_dtype, "state", StateList<A>::name(k));
 }
@@ -139,6 +143,7 @@ cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& cont
   s.stochastic = controls.stochastic_rounding;
   s.seed = controls.seed;
   s.grad_multiplier = controls.grad_multiplier;
+  s.ema_weight = ema_weight(controls.ema_decay);
   s.d_lr = controls.d_lr;
   s.d_grad_multiplier = controls.d_grad_multiplier;
   s.d_found_inf = controls.d_found_inf;
@@ -194,8 +199,8 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(options, k)) states[k] = t.states[k];
   if (exec.device == Device::cuda) {
-    const cuda::ListEntry entry{t.param, t.grad, t.master,    {states[0], states[1], states[2]},
-                                t.numel, step,   controls.key};
+    const cuda::ListEntry entry{t.param, t.grad, t.master,     {states[0], states[1], states[2]},
+                                t.numel, step,   controls.key, t.ema};
     cuda::DeviceGuard guard(exec.device_index);
     cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1),
                                list_settings(t, controls), exec.stream);
@@ -205,7 +210,9 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                       static_cast<const float*>(t.grad),
                       {static_cast<float*>(states[0]), static_cast<float*>(states[1]),
                        static_cast<float*>(states[2])},
-                      controls.grad_multiplier};
+                      controls.grad_multiplier,
+                      t.ema,
+                      ema_weight(controls.ema_decay)};
   cpu::dense_step<A>(options, step, ptrs, t.numel);
 }
 
@@ -224,8 +231,8 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
     for (std::size_t i = 0; i < n; ++i) {
       const DenseTensors& t = tensors[i];
       if (t.numel == 0) continue;
-      cuda::ListEntry e{t.param, t.grad,   t.master,    {nullptr, nullptr, nullptr},
-                        t.numel, steps[i], controls.key};
+      cuda::ListEntry e{t.param, t.grad,   t.master,     {nullptr, nullptr, nullptr},
+                        t.numel, steps[i], controls.key, t.ema};
       for (int k = 0; k < StateList<A>::count; ++k)
         if (A::has_state(options, k)) e.states[k] = t.states[k];
       entries.push_back(e);
@@ -243,7 +250,9 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
     cpu::DensePtrs ptrs{static_cast<float*>(t.param),
                         static_cast<const float*>(t.grad),
                         {nullptr, nullptr, nullptr},
-                        controls.grad_multiplier};
+                        controls.grad_multiplier,
+                        t.ema,
+                        ema_weight(controls.ema_decay)};
     for (int k = 0; k < StateList<A>::count; ++k)
       if (A::has_state(options, k)) ptrs.states[k] = static_cast<float*>(t.states[k]);
     cpu::dense_step<A>(options, steps[i], ptrs, t.numel);

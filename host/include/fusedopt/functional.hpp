@@ -31,6 +31,10 @@ struct DenseTensors {
   // grad_dtype: the param's, or f32. state_dtype: f32, or bf16 on CUDA.
   DType grad_dtype = DType::f32;
   DType state_dtype = DType::f32;
+  // f32 weight EMA, or null: updated in the same pass, after the step, with
+  // StepControls::ema_decay from the param's new f32 value (docs/optimizers.md, "Weight EMA").
+  // The caller creates it as a copy of the param (of the master weights) before its first step.
+  float* ema = nullptr;
 };
 
 /// Where a step runs: the CPU (threads, see cpu.hpp) or a CUDA stream (null: default stream).
@@ -43,6 +47,7 @@ struct Exec {
 /// Extras of a step. The CPU takes grad_multiplier; the rest needs CUDA.
 struct StepControls {
   float grad_multiplier = 1.0f;      // every gradient is multiplied by this (1 / loss scale)
+  double ema_decay = 0.0;            // decay of the tensors' weight EMAs, in [0, 1)
   bool stochastic_rounding = false;  // low-precision writes round stochastically
   std::uint64_t seed = 0;            // with `key`, keys the draws (with step and element)
   int key = 0;

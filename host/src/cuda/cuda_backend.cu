@@ -47,6 +47,7 @@ TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
     list.param[j] = e.param;
     list.grad[j] = e.grad;
     list.master[j] = e.master;
+    list.ema[j] = e.ema;
     for (int k = 0; k < kMaxStates; ++k) list.state[k][j] = e.states[k];
     list.numel[j] = e.numel;
     list.block_start[j] = g.block_start[j];
@@ -111,6 +112,23 @@ __global__ void widen_kernel(float* dst, const void* src, int storage, std::int6
     dst[i] = cuda_kernels::load_as_float(src, storage, i);
 }
 
+__global__ void narrow_kernel(void* dst, int storage, const float* src, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    cuda_kernels::store_from_float(dst, storage, i, src[i], false, 0, 0, 0);
+}
+
+__global__ void swap_kernel(float* a, float* b, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const float x = a[i];
+    a[i] = b[i];
+    b[i] = x;
+  }
+}
+
 unsigned elementwise_grid(std::int64_t n) {
   return static_cast<unsigned>(std::clamp<std::int64_t>((n + kBlock - 1) / kBlock, 1, 65536));
 }
@@ -133,6 +151,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   cfg.stochastic = s.stochastic;
   cfg.seed = s.seed;
   cfg.grad_multiplier = s.grad_multiplier;
+  cfg.ema_weight = s.ema_weight;
   cfg.device_scalars = s.d_lr != nullptr || s.d_steps != nullptr;
   cfg.d_lr = s.d_lr;
   cfg.d_steps = s.d_steps;
@@ -232,6 +251,19 @@ void widen(float* dst, const void* src, DType storage, std::int64_t n, void* str
   if (n == 0) return;
   FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), widen_kernel)
   (dst, src, storage_code(storage), n);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* stream) {
+  if (n == 0) return;
+  FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), narrow_kernel)
+  (dst, storage_code(storage), src, n);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+void swap(float* a, float* b, std::int64_t n, void* stream) {
+  if (n == 0) return;
+  FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), swap_kernel)(a, b, n);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 

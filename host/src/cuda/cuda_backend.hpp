@@ -25,8 +25,9 @@ struct ListEntry {
   float* master;  // f32 master weights, or null
   void* states[kMaxStates];
   std::int64_t numel;
-  std::int64_t step;  // the step being taken, when step counts live on the host
-  int key;            // stable id of the param: its random stream and device step slot
+  std::int64_t step;     // the step being taken, when step counts live on the host
+  int key;               // stable id of the param: its random stream and device step slot
+  float* ema = nullptr;  // f32 weight EMA (ListSettings::ema_weight), or null
 };
 
 /// Settings shared by every tensor of one step.
@@ -37,6 +38,7 @@ struct ListSettings {
   bool stochastic = false;
   std::uint64_t seed = 0;
   float grad_multiplier = 1.0f;              // gradients are multiplied by this
+  float ema_weight = 0.0f;                   // 1 - decay of the entries' weight EMAs
   const float* d_lr = nullptr;               // lr in device memory (capturable), or null
   std::int64_t* d_steps = nullptr;           // device step counts by key (read, then incremented)
   const float* d_grad_multiplier = nullptr;  // device multiplier of the gradients, or null
@@ -86,6 +88,10 @@ void grad_norm(const ListEntry* entries, const ListPlan& plan, DType grad_dtype,
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream);
 /// dst[i] = float(src[i]) for a bf16/f16/f32 source.
 void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream);
+/// dst[i] = src[i] rounded to nearest even into `storage` (f32, bf16, f16): a copy for f32.
+void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* stream);
+/// Exchanges a[i] and b[i], bitwise.
+void swap(float* a, float* b, std::int64_t n, void* stream);
 
 FO_EMULATION_END
 

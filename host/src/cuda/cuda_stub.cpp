@@ -27,6 +27,8 @@ void* allocate(std::size_t, int) { unsupported(); }
 void deallocate(void*, int) noexcept {}
 void fill(void*, DType, float, std::int64_t, void*) { unsupported(); }
 void widen(float*, const void*, DType, std::int64_t, void*) { unsupported(); }
+void narrow(void*, DType, const float*, std::int64_t, void*) { unsupported(); }
+void swap(float*, float*, std::int64_t, void*) { unsupported(); }
 void memset_zero(void*, std::size_t, void*) { unsupported(); }
 void copy_to_host(void*, const void*, std::size_t) { unsupported(); }
 void copy_from_host(void*, const void*, std::size_t, void*) { unsupported(); }

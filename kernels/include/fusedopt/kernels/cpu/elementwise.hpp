@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/ema.hpp"
 #include "fusedopt/kernels/rowwise.hpp"
 
 namespace fo::cpu {
@@ -20,10 +21,14 @@ struct DensePtrs {
   const float* grad;
   float* states[kMaxStates];
   float grad_multiplier = 1.0f;  // every gradient is multiplied by this first (exact when 1)
+  float* ema = nullptr;          // weight EMA (float32), updated from the stored param; or null
+  float ema_weight = 0.0f;       // its weight, 1 - decay (ema_weight())
 };
 
 /// The loop of elementwise_range for one set of present states (bit k of kPresent: state k),
-/// so that the loop tests no pointer: fewer instructions per vector keep more loads in flight.
+/// so that the loop tests no state pointer: fewer instructions per vector keep more loads in
+/// flight. The weight EMA is one runtime test, the same on every iteration (not a template
+/// parameter: that would double every algorithm's kernels per ISA).
 template <class Io, int kPresent, class Op>
 inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begin,
                              std::int64_t end) {
@@ -35,6 +40,8 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
   float* const s0 = t.states[0];
   float* const s1 = t.states[1];
   float* const s2 = t.states[2];
+  float* const e = t.ema;
+  const float ew = t.ema_weight;
   const V scale(t.grad_multiplier);
   std::int64_t i = begin;
   for (; i + W <= end; i += W) {
@@ -43,6 +50,7 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
                        k2 ? Io::load(s2 + i) : V(0.0f)};
     op(pv, Io::load(g + i) * scale, s);
     Io::store(p + i, pv);
+    if (e) Io::store(e + i, ema_lerp(Io::load(e + i), pv, ew));
     if constexpr (k0) Io::store(s0 + i, s[0]);
     if constexpr (k1) Io::store(s1 + i, s[1]);
     if constexpr (k2) Io::store(s2 + i, s[2]);
@@ -54,6 +62,7 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
                        k2 ? Io::load(s2 + i, m) : V(0.0f)};
     op(pv, Io::load(g + i, m) * scale, s);
     Io::store(p + i, pv, m);
+    if (e) Io::store(e + i, ema_lerp(Io::load(e + i, m), pv, ew), m);
     if constexpr (k0) Io::store(s0 + i, s[0], m);
     if constexpr (k1) Io::store(s1 + i, s[1], m);
     if constexpr (k2) Io::store(s2 + i, s[2], m);

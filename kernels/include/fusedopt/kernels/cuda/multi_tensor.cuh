@@ -7,8 +7,10 @@
 // Storage: params f32, bf16 or f16 (template), grads the param type or f32 and states f32 or
 // bf16 (uniform runtime codes), optional f32 master weights. All math is fp32 in the functor;
 // low-precision writes round to nearest even, or stochastically with a counter-based draw
-// keyed by (seed, param, step, element): reproducible.
-// Bytes per element: param r+w, grad r, each state r+w, master r+w; nothing else.
+// keyed by (seed, param, step, element): reproducible. An optional f32 weight EMA per tensor
+// is updated in the same pass (kernels/ema.hpp) from the f32 value the functor produced:
+// the master weight where there is one, else the param's value before it is rounded.
+// Bytes per element: param r+w, grad r, each state r+w, master r+w, ema r+w; nothing else.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +19,7 @@
 #include "fusedopt/kernels/config.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
+#include "fusedopt/kernels/ema.hpp"
 
 namespace fo::cuda_kernels {
 FO_EMULATION_BEGIN
@@ -32,6 +35,7 @@ struct TensorList {
   void* param[kMaxListTensors];
   const void* grad[kMaxListTensors];
   float* master[kMaxListTensors];  // null: no master weights
+  float* ema[kMaxListTensors];     // f32 weight EMA, or null (every tensor or none: see cfg)
   void* state[kMaxStates][kMaxListTensors];
   std::int64_t numel[kMaxListTensors];
   std::int64_t block_start[kMaxListTensors];  // first block of each tensor in this launch
@@ -46,6 +50,7 @@ struct StepConfig {
   bool stochastic;    // stochastic rounding of low-precision writes
   std::uint64_t seed;
   float grad_multiplier;           // host multiplier of every gradient (1/loss scale)
+  float ema_weight;                // 1 - decay of the weight EMA (list.ema), when present
   bool device_scalars;             // build the functor on the device (d_lr or d_steps is set)
   const float* d_lr;               // capturable: lr in device memory, or null
   const std::int64_t* d_steps;     // capturable: steps taken, per key, or null
@@ -177,6 +182,8 @@ __global__ void __launch_bounds__(kBlock)
   void* const param = list.param[t];
   const void* const grad = list.grad[t];
   float* const master = list.master[t];
+  float* const ema = list.ema[t];
+  const float ew = cfg.ema_weight;
   void* const s0 = list.state[0][t];
   void* const s1 = list.state[1][t];
   void* const s2 = list.state[2][t];
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(kBlock)
   const auto ustep = static_cast<std::uint64_t>(step);
 
   bool vec = aligned_for4(param, kParamStorage) && aligned_for4(grad, cfg.grad_storage) &&
-             (!master || aligned_for4(master, kF32));
+             (!master || aligned_for4(master, kF32)) && (!ema || aligned_for4(ema, kF32));
   for (int k = 0; k < kMaxStates; ++k)
     vec = vec && (!states[k] || aligned_for4(states[k], cfg.state_storage));
 
@@ -215,6 +222,13 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
         for (int k = 0; k < kMaxStates; ++k) s[k][j] = sj[k];
       }
+      if (ema) {
+        float e[4];
+        load4(ema, kF32, i, e);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) e[j] = ema_lerp(e[j], p[j], ew);
+        store4(ema, kF32, i, e, false, 0, 0, 0);
+      }
       const auto counter = static_cast<std::uint64_t>(i) * 4;
       if (master) store4(master, kF32, i, p, false, 0, 0, 0);
       store4(param, kParamStorage, i, p, cfg.stochastic, seed, ustep, counter);
@@ -233,6 +247,7 @@ __global__ void __launch_bounds__(kBlock)
     for (int k = 0; k < kMaxStates; ++k)
       s[k] = states[k] ? load_as_float(states[k], cfg.state_storage, i) : 0.0f;
     op(p, load_as_float(grad, cfg.grad_storage, i) * gscale, s);
+    if (ema) ema[i] = ema_lerp(ema[i], p, ew);
     const auto counter = static_cast<std::uint64_t>(i) * 4;
     if (master) master[i] = p;
     store_from_float(param, kParamStorage, i, p, cfg.stochastic, seed, ustep, counter);
