@@ -20,6 +20,7 @@ namespace fo {
 
 using detail::invalid;
 using detail::join;
+using detail::kEmaState;
 using detail::kMasterState;
 using detail::OptionFacts;
 using detail::ParamEntry;
@@ -103,6 +104,14 @@ void Optimizer::set_option(std::string_view key, double value) {
       for (const ParamEntry& p : m.params)
         if (p.has_buffers())
           invalid(std::string(key) + " cannot change: param '" + p.name + "' has already stepped");
+    // The EMA's decay may change at any time; turning the EMA on or off adds or removes a
+    // buffer, like a storage setting.
+    if ((next.ema_decay > 0.0) != (m.settings.ema_decay > 0.0))
+      for (const ParamEntry& p : m.params)
+        if (p.has_buffers())
+          invalid(std::string("ema_decay cannot turn the weight EMA ") +
+                  (next.ema_decay > 0.0 ? "on" : "off") + ": param '" + p.name +
+                  "' has already stepped (a non-zero decay may change)");
     m.settings = next;
     return;
   }
@@ -228,6 +237,7 @@ std::vector<std::string> Optimizer::state_names(std::string_view name) const {
   for (int k = 0; k < static_cast<int>(impl_->desc().states.size()); ++k)
     if (p.facts.has_state[k]) out.push_back(impl_->desc().states[k]);
   if (impl_->has_master(p)) out.emplace_back(kMasterState);
+  if (impl_->has_ema()) out.emplace_back(kEmaState);
   return out;
 }
 
@@ -235,6 +245,7 @@ std::int64_t Optimizer::state_numel(std::string_view name, std::string_view stat
   const Impl& m = *impl_;
   const ParamEntry& p = m.param(name);
   if (state == kMasterState && m.has_master(p)) return p.numel;
+  if (state == kEmaState && m.has_ema()) return p.numel;
   const int k = detail::index_of(m.desc().states, state);
   if (k < 0 || !p.facts.has_state[k])
     invalid("param '" + p.name + "' has no state '" + std::string(state) +
@@ -248,28 +259,35 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   const ParamEntry& p = m.param(name);
   const std::int64_t count = state_numel(name, state);  // throws if there is no such state
   const bool master = state == kMasterState && m.has_master(p);
-  const int k = master ? -1 : detail::index_of(m.desc().states, state);
+  const bool ema = state == kEmaState && m.has_ema();
+  const int k = master || ema ? -1 : detail::index_of(m.desc().states, state);
   if (numel != count)
     invalid("get_state: state '" + std::string(state) + "' of param '" + p.name + "' has " +
             std::to_string(count) + " values, the output " + std::to_string(numel));
   if (numel > 0 && !out) invalid("get_state: the output is null");
   const auto n = static_cast<std::size_t>(numel);
-  const std::optional<detail::Buffer>& buf = master ? p.master : p.states[k];
-  if (!buf) {  // not stepped yet: the initial value
-    if (master) {
-      if (m.device == Device::cuda) {
-        std::vector<std::uint16_t> raw(n);
-        cuda::DeviceGuard guard(m.device_index);
-        cuda::copy_to_host(raw.data(), p.data, n * sizeof(std::uint16_t));
-        for (std::size_t i = 0; i < n; ++i)
-          out[i] = p.dtype == DType::bf16 ? to_float(bf16{raw[i]}) : to_float(f16{raw[i]});
+  const std::optional<detail::Buffer>& buf = master ? p.master : ema ? p.ema : p.states[k];
+  if (!buf) {             // not stepped yet: the initial value
+    if (master || ema) {  // the param's value, as float32
+      if (m.device != Device::cuda) {
+        std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + n, out);
+        return;
       }
+      cuda::DeviceGuard guard(m.device_index);
+      if (p.dtype == DType::f32) {
+        cuda::copy_to_host(out, p.data, n * sizeof(float));
+        return;
+      }
+      std::vector<std::uint16_t> raw(n);
+      cuda::copy_to_host(raw.data(), p.data, n * sizeof(std::uint16_t));
+      for (std::size_t i = 0; i < n; ++i)
+        out[i] = p.dtype == DType::bf16 ? to_float(bf16{raw[i]}) : to_float(f16{raw[i]});
       return;
     }
     std::fill(out, out + n, p.facts.state_init[k]);
     return;
   }
-  const DType dtype = master ? DType::f32 : m.settings.state_dtype;
+  const DType dtype = master || ema ? DType::f32 : m.settings.state_dtype;
   if (m.device != Device::cuda) {
     std::copy(buf->f32(), buf->f32() + n, out);
     return;

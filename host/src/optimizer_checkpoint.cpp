@@ -16,6 +16,7 @@
 namespace fo {
 
 using detail::invalid;
+using detail::kEmaState;
 using detail::kMasterState;
 using detail::OptionFacts;
 using detail::ParamEntry;
@@ -27,14 +28,20 @@ void Optimizer::save(const std::string& path) const {
   d.algorithm = m.desc().name;
   for (std::size_t k = 0; k < m.defaults.size(); ++k)
     d.options.emplace_back(m.desc().options[k], m.defaults[k]);
-  for (const auto& key : Settings::keys()) d.options.emplace_back(key, m.settings.get(key));
+  for (const auto& key : Settings::keys()) {
+    // Without the EMA a file is byte for byte what a library from before it wrote, and loads
+    // there; with it, such a library refuses the file by its unknown option.
+    if (key == "ema_decay" && !m.has_ema()) continue;
+    d.options.emplace_back(key, m.settings.get(key));
+  }
   for (const ParamEntry& p : m.params) {
     detail::CheckpointParam cp{p.name, p.dtype, p.shape, step_count(p.name), {}};
     for (std::size_t k = 0; k < p.overrides.size(); ++k)
       if (p.overrides[k]) cp.overrides.emplace_back(m.desc().options[k], *p.overrides[k]);
     d.params.push_back(std::move(cp));
-    const bool has_state = p.master || std::any_of(std::begin(p.states), std::end(p.states),
-                                                   [](const auto& b) { return b.has_value(); });
+    const bool has_state = p.master || p.ema ||
+                           std::any_of(std::begin(p.states), std::end(p.states),
+                                       [](const auto& b) { return b.has_value(); });
     if (!has_state) continue;  // never stepped: its state is still the initial value
     for (const auto& s : state_names(p.name)) d.tensors.push_back({p.name, s, state(p.name, s)});
   }
@@ -108,6 +115,7 @@ void Optimizer::load(const std::string& path) {
     std::int64_t step;
     std::optional<detail::Buffer> states[kMaxStates];
     std::optional<detail::Buffer> master;
+    std::optional<detail::Buffer> ema;
   };
   std::vector<Loaded> loaded(m.params.size());
   std::unordered_map<std::string, std::vector<const detail::CheckpointTensor*>> tensors;
@@ -129,6 +137,7 @@ void Optimizer::load(const std::string& path) {
       if (l.facts.has_state[k]) expected.push_back(m.desc().states[k]);
     const bool master = settings.master_weights && p.dtype != DType::f32;
     if (master) expected.emplace_back(kMasterState);
+    if (settings.ema_decay > 0.0) expected.emplace_back(kEmaState);
     if (ts.empty()) {  // never stepped, or state-free under these options (sgd, momentum 0)
       if (cp.step > 0 && !expected.empty())
         throw Error(StatusCode::corrupt_data,
@@ -143,16 +152,16 @@ void Optimizer::load(const std::string& path) {
       if (std::find(expected.begin(), expected.end(), t->state) == expected.end())
         throw Error(StatusCode::corrupt_data,
                     who + "param '" + p.name + "' has an unexpected state '" + t->state + "'");
-      const bool is_master = t->state == kMasterState;
-      const int k = is_master ? -1 : detail::index_of(m.desc().states, t->state);
-      const std::int64_t count = is_master ? p.numel : p.state_numel(l.facts, k);
+      const bool is_master = t->state == kMasterState, is_ema = t->state == kEmaState;
+      const int k = is_master || is_ema ? -1 : detail::index_of(m.desc().states, t->state);
+      const std::int64_t count = is_master || is_ema ? p.numel : p.state_numel(l.facts, k);
       if (static_cast<std::int64_t>(t->values.size()) != count)
         throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
                                                   "' has " + std::to_string(t->values.size()) +
                                                   " values, expected " + std::to_string(count));
-      const DType storage = is_master ? DType::f32 : settings.state_dtype;
+      const DType storage = is_master || is_ema ? DType::f32 : settings.state_dtype;
       const std::size_t bytes_needed = static_cast<std::size_t>(count) * dtype_size(storage);
-      std::optional<detail::Buffer>& slot = is_master ? l.master : l.states[k];
+      std::optional<detail::Buffer>& slot = is_master ? l.master : is_ema ? l.ema : l.states[k];
       if (slot) throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' twice");
       slot.emplace(m.device, m.device_index, bytes_needed);
       if (m.device == Device::cuda) {
@@ -191,6 +200,7 @@ void Optimizer::load(const std::string& path) {
     p.steps_launched = l.step;
     for (int k = 0; k < kMaxStates; ++k) p.states[k] = std::move(l.states[k]);
     p.master = std::move(l.master);
+    p.ema = std::move(l.ema);
   }
 }
 

@@ -22,6 +22,7 @@
 namespace fo::detail {
 
 inline constexpr const char* kMasterState = "master";
+inline constexpr const char* kEmaState = "ema";
 
 /// Optimizer-wide step settings (optimizer.hpp), kept apart from the algorithm's options.
 struct Settings {
@@ -33,6 +34,7 @@ struct Settings {
   bool fp32_grads = false;
   bool stochastic_rounding = false;
   double seed = 0.0;
+  double ema_decay = 0.0;  // weight EMA: 0 off, else its decay in (0, 1)
 
   static const std::vector<std::string>& keys();
   static bool is_key(std::string_view key);
@@ -61,6 +63,7 @@ struct ParamEntry {
   std::int64_t steps_launched = 0;
   std::optional<Buffer> states[kMaxStates];  // created at the first step
   std::optional<Buffer> master;              // f32 master weights
+  std::optional<Buffer> ema;                 // f32 weight EMA (ema_decay > 0)
 
   /// Values in state k's buffer under facts `f`.
   std::int64_t state_numel(const OptionFacts& f, int k) const {
@@ -69,7 +72,7 @@ struct ParamEntry {
   /// True once the param has state or master buffers (or has stepped): its storage layout is
   /// then fixed, even if the step that created the buffers failed or was skipped.
   bool has_buffers() const {
-    if (steps_launched > 0 || master) return true;
+    if (steps_launched > 0 || master || ema) return true;
     for (const auto& b : states)
       if (b) return true;
     return false;
@@ -142,6 +145,7 @@ struct Optimizer::Impl {
   bool has_master(const detail::ParamEntry& p) const {
     return settings.master_weights && p.dtype != DType::f32;
   }
+  bool has_ema() const { return settings.ema_decay > 0.0; }
   std::size_t state_bytes(const detail::ParamEntry& p, int k) const {
     return static_cast<std::size_t>(p.state_numel(p.facts, k)) * dtype_size(settings.state_dtype);
   }
@@ -150,6 +154,8 @@ struct Optimizer::Impl {
   void grow_device_steps(void* stream);
   float cpu_norm(const void* const* grads, float mult, bool* nonfinite);
   void step_cpu(const void* const* grads);
+  /// swap_ema (swap) or copy_ema_to_params: checks every param first.
+  void apply_ema(bool swap, const char* who, void* stream);
   void regroup();
   void step_cuda(const void* const* grads, void* stream);
 };

@@ -12,6 +12,7 @@
 
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
+#include "fusedopt/kernels/ema.hpp"
 #include "optimizer_impl.hpp"
 #include "sparse_check.hpp"
 
@@ -71,17 +72,20 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     std::size_t index;
     std::vector<std::optional<detail::Buffer>> states;
     std::optional<detail::Buffer> master;
+    std::optional<detail::Buffer> ema;
   };
   std::vector<Fresh> fresh;
   for (std::size_t j = 0; j < n; ++j) {
     const std::size_t i = indices[j];
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
-    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt};
+    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt};
     for (int k = 0; k < static_cast<int>(desc().states.size()); ++k)
       if (p.facts.has_state[k]) f.states[k].emplace(device, device_index, state_bytes(p, k));
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
+    if (has_ema())
+      f.ema.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
     fresh.push_back(std::move(f));
   }
   for (Fresh& f : fresh) {  // nothing below allocates
@@ -99,6 +103,14 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     if (f.master) {
       cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
       p.master = std::move(f.master);
+    }
+    if (f.ema) {  // the param before its first step (its master weights: the same values)
+      if (device == Device::cuda)
+        cuda::widen(f.ema->f32(), p.data, p.dtype, p.numel, stream);
+      else
+        std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + p.numel,
+                  f.ema->f32());
+      p.ema = std::move(f.ema);
     }
   }
 }
@@ -148,6 +160,8 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     ParamEntry& p = params[i];
     cpu::DensePtrs t{static_cast<float*>(p.data), static_cast<const float*>(grads[i]), {}, mult};
     for (int k = 0; k < kMaxStates; ++k) t.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
+    t.ema = p.ema ? p.ema->f32() : nullptr;
+    t.ema_weight = ema_weight(settings.ema_decay);
     if (p.numel > 0) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel);
     ++p.steps_launched;
   }
@@ -201,6 +215,7 @@ void fill_group(detail::StepGroup& g, const std::vector<ParamEntry>& params,
     cuda::ListEntry e{p.data, grads[i], p.master ? p.master->f32() : nullptr, {}, p.numel,
                       0,      p.key};
     for (int k = 0; k < kMaxStates; ++k) e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
+    e.ema = p.ema ? p.ema->f32() : nullptr;
     g.entries.push_back(e);
   }
   if (same && n == g.planned.size()) return;
@@ -260,6 +275,7 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
     s.stochastic = settings.stochastic_rounding;
     s.seed = static_cast<std::uint64_t>(settings.seed);
     s.grad_multiplier = mult;
+    s.ema_weight = ema_weight(settings.ema_decay);
     s.d_lr = d_lr;
     s.d_steps = static_cast<std::int64_t*>(d_steps->data());
     s.d_grad_multiplier = d_grad_multiplier;
@@ -287,6 +303,7 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     unsupported(who() + "sparse steps take float32 tables and states");
   if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)
     unsupported(who() + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
+  if (m.has_ema()) unsupported(who() + "the weight EMA (ema_decay) is updated by dense steps only");
   if (p.shape.empty() || p.shape[0] == 0 || p.numel == 0)
     invalid(who() + "the table must have rows and columns (shape [rows x dim], dim > 0)");
   const std::int64_t rows = p.shape[0], dim = p.numel / rows;
@@ -313,6 +330,50 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
   }
   if (cuda) cuda::copy_from_host(d_step, &step, sizeof step, stream);
   p.steps_launched = cuda ? std::max(p.steps_launched + 1, step) : step;
+}
+
+// The weight EMA into the params (docs/optimizers.md, "Weight EMA"). A param without an EMA
+// buffer has not stepped: its EMA is the param itself, and nothing changes.
+void Optimizer::Impl::apply_ema(bool swap, const char* who, void* stream) {
+  if (!has_ema()) invalid(std::string(who) + ": there is no weight EMA (ema_decay is 0)");
+  if (swap)
+    for (const ParamEntry& p : params)
+      if (p.ema && !p.master && p.dtype != DType::f32)
+        unsupported(std::string(who) + ": param '" + p.name + "' is " + dtype_name(p.dtype) +
+                    " without master weights: its float32 EMA would not come back from it "
+                    "exactly (use master_weights, or copy_ema_to_params)");
+  const bool cuda = device == Device::cuda;
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(device_index);
+  for (ParamEntry& p : params) {
+    if (!p.ema || p.numel == 0) continue;
+    float* const e = p.ema->f32();
+    // The f32 value of the param: its master weights, or the param itself (f32).
+    float* const f32 = p.master ? p.master->f32() : static_cast<float*>(p.data);
+    const bool low = p.dtype != DType::f32;
+    if (!cuda) {
+      if (swap)
+        std::swap_ranges(e, e + p.numel, f32);
+      else
+        std::copy(e, e + p.numel, f32);
+      continue;
+    }
+    if (swap) {
+      cuda::swap(f32, e, p.numel, stream);
+      if (low) cuda::narrow(p.data, p.dtype, f32, p.numel, stream);  // master -> param
+    } else if (!low || p.master) {
+      cuda::narrow(f32, DType::f32, e, p.numel, stream);  // a copy
+      if (low) cuda::narrow(p.data, p.dtype, f32, p.numel, stream);
+    } else {
+      cuda::narrow(p.data, p.dtype, e, p.numel, stream);
+    }
+  }
+}
+
+void Optimizer::swap_ema(void* stream) { impl_->apply_ema(true, "swap_ema", stream); }
+
+void Optimizer::copy_ema_to_params(void* stream) {
+  impl_->apply_ema(false, "copy_ema_to_params", stream);
 }
 
 float Optimizer::grad_norm() const {

@@ -1,5 +1,5 @@
 // The optimizer-wide step settings (optimizer.hpp, set_option): loss scale, clipping, the
-// non-finite skip, storage, stochastic rounding.
+// non-finite skip, storage, stochastic rounding, the weight EMA.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -11,8 +11,8 @@ namespace fo::detail {
 
 const std::vector<std::string>& Settings::keys() {
   static const std::vector<std::string> k = {
-      "grad_scale",  "max_grad_norm", "skip_nonfinite",      "master_weights",
-      "state_dtype", "fp32_grads",    "stochastic_rounding", "seed"};
+      "grad_scale", "max_grad_norm",       "skip_nonfinite", "master_weights", "state_dtype",
+      "fp32_grads", "stochastic_rounding", "seed",           "ema_decay"};
   return k;
 }
 
@@ -32,6 +32,7 @@ double Settings::get(std::string_view key) const {
   if (key == "state_dtype") return static_cast<double>(static_cast<int>(state_dtype));
   if (key == "fp32_grads") return fp32_grads;
   if (key == "stochastic_rounding") return stochastic_rounding;
+  if (key == "ema_decay") return ema_decay;
   return seed;
 }
 
@@ -63,6 +64,10 @@ void Settings::set(std::string_view key, double v, Device device) {
     fp32_grads = flag();
   } else if (key == "stochastic_rounding") {
     stochastic_rounding = flag();
+  } else if (key == "ema_decay") {
+    if (!(v >= 0.0 && v < 1.0))
+      invalid("ema_decay must be in [0, 1) (0: no weight EMA), got " + format_number(v));
+    ema_decay = v;
   } else if (key == "seed") {
     if (!(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v)))
       invalid("seed must be an integer in [0, 2^53] (exact as a double)");

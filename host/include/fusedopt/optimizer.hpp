@@ -58,8 +58,10 @@ class Optimizer {
   ///   state_dtype (0)       0: float32 states; 2: bfloat16 states (CUDA)
   ///   fp32_grads (0)        grads of bf16/f16 params are float32
   ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes (CUDA)
+  ///   ema_decay (0)         weight EMA: each param keeps a float32 average of its values,
+  ///                         updated in the step's pass (state "ema"); in [0, 1), 0: off
   /// The storage settings (master_weights, state_dtype, fp32_grads) are fixed once a param
-  /// has stepped.
+  /// has stepped; so is whether ema_decay is 0 (its non-zero value may change at any time).
   void set_option(std::string_view key, double value);
   double option(std::string_view key) const;
 
@@ -99,6 +101,17 @@ class Optimizer {
   /// the host. The first step of a param allocates its state: take it before capturing.
   void set_device_scalars(const float* d_lr, const float* d_grad_multiplier, float* d_found_inf);
 
+  /// The weight EMA (ema_decay > 0, docs/optimizers.md "Weight EMA") into the params, e.g. to
+  /// evaluate with it. swap_ema exchanges each param and its EMA bitwise, so a second call
+  /// restores both; a param with master weights swaps them with the EMA and takes the new
+  /// master rounded to nearest; a bf16/f16 param without master weights is refused (its EMA
+  /// would not come back). copy_ema_to_params overwrites the params (and master weights)
+  /// with the EMA (rounded to nearest into a bf16/f16 param) and keeps the EMA. A param that
+  /// has not stepped has no EMA buffer yet (it is the param): it is left as it is. Checked
+  /// before anything changes; on CUDA stream-ordered on `stream`.
+  void swap_ema(void* stream = nullptr);
+  void copy_ema_to_params(void* stream = nullptr);
+
   /// The global gradient norm (after grad_scale) of the last step that computed one
   /// (max_grad_norm > 0 or skip_nonfinite), or NaN. On CUDA this waits for the device.
   float grad_norm() const;
@@ -118,7 +131,7 @@ class Optimizer {
   std::int64_t step_count(std::string_view name) const;
 
   /// The states this param keeps under its current options, by the name docs/optimizers.md gives
-  /// (and "master" for a param with master weights).
+  /// (and "master" for a param with master weights, "ema" with ema_decay > 0).
   std::vector<std::string> state_names(std::string_view name) const;
   /// Values in a state buffer: the param's numel, or its rows (shape[0]) for a row-wise
   /// state (adagrad with rowwise = 1).
