@@ -15,8 +15,9 @@ struct fo_optimizer {
 
 namespace {
 
-// 2: step settings, device scalars, grad_norm; 3: schedules; 4: fo_optimizer_state_numel
-constexpr int kAbiVersion = 4;
+// 2: step settings, device scalars, grad_norm; 3: schedules; 4: fo_optimizer_state_numel;
+// 5: the weight EMA (ema_decay, fo_optimizer_swap_ema, fo_optimizer_copy_ema_to_params)
+constexpr int kAbiVersion = 5;
 
 thread_local std::string t_last_error;
 
@@ -187,6 +188,20 @@ fo_status fo_optimizer_grad_norm(const fo_optimizer* opt, float* out) {
     require(opt, "optimizer");
     require(out, "out");
     *out = opt->impl.grad_norm();
+  });
+}
+
+fo_status fo_optimizer_swap_ema(fo_optimizer* opt, void* stream) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    opt->impl.swap_ema(stream);
+  });
+}
+
+fo_status fo_optimizer_copy_ema_to_params(fo_optimizer* opt, void* stream) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    opt->impl.copy_ema_to_params(stream);
   });
 }
 

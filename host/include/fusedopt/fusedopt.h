@@ -69,7 +69,7 @@ FO_API fo_status fo_optimizer_load(fo_optimizer* opt, const char* path);
 
 /* ABI version 2. Step settings are option keys of every algorithm: grad_scale,
  * max_grad_norm, skip_nonfinite, master_weights, state_dtype, fp32_grads,
- * stochastic_rounding, seed (see fusedopt/optimizer.hpp). */
+ * stochastic_rounding, seed (see fusedopt/optimizer.hpp); ema_decay since version 5. */
 
 /* CUDA, for capturable steps: a factor on every param's lr read from device memory at run
  * time, an extra device-side gradient multiplier, and a found_inf flag (non-zero: skip the
@@ -96,6 +96,12 @@ FO_API fo_status fo_schedule_to_device(const char* spec, const int64_t* d_step, 
  * count, or its rows (shape[0]) for a row-wise state (adagrad with option rowwise = 1). */
 FO_API fo_status fo_optimizer_state_numel(const fo_optimizer* opt, const char* name,
                                           const char* state, int64_t* numel);
+
+/* ABI version 5. The weight EMA (step setting ema_decay > 0, state "ema"): exchange every
+ * param with its EMA (twice restores both, bitwise), or copy the EMA into the params
+ * (fusedopt/optimizer.hpp, Optimizer::swap_ema). stream: a cudaStream_t on CUDA, or NULL. */
+FO_API fo_status fo_optimizer_swap_ema(fo_optimizer* opt, void* stream);
+FO_API fo_status fo_optimizer_copy_ema_to_params(fo_optimizer* opt, void* stream);
 
 #ifdef __cplusplus
 }
