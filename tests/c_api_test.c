@@ -459,6 +459,46 @@ static void test_rowwise_state_numel(void) {
   CHECK(fo_abi_version() >= 4);
 }
 
+/* The weight EMA through the ABI: ema_decay, the "ema" state, swap twice and copy. */
+static void test_weight_ema(void) {
+  enum { N = 9 };
+  float w[N], w0[N], g[N], ema[N], ema_before[N];
+  const int64_t shape[1] = {N};
+  double decay = 0.0;
+  fill(w, N);
+  memcpy(w0, w, sizeof w);
+  fo_optimizer* opt = make("adam", 0.1);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "w", w, FO_FLOAT32, 1, shape), OK);
+  CHECK_STATUS(fo_optimizer_swap_ema(opt, NULL), INVALID); /* no EMA yet */
+  CHECK_STATUS(fo_optimizer_set_option(opt, "ema_decay", 1.0), INVALID);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "ema_decay", 0.75), OK);
+  CHECK_STATUS(fo_optimizer_get_option(opt, "ema_decay", &decay), OK);
+  CHECK(decay == 0.75);
+  fill(g, N);
+  const void* grads[1] = {g};
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), OK);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "ema", ema, N), OK);
+  /* One step from a copy of the param: ema = w0 + 0.25 * (w - w0), near enough. */
+  int near = 1;
+  for (int i = 0; i < N; ++i)
+    near &= fabsf(ema[i] - (w0[i] + 0.25f * (w[i] - w0[i]))) <= 1e-6f * (1 + fabsf(w0[i]));
+  CHECK(near);
+  memcpy(ema_before, ema, sizeof ema);
+  memcpy(w0, w, sizeof w);
+  CHECK_STATUS(fo_optimizer_swap_ema(opt, NULL), OK);
+  CHECK(memcmp(w, ema_before, sizeof w) == 0);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "ema", ema, N), OK);
+  CHECK(memcmp(ema, w0, sizeof ema) == 0);
+  CHECK_STATUS(fo_optimizer_swap_ema(opt, NULL), OK);
+  CHECK(memcmp(w, w0, sizeof w) == 0);
+  CHECK_STATUS(fo_optimizer_copy_ema_to_params(opt, NULL), OK);
+  CHECK(memcmp(w, ema_before, sizeof w) == 0);
+  CHECK_STATUS(fo_optimizer_copy_ema_to_params(NULL, NULL), INVALID);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "ema_decay", 0.0), INVALID); /* it has stepped */
+  fo_optimizer_destroy(opt);
+  CHECK(fo_abi_version() >= 5);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -472,6 +512,7 @@ int main(int argc, char** argv) {
   test_param_option();
   test_state_sparse_checkpoint();
   test_rowwise_state_numel();
+  test_weight_ema();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

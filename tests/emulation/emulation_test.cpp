@@ -31,6 +31,7 @@
 #include "fusedopt/functional.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
+#include "fusedopt/kernels/ema.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/kernels/schedule.hpp"
 #include "fusedopt/types.hpp"
@@ -126,10 +127,15 @@ struct Tensor {
       : aligned(rng() % 2 == 0),
         param(st.param, n, offset(rng)),
         grad(st.grad, n, offset(rng)),
-        master(DType::f32, st.master ? n : 0, offset(rng)) {
+        master(DType::f32, st.master ? n : 0, offset(rng)),
+        ema(DType::f32, n, offset(rng)) {
     const std::vector<float> p0 = random_floats(rng, n);
     param.fill_from(p0);
     if (st.master) master.fill_from(p0);
+    // A weight EMA (used where a test asks for one) away from the param, as after steps.
+    std::vector<float> e0 = p0;
+    for (float& x : e0) x *= 0.75f;
+    ema.fill_from(e0);
     grad.fill_from(random_floats(rng, n));
     for (int k = 0; k < kMaxStates; ++k) {
       states.emplace_back(st.state, n, offset(rng));
@@ -141,7 +147,7 @@ struct Tensor {
   }
   std::size_t offset(std::mt19937_64& rng) const { return aligned ? 0 : rng() % 4; }
   bool aligned;
-  Buffer param, grad, master;
+  Buffer param, grad, master, ema;
   std::vector<Buffer> states;
 };
 
@@ -218,6 +224,7 @@ struct DeviceScalars {
   bool pass_found_inf = false;          // d_found_inf, holding found_inf
   float found_inf = 0.0f;
   bool mixed_host_steps = false;  // host steps that differ across the list (i % 3 apart)
+  double ema_decay = 0.0;         // a weight EMA on every tensor, where non-zero
 };
 
 /// Two steps of A over `sizes` (each tensor's buffers misaligned at random) through the
@@ -251,6 +258,11 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
                                     static_cast<int>(i) + 2));
     cuda::ListSettings s;
     s.grad_multiplier = grad_multiplier;
+    if (d.ema_decay != 0.0) {
+      for (std::size_t i = 0; i < emu.size(); ++i)
+        entries[i].ema = static_cast<float*>(emu[i].ema.data());
+      s.ema_weight = ema_weight(d.ema_decay);
+    }
     if (d.counted_on_device) s.d_steps = d_steps.data();
     if (lr_factor != 0.0f) s.d_lr = &lr_factor;
     if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
@@ -272,6 +284,10 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
       t.numel = static_cast<std::int64_t>(sizes[i]);
       StepControls c;
       c.grad_multiplier = dgs != 0.0f ? grad_multiplier * dgs : grad_multiplier;
+      if (d.ema_decay != 0.0) {
+        t.ema = static_cast<float*>(cpu[i].ema.data());
+        c.ema_decay = d.ema_decay;
+      }
       fused_step<A>(oc, step, t, Exec{}, c);
     }
   }
@@ -279,6 +295,9 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     EXPECT_TRUE(emu[i].param == cpu[i].param)
         << what << ", size " << sizes[i]
         << ", param: " << first_byte_difference(emu[i].param, cpu[i].param);
+    EXPECT_TRUE(emu[i].ema == cpu[i].ema)  // untouched on both sides without an EMA
+        << what << ", size " << sizes[i] << ", ema " << d.ema_decay << ": "
+        << first_byte_difference(emu[i].ema, cpu[i].ema);
     for (int k = 0; k < kMaxStates; ++k) {
       const auto kk = static_cast<std::size_t>(k);
       if (!A::has_state(o, k)) continue;
@@ -300,10 +319,12 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// What the step kernel promises per element (multi_tensor.cuh): widen every operand to fp32,
 /// run the functor once, write the master exactly and every 16-bit value rounded to nearest
 /// even, or stochastically with the draw of (seed of the key, step, 4i for the param,
-/// 4i + 1 + k for state k).
+/// 4i + 1 + k for state k). With an EMA weight w > 0, the weight EMA (f32) then moves toward the
+/// functor's f32 result, before it is rounded: docs/optimizers.md's formula, torch's lerp:
+/// e + w * (p - e) for w < 0.5, else p - (p - e) * (1 - w).
 template <class A>
 void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
-                    std::uint64_t seed, int key, float grad_multiplier) {
+                    std::uint64_t seed, int key, float grad_multiplier, float w) {
   const typename A::Op op = A::make_op(o, step);
   const std::uint64_t key_seed =
       seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
@@ -320,6 +341,10 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
     for (int k = 0; k < kMaxStates; ++k)
       s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
     op(p, t.grad.get(i) * grad_multiplier, s);
+    if (w > 0.0f) {
+      const float e = t.ema.get(i);
+      t.ema.set(i, w < 0.5f ? e + w * (p - e) : p - (p - e) * (1.0f - w));
+    }
     if (st.master) t.master.set(i, p);
     store(t.param, i, p, 4 * i);
     for (int k = 0; k < kMaxStates; ++k)
@@ -351,47 +376,62 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
   const std::vector<std::size_t> sizes = {1, 3, 4, 5, 9, 8197};
   const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
-  for (const Storage& st : storages()) {
-    std::vector<Tensor> emu, ref;
-    for (std::size_t n : sizes) {
-      std::mt19937_64 copy = rng;
-      emu.emplace_back(st, n, copy, init);
-      ref.emplace_back(st, n, rng, init);
-    }
-    for (std::int64_t step = 1; step <= 2; ++step) {
-      std::vector<cuda::ListEntry> entries;
-      for (std::size_t i = 0; i < emu.size(); ++i)
-        entries.push_back(entry_of<A>(o, emu[i], step, static_cast<int>(i)));
-      cuda::ListSettings s;
-      s.param_dtype = st.param;
-      s.grad_dtype = st.grad;
-      s.state_dtype = st.state;
-      s.stochastic = st.stochastic;
-      s.seed = seed;
-      s.grad_multiplier = grad_multiplier;
-      cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
-                                 cuda::plan_list(entries.data(), entries.size()), s, nullptr);
-      for (std::size_t i = 0; i < ref.size(); ++i)
-        reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_multiplier);
-    }
-    const std::string what = describe<A>(o) + ", " + st.name();
-    for (std::size_t i = 0; i < sizes.size(); ++i) {
-      EXPECT_TRUE(emu[i].param == ref[i].param)
-          << what << ", size " << sizes[i]
-          << ", param: " << first_byte_difference(emu[i].param, ref[i].param);
-      if (st.master) {
-        EXPECT_TRUE(emu[i].master == ref[i].master) << what << ", size " << sizes[i] << ", master";
+  // Then with a weight EMA, for 16-bit params (f32 params: WeightEmaMatchesCpuBitwise below),
+  // where it follows the f32 value before rounding.
+  for (const double decay : {0.0, 0.9})
+    for (const Storage& st : storages()) {
+      if (decay != 0.0 && st.param == DType::f32) continue;
+      const float w = decay == 0.0 ? 0.0f : ema_weight(decay);
+      std::vector<Tensor> emu, ref;
+      for (std::size_t n : sizes) {
+        std::mt19937_64 copy = rng;
+        emu.emplace_back(st, n, copy, init);
+        ref.emplace_back(st, n, rng, init);
       }
-      for (int k = 0; k < kMaxStates; ++k) {
-        const auto kk = static_cast<std::size_t>(k);
-        if (A::has_state(o, k)) {
-          EXPECT_TRUE(emu[i].states[kk] == ref[i].states[kk])
-              << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
-              << first_byte_difference(emu[i].states[kk], ref[i].states[kk]);
+      for (std::int64_t step = 1; step <= 2; ++step) {
+        std::vector<cuda::ListEntry> entries;
+        for (std::size_t i = 0; i < emu.size(); ++i)
+          entries.push_back(entry_of<A>(o, emu[i], step, static_cast<int>(i)));
+        cuda::ListSettings s;
+        if (w > 0.0f) {
+          for (std::size_t i = 0; i < emu.size(); ++i)
+            entries[i].ema = static_cast<float*>(emu[i].ema.data());
+          s.ema_weight = w;
+        }
+        s.param_dtype = st.param;
+        s.grad_dtype = st.grad;
+        s.state_dtype = st.state;
+        s.stochastic = st.stochastic;
+        s.seed = seed;
+        s.grad_multiplier = grad_multiplier;
+        cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                                   cuda::plan_list(entries.data(), entries.size()), s, nullptr);
+        for (std::size_t i = 0; i < ref.size(); ++i)
+          reference_step<A>(o, step, ref[i], st, seed, static_cast<int>(i), grad_multiplier, w);
+      }
+      const std::string what =
+          describe<A>(o) + ", " + st.name() + ", ema decay " + std::to_string(decay);
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        EXPECT_TRUE(emu[i].param == ref[i].param)
+            << what << ", size " << sizes[i]
+            << ", param: " << first_byte_difference(emu[i].param, ref[i].param);
+        if (st.master) {
+          EXPECT_TRUE(emu[i].master == ref[i].master)
+              << what << ", size " << sizes[i] << ", master";
+        }
+        EXPECT_TRUE(emu[i].ema == ref[i].ema)
+            << what << ", size " << sizes[i]
+            << ", ema: " << first_byte_difference(emu[i].ema, ref[i].ema);
+        for (int k = 0; k < kMaxStates; ++k) {
+          const auto kk = static_cast<std::size_t>(k);
+          if (A::has_state(o, k)) {
+            EXPECT_TRUE(emu[i].states[kk] == ref[i].states[kk])
+                << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
+                << first_byte_difference(emu[i].states[kk], ref[i].states[kk]);
+          }
         }
       }
     }
-  }
 }
 
 // ------------------------------------------------------------ sparse row kernels (no CUB)
@@ -506,6 +546,7 @@ struct AlgorithmCase {
   void (*storages)(std::mt19937_64&);
   void (*many_tensors)(std::mt19937_64&);
   void (*sparse)(std::mt19937_64&);
+  void (*ema)(std::mt19937_64&);
 };
 
 template <class A>
@@ -544,6 +585,26 @@ AlgorithmCase make_case() {
     expect_f32_matches_cpu<A>(typename A::Options{}, sizes, {}, rng);
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
+  c.ema = [](std::mt19937_64& rng) {
+    // Every option combination with an EMA in torch's first lerp branch, then the other
+    // branch under device-counted steps, a skipped step, and host steps that differ.
+    DeviceScalars d;
+    d.ema_decay = 0.999;
+    for (const auto& o : option_variants<A>()) expect_f32_matches_cpu<A>(o, kSizes, d, rng);
+    const typename A::Options o = option_variants<A>().back();
+    const std::vector<std::size_t> sizes = {0, 5, 8193, 3, 1, 20011};
+    d.ema_decay = 0.375;
+    d.counted_on_device = true;
+    d.lr_factor = 0.5f;
+    expect_f32_matches_cpu<A>(o, sizes, d, rng);
+    d.pass_found_inf = true;
+    d.found_inf = 1.0f;
+    expect_f32_matches_cpu<A>(o, sizes, d, rng);  // skipped: the EMA does not move either
+    DeviceScalars mixed;
+    mixed.mixed_host_steps = true;
+    mixed.ema_decay = 0.9;
+    expect_f32_matches_cpu<A>(o, sizes, mixed, rng);
+  };
   return c;
 }
 
@@ -579,6 +640,11 @@ TEST_P(EmulatedKernels, EveryStorageMatchesThePerElementContract) {
 TEST_P(EmulatedKernels, MoreTensorsThanOneLaunchHoldsMatchCpuBitwise) {
   auto rng = make_rng();
   algorithm().many_tensors(rng);
+}
+
+TEST_P(EmulatedKernels, WeightEmaMatchesCpuBitwise) {
+  auto rng = make_rng();
+  algorithm().ema(rng);
 }
 
 TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
@@ -675,6 +741,25 @@ TEST(EmulatedHelpers, FillAndWidenRoundAsTheHostDoes) {
     cuda::widen(wide.data(), b.data(), dtype, static_cast<std::int64_t>(n), nullptr);
     for (std::size_t i = 0; i < n; i += 997) ASSERT_EQ(wide[i], b.get(i)) << dtype_name(dtype);
   }
+}
+
+// swap_ema and copy_ema_to_params on CUDA: an exchange of two f32 buffers, and f32 rounded to
+// nearest into the param's storage (a copy for f32).
+TEST(EmulatedHelpers, NarrowRoundsToNearestAndSwapExchangesBitwise) {
+  auto rng = make_rng();
+  const std::size_t n = 70001;
+  for (DType dtype : {DType::f32, DType::bf16, DType::f16}) {
+    const std::vector<float> v = random_floats(rng, n);
+    Buffer got(dtype, n, 1), want(dtype, n, 0);
+    for (std::size_t i = 0; i < n; ++i) got.set(i, -7.0f);
+    want.fill_from(v);  // Buffer::set rounds to nearest even
+    cuda::narrow(got.data(), dtype, v.data(), static_cast<std::int64_t>(n), nullptr);
+    EXPECT_TRUE(got == want) << dtype_name(dtype) << ": " << first_byte_difference(got, want);
+  }
+  std::vector<float> a = random_floats(rng, n), b = random_floats(rng, n);
+  const std::vector<float> a0 = a, b0 = b;
+  cuda::swap(a.data(), b.data(), static_cast<std::int64_t>(n), nullptr);
+  EXPECT_TRUE(bitwise_equal(a, b0) && bitwise_equal(b, a0));
 }
 
 TEST(EmulatedHelpers, ScheduleKernelGivesTheHostsLr) {

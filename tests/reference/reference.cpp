@@ -488,4 +488,10 @@ void sparse_step(const std::string& a, const OptionMap& options, std::int64_t t,
   }
 }
 
+void ema_update(std::vector<double>& ema, const std::vector<double>& param, double decay) {
+  if (ema.size() != param.size()) throw std::invalid_argument("ema_update: sizes differ");
+  if (!(decay >= 0.0 && decay < 1.0)) throw std::invalid_argument("ema_update: decay");
+  for (std::size_t i = 0; i < ema.size(); ++i) ema[i] += (1.0 - decay) * (param[i] - ema[i]);
+}
+
 }  // namespace fo::ref

@@ -51,6 +51,12 @@ double state_initial_value(const std::string& algorithm, const OptionMap& option
 void step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous = nullptr);
+/// The weight EMA after a step (docs/optimizers.md, "Weight EMA"), in double, for every
+/// element: ema <- ema + (1 - decay) * (param - ema), `param` being the param after the step.
+/// The EMA starts as a copy of the param before its first step (the caller's). Throws
+/// std::invalid_argument if the sizes differ or decay is outside [0, 1).
+void ema_update(std::vector<double>& ema, const std::vector<double>& param, double decay);
+
 /// One sparse step (docs/optimizers.md, "Sparse steps"): the gradient rows of each distinct index
 /// are summed, then each touched row of the [rows x dim] table takes one step() with the table's
 /// step count t; untouched rows and their states are not changed. Throws on a bad index.
