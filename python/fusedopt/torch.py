@@ -22,6 +22,10 @@ is accepted likewise; the step counts stay CPU tensors (torch's non-capturable f
 step is not CUDA-graph capturable. Sparse gradients (``nn.Embedding(sparse=True)``) go to the
 library's sparse row step where it has one (SparseAdam, LazyAdam, Adagrad): only the named rows
 and their states change, duplicates summed; elsewhere they raise NotImplementedError.
+
+Weight EMA (docs/optimizers.md, "Weight EMA"): ``opt.ema_decay = 0.9999`` keeps a float32
+``state[p]["ema"]`` per param, updated by the same fused pass as the step (timm's ModelEmaV3
+without warm-up); ``opt.swap_ema()`` and ``opt.copy_ema_to_params()`` put it into the params.
 """
 
 import torch
@@ -111,8 +115,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
+    def state_dict(self):
+        state_dict = super().state_dict()
+        if self.ema_decay > 0:
+            state_dict["ema_decay"] = self.ema_decay
+        return state_dict
+
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        decay = float(state_dict.pop("ema_decay", 0.0))
+        # torch casts every state to its param's dtype: an EMA stays float32.
+        emas = {i: st["ema"] for i, st in state_dict["state"].items() if "ema" in st}
         super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in emas:
+                self.state[p]["ema"] = emas[i].to(device=p.device, dtype=torch.float32,
+                                                  copy=True)
+        self._ema_decay = decay
         # A checkpoint of torch's fused or capturable optimizer keeps step on the param's
         # device; fusedopt reads step counts on the CPU, as torch's default does.
         for st in self.state.values():
@@ -120,6 +141,53 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(step) and (step.device.type != "cpu" or step.dtype not in (
                     torch.float32, torch.float64)):
                 st["step"] = step.to(device="cpu", dtype=torch.float32)
+
+    # -- the weight EMA ----------------------------------------------------------------------
+
+    @property
+    def ema_decay(self):
+        """The weight EMA's decay, in [0, 1); 0 (the default): no EMA. A param's EMA starts at
+        its next step as a float32 copy of its value before that step. The decay may change at
+        any time; turning the EMA off once a param has one is refused."""
+        return getattr(self, "_ema_decay", 0.0)
+
+    @ema_decay.setter
+    def ema_decay(self, value):
+        value = _number(value)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no weight EMA), got {value}")
+        if value == 0.0 and any("ema" in st for st in self.state.values()):
+            raise ValueError("ema_decay cannot turn the weight EMA off: params have stepped "
+                             "with one (a non-zero decay may change)")
+        self._ema_decay = value
+
+    def _ema_pairs(self, who):
+        if self.ema_decay == 0.0:
+            raise ValueError(f"{who}: there is no weight EMA (ema_decay is 0)")
+        return [(p, self.state[p]["ema"]) for g in self.param_groups for p in g["params"]
+                if "ema" in self.state.get(p, {})]
+
+    @torch.no_grad()
+    def swap_ema(self):
+        """Exchanges every param with its EMA, bitwise: a second call restores both. Params
+        that have not stepped are their own EMA and stay. A bfloat16/float16 param is refused
+        (TypeError, nothing changes): its float32 EMA would not come back from it."""
+        pairs = self._ema_pairs("swap_ema")
+        for p, _ in pairs:
+            if p.dtype != torch.float32:
+                raise TypeError(f"swap_ema: a {p.dtype} param cannot hold its float32 EMA and "
+                                "give it back exactly (use copy_ema_to_params)")
+        for p, ema in pairs:
+            value = p.clone()
+            p.copy_(ema)
+            ema.copy_(value)
+
+    @torch.no_grad()
+    def copy_ema_to_params(self):
+        """Overwrites every param that has an EMA with it (rounded to nearest into a bfloat16 or
+        float16 param); the EMA is kept."""
+        for p, ema in self._ema_pairs("copy_ema_to_params"):
+            p.copy_(ema)
 
     # -- from a torch param group to the library's call ---------------------------------------
 
@@ -210,7 +278,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         names = [name for name, _, _ in specs]
         kind = self._spec.step
         wanted = set(names) | ({"step"} if kind else set())
-        params, grads, steps = [], [], []
+        params, grads, steps, emas = [], [], [], []
+        ema_decay = self.ema_decay
         states = [[] for _ in names]
         sparse_names = None  # the states a sparse step uses, asked once per group
         state = self.state
@@ -241,7 +310,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 counted.append(st)
             else:
                 count = 1 if created else 2
+            if ema_decay > 0 and "ema" not in st:  # the param before its first EMA step
+                st["ema"] = p.detach().clone(memory_format=torch.contiguous_format).float()
+                fresh.append((st, {"ema"}))
             if g.is_sparse:
+                if ema_decay > 0:
+                    raise NotImplementedError(
+                        "the weight EMA (ema_decay) is updated by dense steps only")
                 if g.sparse_dim() != 1:
                     raise ValueError(
                         f"a sparse gradient of {g.sparse_dim()} sparse dims: fusedopt's sparse "
@@ -257,8 +332,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for j, name in enumerate(names):
                 states[j].append(st[name])
             steps.append(count)
+            if ema_decay > 0:
+                emas.append(st["ema"])
         if not params:
             return None
+        if ema_decay > 0:
+            return (algorithm, options, params, grads, states, steps, emas, ema_decay)
         return (algorithm, options, params, grads, states, steps)
 
 

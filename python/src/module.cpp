@@ -252,9 +252,11 @@ struct Prepared {
 };
 
 /// Views every array of one list step and makes every check, the library's included.
+/// `emas`: None, or one float32 array per param (its weight EMA, updated with `ema_decay`).
 void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
              const nb::dict& options, const nb::list& params, const nb::list& grads,
-             const nb::list& states, const nb::list& steps, const nb::object& stream) {
+             const nb::list& states, const nb::list& steps, const nb::object& stream,
+             nb::handle emas = nb::none(), double ema_decay = 0.0) {
   out.algorithm = algorithm;
   out.named = named_options(options);
   const fo::NamedOptions& named = out.named;
@@ -273,6 +275,12 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
       raise_value("step: the list of state " + specs[j].name + " has " + std::to_string(l.size()) +
                   " entries for " + std::to_string(n) + " params");
     state_lists.push_back(std::move(l));
+  }
+  nb::list ema_list;
+  const bool with_ema = !emas.is_none();
+  if (with_ema) {
+    if (!nb::try_cast(emas, ema_list) || ema_list.size() != n)
+      raise_value("step: emas must be None or a list of one float32 array per param");
   }
 
   std::vector<fo::DenseTensors>& tensors = out.tensors;
@@ -334,6 +342,14 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
       t.states[specs[j].index] = s.data;
       t.state_dtype = s.dtype;
     }
+    if (with_ema) {
+      static const std::string kEma = "ema";
+      importer.view(ema_list[i], s, "ema", i);
+      same_place(s, &kEma);
+      if (s.dtype != fo::DType::f32)
+        raise_type("the ema" + at() + " is " + dtype_text(s.raw) + ": a weight EMA is float32");
+      t.ema = reinterpret_cast<float*>(s.data);
+    }
     bool was_counted = false;
     counts[i] = read_count(steps[i], step_views[i], importer, i, was_counted);
     counted[i] = was_counted;
@@ -341,6 +357,7 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
 
   set_exec(out.exec, out.controls, device_type, device_id, stream,
            n > 0 ? nb::handle(params[0]) : nb::handle());
+  out.controls.ema_decay = ema_decay;
   const fo::Exec& exec = out.exec;
   const fo::StepControls& controls = out.controls;
   fo::check_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
@@ -437,10 +454,11 @@ void run(std::vector<Prepared>& steps, std::vector<PreparedSparse>& sparse) {
 
 void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
           const nb::list& grads, const nb::list& states, const nb::list& steps,
-          const nb::object& stream) {
+          const nb::object& stream, const nb::object& emas, double ema_decay) {
   Importer importer;
   std::vector<Prepared> prepared(1);
-  prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream);
+  prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream, emas,
+          ema_decay);
   std::vector<PreparedSparse> none;
   run(prepared, none);
 }
@@ -451,13 +469,15 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
   std::vector<Prepared> prepared(groups.size());
   for (std::size_t i = 0; i < groups.size(); ++i) {
     nb::tuple g;
-    if (!nb::try_cast(groups[i], g) || g.size() != 6)
+    if (!nb::try_cast(groups[i], g) || (g.size() != 6 && g.size() != 8))
       raise_type(
           "step_groups: each group is a tuple (algorithm, options, params, grads, "
-          "states, steps)");
+          "states, steps[, emas, ema_decay])");
+    const bool ema = g.size() == 8;
     prepare(prepared[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]),
             nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
-            nb::cast<nb::list>(g[5]), stream);
+            nb::cast<nb::list>(g[5]), stream, ema ? nb::handle(g[6]) : nb::handle(nb::none()),
+            ema ? nb::cast<double>(g[7]) : 0.0);
   }
   std::vector<PreparedSparse> sparse(sparse_steps.size());
   for (std::size_t i = 0; i < sparse_steps.size(); ++i) {
@@ -546,6 +566,7 @@ NB_MODULE(_fusedopt, m) {
       "in slot order. Raises ValueError for an unknown algorithm or option, or invalid values.");
   m.def("step", &step, nb::arg("algorithm"), nb::arg("options"), nb::arg("params"),
         nb::arg("grads"), nb::arg("states"), nb::arg("steps"), nb::arg("stream") = nb::none(),
+        nb::arg("emas") = nb::none(), nb::arg("ema_decay") = 0.0,
         "One fused step of `algorithm` (a registered name) under `options` (a dict of its\n"
         "option names to numbers) over the arrays of `params` with `grads`. `states` holds one\n"
         "list per state step_states() names, in its order, each with one array per param.\n"
@@ -553,11 +574,14 @@ NB_MODULE(_fusedopt, m) {
         "CPU scalar array holding the steps taken so far, which this call increments.\n"
         "Every array is checked before anything is written; a call that raises has changed\n"
         "nothing. CUDA arrays run on `stream` (an int cudaStream_t) or, when None, the\n"
-        "producer's current stream of their device (torch: torch.cuda.current_stream()).");
+        "producer's current stream of their device (torch: torch.cuda.current_stream()).\n"
+        "`emas`: None, or one float32 array per param, its weight EMA, updated in the same\n"
+        "pass after the step with `ema_decay` in [0, 1) (docs/optimizers.md, Weight EMA).");
   m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("sparse") = nb::list(),
         nb::arg("stream") = nb::none(),
         "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
-        "states, steps), each as step() takes them; `sparse` a list of sparse row steps of\n"
+        "states, steps[, emas, ema_decay]), each as step() takes them; `sparse` a list of sparse "
+        "row steps of\n"
         "embedding tables, tuples (algorithm, options, table, indices, values, states, step):\n"
         "int32/int64 row indices (duplicates summed), [nnz, ...] float32 gradient rows, the\n"
         "states sparse_step_states() names, a step count as step() takes one. Everything is\n"

@@ -738,3 +738,89 @@ def test_gradscaler_unscales_and_skips_nonfinite_steps():
     scaler.step(opt)
     scaler.update()
     assert torch.equal(w, before) and w not in opt.state
+
+
+# -- the weight EMA -------------------------------------------------------------------------------
+
+EMA_CASES = [("AdamW", {"lr": 0.01, "weight_decay": 0.1}), ("SGD", {"lr": 0.05, "momentum": 0.9}),
+             ("Adam", {"lr": 0.01, "amsgrad": True})]
+
+
+@pytest.mark.parametrize("cls_name,kwargs", EMA_CASES)
+@pytest.mark.parametrize("decay", [0.99, 0.3])  # 0.3: torch's other lerp branch
+def test_weight_ema_matches_timm_style_ema_in_torch(cls_name, kwargs, decay):
+    """fusedopt's EMA (updated in the step's pass) against timm's ModelEmaV3 without warm-up,
+    written in torch: a copy of the params at the start, then after every step
+    torch._foreach_lerp_(ema, params, 1 - decay), beside torch's optimizer of the same name:
+    the EMA is checked through 50 steps of the same trajectory."""
+    gen = rng_for(cls_name, "ema", decay)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fo = getattr(ft, cls_name)(params, **kwargs)
+    fo.ema_decay = decay
+    ref = getattr(torch.optim, cls_name)(theirs, **kwargs)
+    ema = [p.detach().clone() for p in theirs]  # timm: the EMA model starts as a copy
+    for step in range(1, STEPS + 1):
+        for p, q in zip(params, theirs):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = g.clone(), g.clone()
+        fo.step()
+        ref.step()
+        torch._foreach_lerp_(ema, [q.detach() for q in theirs], 1.0 - decay)
+        scale = max(float(e.abs().max()) for e in ema)
+        for i, (p, e) in enumerate(zip(params, ema)):
+            got = fo.state[p]["ema"]
+            assert got.dtype == torch.float32 and got.shape == p.shape
+            err = float((got - e).abs().max())
+            assert err <= TOL * scale, f"{cls_name} decay {decay} step {step} param {i}: {err}"
+
+
+def test_weight_ema_swap_copy_checkpoint_and_refusals():
+    gen = rng_for("ema-swap")
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ft.AdamW(params, lr=0.01)
+    with pytest.raises(ValueError, match="ema_decay"):
+        opt.swap_ema()  # no EMA
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="ema_decay"):
+            opt.ema_decay = bad
+    assert opt.ema_decay == 0.0
+    opt.ema_decay = 0.9
+    params[-1].requires_grad_(False)  # never stepped: no EMA, left alone by swap and copy
+    run(opt, params[:-1], gen, 5)
+    assert "ema" not in opt.state[params[-1]]
+    with pytest.raises(ValueError, match="ema_decay"):
+        opt.ema_decay = 0.0  # params have an EMA
+    opt.ema_decay = 0.95  # the decay itself may change
+    p_before = [p.detach().clone() for p in params]
+    e_before = [opt.state[p]["ema"].clone() for p in params[:-1]]
+    assert not torch.equal(p_before[0], e_before[0])
+    opt.swap_ema()
+    for p, e in zip(params, e_before):
+        assert torch.equal(p.detach(), e)
+    for p, q in zip(params[:-1], p_before):
+        assert torch.equal(opt.state[p]["ema"], q)
+    assert torch.equal(params[-1].detach(), p_before[-1])
+    opt.swap_ema()
+    for p, q in zip(params, p_before):
+        assert torch.equal(p.detach(), q)
+    # The checkpoint carries the decay and the float32 EMA; resuming equals never stopping.
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ft.AdamW(resumed, lr=0.01)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    assert opt2.ema_decay == 0.95
+    g_state = gen.get_state()
+    run(opt, params[:-1], gen, 3)
+    gen.set_state(g_state)
+    run(opt2, resumed[:-1], gen, 3)
+    for p, q in zip(params[:-1], resumed[:-1]):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["ema"], opt2.state[q]["ema"])
+    e_now = [opt.state[p]["ema"].clone() for p in params[:-1]]
+    opt.copy_ema_to_params()
+    for p, e in zip(params, e_now):
+        assert torch.equal(p.detach(), e)
+        assert torch.equal(opt.state[p]["ema"], e)
