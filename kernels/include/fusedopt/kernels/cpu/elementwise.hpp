@@ -26,9 +26,7 @@ struct DensePtrs {
 };
 
 /// The loop of elementwise_range for one set of present states (bit k of kPresent: state k),
-/// so that the loop tests no state pointer: fewer instructions per vector keep more loads in
-/// flight. The weight EMA is one runtime test, the same on every iteration (not a template
-/// parameter: that would double every algorithm's kernels per ISA).
+/// so that the loop tests no pointer: fewer instructions per vector keep more loads in flight.
 template <class Io, int kPresent, class Op>
 inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begin,
                              std::int64_t end) {
@@ -40,8 +38,6 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
   float* const s0 = t.states[0];
   float* const s1 = t.states[1];
   float* const s2 = t.states[2];
-  float* const e = t.ema;
-  const float ew = t.ema_weight;
   const V scale(t.grad_multiplier);
   std::int64_t i = begin;
   for (; i + W <= end; i += W) {
@@ -50,7 +46,6 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
                        k2 ? Io::load(s2 + i) : V(0.0f)};
     op(pv, Io::load(g + i) * scale, s);
     Io::store(p + i, pv);
-    if (e) Io::store(e + i, ema_lerp(Io::load(e + i), pv, ew));
     if constexpr (k0) Io::store(s0 + i, s[0]);
     if constexpr (k1) Io::store(s1 + i, s[1]);
     if constexpr (k2) Io::store(s2 + i, s[2]);
@@ -62,16 +57,33 @@ inline void elementwise_loop(const Op& op, const DensePtrs& t, std::int64_t begi
                        k2 ? Io::load(s2 + i, m) : V(0.0f)};
     op(pv, Io::load(g + i, m) * scale, s);
     Io::store(p + i, pv, m);
-    if (e) Io::store(e + i, ema_lerp(Io::load(e + i, m), pv, ew), m);
     if constexpr (k0) Io::store(s0 + i, s[0], m);
     if constexpr (k1) Io::store(s1 + i, s[1], m);
     if constexpr (k2) Io::store(s2 + i, s[2], m);
   }
 }
 
+/// The weight EMA over [begin, end), from the params stored there (kernels/ema.hpp). Not
+/// inlined: one copy per instruction set, not one per algorithm and state subset. (Each ISA's
+/// Io is its own type, so no two ISAs share this symbol.)
+template <class Io>
+__attribute__((noinline)) void ema_range(const float* p, float* e, float w, std::int64_t begin,
+                                         std::int64_t end) {
+  using V = typename Io::V;
+  constexpr std::int64_t W = sizeof(V) / sizeof(float);
+  std::int64_t i = begin;
+  for (; i + W <= end; i += W) Io::store(e + i, ema_lerp(Io::load(e + i), Io::load(p + i), w));
+  if (i < end) {
+    const auto m = Io::tail_mask(end - i);
+    Io::store(e + i, ema_lerp(Io::load(e + i, m), Io::load(p + i, m), w), m);
+  }
+}
+
+/// The step over [begin, end): the loop for the states present, chosen once. Not inlined, so
+/// that elementwise_range's two calls of it (with and without an EMA) share one copy.
 template <class Io, class Op>
-inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
-                              std::int64_t end) {
+__attribute__((noinline)) void step_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
+                                          std::int64_t end) {
   // A local copy: the loop's float stores cannot alias it, so its fields stay in registers
   // and its branches are loop-invariant (through the reference, every store could change
   // them, and each iteration reloaded and retested them).
@@ -87,6 +99,24 @@ inline void elementwise_range(const Op& op_in, const DensePtrs& t, std::int64_t 
     case 5: return elementwise_loop<Io, 5>(op, t, begin, end);
     case 6: return elementwise_loop<Io, 6>(op, t, begin, end);
     default: return elementwise_loop<Io, 7>(op, t, begin, end);
+  }
+}
+
+/// Elements per block of a step with a weight EMA: the step over a block, then the EMA over
+/// it while the block's params are still in L1 (2 KiB of them), so memory sees one pass.
+inline constexpr std::int64_t kEmaBlock = 512;
+
+/// The step over [begin, end), and the weight EMA where t.ema is set. The EMA stays out of
+/// the step's loop: a test in it made GCC unswitch every loop (twice the code and the compile
+/// time of each ISA's kernels); an element's result does not depend on where a block ends.
+template <class Io, class Op>
+inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t begin,
+                              std::int64_t end) {
+  if (!t.ema) return step_range<Io>(op, t, begin, end);
+  for (std::int64_t b = begin; b < end; b += kEmaBlock) {
+    const std::int64_t stop = end - b > kEmaBlock ? b + kEmaBlock : end;
+    step_range<Io>(op, t, b, stop);
+    ema_range<Io>(t.param, t.ema, t.ema_weight, b, stop);
   }
 }
 
