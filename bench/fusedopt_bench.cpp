@@ -12,7 +12,9 @@
 // CUDA: device time from events; `pct_of_copy` against a device-to-device copy moving the
 // same bytes and `pct_of_limit` against the traffic probe through the same multi-tensor
 // kernel, both timed in the same iterations; buffer sets rotate so L2 is not measured.
-// Plus step/adam/cuda/f32/gpt2_small: GPT-2 small's 148 tensors in one optimizer.
+// Plus step/adam/cuda/f32/gpt2_small: GPT-2 small's 148 tensors in one optimizer, and
+// step_ema/adam/cpu/f32/<n>: adam with a weight EMA (ema_decay 0.999) in the same pass, its
+// bytes counting the EMA read and written.
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
@@ -84,7 +86,7 @@ std::optional<fo::detail::Buffer> host_array(std::int64_t n, float value) {
 }
 
 struct HostSet {
-  std::optional<fo::detail::Buffer> param, grad, states[fo::kMaxStates];
+  std::optional<fo::detail::Buffer> param, grad, states[fo::kMaxStates], ema;
   fo::cpu::DensePtrs ptrs() const {
     auto ptr = [](const std::optional<fo::detail::Buffer>& b) { return b ? b->f32() : nullptr; };
     return {ptr(param), ptr(grad), {ptr(states[0]), ptr(states[1]), ptr(states[2])}};
@@ -92,20 +94,29 @@ struct HostSet {
 };
 
 template <class A>
-void bench_cpu_step(benchmark::State& state, std::int64_t n) {
+void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
   const typename A::Options options{};
-  const std::int64_t bytes = step_bytes<A>(n);
+  // The probe moves the step's own streams: the EMA's too, as two more states would.
+  const std::int64_t bytes = step_bytes<A>(n) + (ema ? 8 * n : 0);
   std::vector<HostSet> sets(static_cast<std::size_t>(rotation(bytes, llc_bytes())));
   for (auto& s : sets) {
     s.param = host_array(n, 0.5f);
     s.grad = host_array(n, 0.01f);
     for (int k = 0; k < active_states<A>(); ++k) s.states[k] = host_array(n, 0.25f);
+    if (ema) s.ema = host_array(n, 0.5f);
   }
   std::size_t next = 0;
   std::int64_t step = 1;
   double probe_s = 0.0, step_s = 0.0;
   for (auto _ : state) {
-    const fo::cpu::DensePtrs probe = sets[next].ptrs();
+    fo::cpu::DensePtrs probe = sets[next].ptrs();
+    if (ema) {  // the probe's loop has no EMA: it moves those bytes as one more state
+      for (int k = 0; k < fo::kMaxStates; ++k)
+        if (!probe.states[k]) {
+          probe.states[k] = sets[next].ema->f32();
+          break;
+        }
+    }
     next = (next + 1) % sets.size();
     const fo::cpu::DensePtrs p = sets[next].ptrs();
     next = (next + 1) % sets.size();
@@ -114,11 +125,16 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n) {
     t.grad = p.grad;
     for (int k = 0; k < fo::kMaxStates; ++k) t.states[k] = p.states[k];
     t.numel = n;
+    fo::StepControls controls;
+    if (ema) {
+      t.ema = sets[(next + sets.size() - 1) % sets.size()].ema->f32();
+      controls.ema_decay = 0.999;
+    }
 
     const auto t0 = Clock::now();
     fo::cpu::traffic_probe(probe, n);
     const auto t1 = Clock::now();
-    fo::fused_step<A>(options, step++, t);
+    fo::fused_step<A>(options, step++, t, fo::Exec{}, controls);
     const auto t2 = Clock::now();
     const double s = std::chrono::duration<double>(t2 - t1).count();
     probe_s += std::chrono::duration<double>(t1 - t0).count();
@@ -423,14 +439,17 @@ void register_sparse(bool cuda) {
 
 template <class A>
 void register_algorithm(bool cuda) {
-  for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26}) {
-    const std::string name = std::string("step/") + A::kName + "/cpu/f32/" + std::to_string(n);
-    benchmark::RegisterBenchmark(name.c_str(),
-                                 [n](benchmark::State& s) { bench_cpu_step<A>(s, n); })
-        ->UseManualTime()
-        ->Unit(benchmark::kMillisecond)
-        ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
-  }
+  for (bool ema : {false, true})
+    for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26}) {
+      if (ema && std::string(A::kName) != "adam") continue;
+      const std::string name =
+          std::string(ema ? "step_ema/" : "step/") + A::kName + "/cpu/f32/" + std::to_string(n);
+      benchmark::RegisterBenchmark(name.c_str(),
+                                   [n, ema](benchmark::State& s) { bench_cpu_step<A>(s, n, ema); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
+    }
 #if defined(FUSEDOPT_WITH_CUDA)
   if (cuda)
     for (bool bf16 : {false, true})
