@@ -405,6 +405,67 @@ TEST(Cuda, Bf16AndF16ParamsWithMasterWeights) {
   }
 }
 
+// The weight EMA of bf16 params with master weights follows the master (the f32 trajectory):
+// bitwise the CPU's EMA of the same float32 params. swap_ema exchanges master and EMA and
+// rounds the new master into the param; twice restores all three (no stochastic rounding).
+TEST(Cuda, WeightEmaFollowsTheMasterAndSwapsBack) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1, 3, 4097, 100003, 0, 16};
+  const Layout bl = carve(sizes, rng), gl = carve(sizes, rng);
+  std::vector<std::vector<bf16>> b0;
+  std::vector<std::vector<float>> wide;
+  for (const auto& v : random_tensors(rng, bl)) {
+    b0.emplace_back();
+    wide.emplace_back();
+    for (float x : v) {
+      b0.back().push_back(to_bf16(x));
+      wide.back().push_back(to_float(to_bf16(x)));
+    }
+  }
+  DeviceArray<bf16> gpu_b(pack(bl, b0, bf16{0}));
+  std::vector<float> cpu_p = pack(gl, wide, TestTensor::kCanary);
+  Optimizer gpu("adamw", Device::cuda), cpu("adamw");
+  gpu.set_option("master_weights", 1);
+  gpu.set_option("fp32_grads", 1);
+  gpu.set_option("ema_decay", 0.9);
+  cpu.set_option("ema_decay", 0.9);
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    gpu.add_param(pname(i), gpu_b.get() + bl.offsets[i], DType::bf16, {sizes[i]});
+  add_params(cpu, cpu_p.data(), DType::f32, gl);
+  DeviceArray<float> gpu_g(gl.total);
+  for (int t = 1; t <= 5; ++t) {
+    const std::vector<float> g = pack(gl, random_tensors(rng, gl), 0.0f);
+    gpu_g.upload(g);
+    gpu.step(pointers(gpu_g.get(), gl).data());
+    cpu.step(pointers(g.data(), gl).data());
+  }
+  std::vector<std::vector<float>> master, ema;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    master.push_back(gpu.state(pname(i), "master"));
+    ema.push_back(gpu.state(pname(i), "ema"));
+    const std::vector<float> want = cpu.state(pname(i), "ema");
+    EXPECT_TRUE(bitwise_equal(ema.back(), want))
+        << pname(i) << ": " << first_difference(ema.back(), want);
+  }
+  const std::vector<bf16> b1 = gpu_b.download();
+  gpu.swap_ema();
+  const std::vector<bf16> b2 = gpu_b.download();
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_TRUE(bitwise_equal(gpu.state(pname(i), "master"), ema[i])) << pname(i);
+    EXPECT_TRUE(bitwise_equal(gpu.state(pname(i), "ema"), master[i])) << pname(i);
+    std::vector<std::uint16_t> rounded;
+    for (float x : ema[i]) rounded.push_back(to_bf16(x).bits);
+    EXPECT_EQ(bits_of(slice(bl, b2, i)), rounded) << pname(i);
+  }
+  gpu.swap_ema();
+  EXPECT_EQ(bits_of(gpu_b.download()), bits_of(b1));
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_TRUE(bitwise_equal(gpu.state(pname(i), "master"), master[i])) << pname(i);
+    EXPECT_TRUE(bitwise_equal(gpu.state(pname(i), "ema"), ema[i])) << pname(i);
+  }
+}
+
 // bfloat16 states: Adam's moments are stored rounded to nearest even after every step, so
 // the result drifts from the float32 run by their rounding, and no further.
 //
