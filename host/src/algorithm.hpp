@@ -50,6 +50,8 @@ class Algorithm {
   /// A dense step of param `param` on the CPU at step count `step`.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
                         std::int64_t n) const = 0;
+  /// Bytes of device workspace a CUDA step of these entries needs (settings.d_workspace).
+  virtual std::size_t cuda_workspace(const cuda::ListEntry* entries, std::size_t n) const = 0;
   /// A multi-tensor step on CUDA of tensors sharing the options of param `param`.
   virtual void cuda_step(std::size_t param, const cuda::ListEntry* entries, std::size_t n,
                          const cuda::ListPlan& plan, const cuda::ListSettings& settings,

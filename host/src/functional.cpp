@@ -5,9 +5,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "buffer.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "messages.hpp"
@@ -145,6 +147,21 @@ cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& cont
   return s;
 }
 
+// A CUDA step of the entries. A trust-ratio algorithm's workspace is allocated here, for this
+// call (freeing it waits for the device; fo::Optimizer keeps its own and never waits).
+template <class A>
+void cuda_list_step(const typename A::Options& options, const cuda::ListEntry* entries,
+                    std::size_t n, cuda::ListSettings s, const Exec& exec) {
+  cuda::DeviceGuard guard(exec.device_index);
+  std::optional<detail::Buffer> workspace;
+  if (const std::size_t bytes = cuda::step_workspace<A>(entries, n); bytes > 0) {
+    workspace.emplace(Device::cuda, exec.device_index, bytes);
+    s.d_workspace = workspace->data();
+    s.workspace_bytes = bytes;
+  }
+  cuda::multi_tensor_step<A>(options, entries, n, cuda::plan_list(entries, n), s, exec.stream);
+}
+
 // The registry's table from name to typed entry: the one place a name becomes a type.
 struct ByName {
   const char* name;
@@ -196,9 +213,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   if (exec.device == Device::cuda) {
     const cuda::ListEntry entry{t.param, t.grad, t.master,    {states[0], states[1], states[2]},
                                 t.numel, step,   controls.key};
-    cuda::DeviceGuard guard(exec.device_index);
-    cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1),
-                               list_settings(t, controls), exec.stream);
+    cuda_list_step<A>(options, &entry, 1, list_settings(t, controls), exec);
     return;
   }
   cpu::DensePtrs ptrs{static_cast<float*>(t.param),
@@ -231,10 +246,8 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
       entries.push_back(e);
     }
     if (entries.empty()) return;
-    cuda::DeviceGuard guard(exec.device_index);
-    cuda::multi_tensor_step<A>(options, entries.data(), entries.size(),
-                               cuda::plan_list(entries.data(), entries.size()),
-                               list_settings(first, controls), exec.stream);
+    cuda_list_step<A>(options, entries.data(), entries.size(), list_settings(first, controls),
+                      exec);
     return;
   }
   for (std::size_t i = 0; i < n; ++i) {

@@ -205,6 +205,18 @@ cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t s
   return e;
 }
 
+/// A's device workspace for a step of `entries` (NaN-filled: a pass that reads what no pass
+/// wrote shows), set in `s`; keep it alive for the step.
+template <class A>
+std::vector<double> workspace_for(cuda::ListSettings& s,
+                                  const std::vector<cuda::ListEntry>& entries) {
+  std::vector<double> w(cuda::step_workspace<A>(entries.data(), entries.size()) / sizeof(double),
+                        std::numeric_limits<double>::quiet_NaN());
+  s.d_workspace = w.data();
+  s.workspace_bytes = w.size() * sizeof(double);
+  return w;
+}
+
 // --------------------------------------------------- f32: against the CPU backend bytewise
 
 /// Sizes that hit every tail of the 4-wide vector path and of a block's 8192-element chunk.
@@ -255,6 +267,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     if (lr_factor != 0.0f) s.d_lr = &lr_factor;
     if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
     if (d.pass_found_inf) s.d_found_inf = &found;
+    const std::vector<double> workspace = workspace_for<A>(s, entries);
     cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
                                cuda::plan_list(entries.data(), entries.size()), s, nullptr);
 
@@ -301,6 +314,67 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// run the functor once, write the master exactly and every 16-bit value rounded to nearest
 /// even, or stochastically with the draw of (seed of the key, step, 4i for the param,
 /// 4i + 1 + k for state k).
+/// The same for a trust-ratio algorithm's two passes (kernels/trust_ratio.hpp): pass one
+/// stores advance()'s states and reads them back as stored, the norms of the values the
+/// functor saw are summed in the shared order, pass two applies the rate.
+template <class A, class Store>
+void reference_trust_step(const typename A::Options& o, const typename A::Op& op, Tensor& t,
+                          const Storage& st, float grad_multiplier, const Store& store) {
+  using Op = typename A::Op;
+  const auto has = [&](int k) { return k < StateList<A>::count && A::has_state(o, k); };
+  const std::size_t n = t.param.size();
+  std::vector<float> p(n), u(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    p[i] = st.master ? t.master.get(i) : t.param.get(i);
+    const float g = t.grad.get(i) * grad_multiplier;
+    float s[kMaxStates] = {};
+    for (int k = 0; k < kMaxStates; ++k)
+      if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
+    if (Op::kAdvanceStates) {
+      op.advance(p[i], g, s);
+      for (int k = 0; k < kMaxStates; ++k) {
+        Buffer& b = t.states[static_cast<std::size_t>(k)];
+        if (!has(k)) continue;
+        store(b, i, s[k], 4 * i + 1 + k);
+        s[k] = b.get(i);
+      }
+    }
+    u[i] = op.direction(p[i], g, s);
+  }
+  float rate = op.rate(0.0, 0.0);
+  if (op.needs_norms()) {
+    const std::size_t chunks = (n + kTrustChunk - 1) / kTrustChunk;
+    std::vector<double> partial(2 * chunks);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      double acc_p[kTrustRow] = {}, acc_u[kTrustRow] = {};
+      const std::size_t end = std::min(n, (c + 1) * kTrustChunk);
+      for (std::size_t row = c * kTrustChunk; row < end; row += kTrustRow) {
+        const int count = static_cast<int>(std::min<std::size_t>(kTrustRow, end - row));
+        trust_add_row(p.data() + row, count, acc_p);
+        trust_add_row(u.data() + row, count, acc_u);
+      }
+      partial[2 * c] = trust_chunk_sum(acc_p);
+      partial[2 * c + 1] = trust_chunk_sum(acc_u);
+    }
+    rate =
+        op.rate(std::sqrt(trust_total(partial.data(), static_cast<std::int64_t>(chunks), 2)),
+                std::sqrt(trust_total(partial.data() + 1, static_cast<std::int64_t>(chunks), 2)));
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    float q = st.master ? t.master.get(i) : t.param.get(i);
+    const float g = Op::kApplyReadsGrad ? t.grad.get(i) * grad_multiplier : 0.0f;
+    float s[kMaxStates] = {};
+    for (int k = 0; k < kMaxStates; ++k)
+      if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
+    op.apply(q, g, s, rate);
+    if (st.master) t.master.set(i, q);
+    store(t.param, i, q, 4 * i);
+    if (Op::kApplyWritesStates)
+      for (int k = 0; k < kMaxStates; ++k)
+        if (has(k)) store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
+  }
+}
+
 template <class A>
 void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
                     std::uint64_t seed, int key, float grad_multiplier) {
@@ -314,16 +388,21 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
         b.dtype() == DType::bf16 ? to_bf16_stochastic(x, r).bits : to_f16_stochastic(x, r).bits;
     std::memcpy(static_cast<unsigned char*>(b.data()) + 2 * i, &h, 2);
   };
-  for (std::size_t i = 0; i < t.param.size(); ++i) {
-    float p = st.master ? t.master.get(i) : t.param.get(i);
-    float s[kMaxStates];
-    for (int k = 0; k < kMaxStates; ++k)
-      s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
-    op(p, t.grad.get(i) * grad_multiplier, s);
-    if (st.master) t.master.set(i, p);
-    store(t.param, i, p, 4 * i);
-    for (int k = 0; k < kMaxStates; ++k)
-      if (A::has_state(o, k)) store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
+  if constexpr (TrustRatioCapable<A>::value) {
+    return reference_trust_step<A>(o, op, t, st, grad_multiplier, store);
+  } else {
+    for (std::size_t i = 0; i < t.param.size(); ++i) {
+      float p = st.master ? t.master.get(i) : t.param.get(i);
+      float s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k)
+        s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
+      op(p, t.grad.get(i) * grad_multiplier, s);
+      if (st.master) t.master.set(i, p);
+      store(t.param, i, p, 4 * i);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (A::has_state(o, k))
+          store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
+    }
   }
 }
 
@@ -369,6 +448,7 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
       s.stochastic = st.stochastic;
       s.seed = seed;
       s.grad_multiplier = grad_multiplier;
+      const std::vector<double> workspace = workspace_for<A>(s, entries);
       cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
                                  cuda::plan_list(entries.data(), entries.size()), s, nullptr);
       for (std::size_t i = 0; i < ref.size(); ++i)
