@@ -27,6 +27,26 @@ __device__ __forceinline__ float stored_value(float x, int storage, bool stochas
   return x;  // states are f32 or bf16
 }
 
+/// The sums of a and of b over the block's threads by the tree of trust_tree_sum, into
+/// out[0] and out[1] by thread 0.
+__device__ __forceinline__ void block_sum2(double a, double b, double* out) {
+  __shared__ double s_sum[2][kBlock];
+  s_sum[0][threadIdx.x] = a;
+  s_sum[1][threadIdx.x] = b;
+  __syncthreads();
+  for (unsigned w = kBlock / 2; w > 0; w /= 2) {
+    if (threadIdx.x < w) {
+      s_sum[0][threadIdx.x] += s_sum[0][threadIdx.x + w];
+      s_sum[1][threadIdx.x] += s_sum[1][threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    out[0] = s_sum[0][0];
+    out[1] = s_sum[1][0];
+  }
+}
+
 /// What a block of a trust-ratio pass starts from: its tensor and range, the functor (from the
 /// host, or built from the device step count and lr), its step, the gradient multiplier.
 struct TrustBlock {
@@ -157,21 +177,8 @@ __global__ void __launch_bounds__(kBlock)
       acc_u[j] += static_cast<double>(u[j]) * static_cast<double>(u[j]);
     }
   }
-  __shared__ double s_sum[2][kBlock];
-  s_sum[0][threadIdx.x] = (acc_p[0] + acc_p[1]) + (acc_p[2] + acc_p[3]);
-  s_sum[1][threadIdx.x] = (acc_u[0] + acc_u[1]) + (acc_u[2] + acc_u[3]);
-  __syncthreads();
-  for (unsigned w = kBlock / 2; w > 0; w /= 2) {  // the tree of trust_tree_sum
-    if (threadIdx.x < w) {
-      s_sum[0][threadIdx.x] += s_sum[0][threadIdx.x + w];
-      s_sum[1][threadIdx.x] += s_sum[1][threadIdx.x + w];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    partial[2 * blockIdx.x] = s_sum[0][0];
-    partial[2 * blockIdx.x + 1] = s_sum[1][0];
-  }
+  block_sum2((acc_p[0] + acc_p[1]) + (acc_p[2] + acc_p[3]),
+             (acc_u[0] + acc_u[1]) + (acc_u[2] + acc_u[3]), partial + 2 * blockIdx.x);
 }
 
 /// One block per tensor of the launch (`blocks` in all): norms[2t] = ||p||, norms[2t + 1] =
@@ -188,20 +195,11 @@ __global__ void __launch_bounds__(kBlock)
     sum_p += partial[2 * (b0 + c)];
     sum_u += partial[2 * (b0 + c) + 1];
   }
-  __shared__ double s_sum[2][kBlock];
-  s_sum[0][threadIdx.x] = sum_p;
-  s_sum[1][threadIdx.x] = sum_u;
-  __syncthreads();
-  for (unsigned w = kBlock / 2; w > 0; w /= 2) {
-    if (threadIdx.x < w) {
-      s_sum[0][threadIdx.x] += s_sum[0][threadIdx.x + w];
-      s_sum[1][threadIdx.x] += s_sum[1][threadIdx.x + w];
-    }
-    __syncthreads();
-  }
+  double sums[2];
+  block_sum2(sum_p, sum_u, sums);
   if (threadIdx.x == 0) {
-    norms[2 * t] = sqrt(s_sum[0][0]);
-    norms[2 * t + 1] = sqrt(s_sum[1][0]);
+    norms[2 * t] = sqrt(sums[0]);
+    norms[2 * t + 1] = sqrt(sums[1]);
   }
 }
 
