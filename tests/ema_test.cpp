@@ -288,6 +288,18 @@ TEST_F(WeightEma, InvalidDecaysAreRefusedAndNothingChanges) {
   EXPECT_EQ(off.state_names("v"), (std::vector<std::string>{"exp_avg", "exp_avg_sq"}));
   EXPECT_THROW(off.swap_ema(), Error);  // no EMA to swap with
   EXPECT_THROW(off.copy_ema_to_params(), Error);
+
+  // Trust-ratio steps (two passes) take no EMA: refused, not silently left behind.
+  for (const char* algorithm : {"lamb", "lars"}) {
+    Optimizer tr(algorithm);
+    try {
+      tr.set_option("ema_decay", 0.9);
+      ADD_FAILURE() << algorithm << " accepted an EMA";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+    }
+    EXPECT_EQ(tr.option("ema_decay"), 0.0);
+  }
 }
 
 TEST_F(WeightEma, ASkippedStepLeavesTheEmaAlone) {

@@ -1,4 +1,5 @@
-"""fusedopt.torch.AdamW against torch.optim.AdamW(fused=True) and (foreach=True), same process.
+"""A fusedopt.torch class against torch.optim's (fused=True where torch has a fused kernel, and
+foreach=True), same process; AdamW unless --optimizer names another class both have.
 
 Two measurements, each a median of steps, the optimizers interleaved round by round so that a
 noisy shared machine slows them alike (compare the ratios, docs/benchmarks.md):
@@ -8,7 +9,7 @@ noisy shared machine slows them alike (compare the ratios, docs/benchmarks.md):
 - gpt2: the same list at full size (124M elements), and
 - 2^26: one tensor of 2^26 float32 elements (the C++ benchmark's size).
 
-    python bench/python/torch_optim_bench.py [--device cpu|cuda] [--rounds 3]
+    python bench/python/torch_optim_bench.py [--device cpu|cuda] [--rounds 3] [--optimizer NAdam]
 
 Needs the fusedopt package (pip install .) and torch.
 """
@@ -35,11 +36,17 @@ CASES = {
     "gpt2": gpt2_shapes(),
     "2^26": [(1 << 26,)],
 }
-OPTIMIZERS = {
-    "fusedopt.torch.AdamW": lambda ps: ft.AdamW(ps),
-    "torch AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, fused=True),
-    "torch AdamW(foreach=True)": lambda ps: torch.optim.AdamW(ps, foreach=True),
-}
+TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")  # torch 2.15's classes with fused=True
+
+
+def optimizers(name):
+    """The contenders for class `name`: fusedopt's first (the baseline of the ratios)."""
+    ours, theirs = getattr(ft, name), getattr(torch.optim, name)
+    out = {f"fusedopt.torch.{name}": lambda ps: ours(ps)}
+    if name in TORCH_FUSED:
+        out[f"torch {name}(fused=True)"] = lambda ps: theirs(ps, fused=True)
+    out[f"torch {name}(foreach=True)"] = lambda ps: theirs(ps, foreach=True)
+    return out
 
 
 def timed_steps(opt, steps, device):
@@ -59,13 +66,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--optimizer", default="AdamW")
     args = ap.parse_args()
+    contenders = optimizers(args.optimizer)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     assert len(CASES["overhead"]) == 148 and len(CASES["gpt2"]) == 148
     for case, shapes in CASES.items():
         steps = 200 if case == "overhead" else 5
         runs = {}
-        for name, make in OPTIMIZERS.items():  # state created once, outside the timing
+        for name, make in contenders.items():  # state created once, outside the timing
             params = [torch.nn.Parameter(torch.randn(s, device=args.device)) for s in shapes]
             for p in params:
                 p.grad = torch.randn_like(p)
@@ -76,7 +85,7 @@ def main():
         for _ in range(args.rounds):
             for name, opt in runs.items():
                 medians[name].append(timed_steps(opt, steps, args.device))
-        base = statistics.median(medians["fusedopt.torch.AdamW"])
+        base = statistics.median(medians[f"fusedopt.torch.{args.optimizer}"])
         print(f"\n{case}: {len(shapes)} tensors, {sum(torch.Size(s).numel() for s in shapes)} "
               f"elements; median of {args.rounds} rounds x {steps} steps")
         for name, m in medians.items():

@@ -85,11 +85,17 @@ class AlgorithmImpl final : public Algorithm {
     cpu::dense_step<A>(options_[param], step, t, n);
   }
 
+  std::size_t cuda_workspace(const cuda::ListEntry* entries, std::size_t n) const override {
+    return cuda::step_workspace<A>(entries, n);
+  }
+
   void cuda_step(std::size_t param, const cuda::ListEntry* entries, std::size_t n,
                  const cuda::ListPlan& plan, const cuda::ListSettings& settings,
                  void* stream) const override {
     cuda::multi_tensor_step<A>(options_[param], entries, n, plan, settings, stream);
   }
+
+  bool takes_ema() const override { return !TrustRatioCapable<A>::value; }
 
   void sparse_step(std::size_t param, std::int64_t step, const SparseStep& s, Device device,
                    void* stream) const override {

@@ -5,9 +5,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "buffer.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/ema.hpp"
@@ -58,6 +60,8 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   }
   if (!std::isfinite(c.grad_multiplier))
     invalid(who() + ": the gradient multiplier must be finite");
+  if constexpr (TrustRatioCapable<A>::value)
+    if (t.ema) unsupported("the weight EMA is not fused into a two-pass trust-ratio step");
   if (t.ema && !(c.ema_decay >= 0.0 && c.ema_decay < 1.0))
     invalid(who() + ": ema_decay must be in [0, 1), got " + detail::format_number(c.ema_decay));
   if (t.numel == 0) return;
@@ -150,6 +154,21 @@ cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& cont
   return s;
 }
 
+// A CUDA step of the entries. A trust-ratio algorithm's workspace is allocated here, for this
+// call (freeing it waits for the device; fo::Optimizer keeps its own and never waits).
+template <class A>
+void cuda_list_step(const typename A::Options& options, const cuda::ListEntry* entries,
+                    std::size_t n, cuda::ListSettings s, const Exec& exec) {
+  cuda::DeviceGuard guard(exec.device_index);
+  std::optional<detail::Buffer> workspace;
+  if (const std::size_t bytes = cuda::step_workspace<A>(entries, n); bytes > 0) {
+    workspace.emplace(Device::cuda, exec.device_index, bytes);
+    s.d_workspace = workspace->data();
+    s.workspace_bytes = bytes;
+  }
+  cuda::multi_tensor_step<A>(options, entries, n, cuda::plan_list(entries, n), s, exec.stream);
+}
+
 // The registry's table from name to typed entry: the one place a name becomes a type.
 struct ByName {
   const char* name;
@@ -201,9 +220,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   if (exec.device == Device::cuda) {
     const cuda::ListEntry entry{t.param, t.grad, t.master,     {states[0], states[1], states[2]},
                                 t.numel, step,   controls.key, t.ema};
-    cuda::DeviceGuard guard(exec.device_index);
-    cuda::multi_tensor_step<A>(options, &entry, 1, cuda::plan_list(&entry, 1),
-                               list_settings(t, controls), exec.stream);
+    cuda_list_step<A>(options, &entry, 1, list_settings(t, controls), exec);
     return;
   }
   cpu::DensePtrs ptrs{static_cast<float*>(t.param),
@@ -238,10 +255,8 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
       entries.push_back(e);
     }
     if (entries.empty()) return;
-    cuda::DeviceGuard guard(exec.device_index);
-    cuda::multi_tensor_step<A>(options, entries.data(), entries.size(),
-                               cuda::plan_list(entries.data(), entries.size()),
-                               list_settings(first, controls), exec.stream);
+    cuda_list_step<A>(options, entries.data(), entries.size(), list_settings(first, controls),
+                      exec);
     return;
   }
   for (std::size_t i = 0; i < n; ++i) {

@@ -114,7 +114,9 @@ struct Optimizer::Impl {
   std::optional<detail::Buffer> d_steps;  // int64 per param key
   std::size_t d_steps_capacity = 0;
   std::optional<detail::Buffer> d_workspace;
-  std::optional<detail::Buffer> d_scalars;  // [norm, clip, found_inf]
+  std::optional<detail::Buffer> d_step_workspace;  // the algorithm's (trust-ratio steps)
+  std::vector<cuda::ListEntry> workspace_query;    // sizes of the stepping params, reused
+  std::optional<detail::Buffer> d_scalars;         // [norm, clip, found_inf]
   bool norm_computed = false;
   const float* d_lr = nullptr;
   const float* d_grad_multiplier = nullptr;

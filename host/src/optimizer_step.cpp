@@ -236,6 +236,15 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
       if (grad_dtype(params[i]) != norm_dtype)
         unsupported("clipping and the non-finite check need one gradient dtype across params");
   grow_device_steps(stream);
+  // The algorithm's workspace (one, shared by the groups' launches in stream order), before
+  // any state is created.
+  workspace_query.clear();
+  for (std::size_t i : stepping)
+    workspace_query.push_back({nullptr, nullptr, nullptr, {}, params[i].numel, 0, 0});
+  const std::size_t step_ws =
+      algorithm->cuda_workspace(workspace_query.data(), workspace_query.size());
+  if (step_ws > 0 && (!d_step_workspace || d_step_workspace->bytes() < step_ws))
+    d_step_workspace.emplace(device, device_index, step_ws);
   create_first_step_state(stepping.data(), stepping.size(), stream);
   if (!d_scalars) d_scalars.emplace(device, device_index, 4 * sizeof(float));
   if (groups_stale) regroup();
@@ -281,6 +290,10 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
     s.d_grad_multiplier = d_grad_multiplier;
     s.d_clip = clip ? scalars + 1 : nullptr;
     s.d_found_inf = found_inf;
+    if (d_step_workspace) {
+      s.d_workspace = d_step_workspace->data();
+      s.workspace_bytes = d_step_workspace->bytes();
+    }
     algorithm->cuda_step(g.members.front(), g.entries.data(), g.entries.size(), g.plan, s, stream);
   }
   for (std::size_t i : stepping) ++params[i].steps_launched;

@@ -211,6 +211,18 @@ cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t s
   return e;
 }
 
+/// A's device workspace for a step of `entries` (NaN-filled: a pass that reads what no pass
+/// wrote shows), set in `s`; keep it alive for the step.
+template <class A>
+std::vector<double> workspace_for(cuda::ListSettings& s,
+                                  const std::vector<cuda::ListEntry>& entries) {
+  std::vector<double> w(cuda::step_workspace<A>(entries.data(), entries.size()) / sizeof(double),
+                        std::numeric_limits<double>::quiet_NaN());
+  s.d_workspace = w.data();
+  s.workspace_bytes = w.size() * sizeof(double);
+  return w;
+}
+
 // --------------------------------------------------- f32: against the CPU backend bytewise
 
 /// Sizes that hit every tail of the 4-wide vector path and of a block's 8192-element chunk.
@@ -258,15 +270,16 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
                                     static_cast<int>(i) + 2));
     cuda::ListSettings s;
     s.grad_multiplier = grad_multiplier;
+    if (d.counted_on_device) s.d_steps = d_steps.data();
+    if (lr_factor != 0.0f) s.d_lr = &lr_factor;
+    if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
+    if (d.pass_found_inf) s.d_found_inf = &found;
     if (d.ema_decay != 0.0) {
       for (std::size_t i = 0; i < emu.size(); ++i)
         entries[i].ema = static_cast<float*>(emu[i].ema.data());
       s.ema_weight = ema_weight(d.ema_decay);
     }
-    if (d.counted_on_device) s.d_steps = d_steps.data();
-    if (lr_factor != 0.0f) s.d_lr = &lr_factor;
-    if (dgs != 0.0f) s.d_grad_multiplier = &dgs;
-    if (d.pass_found_inf) s.d_found_inf = &found;
+    const std::vector<double> workspace = workspace_for<A>(s, entries);
     cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
                                cuda::plan_list(entries.data(), entries.size()), s, nullptr);
 
@@ -319,12 +332,74 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// What the step kernel promises per element (multi_tensor.cuh): widen every operand to fp32,
 /// run the functor once, write the master exactly and every 16-bit value rounded to nearest
 /// even, or stochastically with the draw of (seed of the key, step, 4i for the param,
-/// 4i + 1 + k for state k). With an EMA weight w > 0, the weight EMA (f32) then moves toward the
-/// functor's f32 result, before it is rounded: docs/optimizers.md's formula, torch's lerp:
+/// 4i + 1 + k for state k).
+/// The same for a trust-ratio algorithm's two passes (kernels/trust_ratio.hpp): pass one
+/// stores advance()'s states and reads them back as stored, the norms of the values the
+/// functor saw are summed in the shared order, pass two applies the rate.
+template <class A, class Store>
+void reference_trust_step(const typename A::Options& o, const typename A::Op& op, Tensor& t,
+                          const Storage& st, float grad_multiplier, const Store& store) {
+  using Op = typename A::Op;
+  const auto has = [&](int k) { return k < StateList<A>::count && A::has_state(o, k); };
+  const std::size_t n = t.param.size();
+  std::vector<float> p(n), u(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    p[i] = st.master ? t.master.get(i) : t.param.get(i);
+    const float g = t.grad.get(i) * grad_multiplier;
+    float s[kMaxStates] = {};
+    for (int k = 0; k < kMaxStates; ++k)
+      if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
+    if (Op::kAdvanceStates) {
+      op.advance(p[i], g, s);
+      for (int k = 0; k < kMaxStates; ++k) {
+        Buffer& b = t.states[static_cast<std::size_t>(k)];
+        if (!has(k)) continue;
+        store(b, i, s[k], 4 * i + 1 + k);
+        s[k] = b.get(i);
+      }
+    }
+    u[i] = op.direction(p[i], g, s);
+  }
+  float rate = op.rate(0.0, 0.0);
+  if (op.needs_norms()) {
+    const std::size_t chunks = (n + kTrustChunk - 1) / kTrustChunk;
+    std::vector<double> partial(2 * chunks);
+    for (std::size_t c = 0; c < chunks; ++c) {
+      double acc_p[kTrustRow] = {}, acc_u[kTrustRow] = {};
+      const std::size_t end = std::min(n, (c + 1) * kTrustChunk);
+      for (std::size_t row = c * kTrustChunk; row < end; row += kTrustRow) {
+        const int count = static_cast<int>(std::min<std::size_t>(kTrustRow, end - row));
+        trust_add_row(p.data() + row, count, acc_p);
+        trust_add_row(u.data() + row, count, acc_u);
+      }
+      partial[2 * c] = trust_chunk_sum(acc_p);
+      partial[2 * c + 1] = trust_chunk_sum(acc_u);
+    }
+    rate =
+        op.rate(std::sqrt(trust_total(partial.data(), static_cast<std::int64_t>(chunks), 2)),
+                std::sqrt(trust_total(partial.data() + 1, static_cast<std::int64_t>(chunks), 2)));
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    float q = st.master ? t.master.get(i) : t.param.get(i);
+    const float g = Op::kApplyReadsGrad ? t.grad.get(i) * grad_multiplier : 0.0f;
+    float s[kMaxStates] = {};
+    for (int k = 0; k < kMaxStates; ++k)
+      if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
+    op.apply(q, g, s, rate);
+    if (st.master) t.master.set(i, q);
+    store(t.param, i, q, 4 * i);
+    if (Op::kApplyWritesStates)
+      for (int k = 0; k < kMaxStates; ++k)
+        if (has(k)) store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
+  }
+}
+
+/// With an EMA weight w > 0 (elementwise algorithms), the weight EMA (f32) then moves toward
+/// the functor's f32 result, before it is rounded: docs/optimizers.md's formula, torch's lerp:
 /// e + w * (p - e) for w < 0.5, else p - (p - e) * (1 - w).
 template <class A>
 void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
-                    std::uint64_t seed, int key, float grad_multiplier, float w) {
+                    std::uint64_t seed, int key, float grad_multiplier, float w = 0.0f) {
   const typename A::Op op = A::make_op(o, step);
   const std::uint64_t key_seed =
       seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
@@ -335,20 +410,25 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
         b.dtype() == DType::bf16 ? to_bf16_stochastic(x, r).bits : to_f16_stochastic(x, r).bits;
     std::memcpy(static_cast<unsigned char*>(b.data()) + 2 * i, &h, 2);
   };
-  for (std::size_t i = 0; i < t.param.size(); ++i) {
-    float p = st.master ? t.master.get(i) : t.param.get(i);
-    float s[kMaxStates];
-    for (int k = 0; k < kMaxStates; ++k)
-      s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
-    op(p, t.grad.get(i) * grad_multiplier, s);
-    if (w > 0.0f) {
-      const float e = t.ema.get(i);
-      t.ema.set(i, w < 0.5f ? e + w * (p - e) : p - (p - e) * (1.0f - w));
+  if constexpr (TrustRatioCapable<A>::value) {
+    return reference_trust_step<A>(o, op, t, st, grad_multiplier, store);
+  } else {
+    for (std::size_t i = 0; i < t.param.size(); ++i) {
+      float p = st.master ? t.master.get(i) : t.param.get(i);
+      float s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k)
+        s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
+      op(p, t.grad.get(i) * grad_multiplier, s);
+      if (w > 0.0f) {
+        const float e = t.ema.get(i);
+        t.ema.set(i, w < 0.5f ? e + w * (p - e) : p - (p - e) * (1.0f - w));
+      }
+      if (st.master) t.master.set(i, p);
+      store(t.param, i, p, 4 * i);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (A::has_state(o, k))
+          store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
     }
-    if (st.master) t.master.set(i, p);
-    store(t.param, i, p, 4 * i);
-    for (int k = 0; k < kMaxStates; ++k)
-      if (A::has_state(o, k)) store(t.states[static_cast<std::size_t>(k)], i, s[k], 4 * i + 1 + k);
   }
 }
 
@@ -377,10 +457,10 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
   const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
   // Then with a weight EMA, for 16-bit params (f32 params: WeightEmaMatchesCpuBitwise below),
-  // where it follows the f32 value before rounding.
+  // where it follows the f32 value before rounding. (Trust-ratio steps take no EMA.)
   for (const double decay : {0.0, 0.9})
     for (const Storage& st : storages()) {
-      if (decay != 0.0 && st.param == DType::f32) continue;
+      if (decay != 0.0 && (st.param == DType::f32 || TrustRatioCapable<A>::value)) continue;
       const float w = decay == 0.0 ? 0.0f : ema_weight(decay);
       std::vector<Tensor> emu, ref;
       for (std::size_t n : sizes) {
@@ -393,17 +473,18 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
         for (std::size_t i = 0; i < emu.size(); ++i)
           entries.push_back(entry_of<A>(o, emu[i], step, static_cast<int>(i)));
         cuda::ListSettings s;
-        if (w > 0.0f) {
-          for (std::size_t i = 0; i < emu.size(); ++i)
-            entries[i].ema = static_cast<float*>(emu[i].ema.data());
-          s.ema_weight = w;
-        }
         s.param_dtype = st.param;
         s.grad_dtype = st.grad;
         s.state_dtype = st.state;
         s.stochastic = st.stochastic;
         s.seed = seed;
         s.grad_multiplier = grad_multiplier;
+        if (w > 0.0f) {
+          for (std::size_t i = 0; i < emu.size(); ++i)
+            entries[i].ema = static_cast<float*>(emu[i].ema.data());
+          s.ema_weight = w;
+        }
+        const std::vector<double> workspace = workspace_for<A>(s, entries);
         cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
                                    cuda::plan_list(entries.data(), entries.size()), s, nullptr);
         for (std::size_t i = 0; i < ref.size(); ++i)
@@ -586,24 +667,28 @@ AlgorithmCase make_case() {
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
   c.ema = [](std::mt19937_64& rng) {
-    // Every option combination with an EMA in torch's first lerp branch, then the other
-    // branch under device-counted steps, a skipped step, and host steps that differ.
-    DeviceScalars d;
-    d.ema_decay = 0.999;
-    for (const auto& o : option_variants<A>()) expect_f32_matches_cpu<A>(o, kSizes, d, rng);
-    const typename A::Options o = option_variants<A>().back();
-    const std::vector<std::size_t> sizes = {0, 5, 8193, 3, 1, 20011};
-    d.ema_decay = 0.375;
-    d.counted_on_device = true;
-    d.lr_factor = 0.5f;
-    expect_f32_matches_cpu<A>(o, sizes, d, rng);
-    d.pass_found_inf = true;
-    d.found_inf = 1.0f;
-    expect_f32_matches_cpu<A>(o, sizes, d, rng);  // skipped: the EMA does not move either
-    DeviceScalars mixed;
-    mixed.mixed_host_steps = true;
-    mixed.ema_decay = 0.9;
-    expect_f32_matches_cpu<A>(o, sizes, mixed, rng);
+    if constexpr (TrustRatioCapable<A>::value) {
+      GTEST_SKIP() << A::kName << ": trust-ratio steps take no weight EMA (refused)";
+    } else {
+      // Every option combination with an EMA in torch's first lerp branch, then the other
+      // branch under device-counted steps, a skipped step, and host steps that differ.
+      DeviceScalars d;
+      d.ema_decay = 0.999;
+      for (const auto& o : option_variants<A>()) expect_f32_matches_cpu<A>(o, kSizes, d, rng);
+      const typename A::Options o = option_variants<A>().back();
+      const std::vector<std::size_t> sizes = {0, 5, 8193, 3, 1, 20011};
+      d.ema_decay = 0.375;
+      d.counted_on_device = true;
+      d.lr_factor = 0.5f;
+      expect_f32_matches_cpu<A>(o, sizes, d, rng);
+      d.pass_found_inf = true;
+      d.found_inf = 1.0f;
+      expect_f32_matches_cpu<A>(o, sizes, d, rng);  // skipped: the EMA does not move either
+      DeviceScalars mixed;
+      mixed.mixed_host_steps = true;
+      mixed.ema_decay = 0.9;
+      expect_f32_matches_cpu<A>(o, sizes, mixed, rng);
+    }
   };
   return c;
 }

@@ -121,6 +121,21 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
          {"beta1", 0.5},
          {"beta2", 0.99},
          {"eps", 1e-3}}}},
+      {"lamb",
+       {{},
+        {{"weight_decay", 0}},  // no trust ratio (Apex: only with decay or use_nvlamb)
+        {{"weight_decay", 0}, {"use_nvlamb", 1}, {"grad_averaging", 0}, {"lr", 1e-2}},
+        {{"adam_w_mode", 0},
+         {"bias_correction", 0},
+         {"weight_decay", 0.1},
+         {"beta1", 0.5},
+         {"beta2", 0.9},
+         {"eps", 1e-3}}}},
+      {"lars",
+       {{},
+        {{"adapt", 0}, {"weight_decay", 0.1}, {"momentum", 0}, {"lr", 0.1}},
+        {{"weight_decay", 0.01}, {"nesterov", 1}, {"momentum", 0.5}, {"eps", 1e-3}},
+        {{"weight_decay", 0.1}, {"trust_coefficient", 0.02}, {"lr", 0.5}}}},
       {"ademamix",
        {{},
         // Warm-ups shorter than a 25-step run: both schedules ramp, then hold.
@@ -200,6 +215,13 @@ OptionMap defaults(const std::string& a) {
     return {{"lr", 1e-3},   {"beta1", 0.9}, {"beta2", 0.999},       {"beta3", 0.9999},
             {"alpha", 5},   {"eps", 1e-8},  {"weight_decay", 1e-2}, {"t_alpha", 0},
             {"t_beta3", 0}, {"maximize", 0}};
+  if (a == "lamb")  // NVIDIA Apex FusedLAMB (its amsgrad is unsupported there too)
+    return {{"lr", 1e-3},          {"beta1", 0.9},         {"beta2", 0.999},
+            {"eps", 1e-6},         {"weight_decay", 0.01}, {"bias_correction", 1},
+            {"grad_averaging", 1}, {"adam_w_mode", 1},     {"use_nvlamb", 0}};
+  if (a == "lars")  // Optax's lars (learning_rate has no default there)
+    return {{"lr", 1.0}, {"momentum", 0.9}, {"weight_decay", 0}, {"trust_coefficient", 1e-3},
+            {"eps", 0},  {"nesterov", 0},   {"adapt", 1}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
 }
 
@@ -227,6 +249,10 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   if (a == "nadam" || a == "radam") return {"exp_avg", "exp_avg_sq"};
   if (a == "signsgd") return {};
   if (a == "ademamix") return {"exp_avg", "exp_avg_slow", "exp_avg_sq"};
+  if (a == "lamb") return {"exp_avg", "exp_avg_sq"};
+  if (a == "lars")
+    return o.at("momentum") != 0 ? std::vector<std::string>{"momentum_buffer"}
+                                 : std::vector<std::string>{};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -237,6 +263,62 @@ double state_initial_value(const std::string& a, const OptionMap& options,
   if (a == "adagrad" && state == "sum") return o.at("initial_accumulator_value");
   return 0.0;
 }
+
+namespace {
+
+// lamb and lars: the whole tensor's norms between computing the update and applying it.
+void trust_ratio_step(const std::string& a, const OptionMap& o, std::int64_t t,
+                      std::vector<double>& param, const std::vector<double>& grad,
+                      const std::vector<std::vector<double>*>& s) {
+  const std::size_t n = param.size();
+  const double lr = o.at("lr"), wd = o.at("weight_decay");
+  std::vector<double> u(n);
+  double param_sq = 0.0, update_sq = 0.0;
+  if (a == "lamb") {  // NVIDIA Apex FusedLAMB
+    const double beta1 = o.at("beta1"), beta2 = o.at("beta2");
+    const double beta3 = o.at("grad_averaging") != 0 ? 1.0 - beta1 : 1.0;
+    const bool bias_correction = o.at("bias_correction") != 0;
+    const double bc1 = bias_correction ? 1.0 - std::pow(beta1, double(t)) : 1.0;
+    const double bc2 = bias_correction ? 1.0 - std::pow(beta2, double(t)) : 1.0;
+    const bool adam_w = o.at("adam_w_mode") != 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const double g = adam_w ? grad[i] : grad[i] + wd * param[i];
+      double& m = (*s[0])[i];
+      double& v = (*s[1])[i];
+      m = beta1 * m + beta3 * g;
+      v = beta2 * v + (1.0 - beta2) * g * g;
+      u[i] = (m / bc1) / (std::sqrt(v / bc2) + o.at("eps")) + (adam_w ? wd * param[i] : 0.0);
+    }
+    for (std::size_t i = 0; i < n; ++i) param_sq += param[i] * param[i], update_sq += u[i] * u[i];
+    double ratio = 1.0;
+    if ((wd != 0 || o.at("use_nvlamb") != 0) && param_sq > 0 && update_sq > 0)
+      ratio = std::sqrt(param_sq) / std::sqrt(update_sq);
+    for (std::size_t i = 0; i < n; ++i) param[i] -= lr * ratio * u[i];
+    return;
+  }
+  // lars, as Optax chains it: decay, trust ratio, learning rate, then momentum (a trace).
+  const bool adapt = o.at("adapt") != 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    u[i] = adapt ? grad[i] + wd * param[i] : grad[i];
+    param_sq += param[i] * param[i], update_sq += u[i] * u[i];
+  }
+  double ratio = 1.0;
+  if (adapt && param_sq > 0 && update_sq > 0)
+    ratio = o.at("trust_coefficient") * std::sqrt(param_sq) / (std::sqrt(update_sq) + o.at("eps"));
+  const double momentum = o.at("momentum");
+  for (std::size_t i = 0; i < n; ++i) {
+    const double step = lr * ratio * u[i];
+    if (momentum == 0) {
+      param[i] -= step;
+      continue;
+    }
+    double& v = (*s[0])[i];
+    v = momentum * v + step;
+    param[i] -= o.at("nesterov") != 0 ? step + momentum * v : v;
+  }
+}
+
+}  // namespace
 
 void step(const std::string& a, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
@@ -249,6 +331,8 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   std::vector<std::vector<double>*> s;  // the buffers, in state_names() order
   for (const auto& name : state_names(a, options)) s.push_back(&buffer(states, name, n));
   if (ambiguous) ambiguous->assign(n, 0);
+
+  if (a == "lamb" || a == "lars") return trust_ratio_step(a, o, t, param, grad, s);
 
   const double lr = o.at("lr");
   const bool maximize = o.at("maximize") != 0;

@@ -5,9 +5,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
+#include <vector>
 
 #include "fusedopt/types.hpp"
 
@@ -90,17 +93,19 @@ int num_threads() noexcept {
 
 namespace {
 
-/// Runs range(begin, end) over [0, n) with the configured threads, split at kSplitAlign.
+/// Runs range(begin, end) over [0, n) with the configured threads, split at multiples of
+/// `align`; one thread per `min_parallel` items at most.
 template <class Range>
-void parallel_for(const Range& range, std::int64_t n) {
-  const std::int64_t max_by_size = std::max<std::int64_t>(1, n / kMinParallel);
+void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel = kMinParallel,
+                  std::int64_t align = kSplitAlign) {
+  const std::int64_t max_by_size = std::max<std::int64_t>(1, n / min_parallel);
   const int threads = static_cast<int>(std::min<std::int64_t>(num_threads(), max_by_size));
   if (threads <= 1) {
     range(0, n);
     return;
   }
   std::int64_t chunk = (n + threads - 1) / threads;
-  chunk = (chunk + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
+  chunk = (chunk + align - 1) / align * align;
 #pragma omp parallel num_threads(threads)
   {
     const std::int64_t begin = std::min<std::int64_t>(n, omp_get_thread_num() * chunk);
@@ -109,14 +114,43 @@ void parallel_for(const Range& range, std::int64_t n) {
   }
 }
 
+// The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
+// only grows.
+template <class A>
+void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
+  const Kernels<A>& k = active_kernels<A>();
+  float rate = op.rate(0.0, 0.0);
+  if (A::Op::kAdvanceStates || op.needs_norms()) {
+    const std::int64_t chunks = (n + kTrustChunk - 1) / kTrustChunk;
+    thread_local std::vector<double> scratch;
+    try {
+      if (scratch.size() < static_cast<std::size_t>(2 * chunks))
+        scratch.resize(static_cast<std::size_t>(2 * chunks));
+    } catch (const std::bad_alloc&) {
+      throw Error(StatusCode::out_of_memory, "trust-ratio step: no memory for the norm scratch");
+    }
+    double* const partial = scratch.data();
+    parallel_for([&](std::int64_t cb, std::int64_t ce) { k.first(op, t, n, cb, ce, partial); },
+                 chunks, kMinParallel / kTrustChunk, 1);
+    const double pn = std::sqrt(trust_total(partial, chunks, 2));
+    const double un = std::sqrt(trust_total(partial + 1, chunks, 2));
+    rate = op.rate(pn, un);
+  }
+  parallel_for([&](std::int64_t begin, std::int64_t end) { k.second(op, t, rate, begin, end); }, n);
+}
+
 }  // namespace
 
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
                 std::int64_t n) {
   const typename A::Op op = A::make_op(options, step);
-  const auto kernel = active_kernels<A>().range;
-  parallel_for([&](std::int64_t begin, std::int64_t end) { kernel(op, t, begin, end); }, n);
+  if constexpr (TrustRatioCapable<A>::value) {
+    trust_step<A>(op, t, n);
+  } else {
+    const auto kernel = active_kernels<A>().range;
+    parallel_for([&](std::int64_t begin, std::int64_t end) { kernel(op, t, begin, end); }, n);
+  }
 }
 
 #define FO_INSTANTIATE(A)                                                                \

@@ -9,6 +9,7 @@
 #include "fusedopt/cpu.hpp"
 #include "fusedopt/kernels/algorithm.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
+#include "fusedopt/kernels/cpu/trust_ratio.hpp"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
 
@@ -29,12 +30,18 @@ struct RowOpOf<A, std::void_t<typename A::RowOp>> {
 };
 
 /// One instruction set's kernels of algorithm A: its step over [begin, end) of one tensor, and
-/// its step of one table row with per-row states (null where A has no row-wise form).
+/// its step of one table row with per-row states (null where A has no row-wise form); for a
+/// trust-ratio algorithm (kernels/trust_ratio.hpp) instead of `range`, its pass one over whole
+/// chunks of a tensor of n elements and its pass two over [begin, end).
 template <class A>
 struct Kernels {
   void (*range)(const typename A::Op& op, const DensePtrs& t, std::int64_t begin, std::int64_t end);
   void (*row)(const typename RowOpOf<A>::type& op, float* param, const float* grad,
               float* const* row_states, std::int64_t dim);
+  void (*first)(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
+                std::int64_t chunk_begin, std::int64_t chunk_end, double* partial);
+  void (*second)(const typename A::Op& op, const DensePtrs& t, float rate, std::int64_t begin,
+                 std::int64_t end);
 };
 
 // Defined by isa_*.cpp for every FO_FOR_EACH_CPU_KERNEL type.
@@ -63,6 +70,10 @@ const Kernels<A>& active_kernels() {
 /// One step of algorithm A at step count `step` over elements [0, n) of `t`, on the configured
 /// threads. Ranges are split at multiples of 64 elements (whole cache lines) so threads never
 /// share a line of an aligned tensor; any split gives the same bits. Options already valid.
+/// A trust-ratio algorithm takes its two passes, with the tensor's norms between them summed
+/// in the order of kernels/trust_ratio.hpp, and may allocate a scratch of 16 bytes per 8192
+/// elements the first time a tensor that large steps on a thread (fo::Error out_of_memory,
+/// before anything is written).
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
                 std::int64_t n);

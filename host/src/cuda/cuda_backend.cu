@@ -15,6 +15,7 @@
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
 #include "fusedopt/kernels/cuda/runtime.hpp"
+#include "fusedopt/kernels/cuda/trust_ratio.cuh"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "multi_tensor_plan.hpp"
@@ -35,6 +36,7 @@ static_assert(sizeof(TensorList) + sizeof(StepConfig) + 512 <= 32764,
 // Elements per block: 32 per thread, enough work to amortize a block's setup (finding its
 // tensor, building the functor) while a 2^20-element tensor still spreads over 128 blocks.
 constexpr std::int64_t kChunk = 8192;
+static_assert(kChunk == kTrustChunk, "a trust-ratio step's blocks are the chunks of its order");
 constexpr std::int64_t kMaxGrid = 0x7FFFFFFF;
 
 int storage_code(DType t) { return static_cast<int>(t); }
@@ -59,14 +61,35 @@ TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
 
 /// Launches one planned group of algorithm A's step for params stored as `param`. `host_step`:
 /// the step every tensor of the list takes, for the functor built here, when
-/// cfg.device_scalars is off.
+/// cfg.device_scalars is off. A trust-ratio algorithm's passes (trust_ratio.cuh) use
+/// `workspace`: two doubles per block, then two per tensor.
 template <class A, int kParam>
 void launch_step(const typename A::Options& o, std::int64_t host_step, const TensorList& list,
-                 std::int64_t blocks, const StepConfig& cfg, cudaStream_t stream) {
+                 std::int64_t blocks, const StepConfig& cfg, double* workspace,
+                 cudaStream_t stream) {
   const typename A::Op host_op = cfg.device_scalars ? typename A::Op{} : A::make_op(o, host_step);
-  FO_LAUNCH(static_cast<unsigned>(blocks), kBlock, stream,
-            cuda_kernels::multi_tensor_step_kernel<A, kParam>)
-  (o, host_op, list, cfg);
+  const auto grid = static_cast<unsigned>(blocks);
+  if constexpr (TrustRatioCapable<A>::value) {
+    const bool norms = A::make_op(o, 1).needs_norms();  // the options alone decide
+    double* const partial = workspace;
+    double* const tensor_norms = workspace + 2 * blocks;
+    if (A::Op::kAdvanceStates || norms) {
+      FO_LAUNCH(grid, kBlock, stream, cuda_kernels::trust_first_kernel<A, kParam>)
+      (o, host_op, list, cfg, partial);
+      FO_CUDA_CHECK(cudaGetLastError());
+    }
+    if (norms) {
+      FO_LAUNCH(static_cast<unsigned>(list.count), kBlock, stream, cuda_kernels::trust_norms_kernel)
+      (list, blocks, cfg, partial, tensor_norms);
+      FO_CUDA_CHECK(cudaGetLastError());
+    }
+    FO_LAUNCH(grid, kBlock, stream, cuda_kernels::trust_second_kernel<A, kParam>)
+    (o, host_op, list, cfg, tensor_norms);
+  } else {
+    (void)workspace;
+    FO_LAUNCH(grid, kBlock, stream, cuda_kernels::multi_tensor_step_kernel<A, kParam>)
+    (o, host_op, list, cfg);
+  }
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -81,17 +104,18 @@ void increment_steps(std::int64_t* d_steps, const TensorList& list, const float*
 template <class A>
 void launch_list(const typename A::Options& o, DType param, std::int64_t host_step,
                  const ListEntry* entries, const ListPlan& plan, const StepConfig& cfg,
-                 std::int64_t* d_steps, cudaStream_t stream) {
+                 double* workspace, std::int64_t* d_steps, cudaStream_t stream) {
   for (const auto& g : plan) {
     const TensorList list = make_list(entries, g);
     switch (param) {
       case DType::f16:
-        launch_step<A, cuda_kernels::kF16>(o, host_step, list, g.blocks, cfg, stream);
+        launch_step<A, cuda_kernels::kF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
         break;
       case DType::bf16:
-        launch_step<A, cuda_kernels::kBF16>(o, host_step, list, g.blocks, cfg, stream);
+        launch_step<A, cuda_kernels::kBF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
         break;
-      default: launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, stream);
+      default:
+        launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, workspace, stream);
     }
     if (d_steps) increment_steps(d_steps, list, cfg.d_found_inf, stream);
   }
@@ -159,14 +183,18 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   cfg.d_clip = s.d_clip;
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
+  double* const workspace = static_cast<double*>(s.d_workspace);
+  if (s.workspace_bytes < step_workspace<A>(entries, n))
+    throw Error(StatusCode::invalid_argument,
+                std::string(A::kName) + ": the step's workspace is missing or too small");
   const bool one_step = n == 0 || std::all_of(entries, entries + n, [&](const ListEntry& e) {
                           return e.step == entries[0].step;
                         });
   if (cfg.device_scalars || one_step) {
     // Device scalars, or every tensor at the same host step (the usual case): the caller's
     // plan, no copies.
-    launch_list<A>(options, s.param_dtype, n ? entries[0].step : 0, entries, plan, cfg, s.d_steps,
-                   st);
+    launch_list<A>(options, s.param_dtype, n ? entries[0].step : 0, entries, plan, cfg, workspace,
+                   s.d_steps, st);
   } else {
     // Host-counted steps that differ (params added or skipped at other times): one functor
     // per distinct step, built here, each list planned here.
@@ -174,7 +202,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
     for (std::size_t i = 0; i < n; ++i) by_step[entries[i].step].push_back(entries[i]);
     for (const auto& [step, list] : by_step)
       launch_list<A>(options, s.param_dtype, step, list.data(), plan_list(list.data(), list.size()),
-                     cfg, nullptr, st);
+                     cfg, workspace, nullptr, st);
   }
   // Empty tensors get no blocks in any launch, but their steps count all the same.
   if (s.d_steps) {
@@ -198,7 +226,7 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   cfg.grad_multiplier = 1.0f;
   cfg.chunk = kChunk;
   launch_list<TrafficProbe>({}, DType::f32, 1, entries, plan_list(entries, n), cfg, nullptr,
-                            static_cast<cudaStream_t>(stream));
+                            nullptr, static_cast<cudaStream_t>(stream));
 }
 
 std::int64_t grad_norm_workspace(const ListPlan& plan) {

@@ -44,7 +44,26 @@ struct ListSettings {
   const float* d_grad_multiplier = nullptr;  // device multiplier of the gradients, or null
   const float* d_clip = nullptr;             // clipping coefficient, or null
   const float* d_found_inf = nullptr;        // skip the step where non-zero, or null
+  void* d_workspace = nullptr;               // step_workspace() bytes of device memory
+  std::size_t workspace_bytes = 0;
 };
+
+/// Bytes of device workspace a step of algorithm A over these entries needs (ListSettings):
+/// none for a one-pass algorithm; for a trust-ratio one (kernels/trust_ratio.hpp) two doubles
+/// per block of kTrustChunk elements and two per tensor, whichever launches the entries take.
+template <class A>
+std::size_t step_workspace(const ListEntry* entries, std::size_t n) {
+  if constexpr (!TrustRatioCapable<A>::value) {
+    (void)entries, (void)n;
+    return 0;
+  } else {
+    std::size_t doubles = 0;
+    for (std::size_t i = 0; i < n; ++i)
+      doubles +=
+          2 + 2 * static_cast<std::size_t>((entries[i].numel + kTrustChunk - 1) / kTrustChunk);
+    return doubles * sizeof(double);
+  }
+}
 
 // The launchers (cuda_backend.cu): also compiled for the host emulation of the kernels.
 FO_EMULATION_BEGIN

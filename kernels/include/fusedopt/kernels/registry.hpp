@@ -9,6 +9,8 @@
 #include "fusedopt/kernels/ops/adamax.hpp"
 #include "fusedopt/kernels/ops/adamw.hpp"
 #include "fusedopt/kernels/ops/ademamix.hpp"
+#include "fusedopt/kernels/ops/lamb.hpp"
+#include "fusedopt/kernels/ops/lars.hpp"
 #include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
 #include "fusedopt/kernels/ops/nadam.hpp"
@@ -33,4 +35,6 @@
   X(SignSgd)                           \
   X(NAdam)                             \
   X(RAdam)                             \
-  X(AdEMAMix)
+  X(AdEMAMix)                          \
+  X(Lamb)                              \
+  X(Lars)
