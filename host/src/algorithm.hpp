@@ -46,9 +46,6 @@ class Algorithm {
   virtual void set_options(std::size_t param, const std::vector<double>& values) = 0;
   /// Whether params a and b have equal options (they can share a multi-tensor launch).
   virtual bool same_options(std::size_t a, std::size_t b) const = 0;
-  /// Whether its steps update a weight EMA in their pass (elementwise steps; not the two
-  /// passes of a trust-ratio step).
-  virtual bool takes_ema() const = 0;
 
   /// A dense step of param `param` on the CPU at step count `step`.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,

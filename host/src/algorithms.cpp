@@ -95,8 +95,6 @@ class AlgorithmImpl final : public Algorithm {
     cuda::multi_tensor_step<A>(options_[param], entries, n, plan, settings, stream);
   }
 
-  bool takes_ema() const override { return !TrustRatioCapable<A>::value; }
-
   void sparse_step(std::size_t param, std::int64_t step, const SparseStep& s, Device device,
                    void* stream) const override {
     if (device == Device::cuda)

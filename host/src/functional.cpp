@@ -60,8 +60,6 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   }
   if (!std::isfinite(c.grad_multiplier))
     invalid(who() + ": the gradient multiplier must be finite");
-  if constexpr (TrustRatioCapable<A>::value)
-    if (t.ema) unsupported("the weight EMA is not fused into a two-pass trust-ratio step");
   if (t.ema && !(c.ema_decay >= 0.0 && c.ema_decay < 1.0))
     invalid(who() + ": ema_decay must be in [0, 1), got " + detail::format_number(c.ema_decay));
   if (t.numel == 0) return;

@@ -100,9 +100,6 @@ void Optimizer::set_option(std::string_view key, double value) {
   if (Settings::is_key(key)) {
     Settings next = m.settings;
     next.set(key, value, m.device);
-    if (next.ema_decay > 0.0 && !m.algorithm->takes_ema())
-      unsupported("ema_decay: the weight EMA is not fused into " + m.desc().name +
-                  "'s two-pass trust-ratio step");
     if (Settings::is_storage_key(key) && next.get(key) != m.settings.get(key))
       for (const ParamEntry& p : m.params)
         if (p.has_buffers())

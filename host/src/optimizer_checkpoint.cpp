@@ -72,9 +72,6 @@ void Optimizer::load(const std::string& path) {
     defaults[m.option_index(key)] = value;
   }
   m.checked_facts(defaults, who);
-  if (settings.ema_decay > 0.0 && !m.algorithm->takes_ema())
-    throw Error(StatusCode::unsupported, who + "ema_decay: the weight EMA is not fused into " +
-                                             m.desc().name + "'s two-pass trust-ratio step");
   // 2. The same params, by name, shape and dtype: every mismatch in one message.
   std::vector<std::string> problems;
   std::unordered_map<std::string, const detail::CheckpointParam*> in_file;

@@ -338,7 +338,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// functor saw are summed in the shared order, pass two applies the rate.
 template <class A, class Store>
 void reference_trust_step(const typename A::Options& o, const typename A::Op& op, Tensor& t,
-                          const Storage& st, float grad_multiplier, const Store& store) {
+                          const Storage& st, float grad_multiplier, const Store& store, float w) {
   using Op = typename A::Op;
   const auto has = [&](int k) { return k < StateList<A>::count && A::has_state(o, k); };
   const std::size_t n = t.param.size();
@@ -386,6 +386,10 @@ void reference_trust_step(const typename A::Options& o, const typename A::Op& op
     for (int k = 0; k < kMaxStates; ++k)
       if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
     op.apply(q, g, s, rate);
+    if (w > 0.0f) {
+      const float e = t.ema.get(i);
+      t.ema.set(i, w < 0.5f ? e + w * (q - e) : q - (q - e) * (1.0f - w));
+    }
     if (st.master) t.master.set(i, q);
     store(t.param, i, q, 4 * i);
     if (Op::kApplyWritesStates)
@@ -411,7 +415,7 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
     std::memcpy(static_cast<unsigned char*>(b.data()) + 2 * i, &h, 2);
   };
   if constexpr (TrustRatioCapable<A>::value) {
-    return reference_trust_step<A>(o, op, t, st, grad_multiplier, store);
+    return reference_trust_step<A>(o, op, t, st, grad_multiplier, store, w);
   } else {
     for (std::size_t i = 0; i < t.param.size(); ++i) {
       float p = st.master ? t.master.get(i) : t.param.get(i);
@@ -457,10 +461,10 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
   const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
   // Then with a weight EMA, for 16-bit params (f32 params: WeightEmaMatchesCpuBitwise below),
-  // where it follows the f32 value before rounding. (Trust-ratio steps take no EMA.)
+  // where it follows the f32 value before rounding.
   for (const double decay : {0.0, 0.9})
     for (const Storage& st : storages()) {
-      if (decay != 0.0 && (st.param == DType::f32 || TrustRatioCapable<A>::value)) continue;
+      if (decay != 0.0 && st.param == DType::f32) continue;
       const float w = decay == 0.0 ? 0.0f : ema_weight(decay);
       std::vector<Tensor> emu, ref;
       for (std::size_t n : sizes) {
@@ -667,9 +671,7 @@ AlgorithmCase make_case() {
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
   c.ema = [](std::mt19937_64& rng) {
-    if constexpr (TrustRatioCapable<A>::value) {
-      GTEST_SKIP() << A::kName << ": trust-ratio steps take no weight EMA (refused)";
-    } else {
+    {
       // Every option combination with an EMA in torch's first lerp branch, then the other
       // branch under device-counted steps, a skipped step, and host steps that differ.
       DeviceScalars d;

@@ -59,7 +59,7 @@ inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t
 /// Pass two over [begin, end) of a tensor: apply() with the tensor's rate. The grad is read
 /// only where the Op's apply() uses it, the states written only where it writes them.
 template <class Io, class Op>
-inline void trust_second_range(const Op& op_in, const DensePtrs& t, float rate, std::int64_t begin,
+inline void trust_second_block(const Op& op_in, const DensePtrs& t, float rate, std::int64_t begin,
                                std::int64_t end) {
   using V = typename Io::V;
   constexpr std::int64_t W = sizeof(V) / sizeof(float);
@@ -82,6 +82,19 @@ inline void trust_second_range(const Op& op_in, const DensePtrs& t, float rate, 
   std::int64_t i = begin;
   for (; i + W <= end; i += W) group(i);
   if (i < end) group(i, Io::tail_mask(end - i));
+}
+
+/// Pass two over [begin, end), and the weight EMA where t.ema is set: as elementwise_range,
+/// each block of kEmaBlock elements, then its EMA while its params are still in L1.
+template <class Io, class Op>
+inline void trust_second_range(const Op& op, const DensePtrs& t, float rate, std::int64_t begin,
+                               std::int64_t end) {
+  if (!t.ema) return trust_second_block<Io>(op, t, rate, begin, end);
+  for (std::int64_t b = begin; b < end; b += kEmaBlock) {
+    const std::int64_t stop = end - b > kEmaBlock ? b + kEmaBlock : end;
+    trust_second_block<Io>(op, t, rate, b, stop);
+    ema_range<Io>(t.param, t.ema, t.ema_weight, b, stop);
+  }
 }
 
 }  // namespace fo::cpu

@@ -4,7 +4,8 @@
 //                          of p and of the update direction, in the shared order
 //   trust_norms_kernel     per tensor (one block each): its two norms from its blocks' sums
 //   trust_second_kernel    pass two: apply() with the rate of each tensor's norms
-// Storage, master weights, rounding, device scalars and skips as in multi_tensor.cuh.
+// Storage, master weights, rounding, device scalars, skips and the weight EMA (pass two) as in
+// multi_tensor.cuh.
 #pragma once
 
 #include <cstdint>
@@ -222,13 +223,15 @@ __global__ void __launch_bounds__(kBlock)
   void* const param = list.param[b.t];
   const void* const grad = list.grad[b.t];
   float* const master = list.master[b.t];
+  float* const ema = list.ema[b.t];
+  const float ew = cfg.ema_weight;
   void* const states[kMaxStates] = {list.state[0][b.t], list.state[1][b.t], list.state[2][b.t]};
   const auto ustep = static_cast<std::uint64_t>(b.step);
   constexpr bool kGrad = Op::kApplyReadsGrad, kWrite = Op::kApplyWritesStates;
 
   bool vec = aligned_for4(param, kParamStorage) &&
              (!kGrad || aligned_for4(grad, cfg.grad_storage)) &&
-             (!master || aligned_for4(master, kF32));
+             (!master || aligned_for4(master, kF32)) && (!ema || aligned_for4(ema, kF32));
 #pragma unroll
   for (int k = 0; k < kMaxStates; ++k)
     vec = vec && (!states[k] || aligned_for4(states[k], cfg.state_storage));
@@ -254,6 +257,13 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
         for (int k = 0; k < kMaxStates; ++k) s[k][j] = sj[k];
       }
+      if (ema) {  // from the f32 values, before a 16-bit param rounds them
+        float e[4];
+        load4(ema, kF32, i, e);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) e[j] = ema_lerp(e[j], p[j], ew);
+        store4(ema, kF32, i, e, false, 0, 0, 0);
+      }
       const auto counter = static_cast<std::uint64_t>(i) * 4;
       if (master) store4(master, kF32, i, p, false, 0, 0, 0);
       store4(param, kParamStorage, i, p, cfg.stochastic, b.seed, ustep, counter);
@@ -274,6 +284,7 @@ __global__ void __launch_bounds__(kBlock)
       s[k] = states[k] ? load_as_float(states[k], cfg.state_storage, i) : 0.0f;
     const float g = kGrad ? load_as_float(grad, cfg.grad_storage, i) * b.gscale : 0.0f;
     op.apply(p, g, s, rate);
+    if (ema) ema[i] = ema_lerp(ema[i], p, ew);
     const auto counter = static_cast<std::uint64_t>(i) * 4;
     if (master) master[i] = p;
     store_from_float(param, kParamStorage, i, p, cfg.stochastic, b.seed, ustep, counter);
