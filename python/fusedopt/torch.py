@@ -33,7 +33,7 @@ import torch
 from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
-           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix"]
+           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
@@ -253,7 +253,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if self._spec.torch_scalars:
                         stepped.append((group, [self.state[p] for p in call[2]]))
             if calls or sparse:
-                _fusedopt.step_groups(calls, sparse)
+                _fusedopt.step_groups(calls, sparse,
+                                      grad_multiplier=self._grad_multiplier(calls))
         except Exception:
             for st, keys in fresh:  # state created for this step goes again
                 for k in keys:
@@ -266,6 +267,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for name, (_, update) in self._spec.torch_scalars.items():
                     st[name] = update(st[name], group, float(st["step"]))
         return loss
+
+    def _grad_multiplier(self, calls):
+        """What every dense gradient of this step is multiplied by: None (1) unless the class
+        clips (LAMB: Apex's global max_grad_norm)."""
+        return None
 
     def _gather(self, group, fresh, counted, sparse):
         """The library call's arguments for one group: the params with a dense grad, their
@@ -476,3 +482,49 @@ AdEMAMix = _fused_class(
     "fusedopt's AdEMAMix (docs/optimizers.md `ademamix`) as a torch.optim.Optimizer, with "
     "bitsandbytes.optim.AdEMAMix's arguments and defaults; states exp_avg, exp_avg_slow, "
     "exp_avg_sq and a float32 step tensor.")
+
+
+# NVIDIA Apex's FusedLAMB: its arguments and defaults. set_grad_none is accepted (zero_grad sets
+# grads to None in torch 2.x anyway); amsgrad raises, as Apex's does.
+def _lamb_init(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6,
+               weight_decay=0.01, amsgrad=False, adam_w_mode=True, grad_averaging=True,
+               set_grad_none=True, max_grad_norm=1.0, use_nvlamb=False):
+    if amsgrad:
+        raise RuntimeError("FusedLAMB does not support the AMSGrad variant.")
+    self._setup(params, locals())
+
+
+def _lamb_grad_multiplier(self, calls):
+    """Apex's clipping before the step: with the global norm of every dense gradient of the
+    step above max_grad_norm, every gradient is scaled by max_grad_norm / norm (on CUDA the
+    factor stays on the device: no sync)."""
+    max_norm = self.defaults["max_grad_norm"]
+    grads = [g for call in calls for g in call[3]]
+    if not max_norm or max_norm <= 0 or not grads:
+        return None
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    factor = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+    if factor.device.type == "cpu":
+        return float(factor)
+    return factor.reshape(1).to(torch.float32)
+
+
+# optax.lars's arguments (learning_rate has no default there; 1 here), adapt per param group
+# for the exempt tensors (Optax's masks), maximize absent as in Optax.
+def _lars_init(self, params, lr=1.0, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3,
+               eps=0.0, nesterov=False, adapt=True):
+    self._setup(params, locals())
+
+
+LAMB = _fused_class(
+    "LAMB", _Spec("lamb", step="int"), _lamb_init,
+    "fusedopt's lamb (docs/optimizers.md `lamb`) as a torch.optim.Optimizer with NVIDIA Apex "
+    "FusedLAMB's arguments and defaults, including its global max_grad_norm clipping (1.0): "
+    "per-tensor trust ratios in a fused two-pass step. States exp_avg, exp_avg_sq, step.")
+LAMB._grad_multiplier = _lamb_grad_multiplier
+LARS = _fused_class(
+    "LARS", _Spec("lars", step="int"), _lars_init,
+    "fusedopt's lars (docs/optimizers.md `lars`) as a torch.optim.Optimizer with optax.lars's "
+    "arguments; adapt=False in a param group exempts its tensors (biases, norms) from the trust "
+    "ratio and the decay. State momentum_buffer (lr inside, as Optax's trace), step.")

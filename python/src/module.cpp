@@ -15,6 +15,7 @@
 #include <nanobind/stl/vector.h>
 #include <sys/mman.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -464,7 +465,32 @@ void step(const std::string& algorithm, const nb::dict& options, const nb::list&
 }
 
 /// Several list steps and sparse steps as one: all are checked before any runs.
-void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb::object& stream) {
+/// A multiplier of every gradient of a step_groups call: a Python number (host), or one
+/// float32 element in CUDA memory on the first group's device (read by the kernels: no sync).
+void apply_grad_multiplier(std::vector<Prepared>& prepared, Importer& importer,
+                           const nb::object& multiplier) {
+  if (multiplier.is_none() || prepared.empty()) return;
+  if (nb::isinstance<nb::float_>(multiplier) || nb::isinstance<nb::int_>(multiplier)) {
+    const double host = nb::cast<double>(multiplier);
+    if (!std::isfinite(host))
+      raise_value("step_groups: grad_multiplier must be finite, got " + std::to_string(host));
+    for (Prepared& s : prepared) s.controls.grad_multiplier *= static_cast<float>(host);
+    return;
+  }
+  View v;
+  importer.view(multiplier, v, "grad_multiplier", 0);
+  const Prepared& first = prepared.front();
+  if (!v.steppable || v.dtype != fo::DType::f32 || v.numel != 1 ||
+      first.exec.device != fo::Device::cuda || v.device_type != kDLCUDA ||
+      v.device_id != first.exec.device_index)
+    raise_value(
+        "step_groups: grad_multiplier must be a number, or one float32 element on the CUDA "
+        "device of the params");
+  for (Prepared& s : prepared) s.controls.d_grad_multiplier = reinterpret_cast<float*>(v.data);
+}
+
+void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb::object& stream,
+                 const nb::object& grad_multiplier) {
   Importer importer;
   std::vector<Prepared> prepared(groups.size());
   for (std::size_t i = 0; i < groups.size(); ++i) {
@@ -489,6 +515,7 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
     prepare_sparse(sparse[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]), g[2],
                    g[3], g[4], nb::cast<nb::list>(g[5]), g[6], stream);
   }
+  apply_grad_multiplier(prepared, importer, grad_multiplier);
   run(prepared, sparse);
 }
 
@@ -578,14 +605,16 @@ NB_MODULE(_fusedopt, m) {
         "`emas`: None, or one float32 array per param, its weight EMA, updated in the same\n"
         "pass after the step with `ema_decay` in [0, 1) (docs/optimizers.md, Weight EMA).");
   m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("sparse") = nb::list(),
-        nb::arg("stream") = nb::none(),
+        nb::arg("stream") = nb::none(), nb::arg("grad_multiplier") = nb::none(),
         "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
         "states, steps[, emas, ema_decay]), each as step() takes them; `sparse` a list of sparse "
         "row steps of\n"
         "embedding tables, tuples (algorithm, options, table, indices, values, states, step):\n"
         "int32/int64 row indices (duplicates summed), [nnz, ...] float32 gradient rows, the\n"
         "states sparse_step_states() names, a step count as step() takes one. Everything is\n"
-        "checked before anything is stepped, so a call that raises has changed nothing.");
+        "checked before anything is stepped, so a call that raises has changed nothing.\n"
+        "`grad_multiplier`: every dense gradient is multiplied by it first; a number, or one\n"
+        "float32 element on the params' CUDA device (read there: no sync).");
   m.def(
       "sparse_step_states",
       [](const std::string& algorithm, const nb::dict& options) {

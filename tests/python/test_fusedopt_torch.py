@@ -824,3 +824,100 @@ def test_weight_ema_swap_copy_checkpoint_and_refusals():
     for p, e in zip(params, e_now):
         assert torch.equal(p.detach(), e)
         assert torch.equal(opt.state[p]["ema"], e)
+
+
+def lamb_reference(ps, gs, states, step, lr, betas, eps, weight_decay, bias_correction,
+                   adam_w_mode, grad_averaging, max_grad_norm, use_nvlamb):
+    """One step of NVIDIA Apex's FusedLAMB over a list, in float64: its global gradient
+    clipping, Adam's moments, the update with decay inside it, the per-tensor trust ratio."""
+    b1, b2 = betas
+    norm = math.sqrt(sum(float((g * g).sum()) for g in gs))
+    clip = norm / max_grad_norm if max_grad_norm and norm > max_grad_norm else 1.0
+    bc1 = 1 - b1 ** step if bias_correction else 1.0
+    bc2 = 1 - b2 ** step if bias_correction else 1.0
+    out = []
+    for p, g, st in zip(ps, gs, states):
+        g = g / clip
+        if not adam_w_mode:
+            g = g + weight_decay * p
+        st["exp_avg"] = b1 * st["exp_avg"] + ((1 - b1) if grad_averaging else 1.0) * g
+        st["exp_avg_sq"] = b2 * st["exp_avg_sq"] + (1 - b2) * g * g
+        u = (st["exp_avg"] / bc1) / ((st["exp_avg_sq"] / bc2).sqrt() + eps)
+        if adam_w_mode:
+            u = u + weight_decay * p
+        pn, un = float(p.norm()), float(u.norm())
+        ratio = pn / un if (weight_decay != 0 or use_nvlamb) and pn > 0 and un > 0 else 1.0
+        out.append(p - lr * ratio * u)
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # Apex's defaults: clipping at 1.0 (these grads' norm is far above it)
+    {"lr": 1e-2, "betas": (0.5, 0.9), "eps": 1e-4, "weight_decay": 0.1, "adam_w_mode": False,
+     "bias_correction": False, "grad_averaging": False, "max_grad_norm": 0.0},
+    {"weight_decay": 0.0, "use_nvlamb": True, "max_grad_norm": 1e6},
+])
+def test_lamb_follows_apex(kwargs):
+    # Each step restarts the float64 reference from fusedopt's float32 params and states, so
+    # the comparison is of one step's roundings (1e-5 of the value plus the list's largest
+    # magnitude, as TOL above). A ratio off, clipping ignored, or decay in the wrong place is
+    # off by far more.
+    gen = rng_for("lamb", str(kwargs))
+    args = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+                adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False)
+    args.update(kwargs)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ft.LAMB(params, **kwargs)
+    for step in range(1, 11):
+        ps = [p.detach().double().clone() for p in params]
+        states = [{k: (opt.state[p][k].double().clone() if k in opt.state[p]
+                       else torch.zeros_like(ps[i])) for k in ("exp_avg", "exp_avg_sq")}
+                  for i, p in enumerate(params)]
+        grads = [torch.randn(s, generator=gen) for s in SHAPES]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        want = lamb_reference(ps, [g.double() for g in grads], states, step, **args)
+        scale = max(float(w.abs().max()) for w in want)
+        for i, p in enumerate(params):
+            err = (p.detach().double() - want[i]).abs()
+            assert bool((err <= 1e-5 * (want[i].abs() + scale)).all()), (
+                f"{kwargs} step {step} param {i}: max error {float(err.max()):.3g}")
+
+
+def test_lamb_signature_is_apex():
+    sig = inspect.signature(ft.LAMB.__init__).parameters
+    assert list(sig) == ["self", "params", "lr", "bias_correction", "betas", "eps",
+                         "weight_decay", "amsgrad", "adam_w_mode", "grad_averaging",
+                         "set_grad_none", "max_grad_norm", "use_nvlamb"]
+    with pytest.raises(RuntimeError):
+        ft.LAMB([torch.nn.Parameter(torch.zeros(3))], amsgrad=True)
+
+
+def test_lars_follows_optax_with_an_exempt_group():
+    # optax.lars: decay, trust ratio tc * ||p|| / (||g + wd p|| + eps), lr, then a trace; the
+    # group with adapt=False takes neither ratio nor decay. Restarted each step as above.
+    gen = rng_for("lars")
+    w = torch.nn.Parameter(torch.randn(300, 7, generator=gen))
+    b = torch.nn.Parameter(torch.randn(7, generator=gen))
+    lr, mom, wd, tc = 0.5, 0.9, 0.1, 0.02
+    opt = ft.LARS([{"params": [w]}, {"params": [b], "adapt": False}], lr=lr, momentum=mom,
+                  weight_decay=wd, trust_coefficient=tc, nesterov=True)
+    for step in range(1, 8):
+        for p, adapt in ((w, True), (b, False)):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad = g
+        before = {p: (p.detach().double().clone(),
+                      opt.state[p]["momentum_buffer"].double().clone()
+                      if "momentum_buffer" in opt.state[p] else torch.zeros(p.shape).double())
+                  for p in (w, b)}
+        opt.step()
+        for p, adapt in ((w, True), (b, False)):
+            p0, v0 = before[p]
+            u = p.grad.double() + (wd * p0 if adapt else 0.0)
+            ratio = tc * float(p0.norm()) / float(u.norm()) if adapt else 1.0
+            v = mom * v0 + lr * ratio * u
+            want = p0 - (lr * ratio * u + mom * v)
+            err = (p.detach().double() - want).abs()
+            assert bool((err <= 1e-5 * (want.abs() + float(want.abs().max()))).all()), (
+                f"step {step}, adapt {adapt}: max error {float(err.max()):.3g}")
