@@ -115,33 +115,41 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
   }
 }
 
-// The norm of all stepping gradients times `mult`: fixed chunks summed in double, then in
-// order, so the result does not depend on the thread count.
+// The norm of all stepping gradients times `mult`, in the CUDA norm pass's order
+// (grad_sumsq_kernel, finalize_norm_kernel), so that a clipped step is bitwise the same on
+// both backends: each grad (in param order) in chunks of 8192 elements, lane l of 256 adding
+// the squares (exact in double) of elements l, l + 256, ... of its chunk, the lanes by the
+// fixed tree; then the chunks of all grads, in that order, chunk c to lane c % 256, and the
+// tree. The same result for any thread count.
 float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonfinite) {
-  constexpr std::int64_t kChunk = 1 << 16;
-  double total = 0.0;
-  bool bad = false;
+  constexpr std::int64_t kChunk = kTrustChunk;  // the CUDA norm pass's elements per block
+  std::int64_t all_chunks = 0;
+  for (std::size_t i : stepping) all_chunks += (params[i].numel + kChunk - 1) / kChunk;
+  if (norm_partials.size() < static_cast<std::size_t>(all_chunks))
+    norm_partials.resize(static_cast<std::size_t>(all_chunks));
+  double* partial = norm_partials.data();
+  int any_bad = 0;
   for (std::size_t i : stepping) {
     const float* g = static_cast<const float*>(grads[i]);
     const std::int64_t n = params[i].numel, chunks = (n + kChunk - 1) / kChunk;
-    norm_partials.assign(static_cast<std::size_t>(chunks), 0.0);
-    double* const partial = norm_partials.data();
-    int any_bad = 0;
 #pragma omp parallel for num_threads(cpu::num_threads()) reduction(| : any_bad) schedule(static)
     for (std::int64_t c = 0; c < chunks; ++c) {
-      double s = 0.0;
-      const std::int64_t end = std::min(n, (c + 1) * kChunk);
-      for (std::int64_t j = c * kChunk; j < end; ++j) {
-        const float x = g[j] * mult;
-        any_bad |= !std::isfinite(x);
-        s += static_cast<double>(x) * x;
+      double lanes[kTrustLanes] = {};
+      const std::int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
+      for (std::int64_t row = begin; row < end; row += kTrustLanes) {
+        const int count = static_cast<int>(std::min<std::int64_t>(kTrustLanes, end - row));
+        for (int l = 0; l < count; ++l) {
+          const float x = g[row + l] * mult;
+          any_bad |= !std::isfinite(x);
+          lanes[l] += static_cast<double>(x) * static_cast<double>(x);
+        }
       }
-      partial[c] = s;
+      partial[c] = trust_tree_sum(lanes);
     }
-    for (std::int64_t c = 0; c < chunks; ++c) total += partial[c];
-    bad = bad || any_bad;
+    partial += chunks;
   }
-  *nonfinite = bad;
+  *nonfinite = any_bad != 0;
+  const double total = trust_total(norm_partials.data(), all_chunks, 1);
   return static_cast<float>(std::sqrt(total));
 }
 

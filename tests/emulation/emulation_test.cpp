@@ -29,6 +29,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "cuda/schedule_device.hpp"
 #include "fusedopt/functional.hpp"
+#include "fusedopt/fusedopt.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/ema.hpp"
@@ -797,6 +798,42 @@ TEST(EmulatedGradNorm, MatchesADoubleReferenceForEveryGradStorage) {
     EXPECT_EQ(found_inf, 1.0f) << dtype_name(dtype) << ": a non-finite gradient went unseen";
     EXPECT_EQ(clip, 1.0f) << "no clipping asked for";
   }
+}
+
+// The CPU optimizer sums in the CUDA pass's order: the norm, and so a clipped step, is
+// bitwise the same (tensors of one chunk, of many, and empty; a loss scale).
+TEST(EmulatedGradNorm, EqualsTheCpuOptimizersNormBitwise) {
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {20011, 1, 0, 8192, 300007, 33, 8193};
+  std::vector<std::vector<float>> params, grads;
+  Optimizer opt("sgd");
+  opt.set_option("max_grad_norm", 1.0);
+  opt.set_option("grad_scale", 4.0);
+  std::vector<cuda::ListEntry> entries;
+  std::vector<const void*> ptrs;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    params.push_back(random_floats(rng, static_cast<std::size_t>(sizes[i])));
+    grads.push_back(random_floats(rng, static_cast<std::size_t>(sizes[i])));
+    opt.add_param("p" + std::to_string(i), params.back().data(), DType::f32, {sizes[i]});
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    ptrs.push_back(grads[i].data());
+    entries.push_back({nullptr, grads[i].data(), nullptr, {}, sizes[i], 1, 0});
+  }
+  const int saved_threads = cpu::num_threads();
+  for (int threads : {1, 2, 3}) {
+    cpu::set_num_threads(threads);
+    opt.step(ptrs.data());
+    const cuda::ListPlan plan = cuda::plan_list(entries.data(), entries.size());
+    std::vector<float> ws(static_cast<std::size_t>(cuda::grad_norm_workspace(plan)));
+    float norm, clip, found_inf = 0.0f;
+    cuda::grad_norm(entries.data(), plan, DType::f32, 0.25f, nullptr, 1.0f, true, ws.data(), &norm,
+                    &clip, &found_inf, nullptr);
+    const float cpu_norm = opt.grad_norm();
+    EXPECT_EQ(std::memcmp(&norm, &cpu_norm, 4), 0)
+        << threads << " threads: emulated " << norm << ", CPU " << cpu_norm;
+  }
+  cpu::set_num_threads(saved_threads);
 }
 
 TEST(EmulatedGradNorm, NoElementsGiveNormZeroAndClipOne) {
