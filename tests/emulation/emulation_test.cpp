@@ -334,6 +334,13 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
 /// run the functor once, write the master exactly and every 16-bit value rounded to nearest
 /// even, or stochastically with the draw of (seed of the key, step, 4i for the param,
 /// 4i + 1 + k for state k).
+/// The weight EMA's per-element contract (docs/optimizers.md): torch's lerp of element i's
+/// EMA toward the f32 value p, weight w, each operation rounded in order.
+void ema_contract(Tensor& t, std::size_t i, float p, float w) {
+  const float e = t.ema.get(i);
+  t.ema.set(i, w < 0.5f ? e + w * (p - e) : p - (p - e) * (1.0f - w));
+}
+
 /// The same for a trust-ratio algorithm's two passes (kernels/trust_ratio.hpp): pass one
 /// stores advance()'s states and reads them back as stored, the norms of the values the
 /// functor saw are summed in the shared order, pass two applies the rate.
@@ -387,10 +394,7 @@ void reference_trust_step(const typename A::Options& o, const typename A::Op& op
     for (int k = 0; k < kMaxStates; ++k)
       if (has(k)) s[k] = t.states[static_cast<std::size_t>(k)].get(i);
     op.apply(q, g, s, rate);
-    if (w > 0.0f) {
-      const float e = t.ema.get(i);
-      t.ema.set(i, w < 0.5f ? e + w * (q - e) : q - (q - e) * (1.0f - w));
-    }
+    if (w > 0.0f) ema_contract(t, i, q, w);
     if (st.master) t.master.set(i, q);
     store(t.param, i, q, 4 * i);
     if (Op::kApplyWritesStates)
@@ -424,10 +428,7 @@ void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, 
       for (int k = 0; k < kMaxStates; ++k)
         s[k] = A::has_state(o, k) ? t.states[static_cast<std::size_t>(k)].get(i) : 0.0f;
       op(p, t.grad.get(i) * grad_multiplier, s);
-      if (w > 0.0f) {
-        const float e = t.ema.get(i);
-        t.ema.set(i, w < 0.5f ? e + w * (p - e) : p - (p - e) * (1.0f - w));
-      }
+      if (w > 0.0f) ema_contract(t, i, p, w);
       if (st.master) t.master.set(i, p);
       store(t.param, i, p, 4 * i);
       for (int k = 0; k < kMaxStates; ++k)

@@ -119,6 +119,16 @@ __device__ __forceinline__ void store4(void* p, int storage, std::int64_t i, con
                                              h[2] | (static_cast<std::uint32_t>(h[3]) << 16));
 }
 
+/// The weight EMA of four consecutive elements (4-aligned), from the f32 values p a step
+/// produced, before a 16-bit param rounds them.
+__device__ __forceinline__ void ema_update4(float* ema, std::int64_t i, const float* p, float w) {
+  float e[4];
+  load4(ema, kF32, i, e);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) e[j] = ema_lerp(e[j], p[j], w);
+  store4(ema, kF32, i, e, false, 0, 0, 0);
+}
+
 __device__ __forceinline__ bool aligned_for4(const void* p, int storage) {
   const unsigned bytes = storage == kF32 ? 16u : 8u;
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
@@ -222,13 +232,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
         for (int k = 0; k < kMaxStates; ++k) s[k][j] = sj[k];
       }
-      if (ema) {
-        float e[4];
-        load4(ema, kF32, i, e);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) e[j] = ema_lerp(e[j], p[j], ew);
-        store4(ema, kF32, i, e, false, 0, 0, 0);
-      }
+      if (ema) ema_update4(ema, i, p, ew);
       const auto counter = static_cast<std::uint64_t>(i) * 4;
       if (master) store4(master, kF32, i, p, false, 0, 0, 0);
       store4(param, kParamStorage, i, p, cfg.stochastic, seed, ustep, counter);

@@ -257,13 +257,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
         for (int k = 0; k < kMaxStates; ++k) s[k][j] = sj[k];
       }
-      if (ema) {  // from the f32 values, before a 16-bit param rounds them
-        float e[4];
-        load4(ema, kF32, i, e);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) e[j] = ema_lerp(e[j], p[j], ew);
-        store4(ema, kF32, i, e, false, 0, 0, 0);
-      }
+      if (ema) ema_update4(ema, i, p, ew);
       const auto counter = static_cast<std::uint64_t>(i) * 4;
       if (master) store4(master, kF32, i, p, false, 0, 0, 0);
       store4(param, kParamStorage, i, p, cfg.stochastic, b.seed, ustep, counter);
