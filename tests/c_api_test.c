@@ -499,6 +499,35 @@ static void test_weight_ema(void) {
   CHECK(fo_abi_version() >= 5);
 }
 
+/* Schedule-Free's two forms: eval() then train() gives the params back bitwise; a step in
+ * eval mode is refused; other algorithms have one form. */
+static void test_schedule_free_eval(void) {
+  enum { N = 11 };
+  float w[N], y[N], g[N];
+  const int64_t shape[1] = {N};
+  fill(w, N);
+  fo_optimizer* opt = make("adamw_schedule_free", 0.01);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "w", w, FO_FLOAT32, 1, shape), OK);
+  const void* grads[1] = {g};
+  for (int t = 0; t < 3; ++t) {
+    fill(g, N);
+    CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), OK);
+  }
+  memcpy(y, w, sizeof w);
+  CHECK_STATUS(fo_optimizer_eval(opt, NULL), OK);
+  CHECK(memcmp(w, y, sizeof w) != 0); /* x, not y */
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), INVALID);
+  CHECK_STATUS(fo_optimizer_train(opt, NULL), OK);
+  CHECK(memcmp(w, y, sizeof w) == 0);
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), OK);
+  CHECK_STATUS(fo_optimizer_eval(NULL, NULL), INVALID);
+  fo_optimizer_destroy(opt);
+  fo_optimizer* adam = make("adam", 0.1);
+  CHECK_STATUS(fo_optimizer_eval(adam, NULL), FO_UNSUPPORTED);
+  fo_optimizer_destroy(adam);
+  CHECK(fo_abi_version() >= 6);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -513,6 +542,7 @@ int main(int argc, char** argv) {
   test_state_sparse_checkpoint();
   test_rowwise_state_numel();
   test_weight_ema();
+  test_schedule_free_eval();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

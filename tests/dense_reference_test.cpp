@@ -146,8 +146,13 @@ void check_against_reference(const Case& c, const std::vector<std::int64_t>& siz
     std::vector<double> cur_p = to_double(param.values());
     ref::StateMap cur_s;
     for (const auto& s : names) {
-      cur_s[s].assign(n, ref::state_initial_value(c.algorithm, options, s));
-      const std::vector<double> init_r(n, ref::state_initial_value(c.algorithm, rounded, s));
+      const bool from_param = ref::state_starts_as_param(c.algorithm, s);  // Schedule-Free's z
+      cur_s[s] = from_param
+                     ? cur_p
+                     : std::vector<double>(n, ref::state_initial_value(c.algorithm, options, s));
+      const std::vector<double> init_r =
+          from_param ? cur_p
+                     : std::vector<double>(n, ref::state_initial_value(c.algorithm, rounded, s));
       ASSERT_TRUE(close_to_reference(s + " (initial)", opt.state("w", s), cur_s[s], cur_s[s],
                                      init_r, nullptr));
     }

@@ -50,6 +50,7 @@ NamedOptions rich_options(const AlgorithmDescription& d) {
 struct Buffers {
   std::vector<std::vector<float>> params, grads;
   std::vector<std::vector<float>> states[kMaxStates];
+  std::vector<std::vector<double>> scalars;  // per tensor, where the algorithm keeps them
 
   std::vector<std::vector<float>> all() const {
     std::vector<std::vector<float>> v = params;
@@ -63,6 +64,7 @@ struct Buffers {
     for (int k = 0; k < kMaxStates; ++k)
       t.states[k] = states[k].empty() ? nullptr : states[k][i].data();
     t.numel = static_cast<std::int64_t>(params[i].size());
+    t.scalars = scalars.empty() ? nullptr : scalars[i].data();
     return t;
   }
 };
@@ -70,14 +72,24 @@ struct Buffers {
 // Sizes: empty, scalar, every tail of 8- and 16-wide vectors, and one large enough for threads.
 const std::vector<std::size_t> kSizes = {0, 1, 7, 17, 64, 1000, 4099, 300001};
 
-Buffers make_buffers(std::mt19937_64& rng, const std::vector<StateSpec>& specs) {
+Buffers make_buffers(std::mt19937_64& rng, const std::string& algorithm,
+                     const std::vector<StateSpec>& specs) {
   Buffers b;
   for (std::size_t n : kSizes) {
     b.params.push_back(random_floats(rng, n));
     b.grads.push_back(random_floats(rng, n));
   }
   for (const StateSpec& s : specs)
-    for (std::size_t n : kSizes) b.states[s.index].emplace_back(n, static_cast<float>(s.init));
+    for (std::size_t i = 0; i < kSizes.size(); ++i)
+      b.states[s.index].push_back(
+          s.from_param ? b.params[i] : std::vector<float>(kSizes[i], static_cast<float>(s.init)));
+  const std::vector<ScalarSpec> scalars = step_scalars(algorithm);
+  if (!scalars.empty())
+    for (std::size_t i = 0; i < kSizes.size(); ++i) {
+      std::vector<double> v(kMaxScalars, 0.0);
+      for (std::size_t k = 0; k < scalars.size(); ++k) v[k] = scalars[k].init;
+      b.scalars.push_back(v);
+    }
   return b;
 }
 
@@ -106,7 +118,7 @@ void list_matches_fused_step() {
     const typename A::Options o = typed<A>(named);
     auto rng = make_rng(label);
     const std::vector<StateSpec> specs = step_states(d.name, named);
-    Buffers mine = make_buffers(rng, specs);
+    Buffers mine = make_buffers(rng, d.name, specs);
     Buffers by_name = mine, each = mine;
     std::vector<std::int64_t> steps = {1, 1, 3, 2, 1, 5, 1, 2};  // as if some params skipped
     ASSERT_EQ(steps.size(), kSizes.size());
@@ -127,6 +139,8 @@ void list_matches_fused_step() {
                   "typed list vs fused_step, round " + std::to_string(round));
       expect_same(by_name.all(), each.all(),
                   "list by name vs fused_step, round " + std::to_string(round));
+      EXPECT_EQ(mine.scalars, each.scalars) << "scalar states, round " << round;
+      EXPECT_EQ(by_name.scalars, each.scalars) << "scalar states, round " << round;
       for (auto& s : steps) ++s;
     }
   }
@@ -140,7 +154,7 @@ FO_FOR_EACH_DENSE_ALGORITHM(FO_LIST_TEST)
 TEST(FusedStepList, RejectedListChangesNothing) {
   auto rng = make_rng();
   const std::vector<StateSpec> specs = step_states("adam", {});
-  Buffers b = make_buffers(rng, specs);
+  Buffers b = make_buffers(rng, "adam", specs);
   const auto before = b.all();
   const std::vector<std::int64_t> steps(kSizes.size(), 1);
   auto list = [&] {

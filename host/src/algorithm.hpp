@@ -24,6 +24,7 @@ struct OptionFacts {
   std::string error;  // why the values are invalid, or "" when they are valid
   bool has_state[kMaxStates] = {};
   float state_init[kMaxStates] = {};
+  bool state_from_param[kMaxStates] = {};  // starts as a copy of the param
   StateShape state_shape[kMaxStates] = {};
   bool dense = true;           // takes dense steps (every state per element)
   std::string sparse_refusal;  // why a sparse step refuses these values, or ""
@@ -47,9 +48,15 @@ class Algorithm {
   /// Whether params a and b have equal options (they can share a multi-tensor launch).
   virtual bool same_options(std::size_t a, std::size_t b) const = 0;
 
-  /// A dense step of param `param` on the CPU at step count `step`.
+  /// A dense step of param `param` on the CPU at step count `step`; `scalars`: its scalar
+  /// states (description().scalars), advanced by the step, or null where there are none.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
+                        std::int64_t n, double* scalars) const = 0;
+  /// eval() of param `param` (description().eval) on the CPU / on CUDA.
+  virtual void cpu_eval(std::size_t param, float* p, float* const* states,
                         std::int64_t n) const = 0;
+  virtual void cuda_eval(std::size_t param, const cuda::ListEntry& e, DType param_dtype,
+                         DType state_dtype, void* stream) const = 0;
   /// Bytes of device workspace a CUDA step of these entries needs (settings.d_workspace).
   virtual std::size_t cuda_workspace(const cuda::ListEntry* entries, std::size_t n) const = 0;
   /// A multi-tensor step on CUDA of tensors sharing the options of param `param`.

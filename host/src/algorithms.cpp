@@ -10,6 +10,12 @@
 namespace fo::detail {
 namespace {
 
+// GCC 12 warns that an all-real Options (no flag member) "may be used uninitialized" through
+// OptionField::get's flag branch, which a null flag pointer never takes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 template <class A>
 AlgorithmDescription describe() {
   AlgorithmDescription d;
@@ -22,8 +28,16 @@ AlgorithmDescription describe() {
   }
   for (int k = 0; k < StateList<A>::count; ++k) d.states.emplace_back(StateList<A>::name(k));
   d.sparse = SparseCapable<A>::value;
+  for (int k = 0; k < ScalarList<A>::count; ++k) {
+    d.scalars.emplace_back(ScalarList<A>::name(k));
+    d.scalar_init.push_back(ScalarList<A>::init(k));
+  }
+  d.eval = EvalCapable<A>::value;
   return d;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 template <class A>
 const AlgorithmDescription& description_of() {
@@ -60,6 +74,7 @@ class AlgorithmImpl final : public Algorithm {
     for (int k = 0; k < StateList<A>::count; ++k) {
       f.has_state[k] = A::has_state(o, k);
       f.state_init[k] = static_cast<float>(A::state_init(o, k));
+      f.state_from_param[k] = StateFromParam<A>::of(k);
       f.state_shape[k] = StateShapes<A>::of(o, k);
       if (f.has_state[k] && f.state_shape[k] != StateShape::element) f.dense = false;
     }
@@ -80,9 +95,18 @@ class AlgorithmImpl final : public Algorithm {
     return true;
   }
 
-  void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
-                std::int64_t n) const override {
-    cpu::dense_step<A>(options_[param], step, t, n);
+  void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t, std::int64_t n,
+                double* scalars) const override {
+    cpu::dense_step<A>(options_[param], step, t, n, scalars);
+  }
+
+  void cpu_eval(std::size_t param, float* p, float* const* states, std::int64_t n) const override {
+    cpu::eval_params<A>(options_[param], p, states, n);
+  }
+
+  void cuda_eval(std::size_t param, const cuda::ListEntry& e, DType param_dtype, DType state_dtype,
+                 void* stream) const override {
+    cuda::eval_params<A>(options_[param], e, param_dtype, state_dtype, stream);
   }
 
   std::size_t cuda_workspace(const cuda::ListEntry* entries, std::size_t n) const override {

@@ -17,7 +17,8 @@ namespace {
 
 // 2: step settings, device scalars, grad_norm; 3: schedules; 4: fo_optimizer_state_numel;
 // 5: the weight EMA (ema_decay, fo_optimizer_swap_ema, fo_optimizer_copy_ema_to_params)
-constexpr int kAbiVersion = 5;
+// 6: Schedule-Free's eval and train (fo_optimizer_eval, fo_optimizer_train)
+constexpr int kAbiVersion = 6;
 
 thread_local std::string t_last_error;
 
@@ -202,6 +203,20 @@ fo_status fo_optimizer_copy_ema_to_params(fo_optimizer* opt, void* stream) {
   return guarded([&] {
     require(opt, "optimizer");
     opt->impl.copy_ema_to_params(stream);
+  });
+}
+
+fo_status fo_optimizer_eval(fo_optimizer* opt, void* stream) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    opt->impl.eval(stream);
+  });
+}
+
+fo_status fo_optimizer_train(fo_optimizer* opt, void* stream) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    opt->impl.train(stream);
   });
 }
 

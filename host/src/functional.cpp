@@ -62,6 +62,13 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
     invalid(who() + ": the gradient multiplier must be finite");
   if (t.ema && !(c.ema_decay >= 0.0 && c.ema_decay < 1.0))
     invalid(who() + ": ema_decay must be in [0, 1), got " + detail::format_number(c.ema_decay));
+  if constexpr (ScalarList<A>::count > 0) {
+    if (!t.scalars) invalid(who() + ": its scalar states (DenseTensors::scalars) are null");
+    if (misaligned(t.scalars, sizeof(double)))
+      invalid(who() + ": its scalar states are not aligned to a double");
+    if (cuda && !c.buffers_on_device && !cuda::is_device_pointer(t.scalars, -1))
+      invalid(who() + ": its scalar states are not CUDA device memory");
+  }
   if (t.numel == 0) return;
   // what, name: "state", "exp_avg" (name may be ""), joined only for a message.
   auto check = [&](const void* ptr, DType dtype, const char* what_kind, const char* name) {
@@ -105,7 +112,9 @@ std::vector<StateSpec> states_of(const NamedOptions& named) {
   check_options<A>(o);
   std::vector<StateSpec> out;
   for (int k = 0; k < StateList<A>::count; ++k)
-    if (A::has_state(o, k)) out.push_back({StateList<A>::name(k), k, A::state_init(o, k)});
+    if (A::has_state(o, k))
+      out.push_back(
+          {StateList<A>::name(k), k, A::state_init(o, k), false, StateFromParam<A>::of(k)});
   return out;
 }
 
@@ -175,7 +184,67 @@ struct ByName {
   void (*check_list)(const NamedOptions&, const DenseTensors*, const std::int64_t*, std::size_t,
                      const Exec&, const StepControls&);
   std::vector<StateSpec> (*states)(const NamedOptions&);
+  std::vector<ScalarSpec> (*scalars)();
+  void (*eval)(const NamedOptions&, const DenseTensors*, std::size_t, const Exec&);
 };
+
+template <class A>
+std::vector<ScalarSpec> scalars_of() {
+  std::vector<ScalarSpec> out;
+  for (int k = 0; k < ScalarList<A>::count; ++k)
+    out.push_back({ScalarList<A>::name(k), ScalarList<A>::init(k)});
+  return out;
+}
+
+template <class A>
+void eval_by_name(const NamedOptions& named, const DenseTensors* tensors, std::size_t n,
+                  const Exec& exec) {
+  const typename A::Options o = detail::options_by_name<A>(named);
+  check_options<A>(o);
+  if (!EvalCapable<A>::value)
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " has no evaluation form");
+  if (n > 0 && !tensors) invalid(std::string(A::kName) + ": the tensor array is null");
+  const bool cuda = exec.device == Device::cuda;
+  for (std::size_t i = 0; i < n; ++i) {
+    const DenseTensors& t = tensors[i];
+    const std::string who = label<A>(static_cast<std::int64_t>(i));
+    if (t.numel < 0) invalid(who + ": numel must be >= 0");
+    if (t.numel == 0) continue;
+    if (!cuda && (t.param_dtype != DType::f32 || t.state_dtype != DType::f32))
+      throw Error(StatusCode::unsupported,
+                  who + ": the CPU backend steps float32 params and states only");
+    if (t.master && t.param_dtype == DType::f32)
+      invalid(who + ": master weights belong to bfloat16 or float16 params");
+    const auto check = [&](const void* p, std::size_t align, const char* what) {
+      if (!p) invalid(who + ": " + what + " is null");
+      if (misaligned(p, align)) invalid(who + ": " + what + " is not aligned to its element size");
+      if (cuda && !cuda::is_device_pointer(p, -1))
+        invalid(who + ": " + what + " is not CUDA device memory");
+    };
+    check(t.param, dtype_size(t.param_dtype), "param");
+    if (t.master) check(t.master, sizeof(float), "master");
+    for (int k = 0; k < StateList<A>::count; ++k)
+      if (A::has_state(o, k)) check(t.states[k], dtype_size(t.state_dtype), StateList<A>::name(k));
+  }
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(exec.device_index);
+  for (std::size_t i = 0; i < n; ++i) {
+    const DenseTensors& t = tensors[i];
+    if (t.numel == 0) continue;
+    void* states[kMaxStates] = {nullptr, nullptr, nullptr};
+    for (int k = 0; k < StateList<A>::count; ++k)
+      if (A::has_state(o, k)) states[k] = t.states[k];
+    if (cuda) {
+      const cuda::ListEntry e{t.param, nullptr, t.master, {states[0], states[1], states[2]},
+                              t.numel, 0,       0};
+      cuda::eval_params<A>(o, e, t.param_dtype, t.state_dtype, exec.stream);
+    } else {
+      float* const s[kMaxStates] = {static_cast<float*>(states[0]), static_cast<float*>(states[1]),
+                                    static_cast<float*>(states[2])};
+      cpu::eval_params<A>(o, static_cast<float*>(t.param), s, t.numel);
+    }
+  }
+}
 
 template <class A>
 void step_list_by_name(const NamedOptions& named, const DenseTensors* t, const std::int64_t* steps,
@@ -191,7 +260,9 @@ void check_list_by_name(const NamedOptions& named, const DenseTensors* t, const 
 
 const ByName& by_name(std::string_view algorithm) {
   static const ByName table[] = {
-#define FO_BY_NAME(A) {A::kName, &step_list_by_name<A>, &check_list_by_name<A>, &states_of<A>},
+#define FO_BY_NAME(A)                                            \
+  {A::kName,      &step_list_by_name<A>, &check_list_by_name<A>, \
+   &states_of<A>, &scalars_of<A>,        &eval_by_name<A>},
       FO_FOR_EACH_DENSE_ALGORITHM(FO_BY_NAME)
 #undef FO_BY_NAME
   };
@@ -211,13 +282,14 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   check_options<A>(options);
   check_step<A>(step, -1);
   check_tensors<A>(options, t, exec, controls, -1);
-  if (t.numel == 0) return;
+  if (t.numel == 0 && ScalarList<A>::count == 0) return;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(options, k)) states[k] = t.states[k];
   if (exec.device == Device::cuda) {
-    const cuda::ListEntry entry{t.param, t.grad, t.master,     {states[0], states[1], states[2]},
-                                t.numel, step,   controls.key, t.ema};
+    const cuda::ListEntry entry{t.param,  t.grad, t.master,     {states[0], states[1], states[2]},
+                                t.numel,  step,   controls.key, t.ema,
+                                t.scalars};
     cuda_list_step<A>(options, &entry, 1, list_settings(t, controls), exec);
     return;
   }
@@ -228,7 +300,7 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                       controls.grad_multiplier,
                       t.ema,
                       ema_weight(controls.ema_decay)};
-  cpu::dense_step<A>(options, step, ptrs, t.numel);
+  cpu::dense_step<A>(options, step, ptrs, t.numel, t.scalars);
 }
 
 template <class A>
@@ -245,9 +317,10 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
     entries.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
       const DenseTensors& t = tensors[i];
-      if (t.numel == 0) continue;
-      cuda::ListEntry e{t.param, t.grad,   t.master,     {nullptr, nullptr, nullptr},
-                        t.numel, steps[i], controls.key, t.ema};
+      if (t.numel == 0 && ScalarList<A>::count == 0) continue;
+      cuda::ListEntry e{t.param,  t.grad,   t.master,     {nullptr, nullptr, nullptr},
+                        t.numel,  steps[i], controls.key, t.ema,
+                        t.scalars};
       for (int k = 0; k < StateList<A>::count; ++k)
         if (A::has_state(options, k)) e.states[k] = t.states[k];
       entries.push_back(e);
@@ -259,7 +332,7 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
   }
   for (std::size_t i = 0; i < n; ++i) {
     const DenseTensors& t = tensors[i];
-    if (t.numel == 0) continue;
+    if (t.numel == 0 && ScalarList<A>::count == 0) continue;
     cpu::DensePtrs ptrs{static_cast<float*>(t.param),
                         static_cast<const float*>(t.grad),
                         {nullptr, nullptr, nullptr},
@@ -268,7 +341,7 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
                         ema_weight(controls.ema_decay)};
     for (int k = 0; k < StateList<A>::count; ++k)
       if (A::has_state(options, k)) ptrs.states[k] = static_cast<float*>(t.states[k]);
-    cpu::dense_step<A>(options, steps[i], ptrs, t.numel);
+    cpu::dense_step<A>(options, steps[i], ptrs, t.numel, t.scalars);
   }
 }
 
@@ -294,6 +367,15 @@ void check_step_list(std::string_view algorithm, const NamedOptions& options,
 
 std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options) {
   return by_name(algorithm).states(options);
+}
+
+std::vector<ScalarSpec> step_scalars(std::string_view algorithm) {
+  return by_name(algorithm).scalars();
+}
+
+void eval_params(std::string_view algorithm, const NamedOptions& options,
+                 const DenseTensors* tensors, std::size_t n, const Exec& exec) {
+  by_name(algorithm).eval(options, tensors, n, exec);
 }
 
 const char* dtype_name(DType t) noexcept {

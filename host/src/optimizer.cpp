@@ -267,8 +267,8 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   if (numel > 0 && !out) invalid("get_state: the output is null");
   const auto n = static_cast<std::size_t>(numel);
   const std::optional<detail::Buffer>& buf = master ? p.master : ema ? p.ema : p.states[k];
-  if (!buf) {             // not stepped yet: the initial value
-    if (master || ema) {  // the param's value, as float32
+  if (!buf) {                                            // not stepped yet: the initial value
+    if (master || ema || p.facts.state_from_param[k]) {  // the param's value, as float32
       if (m.device != Device::cuda) {
         std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + n, out);
         return;
@@ -300,6 +300,22 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   std::vector<std::uint16_t> raw(n);
   cuda::copy_to_host(raw.data(), buf->data(), n * sizeof(std::uint16_t));
   for (std::size_t i = 0; i < n; ++i) out[i] = to_float(bf16{raw[i]});
+}
+
+double Optimizer::scalar_state(std::string_view name, std::string_view scalar) const {
+  const Impl& m = *impl_;
+  const ParamEntry& p = m.param(name);
+  const int k = detail::index_of(m.desc().scalars, scalar);
+  if (k < 0)
+    invalid(
+        m.desc().name + " has no scalar state '" + std::string(scalar) + "'" +
+        (m.desc().scalars.empty() ? "" : " (its scalar states: " + join(m.desc().scalars) + ")"));
+  if (!p.scalars) return m.desc().scalar_init[k];
+  double v = 0.0;
+  if (m.device != Device::cuda) return static_cast<const double*>(p.scalars->data())[k];
+  cuda::DeviceGuard guard(m.device_index);
+  cuda::copy_to_host(&v, static_cast<const double*>(p.scalars->data()) + k, sizeof v);
+  return v;
 }
 
 std::vector<float> Optimizer::state(std::string_view name, std::string_view state) const {

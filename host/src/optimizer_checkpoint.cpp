@@ -1,6 +1,7 @@
 // Optimizer checkpoints: save and load (the file format is checkpoint.hpp's). A load checks
 // everything, the file's options and every state tensor, before it changes anything.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -14,10 +15,38 @@
 #include "optimizer_impl.hpp"
 
 namespace fo {
+namespace {
+
+// Host copies, as float32, of a device or host buffer of n values stored as `dtype`.
+std::vector<float> values_of(const detail::Buffer& b, DType dtype, std::int64_t n, Device device,
+                             int device_index) {
+  const auto count = static_cast<std::size_t>(n);
+  std::vector<float> out(count);
+  if (device != Device::cuda) {
+    std::copy(b.f32(), b.f32() + count, out.begin());
+    return out;
+  }
+  cuda::DeviceGuard guard(device_index);
+  if (dtype == DType::f32) {
+    cuda::copy_to_host(out.data(), b.data(), count * sizeof(float));
+    return out;
+  }
+  std::vector<std::uint16_t> raw(count);
+  cuda::copy_to_host(raw.data(), b.data(), count * sizeof(std::uint16_t));
+  for (std::size_t i = 0; i < count; ++i)
+    out[i] = dtype == DType::bf16 ? to_float(bf16{raw[i]}) : to_float(f16{raw[i]});
+  return out;
+}
+
+}  // namespace
 
 using detail::invalid;
 using detail::kEmaState;
+using detail::kEvalModeKey;
 using detail::kMasterState;
+using detail::kScalarPrefix;
+using detail::kTrainMasterState;
+using detail::kTrainParamState;
 using detail::OptionFacts;
 using detail::ParamEntry;
 using detail::Settings;
@@ -34,16 +63,28 @@ void Optimizer::save(const std::string& path) const {
     if (key == "ema_decay" && !m.has_ema()) continue;
     d.options.emplace_back(key, m.settings.get(key));
   }
+  if (m.eval_mode) d.options.emplace_back(kEvalModeKey, 1.0);  // only then: older files load
   for (const ParamEntry& p : m.params) {
     detail::CheckpointParam cp{p.name, p.dtype, p.shape, step_count(p.name), {}};
     for (std::size_t k = 0; k < p.overrides.size(); ++k)
       if (p.overrides[k]) cp.overrides.emplace_back(m.desc().options[k], *p.overrides[k]);
+    if (p.scalars)  // exact: doubles in the file's per-param pairs
+      for (std::size_t k = 0; k < m.desc().scalars.size(); ++k)
+        cp.overrides.emplace_back(kScalarPrefix + m.desc().scalars[k],
+                                  scalar_state(p.name, m.desc().scalars[k]));
     d.params.push_back(std::move(cp));
     const bool has_state = p.master || p.ema ||
                            std::any_of(std::begin(p.states), std::end(p.states),
                                        [](const auto& b) { return b.has_value(); });
     if (!has_state) continue;  // never stepped: its state is still the initial value
     for (const auto& s : state_names(p.name)) d.tensors.push_back({p.name, s, state(p.name, s)});
+    if (p.train_param)
+      d.tensors.push_back({p.name, kTrainParamState,
+                           values_of(*p.train_param, p.dtype, p.numel, m.device, m.device_index)});
+    if (p.train_master)
+      d.tensors.push_back(
+          {p.name, kTrainMasterState,
+           values_of(*p.train_master, DType::f32, p.numel, m.device, m.device_index)});
   }
   detail::write_file_atomically(path, detail::encode_checkpoint(d));
 }
@@ -59,10 +100,17 @@ void Optimizer::load(const std::string& path) {
   std::vector<double> defaults = m.desc().defaults;
   Settings settings;
   std::vector<std::string> seen_keys;
+  bool eval_mode = false;
   for (const auto& [key, value] : d.options) {
     if (std::find(seen_keys.begin(), seen_keys.end(), key) != seen_keys.end())
       throw Error(StatusCode::corrupt_data, who + "option '" + key + "' appears twice");
     seen_keys.push_back(key);
+    if (key == kEvalModeKey) {
+      if (value != 1.0 || !m.desc().eval)
+        throw Error(StatusCode::corrupt_data, who + "option '" + key + "' is invalid here");
+      eval_mode = true;
+      continue;
+    }
     if (Settings::is_key(key)) {
       // States are float32 in the file: a bf16-state checkpoint loads onto the CPU as f32.
       const bool cpu_bf16 = key == "state_dtype" && value == 2.0 && m.device != Device::cuda;
@@ -116,8 +164,12 @@ void Optimizer::load(const std::string& path) {
     std::optional<detail::Buffer> states[kMaxStates];
     std::optional<detail::Buffer> master;
     std::optional<detail::Buffer> ema;
+    std::optional<detail::Buffer> scalars;
+    std::optional<detail::Buffer> train_param;
+    std::optional<detail::Buffer> train_master;
   };
   std::vector<Loaded> loaded(m.params.size());
+  const std::size_t num_scalars = m.desc().scalars.size();
   std::unordered_map<std::string, std::vector<const detail::CheckpointTensor*>> tensors;
   for (const auto& t : d.tensors) tensors[t.param].push_back(&t);
   for (std::size_t i = 0; i < m.params.size(); ++i) {
@@ -126,7 +178,21 @@ void Optimizer::load(const std::string& path) {
     Loaded& l = loaded[i];
     l.step = cp.step;
     l.overrides.resize(defaults.size());
-    for (const auto& [key, value] : cp.overrides) l.overrides[m.option_index(key)] = value;
+    double scalars[kMaxScalars] = {};
+    std::size_t scalars_found = 0;
+    for (const auto& [key, value] : cp.overrides) {
+      if (key.rfind(kScalarPrefix, 0) == 0) {  // a scalar state, not an option
+        const int k =
+            detail::index_of(m.desc().scalars, key.substr(std::string(kScalarPrefix).size()));
+        if (k < 0 || !std::isfinite(value))
+          throw Error(StatusCode::corrupt_data,
+                      who + "param '" + p.name + "' has an invalid scalar state '" + key + "'");
+        scalars[k] = value;
+        ++scalars_found;
+        continue;
+      }
+      l.overrides[m.option_index(key)] = value;
+    }
     l.options = defaults;
     for (std::size_t k = 0; k < defaults.size(); ++k)
       if (l.overrides[k]) l.options[k] = *l.overrides[k];
@@ -142,7 +208,27 @@ void Optimizer::load(const std::string& path) {
       if (cp.step > 0 && !expected.empty())
         throw Error(StatusCode::corrupt_data,
                     who + "param '" + p.name + "' has stepped but the checkpoint has no state");
+      if (scalars_found > 0)
+        throw Error(StatusCode::corrupt_data,
+                    who + "param '" + p.name + "' has scalar states but no state tensors");
       continue;
+    }
+    if (scalars_found != num_scalars)
+      throw Error(StatusCode::corrupt_data,
+                  who + "param '" + p.name + "' has " + std::to_string(scalars_found) +
+                      " scalar states, expected " + std::to_string(num_scalars));
+    if (num_scalars > 0) {
+      l.scalars.emplace(m.device, m.device_index, kMaxScalars * sizeof(double));
+      if (m.device == Device::cuda) {
+        cuda::DeviceGuard guard(m.device_index);
+        cuda::copy_from_host(l.scalars->data(), scalars, sizeof scalars, nullptr);
+      } else {
+        std::copy(scalars, scalars + kMaxScalars, static_cast<double*>(l.scalars->data()));
+      }
+    }
+    if (eval_mode && p.numel > 0) {  // the training form, kept while in eval mode
+      expected.emplace_back(kTrainParamState);
+      if (master) expected.emplace_back(kTrainMasterState);
     }
     if (ts.size() != expected.size())
       throw Error(StatusCode::corrupt_data,
@@ -153,15 +239,24 @@ void Optimizer::load(const std::string& path) {
         throw Error(StatusCode::corrupt_data,
                     who + "param '" + p.name + "' has an unexpected state '" + t->state + "'");
       const bool is_master = t->state == kMasterState, is_ema = t->state == kEmaState;
-      const int k = is_master || is_ema ? -1 : detail::index_of(m.desc().states, t->state);
-      const std::int64_t count = is_master || is_ema ? p.numel : p.state_numel(l.facts, k);
+      const bool is_train = t->state == kTrainParamState,
+                 is_train_master = t->state == kTrainMasterState;
+      const bool whole = is_master || is_ema || is_train || is_train_master;  // numel f32 values
+      const int k = whole ? -1 : detail::index_of(m.desc().states, t->state);
+      const std::int64_t count = whole ? p.numel : p.state_numel(l.facts, k);
       if (static_cast<std::int64_t>(t->values.size()) != count)
         throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
                                                   "' has " + std::to_string(t->values.size()) +
                                                   " values, expected " + std::to_string(count));
-      const DType storage = is_master || is_ema ? DType::f32 : settings.state_dtype;
+      const DType storage = is_train                                 ? p.dtype
+                            : is_master || is_ema || is_train_master ? DType::f32
+                                                                     : settings.state_dtype;
       const std::size_t bytes_needed = static_cast<std::size_t>(count) * dtype_size(storage);
-      std::optional<detail::Buffer>& slot = is_master ? l.master : is_ema ? l.ema : l.states[k];
+      std::optional<detail::Buffer>& slot = is_master         ? l.master
+                                            : is_ema          ? l.ema
+                                            : is_train        ? l.train_param
+                                            : is_train_master ? l.train_master
+                                                              : l.states[k];
       if (slot) throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' twice");
       slot.emplace(m.device, m.device_index, bytes_needed);
       if (m.device == Device::cuda) {
@@ -170,7 +265,8 @@ void Optimizer::load(const std::string& path) {
           cuda::copy_from_host(slot->data(), t->values.data(), bytes_needed, nullptr);
         } else {
           std::vector<std::uint16_t> raw(t->values.size());
-          for (std::size_t j = 0; j < raw.size(); ++j) raw[j] = to_bf16(t->values[j]).bits;
+          for (std::size_t j = 0; j < raw.size(); ++j)
+            raw[j] = storage == DType::f16 ? to_f16(t->values[j]).bits : to_bf16(t->values[j]).bits;
           cuda::copy_from_host(slot->data(), raw.data(), bytes_needed, nullptr);
         }
       } else {
@@ -201,7 +297,11 @@ void Optimizer::load(const std::string& path) {
     for (int k = 0; k < kMaxStates; ++k) p.states[k] = std::move(l.states[k]);
     p.master = std::move(l.master);
     p.ema = std::move(l.ema);
+    p.scalars = std::move(l.scalars);
+    p.train_param = std::move(l.train_param);
+    p.train_master = std::move(l.train_master);
   }
+  m.eval_mode = eval_mode;
 }
 
 }  // namespace fo

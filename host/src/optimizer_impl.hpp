@@ -23,6 +23,13 @@ namespace fo::detail {
 
 inline constexpr const char* kMasterState = "master";
 inline constexpr const char* kEmaState = "ema";
+// In a checkpoint saved in eval mode: the params' training form (and its master weights).
+inline constexpr const char* kTrainParamState = "train_param";
+inline constexpr const char* kTrainMasterState = "train_master";
+// A checkpoint's per-param scalar states: "scalar." and the scalar's name.
+inline constexpr const char* kScalarPrefix = "scalar.";
+// A checkpoint option saved in eval mode only.
+inline constexpr const char* kEvalModeKey = "eval_mode";
 
 /// Optimizer-wide step settings (optimizer.hpp), kept apart from the algorithm's options.
 struct Settings {
@@ -64,6 +71,10 @@ struct ParamEntry {
   std::optional<Buffer> states[kMaxStates];  // created at the first step
   std::optional<Buffer> master;              // f32 master weights
   std::optional<Buffer> ema;                 // f32 weight EMA (ema_decay > 0)
+  std::optional<Buffer> scalars;             // the algorithm's scalar states (doubles)
+  // eval mode: the training form of the param (its bytes) and of its master weights.
+  std::optional<Buffer> train_param;
+  std::optional<Buffer> train_master;
 
   /// Values in state k's buffer under facts `f`.
   std::int64_t state_numel(const OptionFacts& f, int k) const {
@@ -72,7 +83,7 @@ struct ParamEntry {
   /// True once the param has state or master buffers (or has stepped): its storage layout is
   /// then fixed, even if the step that created the buffers failed or was skipped.
   bool has_buffers() const {
-    if (steps_launched > 0 || master || ema) return true;
+    if (steps_launched > 0 || master || ema || scalars) return true;
     for (const auto& b : states)
       if (b) return true;
     return false;
@@ -118,6 +129,7 @@ struct Optimizer::Impl {
   std::vector<cuda::ListEntry> workspace_query;    // sizes of the stepping params, reused
   std::optional<detail::Buffer> d_scalars;         // [norm, clip, found_inf]
   bool norm_computed = false;
+  bool eval_mode = false;  // eval(): params hold their evaluation form
   const float* d_lr = nullptr;
   const float* d_grad_multiplier = nullptr;
   float* d_found_inf = nullptr;
@@ -158,6 +170,8 @@ struct Optimizer::Impl {
   void step_cpu(const void* const* grads);
   /// swap_ema (swap) or copy_ema_to_params: checks every param first.
   void apply_ema(bool swap, const char* who, void* stream);
+  /// eval() (to_eval) or train().
+  void switch_mode(bool to_eval, void* stream);
   void regroup();
   void step_cuda(const void* const* grads, void* stream);
 };

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -32,6 +33,10 @@ void Optimizer::step(std::initializer_list<const void*> grads, void* stream) {
 void Optimizer::step(const void* const* grads, void* stream) {
   Impl& m = *impl_;
   if (!grads && !m.params.empty()) invalid("step: the grads array is null");
+  if (m.eval_mode)
+    invalid(
+        "step: the optimizer is in eval mode (its params hold their evaluation form): "
+        "call train() first");
   // 1. Validate every gradient before anything is written.
   const bool cuda = m.device == Device::cuda;
   m.stepping.clear();
@@ -73,19 +78,23 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     std::vector<std::optional<detail::Buffer>> states;
     std::optional<detail::Buffer> master;
     std::optional<detail::Buffer> ema;
+    std::optional<detail::Buffer> scalars;
   };
   std::vector<Fresh> fresh;
+  const std::size_t num_scalars = desc().scalars.size();
   for (std::size_t j = 0; j < n; ++j) {
     const std::size_t i = indices[j];
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
-    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt};
+    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
+            std::nullopt};
     for (int k = 0; k < static_cast<int>(desc().states.size()); ++k)
       if (p.facts.has_state[k]) f.states[k].emplace(device, device_index, state_bytes(p, k));
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
     if (has_ema())
       f.ema.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
+    if (num_scalars > 0) f.scalars.emplace(device, device_index, kMaxScalars * sizeof(double));
     fresh.push_back(std::move(f));
   }
   for (Fresh& f : fresh) {  // nothing below allocates
@@ -94,11 +103,27 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
       if (!f.states[k]) continue;
       const float init = p.facts.state_init[k];
       const std::int64_t count = p.state_numel(p.facts, k);
-      if (device == Device::cuda)
+      if (p.facts.state_from_param[k]) {  // a copy of the param (per element: count == numel)
+        if (device == Device::cuda)
+          cuda::convert(f.states[k]->data(), settings.state_dtype, p.data, p.dtype, count, stream);
+        else
+          std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + count,
+                    f.states[k]->f32());
+      } else if (device == Device::cuda) {
         cuda::fill(f.states[k]->data(), settings.state_dtype, init, count, stream);
-      else
+      } else {
         std::fill(f.states[k]->f32(), f.states[k]->f32() + count, init);
+      }
       p.states[k] = std::move(f.states[k]);
+    }
+    if (f.scalars) {
+      double init[kMaxScalars] = {};
+      for (std::size_t k = 0; k < num_scalars; ++k) init[k] = desc().scalar_init[k];
+      if (device == Device::cuda)
+        cuda::copy_from_host(f.scalars->data(), init, sizeof init, stream);
+      else
+        std::copy(init, init + kMaxScalars, static_cast<double*>(f.scalars->data()));
+      p.scalars = std::move(f.scalars);
     }
     if (f.master) {
       cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
@@ -170,7 +195,8 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     for (int k = 0; k < kMaxStates; ++k) t.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
     t.ema = p.ema ? p.ema->f32() : nullptr;
     t.ema_weight = ema_weight(settings.ema_decay);
-    if (p.numel > 0) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel);
+    double* const scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
+    if (p.numel > 0 || scalars) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel, scalars);
     ++p.steps_launched;
   }
 }
@@ -224,6 +250,7 @@ void fill_group(detail::StepGroup& g, const std::vector<ParamEntry>& params,
                       0,      p.key};
     for (int k = 0; k < kMaxStates; ++k) e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
     e.ema = p.ema ? p.ema->f32() : nullptr;
+    e.scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
     g.entries.push_back(e);
   }
   if (same && n == g.planned.size()) return;
@@ -396,6 +423,87 @@ void Optimizer::swap_ema(void* stream) { impl_->apply_ema(true, "swap_ema", stre
 void Optimizer::copy_ema_to_params(void* stream) {
   impl_->apply_ema(false, "copy_ema_to_params", stream);
 }
+
+// eval(): every stepped param keeps its training form and takes its evaluation form;
+// train(): the kept forms come back. A param that has not stepped has no state: both forms
+// are the param itself.
+void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
+  const char* who = to_eval ? "eval" : "train";
+  if (!desc().eval)
+    unsupported(std::string(who) + ": " + desc().name +
+                " has one form of its params (eval() and train() are Schedule-Free's)");
+  if (to_eval == eval_mode) return;
+  const bool cuda = device == Device::cuda;
+  std::optional<cuda::DeviceGuard> guard;
+  if (cuda) guard.emplace(device_index);
+  const auto stepped = [](const ParamEntry& p) {
+    return p.numel > 0 && std::any_of(std::begin(p.states), std::end(p.states),
+                                      [](const auto& b) { return b.has_value(); });
+  };
+  if (to_eval) {
+    struct Kept {
+      std::optional<detail::Buffer> param, master;
+    };
+    std::vector<Kept> kept(params.size());  // every allocation before anything changes
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const ParamEntry& p = params[i];
+      if (!stepped(p)) continue;
+      kept[i].param.emplace(device, device_index,
+                            static_cast<std::size_t>(p.numel) * dtype_size(p.dtype));
+      if (p.master)
+        kept[i].master.emplace(device, device_index,
+                               static_cast<std::size_t>(p.numel) * sizeof(float));
+    }
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      ParamEntry& p = params[i];
+      if (!stepped(p)) continue;
+      const std::size_t bytes = static_cast<std::size_t>(p.numel) * dtype_size(p.dtype);
+      if (cuda) {
+        cuda::copy_device(kept[i].param->data(), p.data, bytes, stream);
+        if (p.master)
+          cuda::copy_device(kept[i].master->data(), p.master->data(),
+                            static_cast<std::size_t>(p.numel) * sizeof(float), stream);
+        cuda::ListEntry e{p.data, nullptr, p.master ? p.master->f32() : nullptr, {}, p.numel,
+                          0,      p.key};
+        for (int k = 0; k < kMaxStates; ++k)
+          e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
+        algorithm->cuda_eval(i, e, p.dtype, settings.state_dtype, stream);
+      } else {
+        std::memcpy(kept[i].param->data(), p.data, bytes);
+        float* const s[kMaxStates] = {p.states[0] ? p.states[0]->f32() : nullptr,
+                                      p.states[1] ? p.states[1]->f32() : nullptr,
+                                      p.states[2] ? p.states[2]->f32() : nullptr};
+        algorithm->cpu_eval(i, static_cast<float*>(p.data), s, p.numel);
+      }
+      p.train_param = std::move(kept[i].param);
+      p.train_master = std::move(kept[i].master);
+    }
+  } else {
+    for (ParamEntry& p : params) {
+      if (!p.train_param) continue;
+      const std::size_t bytes = static_cast<std::size_t>(p.numel) * dtype_size(p.dtype);
+      if (cuda) {
+        cuda::copy_device(p.data, p.train_param->data(), bytes, stream);
+        if (p.master && p.train_master)
+          cuda::copy_device(p.master->data(), p.train_master->data(),
+                            static_cast<std::size_t>(p.numel) * sizeof(float), stream);
+      } else {
+        std::memcpy(p.data, p.train_param->data(), bytes);
+      }
+    }
+    // The copies are stream-ordered: the kept buffers are freed (cudaFree waits for the
+    // device) only after them.
+    for (ParamEntry& p : params) {
+      p.train_param.reset();
+      p.train_master.reset();
+    }
+  }
+  eval_mode = to_eval;
+}
+
+void Optimizer::eval(void* stream) { impl_->switch_mode(true, stream); }
+void Optimizer::train(void* stream) { impl_->switch_mode(false, stream); }
+bool Optimizer::training() const noexcept { return !impl_->eval_mode; }
 
 float Optimizer::grad_norm() const {
   const Impl& m = *impl_;

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "cuda/schedule_device.hpp"
 #include "fusedopt/functional.hpp"
@@ -150,6 +151,8 @@ struct Tensor {
   bool aligned;
   Buffer param, grad, master, ema;
   std::vector<Buffer> states;
+  // Scalar states (ScalarList), for the algorithms that keep them: values as after steps.
+  std::vector<double> scalars = std::vector<double>(kMaxScalars, 0.0);
 };
 
 // ------------------------------------------------------------------- options to cover
@@ -209,7 +212,20 @@ cuda::ListEntry entry_of(const typename A::Options& o, Tensor& t, std::int64_t s
   if (t.master.size() > 0) e.master = static_cast<float*>(t.master.data());
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k)) e.states[k] = t.states[static_cast<std::size_t>(k)].data();
+  if (ScalarList<A>::count > 0) e.scalars = t.scalars.data();
   return e;
+}
+
+bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
+}
+
+/// Scalar states as after some steps: each initial value plus 0.5 (k + 1), the same for
+/// every tensor's copies.
+template <class A>
+void start_scalars(Tensor& t) {
+  for (int k = 0; k < ScalarList<A>::count; ++k)
+    t.scalars[static_cast<std::size_t>(k)] = ScalarList<A>::init(k) + 0.5 * (k + 1);
 }
 
 /// A's device workspace for a step of `entries` (NaN-filled: a pass that reads what no pass
@@ -253,7 +269,10 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     std::mt19937_64 copy = rng;
     emu.emplace_back(f32, n, copy, init);
     cpu.emplace_back(f32, n, rng, init);
+    start_scalars<A>(emu.back());
+    start_scalars<A>(cpu.back());
   }
+  const std::vector<double> scalars_before = emu.empty() ? std::vector<double>{} : emu[0].scalars;
   const float grad_multiplier = 0.75f;
   std::vector<std::int64_t> d_steps(sizes.size() + 3, 0);
   for (std::size_t i = 0; i < d_steps.size(); ++i) d_steps[i] = static_cast<std::int64_t>(i % 3);
@@ -296,6 +315,7 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
       for (int k = 0; k < kMaxStates; ++k)
         t.states[k] = cpu[i].states[static_cast<std::size_t>(k)].data();
       t.numel = static_cast<std::int64_t>(sizes[i]);
+      if (ScalarList<A>::count > 0) t.scalars = cpu[i].scalars.data();
       StepControls c;
       c.grad_multiplier = dgs != 0.0f ? grad_multiplier * dgs : grad_multiplier;
       if (d.ema_decay != 0.0) {
@@ -312,6 +332,12 @@ void expect_f32_matches_cpu(const typename A::Options& o, const std::vector<std:
     EXPECT_TRUE(emu[i].ema == cpu[i].ema)  // untouched on both sides without an EMA
         << what << ", size " << sizes[i] << ", ema " << d.ema_decay << ": "
         << first_byte_difference(emu[i].ema, cpu[i].ema);
+    EXPECT_TRUE(same_bits(emu[i].scalars, cpu[i].scalars))
+        << what << ", size " << sizes[i] << ": scalar states";
+    if (ScalarList<A>::count > 0) {  // advanced by the two steps, unless they were skipped
+      EXPECT_EQ(found != 0.0f, same_bits(emu[i].scalars, scalars_before))
+          << what << ", size " << sizes[i] << ": scalar states after a skipped step";
+    }
     for (int k = 0; k < kMaxStates; ++k) {
       const auto kk = static_cast<std::size_t>(k);
       if (!A::has_state(o, k)) continue;
@@ -409,7 +435,9 @@ void reference_trust_step(const typename A::Options& o, const typename A::Op& op
 template <class A>
 void reference_step(const typename A::Options& o, std::int64_t step, Tensor& t, const Storage& st,
                     std::uint64_t seed, int key, float grad_multiplier, float w = 0.0f) {
-  const typename A::Op op = A::make_op(o, step);
+  double next[kMaxScalars] = {};
+  const typename A::Op op = make_step_op<A>(o, step, t.scalars.data(), next);
+  for (int k = 0; k < ScalarList<A>::count; ++k) t.scalars[static_cast<std::size_t>(k)] = next[k];
   const std::uint64_t key_seed =
       seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
   auto store = [&](Buffer& b, std::size_t i, float x, std::uint64_t counter) {
@@ -473,6 +501,8 @@ void expect_storages_match_reference(std::mt19937_64& rng) {
         std::mt19937_64 copy = rng;
         emu.emplace_back(st, n, copy, init);
         ref.emplace_back(st, n, rng, init);
+        start_scalars<A>(emu.back());
+        start_scalars<A>(ref.back());
       }
       for (std::int64_t step = 1; step <= 2; ++step) {
         std::vector<cuda::ListEntry> entries;
@@ -624,6 +654,51 @@ void expect_sparse_kernels_match_cpu(std::mt19937_64& rng) {
   }
 }
 
+// ---------------------------------------------------- eval(): the params' evaluation form
+
+/// eval_kernel per element (multi_tensor.cuh): EvalOp of the f32 param (the master weights
+/// where there are some) and the widened states, into the master exactly and the param
+/// rounded to nearest; and for f32 storages, the CPU backend's eval_params bytewise.
+template <class A>
+void expect_eval_matches(std::mt19937_64& rng) {
+  if constexpr (EvalCapable<A>::value) {
+    const typename A::Options o = option_variants<A>().back();
+    const typename A::EvalOp op = A::make_eval_op(o);
+    const std::vector<float> init = state_inits<A>(o);
+    for (const Storage& st : storages()) {
+      if (st.grad != st.param || st.stochastic) continue;  // no grad read; round to nearest
+      for (std::size_t n : kSizes) {
+        std::mt19937_64 copy = rng, copy2 = rng;
+        Tensor emu(st, n, copy, init), ref(st, n, copy2, init), cpu(st, n, rng, init);
+        cuda::eval_params<A>(o, entry_of<A>(o, emu, 0, 0), st.param, st.state, nullptr);
+        for (std::size_t i = 0; i < n; ++i) {
+          float s[kMaxStates] = {};
+          for (int k = 0; k < StateList<A>::count; ++k)
+            if (A::has_state(o, k)) s[k] = ref.states[static_cast<std::size_t>(k)].get(i);
+          const float x = op(st.master ? ref.master.get(i) : ref.param.get(i), s);
+          if (st.master) ref.master.set(i, x);
+          ref.param.set(i, x);
+        }
+        const std::string what = describe<A>(o) + ", " + st.name() + ", size " + std::to_string(n);
+        EXPECT_TRUE(emu.param == ref.param)
+            << what << ", param: " << first_byte_difference(emu.param, ref.param);
+        EXPECT_TRUE(emu.master == ref.master) << what << ", master";
+        if (st.param != DType::f32 || st.state != DType::f32) continue;
+        float* states[kMaxStates] = {};
+        for (int k = 0; k < StateList<A>::count; ++k)
+          if (A::has_state(o, k))
+            states[k] = static_cast<float*>(cpu.states[static_cast<std::size_t>(k)].data());
+        cpu::eval_params<A>(o, static_cast<float*>(cpu.param.data()), states,
+                            static_cast<std::int64_t>(n));
+        EXPECT_TRUE(emu.param == cpu.param)
+            << what << ", CPU: " << first_byte_difference(emu.param, cpu.param);
+      }
+    }
+  } else {
+    GTEST_SKIP() << A::kName << " has one form of its params";
+  }
+}
+
 // ------------------------------------------------------------ one test case per algorithm
 
 struct AlgorithmCase {
@@ -634,6 +709,7 @@ struct AlgorithmCase {
   void (*many_tensors)(std::mt19937_64&);
   void (*sparse)(std::mt19937_64&);
   void (*ema)(std::mt19937_64&);
+  void (*eval)(std::mt19937_64&);
 };
 
 template <class A>
@@ -672,6 +748,7 @@ AlgorithmCase make_case() {
     expect_f32_matches_cpu<A>(typename A::Options{}, sizes, {}, rng);
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
+  c.eval = [](std::mt19937_64& rng) { expect_eval_matches<A>(rng); };
   c.ema = [](std::mt19937_64& rng) {
     {
       // Every option combination with an EMA in torch's first lerp branch, then the other
@@ -739,6 +816,11 @@ TEST_P(EmulatedKernels, WeightEmaMatchesCpuBitwise) {
 TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
   auto rng = make_rng();
   algorithm().sparse(rng);
+}
+
+TEST_P(EmulatedKernels, EvalFormMatchesThePerElementContractAndCpu) {
+  auto rng = make_rng();
+  algorithm().eval(rng);
 }
 
 INSTANTIATE_TEST_SUITE_P(Every, EmulatedKernels,

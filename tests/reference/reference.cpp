@@ -136,6 +136,19 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
         {{"adapt", 0}, {"weight_decay", 0.1}, {"momentum", 0}, {"lr", 0.1}},
         {{"weight_decay", 0.01}, {"nesterov", 1}, {"momentum", 0.5}, {"eps", 1e-3}},
         {{"weight_decay", 0.1}, {"trust_coefficient", 0.02}, {"lr", 0.5}}}},
+      {"sgd_schedule_free",
+       {{},
+        {{"lr", 0.1}, {"momentum", 0.5}, {"weight_decay", 0.1}, {"warmup_steps", 10}},
+        {{"r", 1}, {"weight_lr_power", 0}, {"lr", 0.5}, {"warmup_steps", 3}}}},
+      {"adamw_schedule_free",
+       {{},
+        {{"beta1", 0.5},
+         {"beta2", 0.9},
+         {"eps", 1e-3},
+         {"weight_decay", 0.1},
+         {"warmup_steps", 7},
+         {"lr", 1e-2}},
+        {{"r", 0.5}, {"weight_lr_power", 1}, {"warmup_steps", 30}}}},
       {"ademamix",
        {{},
         // Warm-ups shorter than a 25-step run: both schedules ramp, then hold.
@@ -222,7 +235,25 @@ OptionMap defaults(const std::string& a) {
   if (a == "lars")  // Optax's lars (learning_rate has no default there)
     return {{"lr", 1.0}, {"momentum", 0.9}, {"weight_decay", 0}, {"trust_coefficient", 1e-3},
             {"eps", 0},  {"nesterov", 0},   {"adapt", 1}};
+  if (a == "sgd_schedule_free")  // facebookresearch/schedule_free SGDScheduleFree
+    return {{"lr", 1.0},         {"momentum", 0.9}, {"weight_decay", 0},
+            {"warmup_steps", 0}, {"r", 0},          {"weight_lr_power", 2}};
+  if (a == "adamw_schedule_free")  // and AdamWScheduleFree
+    return {{"lr", 2.5e-3},      {"beta1", 0.9},      {"beta2", 0.999}, {"eps", 1e-8},
+            {"weight_decay", 0}, {"warmup_steps", 0}, {"r", 0},         {"weight_lr_power", 2}};
   throw std::invalid_argument("fo::ref: unknown algorithm '" + a + "'");
+}
+
+bool state_starts_as_param(const std::string& a, const std::string& state) {
+  return (a == "sgd_schedule_free" || a == "adamw_schedule_free") && state == "z";
+}
+
+void schedule_free_eval(const std::string& a, const OptionMap& options, std::vector<double>& param,
+                        const StateMap& states) {
+  const OptionMap o = resolve(a, options);
+  const double beta = a == "sgd_schedule_free" ? o.at("momentum") : o.at("beta1");
+  const std::vector<double>& z = states.at("z");
+  for (std::size_t i = 0; i < param.size(); ++i) param[i] += (1.0 - 1.0 / beta) * (z[i] - param[i]);
 }
 
 std::vector<std::string> state_names(const std::string& a, const OptionMap& options) {
@@ -253,6 +284,8 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   if (a == "lars")
     return o.at("momentum") != 0 ? std::vector<std::string>{"momentum_buffer"}
                                  : std::vector<std::string>{};
+  if (a == "sgd_schedule_free") return {"z"};
+  if (a == "adamw_schedule_free") return {"z", "exp_avg_sq"};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -333,6 +366,38 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   if (ambiguous) ambiguous->assign(n, 0);
 
   if (a == "lamb" || a == "lars") return trust_ratio_step(a, o, t, param, grad, s);
+  if (a == "sgd_schedule_free" || a == "adamw_schedule_free") {
+    // The package's step with fixed options: lr_max and weight_sum, its per-group scalars,
+    // replayed from step 1 (each step's own lr under the warm-up).
+    const double warmup = o.at("warmup_steps");
+    double lr = 0.0, lr_max = -1.0, weight = 0.0, weight_sum = 0.0;
+    for (std::int64_t k = 1; k <= t; ++k) {
+      lr = o.at("lr") * (double(k - 1) < warmup ? double(k) / warmup : 1.0);
+      lr_max = std::max(lr, lr_max);
+      weight = std::pow(double(k), o.at("r")) * std::pow(lr_max, o.at("weight_lr_power"));
+      weight_sum += weight;
+    }
+    const double ckp1 = weight_sum != 0.0 ? weight / weight_sum : 0.0;
+    const bool adam = a == "adamw_schedule_free";
+    const double beta = adam ? o.at("beta1") : o.at("momentum");
+    const double wd = o.at("weight_decay");
+    for (std::size_t i = 0; i < n; ++i) {
+      double& y = param[i];
+      double& z = (*s[0])[i];
+      double u = grad[i];
+      if (adam) {
+        const double beta2 = o.at("beta2");
+        double& v = (*s[1])[i];
+        v = beta2 * v + (1.0 - beta2) * grad[i] * grad[i];
+        u = grad[i] / (std::sqrt(v / (1.0 - std::pow(beta2, double(t)))) + o.at("eps"));
+      }
+      u += wd * y;
+      y += ckp1 * (z - y);
+      y += lr * (beta * (1.0 - ckp1) - 1.0) * u;
+      z -= lr * u;
+    }
+    return;
+  }
 
   const double lr = o.at("lr");
   const bool maximize = o.at("maximize") != 0;

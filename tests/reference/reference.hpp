@@ -36,6 +36,14 @@ std::vector<std::string> state_names(const std::string& algorithm, const OptionM
 double state_initial_value(const std::string& algorithm, const OptionMap& options,
                            const std::string& state);
 
+/// Whether a state starts as a copy of the param instead (Schedule-Free's z).
+bool state_starts_as_param(const std::string& algorithm, const std::string& state);
+
+/// Schedule-Free's evaluation form of a param (x, from y and z), in double: the package's
+/// eval(), p.lerp_(z, 1 - 1/beta) with beta its momentum or beta1.
+void schedule_free_eval(const std::string& algorithm, const OptionMap& options,
+                        std::vector<double>& param, const StateMap& states);
+
 /// One step, in double. `t` is the step count of this param (1 on the first step).
 /// `states` must hold every buffer state_names() lists, each param.size() long (the caller
 /// initialises them). `ambiguous`, if non-null, is resized to param.size() and set to 1 at

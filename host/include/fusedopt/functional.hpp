@@ -35,6 +35,12 @@ struct DenseTensors {
   // StepControls::ema_decay from the param's new f32 value (docs/optimizers.md, "Weight EMA").
   // The caller creates it as a copy of the param (of the master weights) before its first step.
   float* ema = nullptr;
+  // The algorithm's scalar states (fo::step_scalars: sgd_schedule_free's lr_max and
+  // weight_sum), kMaxScalars doubles the caller keeps per tensor, host memory on the CPU and
+  // device memory on CUDA, starting at their initial values; the step reads them and writes
+  // their next values (on CUDA stream-ordered, not when the step is skipped by d_found_inf).
+  // Null for algorithms without them. A tensor with them steps even when empty.
+  double* scalars = nullptr;
 };
 
 /// Where a step runs: the CPU (threads, see cpu.hpp) or a CUDA stream (null: default stream).
@@ -121,7 +127,26 @@ struct StateSpec {
   int index = 0;
   double init = 0.0;
   bool per_row = false;  // one value per table row (sparse_step_states, row-wise), not per element
+  bool from_param = false;  // starts as a copy of the param (its master weights), not at init
 };
+
+/// A per-tensor scalar state of an algorithm (DenseTensors::scalars): its name and initial value.
+struct ScalarSpec {
+  std::string name;
+  double init = 0.0;
+};
+
+/// The scalar states of `algorithm`, in DenseTensors::scalars order (none for most). Throws
+/// fo::Error for an unknown algorithm.
+std::vector<ScalarSpec> step_scalars(std::string_view algorithm);
+
+/// The evaluation form of params (algorithms whose AlgorithmDescription::eval is set:
+/// sgd_schedule_free, adamw_schedule_free): tensors[i].param (and its master weights) <- its
+/// evaluation value from itself and its states (docs/optimizers.md); grads are not read. The
+/// caller keeps the training values to restore them bitwise (the optimizer objects' train()).
+/// Checked first, like fused_step_list.
+void eval_params(std::string_view algorithm, const NamedOptions& options,
+                 const DenseTensors* tensors, std::size_t n, const Exec& exec = {});
 
 /// The states a dense step of `algorithm` under `options` reads and writes (in slot order),
 /// each with its initial value: what a caller that owns the state allocates before a param's

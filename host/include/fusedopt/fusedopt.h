@@ -103,6 +103,13 @@ FO_API fo_status fo_optimizer_state_numel(const fo_optimizer* opt, const char* n
 FO_API fo_status fo_optimizer_swap_ema(fo_optimizer* opt, void* stream);
 FO_API fo_status fo_optimizer_copy_ema_to_params(fo_optimizer* opt, void* stream);
 
+/* ABI version 6. Schedule-Free (sgd_schedule_free, adamw_schedule_free): put the params'
+ * evaluation form in them (keeping their training form), or the training form back, bitwise
+ * (fusedopt/optimizer.hpp, Optimizer::eval). A step in eval mode is FO_INVALID_ARGUMENT;
+ * other algorithms: FO_UNSUPPORTED. stream: a cudaStream_t on CUDA, or NULL. */
+FO_API fo_status fo_optimizer_eval(fo_optimizer* opt, void* stream);
+FO_API fo_status fo_optimizer_train(fo_optimizer* opt, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

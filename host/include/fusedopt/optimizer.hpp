@@ -24,8 +24,12 @@ struct AlgorithmDescription {
   std::vector<std::string> options;  // docs/optimizers.md names, in declaration order
   std::vector<double> defaults;      // flags as 0/1
   std::vector<bool> is_flag;
-  std::vector<std::string> states;  // every state the algorithm may keep
-  bool sparse = false;              // takes sparse row steps (step_sparse)
+  std::vector<std::string> states;   // every state the algorithm may keep
+  bool sparse = false;               // takes sparse row steps (step_sparse)
+  std::vector<std::string> scalars;  // its per-param scalar states (sgd_schedule_free: lr_max,
+                                     // weight_sum), kept in double
+  std::vector<double> scalar_init;   // their initial values
+  bool eval = false;                 // has an evaluation form of its params (eval(), train())
 };
 
 /// Every registered dense algorithm, in registry order.
@@ -111,6 +115,21 @@ class Optimizer {
   /// before anything changes; on CUDA stream-ordered on `stream`.
   void swap_ema(void* stream = nullptr);
   void copy_ema_to_params(void* stream = nullptr);
+
+  /// Schedule-Free's two forms of the params (algorithms with AlgorithmDescription::eval:
+  /// sgd_schedule_free, adamw_schedule_free; docs/optimizers.md). A step moves the training
+  /// form y; eval() keeps each stepped param's y (and master weights) in a copy it allocates
+  /// and writes the evaluation form x into the param; train() puts y back bitwise and frees
+  /// the copy. An optimizer starts in training mode, step() in eval mode is refused, and a
+  /// call in the mode it names does nothing. Checked and allocated before anything changes;
+  /// on CUDA stream-ordered on `stream`.
+  void eval(void* stream = nullptr);
+  void train(void* stream = nullptr);
+  bool training() const noexcept;
+
+  /// A param's scalar state (AlgorithmDescription::scalars, e.g. weight_sum): its initial
+  /// value before the param's first step. On CUDA this waits for the device.
+  double scalar_state(std::string_view name, std::string_view scalar) const;
 
   /// The global gradient norm (after grad_scale) of the last step that computed one
   /// (max_grad_norm > 0 or skip_nonfinite), or NaN. On CUDA this waits for the device.

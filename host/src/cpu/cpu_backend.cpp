@@ -143,20 +143,51 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
 
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
-                std::int64_t n) {
-  const typename A::Op op = A::make_op(options, step);
+                std::int64_t n, double* scalars) {
+  double next[kMaxScalars] = {};
+  if (ScalarList<A>::count > 0 && !scalars)
+    throw Error(StatusCode::invalid_argument,
+                std::string(A::kName) + ": the step's scalar states are missing");
+  const typename A::Op op = make_step_op<A>(options, step, scalars, next);
   if constexpr (TrustRatioCapable<A>::value) {
+    static_assert(ScalarList<A>::count == 0, "trust-ratio steps keep no scalar states");
     trust_step<A>(op, t, n);
   } else {
     const auto kernel = active_kernels<A>().range;
-    parallel_for([&](std::int64_t begin, std::int64_t end) { kernel(op, t, begin, end); }, n);
+    if (n > 0)
+      parallel_for([&](std::int64_t begin, std::int64_t end) { kernel(op, t, begin, end); }, n);
+  }
+  for (int k = 0; k < ScalarList<A>::count; ++k) scalars[k] = next[k];
+}
+
+template <class A>
+void eval_params(const typename A::Options& options, float* param, float* const* states,
+                 std::int64_t n) {
+  if constexpr (EvalCapable<A>::value) {
+    const typename A::EvalOp op = A::make_eval_op(options);
+    parallel_for(
+        [&](std::int64_t begin, std::int64_t end) {
+          for (std::int64_t i = begin; i < end; ++i) {
+            float s[kMaxStates];
+            for (int k = 0; k < kMaxStates; ++k) s[k] = states[k] ? states[k][i] : 0.0f;
+            param[i] = op(param[i], s);
+          }
+        },
+        n);
+  } else {
+    (void)options, (void)param, (void)states, (void)n;
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " has no evaluation form");
   }
 }
 
 #define FO_INSTANTIATE(A)                                                                \
   template void dense_step<fo::A>(const fo::A::Options&, std::int64_t, const DensePtrs&, \
-                                  std::int64_t);
+                                  std::int64_t, double*);
 FO_FOR_EACH_CPU_KERNEL(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
+#define FO_INSTANTIATE(A) \
+  template void eval_params<fo::A>(const fo::A::Options&, float*, float* const*, std::int64_t);
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
 
 void traffic_probe(const DensePtrs& t, std::int64_t n) { dense_step<TrafficProbe>({}, 1, t, n); }

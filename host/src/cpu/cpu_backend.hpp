@@ -74,9 +74,17 @@ const Kernels<A>& active_kernels() {
 /// in the order of kernels/trust_ratio.hpp, and may allocate a scratch of 16 bytes per 8192
 /// elements the first time a tensor that large steps on a thread (fo::Error out_of_memory,
 /// before anything is written).
+/// `scalars`: A's scalar states (ScalarList), advanced after the pass; null where it keeps
+/// none.
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
-                std::int64_t n);
+                std::int64_t n, double* scalars = nullptr);
+
+/// eval() of one tensor (A is EvalCapable): param[i] <- A::EvalOp(param[i], states at i), on
+/// the configured threads, in the scalar float arithmetic of CUDA's eval_kernel.
+template <class A>
+void eval_params(const typename A::Options& options, float* param, float* const* states,
+                 std::int64_t n);
 
 /// Reads and writes exactly the streams of a step (param, grad, non-null states) with trivial
 /// arithmetic, through the same loop and threads: the CPU's bandwidth limit for that step.

@@ -55,6 +55,7 @@ TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
     list.block_start[j] = g.block_start[j];
     list.step[j] = e.step;
     list.key[j] = e.key;
+    list.scalars[j] = e.scalars;
   }
   return list;
 }
@@ -67,7 +68,8 @@ template <class A, int kParam>
 void launch_step(const typename A::Options& o, std::int64_t host_step, const TensorList& list,
                  std::int64_t blocks, const StepConfig& cfg, double* workspace,
                  cudaStream_t stream) {
-  const typename A::Op host_op = cfg.device_scalars ? typename A::Op{} : A::make_op(o, host_step);
+  const typename A::Op host_op =
+      cfg.device_scalars ? typename A::Op{} : make_step_op<A>(o, host_step, nullptr, nullptr);
   const auto grid = static_cast<unsigned>(blocks);
   if constexpr (TrustRatioCapable<A>::value) {
     const bool norms = A::make_op(o, 1).needs_norms();  // the options alone decide
@@ -93,10 +95,20 @@ void launch_step(const typename A::Options& o, std::int64_t host_step, const Ten
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
-void increment_steps(std::int64_t* d_steps, const TensorList& list, const float* d_found_inf,
-                     cudaStream_t stream) {
-  FO_LAUNCH(1, kBlock, stream, cuda_kernels::increment_steps_kernel)(d_steps, list, d_found_inf);
-  FO_CUDA_CHECK(cudaGetLastError());
+/// After a list's step: its scalar states advance (algorithms that keep them), then its
+/// device step counts go up (d_steps), both unless found_inf.
+template <class A>
+void finish_list(const typename A::Options& o, const TensorList& list, const StepConfig& cfg,
+                 std::int64_t* d_steps, cudaStream_t stream) {
+  if constexpr (ScalarList<A>::count > 0) {
+    FO_LAUNCH(1, kBlock, stream, cuda_kernels::advance_scalars_kernel<A>)(o, list, cfg);
+    FO_CUDA_CHECK(cudaGetLastError());
+  }
+  if (d_steps) {
+    FO_LAUNCH(1, kBlock, stream, cuda_kernels::increment_steps_kernel)
+    (d_steps, list, cfg.d_found_inf);
+    FO_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 /// Launches the step of entries [0, n) planned as `plan`, all taking `host_step` unless
@@ -117,7 +129,7 @@ void launch_list(const typename A::Options& o, DType param, std::int64_t host_st
       default:
         launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, workspace, stream);
     }
-    if (d_steps) increment_steps(d_steps, list, cfg.d_found_inf, stream);
+    finish_list<A>(o, list, cfg, d_steps, stream);
   }
 }
 
@@ -141,6 +153,15 @@ __global__ void narrow_kernel(void* dst, int storage, const float* src, std::int
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += stride)
     cuda_kernels::store_from_float(dst, storage, i, src[i], false, 0, 0, 0);
+}
+
+__global__ void convert_kernel(void* dst, int dst_storage, const void* src, int src_storage,
+                               std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride)
+    cuda_kernels::store_from_float(
+        dst, dst_storage, i, cuda_kernels::load_as_float(src, src_storage, i), false, 0, 0, 0);
 }
 
 __global__ void swap_kernel(float* a, float* b, std::int64_t n) {
@@ -176,7 +197,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   cfg.seed = s.seed;
   cfg.grad_multiplier = s.grad_multiplier;
   cfg.ema_weight = s.ema_weight;
-  cfg.device_scalars = s.d_lr != nullptr || s.d_steps != nullptr;
+  cfg.device_scalars = s.d_lr != nullptr || s.d_steps != nullptr || ScalarList<A>::count > 0;
   cfg.d_lr = s.d_lr;
   cfg.d_steps = s.d_steps;
   cfg.d_grad_multiplier = s.d_grad_multiplier;
@@ -187,6 +208,10 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   if (s.workspace_bytes < step_workspace<A>(entries, n))
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's workspace is missing or too small");
+  if (ScalarList<A>::count > 0 &&
+      std::any_of(entries, entries + n, [](const ListEntry& e) { return !e.scalars; }))
+    throw Error(StatusCode::invalid_argument,
+                std::string(A::kName) + ": a tensor's scalar states are missing");
   const bool one_step = n == 0 || std::all_of(entries, entries + n, [&](const ListEntry& e) {
                           return e.step == entries[0].step;
                         });
@@ -204,22 +229,55 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
       launch_list<A>(options, s.param_dtype, step, list.data(), plan_list(list.data(), list.size()),
                      cfg, workspace, nullptr, st);
   }
-  // Empty tensors get no blocks in any launch, but their steps count all the same.
-  if (s.d_steps) {
+  // Empty tensors get no blocks in any launch, but their steps count all the same, and
+  // their scalar states advance.
+  if (s.d_steps || ScalarList<A>::count > 0) {
     TensorList empty{};
     for (std::size_t i = 0; i < n; ++i) {
       if (entries[i].numel != 0) continue;
-      empty.key[empty.count++] = entries[i].key;
+      empty.key[empty.count] = entries[i].key;
+      empty.step[empty.count] = entries[i].step;
+      empty.scalars[empty.count++] = entries[i].scalars;
       if (empty.count == kMaxListTensors) {
-        increment_steps(s.d_steps, empty, s.d_found_inf, st);
+        finish_list<A>(options, empty, cfg, s.d_steps, st);
         empty.count = 0;
       }
     }
-    if (empty.count > 0) increment_steps(s.d_steps, empty, s.d_found_inf, st);
+    if (empty.count > 0) finish_list<A>(options, empty, cfg, s.d_steps, st);
   }
 }
 
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MULTI_TENSOR_STEP)
+
+template <class A>
+void eval_params(const typename A::Options& options, const ListEntry& e, DType param, DType state,
+                 void* stream) {
+  if constexpr (EvalCapable<A>::value) {
+    if (e.numel == 0) return;
+    const auto st = static_cast<cudaStream_t>(stream);
+    const typename A::EvalOp op = A::make_eval_op(options);
+    const unsigned grid = elementwise_grid(e.numel);
+    const int sc = storage_code(state);
+    switch (param) {
+      case DType::f16:
+        FO_LAUNCH(grid, kBlock, st, cuda_kernels::eval_kernel<A, cuda_kernels::kF16>)
+        (op, e.param, e.master, e.states[0], e.states[1], e.states[2], sc, e.numel);
+        break;
+      case DType::bf16:
+        FO_LAUNCH(grid, kBlock, st, cuda_kernels::eval_kernel<A, cuda_kernels::kBF16>)
+        (op, e.param, e.master, e.states[0], e.states[1], e.states[2], sc, e.numel);
+        break;
+      default:
+        FO_LAUNCH(grid, kBlock, st, cuda_kernels::eval_kernel<A, cuda_kernels::kF32>)
+        (op, e.param, e.master, e.states[0], e.states[1], e.states[2], sc, e.numel);
+    }
+    FO_CUDA_CHECK(cudaGetLastError());
+  } else {
+    (void)options, (void)e, (void)param, (void)state, (void)stream;
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " has no evaluation form");
+  }
+}
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_EVAL_PARAMS)
 
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   StepConfig cfg{};
@@ -286,6 +344,14 @@ void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* st
   if (n == 0) return;
   FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), narrow_kernel)
   (dst, storage_code(storage), src, n);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n,
+             void* stream) {
+  if (n == 0) return;
+  FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), convert_kernel)
+  (dst, storage_code(dst_storage), src, storage_code(src_storage), n);
   FO_CUDA_CHECK(cudaGetLastError());
 }
 

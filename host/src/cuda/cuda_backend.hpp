@@ -28,6 +28,9 @@ struct ListEntry {
   std::int64_t step;     // the step being taken, when step counts live on the host
   int key;               // stable id of the param: its random stream and device step slot
   float* ema = nullptr;  // f32 weight EMA (ListSettings::ema_weight), or null
+  // The algorithm's scalar states (ScalarList: kMaxScalars doubles), read by the step and
+  // advanced after it on the stream; null where it keeps none.
+  double* scalars = nullptr;
 };
 
 /// Settings shared by every tensor of one step.
@@ -86,6 +89,14 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
                                          const ListPlan&, const ListSettings&, void*);
 
+/// eval() of one tensor (algorithm A is EvalCapable): param (and its master weights) <-
+/// A::EvalOp applied to it and its states (entry.states, `state` storage), stream-ordered.
+template <class A>
+void eval_params(const typename A::Options& options, const ListEntry& entry, DType param,
+                 DType state, void* stream);
+#define FO_INSTANTIATE_EVAL_PARAMS(A) \
+  template void eval_params<fo::A>(const fo::A::Options&, const ListEntry&, DType, DType, void*);
+
 /// The traffic probe (kernels/probe.hpp) through the same multi-tensor kernel, f32 only:
 /// the bandwidth limit of a step with these streams.
 void traffic_probe(const ListEntry* entries, std::size_t n, void* stream);
@@ -109,6 +120,9 @@ void fill(void* p, DType storage, float value, std::int64_t n, void* stream);
 void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream);
 /// dst[i] = src[i] rounded to nearest even into `storage` (f32, bf16, f16): a copy for f32.
 void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* stream);
+/// dst[i] = src[i] converted from one storage to another (f32, bf16, f16), rounded to nearest.
+void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n,
+             void* stream);
 /// Exchanges a[i] and b[i], bitwise.
 void swap(float* a, float* b, std::int64_t n, void* stream);
 
@@ -120,6 +134,8 @@ void deallocate(void* p, int device) noexcept;  // never throws; logs a failure
 void memset_zero(void* p, std::size_t bytes, void* stream);
 /// Waits for the device, then copies `bytes` to the host.
 void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);
+/// Stream-ordered copy of `bytes` between device buffers.
+void copy_device(void* d_dst, const void* d_src, std::size_t bytes, void* stream);
 /// Stream-ordered copy of `bytes` from the host.
 void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* stream);
 /// Waits for all work on the current device.

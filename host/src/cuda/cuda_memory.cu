@@ -67,6 +67,12 @@ void copy_from_host(void* d_dst, const void* h_src, std::size_t bytes, void* str
                                 static_cast<cudaStream_t>(stream)));
 }
 
+void copy_device(void* d_dst, const void* d_src, std::size_t bytes, void* stream) {
+  if (bytes == 0) return;
+  FO_CUDA_CHECK(cudaMemcpyAsync(d_dst, d_src, bytes, cudaMemcpyDeviceToDevice,
+                                static_cast<cudaStream_t>(stream)));
+}
+
 void synchronize() { FO_CUDA_CHECK(cudaDeviceSynchronize()); }
 
 bool is_device_pointer(const void* p, int device) {

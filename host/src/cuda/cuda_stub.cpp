@@ -17,6 +17,11 @@ void multi_tensor_step(const typename A::Options&, const ListEntry*, std::size_t
   unsupported();
 }
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MULTI_TENSOR_STEP)
+template <class A>
+void eval_params(const typename A::Options&, const ListEntry&, DType, DType, void*) {
+  unsupported();
+}
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_EVAL_PARAMS)
 void traffic_probe(const ListEntry*, std::size_t, void*) { unsupported(); }
 std::int64_t grad_norm_workspace(const ListPlan&) { unsupported(); }
 void grad_norm(const ListEntry*, const ListPlan&, DType, float, const float*, float, bool, float*,
@@ -29,9 +34,11 @@ void fill(void*, DType, float, std::int64_t, void*) { unsupported(); }
 void widen(float*, const void*, DType, std::int64_t, void*) { unsupported(); }
 void narrow(void*, DType, const float*, std::int64_t, void*) { unsupported(); }
 void swap(float*, float*, std::int64_t, void*) { unsupported(); }
+void convert(void*, DType, const void*, DType, std::int64_t, void*) { unsupported(); }
 void memset_zero(void*, std::size_t, void*) { unsupported(); }
 void copy_to_host(void*, const void*, std::size_t) { unsupported(); }
 void copy_from_host(void*, const void*, std::size_t, void*) { unsupported(); }
+void copy_device(void*, const void*, std::size_t, void*) { unsupported(); }
 bool is_device_pointer(const void*, int) { return false; }
 void synchronize() { unsupported(); }
 DeviceGuard::DeviceGuard(int) {}

@@ -19,6 +19,16 @@
 //   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
 //   static bool rowwise(const Options&);                  // states per row, not per element
 //   static StateShape state_shape(const Options&, int k); // see StateShape
+//   static bool state_from_param(int k);                  // state k starts as a copy of the
+//                                                         // param, not at state_init
+//   static constexpr const char* kScalars[];              // per-param scalar states (doubles):
+//   static double scalar_init(int k);                     // then make_op is
+//     static Op make_op(const Options&, std::int64_t step, const double* scalars, double* next);
+//                                                         // reading them and writing their
+//                                                         // values after the step to `next`
+//   using EvalOp = ...;  static EvalOp make_eval_op(const Options&);
+//                                                         // an evaluation form of the param
+//                                                         // (eval(): p <- op(p, states))
 #pragma once
 
 #include <cmath>
@@ -104,6 +114,53 @@ struct StateList<A, std::void_t<decltype(A::kStates)>> {
   static_assert(count <= kMaxStates, "more states than the kernels carry (kMaxStates)");
   static constexpr const char* name(int k) { return A::kStates[k]; }
 };
+
+/// A's scalar states (A::kScalars): values per param, not per element, that a step reads and
+/// advances (kMaxScalars at most), in double. An algorithm without them declares none.
+inline constexpr int kMaxScalars = 2;
+template <class A, class = void>
+struct ScalarList {
+  static constexpr int count = 0;
+  static constexpr const char* name(int) { return ""; }
+  static double init(int) { return 0.0; }
+};
+template <class A>
+struct ScalarList<A, std::void_t<decltype(A::kScalars)>> {
+  static constexpr int count = static_cast<int>(std::extent_v<decltype(A::kScalars)>);
+  static_assert(count <= kMaxScalars, "more scalar states than the step carries (kMaxScalars)");
+  static constexpr const char* name(int k) { return A::kScalars[k]; }
+  static double init(int k) { return A::scalar_init(k); }
+};
+
+/// A's functor for step `step`: from its scalar states `scalars` where it has them (their
+/// values after the step go to `next`; both may be null where it has none).
+template <class A>
+FO_HOST_DEVICE typename A::Op make_step_op(const typename A::Options& o, std::int64_t step,
+                                           const double* scalars, double* next) {
+  if constexpr (ScalarList<A>::count > 0) {
+    return A::make_op(o, step, scalars, next);
+  } else {
+    (void)scalars, (void)next;
+    return A::make_op(o, step);
+  }
+}
+
+/// Whether A's state k starts as a copy of the param (A::state_from_param) rather than at
+/// A::state_init.
+template <class A, class = void>
+struct StateFromParam {
+  static bool of(int) { return false; }
+};
+template <class A>
+struct StateFromParam<A, std::void_t<decltype(A::state_from_param(0))>> {
+  static bool of(int k) { return A::state_from_param(k); }
+};
+
+/// Whether A has an evaluation form of its params (A::EvalOp: eval() and train()).
+template <class A, class = void>
+struct EvalCapable : std::false_type {};
+template <class A>
+struct EvalCapable<A, std::void_t<typename A::EvalOp>> : std::true_type {};
 
 /// Whether algorithm A takes sparse row steps (its descriptor sets kSparse = true).
 template <class A, class = void>

@@ -17,6 +17,7 @@
 #include "fusedopt/kernels/ops/radam.hpp"
 #include "fusedopt/kernels/ops/rmsprop.hpp"
 #include "fusedopt/kernels/ops/rprop.hpp"
+#include "fusedopt/kernels/ops/schedule_free.hpp"
 #include "fusedopt/kernels/ops/sgd.hpp"
 #include "fusedopt/kernels/ops/signsgd.hpp"
 
@@ -37,4 +38,6 @@
   X(RAdam)                             \
   X(AdEMAMix)                          \
   X(Lamb)                              \
-  X(Lars)
+  X(Lars)                              \
+  X(SgdScheduleFree)                   \
+  X(AdamWScheduleFree)

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "fusedopt/kernels/algorithm.hpp"
 #include "fusedopt/kernels/config.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
@@ -41,6 +42,7 @@ struct TensorList {
   std::int64_t block_start[kMaxListTensors];  // first block of each tensor in this launch
   std::int64_t step[kMaxListTensors];         // the step being taken (host-counted)
   int key[kMaxListTensors];                   // stable param id: RNG stream, device step slot
+  double* scalars[kMaxListTensors];           // the algorithm's scalar states (ScalarList), or null
   int count;
 };
 
@@ -51,7 +53,8 @@ struct StepConfig {
   std::uint64_t seed;
   float grad_multiplier;           // host multiplier of every gradient (1/loss scale)
   float ema_weight;                // 1 - decay of the weight EMA (list.ema), when present
-  bool device_scalars;             // build the functor on the device (d_lr or d_steps is set)
+  bool device_scalars;             // build the functor on the device (d_lr, d_steps or the
+                                   // algorithm's scalar states live there)
   const float* d_lr;               // capturable: lr in device memory, or null
   const std::int64_t* d_steps;     // capturable: steps taken, per key, or null
   const float* d_grad_multiplier;  // device multiplier of every gradient, or null
@@ -154,8 +157,10 @@ __device__ __forceinline__ int find_tensor(const TensorList& list, std::int64_t 
 /// The functor's step scalars (make_op: powers and a square root in double) are computed
 /// once, never per thread: by the host, which passes them in `host_op`, when the step count
 /// and the lr are host values (every tensor of the launch then takes the same step); when
-/// either lives in device memory (capturable steps), by thread 0 of each block into shared
-/// memory, from its tensor's device step count.
+/// either lives in device memory (capturable steps), or the algorithm keeps scalar states
+/// (which live there), by thread 0 of each block into shared memory, from its tensor's device
+/// step count and scalars. The scalars are only read here: advance_scalars_kernel writes
+/// their next values after the launch.
 template <class A, int kParamStorage>
 __global__ void __launch_bounds__(kBlock)
     multi_tensor_step_kernel(const typename A::Options options, const typename A::Op host_op,
@@ -176,7 +181,8 @@ __global__ void __launch_bounds__(kBlock)
     if (cfg.device_scalars) {
       typename A::Options o = options;
       if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);  // a schedule's factor
-      *reinterpret_cast<Op*>(s_op) = A::make_op(o, step_taken);
+      double next[kMaxScalars];
+      *reinterpret_cast<Op*>(s_op) = make_step_op<A>(o, step_taken, list.scalars[t], next);
     }
     float gs = cfg.grad_multiplier;  // the multiplier of every gradient
     if (cfg.d_grad_multiplier) gs *= *cfg.d_grad_multiplier;
@@ -332,6 +338,43 @@ __global__ void __launch_bounds__(kBlock)
     if (d_norm) *d_norm = norm;
     if (d_clip) *d_clip = max_norm > 0.0f ? fminf(1.0f, max_norm / (norm + 1e-6f)) : 1.0f;
     if (d_found_inf && check_finite && s_bad[0]) *d_found_inf = 1.0f;
+  }
+}
+
+/// After a launch's step, before its step counts go up: each tensor's scalar states take
+/// the values its step's functor was built from (make_step_op's `next`), unless the step was
+/// skipped (found_inf). One thread per tensor; the same double arithmetic as the blocks'.
+template <class A>
+__global__ void advance_scalars_kernel(const typename A::Options options, const TensorList list,
+                                       const StepConfig cfg) {
+  if (cfg.d_found_inf && *cfg.d_found_inf != 0.0f) return;
+  for (int i = static_cast<int>(threadIdx.x); i < list.count; i += static_cast<int>(blockDim.x)) {
+    const std::int64_t step_taken = cfg.d_steps ? cfg.d_steps[list.key[i]] + 1 : list.step[i];
+    typename A::Options o = options;
+    if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);
+    double next[kMaxScalars];
+    (void)make_step_op<A>(o, step_taken, list.scalars[i], next);
+    for (int k = 0; k < ScalarList<A>::count; ++k) list.scalars[i][k] = next[k];
+  }
+}
+
+/// eval(): param <- op(param, states) elementwise (EvalCapable), from and into the master
+/// weights where there are some (the param then takes them rounded to nearest).
+template <class A, int kParamStorage>
+__global__ void __launch_bounds__(kBlock)
+    eval_kernel(const typename A::EvalOp op, void* param, float* master, void* s0, void* s1,
+                void* s2, int state_storage, std::int64_t n) {
+  void* const states[kMaxStates] = {s0, s1, s2};
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    float s[kMaxStates];
+#pragma unroll
+    for (int k = 0; k < kMaxStates; ++k)
+      s[k] = states[k] ? load_as_float(states[k], state_storage, i) : 0.0f;
+    const float x = op(master ? master[i] : load_as_float(param, kParamStorage, i), s);
+    if (master) master[i] = x;
+    store_from_float(param, kParamStorage, i, x, false, 0, 0, 0);
   }
 }
 

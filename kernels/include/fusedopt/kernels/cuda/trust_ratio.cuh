@@ -71,6 +71,7 @@ __device__ __forceinline__ TrustBlock trust_block(const typename A::Options& opt
     if (cfg.device_scalars) {
       typename A::Options o = options;
       if (cfg.d_lr) o.lr *= static_cast<double>(*cfg.d_lr);
+      static_assert(ScalarList<A>::count == 0, "trust-ratio steps keep no scalar states");
       *s_op = A::make_op(o, step_taken);
     }
     float gs = cfg.grad_multiplier;
