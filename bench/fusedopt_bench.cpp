@@ -87,6 +87,7 @@ std::optional<fo::detail::Buffer> host_array(std::int64_t n, float value) {
 
 struct HostSet {
   std::optional<fo::detail::Buffer> param, grad, states[fo::kMaxStates], ema;
+  double scalars[fo::kMaxScalars] = {};  // the algorithm's scalar states, where it keeps them
   fo::cpu::DensePtrs ptrs() const {
     auto ptr = [](const std::optional<fo::detail::Buffer>& b) { return b ? b->f32() : nullptr; };
     return {ptr(param), ptr(grad), {ptr(states[0]), ptr(states[1]), ptr(states[2])}};
@@ -104,6 +105,7 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
     s.grad = host_array(n, 0.01f);
     for (int k = 0; k < active_states<A>(); ++k) s.states[k] = host_array(n, 0.25f);
     if (ema) s.ema = host_array(n, 0.5f);
+    for (int k = 0; k < fo::ScalarList<A>::count; ++k) s.scalars[k] = fo::ScalarList<A>::init(k);
   }
   std::size_t next = 0;
   std::int64_t step = 1;
@@ -118,13 +120,15 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
         }
     }
     next = (next + 1) % sets.size();
-    const fo::cpu::DensePtrs p = sets[next].ptrs();
+    HostSet& set = sets[next];
+    const fo::cpu::DensePtrs p = set.ptrs();
     next = (next + 1) % sets.size();
     fo::DenseTensors t;
     t.param = p.param;
     t.grad = p.grad;
     for (int k = 0; k < fo::kMaxStates; ++k) t.states[k] = p.states[k];
     t.numel = n;
+    if (fo::ScalarList<A>::count > 0) t.scalars = set.scalars;
     fo::StepControls controls;
     if (ema) {
       t.ema = sets[(next + sets.size() - 1) % sets.size()].ema->f32();
@@ -251,7 +255,13 @@ void bench_cuda_step(benchmark::State& state, std::int64_t n, bool bf16) {
       t.param_dtype = t.grad_dtype = fo::DType::bf16;
       t.master = static_cast<float*>(bufs.add(static_cast<std::size_t>(n * 4)));
     }
-    if (!t.param || !t.grad || (bf16 && !t.master))
+    if (fo::ScalarList<A>::count > 0) {
+      double init[fo::kMaxScalars] = {};
+      for (int k = 0; k < fo::ScalarList<A>::count; ++k) init[k] = fo::ScalarList<A>::init(k);
+      t.scalars = static_cast<double*>(bufs.add(sizeof init));
+      if (t.scalars) BENCH_CUDA(cudaMemcpy(t.scalars, init, sizeof init, cudaMemcpyHostToDevice));
+    }
+    if (!t.param || !t.grad || (bf16 && !t.master) || (fo::ScalarList<A>::count > 0 && !t.scalars))
       return state.SkipWithError("out of device memory");
     probe_sets[static_cast<std::size_t>(i)] = fo::cuda::ListEntry{
         t.param, t.grad, nullptr, {t.states[0], t.states[1], t.states[2]}, n, 1, 0};

@@ -147,7 +147,7 @@ fi
 BITWISE_FILTER='Cuda.GpuEqualsCpuBitwise:SparseGpu.GpuEqualsCpuBitwise:Cuda.Bf16AndF16ParamsWithMasterWeights:CheckpointDevices.*'
 GPU_FILTER="*Cuda*:*cuda*:*Gpu*:*GPU*:*Device*-$BITWISE_FILTER"
 DEMO_FILTER='*Cuda*:*Gpu*:*GPU*:*Device*-DemoGpuPlan.*'  # DemoGpuPlan runs on the host
-MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda'
+MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda:All/ScheduleFree.EvalGivesXAndTrainRestoresYBitwise/adamw_schedule_free_cuda:All/ScheduleFree.ResumeFromACheckpointEqualsNeverStopping/adamw_schedule_free_cuda'
 # racecheck: the kernels with shared memory (every step's, the norm and non-finite reductions,
 # the trust ratio's block trees)
 RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.SkipNonFinite:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/lamb_v3_cuda'

@@ -208,6 +208,16 @@ Holdings holdings(const Optimizer& opt) {
     }
     h.labels.push_back(name + " step count");
     h.items.push_back({static_cast<float>(opt.step_count(name))});
+    for (const auto& a : dense_algorithms()) {
+      if (a.name != opt.algorithm()) continue;
+      for (const auto& s : a.scalars) {  // a double's bits as two floats'
+        const double v = opt.scalar_state(name, s);
+        std::vector<float> bits(2);
+        std::memcpy(bits.data(), &v, sizeof v);
+        h.labels.push_back(name + "." + s);
+        h.items.push_back(bits);
+      }
+    }
   }
   return h;
 }
