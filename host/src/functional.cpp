@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "buffer.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/ema.hpp"
@@ -161,15 +160,30 @@ cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& cont
   return s;
 }
 
-// A CUDA step of the entries. A trust-ratio algorithm's workspace is allocated here, for this
-// call (freeing it waits for the device; fo::Optimizer keeps its own and never waits).
+/// Stream-ordered device scratch for one call, released in stream order.
+class StreamScratch {
+ public:
+  StreamScratch(std::size_t bytes, void* stream)
+      : p_(cuda::allocate_async(bytes, stream)), stream_(stream) {}
+  ~StreamScratch() { cuda::deallocate_async(p_, stream_); }
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  void* data() const { return p_; }
+
+ private:
+  void* p_;
+  void* stream_;
+};
+
+// A CUDA step of the entries. A trust-ratio algorithm's workspace is this call's, allocated
+// and released in stream order (cudaMallocAsync, cudaFreeAsync): the call waits for nothing.
 template <class A>
 void cuda_list_step(const typename A::Options& options, const cuda::ListEntry* entries,
                     std::size_t n, cuda::ListSettings s, const Exec& exec) {
   cuda::DeviceGuard guard(exec.device_index);
-  std::optional<detail::Buffer> workspace;
+  std::optional<StreamScratch> workspace;
   if (const std::size_t bytes = cuda::step_workspace<A>(entries, n); bytes > 0) {
-    workspace.emplace(Device::cuda, exec.device_index, bytes);
+    workspace.emplace(bytes, exec.stream);
     s.d_workspace = workspace->data();
     s.workspace_bytes = bytes;
   }

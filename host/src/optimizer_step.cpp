@@ -14,6 +14,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/ema.hpp"
+#include "fusedopt/kernels/sum_order.hpp"
 #include "optimizer_impl.hpp"
 #include "sparse_check.hpp"
 
@@ -147,7 +148,7 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
 // fixed tree; then the chunks of all grads, in that order, chunk c to lane c % 256, and the
 // tree. The same result for any thread count.
 float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonfinite) {
-  constexpr std::int64_t kChunk = kTrustChunk;  // the CUDA norm pass's elements per block
+  constexpr std::int64_t kChunk = kSumChunk;  // the CUDA norm pass's elements per block
   std::int64_t all_chunks = 0;
   for (std::size_t i : stepping) all_chunks += (params[i].numel + kChunk - 1) / kChunk;
   if (norm_partials.size() < static_cast<std::size_t>(all_chunks))
@@ -159,22 +160,22 @@ float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonf
     const std::int64_t n = params[i].numel, chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(cpu::num_threads()) reduction(| : any_bad) schedule(static)
     for (std::int64_t c = 0; c < chunks; ++c) {
-      double lanes[kTrustLanes] = {};
+      double lanes[kSumLanes] = {};
       const std::int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
-      for (std::int64_t row = begin; row < end; row += kTrustLanes) {
-        const int count = static_cast<int>(std::min<std::int64_t>(kTrustLanes, end - row));
+      for (std::int64_t row = begin; row < end; row += kSumLanes) {
+        const int count = static_cast<int>(std::min<std::int64_t>(kSumLanes, end - row));
         for (int l = 0; l < count; ++l) {
           const float x = g[row + l] * mult;
           any_bad |= !std::isfinite(x);
           lanes[l] += static_cast<double>(x) * static_cast<double>(x);
         }
       }
-      partial[c] = trust_tree_sum(lanes);
+      partial[c] = tree_sum(lanes);
     }
     partial += chunks;
   }
   *nonfinite = any_bad != 0;
-  const double total = trust_total(norm_partials.data(), all_chunks, 1);
+  const double total = sum_of_chunks(norm_partials.data(), all_chunks, 1);
   return static_cast<float>(std::sqrt(total));
 }
 

@@ -396,22 +396,22 @@ void reference_trust_step(const typename A::Options& o, const typename A::Op& op
   }
   float rate = op.rate(0.0, 0.0);
   if (op.needs_norms()) {
-    const std::size_t chunks = (n + kTrustChunk - 1) / kTrustChunk;
+    const std::size_t chunks = (n + kSumChunk - 1) / kSumChunk;
     std::vector<double> partial(2 * chunks);
     for (std::size_t c = 0; c < chunks; ++c) {
-      double acc_p[kTrustRow] = {}, acc_u[kTrustRow] = {};
-      const std::size_t end = std::min(n, (c + 1) * kTrustChunk);
-      for (std::size_t row = c * kTrustChunk; row < end; row += kTrustRow) {
-        const int count = static_cast<int>(std::min<std::size_t>(kTrustRow, end - row));
-        trust_add_row(p.data() + row, count, acc_p);
-        trust_add_row(u.data() + row, count, acc_u);
+      double acc_p[kSumRow] = {}, acc_u[kSumRow] = {};
+      const std::size_t end = std::min(n, (c + 1) * kSumChunk);
+      for (std::size_t row = c * kSumChunk; row < end; row += kSumRow) {
+        const int count = static_cast<int>(std::min<std::size_t>(kSumRow, end - row));
+        add_squares(p.data() + row, count, acc_p);
+        add_squares(u.data() + row, count, acc_u);
       }
-      partial[2 * c] = trust_chunk_sum(acc_p);
-      partial[2 * c + 1] = trust_chunk_sum(acc_u);
+      partial[2 * c] = chunk_sum(acc_p);
+      partial[2 * c + 1] = chunk_sum(acc_u);
     }
     rate =
-        op.rate(std::sqrt(trust_total(partial.data(), static_cast<std::int64_t>(chunks), 2)),
-                std::sqrt(trust_total(partial.data() + 1, static_cast<std::int64_t>(chunks), 2)));
+        op.rate(std::sqrt(sum_of_chunks(partial.data(), static_cast<std::int64_t>(chunks), 2)),
+                std::sqrt(sum_of_chunks(partial.data() + 1, static_cast<std::int64_t>(chunks), 2)));
   }
   for (std::size_t i = 0; i < n; ++i) {
     float q = st.master ? t.master.get(i) : t.param.get(i);

@@ -121,7 +121,7 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
   const Kernels<A>& k = active_kernels<A>();
   float rate = op.rate(0.0, 0.0);
   if (A::Op::kAdvanceStates || op.needs_norms()) {
-    const std::int64_t chunks = (n + kTrustChunk - 1) / kTrustChunk;
+    const std::int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
     thread_local std::vector<double> scratch;
     try {
       if (scratch.size() < static_cast<std::size_t>(2 * chunks))
@@ -131,9 +131,9 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
     }
     double* const partial = scratch.data();
     parallel_for([&](std::int64_t cb, std::int64_t ce) { k.first(op, t, n, cb, ce, partial); },
-                 chunks, kMinParallel / kTrustChunk, 1);
-    const double pn = std::sqrt(trust_total(partial, chunks, 2));
-    const double un = std::sqrt(trust_total(partial + 1, chunks, 2));
+                 chunks, kMinParallel / kSumChunk, 1);
+    const double pn = std::sqrt(sum_of_chunks(partial, chunks, 2));
+    const double un = std::sqrt(sum_of_chunks(partial + 1, chunks, 2));
     rate = op.rate(pn, un);
   }
   parallel_for([&](std::int64_t begin, std::int64_t end) { k.second(op, t, rate, begin, end); }, n);

@@ -36,7 +36,7 @@ static_assert(sizeof(TensorList) + sizeof(StepConfig) + 512 <= 32764,
 // Elements per block: 32 per thread, enough work to amortize a block's setup (finding its
 // tensor, building the functor) while a 2^20-element tensor still spreads over 128 blocks.
 constexpr std::int64_t kChunk = 8192;
-static_assert(kChunk == kTrustChunk, "a trust-ratio step's blocks are the chunks of its order");
+static_assert(kChunk == kSumChunk, "a trust-ratio step's blocks are the chunks of its order");
 constexpr std::int64_t kMaxGrid = 0x7FFFFFFF;
 
 int storage_code(DType t) { return static_cast<int>(t); }

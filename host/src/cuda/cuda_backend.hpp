@@ -53,7 +53,7 @@ struct ListSettings {
 
 /// Bytes of device workspace a step of algorithm A over these entries needs (ListSettings):
 /// none for a one-pass algorithm; for a trust-ratio one (kernels/trust_ratio.hpp) two doubles
-/// per block of kTrustChunk elements and two per tensor, whichever launches the entries take.
+/// per block of kSumChunk elements and two per tensor, whichever launches the entries take.
 template <class A>
 std::size_t step_workspace(const ListEntry* entries, std::size_t n) {
   if constexpr (!TrustRatioCapable<A>::value) {
@@ -62,8 +62,7 @@ std::size_t step_workspace(const ListEntry* entries, std::size_t n) {
   } else {
     std::size_t doubles = 0;
     for (std::size_t i = 0; i < n; ++i)
-      doubles +=
-          2 + 2 * static_cast<std::size_t>((entries[i].numel + kTrustChunk - 1) / kTrustChunk);
+      doubles += 2 + 2 * static_cast<std::size_t>((entries[i].numel + kSumChunk - 1) / kSumChunk);
     return doubles * sizeof(double);
   }
 }
@@ -131,6 +130,11 @@ FO_EMULATION_END
 // Devices, memory and copies (cuda_memory.cu): CUDA builds only.
 void* allocate(std::size_t bytes, int device);  // throws out_of_memory / device_error
 void deallocate(void* p, int device) noexcept;  // never throws; logs a failure
+/// Stream-ordered scratch of the current device (cudaMallocAsync / cudaFreeAsync from its
+/// default pool): neither call waits for the device. Where the device has no memory pools,
+/// cudaMalloc, and a release that waits (cudaFree). allocate_async throws out_of_memory.
+void* allocate_async(std::size_t bytes, void* stream);
+void deallocate_async(void* p, void* stream) noexcept;
 void memset_zero(void* p, std::size_t bytes, void* stream);
 /// Waits for the device, then copies `bytes` to the host.
 void copy_to_host(void* h_dst, const void* d_src, std::size_t bytes);

@@ -51,6 +51,36 @@ void deallocate(void* p, int device) noexcept {
     FO_CUDA_CHECK_NOTHROW(cudaSetDevice(previous));
 }
 
+namespace {
+bool pools_supported() {
+  int device = 0, pools = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return pools != 0;
+}
+}  // namespace
+
+void* allocate_async(std::size_t bytes, void* stream) {
+  void* p = nullptr;
+  if (pools_supported())
+    FO_CUDA_CHECK(
+        cudaMallocAsync(&p, std::max<std::size_t>(bytes, 1), static_cast<cudaStream_t>(stream)));
+  else
+    FO_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(bytes, 1)));
+  return p;
+}
+
+void deallocate_async(void* p, void* stream) noexcept {
+  if (!p) return;
+  if (pools_supported())
+    FO_CUDA_CHECK_NOTHROW(cudaFreeAsync(p, static_cast<cudaStream_t>(stream)));
+  else
+    FO_CUDA_CHECK_NOTHROW(cudaFree(p));
+}
+
 void memset_zero(void* p, std::size_t bytes, void* stream) {
   FO_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, static_cast<cudaStream_t>(stream)));
 }

@@ -30,6 +30,8 @@ void grad_norm(const ListEntry*, const ListPlan&, DType, float, const float*, fl
 }
 void* allocate(std::size_t, int) { unsupported(); }
 void deallocate(void*, int) noexcept {}
+void* allocate_async(std::size_t, void*) { unsupported(); }
+void deallocate_async(void*, void*) noexcept {}
 void fill(void*, DType, float, std::int64_t, void*) { unsupported(); }
 void widen(float*, const void*, DType, std::int64_t, void*) { unsupported(); }
 void narrow(void*, DType, const float*, std::int64_t, void*) { unsupported(); }

@@ -106,18 +106,25 @@ __attribute__((noinline)) void step_range(const Op& op_in, const DensePtrs& t, s
 /// it while the block's params are still in L1 (2 KiB of them), so memory sees one pass.
 inline constexpr std::int64_t kEmaBlock = 512;
 
-/// The step over [begin, end), and the weight EMA where t.ema is set. The EMA stays out of
-/// the step's loop: a test in it made GCC unswitch every loop (twice the code and the compile
+/// pass(b, e) over [begin, end), and the weight EMA where t.ema is set: then in blocks of
+/// kEmaBlock elements, each block's EMA right after its step. The EMA stays out of the
+/// step's loop: a test in it made GCC unswitch every loop (twice the code and the compile
 /// time of each ISA's kernels); an element's result does not depend on where a block ends.
+template <class Io, class Pass>
+inline void with_ema(const DensePtrs& t, std::int64_t begin, std::int64_t end, const Pass& pass) {
+  if (!t.ema) return pass(begin, end);
+  for (std::int64_t b = begin; b < end; b += kEmaBlock) {
+    const std::int64_t stop = end - b > kEmaBlock ? b + kEmaBlock : end;
+    pass(b, stop);
+    ema_range<Io>(t.param, t.ema, t.ema_weight, b, stop);
+  }
+}
+
+/// The step over [begin, end), and the weight EMA where t.ema is set.
 template <class Io, class Op>
 inline void elementwise_range(const Op& op, const DensePtrs& t, std::int64_t begin,
                               std::int64_t end) {
-  if (!t.ema) return step_range<Io>(op, t, begin, end);
-  for (std::int64_t b = begin; b < end; b += kEmaBlock) {
-    const std::int64_t stop = end - b > kEmaBlock ? b + kEmaBlock : end;
-    step_range<Io>(op, t, b, stop);
-    ema_range<Io>(t.param, t.ema, t.ema_weight, b, stop);
-  }
+  with_ema<Io>(t, begin, end, [&](std::int64_t b, std::int64_t e) { step_range<Io>(op, t, b, e); });
 }
 
 }  // namespace fo::cpu

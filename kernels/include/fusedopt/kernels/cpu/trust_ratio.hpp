@@ -23,7 +23,7 @@ inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t
   const float* const g = t.grad;
   float* const st[kMaxStates] = {t.states[0], t.states[1], t.states[2]};
   const V scale(t.grad_multiplier);
-  alignas(64) float dir[kTrustRow];
+  alignas(64) float dir[kSumRow];
   // One element group of pass one at p + i, `count` wide (W, or a masked tail).
   auto group = [&](std::int64_t i, auto... mask) {
     const V pv = Io::load(p + i, mask...);
@@ -38,21 +38,21 @@ inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t
     return op.direction(pv, gv, s);
   };
   for (std::int64_t c = chunk_begin; c < chunk_end; ++c) {
-    alignas(64) double acc_p[kTrustRow] = {}, acc_u[kTrustRow] = {};
-    const std::int64_t end = n < (c + 1) * kTrustChunk ? n : (c + 1) * kTrustChunk;
-    for (std::int64_t row = c * kTrustChunk; row < end; row += kTrustRow) {
-      const int count = static_cast<int>(end - row < kTrustRow ? end - row : kTrustRow);
+    alignas(64) double acc_p[kSumRow] = {}, acc_u[kSumRow] = {};
+    const std::int64_t end = n < (c + 1) * kSumChunk ? n : (c + 1) * kSumChunk;
+    for (std::int64_t row = c * kSumChunk; row < end; row += kSumRow) {
+      const int count = static_cast<int>(end - row < kSumRow ? end - row : kSumRow);
       int o = 0;
       for (; o + W <= count; o += W) Io::store(dir + o, group(row + o));
       if (o < count) {
         const auto m = Io::tail_mask(count - o);
         Io::store(dir + o, group(row + o, m), m);
       }
-      trust_add_row(p + row, count, acc_p);
-      trust_add_row(dir, count, acc_u);
+      add_squares(p + row, count, acc_p);
+      add_squares(dir, count, acc_u);
     }
-    partial[2 * c] = trust_chunk_sum(acc_p);
-    partial[2 * c + 1] = trust_chunk_sum(acc_u);
+    partial[2 * c] = chunk_sum(acc_p);
+    partial[2 * c + 1] = chunk_sum(acc_u);
   }
 }
 
@@ -84,17 +84,13 @@ inline void trust_second_block(const Op& op_in, const DensePtrs& t, float rate, 
   if (i < end) group(i, Io::tail_mask(end - i));
 }
 
-/// Pass two over [begin, end), and the weight EMA where t.ema is set: as elementwise_range,
-/// each block of kEmaBlock elements, then its EMA while its params are still in L1.
+/// Pass two over [begin, end), and the weight EMA where t.ema is set (with_ema, as the
+/// one-pass step).
 template <class Io, class Op>
 inline void trust_second_range(const Op& op, const DensePtrs& t, float rate, std::int64_t begin,
                                std::int64_t end) {
-  if (!t.ema) return trust_second_block<Io>(op, t, rate, begin, end);
-  for (std::int64_t b = begin; b < end; b += kEmaBlock) {
-    const std::int64_t stop = end - b > kEmaBlock ? b + kEmaBlock : end;
-    trust_second_block<Io>(op, t, rate, b, stop);
-    ema_range<Io>(t.param, t.ema, t.ema_weight, b, stop);
-  }
+  with_ema<Io>(t, begin, end,
+               [&](std::int64_t b, std::int64_t e) { trust_second_block<Io>(op, t, rate, b, e); });
 }
 
 }  // namespace fo::cpu

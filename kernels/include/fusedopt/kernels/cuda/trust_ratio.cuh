@@ -17,7 +17,7 @@
 namespace fo::cuda_kernels {
 FO_EMULATION_BEGIN
 
-static_assert(kTrustChunk % 4 == 0 && kTrustLanes == kBlock,
+static_assert(kSumChunk % 4 == 0 && kSumLanes == kBlock,
               "the shared order puts one lane on each thread");
 
 /// The value a state of `storage` holds after storing x (rounded as the store rounds).
@@ -28,7 +28,7 @@ __device__ __forceinline__ float stored_value(float x, int storage, bool stochas
   return x;  // states are f32 or bf16
 }
 
-/// The sums of a and of b over the block's threads by the tree of trust_tree_sum, into
+/// The sums of a and of b over the block's threads by the tree of tree_sum, into
 /// out[0] and out[1] by thread 0.
 __device__ __forceinline__ void block_sum2(double a, double b, double* out) {
   __shared__ double s_sum[2][kBlock];
