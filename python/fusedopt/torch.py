@@ -218,14 +218,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         elif self._spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
-        for name, _, init in specs:
+        for name, _, init, from_param in specs:
             if name not in st:
                 # Huge pages for large CPU states, advised before the memory is first touched
                 # (a step streams them; the library's own states get the same).
                 t = torch.empty_like(p, memory_format=torch.preserve_format)
                 if t.device.type == "cpu" and t.nbytes >= _HUGE_PAGE_MIN_BYTES:
                     _fusedopt.advise_huge_pages(t)
-                st[name] = t.fill_(init)
+                # from_param: the state starts as a copy of the param (schedule-free's z).
+                st[name] = t.copy_(p) if from_param else t.fill_(init)
                 created = True
         for name, (init, _) in self._spec.torch_scalars.items():
             if name not in st:
@@ -281,7 +282,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         algorithm = self._algorithm(group)
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
-        names = [name for name, _, _ in specs]
+        names = [spec[0] for spec in specs]
         kind = self._spec.step
         wanted = set(names) | ({"step"} if kind else set())
         params, grads, steps, emas = [], [], [], []
