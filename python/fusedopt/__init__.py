@@ -8,9 +8,11 @@
 docs/python.md in the repository has the details.
 """
 
-from ._fusedopt import algorithms, cuda_device_count, step, step_states
+from ._fusedopt import (algorithms, cuda_device_count, eval_params, step, step_scalars,
+                        step_states)
 
-__all__ = ["Optimizer", "algorithms", "cuda_device_count", "step", "step_states"]
+__all__ = ["Optimizer", "algorithms", "cuda_device_count", "eval_params", "step", "step_scalars",
+           "step_states"]
 __version__ = "0.1.0"
 
 _ALGORITHMS = {a["name"]: a for a in algorithms()}
@@ -35,8 +37,11 @@ class Optimizer:
     The arrays are viewed through DLPack, never copied; params must be contiguous and writable,
     float32 on the CPU (float32, bfloat16 or float16 on CUDA). ``state[i]`` holds param i's
     state arrays by name, created on its first step like the param (its array namespace's
-    ``full_like``), and ``steps[i]`` its step count. Bad input raises ValueError or TypeError
-    and changes nothing.
+    ``full_like``; a copy of it for the states that start as the param, schedule-free's ``z``),
+    and ``steps[i]`` its step count. ``scalars[i]``: param i's scalar states (``step_scalars``:
+    schedule-free's lr_max and weight_sum), a float64 array of 2 made by its namespace's
+    ``asarray`` at its first step, or None. Bad input raises ValueError or TypeError and
+    changes nothing.
     """
 
     def __init__(self, algorithm, params, **options):
@@ -49,6 +54,7 @@ class Optimizer:
         step_states(algorithm, self.options)  # validates the options now
         self.state = [dict() for _ in self.params]
         self.steps = [0] * len(self.params)
+        self.scalars = [None] * len(self.params)
 
     def step(self, grads):
         grads = list(grads)
@@ -56,21 +62,31 @@ class Optimizer:
             raise ValueError(f"step: {len(grads)} grads for {len(self.params)} params")
         specs = step_states(self.algorithm, self.options)
         idx = [i for i, g in enumerate(grads) if g is not None]
-        fresh = []
+        scalar_inits = [init for _, init in step_scalars(self.algorithm)]
+        fresh, fresh_scalars = [], []
         for i in idx:
             st = self.state[i]
-            for name, _, init in specs:
+            p = self.params[i]
+            xp = _namespace(p)
+            for name, _, init, from_param in specs:
                 if name not in st:
-                    st[name] = _namespace(self.params[i]).full_like(self.params[i], init)
+                    st[name] = xp.asarray(p, copy=True) if from_param else xp.full_like(p, init)
                     fresh.append((i, name))
+            if scalar_inits and self.scalars[i] is None:
+                self.scalars[i] = xp.asarray(scalar_inits + [0.0] * (2 - len(scalar_inits)),
+                                             dtype=xp.float64)
+                fresh_scalars.append(i)
         try:
             step(self.algorithm, self.options, [self.params[i] for i in idx],
                  [grads[i] for i in idx],
-                 [[self.state[i][name] for i in idx] for name, _, _ in specs],
-                 [self.steps[i] + 1 for i in idx])
+                 [[self.state[i][spec[0]] for i in idx] for spec in specs],
+                 [self.steps[i] + 1 for i in idx],
+                 scalars=[self.scalars[i] for i in idx] if scalar_inits else None)
         except Exception:
             for i, name in fresh:  # nothing changed: not even new state
                 del self.state[i][name]
+            for i in fresh_scalars:
+                self.scalars[i] = None
             raise
         for i in idx:
             self.steps[i] += 1

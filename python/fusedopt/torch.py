@@ -8,6 +8,8 @@ defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``
 checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
 ``SignSGD`` are fusedopt's other optimizers in the same form; ``AdEMAMix`` takes the arguments
 and defaults of bitsandbytes' ``AdEMAMix`` (torch has none), states in fusedopt's names.
+``SGDScheduleFree`` and ``AdamWScheduleFree`` are the schedulefree package's (1.4.1): its
+arguments, param-group keys and state, with its ``train()`` / ``eval()``.
 
 Each ``step()`` makes one call into the library per param group: every param with a grad is
 validated (contiguous, float32 on the CPU; float32, bfloat16 or float16 on CUDA; grad and
@@ -33,7 +35,8 @@ import torch
 from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
-           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS"]
+           "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS",
+           "SGDScheduleFree", "AdamWScheduleFree"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
@@ -218,14 +221,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         elif self._spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
-        for name, _, init in specs:
+        for name, _, init, from_param in specs:
             if name not in st:
                 # Huge pages for large CPU states, advised before the memory is first touched
                 # (a step streams them; the library's own states get the same).
                 t = torch.empty_like(p, memory_format=torch.preserve_format)
                 if t.device.type == "cpu" and t.nbytes >= _HUGE_PAGE_MIN_BYTES:
                     _fusedopt.advise_huge_pages(t)
-                st[name] = t.fill_(init)
+                # from_param: the state starts as a copy of the param (schedule-free's z).
+                st[name] = t.copy_(p) if from_param else t.fill_(init)
                 created = True
         for name, (init, _) in self._spec.torch_scalars.items():
             if name not in st:
@@ -253,6 +257,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     if self._spec.torch_scalars:
                         stepped.append((group, [self.state[p] for p in call[2]]))
             if calls or sparse:
+                self._before_library_call(calls)
                 _fusedopt.step_groups(calls, sparse,
                                       grad_multiplier=self._grad_multiplier(calls))
         except Exception:
@@ -260,6 +265,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for k in keys:
                     del st[k]
             raise
+        self._after_library_call()
         for st in counted:  # torch keeps an int step (SparseAdam's format)
             st["step"] += 1
         for group, states in stepped:
@@ -267,6 +273,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 for name, (_, update) in self._spec.torch_scalars.items():
                     st[name] = update(st[name], group, float(st["step"]))
         return loss
+
+    def _before_library_call(self, calls):
+        """Completes the gathered calls just before the library steps them (schedule-free: the
+        scalar states' buffers)."""
+
+    def _after_library_call(self):
+        """Book-keeping after a step the library has taken (schedule-free: the group scalars)."""
 
     def _grad_multiplier(self, calls):
         """What every dense gradient of this step is multiplied by: None (1) unless the class
@@ -281,7 +294,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         algorithm = self._algorithm(group)
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
-        names = [name for name, _, _ in specs]
+        names = [spec[0] for spec in specs]
         kind = self._spec.step
         wanted = set(names) | ({"step"} if kind else set())
         params, grads, steps, emas = [], [], [], []
@@ -528,3 +541,184 @@ LARS = _fused_class(
     "fusedopt's lars (docs/optimizers.md `lars`) as a torch.optim.Optimizer with optax.lars's "
     "arguments; adapt=False in a param group exempts its tensors (biases, norms) from the trust "
     "ratio and the decay. State momentum_buffer (lr inside, as Optax's trace), step.")
+
+
+# -- Schedule-Free (facebookresearch/schedule_free 1.4.1) ----------------------------------------
+
+def _same_bits(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+class _ScheduleFree(_FusedOptimizer):
+    """The schedulefree package's SGDScheduleFree / AdamWScheduleFree, stepped by fusedopt.
+
+    The package keeps k (steps taken), lr_max and weight_sum per param group; the library keeps
+    lr_max and weight_sum per param (its scalar states) and computes them itself
+    (kernels/include/fusedopt/kernels/ops/schedule_free.hpp: the formula lives there only). Per
+    step each stepped param gets a float64 buffer holding its group's (lr_max, weight_sum), all
+    take the group's k + 1 as their step count (a param that skipped steps steps as in the
+    package), and the values the step advanced are stored back into the group.
+    """
+
+    _TRAIN_MODE_ERROR = ("Optimizer was not in train mode when step is called. "
+                         "Please insert .train() and .eval() calls on the "
+                         "optimizer. See documentation for details.")
+
+    def __setstate__(self, state):
+        # torch.optim.Optimizer's, as the package's: no keys added to the groups on a load
+        # (the base class would add "differentiable", which the package's groups do not have).
+        torch.optim.Optimizer.__setstate__(self, state)
+
+    def _beta(self, group):
+        """The interpolation's beta: momentum (SGD) or beta1 (AdamW)."""
+        return group["momentum"] if "momentum" in group else group["betas"][0]
+
+    def _state_names(self, group):
+        return [spec[0] for spec in _fusedopt.step_states(self._algorithm(group),
+                                                          self._options(group))]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused step of every param group, in train mode only (as the package: its first
+        group's train_mode decides, and the exception is the package's)."""
+        if not self.param_groups[0]["train_mode"]:
+            raise Exception(self._TRAIN_MODE_ERROR)
+        self._pending = []  # (group, its scalar buffer list, the param count, device)
+        return super().step(closure)
+
+    def _gather(self, group, fresh, counted, sparse):
+        call = super()._gather(group, fresh, counted, sparse)
+        if call is None:
+            # The package advances a group's k, lr_max and weight_sum on every step, with or
+            # without grads. An empty tensor steps nothing and advances its scalar states, so
+            # the library computes them here too.
+            device = group["params"][0].device if group["params"] else torch.device("cpu")
+            empty = torch.empty(0, device=device)
+            call = (self._algorithm(group), self._options(group), [empty], [empty],
+                    [[empty] for _ in self._state_names(group)], [1])
+        n = len(call[2])
+        rows = []  # filled by _before_library_call: one buffer per param
+        self._pending.append((group, rows, n, call[2][0].device))
+        steps = [group["k"] + 1] * n
+        if len(call) == 6:
+            return call[:5] + (steps, None, 0.0, rows)
+        return call[:5] + (steps,) + call[6:] + (rows,)
+
+    def _before_library_call(self, calls):
+        # One float64 buffer per device, a row (lr_max, weight_sum) per stepped param, from its
+        # group's values: on CUDA one small host-to-device copy per device and step.
+        by_device = {}
+        for group, _, n, device in self._pending:
+            by_device.setdefault(device, []).extend([[group["lr_max"], group["weight_sum"]]] * n)
+        self._buffers = {d: torch.tensor(v, dtype=torch.float64).to(d)
+                         for d, v in by_device.items()}
+        offsets = dict.fromkeys(by_device, 0)
+        for group, rows, n, device in self._pending:
+            rows.extend(self._buffers[device][offsets[device]:offsets[device] + n].unbind(0))
+            offsets[device] += n
+
+    def _after_library_call(self):
+        # The advanced values, read from the first param of each group (every param of a group
+        # started from the same values and took the same step count, so all hold the same).
+        # On CUDA this is one small device-to-host copy per device and step (a wait for the
+        # stream): the price of keeping the package's per-group values in param_groups.
+        host = {d: b.cpu() for d, b in self._buffers.items()}
+        offsets = dict.fromkeys(host, 0)
+        for group, _, n, device in self._pending:
+            lr_max, weight_sum = host[device][offsets[device]].tolist()
+            offsets[device] += n
+            k = group["k"]
+            warmup = group["warmup_steps"]
+            group["scheduled_lr"] = group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
+            group["lr_max"], group["weight_sum"] = lr_max, weight_sum
+            group["k"] = k + 1
+        self._pending, self._buffers = [], {}
+
+    @torch.no_grad()
+    def eval(self):
+        """Puts each stepped param at x, the point to evaluate (and to save as the model), for
+        the groups in train mode: the library's eval_params writes lerp(y, z, 1 - 1/beta). The
+        training value y is kept, bitwise, in state[p]["train_param"] until train() (so a
+        state_dict taken in eval mode carries it)."""
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                continue
+            params = [p for p in group["params"] if "z" in self.state.get(p, {})]
+            if params:
+                names = self._state_names(group)
+                kept = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+                _fusedopt.eval_params(self._algorithm(group), self._options(group), params,
+                                      [[self.state[p][n] for p in params] for n in names])
+                for p, y in zip(params, kept):
+                    self.state[p]["train_param"] = y
+            group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self):
+        """Puts each stepped param back at y, the point where gradients are taken, for the
+        groups in eval mode: the y eval() kept, bitwise, where the param still is the x that
+        eval() made from it and z; else (a checkpoint of the package's, saved in eval mode, or a
+        param or z changed since) y from x and z by the package's own formula."""
+        for group in self.param_groups:
+            if group["train_mode"]:
+                continue
+            beta = self._beta(group)
+            names = None
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                kept = st.pop("train_param", None)
+                if "z" not in st:
+                    continue
+                if kept is not None and kept.shape == p.shape and kept.device == p.device:
+                    # Is p still the x of this y? Recomputed by the library, compared bitwise.
+                    if names is None:
+                        names = self._state_names(group)
+                    x = kept.clone()
+                    _fusedopt.eval_params(self._algorithm(group), self._options(group), [x],
+                                          [[st[n]] for n in names])
+                    if _same_bits(x, p.detach()):
+                        p.copy_(kept)
+                        continue
+                # The package's train(): y = lerp(x, z, 1 - beta), a rounding away from the y
+                # that was (its inverse of eval()'s lerp is not exact).
+                p.lerp_(st["z"].to(p.device), 1 - beta)
+            group["train_mode"] = True
+
+
+def _sgd_schedule_free_init(self, params, lr=1.0, momentum=0.9, weight_decay=0, warmup_steps=0,
+                            r=0.0, weight_lr_power=2, foreach=hasattr(torch, "_foreach_mul_")):
+    self._setup(params, locals())
+
+
+def _adamw_schedule_free_init(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0, warmup_steps=0, r=0.0, weight_lr_power=2.0,
+                              foreach=hasattr(torch, "_foreach_mul_")):
+    self._setup(params, locals())
+
+
+# The package's group keys beyond its arguments, with its initial values.
+_SCHEDULE_FREE_GROUP = {"k": 0, "train_mode": False, "weight_sum": 0.0, "lr_max": -1.0,
+                        "scheduled_lr": 0.0}
+
+
+def _schedule_free_class(name, algorithm, init, doc):
+    cls = type(name, (_ScheduleFree,), {
+        "__init__": init, "__doc__": doc, "__module__": __name__,
+        "_spec": _Spec(algorithm, step=None, extra_defaults=_SCHEDULE_FREE_GROUP)})
+    init.__qualname__ = f"{name}.__init__"
+    return cls
+
+
+_SF_DOC = (" as schedulefree.{0} (facebookresearch/schedule_free 1.4.1): its arguments, "
+           "defaults, param-group keys (k, train_mode, lr_max, weight_sum, scheduled_lr) and "
+           "state ({1}), so state_dicts move either way. Call train() before training and eval() "
+           "before evaluating or saving, as with the package; step() in eval mode raises. foreach "
+           "is kept and changes nothing. Unlike the package's, step() leaves p.grad as it was.")
+SGDScheduleFree = _schedule_free_class(
+    "SGDScheduleFree", "sgd_schedule_free", _sgd_schedule_free_init,
+    "fusedopt's sgd_schedule_free (docs/optimizers.md)" + _SF_DOC.format("SGDScheduleFree", "z"))
+AdamWScheduleFree = _schedule_free_class(
+    "AdamWScheduleFree", "adamw_schedule_free", _adamw_schedule_free_init,
+    "fusedopt's adamw_schedule_free (docs/optimizers.md)"
+    + _SF_DOC.format("AdamWScheduleFree", "z, exp_avg_sq"))

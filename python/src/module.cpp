@@ -15,6 +15,7 @@
 #include <nanobind/stl/vector.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -240,6 +241,63 @@ void set_exec(fo::Exec& exec, fo::StepControls& controls, int device_type, int d
   }
 }
 
+/// Views param i of a list and checks it: a dtype the library steps, contiguous, on the device
+/// of param 0 (which i == 0 sets in device_type and device_id).
+void view_param(Importer& importer, nb::handle obj, std::size_t i, View& p, int& device_type,
+                int& device_id) {
+  importer.view(obj, p, "param", i);
+  if (!p.steppable)
+    raise_type("param " + std::to_string(i) + " is " + dtype_text(p.raw) +
+               ": fusedopt steps float32 params (and bfloat16, float16 on CUDA)");
+  if (!p.contiguous)
+    raise_value("param " + std::to_string(i) +
+                " is not contiguous: fusedopt steps a param's memory in place, which needs "
+                "contiguous params");
+  if (i == 0) device_type = p.device_type, device_id = p.device_id;
+  if (p.device_type != device_type || p.device_id != device_id)
+    raise_value("param " + std::to_string(i) + " is on " + device_text(p.device_type, p.device_id) +
+                ", param 0 on " + device_text(device_type, device_id) +
+                ": one step takes the params of one device (split the param group)");
+}
+
+/// Checks that `v` (the grad, a state or the EMA of param i) lies with the param `p`: on its
+/// device, of its shape, contiguous, of a dtype the library takes. what(): the array's name,
+/// built only for a message.
+template <class What>
+void check_with_param(const View& v, const View& p, std::size_t i, const What& what) {
+  const auto at = [i] { return " of param " + std::to_string(i); };
+  if (v.device_type != p.device_type || v.device_id != p.device_id)
+    raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
+                ", the param on " + device_text(p.device_type, p.device_id));
+  if (v.ndim != p.ndim || !std::equal(p.shape, p.shape + p.ndim, v.shape))
+    raise_value(what() + at() + " has a different shape from the param");
+  if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
+  if (!v.steppable)
+    raise_type(what() + at() + " is " + dtype_text(v.raw) +
+               ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
+}
+
+/// The per-state lists of a call (one list per state `specs` names, each one array per param).
+std::vector<nb::list> state_lists(const std::string& who, const std::string& algorithm,
+                                  const std::vector<fo::StateSpec>& specs, const nb::list& states,
+                                  std::size_t n) {
+  if (states.size() != specs.size())
+    raise_value(who + ": " + algorithm + " with these options uses " +
+                std::to_string(specs.size()) + " states, got " + std::to_string(states.size()) +
+                " lists");
+  std::vector<nb::list> lists;
+  for (std::size_t j = 0; j < specs.size(); ++j) {
+    nb::list l;
+    if (!nb::try_cast(states[j], l))
+      raise_type(who + ": the states of " + specs[j].name + " must be a list");
+    if (l.size() != n)
+      raise_value(who + ": the list of state " + specs[j].name + " has " +
+                  std::to_string(l.size()) + " entries for " + std::to_string(n) + " params");
+    lists.push_back(std::move(l));
+  }
+  return lists;
+}
+
 /// One list step, viewed and checked, ready to run.
 struct Prepared {
   std::string algorithm;
@@ -254,10 +312,14 @@ struct Prepared {
 
 /// Views every array of one list step and makes every check, the library's included.
 /// `emas`: None, or one float32 array per param (its weight EMA, updated with `ema_decay`).
+/// `scalars`: for an algorithm with scalar states (fo::step_scalars), one array per param of
+/// kMaxScalars contiguous float64 values on the param's device, read and advanced by the step;
+/// None for the others.
 void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
              const nb::dict& options, const nb::list& params, const nb::list& grads,
              const nb::list& states, const nb::list& steps, const nb::object& stream,
-             nb::handle emas = nb::none(), double ema_decay = 0.0) {
+             nb::handle emas = nb::none(), double ema_decay = 0.0,
+             nb::handle scalars = nb::none()) {
   out.algorithm = algorithm;
   out.named = named_options(options);
   const fo::NamedOptions& named = out.named;
@@ -266,22 +328,23 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
   if (grads.size() != n || steps.size() != n)
     raise_value("step: " + std::to_string(n) + " params, " + std::to_string(grads.size()) +
                 " grads and " + std::to_string(steps.size()) + " step counts");
-  if (states.size() != specs.size())
-    raise_value("step: " + algorithm + " with these options uses " + std::to_string(specs.size()) +
-                " states, got " + std::to_string(states.size()) + " lists");
-  std::vector<nb::list> state_lists;
-  for (std::size_t j = 0; j < specs.size(); ++j) {
-    nb::list l = nb::borrow<nb::list>(states[j]);
-    if (l.size() != n)
-      raise_value("step: the list of state " + specs[j].name + " has " + std::to_string(l.size()) +
-                  " entries for " + std::to_string(n) + " params");
-    state_lists.push_back(std::move(l));
-  }
+  const std::vector<nb::list> lists = state_lists("step", algorithm, specs, states, n);
   nb::list ema_list;
   const bool with_ema = !emas.is_none();
   if (with_ema) {
     if (!nb::try_cast(emas, ema_list) || ema_list.size() != n)
       raise_value("step: emas must be None or a list of one float32 array per param");
+  }
+  const std::size_t num_scalars = fo::step_scalars(algorithm).size();
+  nb::list scalar_list;
+  if (num_scalars > 0) {
+    if (!nb::try_cast(scalars, scalar_list) || scalar_list.size() != n)
+      raise_value("step: " + algorithm +
+                  " keeps scalar states per param (fusedopt.step_scalars): scalars must be a "
+                  "list of one float64 array of " +
+                  std::to_string(fo::kMaxScalars) + " values per param");
+  } else if (!scalars.is_none()) {
+    raise_value("step: " + algorithm + " has no scalar states: scalars must be None");
   }
 
   std::vector<fo::DenseTensors>& tensors = out.tensors;
@@ -292,42 +355,13 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
   counts.assign(n, 0);
   step_views.assign(n, View{});
   counted.assign(n, false);
-  std::vector<std::int64_t> param_shape;
   int device_type = kDLCPU, device_id = 0;
   View p, g, s;
   for (std::size_t i = 0; i < n; ++i) {
     const auto at = [i] { return " of param " + std::to_string(i); };
-    importer.view(params[i], p, "param", i);
-    if (!p.steppable)
-      raise_type("param " + std::to_string(i) + " is " + dtype_text(p.raw) +
-                 ": fusedopt steps float32 params (and bfloat16, float16 on CUDA)");
-    if (!p.contiguous)
-      raise_value("param " + std::to_string(i) +
-                  " is not contiguous: fusedopt steps a param's memory in place, which needs "
-                  "contiguous params");
-    if (i == 0) device_type = p.device_type, device_id = p.device_id;
-    if (p.device_type != device_type || p.device_id != device_id)
-      raise_value("param " + std::to_string(i) + " is on " +
-                  device_text(p.device_type, p.device_id) + ", param 0 on " +
-                  device_text(device_type, device_id) +
-                  ": one step takes the params of one device (split the param group)");
-    param_shape.assign(p.shape, p.shape + p.ndim);
-    // what: "grad", or a state's name; the message is built only on failure.
-    auto same_place = [&](const View& v, const std::string* state_name) {
-      auto what = [&] { return state_name ? "state " + *state_name : std::string("the grad"); };
-      if (v.device_type != p.device_type || v.device_id != p.device_id)
-        raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
-                    ", the param on " + device_text(p.device_type, p.device_id));
-      if (v.ndim != static_cast<int>(param_shape.size()) ||
-          !std::equal(param_shape.begin(), param_shape.end(), v.shape))
-        raise_value(what() + at() + " has a different shape from the param");
-      if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
-      if (!v.steppable)
-        raise_type(what() + at() + " is " + dtype_text(v.raw) +
-                   ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
-    };
+    view_param(importer, params[i], i, p, device_type, device_id);
     importer.view(grads[i], g, "grad", i);
-    same_place(g, nullptr);
+    check_with_param(g, p, i, [] { return std::string("the grad"); });
     fo::DenseTensors& t = tensors[i];
     t.param = p.data;
     t.grad = g.data;
@@ -336,20 +370,33 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
     t.grad_dtype = g.dtype;
     t.state_dtype = fo::DType::f32;
     for (std::size_t j = 0; j < specs.size(); ++j) {
-      importer.view(state_lists[j][i], s, "state", i);
-      same_place(s, &specs[j].name);
+      importer.view(lists[j][i], s, "state", i);
+      check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
       if (j > 0 && s.dtype != t.state_dtype)
         raise_type("the states" + at() + " differ in dtype: one takes one dtype for all");
       t.states[specs[j].index] = s.data;
       t.state_dtype = s.dtype;
     }
     if (with_ema) {
-      static const std::string kEma = "ema";
       importer.view(ema_list[i], s, "ema", i);
-      same_place(s, &kEma);
+      check_with_param(s, p, i, [] { return std::string("the ema"); });
       if (s.dtype != fo::DType::f32)
         raise_type("the ema" + at() + " is " + dtype_text(s.raw) + ": a weight EMA is float32");
       t.ema = reinterpret_cast<float*>(s.data);
+    }
+    if (num_scalars > 0) {
+      importer.view(scalar_list[i], s, "scalar states", i);
+      if (!s.f64)
+        raise_type("the scalar states" + at() + " are " + dtype_text(s.raw) + ": they are float64");
+      if (s.numel != fo::kMaxScalars || !s.contiguous || s.device_type != p.device_type ||
+          s.device_id != p.device_id)
+        raise_value("the scalar states" + at() + " are " + std::to_string(s.numel) +
+                    (s.contiguous ? "" : " non-contiguous") + " values on " +
+                    device_text(s.device_type, s.device_id) + ": they must be " +
+                    std::to_string(fo::kMaxScalars) +
+                    " contiguous float64 values on the param's device, " +
+                    device_text(p.device_type, p.device_id));
+      t.scalars = reinterpret_cast<double*>(s.data);
     }
     bool was_counted = false;
     counts[i] = read_count(steps[i], step_views[i], importer, i, was_counted);
@@ -362,6 +409,21 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
   const fo::Exec& exec = out.exec;
   const fo::StepControls& controls = out.controls;
   fo::check_step_list(algorithm, named, tensors.data(), counts.data(), n, exec, controls);
+}
+
+/// Refuses a call in which two params share scalar states: each step reads its param's values
+/// and writes their next ones, so a shared buffer would be advanced twice (on CUDA, by
+/// concurrent blocks).
+void check_scalars_apart(const std::vector<Prepared>& prepared) {
+  std::vector<std::uintptr_t> at;
+  for (const Prepared& s : prepared)
+    for (const fo::DenseTensors& t : s.tensors)
+      if (t.scalars) at.push_back(reinterpret_cast<std::uintptr_t>(t.scalars));
+  std::sort(at.begin(), at.end());
+  for (std::size_t i = 1; i < at.size(); ++i)
+    if (at[i] - at[i - 1] < fo::kMaxScalars * sizeof(double))
+      raise_value(
+          "step: two params share (or overlap in) their scalar states: each param needs its own");
 }
 
 /// One sparse row step (an embedding table's), viewed and checked, ready to run.
@@ -455,11 +517,13 @@ void run(std::vector<Prepared>& steps, std::vector<PreparedSparse>& sparse) {
 
 void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
           const nb::list& grads, const nb::list& states, const nb::list& steps,
-          const nb::object& stream, const nb::object& emas, double ema_decay) {
+          const nb::object& stream, const nb::object& emas, double ema_decay,
+          const nb::object& scalars) {
   Importer importer;
   std::vector<Prepared> prepared(1);
   prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream, emas,
-          ema_decay);
+          ema_decay, scalars);
+  check_scalars_apart(prepared);
   std::vector<PreparedSparse> none;
   run(prepared, none);
 }
@@ -495,16 +559,18 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
   std::vector<Prepared> prepared(groups.size());
   for (std::size_t i = 0; i < groups.size(); ++i) {
     nb::tuple g;
-    if (!nb::try_cast(groups[i], g) || (g.size() != 6 && g.size() != 8))
+    if (!nb::try_cast(groups[i], g) || (g.size() != 6 && g.size() != 8 && g.size() != 9))
       raise_type(
           "step_groups: each group is a tuple (algorithm, options, params, grads, "
-          "states, steps[, emas, ema_decay])");
-    const bool ema = g.size() == 8;
+          "states, steps[, emas, ema_decay[, scalars]])");
+    const bool ema = g.size() >= 8;
     prepare(prepared[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]),
             nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
             nb::cast<nb::list>(g[5]), stream, ema ? nb::handle(g[6]) : nb::handle(nb::none()),
-            ema ? nb::cast<double>(g[7]) : 0.0);
+            ema ? nb::cast<double>(g[7]) : 0.0,
+            g.size() == 9 ? nb::handle(g[8]) : nb::handle(nb::none()));
   }
+  check_scalars_apart(prepared);
   std::vector<PreparedSparse> sparse(sparse_steps.size());
   for (std::size_t i = 0; i < sparse_steps.size(); ++i) {
     nb::tuple g;
@@ -517,6 +583,44 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
   }
   apply_grad_multiplier(prepared, importer, grad_multiplier);
   run(prepared, sparse);
+}
+
+/// The evaluation form of params (fo::eval_params: sgd_schedule_free's and
+/// adamw_schedule_free's x from y and z), written into the params in place. `states` as a
+/// step takes them (one list per state step_states() names); checked like a step's arrays
+/// first. CUDA arrays: on `stream`, or the producer's current stream of their device.
+void eval_params(const std::string& algorithm, const nb::dict& options, const nb::list& params,
+                 const nb::list& states, const nb::object& stream) {
+  const fo::NamedOptions named = named_options(options);
+  const std::vector<fo::StateSpec> specs = fo::step_states(algorithm, named);
+  const std::size_t n = params.size();
+  const std::vector<nb::list> lists = state_lists("eval_params", algorithm, specs, states, n);
+  Importer importer;
+  std::vector<fo::DenseTensors> tensors(n);
+  int device_type = kDLCPU, device_id = 0;
+  View p, s;
+  for (std::size_t i = 0; i < n; ++i) {
+    view_param(importer, params[i], i, p, device_type, device_id);
+    fo::DenseTensors& t = tensors[i];
+    t.param = p.data;
+    t.numel = p.numel;
+    t.param_dtype = t.grad_dtype = p.dtype;
+    for (std::size_t j = 0; j < specs.size(); ++j) {
+      importer.view(lists[j][i], s, "state", i);
+      check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
+      if (j > 0 && s.dtype != t.state_dtype)
+        raise_type("the states of param " + std::to_string(i) +
+                   " differ in dtype: one takes one dtype for all");
+      t.states[specs[j].index] = s.data;
+      t.state_dtype = s.dtype;
+    }
+  }
+  fo::Exec exec;
+  fo::StepControls unused;
+  set_exec(exec, unused, device_type, device_id, stream,
+           n > 0 ? nb::handle(params[0]) : nb::handle());
+  nb::gil_scoped_release release;
+  fo::eval_params(algorithm, named, tensors.data(), n, exec);
 }
 
 /// Asks the kernel to back the whole 2 MiB pages inside a CPU array with transparent huge
@@ -583,17 +687,38 @@ NB_MODULE(_fusedopt, m) {
   m.def(
       "step_states",
       [](const std::string& algorithm, const nb::dict& options) {
-        std::vector<std::tuple<std::string, int, double>> out;
+        std::vector<std::tuple<std::string, int, double, bool>> out;
         for (const fo::StateSpec& s : fo::step_states(algorithm, named_options(options)))
-          out.emplace_back(s.name, s.index, s.init);
+          out.emplace_back(s.name, s.index, s.init, s.from_param);
         return out;
       },
       nb::arg("algorithm"), nb::arg("options"),
-      "The states a step of `algorithm` under `options` uses, as (name, slot, initial value), "
-      "in slot order. Raises ValueError for an unknown algorithm or option, or invalid values.");
+      "The states a step of `algorithm` under `options` uses, as (name, slot, initial value,\n"
+      "from_param), in slot order; from_param: the state starts as a copy of the param (the\n"
+      "schedule-free optimizers' z), not at the initial value. Raises ValueError for an unknown\n"
+      "algorithm or option, or invalid values.");
+  m.def(
+      "step_scalars",
+      [](const std::string& algorithm) {
+        std::vector<std::pair<std::string, double>> out;
+        for (const fo::ScalarSpec& s : fo::step_scalars(algorithm))
+          out.emplace_back(s.name, s.init);
+        return out;
+      },
+      nb::arg("algorithm"),
+      "The per-param scalar states of `algorithm` (the schedule-free optimizers' lr_max and\n"
+      "weight_sum; none for most), as (name, initial value) in the order a step reads them.");
+  m.def(
+      "eval_params", &eval_params, nb::arg("algorithm"), nb::arg("options"), nb::arg("params"),
+      nb::arg("states"), nb::arg("stream") = nb::none(),
+      "Writes into each param its evaluation form from itself and its states\n"
+      "(sgd_schedule_free, adamw_schedule_free: x from y and z; docs/optimizers.md); `states` as\n"
+      "step() takes them. The caller keeps the training values to restore them. Checked first:\n"
+      "a call that raises has changed nothing. CUDA arrays run on `stream` or the producer's\n"
+      "current stream of their device.");
   m.def("step", &step, nb::arg("algorithm"), nb::arg("options"), nb::arg("params"),
         nb::arg("grads"), nb::arg("states"), nb::arg("steps"), nb::arg("stream") = nb::none(),
-        nb::arg("emas") = nb::none(), nb::arg("ema_decay") = 0.0,
+        nb::arg("emas") = nb::none(), nb::arg("ema_decay") = 0.0, nb::arg("scalars") = nb::none(),
         "One fused step of `algorithm` (a registered name) under `options` (a dict of its\n"
         "option names to numbers) over the arrays of `params` with `grads`. `states` holds one\n"
         "list per state step_states() names, in its order, each with one array per param.\n"
@@ -603,12 +728,15 @@ NB_MODULE(_fusedopt, m) {
         "nothing. CUDA arrays run on `stream` (an int cudaStream_t) or, when None, the\n"
         "producer's current stream of their device (torch: torch.cuda.current_stream()).\n"
         "`emas`: None, or one float32 array per param, its weight EMA, updated in the same\n"
-        "pass after the step with `ema_decay` in [0, 1) (docs/optimizers.md, Weight EMA).");
+        "pass after the step with `ema_decay` in [0, 1) (docs/optimizers.md, Weight EMA).\n"
+        "`scalars`: for an algorithm with scalar states (step_scalars()), one float64 array of 2\n"
+        "contiguous values per param on its device, starting at their initial values, which the\n"
+        "step reads and advances (on CUDA stream-ordered); None for the others.");
   m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("sparse") = nb::list(),
         nb::arg("stream") = nb::none(), nb::arg("grad_multiplier") = nb::none(),
         "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
-        "states, steps[, emas, ema_decay]), each as step() takes them; `sparse` a list of sparse "
-        "row steps of\n"
+        "states, steps[, emas, ema_decay[, scalars]]), each as step() takes them (emas None:\n"
+        "no EMA); `sparse` a list of sparse row steps of\n"
         "embedding tables, tuples (algorithm, options, table, indices, values, states, step):\n"
         "int32/int64 row indices (duplicates summed), [nnz, ...] float32 gradient rows, the\n"
         "states sparse_step_states() names, a step count as step() takes one. Everything is\n"

@@ -23,8 +23,11 @@ compute op for op what torch computes, so they are checked bitwise (BITWISE belo
 while no product within 1e-30 of zero has occurred, after which a flip would be legitimate).
 
 Also: constructor signatures and defaults equal torch's, state_dict round trips both ways,
-bad input changes nothing, closures and zero_grad, and the DLPack path from numpy.
-Needs the package installed (`pip install .`) and torch.
+bad input changes nothing, closures and zero_grad, and the DLPack path from numpy; and
+SGDScheduleFree / AdamWScheduleFree against the schedulefree package (its section below states
+its own tolerance).
+Needs the package installed (`pip install .`) and torch; the schedule-free comparisons need
+schedulefree (skipped, saying so, where it is not importable).
 """
 
 import copy
@@ -99,12 +102,12 @@ def rng_for(*salt):
                                                     for i, s in enumerate(salt)) % 100003)
 
 
-def close(got, want, what, scale=None):
+def close(got, want, what, scale=None, tol=TOL):
     got, want = got.detach().reshape(-1), want.detach().reshape(-1)
     if scale is None:
         scale = float(want.abs().max()) if want.numel() else 0.0
     err = (got - want).abs()
-    bad = err > TOL * (want.abs() + scale) + 1e-30
+    bad = err > tol * (want.abs() + scale) + 1e-30
     bad |= got.isnan() != want.isnan()
     bad &= ~(got.isnan() & want.isnan())
     assert not bool(bad.any()), (
@@ -146,7 +149,7 @@ def list_scale(tensors):
     return max((float(t.detach().abs().max()) for t in tensors if t.numel()), default=0.0)
 
 
-def compare(mine, fo, theirs, ref, what, exact):
+def compare(mine, fo, theirs, ref, what, exact, tol=TOL):
     # scale: the largest magnitude of that quantity over the whole param list, not of one
     # tensor: in a one-element tensor whose value cancels (a momentum buffer summing terms of
     # both signs) the value's own size says nothing of the roundings it went through.
@@ -160,7 +163,7 @@ def compare(mine, fo, theirs, ref, what, exact):
         if exact:
             bitwise(got, want, label)
         else:
-            close(got, want, label, scales[key])
+            close(got, want, label, scales[key], tol)
 
     for i, (a, b) in enumerate(zip(mine, theirs)):
         check(a, b, f"{what} param {i}", "param")
@@ -221,7 +224,8 @@ def test_signature_and_defaults_are_torchs(cls_name):
     assert issubclass(getattr(ft, cls_name), torch.optim.Optimizer)
 
 
-@pytest.mark.parametrize("cls_name", TORCH_CLASSES + ["SparseAdam"])
+@pytest.mark.parametrize("cls_name", TORCH_CLASSES + ["SparseAdam", "SGDScheduleFree",
+                                                     "AdamWScheduleFree"])
 def test_every_torch_argument_is_mapped_ignored_or_refused(cls_name):
     cls = getattr(ft, cls_name)
     opt = cls([torch.nn.Parameter(torch.zeros(3))])
@@ -921,3 +925,386 @@ def test_lars_follows_optax_with_an_exempt_group():
             err = (p.detach().double() - want).abs()
             assert bool((err <= 1e-5 * (want.abs() + float(want.abs().max()))).all()), (
                 f"step {step}, adapt {adapt}: max error {float(err.max()):.3g}")
+
+
+# -- Schedule-Free, against facebookresearch/schedule_free ----------------------------------------
+#
+# fusedopt.torch.SGDScheduleFree / AdamWScheduleFree against the schedulefree package itself
+# (PyPI schedulefree==1.4.1, which CI installs), step for step on the CPU in float32, with its
+# foreach path (its default). Tolerance: the package's step is a chain of torch foreach ops, each
+# rounded to float32 (with torch's vectorized CPU kernels free to fuse multiply-adds), ours one
+# fused pass in the same float32 formula but its own operation order: a few float32 roundings per
+# step apart, which the averaging (y pulled towards z, z an SGD/Adam iterate) does not amplify.
+# Measured over 40 seeds, every variant below: at most 1.6e-7 (about one float32 ulp) of |ref|
+# plus the list's largest magnitude of that quantity, through 35 steps and eval(). SF_TOL, 2e-6
+# of the same (about 16 ulps), keeps a margin of more than 10x, where a wrong c_t, a missing
+# warm-up or bias correction, or the decay taken at x instead of y is off by far more.
+# The group scalars: k, lr_max and scheduled_lr are the same double operations in both (exact);
+# weight_sum adds t^r * lr_max^p, which the library computes with its own pow (bit-identical on
+# CPU and GPU) where the package uses Python's: a few ulps of each term apart, so 1e-12 relative.
+
+try:
+    import schedulefree
+except ImportError:
+    schedulefree = None
+needs_schedulefree = pytest.mark.skipif(
+    schedulefree is None, reason="the schedulefree package (facebookresearch/schedule_free; "
+    "pip install schedulefree==1.4.1, as CI does) is not importable")
+
+SF_CASES = {
+    "SGDScheduleFree": [
+        {},  # the package's defaults: lr 1, momentum 0.9, no warm-up, r 0, weight_lr_power 2
+        {"lr": 0.3, "momentum": 0.7, "weight_decay": 0.05, "warmup_steps": 8, "r": 0.5,
+         "weight_lr_power": 1.5},
+        # a warm-up longer than the run; momentum < 0.5: train()'s lerp in torch's other branch
+        {"lr": 2.0, "momentum": 0.3, "weight_decay": 0.01, "warmup_steps": 50, "r": 1.0,
+         "weight_lr_power": 0.0},
+    ],
+    "AdamWScheduleFree": [
+        {},  # lr 0.0025, betas (0.9, 0.999), eps 1e-8, no decay, warm-up or polynomial weight
+        {"lr": 0.02, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1, "warmup_steps": 8,
+         "r": 0.5, "weight_lr_power": 1.0},
+        {"lr": 0.01, "betas": (0.95, 0.9), "eps": 1e-3, "weight_decay": 0.01,
+         "warmup_steps": 50, "r": 2.0, "weight_lr_power": 3.0},
+    ],
+}
+SF_STEPS = 35
+SF_TOL = 2e-6
+SF_GROUP_KEYS = ("k", "lr_max", "scheduled_lr", "train_mode", "lr")
+
+
+def sf_pair(cls_name, options, gen, shapes=SHAPES):
+    """The same params under fusedopt's class and the package's: two groups, the second with its
+    own lr, decay and warm-up."""
+    p0 = [torch.randn(s, generator=gen) for s in shapes]
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    theirs = [torch.nn.Parameter(p.clone()) for p in p0]
+    lr1 = options.get("lr", inspect.signature(getattr(schedulefree, cls_name)).parameters[
+        "lr"].default) * 0.5
+
+    def groups(ps):
+        return [{"params": ps[:3], **options},
+                {"params": ps[3:], "lr": lr1, "weight_decay": 0.02, "warmup_steps": 3}]
+
+    return (mine, getattr(ft, cls_name)(groups(mine)),
+            theirs, getattr(schedulefree, cls_name)(groups(theirs)))
+
+
+def sf_grads(mine, theirs, gen, scale=1.0, none=()):
+    # Each gets its own copy: the package's step overwrites p.grad (with the normalized update).
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        if i in none:
+            a.grad = b.grad = None
+            continue
+        g = torch.randn(a.shape, generator=gen) * scale
+        a.grad, b.grad = g.clone(), g.clone()
+
+
+def sf_compare(mine, fo, theirs, ref, what):
+    compare(mine, fo, theirs, ref, what, exact=False, tol=SF_TOL)
+    for i, (ga, gb) in enumerate(zip(fo.param_groups, ref.param_groups)):
+        for key in SF_GROUP_KEYS:
+            assert ga[key] == gb[key], f"{what} group {i} {key}: {ga[key]!r} vs {gb[key]!r}"
+        assert ga["weight_sum"] == pytest.approx(gb["weight_sum"], rel=1e-12, abs=0), (
+            f"{what} group {i} weight_sum")
+
+
+@needs_schedulefree
+@pytest.mark.parametrize("cls_name,variant", [(c, v) for c in sorted(SF_CASES)
+                                              for v in range(len(SF_CASES[c]))])
+def test_schedule_free_matches_the_package(cls_name, variant):
+    """35 steps beside the package, with a StepLR schedule editing the groups' lr (lr_max
+    follows it in both), param 4 without a grad every third step, and steps 7 and 8 without any
+    grad in group 1 (the package still advances its k, lr_max and weight_sum); then eval() (x),
+    train() (y) and 5 more steps."""
+    options = SF_CASES[cls_name][variant]
+    gen = rng_for("schedule-free", cls_name, variant)
+    mine, fo, theirs, ref = sf_pair(cls_name, options, gen)
+    assert fo.param_groups[0]["train_mode"] is False  # the package's starting mode
+    fo.train()
+    ref.train()
+    sched_fo = torch.optim.lr_scheduler.StepLR(fo, step_size=10, gamma=0.5)
+    sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=10, gamma=0.5)
+    for step in range(1, SF_STEPS + 1):
+        none = (3, 4, 5) if step in (7, 8) else (4,) if step % 3 == 0 else ()
+        sf_grads(mine, theirs, gen, 0.1 + step % 5, none)
+        fo.step()
+        ref.step()
+        sched_fo.step()
+        sched_ref.step()
+        sf_compare(mine, fo, theirs, ref, f"{cls_name} {options} step {step}")
+    assert fo.param_groups[1]["k"] == SF_STEPS
+    fo.eval()
+    ref.eval()
+    scale = list_scale(theirs)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        close(a, b, f"{cls_name} {options} eval() param {i}", scale, SF_TOL)
+    fo.train()
+    ref.train()
+    for step in range(SF_STEPS + 1, SF_STEPS + 6):
+        sf_grads(mine, theirs, gen)
+        fo.step()
+        ref.step()
+        sf_compare(mine, fo, theirs, ref, f"{cls_name} {options} after train(), step {step}")
+
+
+@needs_schedulefree
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+def test_schedule_free_signature_and_defaults_are_the_packages(cls_name):
+    theirs = inspect.signature(getattr(schedulefree, cls_name).__init__).parameters
+    mine = inspect.signature(getattr(ft, cls_name).__init__).parameters
+    assert list(mine) == list(theirs)
+    for name, p in theirs.items():
+        assert mine[name].kind == p.kind, name
+        assert mine[name].default == p.default, name  # foreach's too: the same expression
+    assert getattr(ft, cls_name)([torch.nn.Parameter(torch.zeros(3))]).defaults == getattr(
+        schedulefree, cls_name)([torch.nn.Parameter(torch.zeros(3))]).defaults
+    assert issubclass(getattr(ft, cls_name), torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+def test_schedule_free_train_eval_twice_is_bitwise(cls_name):
+    gen = rng_for("schedule-free-modes", cls_name)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = getattr(ft, cls_name)(params, **SF_CASES[cls_name][1])
+    fresh = [p.detach().clone() for p in params]
+    opt.eval()  # on fresh params (no z yet): nothing changes, as the package's
+    opt.train()
+    for p, q in zip(params, fresh):
+        bitwise(p, q, "eval()/train() before any step")
+    params[-1].requires_grad_(False)  # never steps: no z, left alone
+    run(opt, params[:-1], gen, 6)
+    y = [p.detach().clone() for p in params]
+    for _ in range(2):
+        opt.eval()
+        assert all(not g["train_mode"] for g in opt.param_groups)
+        for p, q in zip(params[:-1], y):
+            assert torch.equal(opt.state[p]["train_param"], q)
+            assert not torch.equal(p.detach(), q)  # x, not y
+        bitwise(params[-1], y[-1], "the param that never stepped, in eval()")
+        x = [p.detach().clone() for p in params]
+        opt.eval()  # already in eval mode: nothing changes
+        for p, q in zip(params, x):
+            bitwise(p, q, "a second eval()")
+        opt.train()
+        for p, q in zip(params, y):
+            bitwise(p, q, "train() after eval()")
+            assert "train_param" not in opt.state.get(p, {})
+        opt.train()  # already in train mode
+        for p, q in zip(params, y):
+            bitwise(p, q, "a second train()")
+
+
+def sf_group_snapshot(opt):
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+@needs_schedulefree
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+def test_schedule_free_step_in_eval_mode_raises_as_the_package_and_changes_nothing(cls_name):
+    gen = rng_for("schedule-free-eval-step", cls_name)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = getattr(ft, cls_name)(params)
+    pkg = getattr(schedulefree, cls_name)([torch.nn.Parameter(torch.zeros(3))])
+    pkg.param_groups[0]["params"][0].grad = torch.zeros(3)
+    with pytest.raises(Exception) as theirs:
+        pkg.step()  # the package starts in eval mode
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    for phase in ("fresh", "after eval()"):
+        if phase == "after eval()":
+            opt.train()
+            run(opt, params, gen, 3)
+            opt.eval()
+        before, groups = snapshot(opt), sf_group_snapshot(opt)
+        calls = []
+        with pytest.raises(Exception) as mine:
+            opt.step(lambda: calls.append(1))
+        assert type(mine.value) is type(theirs.value) and str(mine.value) == str(theirs.value)
+        assert not calls  # raised before the closure, as the package's
+        assert_unchanged(opt, before, f"{cls_name} step in eval mode, {phase}")
+        assert sf_group_snapshot(opt) == groups
+
+
+@needs_schedulefree
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+@pytest.mark.parametrize("saved_in", ["eval", "train"])
+@pytest.mark.parametrize("direction", ["package_to_fusedopt", "fusedopt_to_package"])
+def test_schedule_free_state_dict_round_trips(cls_name, saved_in, direction):
+    """Saved (in eval mode, as the package asks, or in train mode) by one, loaded by the other
+    over the same params; both go on for 10 steps (after train() where saved in eval mode) and
+    stay within the tolerance above."""
+    gen = rng_for("schedule-free-sd", cls_name, saved_in, direction)
+    options = SF_CASES[cls_name][1]
+    mine_cls, pkg_cls = getattr(ft, cls_name), getattr(schedulefree, cls_name)
+    src_cls, dst_cls = (pkg_cls, mine_cls) if direction == "package_to_fusedopt" else (
+        mine_cls, pkg_cls)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    src = src_cls([{"params": params[:3]}, {"params": params[3:], "lr": 0.01}], **options)
+    src.train()
+    run(src, params, gen, 5)
+    if saved_in == "eval":
+        src.eval()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    switched = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    dst = dst_cls([{"params": switched[:3]}, {"params": switched[3:], "lr": 0.01}], **options)
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf))
+    sd_src, sd_dst = src.state_dict(), dst.state_dict()
+    assert sd_src["param_groups"] == sd_dst["param_groups"]
+    assert sd_src["state"].keys() == sd_dst["state"].keys()
+    for k in sd_src["state"]:
+        # fusedopt's eval mode keeps y as train_param, which the package carries and ignores
+        assert sd_src["state"][k].keys() == sd_dst["state"][k].keys()
+        assert ("train_param" in sd_src["state"][k]) == (
+            saved_in == "eval" and direction == "fusedopt_to_package")
+    if saved_in == "eval":
+        src.train()
+        dst.train()
+    if direction == "fusedopt_to_package":
+        for st in dst.state.values():
+            st.pop("train_param", None)  # stale in the package after its train(), never read
+    g_state = gen.get_state()
+    run(src, params, gen, 10)
+    gen.set_state(g_state)
+    run(dst, switched, gen, 10)
+    fo, ref, mine, theirs = (dst, src, switched, params) if direction == "package_to_fusedopt" \
+        else (src, dst, params, switched)
+    sf_compare(mine, fo, theirs, ref, f"{cls_name} {direction} saved in {saved_in} mode")
+
+
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+def test_schedule_free_checkpoint_in_eval_mode_resumes_bitwise(cls_name):
+    """Saved in eval mode (params at x, y in the state): loaded and train()ed, the copy goes on
+    bitwise as the optimizer that never stopped."""
+    gen = rng_for("schedule-free-resume", cls_name)
+    options = SF_CASES[cls_name][1]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = getattr(ft, cls_name)(params, **options)
+    opt.train()
+    run(opt, params, gen, 4)
+    opt.eval()
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
+    opt.train()
+    g_state = gen.get_state()
+    run(opt, params, gen, 4)
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = [torch.nn.Parameter(p.clone()) for p in ckpt["params"]]
+    opt2 = getattr(ft, cls_name)(resumed, **options)
+    opt2.load_state_dict(ckpt["opt"])
+    assert not opt2.param_groups[0]["train_mode"]
+    opt2.train()
+    gen.set_state(g_state)
+    run(opt2, resumed, gen, 4)
+    compare(resumed, opt2, params, opt, f"{cls_name} resumed from eval mode", exact=True)
+    assert sf_group_snapshot(opt2) == sf_group_snapshot(opt)
+
+
+@needs_schedulefree
+def test_schedule_free_stale_train_param_is_not_restored():
+    """fusedopt (eval mode) -> the package, which steps on (carrying train_param, stale now) ->
+    fusedopt in eval mode: train() sees that the param is not the x of the kept y and takes the
+    package's formula, as the package would."""
+    gen = rng_for("schedule-free-stale")
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ft.AdamWScheduleFree(params, lr=0.01)
+    opt.train()
+    run(opt, params, gen, 3)
+    opt.eval()
+    pkg = schedulefree.AdamWScheduleFree(params, lr=0.01)
+    pkg.load_state_dict(opt.state_dict())
+    pkg.train()
+    run(pkg, params, gen, 3)
+    pkg.eval()
+    assert all("train_param" in st for st in pkg.state.values())  # carried along, stale
+    back = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ft.AdamWScheduleFree(back, lr=0.01)
+    opt2.load_state_dict(pkg.state_dict())
+    opt2.train()
+    pkg.train()
+    for i, (a, b) in enumerate(zip(back, params)):
+        bitwise(a, b, f"train() with a stale train_param, param {i}")  # the same torch lerp
+
+
+def test_schedule_free_numpy_optimizer_and_binding_checks():
+    """fusedopt.Optimizer steps sgd_schedule_free as fusedopt.torch does (bitwise: the same
+    library call); bad scalar-state buffers raise and change nothing."""
+    gen = np.random.default_rng(SEED)
+    p0 = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+    arrays = [p.copy() for p in p0]
+    tensors = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in p0]
+    opt_np = fusedopt.Optimizer("sgd_schedule_free", arrays, lr=0.5, warmup_steps=2)
+    opt_t = ft.SGDScheduleFree(tensors, lr=0.5, warmup_steps=2)
+    opt_t.train()
+    for _ in range(4):
+        grads = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g.copy())
+        opt_np.step(grads)
+        opt_t.step()
+    for i, (a, t) in enumerate(zip(arrays, tensors)):
+        assert np.array_equal(a, t.detach().numpy()), f"param {i}"
+        assert np.array_equal(opt_np.state[i]["z"], opt_t.state[t]["z"].numpy())
+        assert opt_np.scalars[i].tolist() == [opt_t.param_groups[0]["lr_max"],
+                                              opt_t.param_groups[0]["weight_sum"]]
+    assert fusedopt.step_scalars("sgd_schedule_free") == [("lr_max", -1.0), ("weight_sum", 0.0)]
+    assert fusedopt.step_scalars("adam") == []
+    # The binding: each param its own 2 float64 values on its device.
+    w = [torch.randn(5), torch.randn(3)]
+    g = [torch.randn(5), torch.randn(3)]
+    z = [x.clone() for x in w]
+    good = [torch.tensor([-1.0, 0.0], dtype=torch.float64) for _ in w]
+    shared = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    bad = {"missing": (None, ValueError, "scalars must be a list"),
+           "shared": ([shared, shared], ValueError, "share"),
+           "float32": ([s.float() for s in good], TypeError, "float64"),
+           "3 values": ([torch.zeros(3, dtype=torch.float64)] * 2, ValueError, "must be 2"),
+           "strided": ([torch.zeros(4, dtype=torch.float64)[::2], good[1]], ValueError,
+                       "contiguous")}
+    before = [x.clone() for x in w + z + good]
+    for case, (scalars, error, needle) in bad.items():
+        with pytest.raises(error, match=needle):
+            fusedopt.step("sgd_schedule_free", {}, w, g, [z], [1, 1], scalars=scalars)
+        for a, b in zip(w + z + good, before):
+            assert torch.equal(a, b), case
+    with pytest.raises(ValueError, match="no scalar states"):
+        fusedopt.step("sgd", {}, w, g, [], [1, 1], scalars=good)
+    with pytest.raises(TypeError, match="no evaluation form"):
+        fusedopt.eval_params("adam", {}, w, [z, z])
+
+
+@needs_cuda
+@pytest.mark.parametrize("cls_name", sorted(SF_CASES))
+def test_schedule_free_cuda_equals_cpu_bitwise(cls_name):
+    gen = rng_for(cls_name, "schedule-free-cuda")
+    options = SF_CASES[cls_name][1]
+    p0 = [torch.randn(s, generator=gen) for s in SHAPES + [(3, 1 << 16)]]
+    cpu = [torch.nn.Parameter(p.clone()) for p in p0]
+    gpu = [torch.nn.Parameter(p.clone().cuda()) for p in p0]
+    o_cpu = getattr(ft, cls_name)([{"params": cpu[:3]}, {"params": cpu[3:], "lr": 0.01}],
+                                  **options)
+    o_gpu = getattr(ft, cls_name)([{"params": gpu[:3]}, {"params": gpu[3:], "lr": 0.01}],
+                                  **options)
+    o_cpu.train()
+    o_gpu.train()
+    for step in range(10):
+        for i, (a, b) in enumerate(zip(cpu, gpu)):
+            g = torch.randn(a.shape, generator=gen)
+            a.grad, b.grad = (None, None) if i == 4 and step % 3 == 0 else (g.clone(), g.cuda())
+        o_cpu.step()
+        o_gpu.step()
+        if step == 6:
+            for o in (o_cpu, o_gpu):
+                o.eval()
+            for a, b in zip(cpu, gpu):
+                bitwise(b.cpu(), a, f"{cls_name} cuda vs cpu, eval()")
+            for o in (o_cpu, o_gpu):
+                o.train()
+    torch.cuda.synchronize()
+    for a, b in zip(cpu, gpu):
+        bitwise(b.cpu(), a, f"{cls_name} cuda vs cpu")
+        bitwise(o_gpu.state[b]["z"].cpu(), o_cpu.state[a]["z"], f"{cls_name} z cuda vs cpu")
+    assert sf_group_snapshot(o_gpu) == sf_group_snapshot(o_cpu)
