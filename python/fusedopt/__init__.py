@@ -8,11 +8,11 @@
 docs/python.md in the repository has the details.
 """
 
-from ._fusedopt import (algorithms, cuda_device_count, eval_params, step, step_scalars,
-                        step_states)
+from ._fusedopt import (algorithms, cuda_device_count, eval_params, step, step_groups,
+                        step_scalars, step_states)
 
-__all__ = ["Optimizer", "algorithms", "cuda_device_count", "eval_params", "step", "step_scalars",
-           "step_states"]
+__all__ = ["Optimizer", "algorithms", "cuda_device_count", "eval_params", "step", "step_groups",
+           "step_scalars", "step_states"]
 __version__ = "0.1.0"
 
 _ALGORITHMS = {a["name"]: a for a in algorithms()}
