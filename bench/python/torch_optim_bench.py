@@ -1,5 +1,7 @@
 """A fusedopt.torch class against torch.optim's (fused=True where torch has a fused kernel, and
-foreach=True), same process; AdamW unless --optimizer names another class both have.
+foreach=True), same process; AdamW unless --optimizer names another class both have. The
+schedule-free classes (--optimizer AdamWScheduleFree, SGDScheduleFree) run against the
+schedulefree package's (foreach, its default), both in train mode.
 
 Two measurements, each a median of steps, the optimizers interleaved round by round so that a
 noisy shared machine slows them alike (compare the ratios, docs/benchmarks.md):
@@ -41,6 +43,18 @@ TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")  # torch 2.15's classes with f
 
 def optimizers(name):
     """The contenders for class `name`: fusedopt's first (the baseline of the ratios)."""
+    if name.endswith("ScheduleFree"):  # the peer is facebookresearch/schedule_free's
+        import schedulefree
+
+        def training(cls, **kwargs):
+            def make(ps):
+                opt = cls(ps, **kwargs)
+                opt.train()  # both start in eval mode, as the package's
+                return opt
+            return make
+        return {f"fusedopt.torch.{name}": training(getattr(ft, name)),
+                f"schedulefree {name}(foreach=True)": training(getattr(schedulefree, name),
+                                                               foreach=True)}
     ours, theirs = getattr(ft, name), getattr(torch.optim, name)
     out = {f"fusedopt.torch.{name}": lambda ps: ours(ps)}
     if name in TORCH_FUSED:
