@@ -670,6 +670,42 @@ def test_numpy_arrays_step_like_torch_tensors():
             assert np.array_equal(v, opt_t.state[t][name].numpy()), f"param {i} {name}"
 
 
+def test_numpy_weight_ema_matches_the_torch_class():
+    # The same library pass under both: bitwise the same EMAs; swap twice restores both; a bad
+    # step creates no EMA.
+    gen = np.random.default_rng(SEED)
+    p0 = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+    arrays = [p.copy() for p in p0]
+    tensors = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in p0]
+    opt_np = fusedopt.Optimizer("adam", arrays, lr=1e-2)
+    opt_t = ft.Adam(tensors, lr=1e-2)
+    opt_np.ema_decay = opt_t.ema_decay = 0.75
+    with pytest.raises(TypeError, match="float64"):
+        opt_np.step([np.ones(s) for s in SHAPES])  # float64 grads: refused, no EMA made
+    assert opt_np.ema == [None] * len(SHAPES)
+    for step in range(4):
+        grads = [gen.standard_normal(s).astype(np.float32) for s in SHAPES]
+        for t, g in zip(tensors, grads):
+            t.grad = torch.from_numpy(g.copy())
+        opt_np.step(grads)
+        opt_t.step()
+    for i, (a, t) in enumerate(zip(arrays, tensors)):
+        assert np.array_equal(a, t.detach().numpy()), f"param {i}"
+        assert np.array_equal(opt_np.ema[i], opt_t.state[t]["ema"].numpy()), f"ema {i}"
+        assert not np.array_equal(opt_np.ema[i], a) or a.size == 0
+    before = [a.copy() for a in arrays], [e.copy() for e in opt_np.ema]
+    opt_np.swap_ema()
+    assert all(np.array_equal(a, e) for a, e in zip(arrays, before[1]))
+    opt_np.swap_ema()
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, before[0]))
+    opt_np.copy_ema_to_params()
+    assert all(np.array_equal(a, e) for a, e in zip(arrays, opt_np.ema))
+    with pytest.raises(ValueError, match="cannot turn"):
+        opt_np.ema_decay = 0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        opt_np.ema_decay = 1.0
+
+
 def test_numpy_bad_input_changes_nothing():
     w = np.ones(8, np.float32)
     b = np.ones(8, np.float32)
