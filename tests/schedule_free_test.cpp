@@ -6,6 +6,7 @@
 // refusals. Each runs on the CPU and, where a GPU is present, on CUDA (the GPU suite); the
 // CUDA kernels' bytes against the CPU's are tests/emulation's subject.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -254,8 +255,9 @@ TEST_P(ScheduleFree, ResumeFromACheckpointEqualsNeverStopping) {
     Training run(c, rng), resumed(c, rng2);
     for (int t = 0; t < 4; ++t) run.step(rng);
     if (in_eval) run.opt.eval();
-    const std::string path =
-        ::testing::TempDir() + "fusedopt_schedule_free_" + std::to_string(in_eval) + ".ckpt";
+    // One file per process: ctest runs the cases (and the emulated device's) side by side.
+    const std::string path = ::testing::TempDir() + "fusedopt_schedule_free_" +
+                             std::to_string(::getpid()) + "_" + std::to_string(in_eval) + ".ckpt";
     run.opt.save(path);
     // The resumed run's params: what the user saved with the checkpoint (x in eval mode).
     for (std::size_t i = 0; i < kSizes.size(); ++i) {
