@@ -198,6 +198,12 @@ void check_against_reference(const Case& c, const std::vector<std::int64_t>& siz
 // Every tail of every width (1, 8, 16) and a medium odd size that spans many vectors, on one
 // thread (below the threading threshold).
 TEST_P(DenseReference, TwentyFiveStepsMatchDoubleReference) {
+#if defined(FUSEDOPT_EMULATED_DEVICE)
+  // On the emulated device: an empty tensor, one element, a tail and many vectors (the
+  // kernels' every tail is emulation_test's, bytewise).
+  if (GetParam().device == Device::cuda)
+    return check_against_reference(GetParam(), {0, 1, 9, 4099});
+#endif
   check_against_reference(GetParam(), {0, 1, 2, 7, 8, 9, 15, 16, 17, 4099});
 }
 

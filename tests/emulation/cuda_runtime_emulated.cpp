@@ -3,11 +3,11 @@
 // memory: with the emulated launchers (tests/emulation/*_emulated.cpp), the whole library's
 // CUDA path runs on the CPU in fusedopt_emulated_device (docs/host-emulation.md).
 //
-// "Device memory" is what allocate() returned: 64-byte aligned host memory, filled with 0xFF
-// bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves it undefined, and recorded so
-// that is_device_pointer answers as the runtime does and every copy, fill and free checks that
-// its device side lies inside one live allocation and its host side outside every one. A
-// failed check ends the process with a message: on a GPU it is an illegal address or a wrong
+// "Device memory" (4 GiB of it) is what allocate() returned: 64-byte aligned host memory, filled
+// with 0xFF bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves it undefined, and
+// recorded so that is_device_pointer answers as the runtime does and every copy, fill and free
+// checks that its device side lies inside one live allocation and its host side outside every one.
+// A failed check ends the process with a message: on a GPU it is an illegal address or a wrong
 // copy. Every operation is synchronous; there is one device, 0.
 #include <algorithm>
 #include <climits>
@@ -29,10 +29,15 @@
 namespace fo::cuda {
 namespace {
 
+// The emulated device's memory: more than any test needs, and a bound, so that a request as
+// large as a real GPU refuses (terabytes) fails as cudaMalloc does instead of taking the host.
+constexpr std::size_t kCapacity = std::size_t{4} << 30;
+
 struct Allocations {
   std::mutex mutex;
   std::map<std::uintptr_t, std::size_t> live;  // start -> bytes asked for
-  long fail_after = -1;                        // allocations left before they fail; < 0: never
+  std::size_t live_bytes = 0;
+  long fail_after = -1;  // allocations left before they fail; < 0: never
 };
 
 Allocations& allocations() {
@@ -69,22 +74,27 @@ void check_host_range(const void* p, std::size_t bytes, const char* who) {
     fatal(std::string(who) + ": the host side is device memory");
 }
 
+[[noreturn]] void out_of_memory(std::size_t bytes) {
+  throw Error(StatusCode::out_of_memory, "emulated cudaMalloc of " + std::to_string(bytes) +
+                                             " bytes failed: cudaErrorMemoryAllocation");
+}
+
 void* raw_allocate(std::size_t bytes) {
   Allocations& a = allocations();
   {
     const std::lock_guard<std::mutex> lock(a.mutex);
-    if (a.fail_after == 0)
-      throw Error(StatusCode::out_of_memory,
-                  "emulated cudaMalloc failed: cudaErrorMemoryAllocation: out of memory");
+    if (a.fail_after == 0 || bytes > kCapacity - a.live_bytes) out_of_memory(bytes);
     if (a.fail_after > 0) --a.fail_after;
+    a.live_bytes += bytes;  // reserved
   }
   const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, rounded);
-  if (!p)
-    throw Error(StatusCode::out_of_memory,
-                "emulated cudaMalloc failed: cudaErrorMemoryAllocation: out of memory");
-  std::memset(p, 0xFF, rounded);  // cudaMalloc's memory is undefined: NaN, not zero
   const std::lock_guard<std::mutex> lock(a.mutex);
+  if (!p) {
+    a.live_bytes -= bytes;
+    out_of_memory(bytes);
+  }
+  std::memset(p, 0xFF, rounded);  // cudaMalloc's memory is undefined: NaN, not zero
   a.live[reinterpret_cast<std::uintptr_t>(p)] = bytes;
   return p;
 }
@@ -94,8 +104,10 @@ void raw_deallocate(void* p) {
   Allocations& a = allocations();
   {
     const std::lock_guard<std::mutex> lock(a.mutex);
-    if (a.live.erase(reinterpret_cast<std::uintptr_t>(p)) != 1)
-      fatal("a free of a pointer that is not a live allocation");
+    const auto it = a.live.find(reinterpret_cast<std::uintptr_t>(p));
+    if (it == a.live.end()) fatal("a free of a pointer that is not a live allocation");
+    a.live_bytes -= it->second;
+    a.live.erase(it);
   }
   std::free(p);
 }
