@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "fusedopt/fusedopt.hpp"
+#include "fusedopt/kernels/convert.hpp"
 #include "reference/reference.hpp"
 #include "tensor_buffer.hpp"
 #include "test_util.hpp"
@@ -274,6 +275,180 @@ TEST(EmulatedOptimizer, DeviceScalarsEqualTheHostSettings) {
     expect_same(gpu.everything(), cpu.everything(), algorithm);
     EXPECT_EQ(gpu.opt.step_count("p0"), 3);
     gpu.opt.set_device_scalars(nullptr, nullptr, nullptr);
+  }
+}
+
+/// n elements of T in the emulated device's memory, from and back to the host.
+template <class T>
+class DeviceVector {
+ public:
+  explicit DeviceVector(const std::vector<T>& host)
+      : n_(host.size()), p_(static_cast<T*>(cuda::allocate(n_ * sizeof(T), 0))) {
+    cuda::copy_from_host(p_, host.data(), n_ * sizeof(T), nullptr);
+  }
+  ~DeviceVector() { cuda::deallocate(p_, 0); }
+  DeviceVector(const DeviceVector&) = delete;
+  DeviceVector& operator=(const DeviceVector&) = delete;
+  T* get() const { return p_; }
+  std::vector<T> host() const {
+    std::vector<T> h(n_);
+    cuda::copy_to_host(h.data(), p_, n_ * sizeof(T));
+    return h;
+  }
+
+ private:
+  std::size_t n_;
+  T* p_;
+};
+
+// bf16 params with master weights under Schedule-Free on the device: eval() writes x into the
+// param and the master weights, train() puts both back bitwise; a checkpoint saved in eval
+// mode loads (over the params the user saved with it: x) into eval mode, and after train()
+// both optimizers hold the same params, master weights and states and take the same step.
+TEST(EmulatedOptimizer, Bf16ParamsEvalTrainAndACheckpointInEvalMode) {
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1000, 3, 0};
+  std::vector<std::unique_ptr<DeviceVector<bf16>>> params;
+  std::vector<std::unique_ptr<TestTensor>> grads;
+  Optimizer opt("adamw_schedule_free", Device::cuda);
+  opt.set_option("master_weights", 1);
+  opt.set_option("fp32_grads", 1);
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    std::vector<bf16> p;
+    for (float x : random_floats(rng, static_cast<std::size_t>(sizes[i]))) p.push_back(to_bf16(x));
+    params.push_back(std::make_unique<DeviceVector<bf16>>(p));
+    opt.add_param("p" + std::to_string(i), params.back()->get(), DType::bf16, {sizes[i]});
+  }
+  auto step = [&](Optimizer& o) {
+    std::vector<std::unique_ptr<TestTensor>> g;
+    std::vector<const void*> ptrs;
+    for (std::int64_t n : sizes) {
+      g.push_back(std::make_unique<TestTensor>(Device::cuda,
+                                               random_floats(rng, static_cast<std::size_t>(n))));
+      ptrs.push_back(g.back()->data());
+    }
+    o.step(ptrs.data());
+  };
+  auto holdings = [&](const Optimizer& o,
+                      const std::vector<std::unique_ptr<DeviceVector<bf16>>>& ps) {
+    std::vector<std::vector<float>> all;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      const std::string name = "p" + std::to_string(i);
+      for (const auto& s : o.state_names(name)) all.push_back(o.state(name, s));
+      for (const char* s : {"lr_max", "weight_sum"})
+        all.push_back(doubles_as_floats({o.scalar_state(name, s)}));
+      all.push_back({static_cast<float>(o.step_count(name))});
+      std::vector<float> wide;
+      for (bf16 x : ps[i]->host()) wide.push_back(to_float(x));
+      all.push_back(wide);
+    }
+    return all;
+  };
+  for (int t = 0; t < 3; ++t) step(opt);
+  const auto trained = holdings(opt, params);
+  opt.eval();
+  const auto evaluated = holdings(opt, params);
+  std::size_t moved = 0;  // x differs from y (where the states are not all equal)
+  for (std::size_t i = 0; i < trained.size(); ++i)
+    moved += !bitwise_equal(trained[i], evaluated[i]);
+  EXPECT_GT(moved, 0u);
+  const std::string path =
+      ::testing::TempDir() + "fusedopt_emulated_bf16_" + std::to_string(::getpid()) + ".ckpt";
+  opt.save(path);
+  opt.train();
+  expect_same(holdings(opt, params), trained, "train() after eval()");
+
+  std::vector<std::unique_ptr<DeviceVector<bf16>>> params2;  // the params saved: x
+  Optimizer loaded("adamw_schedule_free", Device::cuda);
+  opt.eval();
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    params2.push_back(std::make_unique<DeviceVector<bf16>>(params[i]->host()));
+    loaded.add_param("p" + std::to_string(i), params2.back()->get(), DType::bf16, {sizes[i]});
+  }
+  loaded.load(path);
+  std::remove(path.c_str());
+  EXPECT_FALSE(loaded.training());
+  expect_same(holdings(loaded, params2), holdings(opt, params), "loaded in eval mode");
+  opt.train();
+  loaded.train();
+  expect_same(holdings(loaded, params2), trained, "loaded, then train()");
+  auto rng_copy = rng;
+  step(opt);
+  rng = rng_copy;
+  step(loaded);
+  expect_same(holdings(loaded, params2), holdings(opt, params), "a step after");
+}
+
+// The stateless layer's sparse step on the device (indices validated by a kernel, the rows
+// sorted and stepped) against the CPU's, int32 and int64 indices, every sparse algorithm; a
+// bad index is refused with nothing changed.
+TEST(EmulatedFunctional, SparseStepsEqualTheCpu) {
+  auto rng = make_rng();
+  const std::int64_t rows = 37, dim = 9;
+  for (const auto& a : dense_algorithms()) {
+    if (!a.sparse) continue;
+    for (const NamedOptions& options : {NamedOptions{}, ref::richest_options(a.name)}) {
+      for (DType index_dtype : {DType::i32, DType::i64}) {
+        SCOPED_TRACE(a.name + (options.empty() ? "" : " (richest)") +
+                     (index_dtype == DType::i32 ? ", int32" : ", int64"));
+        const std::vector<StateSpec> specs = sparse_step_states(a.name, options);
+        const std::vector<float> table0 = random_floats(rng, rows * dim);
+        TestTensor cpu_table(Device::cpu, table0), gpu_table(Device::cuda, table0);
+        std::vector<std::unique_ptr<TestTensor>> cpu_states, gpu_states;
+        SparseTensors c, g;
+        c.table = cpu_table.data();
+        g.table = gpu_table.data();
+        for (const StateSpec& spec : specs) {
+          const std::vector<float> init(spec.per_row ? rows : rows * dim,
+                                        static_cast<float>(spec.init));
+          cpu_states.push_back(std::make_unique<TestTensor>(Device::cpu, init));
+          gpu_states.push_back(std::make_unique<TestTensor>(Device::cuda, init));
+          c.states[spec.index] = cpu_states.back()->data();
+          g.states[spec.index] = gpu_states.back()->data();
+        }
+        for (SparseTensors* t : {&c, &g}) {
+          t->rows = rows;
+          t->dim = dim;
+          t->index_dtype = index_dtype;
+        }
+        auto everything = [&](const TestTensor& table,
+                              const std::vector<std::unique_ptr<TestTensor>>& states) {
+          std::vector<std::vector<float>> all{table.values()};
+          EXPECT_TRUE(table.guards_intact());
+          for (const auto& s : states) all.push_back(s->values());
+          return all;
+        };
+        std::uniform_int_distribution<std::int64_t> row(0, rows - 1);
+        for (std::int64_t step = 1; step <= 3; ++step) {
+          std::vector<std::int64_t> idx64(static_cast<std::size_t>(10 + 20 * step));
+          for (auto& i : idx64) i = row(rng);
+          const std::vector<std::int32_t> idx32(idx64.begin(), idx64.end());
+          const std::vector<float> grads = random_floats(rng, idx64.size() * dim);
+          const bool i32 = index_dtype == DType::i32;
+          DeviceVector<std::int32_t> d_idx32(idx32);
+          DeviceVector<std::int64_t> d_idx64(idx64);
+          TestTensor d_grads(Device::cuda, grads);
+          c.indices = i32 ? static_cast<const void*>(idx32.data()) : idx64.data();
+          g.indices = i32 ? static_cast<const void*>(d_idx32.get()) : d_idx64.get();
+          c.nnz = g.nnz = static_cast<std::int64_t>(idx64.size());
+          c.grad_rows = grads.data();
+          g.grad_rows = d_grads.data();
+          fused_sparse_step(a.name, options, step, c);
+          fused_sparse_step(a.name, options, step, g, {Device::cuda});
+          expect_same(everything(gpu_table, gpu_states), everything(cpu_table, cpu_states),
+                      "step " + std::to_string(step));
+        }
+        const auto before = everything(gpu_table, gpu_states);
+        DeviceVector<std::int64_t> bad({1, 2, rows, 3});
+        TestTensor bad_grads(Device::cuda, random_floats(rng, 4 * dim));
+        g.indices = bad.get();
+        g.index_dtype = DType::i64;
+        g.nnz = 4;
+        g.grad_rows = bad_grads.data();
+        EXPECT_THROW(fused_sparse_step(a.name, options, 4, g, {Device::cuda}), Error);
+        expect_same(everything(gpu_table, gpu_states), before, "a refused step");
+      }
+    }
   }
 }
 
