@@ -229,6 +229,7 @@ TEST(EmulatedOptimizer, DeviceStepCountsAndSettingsEqualTheCpu) {
       EXPECT_TRUE(std::isnan(cn) ? std::isnan(gn) : gn == cn) << gn << " vs " << cn;
     };
     step_both({true, true}, false);
+    for (Model* m : {&cpu, &gpu}) m->opt.set_param_option("p1", "lr", 0.003);  // its own group
     step_both({true, false}, false);
     step_both({true, true}, true);  // skipped
     // 20 more params: past the 16 device step counts the first step made room for.
@@ -240,6 +241,10 @@ TEST(EmulatedOptimizer, DeviceStepCountsAndSettingsEqualTheCpu) {
     std::vector<bool> all(cpu.params.size(), true), some(cpu.params.size(), false);
     for (std::size_t i = 0; i < some.size(); i += 3) some[i] = true;
     step_both(all, false);
+    for (Model* m : {&cpu, &gpu}) {
+      m->opt.set_param_option("p1", "lr", m->opt.option("lr"));  // back with the others
+      m->opt.set_param_option("p5", "weight_decay", 0.25);
+    }
     step_both(some, false);
     expect_same(gpu.everything(), cpu.everything(), algorithm);
     EXPECT_EQ(gpu.opt.step_count("p0"), 4);
@@ -247,6 +252,32 @@ TEST(EmulatedOptimizer, DeviceStepCountsAndSettingsEqualTheCpu) {
     EXPECT_EQ(gpu.opt.step_count("p3"), 2);
     EXPECT_EQ(gpu.opt.step_count("p4"), 1);
   }
+}
+
+// The weight EMA of float32 params on the device: swap_ema exchanges params and EMAs bitwise
+// (twice: back), copy_ema_to_params copies, as on the CPU.
+TEST(EmulatedOptimizer, EmaSwapAndCopyEqualTheCpu) {
+  auto rng = make_rng();
+  const std::vector<std::vector<float>> p0 = {random_floats(rng, 300), random_floats(rng, 0),
+                                              random_floats(rng, 5)};
+  Model cpu(Device::cpu, "adamw", p0), gpu(Device::cuda, "adamw", p0);
+  const std::vector<float> idle = random_floats(rng, 7);  // never steps: no EMA buffer
+  for (Model* m : {&cpu, &gpu}) {
+    m->opt.set_option("ema_decay", 0.8);
+    m->add(idle);
+  }
+  for (int t = 0; t < 3; ++t) {
+    const std::vector<std::vector<float>> g = {random_floats(rng, 300), {}, random_floats(rng, 5)};
+    cpu.step({&g[0], &g[1], &g[2], nullptr});
+    gpu.step({&g[0], &g[1], &g[2], nullptr});
+  }
+  const auto trained = gpu.everything();
+  for (Model* m : {&cpu, &gpu}) m->opt.swap_ema();
+  expect_same(gpu.everything(), cpu.everything(), "swapped");
+  for (Model* m : {&cpu, &gpu}) m->opt.swap_ema();
+  expect_same(gpu.everything(), trained, "swapped back");
+  for (Model* m : {&cpu, &gpu}) m->opt.copy_ema_to_params();
+  expect_same(gpu.everything(), cpu.everything(), "copied");
 }
 
 // set_device_scalars: the lr factor, the gradient multiplier and found_inf read from device
