@@ -1,5 +1,7 @@
 // TestTensor: a float tensor on the CPU or a GPU with guard regions of canary values on both
-// sides, so an out-of-bounds write anywhere (a vector tail, a wrong index) is caught.
+// sides, so an out-of-bounds write anywhere (a vector tail, a wrong index) is caught. In
+// fusedopt_emulated_device_test (FUSEDOPT_EMULATED_DEVICE) the GPU is the emulated device of
+// tests/emulation/cuda_runtime_emulated.cpp, one device whose memory is host memory.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +12,8 @@
 #include "fusedopt/types.hpp"
 #if defined(FUSEDOPT_WITH_CUDA)
 #include <cuda_runtime_api.h>
+#elif defined(FUSEDOPT_EMULATED_DEVICE)
+#include "cuda/cuda_backend.hpp"
 #endif
 
 namespace fo::test {
@@ -22,6 +26,8 @@ inline int cuda_devices() {
     return 0;
   }
   return n;
+#elif defined(FUSEDOPT_EMULATED_DEVICE)
+  return cuda::device_count();
 #else
   return 0;
 #endif
@@ -44,11 +50,16 @@ class TestTensor {
     if (cudaMalloc(&p, host.size() * sizeof(float)) != cudaSuccess) throw std::bad_alloc();
     dev_ = static_cast<float*>(p);
     cudaMemcpy(dev_, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
+#elif defined(FUSEDOPT_EMULATED_DEVICE)
+    dev_ = static_cast<float*>(cuda::allocate(host.size() * sizeof(float), 0));
+    cuda::copy_from_host(dev_, host.data(), host.size() * sizeof(float), nullptr);
 #endif
   }
   ~TestTensor() {
 #if defined(FUSEDOPT_WITH_CUDA)
     if (dev_) cudaFree(dev_);
+#elif defined(FUSEDOPT_EMULATED_DEVICE)
+    if (dev_) cuda::deallocate(dev_, 0);
 #endif
   }
   TestTensor(const TestTensor&) = delete;
@@ -64,6 +75,8 @@ class TestTensor {
 #if defined(FUSEDOPT_WITH_CUDA)
     cudaDeviceSynchronize();
     cudaMemcpy(h.data(), dev_, h.size() * sizeof(float), cudaMemcpyDeviceToHost);
+#elif defined(FUSEDOPT_EMULATED_DEVICE)
+    cuda::copy_to_host(h.data(), dev_, h.size() * sizeof(float));
 #endif
     return h;
   }

@@ -113,6 +113,13 @@ inline const char* cudaGetErrorString(cudaError_t e) { return error_name(e); }
   std::abort();
 }
 
+/// futex(2) on a 32-bit atomic word.
+inline long futex(std::atomic<unsigned>* word, int op, unsigned value, const timespec* timeout) {
+  static_assert(sizeof(std::atomic<unsigned>) == sizeof(int), "a futex word is 32 bits");
+  return syscall(SYS_futex, reinterpret_cast<int*>(word), op, static_cast<int>(value), timeout,
+                 nullptr, 0);
+}
+
 /// A barrier for n threads on a futex: the last thread to arrive bumps the generation and
 /// wakes the rest, who then return without touching a lock (a mutex and condition variable
 /// made every wake-up contend, about 4 ms a barrier for a 256-thread block on two cores).
@@ -126,22 +133,18 @@ class Barrier {
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
-      futex(FUTEX_WAKE_PRIVATE, INT_MAX, nullptr);
+      futex(&generation_, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr);
       return;
     }
     const timespec second{1, 0};
     for (int waited = 0; generation_.load(std::memory_order_acquire) == generation;) {
-      if (futex(FUTEX_WAIT_PRIVATE, static_cast<int>(generation), &second) != 0 &&
-          errno == ETIMEDOUT && ++waited == 60)
+      if (futex(&generation_, FUTEX_WAIT_PRIVATE, generation, &second) != 0 && errno == ETIMEDOUT &&
+          ++waited == 60)
         fatal(what);
     }
   }
 
  private:
-  long futex(int op, int value, const timespec* timeout) {
-    static_assert(sizeof(std::atomic<unsigned>) == sizeof(int), "a futex word is 32 bits");
-    return syscall(SYS_futex, reinterpret_cast<int*>(&generation_), op, value, timeout, nullptr, 0);
-  }
   const int n_;
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> generation_{0};
@@ -196,6 +199,66 @@ inline std::mutex& launch_mutex() {
   return m;
 }
 
+/// The threads of the emulated blocks, kept between launches (starting a block's threads
+/// for each launch cost several times the work of a typical test launch): worker t, parked
+/// on its own futex word, runs thread t of every launch with more than t threads; the
+/// launching thread runs thread 0. Never destroyed: the workers stay parked at exit.
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* w = new Workers;
+    return *w;
+  }
+  /// job(t) for every t in [0, n): t = 0 on the calling thread, the rest on workers; returns
+  /// when all have returned. One call at a time (the launch mutex).
+  template <class Job>
+  void run(int n, const Job& job) {
+    if (getpid() != pid_) {  // a forked child has none of its parent's workers
+      workers_.clear();
+      pid_ = getpid();
+    }
+    while (static_cast<int>(workers_.size()) < n - 1) {
+      workers_.push_back(new Worker);
+      std::thread(&Workers::work, this, workers_.back(), static_cast<int>(workers_.size()))
+          .detach();
+    }
+    call_ = [](const void* j, int t) { (*static_cast<const Job*>(j))(t); };
+    job_ = &job;
+    const unsigned done = done_.load(std::memory_order_relaxed);
+    remaining_.store(n - 1, std::memory_order_relaxed);
+    for (int t = 1; t < n; ++t) {
+      Worker& w = *workers_[static_cast<std::size_t>(t - 1)];
+      w.start.fetch_add(1, std::memory_order_release);
+      futex(&w.start, FUTEX_WAKE_PRIVATE, 1, nullptr);
+    }
+    job(0);
+    while (n > 1 && done_.load(std::memory_order_acquire) == done)
+      futex(&done_, FUTEX_WAIT_PRIVATE, done, nullptr);
+  }
+
+ private:
+  struct Worker {
+    std::atomic<unsigned> start{0};  // bumped for each launch the worker takes part in
+  };
+  void work(Worker* w, int t) {
+    for (unsigned seen = 0;; ++seen) {
+      while (w->start.load(std::memory_order_acquire) == seen)
+        futex(&w->start, FUTEX_WAIT_PRIVATE, seen, nullptr);
+      call_(job_, t);
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        done_.fetch_add(1, std::memory_order_release);
+        futex(&done_, FUTEX_WAKE_PRIVATE, 1, nullptr);
+      }
+    }
+  }
+  std::vector<Worker*> workers_;
+  pid_t pid_ = getpid();
+  void (*call_)(const void*, int) = nullptr;
+  const void* job_ = nullptr;
+  std::atomic<int> remaining_{0};
+  std::atomic<unsigned> done_{0};
+};
+
 /// Runs `kernel` over `grid` blocks of `block` threads with `args` as its parameters, as a
 /// kernel launch would (launch errors go to cudaGetLastError). Blocks run one at a time, in
 /// order of their linear index; the threads of one block run concurrently.
@@ -236,11 +299,7 @@ void launch(dim3 grid, dim3 block, void (*kernel)(Params...), Args&&... args) {
       fatal("an exception escaped a kernel");
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < static_cast<int>(threads); ++t) pool.emplace_back(body, t);
-  body(0);
-  for (std::thread& th : pool) th.join();
+  Workers::get().run(static_cast<int>(threads), body);
 }
 
 /// `kernel<<<grid, block, 0, stream>>>(args...)`, spelled as a call.
