@@ -3,12 +3,12 @@
 // memory: with the emulated launchers (tests/emulation/*_emulated.cpp), the whole library's
 // CUDA path runs on the CPU in fusedopt_emulated_device (docs/host-emulation.md).
 //
-// "Device memory" (4 GiB of it) is what allocate() returned: 64-byte aligned host memory, filled
-// with 0xFF bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves it undefined, and
-// recorded so that is_device_pointer answers as the runtime does and every copy, fill and free
-// checks that its device side lies inside one live allocation and its host side outside every one.
-// A failed check ends the process with a message: on a GPU it is an illegal address or a wrong
-// copy. Every operation is synchronous; there is one device, 0.
+// "Device memory" (4 GiB of it) is what allocate() returned: 64-byte aligned host memory of the
+// size asked for, filled with 0xFF bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves
+// it undefined, and recorded so that is_device_pointer answers as the runtime does and every copy,
+// fill and free checks that its device side lies inside one live allocation and its host side
+// outside every one. A failed check ends the process with a message: on a GPU it is an illegal
+// address or a wrong copy. Every operation is synchronous; there is one device, 0.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -87,14 +87,16 @@ void* raw_allocate(std::size_t bytes) {
     if (a.fail_after > 0) --a.fail_after;
     a.live_bytes += bytes;  // reserved
   }
-  const std::size_t rounded = (std::max<std::size_t>(bytes, 1) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded);
+  // The size asked for, not rounded up (as cudaMalloc's 256 bytes): AddressSanitizer then
+  // sees a kernel that reads or writes one element past a buffer.
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, std::max<std::size_t>(bytes, 1)) != 0) p = nullptr;
   const std::lock_guard<std::mutex> lock(a.mutex);
   if (!p) {
     a.live_bytes -= bytes;
     out_of_memory(bytes);
   }
-  std::memset(p, 0xFF, rounded);  // cudaMalloc's memory is undefined: NaN, not zero
+  std::memset(p, 0xFF, bytes);  // cudaMalloc's memory is undefined: NaN, not zero
   a.live[reinterpret_cast<std::uintptr_t>(p)] = bytes;
   return p;
 }
