@@ -26,12 +26,18 @@ struct OptionFacts {
   float state_init[kMaxStates] = {};
   bool state_from_param[kMaxStates] = {};  // starts as a copy of the param
   StateShape state_shape[kMaxStates] = {};
-  bool dense = true;           // takes dense steps (every state per element)
+  bool dense = true;           // takes dense steps (no row-wise state)
   std::string sparse_refusal;  // why a sparse step refuses these values, or ""
 };
 
-/// Values in a state of this shape for a param of `shape` (numel elements).
+/// Values in a state of this shape for a param of `shape` (numel elements); 0 where such a
+/// param does not keep it.
 std::int64_t state_numel(StateShape s, const std::vector<std::int64_t>& shape, std::int64_t numel);
+/// Whether a param of `shape` keeps a state of this shape (factored states: by its dimensions).
+bool state_kept(StateShape s, const std::vector<std::int64_t>& shape);
+/// The param as a batch of matrices over its last two dimensions (factored algorithms); unset
+/// (rows 0) for fewer than two dimensions.
+MatrixView matrix_view(const std::vector<std::int64_t>& shape);
 
 class Algorithm {
  public:

@@ -76,7 +76,7 @@ class AlgorithmImpl final : public Algorithm {
       f.state_init[k] = static_cast<float>(A::state_init(o, k));
       f.state_from_param[k] = StateFromParam<A>::of(k);
       f.state_shape[k] = StateShapes<A>::of(o, k);
-      if (f.has_state[k] && f.state_shape[k] != StateShape::element) f.dense = false;
+      if (f.has_state[k] && f.state_shape[k] == StateShape::row) f.dense = false;
     }
     f.sparse_refusal = SparseRefusal<A>::of(o);
     return f;
@@ -148,8 +148,39 @@ int index_of(const std::vector<std::string>& names, std::string_view key) {
 }
 
 std::int64_t state_numel(StateShape s, const std::vector<std::int64_t>& shape, std::int64_t numel) {
-  if (s == StateShape::row && !shape.empty()) return shape[0];
+  if (!state_kept(s, shape)) return 0;
+  const std::size_t dims = shape.size();
+  auto product_without = [&](std::size_t skip) {
+    std::int64_t n = 1;
+    for (std::size_t i = 0; i < dims; ++i)
+      if (i != skip) n *= shape[i];
+    return n;
+  };
+  switch (s) {
+    case StateShape::row: return dims > 0 ? shape[0] : numel;
+    case StateShape::factor_rows: return product_without(dims - 1);
+    case StateShape::factor_cols: return product_without(dims - 2);
+    case StateShape::element:
+    case StateShape::unfactored: break;
+  }
   return numel;
+}
+
+bool state_kept(StateShape s, const std::vector<std::int64_t>& shape) {
+  if (s == StateShape::factor_rows || s == StateShape::factor_cols) return shape.size() >= 2;
+  if (s == StateShape::unfactored) return shape.size() < 2;
+  return true;
+}
+
+MatrixView matrix_view(const std::vector<std::int64_t>& shape) {
+  MatrixView v;
+  const std::size_t dims = shape.size();
+  if (dims < 2) return v;
+  v.batch = 1;
+  for (std::size_t i = 0; i + 2 < dims; ++i) v.batch *= shape[i];
+  v.rows = shape[dims - 2];
+  v.cols = shape[dims - 1];
+  return v;
 }
 
 }  // namespace fo::detail

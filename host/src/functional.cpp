@@ -32,6 +32,17 @@ std::string label(std::int64_t index) {
                    : std::string(A::kName) + ": tensor " + std::to_string(index);
 }
 
+// Whether a step of tensor t under options o uses state k: the options keep it, and for a
+// factored algorithm's states the tensor's matrix view does (kernels/factored.hpp).
+template <class A>
+bool uses_state(const typename A::Options& o, int k, const MatrixView& v) {
+  if (!A::has_state(o, k)) return false;
+  const StateShape s = StateShapes<A>::of(o, k);
+  if (s == StateShape::factor_rows || s == StateShape::factor_cols) return v.factored();
+  if (s == StateShape::unfactored) return !v.factored();
+  return true;
+}
+
 template <class A>
 void check_tensors(const typename A::Options& o, const DenseTensors& t, const Exec& exec,
                    const StepControls& c, std::int64_t index) {
@@ -84,8 +95,16 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   check(t.grad, t.grad_dtype, "grad", "");
   if (t.master) check(t.master, DType::f32, "master", "");
   if (t.ema) check(t.ema, DType::f32, "ema", "");
+  if constexpr (FactoredCapable<A>::value) {
+    const MatrixView& v = t.view;
+    if (v.factored() && !(v.batch > 0 && v.cols > 0 && v.batch * v.rows * v.cols == t.numel))
+      invalid(who() + ": view [" + std::to_string(v.batch) + ", " + std::to_string(v.rows) + ", " +
+              std::to_string(v.cols) + "] does not hold numel " + std::to_string(t.numel) +
+              " elements");
+  }
   for (int k = 0; k < StateList<A>::count; ++k)
-    if (A::has_state(o, k)) check(t.states[k], t.state_dtype, "state", StateList<A>::name(k));
+    if (uses_state<A>(o, k, t.view))
+      check(t.states[k], t.state_dtype, "state", StateList<A>::name(k));
 }
 
 // Options a dense step takes: valid, and not row-wise.
@@ -238,7 +257,8 @@ void eval_by_name(const NamedOptions& named, const DenseTensors* tensors, std::s
     check(t.param, dtype_size(t.param_dtype), "param");
     if (t.master) check(t.master, sizeof(float), "master");
     for (int k = 0; k < StateList<A>::count; ++k)
-      if (A::has_state(o, k)) check(t.states[k], dtype_size(t.state_dtype), StateList<A>::name(k));
+      if (uses_state<A>(o, k, t.view))
+        check(t.states[k], dtype_size(t.state_dtype), StateList<A>::name(k));
   }
   std::optional<cuda::DeviceGuard> guard;
   if (cuda) guard.emplace(exec.device_index);
@@ -299,11 +319,11 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
   if (t.numel == 0 && ScalarList<A>::count == 0) return;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};  // only the ones the options use
   for (int k = 0; k < StateList<A>::count; ++k)
-    if (A::has_state(options, k)) states[k] = t.states[k];
+    if (uses_state<A>(options, k, t.view)) states[k] = t.states[k];
   if (exec.device == Device::cuda) {
-    const cuda::ListEntry entry{t.param,  t.grad, t.master,     {states[0], states[1], states[2]},
-                                t.numel,  step,   controls.key, t.ema,
-                                t.scalars};
+    const cuda::ListEntry entry{t.param,   t.grad, t.master,     {states[0], states[1], states[2]},
+                                t.numel,   step,   controls.key, t.ema,
+                                t.scalars, t.view};
     cuda_list_step<A>(options, &entry, 1, list_settings(t, controls), exec);
     return;
   }
@@ -313,7 +333,8 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                        static_cast<float*>(states[2])},
                       controls.grad_multiplier,
                       t.ema,
-                      ema_weight(controls.ema_decay)};
+                      ema_weight(controls.ema_decay),
+                      t.view};
   cpu::dense_step<A>(options, step, ptrs, t.numel, t.scalars);
 }
 
@@ -332,11 +353,11 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
     for (std::size_t i = 0; i < n; ++i) {
       const DenseTensors& t = tensors[i];
       if (t.numel == 0 && ScalarList<A>::count == 0) continue;
-      cuda::ListEntry e{t.param,  t.grad,   t.master,     {nullptr, nullptr, nullptr},
-                        t.numel,  steps[i], controls.key, t.ema,
-                        t.scalars};
+      cuda::ListEntry e{t.param,   t.grad,   t.master,     {nullptr, nullptr, nullptr},
+                        t.numel,   steps[i], controls.key, t.ema,
+                        t.scalars, t.view};
       for (int k = 0; k < StateList<A>::count; ++k)
-        if (A::has_state(options, k)) e.states[k] = t.states[k];
+        if (uses_state<A>(options, k, t.view)) e.states[k] = t.states[k];
       entries.push_back(e);
     }
     if (entries.empty()) return;
@@ -352,9 +373,10 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
                         {nullptr, nullptr, nullptr},
                         controls.grad_multiplier,
                         t.ema,
-                        ema_weight(controls.ema_decay)};
+                        ema_weight(controls.ema_decay),
+                        t.view};
     for (int k = 0; k < StateList<A>::count; ++k)
-      if (A::has_state(options, k)) ptrs.states[k] = static_cast<float*>(t.states[k]);
+      if (uses_state<A>(options, k, t.view)) ptrs.states[k] = static_cast<float*>(t.states[k]);
     cpu::dense_step<A>(options, steps[i], ptrs, t.numel, t.scalars);
   }
 }

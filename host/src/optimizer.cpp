@@ -235,7 +235,7 @@ std::vector<std::string> Optimizer::state_names(std::string_view name) const {
   const ParamEntry& p = impl_->param(name);
   std::vector<std::string> out;
   for (int k = 0; k < static_cast<int>(impl_->desc().states.size()); ++k)
-    if (p.facts.has_state[k]) out.push_back(impl_->desc().states[k]);
+    if (p.keeps(p.facts, k)) out.push_back(impl_->desc().states[k]);
   if (impl_->has_master(p)) out.emplace_back(kMasterState);
   if (impl_->has_ema()) out.emplace_back(kEmaState);
   return out;
@@ -247,7 +247,7 @@ std::int64_t Optimizer::state_numel(std::string_view name, std::string_view stat
   if (state == kMasterState && m.has_master(p)) return p.numel;
   if (state == kEmaState && m.has_ema()) return p.numel;
   const int k = detail::index_of(m.desc().states, state);
-  if (k < 0 || !p.facts.has_state[k])
+  if (k < 0 || !p.keeps(p.facts, k))
     invalid("param '" + p.name + "' has no state '" + std::string(state) +
             "' (its states: " + join(state_names(name)) + ")");
   return p.state_numel(p.facts, k);

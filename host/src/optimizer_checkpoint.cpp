@@ -200,7 +200,7 @@ void Optimizer::load(const std::string& path) {
     const auto& ts = tensors[p.name];
     std::vector<std::string> expected;
     for (int k = 0; k < static_cast<int>(m.desc().states.size()); ++k)
-      if (l.facts.has_state[k]) expected.push_back(m.desc().states[k]);
+      if (p.keeps(l.facts, k)) expected.push_back(m.desc().states[k]);
     const bool master = settings.master_weights && p.dtype != DType::f32;
     if (master) expected.emplace_back(kMasterState);
     if (settings.ema_decay > 0.0) expected.emplace_back(kEmaState);

@@ -76,6 +76,11 @@ struct ParamEntry {
   std::optional<Buffer> train_param;
   std::optional<Buffer> train_master;
 
+  /// Whether the param keeps state k under facts `f` (its options, and for factored states
+  /// its dimensions).
+  bool keeps(const OptionFacts& f, int k) const {
+    return f.has_state[k] && state_kept(f.state_shape[k], shape);
+  }
   /// Values in state k's buffer under facts `f`.
   std::int64_t state_numel(const OptionFacts& f, int k) const {
     return detail::state_numel(f.state_shape[k], shape, numel);

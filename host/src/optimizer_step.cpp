@@ -90,7 +90,7 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
             std::nullopt};
     for (int k = 0; k < static_cast<int>(desc().states.size()); ++k)
-      if (p.facts.has_state[k]) f.states[k].emplace(device, device_index, state_bytes(p, k));
+      if (p.keeps(p.facts, k)) f.states[k].emplace(device, device_index, state_bytes(p, k));
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
     if (has_ema())
@@ -196,6 +196,7 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     for (int k = 0; k < kMaxStates; ++k) t.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
     t.ema = p.ema ? p.ema->f32() : nullptr;
     t.ema_weight = ema_weight(settings.ema_decay);
+    t.view = detail::matrix_view(p.shape);
     double* const scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
     if (p.numel > 0 || scalars) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel, scalars);
     ++p.steps_launched;
@@ -252,6 +253,7 @@ void fill_group(detail::StepGroup& g, const std::vector<ParamEntry>& params,
     for (int k = 0; k < kMaxStates; ++k) e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
     e.ema = p.ema ? p.ema->f32() : nullptr;
     e.scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
+    e.view = detail::matrix_view(p.shape);
     g.entries.push_back(e);
   }
   if (same && n == g.planned.size()) return;
@@ -275,8 +277,10 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
   // The algorithm's workspace (one, shared by the groups' launches in stream order), before
   // any state is created.
   workspace_query.clear();
-  for (std::size_t i : stepping)
+  for (std::size_t i : stepping) {
     workspace_query.push_back({nullptr, nullptr, nullptr, {}, params[i].numel, 0, 0});
+    workspace_query.back().view = detail::matrix_view(params[i].shape);
+  }
   const std::size_t step_ws =
       algorithm->cuda_workspace(workspace_query.data(), workspace_query.size());
   if (step_ws > 0 && (!d_step_workspace || d_step_workspace->bytes() < step_ws))

@@ -140,6 +140,10 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
        {{},
         {{"lr", 0.1}, {"momentum", 0.5}, {"weight_decay", 0.1}, {"warmup_steps", 10}},
         {{"r", 1}, {"weight_lr_power", 0}, {"lr", 0.5}, {"warmup_steps", 3}}}},
+      {"adafactor",
+       {{},  // lr 1e-2 > 1/sqrt(t) from t = 10^4 only: rho = 1/sqrt(t) throughout
+        {{"lr", 1e-3}, {"beta2_decay", -0.5}, {"weight_decay", 0.1}, {"maximize", 1}},
+        {{"eps1", 1e-3}, {"eps2", 0.5}, {"d", 2}, {"lr", 0.05}}}},
       {"adamw_schedule_free",
        {{},
         {{"beta1", 0.5},
@@ -235,6 +239,14 @@ OptionMap defaults(const std::string& a) {
   if (a == "lars")  // Optax's lars (learning_rate has no default there)
     return {{"lr", 1.0}, {"momentum", 0.9}, {"weight_decay", 0}, {"trust_coefficient", 1e-3},
             {"eps", 0},  {"nesterov", 0},   {"adapt", 1}};
+  if (a == "adafactor")  // torch.optim.Adafactor (eps = (eps1, eps2); eps1 None: float32's)
+    return {{"lr", 1e-2},
+            {"beta2_decay", -0.8},
+            {"eps1", 1.1920928955078125e-07},
+            {"eps2", 1e-3},
+            {"d", 1},
+            {"weight_decay", 0},
+            {"maximize", 0}};
   if (a == "sgd_schedule_free")  // facebookresearch/schedule_free SGDScheduleFree
     return {{"lr", 1.0},         {"momentum", 0.9}, {"weight_decay", 0},
             {"warmup_steps", 0}, {"r", 0},          {"weight_lr_power", 2}};
@@ -286,6 +298,7 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
                                  : std::vector<std::string>{};
   if (a == "sgd_schedule_free") return {"z"};
   if (a == "adamw_schedule_free") return {"z", "exp_avg_sq"};
+  if (a == "adafactor") return {"variance"};  // a vector param; matrices: factored_state_names
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -353,6 +366,83 @@ void trust_ratio_step(const std::string& a, const OptionMap& o, std::int64_t t,
 
 }  // namespace
 
+std::vector<std::string> factored_state_names(const std::string& a,
+                                              const std::vector<std::int64_t>& shape) {
+  if (a != "adafactor") throw std::invalid_argument("fo::ref: '" + a + "' is not factored");
+  return shape.size() >= 2 ? std::vector<std::string>{"row_var", "col_var"}
+                           : std::vector<std::string>{"variance"};
+}
+
+std::int64_t factored_state_size(const std::string& state, const std::vector<std::int64_t>& shape) {
+  std::int64_t n = 1;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (state == "row_var" && i + 1 == shape.size()) continue;
+    if (state == "col_var" && i + 2 == shape.size()) continue;
+    n *= shape[i];
+  }
+  return n;
+}
+
+// torch.optim.Adafactor's _single_tensor_adafactor, in double.
+void factored_step(const std::string& a, const OptionMap& options, std::int64_t t,
+                   const std::vector<std::int64_t>& shape, std::vector<double>& param,
+                   const std::vector<double>& grad, StateMap& states) {
+  const OptionMap o = resolve(a, options);
+  const std::size_t n = param.size();
+  if (grad.size() != n) throw std::invalid_argument("fo::ref: grad and param sizes differ");
+  if (n == 0) return;
+  const double lr = o.at("lr"), eps1 = o.at("eps1"), eps2 = o.at("eps2");
+  const double w = std::pow(double(t), o.at("beta2_decay"));
+  const double rho = std::min(lr, 1.0 / std::sqrt(double(t)));
+  double param_sq = 0.0;
+  for (double p : param) param_sq += p * p;
+  const double alpha = std::max(eps2, std::sqrt(param_sq / double(n))) * rho;
+  std::vector<double> g(grad);
+  if (o.at("maximize") != 0)
+    for (double& x : g) x = -x;
+  std::vector<double> v(n);  // the second-moment estimate
+  if (shape.size() >= 2) {
+    const std::int64_t cols = shape.back(), rows = shape[shape.size() - 2];
+    const std::int64_t batch = static_cast<std::int64_t>(n) / (rows * cols);
+    std::vector<double>& row_var = buffer(states, "row_var", std::size_t(batch * rows));
+    std::vector<double>& col_var = buffer(states, "col_var", std::size_t(batch * cols));
+    for (std::int64_t b = 0; b < batch; ++b) {
+      const double* gb = g.data() + b * rows * cols;
+      double row_sum = 0.0;
+      for (std::int64_t r = 0; r < rows; ++r) {
+        double sq = 0.0;
+        for (std::int64_t c = 0; c < cols; ++c) sq += gb[r * cols + c] * gb[r * cols + c];
+        double& rv = row_var[std::size_t(b * rows + r)];
+        rv += w * (sq / double(cols) - rv);
+        row_sum += rv;
+      }
+      for (std::int64_t c = 0; c < cols; ++c) {
+        double sq = 0.0;
+        for (std::int64_t r = 0; r < rows; ++r) sq += gb[r * cols + c] * gb[r * cols + c];
+        double& cv = col_var[std::size_t(b * cols + c)];
+        cv += w * (sq / double(rows) - cv);
+      }
+      const double norm = std::max(row_sum / double(rows), eps1);
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < cols; ++c)
+          v[std::size_t(b * rows * cols + r * cols + c)] =
+              row_var[std::size_t(b * rows + r)] * col_var[std::size_t(b * cols + c)] / norm;
+    }
+  } else {
+    std::vector<double>& var = buffer(states, "variance", n);
+    for (std::size_t i = 0; i < n; ++i) v[i] = var[i] += w * (g[i] * g[i] - var[i]);
+  }
+  std::vector<double> u(n);
+  double update_sq = 0.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    u[i] = g[i] / std::sqrt(std::max(v[i], eps1 * eps1));
+    update_sq += u[i] * u[i];
+  }
+  const double clip = std::max(1.0, std::sqrt(update_sq / double(n)) / o.at("d"));
+  for (std::size_t i = 0; i < n; ++i)
+    param[i] = param[i] * (1.0 - lr * o.at("weight_decay")) - alpha / clip * u[i];
+}
+
 void step(const std::string& a, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous) {
@@ -366,6 +456,8 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   if (ambiguous) ambiguous->assign(n, 0);
 
   if (a == "lamb" || a == "lars") return trust_ratio_step(a, o, t, param, grad, s);
+  if (a == "adafactor")
+    return factored_step(a, options, t, {static_cast<std::int64_t>(n)}, param, grad, states);
   if (a == "sgd_schedule_free" || a == "adamw_schedule_free") {
     // The package's step with fixed options: lr_max and weight_sum, its per-group scalars,
     // replayed from step 1 (each step's own lr under the warm-up).

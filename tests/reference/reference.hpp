@@ -59,6 +59,19 @@ void schedule_free_eval(const std::string& algorithm, const OptionMap& options,
 void step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
           std::vector<double>& param, const std::vector<double>& grad, StateMap& states,
           std::vector<unsigned char>* ambiguous = nullptr);
+/// Factored second moments (adafactor): the states a param of `shape` keeps ({"row_var",
+/// "col_var"} for two or more dimensions, over the last two; {"variance"} for fewer), and how
+/// many values each holds.
+std::vector<std::string> factored_state_names(const std::string& algorithm,
+                                              const std::vector<std::int64_t>& shape);
+std::int64_t factored_state_size(const std::string& state, const std::vector<std::int64_t>& shape);
+/// One adafactor step of a param of `shape` (torch.optim.Adafactor's algorithm, in double);
+/// `states` holds factored_state_names' buffers. step() of a vector param is this with
+/// shape {n}.
+void factored_step(const std::string& algorithm, const OptionMap& options, std::int64_t t,
+                   const std::vector<std::int64_t>& shape, std::vector<double>& param,
+                   const std::vector<double>& grad, StateMap& states);
+
 /// The weight EMA after a step (docs/optimizers.md, "Weight EMA"), in double, for every
 /// element: ema <- ema + (1 - decay) * (param - ema), `param` being the param after the step.
 /// The EMA starts as a copy of the param before its first step (the caller's). Throws

@@ -41,6 +41,11 @@ struct DenseTensors {
   // their next values (on CUDA stream-ordered, not when the step is skipped by d_found_inf).
   // Null for algorithms without them. A tensor with them steps even when empty.
   double* scalars = nullptr;
+  // The tensor as a batch of matrices [batch, rows, cols] over its last two dimensions, for
+  // algorithms with factored states (adafactor: row_var holds batch * rows values, col_var
+  // batch * cols; docs/optimizers.md). Unset (rows 0): a vector, which keeps the per-element
+  // state (adafactor's variance) instead. Ignored by every other algorithm.
+  MatrixView view{};
 };
 
 /// Where a step runs: the CPU (threads, see cpu.hpp) or a CUDA stream (null: default stream).

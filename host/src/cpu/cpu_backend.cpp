@@ -139,6 +139,71 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
   parallel_for([&](std::int64_t begin, std::int64_t end) { k.second(op, t, rate, begin, end); }, n);
 }
 
+// The three passes of a factored step (kernels/factored.hpp). Scratch per thread that only
+// grows: the row sums, the per-segment column sums (8 bytes per kColSegment elements), each
+// matrix's normalizer and the chunk sums.
+template <class A>
+void factored_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
+  if (n == 0) return;  // no element, no statistic: nothing moves
+  const Kernels<A>& k = active_kernels<A>();
+  const MatrixView& v = t.view;
+  const std::int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  const std::int64_t per_matrix = v.factored() ? (v.rows + kColSegment - 1) / kColSegment : 0;
+  const std::int64_t segments = v.batch * per_matrix;
+  thread_local std::vector<double> scratch;
+  thread_local std::vector<float> norms;
+  const std::size_t need = static_cast<std::size_t>(
+      2 * chunks + (v.factored() ? v.batch * v.rows + segments * v.cols : 0));
+  try {
+    if (scratch.size() < need) scratch.resize(need);
+    if (norms.size() < static_cast<std::size_t>(v.batch))
+      norms.resize(static_cast<std::size_t>(v.batch));
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory,
+                std::string(A::kName) + ": no memory for the step's scratch");
+  }
+  double* const partial = scratch.data();
+  float* const norm = norms.data();  // thread_local: the pointer, not the name, goes to threads
+  if (v.factored()) {
+    double* const row_sq = partial + 2 * chunks;
+    double* const col_partial = row_sq + v.batch * v.rows;
+    parallel_for([&](std::int64_t sb,
+                     std::int64_t se) { factored_stats_segments(t, sb, se, row_sq, col_partial); },
+                 segments, std::max<std::int64_t>(1, kMinParallel / (kColSegment * v.cols)), 1);
+    float* const row_var = t.states[0];
+    float* const col_var = t.states[1];
+    const double rows = static_cast<double>(v.rows), cols = static_cast<double>(v.cols);
+    parallel_for(
+        [&](std::int64_t jb, std::int64_t je) {
+          for (std::int64_t j = jb; j < je; ++j) {  // column j % cols of matrix j / cols
+            const std::int64_t b = j / v.cols, c = j % v.cols;
+            double sum = 0.0;
+            for (std::int64_t s = b * per_matrix; s < (b + 1) * per_matrix; ++s)
+              sum += col_partial[s * v.cols + c];
+            col_var[j] = op.blend(col_var[j], static_cast<float>(sum / rows));
+          }
+        },
+        v.batch * v.cols,
+        std::max<std::int64_t>(1, kMinParallel / std::max<std::int64_t>(1, per_matrix)), 1);
+    for (std::int64_t b = 0; b < v.batch; ++b) {
+      double lanes[kRowLanes] = {};
+      for (std::int64_t r = 0; r < v.rows; ++r) {
+        const std::int64_t i = b * v.rows + r;
+        row_var[i] = op.blend(row_var[i], static_cast<float>(row_sq[i] / cols));
+        lanes[r % kRowLanes] += static_cast<double>(row_var[i]);
+      }
+      norm[b] = op.normalizer(row_lane_sum(lanes) / rows);
+    }
+  }
+  parallel_for(
+      [&](std::int64_t cb, std::int64_t ce) { k.factored_sums(op, t, norm, n, cb, ce, partial); },
+      chunks, kMinParallel / kSumChunk, 1);
+  const float rate =
+      op.rate(sum_of_chunks(partial, chunks, 2), sum_of_chunks(partial + 1, chunks, 2), n);
+  parallel_for([&](std::int64_t b, std::int64_t e) { k.factored_apply(op, t, norm, rate, b, e); },
+               n);
+}
+
 }  // namespace
 
 template <class A>
@@ -149,7 +214,10 @@ void dense_step(const typename A::Options& options, std::int64_t step, const Den
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's scalar states are missing");
   const typename A::Op op = make_step_op<A>(options, step, scalars, next);
-  if constexpr (TrustRatioCapable<A>::value) {
+  if constexpr (FactoredCapable<A>::value) {
+    static_assert(ScalarList<A>::count == 0, "factored steps keep no scalar states");
+    factored_step<A>(op, t, n);
+  } else if constexpr (TrustRatioCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "trust-ratio steps keep no scalar states");
     trust_step<A>(op, t, n);
   } else {

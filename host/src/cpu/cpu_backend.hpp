@@ -9,6 +9,7 @@
 #include "fusedopt/cpu.hpp"
 #include "fusedopt/kernels/algorithm.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
+#include "fusedopt/kernels/cpu/factored.hpp"
 #include "fusedopt/kernels/cpu/trust_ratio.hpp"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
@@ -32,7 +33,8 @@ struct RowOpOf<A, std::void_t<typename A::RowOp>> {
 /// One instruction set's kernels of algorithm A: its step over [begin, end) of one tensor, and
 /// its step of one table row with per-row states (null where A has no row-wise form); for a
 /// trust-ratio algorithm (kernels/trust_ratio.hpp) instead of `range`, its pass one over whole
-/// chunks of a tensor of n elements and its pass two over [begin, end).
+/// chunks of a tensor of n elements and its pass two over [begin, end); for a factored
+/// algorithm (kernels/factored.hpp) its sums pass over whole chunks and its apply pass.
 template <class A>
 struct Kernels {
   void (*range)(const typename A::Op& op, const DensePtrs& t, std::int64_t begin, std::int64_t end);
@@ -42,6 +44,11 @@ struct Kernels {
                 std::int64_t chunk_begin, std::int64_t chunk_end, double* partial);
   void (*second)(const typename A::Op& op, const DensePtrs& t, float rate, std::int64_t begin,
                  std::int64_t end);
+  void (*factored_sums)(const typename A::Op& op, const DensePtrs& t, const float* norms,
+                        std::int64_t n, std::int64_t chunk_begin, std::int64_t chunk_end,
+                        double* partial);
+  void (*factored_apply)(const typename A::Op& op, const DensePtrs& t, const float* norms,
+                         float rate, std::int64_t begin, std::int64_t end);
 };
 
 // Defined by isa_*.cpp for every FO_FOR_EACH_CPU_KERNEL type.

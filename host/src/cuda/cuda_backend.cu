@@ -13,6 +13,7 @@
 
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_check.hpp"
+#include "fusedopt/kernels/cuda/factored.cuh"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/cuda/trust_ratio.cuh"
@@ -95,6 +96,64 @@ void launch_step(const typename A::Options& o, std::int64_t host_step, const Ten
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
+unsigned elementwise_grid(std::int64_t n) {
+  return static_cast<unsigned>(std::clamp<std::int64_t>((n + kBlock - 1) / kBlock, 1, 65536));
+}
+
+/// A factored step (factored.cuh) of one tensor: its seven launches, in `workspace` (the
+/// chunk sums, the row sums, the per-segment column sums, then the normalizers and the rate
+/// as floats).
+template <class A, int kParam>
+void launch_factored(const typename A::Options& o, std::int64_t host_step, const ListEntry& e,
+                     const StepConfig& cfg, double* workspace, cudaStream_t stream) {
+  if (e.numel == 0) return;  // no element, no statistic: nothing moves
+  using cuda_kernels::FactoredTensor;
+  const FactoredTensor t{e.param, e.grad, e.master, e.ema, {e.states[0], e.states[1], e.states[2]},
+                         e.numel, e.step, e.key,    e.view};
+  const typename A::Op host_op =
+      cfg.device_scalars ? typename A::Op{} : make_step_op<A>(o, host_step, nullptr, nullptr);
+  const MatrixView& v = e.view;
+  const std::int64_t chunks = (e.numel + kSumChunk - 1) / kSumChunk;
+  double* const partial = workspace;
+  double* const row_sq = partial + 2 * chunks;
+  const std::int64_t rows = v.factored() ? v.batch * v.rows : 0;
+  const std::int64_t per_matrix = v.factored() ? (v.rows + kColSegment - 1) / kColSegment : 0;
+  double* const col_partial = row_sq + rows;
+  float* const norms = reinterpret_cast<float*>(col_partial + v.batch * per_matrix * v.cols);
+  float* const rate = norms + (v.factored() ? v.batch : 0);
+  constexpr std::int64_t kWarps = kBlock / kRowLanes;
+  if (v.factored()) {
+    FO_LAUNCH(static_cast<unsigned>((rows + kWarps - 1) / kWarps), kBlock, stream,
+              cuda_kernels::factored_rows_kernel<A>)
+    (o, host_op, t, cfg, row_sq);
+    FO_CUDA_CHECK(cudaGetLastError());
+    const std::int64_t col_blocks = (v.cols + kBlock - 1) / kBlock;
+    FO_LAUNCH(static_cast<unsigned>(v.batch * per_matrix * col_blocks), kBlock, stream,
+              cuda_kernels::factored_cols_kernel<A>)
+    (o, host_op, t, cfg, col_partial);
+    FO_CUDA_CHECK(cudaGetLastError());
+    FO_LAUNCH(elementwise_grid(rows + v.batch * v.cols), kBlock, stream,
+              cuda_kernels::factored_blend_kernel<A>)
+    (o, host_op, t, cfg, row_sq, col_partial);
+    FO_CUDA_CHECK(cudaGetLastError());
+    FO_LAUNCH(static_cast<unsigned>((v.batch + kWarps - 1) / kWarps), kBlock, stream,
+              cuda_kernels::factored_norm_kernel<A>)
+    (o, host_op, t, cfg, norms);
+    FO_CUDA_CHECK(cudaGetLastError());
+  }
+  FO_LAUNCH(static_cast<unsigned>(chunks), kBlock, stream,
+            cuda_kernels::factored_sums_kernel<A, kParam>)
+  (o, host_op, t, cfg, norms, partial);
+  FO_CUDA_CHECK(cudaGetLastError());
+  FO_LAUNCH(1, kBlock, stream, cuda_kernels::factored_rate_kernel<A>)
+  (o, host_op, t, cfg, partial, rate);
+  FO_CUDA_CHECK(cudaGetLastError());
+  FO_LAUNCH(elementwise_grid(e.numel), kBlock, stream,
+            cuda_kernels::factored_apply_kernel<A, kParam>)
+  (o, host_op, t, cfg, norms, rate);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
 /// After a list's step: its scalar states advance (algorithms that keep them), then its
 /// device step counts go up (d_steps), both unless found_inf.
 template <class A>
@@ -119,15 +178,30 @@ void launch_list(const typename A::Options& o, DType param, std::int64_t host_st
                  double* workspace, std::int64_t* d_steps, cudaStream_t stream) {
   for (const auto& g : plan) {
     const TensorList list = make_list(entries, g);
-    switch (param) {
-      case DType::f16:
-        launch_step<A, cuda_kernels::kF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
-        break;
-      case DType::bf16:
-        launch_step<A, cuda_kernels::kBF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
-        break;
-      default:
-        launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, workspace, stream);
+    if constexpr (FactoredCapable<A>::value) {
+      for (const std::size_t j : g.tensors) {
+        const ListEntry& e = entries[j];
+        switch (param) {
+          case DType::f16:
+            launch_factored<A, cuda_kernels::kF16>(o, host_step, e, cfg, workspace, stream);
+            break;
+          case DType::bf16:
+            launch_factored<A, cuda_kernels::kBF16>(o, host_step, e, cfg, workspace, stream);
+            break;
+          default: launch_factored<A, cuda_kernels::kF32>(o, host_step, e, cfg, workspace, stream);
+        }
+      }
+    } else {
+      switch (param) {
+        case DType::f16:
+          launch_step<A, cuda_kernels::kF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
+          break;
+        case DType::bf16:
+          launch_step<A, cuda_kernels::kBF16>(o, host_step, list, g.blocks, cfg, workspace, stream);
+          break;
+        default:
+          launch_step<A, cuda_kernels::kF32>(o, host_step, list, g.blocks, cfg, workspace, stream);
+      }
     }
     finish_list<A>(o, list, cfg, d_steps, stream);
   }
@@ -172,10 +246,6 @@ __global__ void swap_kernel(float* a, float* b, std::int64_t n) {
     a[i] = b[i];
     b[i] = x;
   }
-}
-
-unsigned elementwise_grid(std::int64_t n) {
-  return static_cast<unsigned>(std::clamp<std::int64_t>((n + kBlock - 1) / kBlock, 1, 65536));
 }
 
 }  // namespace

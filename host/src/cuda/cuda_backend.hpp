@@ -31,6 +31,7 @@ struct ListEntry {
   // The algorithm's scalar states (ScalarList: kMaxScalars doubles), read by the step and
   // advanced after it on the stream; null where it keeps none.
   double* scalars = nullptr;
+  MatrixView view{};  // the tensor as matrices (factored algorithms), or unset
 };
 
 /// Settings shared by every tensor of one step.
@@ -53,10 +54,26 @@ struct ListSettings {
 
 /// Bytes of device workspace a step of algorithm A over these entries needs (ListSettings):
 /// none for a one-pass algorithm; for a trust-ratio one (kernels/trust_ratio.hpp) two doubles
-/// per block of kSumChunk elements and two per tensor, whichever launches the entries take.
+/// per block of kSumChunk elements and two per tensor, whichever launches the entries take;
+/// for a factored one (kernels/factored.hpp) the largest tensor's chunk sums, row sums,
+/// per-segment column sums and normalizers.
 template <class A>
 std::size_t step_workspace(const ListEntry* entries, std::size_t n) {
-  if constexpr (!TrustRatioCapable<A>::value) {
+  if constexpr (FactoredCapable<A>::value) {
+    // Tensors step one after another, each in all of it: the largest one's need.
+    std::size_t doubles = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const ListEntry& e = entries[i];
+      const MatrixView& v = e.view;
+      std::size_t d = 2 + 2 * static_cast<std::size_t>((e.numel + kSumChunk - 1) / kSumChunk);
+      if (v.factored())
+        d += static_cast<std::size_t>(
+            v.batch * v.rows + v.batch * v.cols +
+            v.batch * ((v.rows + kColSegment - 1) / kColSegment) * v.cols + v.batch);
+      doubles = std::max(doubles, d);
+    }
+    return doubles * sizeof(double);
+  } else if constexpr (!TrustRatioCapable<A>::value) {
     (void)entries, (void)n;
     return 0;
   } else {

@@ -198,10 +198,20 @@ bool is_rowwise(const typename A::Options& o) {
 }
 
 /// How many values a state keeps, relative to its param of shape [d0, d1, ...]: one per
-/// element, or one per row (d0 of them; row-wise AdaGrad). An algorithm whose states differ
-/// in shape declares `static StateShape state_shape(const Options&, int k)`; otherwise its
-/// states are per row where its options make it row-wise, per element elsewhere.
-enum class StateShape : int { element = 0, row = 1 };
+/// element, or one per row (d0 of them; row-wise AdaGrad); or, for factored second moments
+/// (kernels/factored.hpp), where the param is a batch of matrices over its last two
+/// dimensions: one per matrix row (numel / d_last) or per matrix column (numel / d_last-1),
+/// kept by params of two or more dimensions only, or one per element kept by params of fewer
+/// (unfactored). An algorithm whose states differ in shape declares
+/// `static StateShape state_shape(const Options&, int k)`; otherwise its states are per row
+/// where its options make it row-wise, per element elsewhere.
+enum class StateShape : int {
+  element = 0,
+  row = 1,
+  factor_rows = 2,
+  factor_cols = 3,
+  unfactored = 4
+};
 
 template <class A, class = void>
 struct StateShapes {

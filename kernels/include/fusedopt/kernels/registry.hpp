@@ -4,6 +4,7 @@
 #pragma once
 
 #include "fusedopt/kernels/ops/adadelta.hpp"
+#include "fusedopt/kernels/ops/adafactor.hpp"
 #include "fusedopt/kernels/ops/adagrad.hpp"
 #include "fusedopt/kernels/ops/adam.hpp"
 #include "fusedopt/kernels/ops/adamax.hpp"
@@ -40,4 +41,5 @@
   X(Lamb)                              \
   X(Lars)                              \
   X(SgdScheduleFree)                   \
-  X(AdamWScheduleFree)
+  X(AdamWScheduleFree)                 \
+  X(Adafactor)

@@ -11,6 +11,7 @@
 
 #include "fusedopt/kernels/config.hpp"
 #include "fusedopt/kernels/ema.hpp"
+#include "fusedopt/kernels/factored.hpp"
 #include "fusedopt/kernels/rowwise.hpp"
 
 namespace fo::cpu {
@@ -23,6 +24,7 @@ struct DensePtrs {
   float grad_multiplier = 1.0f;  // every gradient is multiplied by this first (exact when 1)
   float* ema = nullptr;          // weight EMA (float32), updated from the stored param; or null
   float ema_weight = 0.0f;       // its weight, 1 - decay (ema_weight())
+  MatrixView view{};             // the tensor as matrices (factored algorithms), or unset
 };
 
 /// The loop of elementwise_range for one set of present states (bit k of kPresent: state k),
