@@ -450,6 +450,14 @@ TEST(NewtonSchulzGpu, RejectsBadArguments) {
 }
 
 #if defined(FUSEDOPT_WITH_CUDA)
+// cuBLAS is loaded on first use, not linked (as cuSOLVER: a program that steps only on the
+// CPU must not need it): it must load, GPU or not, from the toolkit this build was made with,
+// with every entry point newton_schulz.cu binds.
+TEST(CudaLibraries, CuBlasLoadsWhenFirstNeededWithoutAGpu) {
+  EXPECT_NO_THROW(cuda::require_cublas());
+  EXPECT_NO_THROW(cuda::require_cublas());
+}
+
 // Capturable: after a first call (which creates the thread's cuBLAS handle), a call captured
 // in a graph and replayed gives the eager result, bitwise.
 TEST(NewtonSchulzGpu, CapturedInAGraphEqualsEager) {
