@@ -125,7 +125,8 @@ const std::vector<Shape>& shapes() {
 class NewtonSchulzCpu : public ::testing::TestWithParam<NsGram> {
  protected:
   void SetUp() override { detail::set_newton_schulz_cpu_gram(GetParam()); }
-  void TearDown() override { detail::set_newton_schulz_cpu_gram(NsGram::gemm); }
+  void TearDown() override { detail::set_newton_schulz_cpu_gram(saved_); }
+  NsGram saved_ = detail::newton_schulz_cpu_gram();
 };
 
 TEST_P(NewtonSchulzCpu, MatchesTheDoubleReference) {
@@ -362,10 +363,11 @@ TEST(NewtonSchulzValidation, RejectsBadArguments) {
 // bf16 tolerance: every GEMM's result is rounded to bf16 (relative 2^-9 ~ 2e-3) and the
 // operands are bf16, so each step adds errors of ~1e-3 of the largest element, amplified as
 // for float32 by up to the quintic's slope. torch's own bf16 iteration on the CPU
-// (bench/results/2026-12-02-cpu-newton-schulz.md) lands within ~2e-2 of the largest element
-// of the double iteration on these shapes; 6e-2 of the largest element is allowed, which
-// still catches any wrong coefficient, transpose or order (errors of O(1)).
-constexpr double kBf16Atol = 6e-2, kBf16Rtol = 0.0;
+// (bench/torch_newton_schulz_cpu.py, 20 random matrices per shape) lands within 2.3e-2 to
+// 3.3e-2 of the largest element of the double iteration on these shapes; 8e-2 is allowed
+// (2.5 times that), which still catches a wrong coefficient, transpose or order (errors of
+// O(1)).
+constexpr double kBf16Atol = 8e-2, kBf16Rtol = 0.0;
 
 std::vector<float> run_device(const std::vector<float>& in, const Shape& s, DType dtype,
                               bool in_place = false) {

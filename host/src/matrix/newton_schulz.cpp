@@ -18,7 +18,9 @@
 namespace fo::detail {
 namespace {
 
-std::atomic<int> g_gram{static_cast<int>(NsGram::gemm)};
+// ssyrk: 10-15% faster than sgemm on the benchmark's non-square shapes, the same on 768 x 768
+// (bench/results/2026-12-02-cpu-newton-schulz.md).
+std::atomic<int> g_gram{static_cast<int>(NsGram::syrk)};
 
 CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
 
