@@ -14,10 +14,12 @@
 # From the device tool (it runs in the repo root; the machine has no network):
 #   command: bash bench/gpu_suite.sh $OUT    carry: [".debs"]    timeout_s: 420
 # .debs (git-ignored) holds the Debian packages of what that machine lacks: Google Test and
-# Benchmark, and the zlib and xxhash headers in case it lacks them too (not checked there);
-# 1.5 MB, made here (Debian 12; that they work on the device's image is not checked) with
+# Benchmark, OpenBLAS (Muon's Newton-Schulz iteration on the CPU), and the zlib and xxhash
+# headers in case it lacks them too (not checked there); made here (Debian 12; that they
+# work on the device's image is not checked) with
 #   mkdir -p .debs && (cd .debs && apt-get download libgtest-dev libbenchmark-dev \
-#     libbenchmark1debian libxxhash-dev zlib1g-dev zlib1g)
+#     libbenchmark1debian libxxhash-dev zlib1g-dev zlib1g libopenblas-dev \
+#     libopenblas-pthread-dev libopenblas0-pthread libgfortran5)
 # They are unpacked (dpkg-deb, or ar and tar) into build/gpu-suite/deps, never into /, and
 # found through CMAKE_PREFIX_PATH and CPATH. The 8 files that come back in OUT_DIR: setup.log (machine,
 # configure, build), tests.log, sanitizer.log, bench.log (console of the benchmarks),
@@ -40,7 +42,7 @@
 #                     CheckpointDevices.*
 #   30  4 gpu-tests   every other test of fusedopt_tests whose name says Cuda, cuda, Gpu, GPU
 #                     or Device (the Cuda suite, Cuda/DenseReference, the sparse *_cuda
-#                     cases, ScheduleDevice)
+#                     cases, ScheduleDevice, NewtonSchulzGpu: Muon's cuBLAS iteration)
 #   12  5 demo-tests  the GPU tests of fusedopt_demo_test (DemoCudaModel, the Gpu training
 #                     run, CholeskyGpu, NewtonGpu)
 #   40  6 bench       fusedopt_bench --benchmark_filter=/cuda/ --benchmark_min_time=0.02 (JSON)
@@ -147,10 +149,10 @@ fi
 BITWISE_FILTER='Cuda.GpuEqualsCpuBitwise:SparseGpu.GpuEqualsCpuBitwise:Cuda.Bf16AndF16ParamsWithMasterWeights:CheckpointDevices.*'
 GPU_FILTER="*Cuda*:*cuda*:*Gpu*:*GPU*:*Device*-$BITWISE_FILTER"
 DEMO_FILTER='*Cuda*:*Gpu*:*GPU*:*Device*-DemoGpuPlan.*'  # DemoGpuPlan runs on the host
-MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda:All/ScheduleFree.EvalGivesXAndTrainRestoresYBitwise/adamw_schedule_free_cuda:All/ScheduleFree.ResumeFromACheckpointEqualsNeverStopping/adamw_schedule_free_cuda'
+MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:NewtonSchulzGpu.Bf16MatchesTheReferenceWithinBf16Rounding:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda:All/ScheduleFree.EvalGivesXAndTrainRestoresYBitwise/adamw_schedule_free_cuda:All/ScheduleFree.ResumeFromACheckpointEqualsNeverStopping/adamw_schedule_free_cuda'
 # racecheck: the kernels with shared memory (every step's, the norm and non-finite reductions,
 # the trust ratio's block trees)
-RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.SkipNonFinite:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/lamb_v3_cuda'
+RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.SkipNonFinite:NewtonSchulzGpu.ZeroMatrixGivesZero:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/lamb_v3_cuda'
 DEMO_SAN_FILTER='DemoCudaModel.LossAndGradientMatchCpuModel'
 TEST_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$LARGE_N")
 SAN_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$SAN_LARGE_N")
@@ -447,6 +449,11 @@ unpack_debs() {
   done
   # Headers that the sources include without a find_package (xxhash.h).
   if [ -d "$DEPS/usr/include" ]; then export CPATH="$DEPS/usr/include${CPATH:+:$CPATH}"; fi
+  # Shared libraries a test binary loads at run time beyond its RUNPATH: OpenBLAS's own
+  # dependency libgfortran.so.5, in case the image lacks it.
+  for dir in "$DEPS"/usr/lib/*-linux-gnu "$DEPS"/usr/lib/*-linux-gnu/openblas-pthread; do
+    if [ -d "$dir" ]; then export LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+  done
   DEBS_NOTE="${#debs[@]} .debs unpacked"
 }
 

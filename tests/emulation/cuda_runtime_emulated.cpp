@@ -1,7 +1,8 @@
-// The CUDA runtime side of the library (host/src/cuda/cuda_memory.cu, and the CUB and cuSOLVER
-// parts of sparse.cu and newton_cusolver.cu) over an emulated device whose memory is host
-// memory: with the emulated launchers (tests/emulation/*_emulated.cpp), the whole library's
-// CUDA path runs on the CPU in fusedopt_emulated_device (docs/host-emulation.md).
+// The CUDA runtime side of the library (host/src/cuda/cuda_memory.cu, and the CUB, cuSOLVER
+// and cuBLAS parts of sparse.cu, newton_cusolver.cu and newton_schulz.cu) over an emulated
+// device whose memory is host memory: with the emulated launchers (tests/emulation/*_emulated.cpp),
+// the whole library's CUDA path runs on the CPU in fusedopt_emulated_device
+// (docs/host-emulation.md).
 //
 // "Device memory" (4 GiB of it) is what allocate() returned: 64-byte aligned host memory of the
 // size asked for, filled with 0xFF bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves
@@ -23,6 +24,7 @@
 
 #include "cuda/cuda_backend.hpp"
 #include "cuda/newton_device.hpp"
+#include "cuda/newton_schulz_device.hpp"
 #include "emulation/emulated_device.hpp"
 #include "sparse.hpp"
 
@@ -255,6 +257,14 @@ FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_CUDA_SPARSE_STEP)
 void cholesky_solve_device(double*, double*, int, int, int*, void*) { unsupported("cuSOLVER"); }
 void cholesky_solve_device(float*, float*, int, int, int*, void*) { unsupported("cuSOLVER"); }
 void require_cusolver() { unsupported("cuSOLVER"); }
+
+// ------------------------------------------------------- Muon's Newton-Schulz iteration (cuBLAS)
+
+void newton_schulz_device(const void*, void*, DType, std::int64_t, std::int64_t, std::int64_t,
+                          const NsCoefficients&, int, double, void*, std::size_t, void*) {
+  unsupported("cuBLAS");
+}
+void require_cublas() { unsupported("cuBLAS"); }
 
 }  // namespace fo::cuda
 

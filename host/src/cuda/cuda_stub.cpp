@@ -62,6 +62,7 @@ FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_CUDA_SPARSE_STEP)
 }  // namespace fo::cuda
 
 #include "cuda/newton_device.hpp"
+#include "cuda/newton_schulz_device.hpp"
 
 namespace fo::cuda {
 void cholesky_solve_device(double*, double*, int, int, int*, void*) {
@@ -71,4 +72,9 @@ void cholesky_solve_device(float*, float*, int, int, int*, void*) {
   throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
 }
 void require_cusolver() { throw Error(StatusCode::unsupported, "fusedopt was built without CUDA"); }
+void newton_schulz_device(const void*, void*, DType, std::int64_t, std::int64_t, std::int64_t,
+                          const NsCoefficients&, int, double, void*, std::size_t, void*) {
+  throw Error(StatusCode::unsupported, "fusedopt was built without CUDA");
+}
+void require_cublas() { throw Error(StatusCode::unsupported, "fusedopt was built without CUDA"); }
 }  // namespace fo::cuda
