@@ -528,6 +528,40 @@ static void test_schedule_free_eval(void) {
   CHECK(fo_abi_version() >= 6);
 }
 
+/* adafactor: factored states by the param's shape, through the C ABI by name. */
+static void test_factored_states(void) {
+  enum { B = 2, ROWS = 3, COLS = 7 };
+  float w[B * ROWS * COLS], v[9], gw[B * ROWS * COLS], gv[9], row[B * ROWS], col[B * COLS];
+  const int64_t shape[3] = {B, ROWS, COLS};
+  int64_t n = -1;
+  fill(w, B * ROWS * COLS);
+  fill(v, 9);
+  fill(gw, B * ROWS * COLS);
+  fill(gv, 9);
+  fo_optimizer* opt = make("adafactor", 0.01);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "w", w, FO_FLOAT32, 3, shape), OK);
+  CHECK_STATUS(add1(opt, "v", v, 9), OK);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "w", "row_var", &n), OK);
+  CHECK(n == B * ROWS);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "w", "col_var", &n), OK);
+  CHECK(n == B * COLS);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "w", "variance", &n), INVALID); /* a vector's */
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "v", "variance", &n), OK);
+  CHECK(n == 9);
+  CHECK_STATUS(fo_optimizer_state_numel(opt, "v", "row_var", &n), INVALID);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "d", 0.5), INVALID); /* d >= 1 */
+  CHECK_STATUS(step2(opt, gw, gv), OK);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "row_var", row, B * ROWS), OK);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "col_var", col, B * COLS), OK);
+  /* Step 1 blends with weight 1: each statistic is its row's / column's mean of g^2. */
+  double want_row = 0.0, want_col = 0.0;
+  for (int c = 0; c < COLS; ++c) want_row += (double)gw[c] * gw[c];
+  for (int r = 0; r < ROWS; ++r) want_col += (double)gw[r * COLS] * gw[r * COLS];
+  CHECK(fabs(row[0] - want_row / COLS) <= 1e-6 * want_row / COLS);
+  CHECK(fabs(col[0] - want_col / ROWS) <= 1e-6 * want_col / ROWS);
+  fo_optimizer_destroy(opt);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -543,6 +577,7 @@ int main(int argc, char** argv) {
   test_rowwise_state_numel();
   test_weight_ema();
   test_schedule_free_eval();
+  test_factored_states();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

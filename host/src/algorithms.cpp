@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "algorithm.hpp"
+#include "fusedopt/functional.hpp"
 #include "typed_options.hpp"
 
 namespace fo::detail {
@@ -173,19 +174,33 @@ bool state_kept(StateShape s, const std::vector<std::int64_t>& shape) {
 }
 
 MatrixView matrix_view(const std::vector<std::int64_t>& shape) {
-  MatrixView v;
-  const std::size_t dims = shape.size();
-  if (dims < 2) return v;
-  v.batch = 1;
-  for (std::size_t i = 0; i + 2 < dims; ++i) v.batch *= shape[i];
-  v.rows = shape[dims - 2];
-  v.cols = shape[dims - 1];
-  return v;
+  return fo::matrix_view(shape.data(), static_cast<int>(shape.size()));
 }
 
 }  // namespace fo::detail
 
 namespace fo {
+
+MatrixView matrix_view(const std::int64_t* shape, int ndim) {
+  MatrixView v;
+  if (ndim < 2) return v;
+  v.batch = 1;
+  for (int i = 0; i + 2 < ndim; ++i) v.batch *= shape[i];
+  v.rows = shape[ndim - 2];
+  v.cols = shape[ndim - 1];
+  return v;
+}
+
+bool state_shape(const StateSpec& spec, const std::int64_t* shape, int ndim,
+                 std::vector<std::int64_t>& out) {
+  out.clear();
+  const std::vector<std::int64_t> dims(shape, shape + ndim);
+  if (!detail::state_kept(spec.shape, dims)) return false;
+  out = dims;
+  if (spec.shape == StateShape::factor_rows) out[static_cast<std::size_t>(ndim - 1)] = 1;
+  if (spec.shape == StateShape::factor_cols) out[static_cast<std::size_t>(ndim - 2)] = 1;
+  return true;
+}
 
 const std::vector<AlgorithmDescription>& dense_algorithms() {
   static const std::vector<AlgorithmDescription> all = {

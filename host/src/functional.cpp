@@ -131,8 +131,8 @@ std::vector<StateSpec> states_of(const NamedOptions& named) {
   std::vector<StateSpec> out;
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k))
-      out.push_back(
-          {StateList<A>::name(k), k, A::state_init(o, k), false, StateFromParam<A>::of(k)});
+      out.push_back({StateList<A>::name(k), k, A::state_init(o, k), false, StateFromParam<A>::of(k),
+                     StateShapes<A>::of(o, k)});
   return out;
 }
 

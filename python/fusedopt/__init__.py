@@ -8,11 +8,11 @@
 docs/python.md in the repository has the details.
 """
 
-from ._fusedopt import (algorithms, cuda_device_count, eval_params, step, step_groups,
-                        step_scalars, step_states)
+from ._fusedopt import (algorithms, cuda_device_count, eval_params, state_shapes, step,
+                        step_groups, step_scalars, step_states)
 
 __all__ = ["Optimizer", "algorithms", "cuda_device_count", "eval_params", "step", "step_groups",
-           "step_scalars", "step_states"]
+           "step_scalars", "step_states", "state_shapes"]
 __version__ = "0.1.0"
 
 _ALGORITHMS = {a["name"]: a for a in algorithms()}
@@ -113,9 +113,12 @@ class Optimizer:
             st = self.state[i]
             p = self.params[i]
             xp = _namespace(p)
+            shapes = dict(state_shapes(self.algorithm, self.options, tuple(p.shape)))
             for name, _, init, from_param in specs:
-                if name not in st:
-                    st[name] = xp.asarray(p, copy=True) if from_param else xp.full_like(p, init)
+                if name not in st and shapes[name] is not None:  # factored: kept by shape
+                    st[name] = (xp.asarray(p, copy=True) if from_param else
+                                xp.full_like(p, init) if tuple(shapes[name]) == tuple(p.shape)
+                                else xp.full(tuple(shapes[name]), init, dtype=p.dtype))
                     fresh.append((i, name))
             if self._ema_decay > 0 and self.ema[i] is None:  # the param before its first step
                 self.ema[i] = xp.asarray(p, dtype=xp.float32, copy=True)
@@ -127,7 +130,7 @@ class Optimizer:
         try:
             step(self.algorithm, self.options, [self.params[i] for i in idx],
                  [grads[i] for i in idx],
-                 [[self.state[i][spec[0]] for i in idx] for spec in specs],
+                 [[self.state[i].get(spec[0]) for i in idx] for spec in specs],
                  [self.steps[i] + 1 for i in idx],
                  scalars=[self.scalars[i] for i in idx] if scalar_inits else None,
                  emas=[self.ema[i] for i in idx] if self._ema_decay > 0 else None,

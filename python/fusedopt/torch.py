@@ -2,7 +2,7 @@
 
     from fusedopt.torch import AdamW      # was: from torch.optim import AdamW
 
-``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam`` take exactly the arguments and
+``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam, Adafactor`` take exactly the arguments and
 defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``param_groups``,
 ``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
 checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
@@ -36,13 +36,14 @@ from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
            "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS",
-           "SGDScheduleFree", "AdamWScheduleFree"]
+           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
 _PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "beta3": ("betas", 2),
            "eta_minus": ("etas", 0), "eta_plus": ("etas", 1),
-           "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1)}
+           "step_size_min": ("step_sizes", 0), "step_size_max": ("step_sizes", 1),
+           "eps1": ("eps", 0), "eps2": ("eps", 1)}
 # Accepted and kept in the groups; they do not change the math of a fused step.
 _IGNORED = ("foreach", "fused", "capturable")
 _ALGORITHMS = {a["name"]: a for a in _fusedopt.algorithms()}
@@ -97,6 +98,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 f"fusedopt.torch.{type(self).__name__}: differentiable=True is not supported "
                 "(fusedopt steps params in place, outside autograd)")
         super().__init__(params, defaults)
+        # The group keys of this class's own torch twin (torch's base __setstate__ adds
+        # "differentiable" to the defaults even where the class has no such argument).
+        self._group_keys = tuple(defaults)
         if self._spec.init_state:
             # As torch's: from the constructor's arguments, whatever a group overrides.
             for group in self.param_groups:
@@ -114,9 +118,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        keys = getattr(self, "_group_keys", tuple(self.defaults))
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in keys:
+                group.setdefault(key, self.defaults[key])
 
     def state_dict(self):
         state_dict = super().state_dict()
@@ -214,18 +219,27 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return options
 
     def _create_state(self, p, st, group, specs=None):
+        algorithm, options = self._algorithm(group), self._options(group)
         if specs is None:
-            specs = _fusedopt.step_states(self._algorithm(group), self._options(group))
+            specs = _fusedopt.step_states(algorithm, options)
+        # Factored states (Adafactor's row_var, col_var, variance) have shapes of their own, and
+        # a param keeps them by its dimensions; every other state is the param's shape.
+        shapes = dict(_fusedopt.state_shapes(algorithm, options, tuple(p.shape)))
         if self._spec.step == "tensor" and "step" not in st:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
         elif self._spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
         for name, _, init, from_param in specs:
+            shape = shapes[name]
+            if shape is None:
+                continue  # a param of these dimensions does not keep it
             if name not in st:
                 # Huge pages for large CPU states, advised before the memory is first touched
                 # (a step streams them; the library's own states get the same).
-                t = torch.empty_like(p, memory_format=torch.preserve_format)
+                t = (torch.empty_like(p, memory_format=torch.preserve_format)
+                     if list(shape) == list(p.shape) else
+                     torch.empty(shape, dtype=p.dtype, device=p.device))
                 if t.device.type == "cpu" and t.nbytes >= _HUGE_PAGE_MIN_BYTES:
                     _fusedopt.advise_huge_pages(t)
                 # from_param: the state starts as a copy of the param (schedule-free's z).
@@ -296,7 +310,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         specs = _fusedopt.step_states(algorithm, options)
         names = [spec[0] for spec in specs]
         kind = self._spec.step
-        wanted = set(names) | ({"step"} if kind else set())
+        step_key = {"step"} if kind else set()
+        kept_by_ndim = {}  # the states a param keeps, by its dimensions (factored states)
         params, grads, steps, emas = [], [], [], []
         ema_decay = self.ema_decay
         states = [[] for _ in names]
@@ -318,6 +333,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     "Adam instead")
             st = state[p]
             created = False
+            wanted = kept_by_ndim.get(p.dim())
+            if wanted is None:
+                wanted = kept_by_ndim[p.dim()] = step_key | {
+                    n for n, shape in _fusedopt.state_shapes(algorithm, options, tuple(p.shape))
+                    if shape is not None}
             if not st.keys() >= wanted:  # a first step, or options that add a state
                 before = set(st)
                 created = self._create_state(p, st, group, specs)
@@ -349,7 +369,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             params.append(p)
             grads.append(g)
             for j, name in enumerate(names):
-                states[j].append(st[name])
+                states[j].append(st.get(name))  # None: a state this param does not keep
             steps.append(count)
             if ema_decay > 0:
                 emas.append(st["ema"])
@@ -495,6 +515,37 @@ AdEMAMix = _fused_class(
     "fusedopt's AdEMAMix (docs/optimizers.md `ademamix`) as a torch.optim.Optimizer, with "
     "bitsandbytes.optim.AdEMAMix's arguments and defaults; states exp_avg, exp_avg_slow, "
     "exp_avg_sq and a float32 step tensor.")
+
+
+def _adafactor_init(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                    weight_decay=0.0, *, foreach=None, maximize=False):
+    self._setup(params, locals())
+
+
+class Adafactor(_FusedOptimizer):
+    """fusedopt's fused adafactor (docs/optimizers.md) as torch.optim.Adafactor: the same
+    arguments, defaults, param groups and state_dict format (row_var [..., rows, 1] and col_var
+    [..., 1, cols] for params of two or more dimensions, variance for vectors; a float32 step
+    tensor). eps = (None, ...) takes the params' dtype's machine epsilon as torch does (one
+    dtype per group). foreach is accepted and changes nothing."""
+
+    _spec = _Spec("adafactor")
+    __init__ = _adafactor_init
+
+    def _options(self, group):
+        options = super()._options(group)
+        if group["eps"][0] is None:  # torch: the param dtype's epsilon
+            dtypes = {p.dtype for p in group["params"]}
+            if len(dtypes) > 1:
+                raise ValueError(
+                    "Adafactor with eps[0] = None takes the params' dtype's epsilon: this group "
+                    f"mixes {sorted(str(t) for t in dtypes)}; split it or set eps[0]")
+            if dtypes:
+                options["eps1"] = torch.finfo(dtypes.pop()).eps
+        return options
+
+
+_adafactor_init.__qualname__ = "Adafactor.__init__"
 
 
 # NVIDIA Apex's FusedLAMB: its arguments and defaults. set_grad_none is accepted (zero_grad sets

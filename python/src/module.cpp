@@ -9,6 +9,7 @@
 // fo::fused_step_list, whose registry table types them.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -277,6 +279,25 @@ void check_with_param(const View& v, const View& p, std::size_t i, const What& w
                ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
 }
 
+/// check_with_param for a state of its own shape `dims` (a factored state in torch's layout).
+template <class What>
+void check_with_shape(const View& v, const View& p, const std::vector<std::int64_t>& dims,
+                      std::size_t i, const What& what) {
+  const auto at = [i] { return " of param " + std::to_string(i); };
+  if (v.device_type != p.device_type || v.device_id != p.device_id)
+    raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
+                ", the param on " + device_text(p.device_type, p.device_id));
+  if (v.ndim != static_cast<int>(dims.size()) || !std::equal(dims.begin(), dims.end(), v.shape)) {
+    std::string want;
+    for (auto d : dims) want += (want.empty() ? "" : ", ") + std::to_string(d);
+    raise_value(what() + at() + " has the wrong shape: it must be (" + want + ")");
+  }
+  if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
+  if (!v.steppable)
+    raise_type(what() + at() + " is " + dtype_text(v.raw) +
+               ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
+}
+
 /// The per-state lists of a call (one list per state `specs` names, each one array per param).
 std::vector<nb::list> state_lists(const std::string& who, const std::string& algorithm,
                                   const std::vector<fo::StateSpec>& specs, const nb::list& states,
@@ -357,6 +378,7 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
   counted.assign(n, false);
   int device_type = kDLCPU, device_id = 0;
   View p, g, s;
+  std::vector<std::int64_t> state_dims;
   for (std::size_t i = 0; i < n; ++i) {
     const auto at = [i] { return " of param " + std::to_string(i); };
     view_param(importer, params[i], i, p, device_type, device_id);
@@ -369,13 +391,28 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
     t.param_dtype = p.dtype;
     t.grad_dtype = g.dtype;
     t.state_dtype = fo::DType::f32;
+    t.view = fo::matrix_view(p.shape, p.ndim);
+    bool first_state = true;
     for (std::size_t j = 0; j < specs.size(); ++j) {
+      // A factored state (adafactor's row_var, col_var, variance) in torch's layout, and
+      // None where the param's dimensions do not keep it.
+      const bool kept = fo::state_shape(specs[j], p.shape, p.ndim, state_dims);
+      if (!kept) {
+        if (!lists[j][i].is_none())
+          raise_value("state " + specs[j].name + at() + " must be None: a param of " +
+                      std::to_string(p.ndim) + " dimensions does not keep it");
+        continue;
+      }
       importer.view(lists[j][i], s, "state", i);
-      check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
-      if (j > 0 && s.dtype != t.state_dtype)
+      if (specs[j].shape == fo::StateShape::element || specs[j].shape == fo::StateShape::unfactored)
+        check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
+      else
+        check_with_shape(s, p, state_dims, i, [&] { return "state " + specs[j].name; });
+      if (!first_state && s.dtype != t.state_dtype)
         raise_type("the states" + at() + " differ in dtype: one takes one dtype for all");
       t.states[specs[j].index] = s.data;
       t.state_dtype = s.dtype;
+      first_state = false;
     }
     if (with_ema) {
       importer.view(ema_list[i], s, "ema", i);
@@ -684,6 +721,25 @@ NB_MODULE(_fusedopt, m) {
 
   m.def("algorithms", &algorithms,
         "Every registered algorithm: name, option defaults (library names), states, sparse.");
+  m.def(
+      "state_shapes",
+      [](const std::string& algorithm, const nb::dict& options,
+         const std::vector<std::int64_t>& shape) {
+        std::vector<std::pair<std::string, std::optional<std::vector<std::int64_t>>>> out;
+        std::vector<std::int64_t> dims;
+        for (const fo::StateSpec& s : fo::step_states(algorithm, named_options(options))) {
+          if (fo::state_shape(s, shape.data(), static_cast<int>(shape.size()), dims))
+            out.emplace_back(s.name, dims);
+          else
+            out.emplace_back(s.name, std::nullopt);
+        }
+        return out;
+      },
+      nb::arg("algorithm"), nb::arg("options"), nb::arg("shape"),
+      "The shape of each state step_states() names for a param of `shape`, in its order, as\n"
+      "(name, shape): the param's shape, or for factored states (adafactor) torch's layout\n"
+      "(row_var [..., rows, 1], col_var [..., 1, cols]), or None where a param of that many\n"
+      "dimensions does not keep the state (its list entry in a step is then None).");
   m.def(
       "step_states",
       [](const std::string& algorithm, const nb::dict& options) {

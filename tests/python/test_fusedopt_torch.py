@@ -86,6 +86,9 @@ CASES = {
               {"weight_decay": 0.1, "momentum_decay": 0.02, "maximize": True, "lr": 1e-2},
               {"weight_decay": 0.5, "decoupled_weight_decay": True, "betas": (0.5, 0.9),
                "eps": 1e-3, "momentum_decay": 0.0}],
+    "Adafactor": [{},  # lr 1e-2: rho = 1/sqrt(t) throughout (lr only from t = 10^4)
+                  {"lr": 2e-3, "beta2_decay": -0.5, "eps": (1e-3, 1e-2), "d": 2.0,
+                   "weight_decay": 0.1, "maximize": True}],
     "RAdam": [{},
               {"weight_decay": 0.1, "betas": (0.9, 0.9), "maximize": True, "lr": 1e-2},
               {"weight_decay": 0.5, "decoupled_weight_decay": True, "betas": (0.5, 0.99),
@@ -544,6 +547,30 @@ def lion_reference(p, g, m, lr, b1, b2, wd):
     c = b1 * m + (1 - b1) * g
     p = p * (1 - lr * wd) - lr * torch.sign(c)
     return p, b2 * m + (1 - b2) * g
+
+
+def test_adafactor_zero_grads_and_misshapen_state():
+    """Zero gradients step like torch's (the param only decays); a factored state of the wrong
+    shape is refused and nothing changes."""
+    gen = rng_for("adafactor-zero")
+    p0 = [torch.randn(s, generator=gen) for s in [(6, 10), (2, 5, 7), (9,)]]
+    mine = [torch.nn.Parameter(p.clone()) for p in p0]
+    theirs = [torch.nn.Parameter(p.clone()) for p in p0]
+    fo = ft.Adafactor(mine, lr=0.05, weight_decay=0.2)
+    ref = torch.optim.Adafactor(theirs, lr=0.05, weight_decay=0.2)
+    for _ in range(3):
+        for a, b in zip(mine, theirs):
+            a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+        fo.step()
+        ref.step()
+    compare(mine, fo, theirs, ref, "Adafactor zero grads", exact=False)
+    for a in mine:
+        a.grad = torch.randn(a.shape, generator=gen)
+    fo.state[mine[1]]["row_var"] = torch.zeros(2, 5)  # torch's layout is (2, 5, 1)
+    before = snapshot(fo)
+    with pytest.raises(ValueError, match="row_var"):
+        fo.step()
+    assert_unchanged(fo, before, "Adafactor with a misshapen row_var")
 
 
 def test_lion_and_signsgd_follow_their_formulas():

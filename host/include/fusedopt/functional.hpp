@@ -133,7 +133,22 @@ struct StateSpec {
   double init = 0.0;
   bool per_row = false;  // one value per table row (sparse_step_states, row-wise), not per element
   bool from_param = false;  // starts as a copy of the param (its master weights), not at init
+  // How many values it holds for a param (StateShape): one per element, or for factored
+  // states (adafactor) one per matrix row or column, kept only by params of two or more
+  // dimensions (factor_rows, factor_cols) or of fewer (unfactored): state_shape() below.
+  StateShape shape = StateShape::element;
 };
+
+/// The shape of state `spec` for a param of `shape` (ndim dims), in torch's layout: the
+/// param's own, or for a factored state the param's with its last dimension (factor_rows:
+/// [..., rows, 1]) or its second-to-last (factor_cols: [..., 1, cols]) set to 1. False where
+/// such a param does not keep the state (`out` is then left empty).
+bool state_shape(const StateSpec& spec, const std::int64_t* shape, int ndim,
+                 std::vector<std::int64_t>& out);
+
+/// A param of `shape` as a batch of matrices over its last two dimensions
+/// (DenseTensors::view); unset (rows 0) for fewer than two dimensions.
+MatrixView matrix_view(const std::int64_t* shape, int ndim);
 
 /// A per-tensor scalar state of an algorithm (DenseTensors::scalars): its name and initial value.
 struct ScalarSpec {
