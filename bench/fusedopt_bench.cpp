@@ -49,10 +49,26 @@ int active_states() {
   return n;
 }
 
-/// Minimal traffic of one step: grad read; param and each state read and written.
+/// Minimal traffic of one step: grad read; param and each state read and written. A factored
+/// algorithm's states are per row and per column of a square matrix here: their traffic is
+/// negligible, and its one-pass minimum is the param's and the grad's.
 template <class A>
 std::int64_t step_bytes(std::int64_t n) {
-  return (1 + 2 * (1 + active_states<A>())) * n * static_cast<std::int64_t>(sizeof(float));
+  const int states = fo::FactoredCapable<A>::value ? 0 : active_states<A>();
+  return (1 + 2 * (1 + states)) * n * static_cast<std::int64_t>(sizeof(float));
+}
+
+/// The benchmark's tensor of n elements as matrices: a square one (n a power of 4) for a
+/// factored algorithm (its factored path), a vector for the others.
+template <class A>
+fo::MatrixView bench_view(std::int64_t n) {
+  fo::MatrixView v;
+  if constexpr (fo::FactoredCapable<A>::value) {
+    v.batch = 1;
+    v.rows = static_cast<std::int64_t>(std::llround(std::sqrt(static_cast<double>(n))));
+    v.cols = n / v.rows;
+  }
+  return v;
 }
 
 /// Buffer sets to rotate through so that `cache` bytes hold none of the next set.
@@ -112,6 +128,8 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
   double probe_s = 0.0, step_s = 0.0;
   for (auto _ : state) {
     fo::cpu::DensePtrs probe = sets[next].ptrs();
+    if (fo::FactoredCapable<A>::value)  // the one-pass minimum: param and grad (step_bytes)
+      for (auto& s : probe.states) s = nullptr;
     if (ema) {  // the probe's loop has no EMA: it moves those bytes as one more state
       for (int k = 0; k < fo::kMaxStates; ++k)
         if (!probe.states[k]) {
@@ -128,6 +146,7 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
     t.grad = p.grad;
     for (int k = 0; k < fo::kMaxStates; ++k) t.states[k] = p.states[k];
     t.numel = n;
+    t.view = bench_view<A>(n);
     if (fo::ScalarList<A>::count > 0) t.scalars = set.scalars;
     fo::StepControls controls;
     if (ema) {

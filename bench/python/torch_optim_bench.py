@@ -9,7 +9,8 @@ noisy shared machine slows them alike (compare the ratios, docs/benchmarks.md):
 - overhead: the GPT-2-small param list (148 tensors) with one element each: the step's fixed
   cost per call (Python, argument handling, dispatch), the arithmetic being negligible;
 - gpt2: the same list at full size (124M elements), and
-- 2^26: one tensor of 2^26 float32 elements (the C++ benchmark's size).
+- 2^26: one tensor of 2^26 float32 elements (the C++ benchmark's size), and the same as one
+  8192x8192 matrix (Adafactor factors matrices: its own path).
 
     python bench/python/torch_optim_bench.py [--device cpu|cuda] [--rounds 3] [--optimizer NAdam]
 
@@ -37,6 +38,7 @@ CASES = {
     "overhead": [(1,)] * 148,
     "gpt2": gpt2_shapes(),
     "2^26": [(1 << 26,)],
+    "8192x8192": [(8192, 8192)],  # 2^26 as a matrix: Adafactor's factored path
 }
 TORCH_FUSED = ("Adam", "AdamW", "SGD", "Adagrad")  # torch 2.15's classes with fused=True
 

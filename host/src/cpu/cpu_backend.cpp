@@ -167,9 +167,9 @@ void factored_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n)
   if (v.factored()) {
     double* const row_sq = partial + 2 * chunks;
     double* const col_partial = row_sq + v.batch * v.rows;
-    parallel_for([&](std::int64_t sb,
-                     std::int64_t se) { factored_stats_segments(t, sb, se, row_sq, col_partial); },
-                 segments, std::max<std::int64_t>(1, kMinParallel / (kColSegment * v.cols)), 1);
+    parallel_for(
+        [&](std::int64_t sb, std::int64_t se) { k.factored_stats(t, sb, se, row_sq, col_partial); },
+        segments, std::max<std::int64_t>(1, kMinParallel / (kColSegment * v.cols)), 1);
     float* const row_var = t.states[0];
     float* const col_var = t.states[1];
     const double rows = static_cast<double>(v.rows), cols = static_cast<double>(v.cols);

@@ -44,6 +44,8 @@ struct Kernels {
                 std::int64_t chunk_begin, std::int64_t chunk_end, double* partial);
   void (*second)(const typename A::Op& op, const DensePtrs& t, float rate, std::int64_t begin,
                  std::int64_t end);
+  void (*factored_stats)(const DensePtrs& t, std::int64_t segment_begin, std::int64_t segment_end,
+                         double* row_sq, double* col_partial);
   void (*factored_sums)(const typename A::Op& op, const DensePtrs& t, const float* norms,
                         std::int64_t n, std::int64_t chunk_begin, std::int64_t chunk_end,
                         double* partial);

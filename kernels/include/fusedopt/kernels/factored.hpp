@@ -56,7 +56,8 @@ struct FactoredCapable<A, std::void_t<decltype(A::kFactored)>> : std::bool_const
 };
 
 /// Sums lanes v[0, kRowLanes) by the fixed tree of a row sum and returns v[0]; overwrites v.
-inline double row_lane_sum(double* v) {
+/// Internal linkage: each CPU ISA's unit compiles its own copy.
+static inline double row_lane_sum(double* v) {
   for (int w = kRowLanes / 2; w > 0; w /= 2)
     for (int l = 0; l < w; ++l) v[l] += v[l + w];
   return v[0];

@@ -35,7 +35,8 @@ struct AdafactorOp {
   double rho;  // min(lr, 1 / sqrt(t))
   double eps2, d;
 
-  FO_HOST_DEVICE float blend(float state, float mean_square) const {
+  template <class V>
+  FO_HOST_DEVICE V blend(V state, V mean_square) const {
     return ema_lerp(state, mean_square, weight);
   }
   FO_HOST_DEVICE float normalizer(double row_mean) const {
