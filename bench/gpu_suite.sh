@@ -146,13 +146,13 @@ fi
 
 # Test selections. gtest runs tests in its own order whatever the filter says, so the bitwise
 # tests go first as a run of their own.
-BITWISE_FILTER='Cuda.GpuEqualsCpuBitwise:SparseGpu.GpuEqualsCpuBitwise:Cuda.Bf16AndF16ParamsWithMasterWeights:CheckpointDevices.*'
+BITWISE_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.FactoredParamsEqualCpuBitwise:SparseGpu.GpuEqualsCpuBitwise:Cuda.Bf16AndF16ParamsWithMasterWeights:CheckpointDevices.*'
 GPU_FILTER="*Cuda*:*cuda*:*Gpu*:*GPU*:*Device*-$BITWISE_FILTER"
 DEMO_FILTER='*Cuda*:*Gpu*:*GPU*:*Device*-DemoGpuPlan.*'  # DemoGpuPlan runs on the host
-MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:NewtonSchulzGpu.Bf16MatchesTheReferenceWithinBf16Rounding:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda:All/ScheduleFree.EvalGivesXAndTrainRestoresYBitwise/adamw_schedule_free_cuda:All/ScheduleFree.ResumeFromACheckpointEqualsNeverStopping/adamw_schedule_free_cuda'
+MEMCHECK_FILTER='Cuda.GpuEqualsCpuBitwise:Cuda.FactoredParamsEqualCpuBitwise:NewtonSchulzGpu.Bf16MatchesTheReferenceWithinBf16Rounding:Cuda.SkipNonFinite:Cuda.ClippingMatchesCpu:Cuda.GradNormWithEveryGradNullIsZeroAsOnTheCpu:Cuda.Bf16States:SparseGpu.GpuEqualsCpuBitwise:ScheduleDevice.Matches*:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/rmsprop_v3_cuda:Cuda/DenseReference.*/lamb_v3_cuda:Cuda/DenseReference.*/lars_v3_cuda:All/ScheduleFree.EvalGivesXAndTrainRestoresYBitwise/adamw_schedule_free_cuda:All/ScheduleFree.ResumeFromACheckpointEqualsNeverStopping/adamw_schedule_free_cuda'
 # racecheck: the kernels with shared memory (every step's, the norm and non-finite reductions,
-# the trust ratio's block trees)
-RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.SkipNonFinite:NewtonSchulzGpu.ZeroMatrixGivesZero:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/lamb_v3_cuda'
+# the trust ratio's and the factored step's block trees and warp shuffles)
+RACECHECK_FILTER='Cuda.ClippingMatchesCpu:Cuda.FactoredParamsEqualCpuBitwise:Cuda.SkipNonFinite:NewtonSchulzGpu.ZeroMatrixGivesZero:Cuda/DenseReference.*/adam_v1_cuda:Cuda/DenseReference.*/lamb_v3_cuda'
 DEMO_SAN_FILTER='DemoCudaModel.LossAndGradientMatchCpuModel'
 TEST_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$LARGE_N")
 SAN_ENV=(env OMP_NUM_THREADS=1 "FUSEDOPT_TEST_LARGE_N=$SAN_LARGE_N")

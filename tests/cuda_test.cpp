@@ -339,6 +339,58 @@ TEST(Cuda, GpuEqualsCpuBitwise) {
   }
 }
 
+// Algorithms with factored states (adafactor): matrices, a batch of matrices and a vector
+// (their row, column and per-element statistics), five steps, every bit of the params and
+// the states equal to the CPU's (kernels/factored.hpp: one order of every sum on both).
+TEST(Cuda, FactoredParamsEqualCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const std::vector<std::vector<std::int64_t>> shapes = {{33, 31},     {3, 40, 70}, {257, 1031},
+                                                         {2, 3, 5, 9}, {1, 37},     {77}};
+  int factored = 0;
+  for (const auto& algo : dense_algorithms()) {
+    try {
+      ref::factored_state_names(algo.name, {2, 2});
+    } catch (const std::invalid_argument&) {
+      continue;  // no factored states: GpuEqualsCpuBitwise covers it
+    }
+    SCOPED_TRACE(algo.name);
+    ++factored;
+    Optimizer cpu(algo.name), gpu(algo.name, Device::cuda);
+    set_options(cpu, rich_options(algo.name));
+    set_options(gpu, rich_options(algo.name));
+    std::vector<std::vector<float>> cpu_p;
+    std::vector<std::unique_ptr<DeviceArray<float>>> gpu_p;
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      std::int64_t n = 1;
+      for (auto d : shapes[i]) n *= d;
+      cpu_p.push_back(random_floats(rng, static_cast<std::size_t>(n)));
+      gpu_p.push_back(std::make_unique<DeviceArray<float>>(cpu_p.back()));
+      cpu.add_param("p" + std::to_string(i), cpu_p.back().data(), DType::f32, shapes[i]);
+      gpu.add_param("p" + std::to_string(i), gpu_p.back()->get(), DType::f32, shapes[i]);
+    }
+    for (int t = 1; t <= 5; ++t) {
+      SCOPED_TRACE("step " + std::to_string(t));
+      std::vector<std::vector<float>> g;
+      std::vector<std::unique_ptr<DeviceArray<float>>> gg;
+      std::vector<const void*> cg, dg;
+      for (const auto& p : cpu_p) {
+        g.push_back(random_floats(rng, p.size()));
+        gg.push_back(std::make_unique<DeviceArray<float>>(g.back()));
+        cg.push_back(g.back().data());
+        dg.push_back(gg.back()->get());
+      }
+      cpu.step(cg.data());
+      gpu.step(dg.data());
+      for (std::size_t i = 0; i < cpu_p.size(); ++i)
+        EXPECT_TRUE(bitwise_equal(gpu_p[i]->download(), cpu_p[i]))
+            << "param " << i << ": " << first_difference(gpu_p[i]->download(), cpu_p[i]);
+      expect_same(holdings(gpu), holdings(cpu), "states");
+    }
+  }
+  EXPECT_GT(factored, 0) << "no algorithm with factored states is registered";
+}
+
 // bf16 and f16 params with f32 master weights and f32 grads: the master copy is stepped in
 // fp32 exactly as a float32 param on the CPU that starts at the widened 16-bit values, and the
 // 16-bit param is the master rounded to nearest even after every step.
