@@ -369,6 +369,10 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
     t.param_dtype = p.dtype;
     t.grad_dtype = g.dtype;
     t.state_dtype = fo::DType::f32;
+    if (p.ndim >= 2) {  // the param as matrices over its last two dims (muon's view)
+      t.view = fo::MatrixView{1, p.shape[p.ndim - 2], p.shape[p.ndim - 1]};
+      for (int d = 0; d + 2 < p.ndim; ++d) t.view.batch *= p.shape[d];
+    }
     for (std::size_t j = 0; j < specs.size(); ++j) {
       importer.view(lists[j][i], s, "state", i);
       check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
