@@ -16,8 +16,8 @@ CPU too); fusedopt's CPU iteration is float32. So two comparisons:
 2. Against stock torch (bf16 iteration), loosely: torch's bf16 iteration is within 2-3.3e-2 of
    the exact one (docs/newton-schulz.md), so one step's updates differ by a few percent of an
    update element, more at an ill-conditioned step; one step at a time from the same state
-   (no compounding), measured 0.06 to 0.09 lr over 10 steps (5 seeds); bound 0.25 lr (the printed value
-   is the run's largest). The adjusted lr alone is a factor sqrt(3) (24 x 8) or 0.2
+   (no compounding), measured 0.06 to 0.09 lr over 10 steps (5 seeds); bound 0.25 lr (the
+   printed value is the run's largest). The adjusted lr alone is a factor sqrt(3) (24 x 8) or 0.2
    sqrt(max) away when wrong, far outside both bounds.
 
 Also: the constructor's signature equals torch's, state_dict both ways (torch's checkpoint
