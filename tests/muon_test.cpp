@@ -1,12 +1,10 @@
 // muon (torch.optim.Muon's algorithm; kernels/ops/muon.hpp, a step of the matrix kind,
 // kernels/matrix_step.hpp) on the CPU: 30 steps against the double reference written from
-// torch's code (reference/muon.hpp) for square, wide, tall (transposed inside the iteration)
-// and batched params, every adjust_lr_fn, nesterov on and off, weight decay, on every
+// torch's code (reference/muon_reference.hpp) for square, wide, tall (transposed inside the
+// iteration) and batched params, every adjust_lr_fn, nesterov on and off, weight decay, on every
 // instruction set; a 3-D batch equal to a loop of 2-D steps; zero gradients; bits across
 // thread counts; checkpoints; 0-size matrices; refusals. (dense_reference_test and
 // determinism_test skip muon with a pointer here: they step vectors.)
-#include "reference/muon.hpp"
-
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -18,6 +16,8 @@
 #include <vector>
 
 #include "fusedopt/fusedopt.hpp"
+#include "reference/muon_reference.hpp"
+#include "tensor_buffer.hpp"
 #include "test_util.hpp"
 
 namespace fo::test {
@@ -380,6 +380,99 @@ TEST(Muon, Bf16IterationIsRefusedOnTheCpuBeforeAnythingChanges) {
       fused_step_list("muon", {{"ns_bf16", 1}}, &t, std::vector<std::int64_t>{1}.data(), 1), Error);
   EXPECT_EQ(b, std::vector<float>(6, 2.0f));
 }
+
+// ------------------------------------------------------- on a GPU (bench/gpu_suite.sh)
+// Written without a GPU: these have never run (the emulation has no cuBLAS; its share of the
+// CUDA path is EmulatedMatrixKernels). The momentum buffer depends on the gradients alone,
+// through the same fp32 lerps on both backends (no FMA contraction): bitwise equal to the
+// CPU's. The params differ by the iterations' errors only (decay and update are elementwise
+// and alike), which add up over the steps: per step at most adjusted_lr times twice the
+// CPU's bound against the double reference (kNsRelative of the largest update, an output
+// element being at most ~1.2, taken as 1.5) for float32; for ns_bf16 = 1 a quarter of
+// adjusted_lr per step (tests/python/test_muon.py measures 0.06 to 0.09 lr between torch's
+// bf16 iteration and a float32 one).
+
+TEST(MuonGpu, StepsMatchTheCpuWithinTheIterationsError) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const double lr = 0.02;
+  for (const bool bf16 : {false, true}) {
+    for (const Shape& shape : std::vector<Shape>{{16, 16}, {24, 8}, {3, 8, 5}, {65, 100}}) {
+      SCOPED_TRACE(shape_name(shape) + (bf16 ? ", ns_bf16" : ", float32"));
+      const std::int64_t n = numel(shape);
+      const std::int64_t rows = shape[shape.size() - 2], cols = shape.back();
+      const std::vector<float> p0 = random_floats(rng, static_cast<std::size_t>(n));
+      std::vector<float> cpu_p = p0;
+      TestTensor gpu_p(Device::cuda, p0);
+      Optimizer cpu("muon"), gpu("muon", Device::cuda);
+      for (Optimizer* o : {&cpu, &gpu}) o->set_option("lr", lr);
+      gpu.set_option("ns_bf16", bf16 ? 1 : 0);
+      cpu.add_param("w", cpu_p.data(), DType::f32, shape);
+      gpu.add_param("w", gpu_p.data(), DType::f32, shape);
+      const double adjusted = ref::muon_adjusted_lr(lr, 0, rows, cols);
+      const double per_step = bf16 ? 0.25 * adjusted : adjusted * 2 * kNsRelative * 1.5;
+      for (int t = 1; t <= 5; ++t) {
+        SCOPED_TRACE("step " + std::to_string(t));
+        const std::vector<float> g = random_floats(rng, static_cast<std::size_t>(n));
+        TestTensor gpu_g(Device::cuda, g);
+        cpu.step({g.data()});
+        gpu.step({gpu_g.data()});
+        EXPECT_TRUE(
+            bitwise_equal(gpu.state("w", "momentum_buffer"), cpu.state("w", "momentum_buffer")));
+        const std::vector<float> got = gpu_p.values();
+        for (std::size_t i = 0; i < got.size(); ++i)
+          ASSERT_LE(std::abs(static_cast<double>(got[i]) - cpu_p[i]),
+                    t * per_step + 8 * kU * std::abs(cpu_p[i]))
+              << "param[" << i << "]";
+      }
+      EXPECT_TRUE(gpu_p.guards_intact());
+    }
+  }
+}
+
+#if defined(FUSEDOPT_WITH_CUDA)
+// Capturable: after a first step (state, workspace, the thread's cuBLAS handle), a step
+// captured in a graph and replayed equals an eager one, bitwise (device step counts, no host
+// sync, no allocation).
+TEST(MuonGpu, ACapturedStepEqualsAnEagerOne) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const Shape shape{2, 96, 40};
+  const std::vector<float> p0 = random_floats(rng, static_cast<std::size_t>(numel(shape)));
+  const std::vector<float> g1 = random_floats(rng, p0.size()), g2 = random_floats(rng, p0.size());
+  TestTensor pa(Device::cuda, p0), pb(Device::cuda, p0), ga(Device::cuda, g1), gb(Device::cuda, g2);
+  Optimizer eager("muon", Device::cuda), captured("muon", Device::cuda);
+  eager.add_param("w", pa.data(), DType::f32, shape);
+  captured.add_param("w", pb.data(), DType::f32, shape);
+  eager.step({ga.data()});
+  captured.step({ga.data()});
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  std::string error;
+  try {
+    captured.step({gb.data()}, stream);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+  ASSERT_TRUE(error.empty()) << "threw while capturing: " << error;
+  ASSERT_EQ(end, cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiateWithFlags(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  eager.step({gb.data()});
+  const std::vector<float> a = pa.values(), b = pb.values();
+  EXPECT_TRUE(bitwise_equal(b, a)) << first_difference(b, a);
+  EXPECT_EQ(captured.step_count("w"), 2);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+#endif
 
 }  // namespace
 }  // namespace fo::test

@@ -475,7 +475,7 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   if (a == "lamb" || a == "lars") return trust_ratio_step(a, o, t, param, grad, s);
   if (a == "muon")
     throw std::invalid_argument(
-        "fo::ref: muon steps matrices: ref::muon_step (reference/muon.hpp)");
+        "fo::ref: muon steps matrices: ref::muon_step (reference/muon_reference.hpp)");
   if (a == "adafactor")
     return factored_step(a, options, t, {static_cast<std::int64_t>(n)}, param, grad, states);
   if (a == "sgd_schedule_free" || a == "adamw_schedule_free") {

@@ -1,4 +1,4 @@
-#include "reference/muon.hpp"
+#include "reference/muon_reference.hpp"
 
 #include <algorithm>
 #include <cmath>
