@@ -468,6 +468,9 @@ void register_sparse(bool cuda) {
 
 template <class A>
 void register_algorithm(bool cuda) {
+  // A matrix step (muon) is its Newton-Schulz iteration's cost, not a pass over memory:
+  // bench/newton_schulz_bench.cpp and bench/python/muon_cpu_bench.py time it on real shapes.
+  if (fo::MatrixCapable<A>::value) return;
   for (bool ema : {false, true})
     for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26}) {
       if (ema && std::string(A::kName) != "adam") continue;

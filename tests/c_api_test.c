@@ -562,6 +562,36 @@ static void test_factored_states(void) {
   fo_optimizer_destroy(opt);
 }
 
+/* muon by name: matrices only (a vector is refused, nothing added), its state, ns_bf16 refused
+ * by a CPU step with nothing changed. */
+static void test_muon(void) {
+  enum { R = 6, C = 4 };
+  float w[R * C], g[R * C], before[R * C], buf[R * C], v[R];
+  fill(w, R * C);
+  fill(v, R);
+  const int64_t shape[2] = {R, C}, vec[1] = {R};
+  fo_optimizer* opt = make("muon", 0.02);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "b", v, FO_FLOAT32, 1, vec), INVALID);
+  CHECK_STATUS(fo_optimizer_add_param(opt, "w", w, FO_FLOAT32, 2, shape), OK);
+  const void* grads[1] = {g};
+  fill(g, R * C);
+  memcpy(before, w, sizeof w);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "ns_bf16", 1), OK);
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), FO_UNSUPPORTED);
+  CHECK(memcmp(w, before, sizeof w) == 0);
+  CHECK(steps_of(opt, "w") == 0);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "ns_bf16", 0), OK);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "adjust_lr_fn", 3), INVALID);
+  CHECK_STATUS(fo_optimizer_step(opt, grads, NULL), OK);
+  CHECK(memcmp(w, before, sizeof w) != 0);
+  CHECK(steps_of(opt, "w") == 1);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "momentum_buffer", buf, R * C), OK);
+  int ok = 1; /* buf = lerp(0, g, 1 - 0.95) = 0.05 g (to a float rounding) */
+  for (int i = 0; i < R * C; ++i) ok = ok && fabsf(buf[i] - 0.05f * g[i]) <= 1e-6f * fabsf(g[i]);
+  CHECK(ok);
+  fo_optimizer_destroy(opt);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -578,6 +608,7 @@ int main(int argc, char** argv) {
   test_weight_ema();
   test_schedule_free_eval();
   test_factored_states();
+  test_muon();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -63,7 +63,8 @@ struct Model {
       : params(init), opt(algorithm) {
     for (const auto& [k, v] : options) opt.set_option(k, v);
     for (std::size_t i = 0; i < sizes.size(); ++i)
-      opt.add_param("p" + std::to_string(i), params[i].data(), DType::f32, {sizes[i]});
+      opt.add_param("p" + std::to_string(i), params[i].data(), DType::f32,
+                    shape_for(algorithm, {sizes[i]}));
     if (!options.empty()) opt.set_param_option("p1", "lr", opt.option("lr") * 0.5);
   }
   void step(const std::vector<std::vector<float>>& g) {

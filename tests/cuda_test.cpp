@@ -10,6 +10,8 @@
 // cuda_runtime_api_emulated.hpp gives: graphs, cuSOLVER and 20 GiB of memory are not there.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #if defined(FUSEDOPT_WITH_CUDA) || defined(FUSEDOPT_EMULATED_DEVICE)
 
 #if defined(FUSEDOPT_EMULATED_DEVICE)
@@ -312,6 +314,12 @@ TEST(Cuda, GpuEqualsCpuBitwise) {
       *::testing::UnitTest::GetInstance()->current_test_info()->result();
   for (const auto& algo : dense_algorithms()) {
     SCOPED_TRACE(algo.name);
+    if (algo.matrix_only) {  // muon: vectors are refused, and its iteration is OpenBLAS's here
+      // and cuBLAS's there, not bitwise alike: its GPU check is a tolerance (docs/optimizers.md)
+      std::printf("[ note ] %s left out: matrices only, and not bitwise across BLAS libraries\n",
+                  algo.name.c_str());
+      continue;
+    }
     const int parts_before = result.total_part_count();
     const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
     std::vector<float> cpu_p = p0, cpu_g(gl.total);
@@ -876,6 +884,10 @@ TEST(Cuda, GradScale) {
   const Layout pl = carve({37, 1000, 1, 4099, 100003}, rng), gl = carve(pl.sizes, rng);
   for (const auto& algo : dense_algorithms()) {
     SCOPED_TRACE(algo.name);
+    if (algo.matrix_only) {  // muon steps no vectors (these params are vectors)
+      std::printf("[ note ] %s left out: it steps matrices only\n", algo.name.c_str());
+      continue;
+    }
     const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
     DeviceArray<float> a_p(p0), b_p(p0), a_g(gl.total), b_g(gl.total);
     Optimizer scaled(algo.name, Device::cuda), plain(algo.name, Device::cuda);

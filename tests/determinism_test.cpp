@@ -31,7 +31,9 @@ StepResult run_steps(const std::string& algorithm,
   float* p = storage.data() + offset;
   Optimizer opt(algorithm);
   for (const auto& [k, v] : opts) opt.set_option(k, v);
-  opt.add_param("w", p, DType::f32, {static_cast<std::int64_t>(p0.size())});
+  // A matrix-only algorithm (muon) takes the same elements as one row (shape_for): its
+  // elementwise passes split over threads as any step's do.
+  opt.add_param("w", p, DType::f32, shape_for(algorithm, {static_cast<std::int64_t>(p0.size())}));
   for (const auto& g : grads) opt.step({g.data()});
   StepResult r;
   r.param.assign(p, p + p0.size());

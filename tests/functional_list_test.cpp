@@ -28,9 +28,30 @@ void expect_error(F&& f, StatusCode code, const std::string& needle) {
   }
 }
 
-/// Options that use as much of an algorithm as a dense step takes: starting from the defaults,
-/// each option in turn is switched on (a flag to 1, a zero to 0.1) and kept where the options
-/// stay valid for a dense step (nesterov needs dampening 0, rowwise is sparse-only, ...).
+/// Whether a one-element dense step on the CPU takes `named` (muon's ns_bf16 is CUDA's).
+bool cpu_takes(const AlgorithmDescription& d, const NamedOptions& named) {
+  float p = 1.0f, g = 0.5f, s[kMaxStates] = {};
+  double scalars[kMaxScalars] = {};
+  DenseTensors t;
+  t.param = &p;
+  t.grad = &g;
+  for (int k = 0; k < kMaxStates; ++k) t.states[k] = &s[k];
+  t.numel = 1;
+  t.scalars = scalars;
+  if (d.matrix_only) t.view = MatrixView{1, 1, 1};
+  const std::int64_t step = 1;
+  try {
+    check_step_list(d.name, named, &t, &step, 1);
+    return true;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+/// Options that use as much of an algorithm as a dense CPU step takes: starting from the
+/// defaults, each option in turn is switched on (a flag to 1, a zero to 0.1) and kept where
+/// the options stay valid for a dense CPU step (nesterov needs dampening 0, rowwise is
+/// sparse-only, muon's ns_bf16 is CUDA-only, ...).
 NamedOptions rich_options(const AlgorithmDescription& d) {
   NamedOptions named;
   for (std::size_t i = 0; i < d.options.size(); ++i) {
@@ -40,6 +61,7 @@ NamedOptions rich_options(const AlgorithmDescription& d) {
     named.emplace_back(d.options[i], value);
     try {
       step_states(d.name, named);
+      if (!cpu_takes(d, named)) named.pop_back();
     } catch (const Error&) {
       named.pop_back();
     }
@@ -51,6 +73,7 @@ struct Buffers {
   std::vector<std::vector<float>> params, grads;
   std::vector<std::vector<float>> states[kMaxStates];
   std::vector<std::vector<double>> scalars;  // per tensor, where the algorithm keeps them
+  bool matrix_only = false;                  // muon: each tensor is one row [1, numel]
 
   std::vector<std::vector<float>> all() const {
     std::vector<std::vector<float>> v = params;
@@ -65,6 +88,7 @@ struct Buffers {
       t.states[k] = states[k].empty() ? nullptr : states[k][i].data();
     t.numel = static_cast<std::int64_t>(params[i].size());
     t.scalars = scalars.empty() ? nullptr : scalars[i].data();
+    if (matrix_only) t.view = MatrixView{1, 1, t.numel};
     return t;
   }
 };
@@ -75,6 +99,8 @@ const std::vector<std::size_t> kSizes = {0, 1, 7, 17, 64, 1000, 4099, 300001};
 Buffers make_buffers(std::mt19937_64& rng, const std::string& algorithm,
                      const std::vector<StateSpec>& specs) {
   Buffers b;
+  for (const auto& d : dense_algorithms())
+    b.matrix_only = b.matrix_only || (d.name == algorithm && d.matrix_only);
   for (std::size_t n : kSizes) {
     b.params.push_back(random_floats(rng, n));
     b.grads.push_back(random_floats(rng, n));

@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "fusedopt/optimizer.hpp"
+
 namespace fo::test {
 
 /// The run's seed: FUSEDOPT_TEST_SEED if set, else fresh from the OS. Printed once.
@@ -72,6 +74,20 @@ inline void expect_same(const std::vector<std::vector<float>>& a,
   for (std::size_t i = 0; i < a.size(); ++i)
     EXPECT_TRUE(bitwise_equal(a[i], b[i]))
         << what << ", item " << i << ": " << first_difference(a[i], b[i]);
+}
+
+/// `shape` for a param of `algorithm`, or, where the algorithm steps matrices only (muon) and
+/// `shape` has fewer than two dimensions, the same elements as one row [1, numel]: for the
+/// generic tests that step every algorithm on vectors.
+inline std::vector<std::int64_t> shape_for(const std::string& algorithm,
+                                           const std::vector<std::int64_t>& shape) {
+  bool matrix_only = false;
+  for (const AlgorithmDescription& d : dense_algorithms())
+    matrix_only = matrix_only || (d.name == algorithm && d.matrix_only);
+  if (!matrix_only || shape.size() >= 2) return shape;
+  std::int64_t n = 1;
+  for (std::int64_t d : shape) n *= d;
+  return {1, n};
 }
 
 }  // namespace fo::test

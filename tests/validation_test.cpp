@@ -26,7 +26,7 @@ class Stepped {
     ga = random_floats(rng, 37);
     gb = random_floats(rng, 1000);
     for (const auto& [k, v] : opts) opt.set_option(k, v);
-    opt.add_param("a", a.data(), DType::f32, {37});
+    opt.add_param("a", a.data(), DType::f32, shape_for(algorithm, {37}));
     opt.add_param("b", b.data(), DType::f32, {10, 100});
     opt.step({ga.data(), gb.data()});
     opt.step({ga.data(), gb.data()});

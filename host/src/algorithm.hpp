@@ -28,6 +28,7 @@ struct OptionFacts {
   StateShape state_shape[kMaxStates] = {};
   bool dense = true;           // takes dense steps (no row-wise state)
   std::string sparse_refusal;  // why a sparse step refuses these values, or ""
+  std::string cpu_refusal;     // why the CPU backend refuses these values, or ""
 };
 
 /// Values in a state of this shape for a param of `shape` (numel elements); 0 where such a

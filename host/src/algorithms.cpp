@@ -34,6 +34,7 @@ AlgorithmDescription describe() {
     d.scalar_init.push_back(ScalarList<A>::init(k));
   }
   d.eval = EvalCapable<A>::value;
+  d.matrix_only = MatrixCapable<A>::value;
   return d;
 }
 #if defined(__GNUC__) && !defined(__clang__)
@@ -80,6 +81,7 @@ class AlgorithmImpl final : public Algorithm {
       if (f.has_state[k] && f.state_shape[k] == StateShape::row) f.dense = false;
     }
     f.sparse_refusal = SparseRefusal<A>::of(o);
+    f.cpu_refusal = CpuRefusal<A>::of(o);
     return f;
   }
 

@@ -67,6 +67,16 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
       unsupported("the CPU backend steps float32 params, grads and states only");
     if (c.stochastic_rounding || c.d_lr || c.d_grad_multiplier || c.d_found_inf)
       unsupported("device-side scalars and stochastic rounding need the CUDA backend");
+    if (const char* why = CpuRefusal<A>::of(o); *why) unsupported(why);
+  }
+  if constexpr (MatrixCapable<A>::value) {
+    const MatrixView& v = t.view;
+    if (!is_matrix_batch(v, t.numel))
+      invalid(who() + ": steps matrices only: DenseTensors::view must hold the tensor as " +
+              "[batch, rows, cols] (a param of 2 or more dimensions), got [" +
+              std::to_string(v.batch) + ", " + std::to_string(v.rows) + ", " +
+              std::to_string(v.cols) + "] for numel " + std::to_string(t.numel) +
+              " (vectors and scalars: use adamw or another elementwise algorithm)");
   }
   if (!std::isfinite(c.grad_multiplier))
     invalid(who() + ": the gradient multiplier must be finite");

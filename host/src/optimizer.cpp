@@ -153,6 +153,13 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
   if (dtype != DType::f32 && m.device != Device::cuda)
     unsupported("param '" + name + "': dtype " + dtype_name(dtype) +
                 " needs the CUDA backend (the CPU steps float32)");
+  if (m.desc().matrix_only && shape.size() < 2)
+    invalid("param '" + name + "': " + m.desc().name +
+            " steps matrices only (2 or more dimensions, a batch of matrices over the last "
+            "two), got " +
+            std::to_string(shape.size()) +
+            " dimension(s): step vectors and scalars with adamw (or another elementwise "
+            "algorithm) in a second optimizer");
   std::int64_t numel = 1;
   for (std::int64_t d : shape) {
     if (d < 0) invalid("param '" + name + "': negative dimension " + std::to_string(d));

@@ -48,6 +48,8 @@ void Optimizer::step(const void* const* grads, void* stream) {
     if (!p.facts.dense)
       unsupported("step: param '" + p.name + "' keeps per-row state (" + m.desc().name +
                   " with these options): it takes sparse steps (step_sparse) only");
+    if (!cuda && !p.facts.cpu_refusal.empty())
+      unsupported("step: param '" + p.name + "': " + m.desc().name + ": " + p.facts.cpu_refusal);
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
       invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context.

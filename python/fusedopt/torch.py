@@ -773,3 +773,58 @@ AdamWScheduleFree = _schedule_free_class(
     "AdamWScheduleFree", "adamw_schedule_free", _adamw_schedule_free_init,
     "fusedopt's adamw_schedule_free (docs/optimizers.md)"
     + _SF_DOC.format("AdamWScheduleFree", "z, exp_avg_sq"))
+
+
+# -- Muon (torch.optim.Muon, torch 2.15): a step of the matrix kind -----------------------------
+
+# torch keeps the Newton-Schulz coefficients as one tuple; the library takes ns_a, ns_b, ns_c.
+_PAIRED.update({"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
+                "ns_c": ("ns_coefficients", 2)})
+# torch's adjust_lr_fn strings as the library's numbers (None: torch's default, "original").
+_MUON_ADJUST_LR_FN = {None: 0, "original": 0, "match_rms_adamw": 1, "spectral_unclamped": 2}
+
+
+def _muon_init(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
+               ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
+               adjust_lr_fn=None):
+    if adjust_lr_fn not in _MUON_ADJUST_LR_FN:
+        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    self._setup(params, locals())
+
+
+class _MuonOptimizer(_FusedOptimizer):
+    """torch.optim.Muon's group keys to the library's options, and its 2-D-param check."""
+
+    def add_param_group(self, param_group):
+        params = param_group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)  # a generator, once
+        param_group["params"] = params
+        for p in params:
+            if torch.is_tensor(p) and p.ndim < 2:
+                raise ValueError(
+                    "Muon only supports 2D parameters whereas we found a parameter with size: "
+                    f"{p.size()} (fusedopt also steps 3-D and larger params as batches of "
+                    "matrices; use AdamW for vectors and scalars)")
+        fn = param_group.get("adjust_lr_fn", self.defaults.get("adjust_lr_fn"))
+        if fn not in _MUON_ADJUST_LR_FN:
+            raise ValueError(f"Adjust learning rate function {fn} is not supported")
+        super().add_param_group(param_group)
+
+    def _options(self, group):
+        code = _MUON_ADJUST_LR_FN.get(group.get("adjust_lr_fn"))
+        if code is None:
+            raise ValueError(f"Adjust learning rate function {group.get('adjust_lr_fn')} is "
+                             "not supported")
+        return super()._options(dict(group, adjust_lr_fn=code))
+
+
+Muon = type("Muon", (_MuonOptimizer,), {
+    "__init__": _muon_init, "_spec": _Spec("muon", step=None), "__module__": __name__,
+    "__doc__": (
+        "fusedopt's muon (docs/optimizers.md) as torch.optim.Muon (torch 2.15): the same "
+        "arguments, defaults, param groups and state (momentum_buffer), so state_dicts move "
+        "either way. The Newton-Schulz iteration runs in float32 (torch's is bfloat16); a "
+        "group key ns_bf16=True asks for bfloat16 on CUDA. Params of 3 or more dimensions "
+        "step as batches of matrices over their last two (torch refuses them).")})
+_muon_init.__qualname__ = "Muon.__init__"
+__all__.append("Muon")

@@ -58,6 +58,8 @@ struct ListBuffers {
   ListBuffers(Device d, const std::string& algorithm, const NamedOptions& options,
               const std::vector<std::vector<float>>& params)
       : device(d), specs(step_states(algorithm, options)), scalar_specs(step_scalars(algorithm)) {
+    for (const auto& a : dense_algorithms())
+      matrix_only = matrix_only || (a.name == algorithm && a.matrix_only);
     for (const auto& p : params) {
       param.push_back(std::make_unique<TestTensor>(d, p));
       ema.push_back(std::make_unique<TestTensor>(d, p));
@@ -81,6 +83,7 @@ struct ListBuffers {
       for (std::size_t k = 0; k < specs.size(); ++k)
         ts[i].states[specs[k].index] = states[i][k]->data();
       if (!scalar_specs.empty()) ts[i].scalars = reinterpret_cast<double*>(scalars[i]->data());
+      if (matrix_only) ts[i].view = MatrixView{1, 1, ts[i].numel};  // one row
     }
     return ts;
   }
@@ -100,6 +103,7 @@ struct ListBuffers {
     return all;
   }
   Device device;
+  bool matrix_only = false;  // muon: each tensor is viewed as one row [1, numel]
   std::vector<StateSpec> specs;
   std::vector<ScalarSpec> scalar_specs;
   std::vector<std::unique_ptr<TestTensor>> param, ema, scalars;
@@ -132,6 +136,24 @@ TEST_P(EmulatedFunctional, ListStepsEqualTheCpu) {
       gpu_g.push_back(std::make_unique<TestTensor>(Device::cuda, g));
     }
     const std::vector<DenseTensors> c = cpu.tensors(cpu_g), g = gpu.tensors(gpu_g);
+    if (gpu.matrix_only) {
+      // The emulated device has no cuBLAS, so a matrix step's Newton-Schulz iteration cannot
+      // run here: the step must be refused as such before any kernel, nothing changed. (Its
+      // two elementwise kernels are emulation_test's EmulatedMatrixKernels, bytewise against
+      // the CPU with a fixed iteration output; the whole step is the GPU suite's.)
+      const auto before = gpu.everything();
+      try {
+        fused_step_list(algorithm, options, g.data(), steps.data(), g.size(), {Device::cuda},
+                        controls);
+        ADD_FAILURE() << algorithm << " stepped on the emulated device, which has no cuBLAS";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+        EXPECT_NE(std::string(e.what()).find("cuBLAS"), std::string::npos) << e.what();
+      }
+      expect_same(gpu.everything(), before, "a step refused for want of cuBLAS");
+      fused_step_list(algorithm, options, c.data(), steps.data(), c.size(), {}, controls);
+      return;
+    }
     fused_step_list(algorithm, options, c.data(), steps.data(), c.size(), {}, controls);
     fused_step_list(algorithm, options, g.data(), steps.data(), g.size(), {Device::cuda}, controls);
     expect_same(gpu.everything(), cpu.everything(), "step " + std::to_string(t + 1));

@@ -11,9 +11,10 @@
 //
 // What cannot run here, and is left to the GPU suite (bench/gpu_suite.sh): CUB's sort,
 // run-length encoding and scan of the sparse step (the row kernels get a run list sorted on
-// the host instead), cuSOLVER, device memory and streams, the GPU's memory model, occupancy
-// and real launch limits, and the device's own math library (pow, sqrt in double). An
-// emulated result is never a GPU result (docs/host-emulation.md).
+// the host instead), cuSOLVER, cuBLAS (so a matrix step, muon's, runs here only as its two
+// elementwise kernels around a fixed iteration output: EmulatedMatrixKernels), device memory and
+// streams, the GPU's memory model, occupancy and real launch limits, and the device's own math
+// library (pow, sqrt in double). An emulated result is never a GPU result (docs/host-emulation.md).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -765,6 +766,201 @@ void expect_eval_matches(std::mt19937_64& rng) {
   }
 }
 
+// ------------------------------------------- matrix steps: the two kernels around the iteration
+
+/// A matrix step's tensor of n elements: test_view(n) where that is a matrix, else one row.
+MatrixView matrix_view_of(std::size_t n) {
+  const MatrixView v = test_view(n);
+  return v.factored() ? v : MatrixView{1, 1, static_cast<std::int64_t>(n)};
+}
+
+/// A matrix algorithm's step (kernels/matrix_step.hpp) cannot run here: its Newton-Schulz
+/// iteration is cuBLAS's, which neither the emulation nor a build without CUDA has. The
+/// launcher must say so (unsupported) before any kernel runs: nothing changes. Its two
+/// elementwise kernels are expect_matrix_passes_match_cpu's, bytewise against the CPU.
+template <class A>
+void expect_matrix_step_unsupported(std::mt19937_64& rng) {
+  const typename A::Options o{};
+  const Storage f32{};
+  Tensor t(f32, 12, rng, state_inits<A>(o));
+  t.view = MatrixView{1, 3, 4};
+  const std::vector<unsigned char> before = t.param.bytes();
+  std::vector<cuda::ListEntry> entries = {entry_of<A>(o, t, 1, 0)};
+  cuda::ListSettings s;
+  const std::vector<double> workspace = workspace_for<A>(s, entries);
+  try {
+    cuda::multi_tensor_step<A>(o, entries.data(), 1, cuda::plan_list(entries.data(), 1), s,
+                               nullptr);
+    ADD_FAILURE() << A::kName << ": a matrix step ran without cuBLAS";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+  }
+  EXPECT_EQ(t.param.bytes(), before) << A::kName << ": the param moved";
+}
+
+/// The two elementwise passes of a matrix step through their launchers (cuda::matrix_prepare,
+/// cuda::matrix_apply: kernels/cuda/matrix_step.cuh) against the CPU backend's
+/// (kernels/cpu/matrix_step.hpp), bytewise, for f32 storage: the iteration's input X and the
+/// states after pass 1; the param and its weight EMA after pass 2, which reads the same fixed
+/// output O on both sides (random values standing in for the iteration, which needs cuBLAS).
+/// `x_dtype` bf16: X must be the CPU's X rounded to nearest, and an O stored as bf16 is read
+/// as its float value. Device scalars (d_lr, d_steps, found_inf) as in expect_f32_matches_cpu.
+template <class A>
+void expect_matrix_passes_match_cpu(const typename A::Options& o, std::size_t n,
+                                    const DeviceScalars& d, DType x_dtype, std::mt19937_64& rng) {
+  const std::vector<float> init = state_inits<A>(o);
+  const Storage f32{};
+  std::mt19937_64 copy = rng;
+  Tensor emu(f32, n, copy, init), cpu(f32, n, rng, init);
+  emu.view = cpu.view = matrix_view_of(n);
+  const std::vector<float> o_values = random_floats(rng, n);
+  Buffer o_buf(x_dtype, n, 0);
+  o_buf.fill_from(o_values);
+  std::vector<float> o_cpu(n);  // O as the apply pass sees it
+  for (std::size_t i = 0; i < n; ++i) o_cpu[i] = o_buf.get(i);
+  const float grad_multiplier = 0.75f, lr_factor = d.lr_factor, found = d.found_inf;
+  std::vector<std::int64_t> d_steps = {4, 4, 4};
+  const std::int64_t step = 3;
+  const std::string what = describe<A>(o) + ", size " + std::to_string(n) + ", X " +
+                           dtype_name(x_dtype) + (lr_factor != 0.0f ? ", device lr" : "") +
+                           (found != 0.0f ? ", skipped" : "");
+
+  cuda::ListEntry e = entry_of<A>(o, emu, step, 1);
+  cuda::ListSettings s;
+  s.grad_multiplier = grad_multiplier;
+  if (lr_factor != 0.0f) s.d_lr = &lr_factor;
+  if (d.counted_on_device) s.d_steps = d_steps.data();
+  if (d.pass_found_inf) s.d_found_inf = &found;
+  if (d.ema_decay != 0.0) {
+    e.ema = static_cast<float*>(emu.ema.data());
+    s.ema_weight = ema_weight(d.ema_decay);
+  }
+  Buffer x(x_dtype, n, 0);
+  for (std::size_t i = 0; i < n; ++i) x.set(i, 0.0f);
+  const std::vector<unsigned char> x_before = x.bytes();
+  cuda::matrix_prepare<A>(o, e, s, x.data(), x_dtype, nullptr);
+  cuda::matrix_apply<A>(o, e, s, o_buf.data(), x_dtype, nullptr);
+
+  typename A::Options oc = o;
+  if (lr_factor != 0.0f) oc.lr *= static_cast<double>(lr_factor);
+  const typename A::Op op = A::make_op(oc, d.counted_on_device ? d_steps[1] + 1 : step);
+  cpu::DensePtrs t{static_cast<float*>(cpu.param.data()),
+                   static_cast<const float*>(cpu.grad.data()),
+                   {},
+                   grad_multiplier};
+  for (int k = 0; k < StateList<A>::count; ++k)
+    if (A::has_state(o, k))
+      t.states[k] = static_cast<float*>(cpu.states[static_cast<std::size_t>(k)].data());
+  if (d.ema_decay != 0.0) {
+    t.ema = static_cast<float*>(cpu.ema.data());
+    t.ema_weight = ema_weight(d.ema_decay);
+  }
+  t.view = cpu.view;
+  Buffer x_cpu(DType::f32, n, 0);
+  if (found == 0.0f) {
+    const cpu::Kernels<A>& k = cpu::active_kernels<A>();
+    k.matrix_prepare(op, t, static_cast<float*>(x_cpu.data()), 0, static_cast<std::int64_t>(n));
+    k.matrix_apply(op, t, o_cpu.data(), op.rate(t.view.rows, t.view.cols), 0,
+                   static_cast<std::int64_t>(n));
+    Buffer want_x(x_dtype, n, 0);
+    for (std::size_t i = 0; i < n; ++i) want_x.set(i, x_cpu.get(i));
+    EXPECT_TRUE(x == want_x) << what << ", X: " << first_byte_difference(x, want_x);
+  } else {
+    EXPECT_EQ(x.bytes(), x_before) << what << ": X written by a skipped step";
+  }
+  EXPECT_TRUE(emu.param == cpu.param)
+      << what << ", param: " << first_byte_difference(emu.param, cpu.param);
+  EXPECT_TRUE(emu.ema == cpu.ema) << what << ", ema: " << first_byte_difference(emu.ema, cpu.ema);
+  for (int k = 0; k < StateList<A>::count; ++k) {
+    const auto kk = static_cast<std::size_t>(k);
+    if (A::has_state(o, k)) {
+      EXPECT_TRUE(emu.states[kk] == cpu.states[kk])
+          << what << ", state " << StateList<A>::name(k) << ": "
+          << first_byte_difference(emu.states[kk], cpu.states[kk]);
+    }
+  }
+}
+
+/// The two passes for 16-bit params (with and without master weights), 16-bit grads and
+/// bf16 states against the per-element contract of multi_tensor.cuh: every operand widened
+/// to fp32, the functor's prepare and apply once, the master written exactly and every 16-bit
+/// value rounded to nearest even. (Stochastic rounding goes through the same
+/// store_from_float as every step kernel, with the multi-tensor step's counters: it is
+/// covered there, not again here.)
+template <class A>
+void expect_matrix_storages_match_reference(std::mt19937_64& rng) {
+  const typename A::Options o = option_variants<A>().back();
+  const std::vector<float> init = state_inits<A>(o);
+  const float grad_multiplier = 0.5f;
+  for (const Storage& st : storages()) {
+    if (st.stochastic) continue;
+    for (std::size_t n : {1, 5, 9, 8197}) {
+      std::mt19937_64 copy = rng;
+      Tensor emu(st, n, copy, init), ref(st, n, rng, init);
+      emu.view = ref.view = matrix_view_of(n);
+      const std::vector<float> o_values = random_floats(rng, n);
+      cuda::ListEntry e = entry_of<A>(o, emu, 2, 0);
+      cuda::ListSettings s;
+      s.param_dtype = st.param;
+      s.grad_dtype = st.grad;
+      s.state_dtype = st.state;
+      s.grad_multiplier = grad_multiplier;
+      Buffer x(DType::f32, n, 0);
+      cuda::matrix_prepare<A>(o, e, s, x.data(), DType::f32, nullptr);
+      cuda::matrix_apply<A>(o, e, s, o_values.data(), DType::f32, nullptr);
+      const typename A::Op op = A::make_op(o, 2);
+      const float rate = op.rate(ref.view.rows, ref.view.cols);
+      const std::string what = describe<A>(o) + ", " + st.name() + ", size " + std::to_string(n);
+      for (std::size_t i = 0; i < n; ++i) {
+        float sv[kMaxStates] = {};
+        for (int k = 0; k < StateList<A>::count; ++k)
+          if (A::has_state(o, k)) sv[k] = ref.states[static_cast<std::size_t>(k)].get(i);
+        const float xi = op.prepare(ref.grad.get(i) * grad_multiplier, sv);
+        ASSERT_EQ(std::memcmp(&xi, static_cast<const float*>(x.data()) + i, 4), 0)
+            << what << ", X[" << i << "]";
+        for (int k = 0; k < StateList<A>::count; ++k)
+          if (A::has_state(o, k)) ref.states[static_cast<std::size_t>(k)].set(i, sv[k]);
+        const float p =
+            op.apply(st.master ? ref.master.get(i) : ref.param.get(i), o_values[i], rate);
+        if (st.master) ref.master.set(i, p);
+        ref.param.set(i, p);
+      }
+      EXPECT_TRUE(emu.param == ref.param)
+          << what << ", param: " << first_byte_difference(emu.param, ref.param);
+      EXPECT_TRUE(emu.master == ref.master) << what << ", master";
+      for (int k = 0; k < StateList<A>::count; ++k) {
+        const auto kk = static_cast<std::size_t>(k);
+        if (A::has_state(o, k)) {
+          EXPECT_TRUE(emu.states[kk] == ref.states[kk])
+              << what << ", state " << k << ": "
+              << first_byte_difference(emu.states[kk], ref.states[kk]);
+        }
+      }
+    }
+  }
+}
+
+template <class A>
+void expect_matrix_kernels_match(std::mt19937_64& rng) {
+  for (const auto& o : option_variants<A>())
+    for (std::size_t n : kSizes)
+      for (DType x_dtype : {DType::f32, DType::bf16})
+        expect_matrix_passes_match_cpu<A>(o, n, {}, x_dtype, rng);
+  const typename A::Options o = option_variants<A>().back();
+  DeviceScalars d;
+  d.counted_on_device = true;
+  d.lr_factor = 0.375f;
+  d.ema_decay = 0.999;
+  d.pass_found_inf = true;
+  for (std::size_t n : {5, 8193, 20011})
+    expect_matrix_passes_match_cpu<A>(o, n, d, DType::f32, rng);
+  d.ema_decay = 0.375;  // the EMA's other lerp branch
+  for (std::size_t n : {5, 8193}) expect_matrix_passes_match_cpu<A>(o, n, d, DType::f32, rng);
+  d.found_inf = 1.0f;  // a skipped step: nothing moves
+  for (std::size_t n : {5, 8193}) expect_matrix_passes_match_cpu<A>(o, n, d, DType::f32, rng);
+  expect_matrix_storages_match_reference<A>(rng);
+}
+
 // ------------------------------------------------------------ one test case per algorithm
 
 struct AlgorithmCase {
@@ -779,9 +975,27 @@ struct AlgorithmCase {
 };
 
 template <class A>
+AlgorithmCase make_elementwise_case(AlgorithmCase c);
+
+template <class A>
 AlgorithmCase make_case() {
   AlgorithmCase c;
   c.name = A::kName;
+  if constexpr (MatrixCapable<A>::value) {
+    // A matrix step needs cuBLAS: each whole-step case asserts the refusal; the kernels
+    // around the iteration are EmulatedMatrixKernels' (below), bytewise against the CPU.
+    c.options_f32 = c.device_scalars = c.storages = c.many_tensors =
+        c.ema = [](std::mt19937_64& rng) { expect_matrix_step_unsupported<A>(rng); };
+    c.sparse = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " takes no sparse steps"; };
+    c.eval = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " has one form of its params"; };
+    return c;
+  } else {
+    return make_elementwise_case<A>(c);
+  }
+}
+
+template <class A>
+AlgorithmCase make_elementwise_case(AlgorithmCase c) {
   c.options_f32 = [](std::mt19937_64& rng) {
     for (const auto& o : option_variants<A>()) expect_f32_matches_cpu<A>(o, kSizes, {}, rng);
   };
@@ -894,6 +1108,25 @@ INSTANTIATE_TEST_SUITE_P(Every, EmulatedKernels,
                          [](const ::testing::TestParamInfo<int>& p) {
                            return std::string(cases()[static_cast<std::size_t>(p.param)].name);
                          });
+
+template <class A>
+void matrix_kernels_case(std::mt19937_64& rng, int& covered) {
+  if constexpr (MatrixCapable<A>::value) {
+    SCOPED_TRACE(A::kName);
+    expect_matrix_kernels_match<A>(rng);
+    ++covered;
+  }
+}
+
+// The kernels around a matrix step's iteration, for every matrix algorithm (muon).
+TEST(EmulatedMatrixKernels, PassesAroundTheIterationMatchCpuBitwise) {
+  auto rng = make_rng();
+  int covered = 0;
+#define FO_MATRIX_CASE(A) matrix_kernels_case<fo::A>(rng, covered);
+  FO_FOR_EACH_DENSE_ALGORITHM(FO_MATRIX_CASE)
+#undef FO_MATRIX_CASE
+  EXPECT_GT(covered, 0) << "no matrix algorithm is registered";
+}
 
 // --------------------------------------------------------------------- the norm pass
 

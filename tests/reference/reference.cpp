@@ -144,6 +144,18 @@ const std::map<std::string, std::vector<OptionMap>>& all_variants() {
        {{},  // lr 1e-2 > 1/sqrt(t) from t = 10^4 only: rho = 1/sqrt(t) throughout
         {{"lr", 1e-3}, {"beta2_decay", -0.5}, {"weight_decay", 0.1}, {"maximize", 1}},
         {{"eps1", 1e-3}, {"eps2", 0.5}, {"d", 2}, {"lr", 0.05}}}},
+      {"muon",  // stepped on matrices by muon_test.cpp (ref::muon_step), never here
+       {{},
+        {{"nesterov", 0}, {"weight_decay", 0}},
+        {{"adjust_lr_fn", 1}, {"lr", 0.02}, {"momentum", 0.5}},
+        {{"ns_bf16", 1}},  // CUDA only: the CPU refuses it (muon_test.cpp)
+        {{"ns_a", 2.0},
+         {"ns_b", -1.5},
+         {"ns_c", 0.5},
+         {"ns_steps", 3},
+         {"eps", 1e-3},
+         {"momentum", 0}},
+        {{"adjust_lr_fn", 2}, {"weight_decay", 0.3}, {"lr", 0.01}}}},
       {"adamw_schedule_free",
        {{},
         {{"beta1", 0.5},
@@ -247,6 +259,10 @@ OptionMap defaults(const std::string& a) {
             {"d", 1},
             {"weight_decay", 0},
             {"maximize", 0}};
+  if (a == "muon")  // torch.optim.Muon (torch 2.15); ns_coefficients = (ns_a, ns_b, ns_c)
+    return {{"lr", 1e-3},     {"weight_decay", 0.1}, {"momentum", 0.95}, {"nesterov", 1},
+            {"ns_a", 3.4445}, {"ns_b", -4.7750},     {"ns_c", 2.0315},   {"eps", 1e-7},
+            {"ns_steps", 5},  {"adjust_lr_fn", 0},   {"ns_bf16", 0}};
   if (a == "sgd_schedule_free")  // facebookresearch/schedule_free SGDScheduleFree
     return {{"lr", 1.0},         {"momentum", 0.9}, {"weight_decay", 0},
             {"warmup_steps", 0}, {"r", 0},          {"weight_lr_power", 2}};
@@ -299,6 +315,7 @@ std::vector<std::string> state_names(const std::string& a, const OptionMap& opti
   if (a == "sgd_schedule_free") return {"z"};
   if (a == "adamw_schedule_free") return {"z", "exp_avg_sq"};
   if (a == "adafactor") return {"variance"};  // a vector param; matrices: factored_state_names
+  if (a == "muon") return {"momentum_buffer"};
   return {"exp_avg"};  // lion (resolve() already rejected unknown algorithms)
 }
 
@@ -456,6 +473,9 @@ void step(const std::string& a, const OptionMap& options, std::int64_t t,
   if (ambiguous) ambiguous->assign(n, 0);
 
   if (a == "lamb" || a == "lars") return trust_ratio_step(a, o, t, param, grad, s);
+  if (a == "muon")
+    throw std::invalid_argument(
+        "fo::ref: muon steps matrices: ref::muon_step (reference/muon_reference.hpp)");
   if (a == "adafactor")
     return factored_step(a, options, t, {static_cast<std::int64_t>(n)}, param, grad, states);
   if (a == "sgd_schedule_free" || a == "adamw_schedule_free") {

@@ -30,6 +30,8 @@ struct AlgorithmDescription {
                                      // weight_sum), kept in double
   std::vector<double> scalar_init;   // their initial values
   bool eval = false;                 // has an evaluation form of its params (eval(), train())
+  bool matrix_only = false;          // steps matrices only (muon): params of 2 or more
+                                     // dimensions, a batch of matrices over the last two
 };
 
 /// Every registered dense algorithm, in registry order.

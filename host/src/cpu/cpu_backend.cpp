@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "fusedopt/types.hpp"
+#include "matrix/newton_schulz.hpp"
 
 namespace fo::cpu {
 namespace {
@@ -204,6 +205,47 @@ void factored_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n)
                n);
 }
 
+// The three parts of a matrix step (kernels/matrix_step.hpp): the prepare pass on the
+// configured threads into a scratch per thread that only grows (the iteration's input and its
+// workspace, never allocated again for a tensor no larger), the iteration on OpenBLAS's own
+// threads from this one, the apply pass on the configured threads. Everything that can refuse
+// comes before the first write.
+template <class A>
+void matrix_step(const typename A::Options& options, const typename A::Op& op, const DensePtrs& t,
+                 std::int64_t n) {
+  const std::string name = A::kName;
+  if (const char* why = CpuRefusal<A>::of(options); *why)
+    throw Error(StatusCode::unsupported, name + ": " + why);
+  const MatrixView& v = t.view;
+  if (!is_matrix_batch(v, n))
+    throw Error(StatusCode::invalid_argument,
+                name +
+                    ": steps matrices (a param of 2 or more dimensions, viewed as [batch, "
+                    "rows, cols]); this tensor of " +
+                    std::to_string(n) +
+                    " elements has no such view (vectors and scalars: use adamw or another "
+                    "elementwise algorithm)");
+  if (n == 0) return;  // a 0-size matrix: nothing to orthogonalize, nothing moves
+  const NsConfig ns = A::ns_config(options);
+  detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
+                                 ns.eps);
+  const std::int64_t ws = detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
+  thread_local std::vector<float> scratch;
+  try {
+    if (scratch.size() < static_cast<std::size_t>(n + ws))
+      scratch.resize(static_cast<std::size_t>(n + ws));
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, name + ": no memory for the step's scratch");
+  }
+  float* const x = scratch.data();  // thread_local: the pointer, not the name, goes to threads
+  const Kernels<A>& k = active_kernels<A>();
+  parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_prepare(op, t, x, b, e); }, n);
+  detail::newton_schulz_cpu(x, x, v.batch, v.rows, v.cols, ns.coefficients, ns.steps, ns.eps, x + n,
+                            ws);
+  const float rate = op.rate(v.rows, v.cols);
+  parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_apply(op, t, x, rate, b, e); }, n);
+}
+
 }  // namespace
 
 template <class A>
@@ -214,7 +256,10 @@ void dense_step(const typename A::Options& options, std::int64_t step, const Den
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's scalar states are missing");
   const typename A::Op op = make_step_op<A>(options, step, scalars, next);
-  if constexpr (FactoredCapable<A>::value) {
+  if constexpr (MatrixCapable<A>::value) {
+    static_assert(ScalarList<A>::count == 0, "matrix steps keep no scalar states");
+    matrix_step<A>(options, op, t, n);
+  } else if constexpr (FactoredCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "factored steps keep no scalar states");
     factored_step<A>(op, t, n);
   } else if constexpr (TrustRatioCapable<A>::value) {

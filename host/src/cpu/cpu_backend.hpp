@@ -10,6 +10,7 @@
 #include "fusedopt/kernels/algorithm.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
 #include "fusedopt/kernels/cpu/factored.hpp"
+#include "fusedopt/kernels/cpu/matrix_step.hpp"
 #include "fusedopt/kernels/cpu/trust_ratio.hpp"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
@@ -34,7 +35,8 @@ struct RowOpOf<A, std::void_t<typename A::RowOp>> {
 /// its step of one table row with per-row states (null where A has no row-wise form); for a
 /// trust-ratio algorithm (kernels/trust_ratio.hpp) instead of `range`, its pass one over whole
 /// chunks of a tensor of n elements and its pass two over [begin, end); for a factored
-/// algorithm (kernels/factored.hpp) its sums pass over whole chunks and its apply pass.
+/// algorithm (kernels/factored.hpp) its sums pass over whole chunks and its apply pass; for
+/// one of the matrix kind (kernels/matrix_step.hpp) its two elementwise passes.
 template <class A>
 struct Kernels {
   void (*range)(const typename A::Op& op, const DensePtrs& t, std::int64_t begin, std::int64_t end);
@@ -51,6 +53,10 @@ struct Kernels {
                         double* partial);
   void (*factored_apply)(const typename A::Op& op, const DensePtrs& t, const float* norms,
                          float rate, std::int64_t begin, std::int64_t end);
+  void (*matrix_prepare)(const typename A::Op& op, const DensePtrs& t, float* x, std::int64_t begin,
+                         std::int64_t end);
+  void (*matrix_apply)(const typename A::Op& op, const DensePtrs& t, const float* o, float rate,
+                       std::int64_t begin, std::int64_t end);
 };
 
 // Defined by isa_*.cpp for every FO_FOR_EACH_CPU_KERNEL type.
@@ -79,6 +85,10 @@ const Kernels<A>& active_kernels() {
 /// One step of algorithm A at step count `step` over elements [0, n) of `t`, on the configured
 /// threads. Ranges are split at multiples of 64 elements (whole cache lines) so threads never
 /// share a line of an aligned tensor; any split gives the same bits. Options already valid.
+/// A matrix algorithm (kernels/matrix_step.hpp) takes its two passes around the Newton-Schulz
+/// iteration (OpenBLAS's threads), with a scratch per thread that only grows (numel floats
+/// and the iteration's workspace; fo::Error out_of_memory before anything is written); it
+/// refuses options its cpu_refusal names (fo::Error unsupported) and shapes over BLAS's int.
 /// A trust-ratio algorithm takes its two passes, with the tensor's norms between them summed
 /// in the order of kernels/trust_ratio.hpp, and may allocate a scratch of 16 bytes per 8192
 /// elements the first time a tensor that large steps on a thread (fo::Error out_of_memory,

@@ -13,12 +13,15 @@
 
 #include "cuda/cuda_backend.hpp"
 #include "cuda/cuda_check.hpp"
+#include "cuda/newton_schulz_device.hpp"
 #include "fusedopt/kernels/cuda/factored.cuh"
+#include "fusedopt/kernels/cuda/matrix_step.cuh"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/cuda/trust_ratio.cuh"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
+#include "matrix/newton_schulz.hpp"
 #include "multi_tensor_plan.hpp"
 
 namespace fo::cuda {
@@ -154,6 +157,65 @@ void launch_factored(const typename A::Options& o, std::int64_t host_step, const
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
+cuda_kernels::MatrixTensor matrix_tensor(const ListEntry& e) {
+  return {e.param, e.grad, e.master, e.ema, {e.states[0], e.states[1], e.states[2]},
+          e.numel, e.step, e.key,    e.view};
+}
+
+template <class A>
+void launch_matrix_prepare(const typename A::Options& o, const typename A::Op& host_op,
+                           const ListEntry& e, const StepConfig& cfg, void* x, DType x_dtype,
+                           cudaStream_t stream) {
+  FO_LAUNCH(elementwise_grid(e.numel), kBlock, stream, cuda_kernels::matrix_prepare_kernel<A>)
+  (o, host_op, matrix_tensor(e), cfg, x, storage_code(x_dtype));
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class A>
+void launch_matrix_apply(const typename A::Options& o, const typename A::Op& host_op,
+                         const ListEntry& e, DType param, const StepConfig& cfg, const void* x,
+                         DType x_dtype, cudaStream_t stream) {
+  const cuda_kernels::MatrixTensor t = matrix_tensor(e);
+  const unsigned grid = elementwise_grid(e.numel);
+  const int xs = storage_code(x_dtype);
+  switch (param) {
+    case DType::f16:
+      FO_LAUNCH(grid, kBlock, stream, cuda_kernels::matrix_apply_kernel<A, cuda_kernels::kF16>)
+      (o, host_op, t, cfg, x, xs);
+      break;
+    case DType::bf16:
+      FO_LAUNCH(grid, kBlock, stream, cuda_kernels::matrix_apply_kernel<A, cuda_kernels::kBF16>)
+      (o, host_op, t, cfg, x, xs);
+      break;
+    default:
+      FO_LAUNCH(grid, kBlock, stream, cuda_kernels::matrix_apply_kernel<A, cuda_kernels::kF32>)
+      (o, host_op, t, cfg, x, xs);
+  }
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+/// A matrix step (kernels/matrix_step.hpp) of one tensor: prepare into X at the start of
+/// `workspace`, the Newton-Schulz iteration in place on cuBLAS with the rest of it, apply.
+/// Nothing waits for the host and nothing is allocated: capturable. A skipped step
+/// (found_inf) still iterates over a stale X, which nothing reads.
+template <class A>
+void launch_matrix(const typename A::Options& o, std::int64_t host_step, const ListEntry& e,
+                   DType param, const StepConfig& cfg, void* workspace, std::size_t workspace_bytes,
+                   cudaStream_t stream) {
+  if (e.numel == 0) return;  // a 0-size matrix: nothing moves
+  const typename A::Op host_op =
+      cfg.device_scalars ? typename A::Op{} : make_step_op<A>(o, host_step, nullptr, nullptr);
+  const NsConfig ns = A::ns_config(o);
+  const DType x_dtype = ns.bf16 ? DType::bf16 : DType::f32;
+  const MatrixView& v = e.view;
+  auto* const x = static_cast<unsigned char*>(workspace);
+  const std::size_t x_bytes = matrix_input_bytes(e.numel);
+  launch_matrix_prepare<A>(o, host_op, e, cfg, x, x_dtype, stream);
+  newton_schulz_device(x, x, x_dtype, v.batch, v.rows, v.cols, ns.coefficients, ns.steps, ns.eps,
+                       x + x_bytes, workspace_bytes - x_bytes, stream);
+  launch_matrix_apply<A>(o, host_op, e, param, cfg, x, x_dtype, stream);
+}
+
 /// After a list's step: its scalar states advance (algorithms that keep them), then its
 /// device step counts go up (d_steps), both unless found_inf.
 template <class A>
@@ -175,10 +237,14 @@ void finish_list(const typename A::Options& o, const TensorList& list, const Ste
 template <class A>
 void launch_list(const typename A::Options& o, DType param, std::int64_t host_step,
                  const ListEntry* entries, const ListPlan& plan, const StepConfig& cfg,
-                 double* workspace, std::int64_t* d_steps, cudaStream_t stream) {
+                 double* workspace, std::size_t workspace_bytes, std::int64_t* d_steps,
+                 cudaStream_t stream) {
   for (const auto& g : plan) {
     const TensorList list = make_list(entries, g);
-    if constexpr (FactoredCapable<A>::value) {
+    if constexpr (MatrixCapable<A>::value) {
+      for (const std::size_t j : g.tensors)
+        launch_matrix<A>(o, host_step, entries[j], param, cfg, workspace, workspace_bytes, stream);
+    } else if constexpr (FactoredCapable<A>::value) {
       for (const std::size_t j : g.tensors) {
         const ListEntry& e = entries[j];
         switch (param) {
@@ -256,10 +322,10 @@ ListPlan plan_list(const ListEntry* entries, std::size_t n) {
   return detail::plan_launches(numels, kChunk, kMaxListTensors, kMaxGrid);
 }
 
+namespace {
+
 template <class A>
-void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
-                       const ListPlan& plan, const ListSettings& s, void* stream) {
-  const auto st = static_cast<cudaStream_t>(stream);
+StepConfig step_config(const ListSettings& s) {
   StepConfig cfg{};
   cfg.grad_storage = storage_code(s.grad_dtype);
   cfg.state_storage = storage_code(s.state_dtype);
@@ -274,7 +340,34 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
   cfg.d_clip = s.d_clip;
   cfg.d_found_inf = s.d_found_inf;
   cfg.chunk = kChunk;
+  return cfg;
+}
+
+}  // namespace
+
+template <class A>
+void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
+                       const ListPlan& plan, const ListSettings& s, void* stream) {
+  const auto st = static_cast<cudaStream_t>(stream);
+  const StepConfig cfg = step_config<A>(s);
   double* const workspace = static_cast<double*>(s.d_workspace);
+  if constexpr (MatrixCapable<A>::value) {
+    // Every tensor checked before the first launch: nothing moves when one is refused.
+    const NsConfig ns = A::ns_config(options);
+    for (std::size_t i = 0; i < n; ++i) {
+      const MatrixView& v = entries[i].view;
+      if (!is_matrix_batch(v, entries[i].numel))
+        throw Error(StatusCode::invalid_argument,
+                    std::string(A::kName) + ": tensor " + std::to_string(i) +
+                        " is not viewed as a batch of matrices (a param of 2 or more dimensions)");
+      detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
+                                     ns.eps);
+    }
+    // cuBLAS loaded (once per process) before the first launch, so that where it is missing
+    // the step is refused with no state advanced.
+    if (std::any_of(entries, entries + n, [](const ListEntry& e) { return e.numel > 0; }))
+      require_cublas();
+  }
   if (s.workspace_bytes < step_workspace<A>(entries, n))
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's workspace is missing or too small");
@@ -289,7 +382,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
     // Device scalars, or every tensor at the same host step (the usual case): the caller's
     // plan, no copies.
     launch_list<A>(options, s.param_dtype, n ? entries[0].step : 0, entries, plan, cfg, workspace,
-                   s.d_steps, st);
+                   s.workspace_bytes, s.d_steps, st);
   } else {
     // Host-counted steps that differ (params added or skipped at other times): one functor
     // per distinct step, built here, each list planned here.
@@ -297,7 +390,7 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
     for (std::size_t i = 0; i < n; ++i) by_step[entries[i].step].push_back(entries[i]);
     for (const auto& [step, list] : by_step)
       launch_list<A>(options, s.param_dtype, step, list.data(), plan_list(list.data(), list.size()),
-                     cfg, workspace, nullptr, st);
+                     cfg, workspace, s.workspace_bytes, nullptr, st);
   }
   // Empty tensors get no blocks in any launch, but their steps count all the same, and
   // their scalar states advance.
@@ -318,6 +411,39 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
 }
 
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MULTI_TENSOR_STEP)
+
+template <class A>
+void matrix_prepare(const typename A::Options& options, const ListEntry& e,
+                    const ListSettings& settings, void* d_x, DType x_dtype, void* stream) {
+  if constexpr (MatrixCapable<A>::value) {
+    const StepConfig cfg = step_config<A>(settings);
+    if (e.numel == 0) return;
+    const typename A::Op host_op =
+        cfg.device_scalars ? typename A::Op{} : make_step_op<A>(options, e.step, nullptr, nullptr);
+    launch_matrix_prepare<A>(options, host_op, e, cfg, d_x, x_dtype,
+                             static_cast<cudaStream_t>(stream));
+  } else {
+    (void)options, (void)e, (void)settings, (void)d_x, (void)x_dtype, (void)stream;
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " takes no matrix steps");
+  }
+}
+
+template <class A>
+void matrix_apply(const typename A::Options& options, const ListEntry& e,
+                  const ListSettings& settings, const void* d_o, DType o_dtype, void* stream) {
+  if constexpr (MatrixCapable<A>::value) {
+    const StepConfig cfg = step_config<A>(settings);
+    if (e.numel == 0) return;
+    const typename A::Op host_op =
+        cfg.device_scalars ? typename A::Op{} : make_step_op<A>(options, e.step, nullptr, nullptr);
+    launch_matrix_apply<A>(options, host_op, e, settings.param_dtype, cfg, d_o, o_dtype,
+                           static_cast<cudaStream_t>(stream));
+  } else {
+    (void)options, (void)e, (void)settings, (void)d_o, (void)o_dtype, (void)stream;
+    throw Error(StatusCode::unsupported, std::string(A::kName) + " takes no matrix steps");
+  }
+}
+FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MATRIX_PASSES)
 
 template <class A>
 void eval_params(const typename A::Options& options, const ListEntry& e, DType param, DType state,
@@ -353,7 +479,7 @@ void traffic_probe(const ListEntry* entries, std::size_t n, void* stream) {
   StepConfig cfg{};
   cfg.grad_multiplier = 1.0f;
   cfg.chunk = kChunk;
-  launch_list<TrafficProbe>({}, DType::f32, 1, entries, plan_list(entries, n), cfg, nullptr,
+  launch_list<TrafficProbe>({}, DType::f32, 1, entries, plan_list(entries, n), cfg, nullptr, 0,
                             nullptr, static_cast<cudaStream_t>(stream));
 }
 

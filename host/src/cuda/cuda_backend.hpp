@@ -3,11 +3,14 @@
 // otherwise, so no host file needs the CUDA headers.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "cuda/newton_schulz_device.hpp"
 #include "fusedopt/kernels/config.hpp"
+#include "fusedopt/kernels/matrix_step.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/types.hpp"
 #include "multi_tensor_plan.hpp"
@@ -52,14 +55,33 @@ struct ListSettings {
   std::size_t workspace_bytes = 0;
 };
 
+/// Bytes of a matrix step's iteration input X at the start of its workspace (float32 size;
+/// 256-byte aligned, so the iteration's own workspace after it is too).
+inline std::size_t matrix_input_bytes(std::int64_t numel) {
+  return ns_align(static_cast<std::size_t>(numel) * sizeof(float));
+}
+
 /// Bytes of device workspace a step of algorithm A over these entries needs (ListSettings):
 /// none for a one-pass algorithm; for a trust-ratio one (kernels/trust_ratio.hpp) two doubles
 /// per block of kSumChunk elements and two per tensor, whichever launches the entries take;
 /// for a factored one (kernels/factored.hpp) the largest tensor's chunk sums, row sums,
-/// per-segment column sums and normalizers.
+/// per-segment column sums and normalizers; for a matrix one (kernels/matrix_step.hpp) the
+/// largest tensor's iteration input X and its Newton-Schulz workspace, sized for float32 (a
+/// bf16 iteration uses less of it: the options are not known here).
 template <class A>
 std::size_t step_workspace(const ListEntry* entries, std::size_t n) {
-  if constexpr (FactoredCapable<A>::value) {
+  if constexpr (MatrixCapable<A>::value) {
+    std::size_t bytes = 0;  // tensors step one after another: the largest one's need
+    for (std::size_t i = 0; i < n; ++i) {
+      const ListEntry& e = entries[i];
+      const MatrixView& v = e.view;
+      if (e.numel == 0 || !is_matrix_batch(v, e.numel)) continue;  // refused or nothing to do
+      bytes =
+          std::max(bytes, matrix_input_bytes(e.numel) +
+                              newton_schulz_workspace_bytes(DType::f32, v.batch, v.rows, v.cols));
+    }
+    return bytes;
+  } else if constexpr (FactoredCapable<A>::value) {
     // Tensors step one after another, each in all of it: the largest one's need.
     std::size_t doubles = 0;
     for (std::size_t i = 0; i < n; ++i) {
@@ -104,6 +126,24 @@ void multi_tensor_step(const typename A::Options& options, const ListEntry* entr
 #define FO_INSTANTIATE_MULTI_TENSOR_STEP(A)                                                    \
   template void multi_tensor_step<fo::A>(const fo::A::Options&, const ListEntry*, std::size_t, \
                                          const ListPlan&, const ListSettings&, void*);
+
+/// The two elementwise passes of a matrix step of one tensor (A is MatrixCapable;
+/// kernels/cuda/matrix_step.cuh) on their own, at host step entry.step unless settings'
+/// device scalars say otherwise: prepare writes the iteration's input to d_x (`x_dtype`: f32
+/// or bf16), apply reads its output from d_o. multi_tensor_step runs them around the
+/// iteration; the emulation tests run them alone, with a fixed output, since the emulation
+/// has no cuBLAS.
+template <class A>
+void matrix_prepare(const typename A::Options& options, const ListEntry& entry,
+                    const ListSettings& settings, void* d_x, DType x_dtype, void* stream);
+template <class A>
+void matrix_apply(const typename A::Options& options, const ListEntry& entry,
+                  const ListSettings& settings, const void* d_o, DType o_dtype, void* stream);
+#define FO_INSTANTIATE_MATRIX_PASSES(A)                                                           \
+  template void matrix_prepare<fo::A>(const fo::A::Options&, const ListEntry&,                    \
+                                      const ListSettings&, void*, DType, void*);                  \
+  template void matrix_apply<fo::A>(const fo::A::Options&, const ListEntry&, const ListSettings&, \
+                                    const void*, DType, void*);
 
 /// eval() of one tensor (algorithm A is EvalCapable): param (and its master weights) <-
 /// A::EvalOp applied to it and its states (entry.states, `state` storage), stream-ordered.

@@ -16,6 +16,10 @@
 //   static constexpr bool kSparse = true;                 // takes sparse row steps
 //   static const char* sparse_refusal(const Options&);    // why a sparse step refuses
 //                                                         // these options ("" if it does not)
+//   static const char* cpu_refusal(const Options&);       // why the CPU backend refuses
+//                                                         // these options ("" if it does not)
+//   static constexpr bool kMatrix = true;                 // steps of the matrix kind
+//                                                         // (kernels/matrix_step.hpp)
 //   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
 //   static bool rowwise(const Options&);                  // states per row, not per element
 //   static StateShape state_shape(const Options&, int k); // see StateShape
@@ -178,6 +182,17 @@ template <class A>
 struct SparseRefusal<
     A, std::void_t<decltype(A::sparse_refusal(std::declval<typename A::Options>()))>> {
   static const char* of(const typename A::Options& o) { return A::sparse_refusal(o); }
+};
+
+/// Why the CPU backend refuses options `o` of algorithm A, or "" (A declares cpu_refusal where
+/// some options run on CUDA only).
+template <class A, class = void>
+struct CpuRefusal {
+  static const char* of(const typename A::Options&) { return ""; }
+};
+template <class A>
+struct CpuRefusal<A, std::void_t<decltype(A::cpu_refusal(std::declval<typename A::Options>()))>> {
+  static const char* of(const typename A::Options& o) { return A::cpu_refusal(o); }
 };
 
 /// Whether algorithm A has a row-wise form (its descriptor declares RowOp, make_row_op and

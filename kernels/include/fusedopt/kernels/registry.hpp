@@ -14,6 +14,7 @@
 #include "fusedopt/kernels/ops/lars.hpp"
 #include "fusedopt/kernels/ops/lazyadam.hpp"
 #include "fusedopt/kernels/ops/lion.hpp"
+#include "fusedopt/kernels/ops/muon.hpp"
 #include "fusedopt/kernels/ops/nadam.hpp"
 #include "fusedopt/kernels/ops/radam.hpp"
 #include "fusedopt/kernels/ops/rmsprop.hpp"
@@ -42,4 +43,5 @@
   X(Lars)                              \
   X(SgdScheduleFree)                   \
   X(AdamWScheduleFree)                 \
-  X(Adafactor)
+  X(Adafactor)                         \
+  X(Muon)
