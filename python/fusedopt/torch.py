@@ -2,7 +2,7 @@
 
     from fusedopt.torch import AdamW      # was: from torch.optim import AdamW
 
-``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam, Adafactor`` take exactly the arguments and
+``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam, Adafactor, Muon`` take exactly the arguments and
 defaults of the ``torch.optim`` class of the same name (torch 2.15), and keep ``param_groups``,
 ``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
 checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
@@ -36,7 +36,7 @@ from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
            "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS",
-           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor"]
+           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor", "Muon"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
@@ -827,4 +827,3 @@ Muon = type("Muon", (_MuonOptimizer,), {
         "group key ns_bf16=True asks for bfloat16 on CUDA. Params of 3 or more dimensions "
         "step as batches of matrices over their last two (torch refuses them).")})
 _muon_init.__qualname__ = "Muon.__init__"
-__all__.append("Muon")
