@@ -4,7 +4,7 @@
 // the whole library's CUDA path runs on the CPU in fusedopt_emulated_device
 // (docs/host-emulation.md).
 //
-// "Device memory" (4 GiB of it) is what allocate() returned: 64-byte aligned host memory of the
+// "Device memory" (4 GiB of it) is what allocate() returned: 256-byte aligned host memory of the
 // size asked for, filled with 0xFF bytes (NaN floats and doubles, -1 counts) as cudaMalloc leaves
 // it undefined, and recorded so that is_device_pointer answers as the runtime does and every copy,
 // fill and free checks that its device side lies inside one live allocation and its host side
@@ -92,7 +92,7 @@ void* raw_allocate(std::size_t bytes) {
   // The size asked for, not rounded up (as cudaMalloc's 256 bytes): AddressSanitizer then
   // sees a kernel that reads or writes one element past a buffer.
   void* p = nullptr;
-  if (posix_memalign(&p, 64, std::max<std::size_t>(bytes, 1)) != 0) p = nullptr;
+  if (posix_memalign(&p, 256, std::max<std::size_t>(bytes, 1)) != 0) p = nullptr;  // as cudaMalloc
   const std::lock_guard<std::mutex> lock(a.mutex);
   if (!p) {
     a.live_bytes -= bytes;

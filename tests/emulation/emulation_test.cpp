@@ -263,14 +263,17 @@ void start_scalars(Tensor& t) {
 }
 
 /// A's device workspace for a step of `entries` (NaN-filled: a pass that reads what no pass
-/// wrote shows), set in `s`; keep it alive for the step.
+/// wrote shows), set in `s`; keep the returned storage alive for the step.
 template <class A>
 std::vector<double> workspace_for(cuda::ListSettings& s,
                                   const std::vector<cuda::ListEntry>& entries) {
-  std::vector<double> w(cuda::step_workspace<A>(entries.data(), entries.size()) / sizeof(double),
-                        std::numeric_limits<double>::quiet_NaN());
-  s.d_workspace = w.data();
-  s.workspace_bytes = w.size() * sizeof(double);
+  // 256-byte aligned, as device allocations are (a matrix step's workspace requires it):
+  // 32 doubles of slack, and the first aligned address in them.
+  const std::size_t need = cuda::step_workspace<A>(entries.data(), entries.size());
+  std::vector<double> w(need / sizeof(double) + 32, std::numeric_limits<double>::quiet_NaN());
+  const auto addr = reinterpret_cast<std::uintptr_t>(w.data());
+  s.d_workspace = w.data() + ((256 - addr % 256) % 256) / sizeof(double);
+  s.workspace_bytes = need;
   return w;
 }
 
