@@ -347,6 +347,45 @@ TEST(Cuda, GpuEqualsCpuBitwise) {
   }
 }
 
+// Every algorithm but muon (a tolerance, MuonGpu) in one optimizer, params dealt to them in
+// turn, options through "name.key": the groups of one step launch each algorithm's own
+// kernels with the largest workspace any of them needs, and every bit equals the CPU's.
+TEST(Cuda, MixedAlgorithmsEqualCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  std::vector<std::string> names;
+  for (const auto& algo : dense_algorithms())
+    if (!algo.matrix_only) names.push_back(algo.name);
+  const Layout pl = carve(odd_sizes(rng, 3 * names.size()), rng);
+  const Layout gl = carve(pl.sizes, rng);
+  const std::vector<float> p0 = pack(pl, random_tensors(rng, pl), TestTensor::kCanary);
+  std::vector<float> cpu_p = p0, cpu_g(gl.total);
+  DeviceArray<float> gpu_p(p0), gpu_g(gl.total);
+  Optimizer cpu(names.front()), gpu(names.front(), Device::cuda);
+  for (const std::string& name : names)
+    for (const auto& [key, value] : rich_options(name)) {
+      cpu.set_option(name + "." + key, value);
+      gpu.set_option(name + "." + key, value);
+    }
+  for (std::size_t i = 0; i < pl.sizes.size(); ++i) {
+    const std::string& algorithm = names[i % names.size()];
+    const std::string name = "p" + std::to_string(i);
+    cpu.add_param(name, cpu_p.data() + pl.offsets[i], DType::f32, {pl.sizes[i]}, algorithm);
+    gpu.add_param(name, gpu_p.get() + pl.offsets[i], DType::f32, {pl.sizes[i]}, algorithm);
+  }
+  for (int t = 1; t <= 4; ++t) {
+    SCOPED_TRACE("step " + std::to_string(t));
+    cpu_g = pack(gl, random_tensors(rng, gl), 0.0f);
+    gpu_g.upload(cpu_g);
+    cpu.step(pointers(cpu_g.data(), gl).data());
+    gpu.step(pointers(gpu_g.get(), gl).data());
+    const std::vector<float> got = gpu_p.download();
+    expect_same_params(pl, got, cpu_p, "params");
+    EXPECT_TRUE(gaps_intact(pl, got));
+    expect_same(holdings(gpu), holdings(cpu), "states");
+  }
+}
+
 // Algorithms with factored states (adafactor): matrices, a batch of matrices and a vector
 // (their row, column and per-element statistics), five steps, every bit of the params and
 // the states equal to the CPU's (kernels/factored.hpp: one order of every sum on both).

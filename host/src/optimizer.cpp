@@ -27,30 +27,55 @@ using detail::ParamEntry;
 using detail::Settings;
 using detail::unsupported;
 
-int Optimizer::Impl::option_index(std::string_view key) const {
-  const int k = detail::index_of(desc().options, key);
+std::size_t Optimizer::Impl::find_slot(std::string_view name) const {
+  for (std::size_t s = 0; s < slots.size(); ++s)
+    if (slots[s].desc().name == name) return s;
+  return slots.size();
+}
+
+int Optimizer::Impl::option_index(std::size_t s, std::string_view key) const {
+  const AlgorithmDescription& d = slots[s].desc();
+  const int k = detail::index_of(d.options, key);
   if (k < 0)
-    invalid(desc().name + " has no option '" + std::string(key) + "' (its options: " +
-            join(desc().options) + "; step settings: " + join(Settings::keys()) + ")");
+    invalid(d.name + " has no option '" + std::string(key) + "' (its options: " + join(d.options) +
+            "; step settings: " + join(Settings::keys()) + ")");
   return k;
 }
 
-OptionFacts Optimizer::Impl::checked_facts(const std::vector<double>& values,
+Optimizer::Impl::OptionKey Optimizer::Impl::option_key(std::string_view key) const {
+  const std::size_t dot = key.find('.');
+  if (dot == std::string_view::npos) return {0, option_index(0, key), nullptr};
+  const std::string_view name = key.substr(0, dot), option = key.substr(dot + 1);
+  const std::size_t s = find_slot(name);
+  if (s < slots.size()) return {s, option_index(s, option), nullptr};
+  std::unique_ptr<detail::Algorithm> fresh = detail::make_algorithm(name);
+  if (!fresh)
+    invalid("option '" + std::string(key) + "': '" + std::string(name) +
+            "' is not a registered algorithm (an option of a second algorithm is "
+            "\"algorithm.option\", e.g. \"adamw.lr\")");
+  const int k = detail::index_of(fresh->description().options, option);
+  if (k < 0)
+    invalid(std::string(name) + " has no option '" + std::string(option) +
+            "' (its options: " + join(fresh->description().options) + ")");
+  return {slots.size(), k, std::move(fresh)};
+}
+
+OptionFacts Optimizer::Impl::checked_facts(std::size_t s, const std::vector<double>& values,
                                            const std::string& who) const {
-  OptionFacts f = algorithm->facts(values);
+  OptionFacts f = slots[s].algorithm->facts(values);
   if (!f.error.empty()) invalid(who + f.error);
   return f;
 }
 
 void Optimizer::Impl::check_transition(const ParamEntry& p, const OptionFacts& next) const {
   if (!p.has_buffers()) return;
-  for (int k = 0; k < static_cast<int>(desc().states.size()); ++k) {
+  const AlgorithmDescription& d = desc(p);
+  for (int k = 0; k < static_cast<int>(d.states.size()); ++k) {
     const std::string prefix = "param '" + p.name + "' has already stepped; this change would ";
     if (p.facts.has_state[k] != next.has_state[k])
-      invalid(prefix + (next.has_state[k] ? "add" : "remove") + " its state '" + desc().states[k] +
-              "'");
+      invalid(prefix + (next.has_state[k] ? "add" : "remove") + " its state '" + d.states[k] + "'");
     if (p.facts.has_state[k] && p.facts.state_shape[k] != next.state_shape[k])
-      invalid(prefix + "make its state '" + desc().states[k] + "' " +
+      invalid(prefix + "make its state '" + d.states[k] + "' " +
               (next.state_shape[k] == StateShape::row ? "row-wise instead of per element"
                                                       : "per element instead of row-wise"));
   }
@@ -58,7 +83,7 @@ void Optimizer::Impl::check_transition(const ParamEntry& p, const OptionFacts& n
 
 void Optimizer::Impl::assign(std::size_t i, std::vector<double> values,
                              OptionFacts facts) noexcept {
-  algorithm->set_options(i, values);  // replaces: cannot throw
+  slots[params[i].slot].algorithm->set_options(params[i].local, values);  // replaces: no throw
   params[i].options = std::move(values);
   params[i].facts = std::move(facts);
   groups_stale = true;
@@ -76,8 +101,8 @@ const ParamEntry& Optimizer::Impl::param(std::string_view name) const {
 
 Optimizer::Optimizer(std::string_view algorithm, Device device, int device_index)
     : impl_(std::make_unique<Impl>()) {
-  impl_->algorithm = detail::make_algorithm(algorithm);
-  if (!impl_->algorithm) {
+  std::unique_ptr<detail::Algorithm> a = detail::make_algorithm(algorithm);
+  if (!a) {
     std::vector<std::string> names;
     for (const auto& d : dense_algorithms()) names.push_back(d.name);
     invalid("unknown algorithm '" + std::string(algorithm) + "' (known: " + join(names) + ")");
@@ -85,7 +110,8 @@ Optimizer::Optimizer(std::string_view algorithm, Device device, int device_index
   detail::check_device("", device, device_index);
   impl_->device = device;
   impl_->device_index = device_index;
-  impl_->defaults = impl_->desc().defaults;
+  impl_->slots.push_back({std::move(a), {}, 0});
+  impl_->slots[0].defaults = impl_->desc().defaults;
 }
 
 Optimizer::~Optimizer() = default;
@@ -115,33 +141,60 @@ void Optimizer::set_option(std::string_view key, double value) {
     m.settings = next;
     return;
   }
-  const int k = m.option_index(key);
-  std::vector<double> next = m.defaults;
-  next[k] = value;
-  m.checked_facts(next, "");
+  Impl::OptionKey ok = m.option_key(key);
+  if (ok.fresh) {  // a second algorithm's option before any of its params: only its defaults
+    std::vector<double> next = ok.fresh->description().defaults;
+    next[ok.index] = value;
+    const OptionFacts f = ok.fresh->facts(next);
+    if (!f.error.empty()) invalid(f.error);
+    m.slots.push_back({std::move(ok.fresh), std::move(next), 0});
+    return;
+  }
+  std::vector<double> next = m.slots[ok.slot].defaults;
+  next[ok.index] = value;
+  m.checked_facts(ok.slot, next, "");
+  std::vector<std::size_t> members;
   std::vector<std::vector<double>> values;
   std::vector<OptionFacts> facts;
-  for (const ParamEntry& p : m.params) {
+  for (std::size_t i = 0; i < m.params.size(); ++i) {
+    const ParamEntry& p = m.params[i];
+    if (p.slot != ok.slot) continue;
+    members.push_back(i);
     values.push_back(next);
     for (std::size_t j = 0; j < next.size(); ++j)
       if (p.overrides[j]) values.back()[j] = *p.overrides[j];
-    facts.push_back(m.checked_facts(values.back(), "param '" + p.name + "': "));
+    facts.push_back(m.checked_facts(ok.slot, values.back(), "param '" + p.name + "': "));
     m.check_transition(p, facts.back());
   }
-  m.defaults = std::move(next);
-  for (std::size_t i = 0; i < m.params.size(); ++i)
-    m.assign(i, std::move(values[i]), std::move(facts[i]));
+  m.slots[ok.slot].defaults = std::move(next);
+  for (std::size_t j = 0; j < members.size(); ++j)
+    m.assign(members[j], std::move(values[j]), std::move(facts[j]));
 }
 
 double Optimizer::option(std::string_view key) const {
   if (Settings::is_key(key)) return impl_->settings.get(key);
-  return impl_->defaults[impl_->option_index(key)];
+  const Impl::OptionKey ok = impl_->option_key(key);
+  return ok.fresh ? ok.fresh->description().defaults[ok.index]
+                  : impl_->slots[ok.slot].defaults[ok.index];
 }
 
 void Optimizer::add_param(std::string name, void* data, DType dtype,
-                          std::vector<std::int64_t> shape) {
+                          std::vector<std::int64_t> shape, std::string_view algorithm) {
   Impl& m = *impl_;
   if (name.empty()) invalid("a param name must not be empty");
+  // Its algorithm: the constructor's, one this optimizer already steps, or a new one.
+  const std::size_t s = algorithm.empty() ? 0 : m.find_slot(algorithm);
+  std::unique_ptr<detail::Algorithm> fresh;
+  if (s == m.slots.size()) {
+    fresh = detail::make_algorithm(algorithm);
+    if (!fresh) {
+      std::vector<std::string> names;
+      for (const auto& d : dense_algorithms()) names.push_back(d.name);
+      invalid("param '" + name + "': unknown algorithm '" + std::string(algorithm) +
+              "' (known: " + join(names) + ")");
+    }
+  }
+  const AlgorithmDescription& d = fresh ? fresh->description() : m.slots[s].desc();
   if (name.size() > 4096) invalid("a param name must be at most 4096 bytes (checkpoints)");
   if (shape.size() > 16) invalid("param '" + name + "': at most 16 dimensions");
   if (m.params.size() >= (std::size_t{1} << 20)) invalid("at most 2^20 params per optimizer");
@@ -153,19 +206,19 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
   if (dtype != DType::f32 && m.device != Device::cuda)
     unsupported("param '" + name + "': dtype " + dtype_name(dtype) +
                 " needs the CUDA backend (the CPU steps float32)");
-  if (m.desc().matrix_only && shape.size() < 2)
-    invalid("param '" + name + "': " + m.desc().name +
+  if (d.matrix_only && shape.size() < 2)
+    invalid("param '" + name + "': " + d.name +
             " steps matrices only (2 or more dimensions, a batch of matrices over the last "
             "two), got " +
             std::to_string(shape.size()) +
-            " dimension(s): step vectors and scalars with adamw (or another elementwise "
-            "algorithm) in a second optimizer");
+            " dimension(s): give vectors and scalars an elementwise algorithm, e.g. "
+            "add_param(name, data, dtype, shape, \"adamw\")");
   std::int64_t numel = 1;
-  for (std::int64_t d : shape) {
-    if (d < 0) invalid("param '" + name + "': negative dimension " + std::to_string(d));
-    if (d != 0 && numel > std::numeric_limits<std::int64_t>::max() / d)
+  for (std::int64_t extent : shape) {
+    if (extent < 0) invalid("param '" + name + "': negative dimension " + std::to_string(extent));
+    if (extent != 0 && numel > std::numeric_limits<std::int64_t>::max() / extent)
       invalid("param '" + name + "': element count overflows 64 bits");
-    numel *= d;
+    numel *= extent;
   }
   if (numel > 0 && !data) invalid("param '" + name + "': data is null");
   if (reinterpret_cast<std::uintptr_t>(data) % dtype_size(dtype) != 0)
@@ -180,15 +233,27 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
   p.shape = std::move(shape);
   p.numel = numel;
   p.key = static_cast<int>(m.params.size());
-  p.overrides.resize(m.defaults.size());
-  p.options = m.defaults;
-  p.facts = m.algorithm->facts(p.options);  // the defaults are valid
-  // Everything that can throw (memory) comes first.
+  p.slot = s;
+  p.local = fresh ? 0 : m.slots[s].num_params;
+  p.options = fresh ? d.defaults : m.slots[s].defaults;
+  p.overrides.resize(p.options.size());
+  detail::Algorithm& a = fresh ? *fresh : *m.slots[s].algorithm;
+  p.facts = a.facts(p.options);  // the defaults are valid
+  // Everything that can throw (memory) comes first. A failure after set_options leaves the
+  // algorithm an entry past num_params, which the next add replaces.
   m.params.reserve(m.params.size() + 1);
-  m.algorithm->set_options(m.params.size(), p.options);
+  m.slots.reserve(m.slots.size() + 1);
+  std::vector<double> slot_defaults = fresh ? d.defaults : std::vector<double>{};
+  a.set_options(p.local, p.options);
   m.by_name.emplace(name, m.params.size());
+  if (fresh) m.slots.push_back({std::move(fresh), std::move(slot_defaults), 0});
+  ++m.slots[s].num_params;
   m.params.push_back(std::move(p));
   m.groups_stale = true;
+}
+
+const std::string& Optimizer::param_algorithm(std::string_view name) const {
+  return impl_->desc(impl_->param(name)).name;
 }
 
 void Optimizer::set_param_option(std::string_view name, std::string_view key, double value) {
@@ -196,17 +261,18 @@ void Optimizer::set_param_option(std::string_view name, std::string_view key, do
   ParamEntry& p = m.param(name);
   if (Settings::is_key(key))
     invalid(std::string(key) + " is a step setting of the whole optimizer, not of one param");
-  const int k = m.option_index(key);
+  const int k = m.option_index(p.slot, key);
   std::vector<double> next = p.options;
   next[k] = value;
-  OptionFacts facts = m.checked_facts(next, "param '" + p.name + "': ");
+  OptionFacts facts = m.checked_facts(p.slot, next, "param '" + p.name + "': ");
   m.check_transition(p, facts);
   p.overrides[k] = value;
   m.assign(m.by_name.at(p.name), std::move(next), std::move(facts));
 }
 
 double Optimizer::param_option(std::string_view name, std::string_view key) const {
-  return impl_->param(name).options[impl_->option_index(key)];
+  const ParamEntry& p = impl_->param(name);
+  return p.options[impl_->option_index(p.slot, key)];
 }
 
 void Optimizer::set_device_scalars(const float* d_lr, const float* d_grad_multiplier,
@@ -241,8 +307,9 @@ std::int64_t Optimizer::step_count(std::string_view name) const {
 std::vector<std::string> Optimizer::state_names(std::string_view name) const {
   const ParamEntry& p = impl_->param(name);
   std::vector<std::string> out;
-  for (int k = 0; k < static_cast<int>(impl_->desc().states.size()); ++k)
-    if (p.keeps(p.facts, k)) out.push_back(impl_->desc().states[k]);
+  const AlgorithmDescription& d = impl_->desc(p);
+  for (int k = 0; k < static_cast<int>(d.states.size()); ++k)
+    if (p.keeps(p.facts, k)) out.push_back(d.states[k]);
   if (impl_->has_master(p)) out.emplace_back(kMasterState);
   if (impl_->has_ema()) out.emplace_back(kEmaState);
   return out;
@@ -253,7 +320,7 @@ std::int64_t Optimizer::state_numel(std::string_view name, std::string_view stat
   const ParamEntry& p = m.param(name);
   if (state == kMasterState && m.has_master(p)) return p.numel;
   if (state == kEmaState && m.has_ema()) return p.numel;
-  const int k = detail::index_of(m.desc().states, state);
+  const int k = detail::index_of(m.desc(p).states, state);
   if (k < 0 || !p.keeps(p.facts, k))
     invalid("param '" + p.name + "' has no state '" + std::string(state) +
             "' (its states: " + join(state_names(name)) + ")");
@@ -267,7 +334,7 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   const std::int64_t count = state_numel(name, state);  // throws if there is no such state
   const bool master = state == kMasterState && m.has_master(p);
   const bool ema = state == kEmaState && m.has_ema();
-  const int k = master || ema ? -1 : detail::index_of(m.desc().states, state);
+  const int k = master || ema ? -1 : detail::index_of(m.desc(p).states, state);
   if (numel != count)
     invalid("get_state: state '" + std::string(state) + "' of param '" + p.name + "' has " +
             std::to_string(count) + " values, the output " + std::to_string(numel));
@@ -312,12 +379,12 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
 double Optimizer::scalar_state(std::string_view name, std::string_view scalar) const {
   const Impl& m = *impl_;
   const ParamEntry& p = m.param(name);
-  const int k = detail::index_of(m.desc().scalars, scalar);
+  const AlgorithmDescription& d = m.desc(p);
+  const int k = detail::index_of(d.scalars, scalar);
   if (k < 0)
-    invalid(
-        m.desc().name + " has no scalar state '" + std::string(scalar) + "'" +
-        (m.desc().scalars.empty() ? "" : " (its scalar states: " + join(m.desc().scalars) + ")"));
-  if (!p.scalars) return m.desc().scalar_init[k];
+    invalid(d.name + " has no scalar state '" + std::string(scalar) + "'" +
+            (d.scalars.empty() ? "" : " (its scalar states: " + join(d.scalars) + ")"));
+  if (!p.scalars) return d.scalar_init[k];
   double v = 0.0;
   if (m.device != Device::cuda) return static_cast<const double*>(p.scalars->data())[k];
   cuda::DeviceGuard guard(m.device_index);

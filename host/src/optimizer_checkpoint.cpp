@@ -41,6 +41,7 @@ std::vector<float> values_of(const detail::Buffer& b, DType dtype, std::int64_t 
 }  // namespace
 
 using detail::invalid;
+using detail::kAlgorithmPrefix;
 using detail::kEmaState;
 using detail::kEvalModeKey;
 using detail::kMasterState;
@@ -55,8 +56,14 @@ void Optimizer::save(const std::string& path) const {
   const Impl& m = *impl_;
   detail::CheckpointData d;
   d.algorithm = m.desc().name;
-  for (std::size_t k = 0; k < m.defaults.size(); ++k)
-    d.options.emplace_back(m.desc().options[k], m.defaults[k]);
+  // The constructor's algorithm's defaults by their plain names, a second algorithm's as
+  // "adamw.lr" (a file without them is what a single-algorithm optimizer always wrote).
+  for (std::size_t s = 0; s < m.slots.size(); ++s) {
+    const AlgorithmDescription& a = m.slots[s].desc();
+    const std::string prefix = s == 0 ? "" : a.name + ".";
+    for (std::size_t k = 0; k < a.options.size(); ++k)
+      d.options.emplace_back(prefix + a.options[k], m.slots[s].defaults[k]);
+  }
   for (const auto& key : Settings::keys()) {
     // Without the EMA a file is byte for byte what a library from before it wrote, and loads
     // there; with it, such a library refuses the file by its unknown option.
@@ -66,12 +73,13 @@ void Optimizer::save(const std::string& path) const {
   if (m.eval_mode) d.options.emplace_back(kEvalModeKey, 1.0);  // only then: older files load
   for (const ParamEntry& p : m.params) {
     detail::CheckpointParam cp{p.name, p.dtype, p.shape, step_count(p.name), {}};
+    const AlgorithmDescription& a = m.desc(p);
+    if (p.slot != 0) cp.overrides.emplace_back(kAlgorithmPrefix + a.name, 1.0);
     for (std::size_t k = 0; k < p.overrides.size(); ++k)
-      if (p.overrides[k]) cp.overrides.emplace_back(m.desc().options[k], *p.overrides[k]);
+      if (p.overrides[k]) cp.overrides.emplace_back(a.options[k], *p.overrides[k]);
     if (p.scalars)  // exact: doubles in the file's per-param pairs
-      for (std::size_t k = 0; k < m.desc().scalars.size(); ++k)
-        cp.overrides.emplace_back(kScalarPrefix + m.desc().scalars[k],
-                                  scalar_state(p.name, m.desc().scalars[k]));
+      for (std::size_t k = 0; k < a.scalars.size(); ++k)
+        cp.overrides.emplace_back(kScalarPrefix + a.scalars[k], scalar_state(p.name, a.scalars[k]));
     d.params.push_back(std::move(cp));
     const bool has_state = p.master || p.ema ||
                            std::any_of(std::begin(p.states), std::end(p.states),
@@ -96,8 +104,33 @@ void Optimizer::load(const std::string& path) {
   const std::string who = "load('" + path + "'): ";
   if (d.algorithm != m.desc().name)
     invalid(who + "the checkpoint is of " + d.algorithm + ", this optimizer is " + m.desc().name);
-  // 1. Options and settings, validated on copies.
-  std::vector<double> defaults = m.desc().defaults;
+  // 1. Options and settings, validated on copies. Each algorithm's defaults start from its
+  // registered ones; a second algorithm this optimizer has no slot of yet gets a new one.
+  struct SlotDefaults {
+    std::unique_ptr<detail::Algorithm> fresh;
+    std::vector<double> values;
+    const AlgorithmDescription& desc(const Impl& m, std::size_t s) const {
+      return fresh ? fresh->description() : m.slots[s].desc();
+    }
+  };
+  std::vector<SlotDefaults> defaults(m.slots.size());
+  for (std::size_t s = 0; s < m.slots.size(); ++s) defaults[s].values = m.slots[s].desc().defaults;
+  const auto option_of = [&](const std::string& key) -> std::pair<std::size_t, int> {
+    const std::size_t dot = key.find('.');
+    if (dot == std::string::npos) return {0, m.option_index(0, key)};
+    const std::string name = key.substr(0, dot);
+    std::size_t s = 0;
+    while (s < defaults.size() && defaults[s].desc(m, s).name != name) ++s;
+    if (s == defaults.size()) {
+      std::unique_ptr<detail::Algorithm> fresh = detail::make_algorithm(name);
+      if (!fresh) invalid(who + "option '" + key + "' names no registered algorithm");
+      std::vector<double> values = fresh->description().defaults;
+      defaults.push_back({std::move(fresh), std::move(values)});
+    }
+    const int k = detail::index_of(defaults[s].desc(m, s).options, key.substr(dot + 1));
+    if (k < 0) invalid(who + name + " has no option '" + key.substr(dot + 1) + "'");
+    return {s, k};
+  };
   Settings settings;
   std::vector<std::string> seen_keys;
   bool eval_mode = false;
@@ -106,7 +139,9 @@ void Optimizer::load(const std::string& path) {
       throw Error(StatusCode::corrupt_data, who + "option '" + key + "' appears twice");
     seen_keys.push_back(key);
     if (key == kEvalModeKey) {
-      if (value != 1.0 || !m.desc().eval)
+      const bool eval_forms =
+          std::all_of(m.slots.begin(), m.slots.end(), [](const auto& s) { return s.desc().eval; });
+      if (value != 1.0 || !eval_forms)
         throw Error(StatusCode::corrupt_data, who + "option '" + key + "' is invalid here");
       eval_mode = true;
       continue;
@@ -117,9 +152,14 @@ void Optimizer::load(const std::string& path) {
       settings.set(key, cpu_bf16 ? 0.0 : value, m.device);
       continue;
     }
-    defaults[m.option_index(key)] = value;
+    const auto [s, k] = option_of(key);
+    defaults[s].values[k] = value;
   }
-  m.checked_facts(defaults, who);
+  for (std::size_t s = 0; s < defaults.size(); ++s) {
+    const OptionFacts f = defaults[s].fresh ? defaults[s].fresh->facts(defaults[s].values)
+                                            : m.slots[s].algorithm->facts(defaults[s].values);
+    if (!f.error.empty()) invalid(who + f.error);
+  }
   // 2. The same params, by name, shape and dtype: every mismatch in one message.
   std::vector<std::string> problems;
   std::unordered_map<std::string, const detail::CheckpointParam*> in_file;
@@ -146,6 +186,13 @@ void Optimizer::load(const std::string& path) {
     if (cp.dtype != p.dtype)
       problems.push_back("param '" + p.name + "' is " + dtype_name(p.dtype) + ", the checkpoint " +
                          dtype_name(cp.dtype));
+    std::string algorithm = d.algorithm;
+    for (const auto& kv : cp.overrides)
+      if (kv.first.rfind(kAlgorithmPrefix, 0) == 0)
+        algorithm = kv.first.substr(std::string(kAlgorithmPrefix).size());
+    if (algorithm != m.desc(p).name)
+      problems.push_back("param '" + p.name + "' is stepped by " + m.desc(p).name +
+                         ", in the checkpoint by " + algorithm);
   }
   for (const auto& cp : d.params)
     if (!m.by_name.count(cp.name))
@@ -169,21 +216,28 @@ void Optimizer::load(const std::string& path) {
     std::optional<detail::Buffer> train_master;
   };
   std::vector<Loaded> loaded(m.params.size());
-  const std::size_t num_scalars = m.desc().scalars.size();
   std::unordered_map<std::string, std::vector<const detail::CheckpointTensor*>> tensors;
   for (const auto& t : d.tensors) tensors[t.param].push_back(&t);
   for (std::size_t i = 0; i < m.params.size(); ++i) {
     const ParamEntry& p = m.params[i];
     const detail::CheckpointParam& cp = *in_file.at(p.name);
+    const AlgorithmDescription& a = m.desc(p);
+    const std::vector<double>& param_defaults = defaults[p.slot].values;
+    const std::size_t num_scalars = a.scalars.size();
     Loaded& l = loaded[i];
     l.step = cp.step;
-    l.overrides.resize(defaults.size());
+    l.overrides.resize(param_defaults.size());
     double scalars[kMaxScalars] = {};
     std::size_t scalars_found = 0;
     for (const auto& [key, value] : cp.overrides) {
+      if (key.rfind(kAlgorithmPrefix, 0) == 0) {  // its algorithm: compared above
+        if (value != 1.0)
+          throw Error(StatusCode::corrupt_data,
+                      who + "param '" + p.name + "' has an invalid '" + key + "'");
+        continue;
+      }
       if (key.rfind(kScalarPrefix, 0) == 0) {  // a scalar state, not an option
-        const int k =
-            detail::index_of(m.desc().scalars, key.substr(std::string(kScalarPrefix).size()));
+        const int k = detail::index_of(a.scalars, key.substr(std::string(kScalarPrefix).size()));
         if (k < 0 || !std::isfinite(value))
           throw Error(StatusCode::corrupt_data,
                       who + "param '" + p.name + "' has an invalid scalar state '" + key + "'");
@@ -191,16 +245,16 @@ void Optimizer::load(const std::string& path) {
         ++scalars_found;
         continue;
       }
-      l.overrides[m.option_index(key)] = value;
+      l.overrides[m.option_index(p.slot, key)] = value;
     }
-    l.options = defaults;
-    for (std::size_t k = 0; k < defaults.size(); ++k)
+    l.options = param_defaults;
+    for (std::size_t k = 0; k < param_defaults.size(); ++k)
       if (l.overrides[k]) l.options[k] = *l.overrides[k];
-    l.facts = m.checked_facts(l.options, who + "param '" + p.name + "': ");
+    l.facts = m.checked_facts(p.slot, l.options, who + "param '" + p.name + "': ");
     const auto& ts = tensors[p.name];
     std::vector<std::string> expected;
-    for (int k = 0; k < static_cast<int>(m.desc().states.size()); ++k)
-      if (p.keeps(l.facts, k)) expected.push_back(m.desc().states[k]);
+    for (int k = 0; k < static_cast<int>(a.states.size()); ++k)
+      if (p.keeps(l.facts, k)) expected.push_back(a.states[k]);
     const bool master = settings.master_weights && p.dtype != DType::f32;
     if (master) expected.emplace_back(kMasterState);
     if (settings.ema_decay > 0.0) expected.emplace_back(kEmaState);
@@ -242,7 +296,7 @@ void Optimizer::load(const std::string& path) {
       const bool is_train = t->state == kTrainParamState,
                  is_train_master = t->state == kTrainMasterState;
       const bool whole = is_master || is_ema || is_train || is_train_master;  // numel f32 values
-      const int k = whole ? -1 : detail::index_of(m.desc().states, t->state);
+      const int k = whole ? -1 : detail::index_of(a.states, t->state);
       const std::int64_t count = whole ? p.numel : p.state_numel(l.facts, k);
       if (static_cast<std::int64_t>(t->values.size()) != count)
         throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
@@ -274,6 +328,7 @@ void Optimizer::load(const std::string& path) {
       }
     }
   }
+  m.slots.reserve(defaults.size());  // the new algorithms' slots, before the commit
   // 4. Commit: nothing below throws but a device failure writing the step counts.
   if (m.device == Device::cuda) {
     cuda::DeviceGuard guard(m.device_index);
@@ -286,7 +341,12 @@ void Optimizer::load(const std::string& path) {
     // streams: finish them before any step can read the state.
     cuda::synchronize();
   }
-  m.defaults = std::move(defaults);
+  for (std::size_t s = 0; s < defaults.size(); ++s) {
+    if (defaults[s].fresh)
+      m.slots.push_back({std::move(defaults[s].fresh), std::move(defaults[s].values), 0});
+    else
+      m.slots[s].defaults = std::move(defaults[s].values);
+  }
   m.settings = settings;
   for (std::size_t i = 0; i < m.params.size(); ++i) {
     ParamEntry& p = m.params[i];

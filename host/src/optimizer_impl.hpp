@@ -28,6 +28,9 @@ inline constexpr const char* kTrainParamState = "train_param";
 inline constexpr const char* kTrainMasterState = "train_master";
 // A checkpoint's per-param scalar states: "scalar." and the scalar's name.
 inline constexpr const char* kScalarPrefix = "scalar.";
+// A checkpoint's per-param pair "algorithm." and the algorithm's name (value 1) marks a param
+// not stepped by the checkpoint's (the constructor's) algorithm.
+inline constexpr const char* kAlgorithmPrefix = "algorithm.";
 // A checkpoint option saved in eval mode only.
 inline constexpr const char* kEvalModeKey = "eval_mode";
 
@@ -54,6 +57,16 @@ struct Settings {
   float grad_multiplier() const { return static_cast<float>(1.0 / grad_scale); }
 };
 
+/// One algorithm of an optimizer (the first is the constructor's; others step the params
+/// added with them) and the option values its params default to.
+struct AlgorithmSlot {
+  std::unique_ptr<Algorithm> algorithm;
+  std::vector<double> defaults;
+  std::size_t num_params = 0;  // its params are the algorithm's param indices 0, 1, ...
+
+  const AlgorithmDescription& desc() const { return algorithm->description(); }
+};
+
 struct ParamEntry {
   std::string name;
   void* data;
@@ -61,6 +74,8 @@ struct ParamEntry {
   std::vector<std::int64_t> shape;
   std::int64_t numel;
   int key;                                       // its index: RNG stream and device step slot
+  std::size_t slot = 0;                          // its algorithm: Impl::slots[slot]
+  std::size_t local = 0;                         // its index among that algorithm's params
   std::vector<std::optional<double>> overrides;  // per option index
   std::vector<double> options;                   // effective: defaults with overrides applied
   OptionFacts facts;                             // what `options` imply
@@ -110,10 +125,9 @@ struct StepGroup {
 namespace fo {
 
 struct Optimizer::Impl {
-  std::unique_ptr<detail::Algorithm> algorithm;
+  std::vector<detail::AlgorithmSlot> slots;  // [0]: the constructor's algorithm
   Device device;
   int device_index;
-  std::vector<double> defaults;
   detail::Settings settings;
   std::vector<detail::ParamEntry> params;
   std::map<std::string, std::size_t, std::less<>> by_name;  // finds a string_view, no copy
@@ -143,12 +157,29 @@ struct Optimizer::Impl {
   // once per step. (Under unified addressing a live device range is never a host address.)
   std::vector<const void*> device_checked_grads;
 
-  const AlgorithmDescription& desc() const { return algorithm->description(); }
-
-  /// Index of option `key`; throws naming the options and settings if there is none.
-  int option_index(std::string_view key) const;
-  /// Facts of `values`; throws (invalid_argument, prefixed by `who`) if they are invalid.
-  detail::OptionFacts checked_facts(const std::vector<double>& values,
+  /// The constructor's algorithm.
+  const AlgorithmDescription& desc() const { return slots[0].desc(); }
+  /// Param p's algorithm.
+  const detail::AlgorithmSlot& slot(const detail::ParamEntry& p) const { return slots[p.slot]; }
+  const AlgorithmDescription& desc(const detail::ParamEntry& p) const {
+    return slots[p.slot].desc();
+  }
+  /// The slot of registered algorithm `name`, or slots.size() if this optimizer has none yet.
+  std::size_t find_slot(std::string_view name) const;
+  /// An option key of the optimizer's defaults: "lr" is the constructor's algorithm's, and
+  /// "adamw.lr" that of adamw (a second algorithm's). `slot` is slots.size() for a registered
+  /// algorithm this optimizer has no slot of yet (`fresh` then holds a new one).
+  struct OptionKey {
+    std::size_t slot;
+    int index;
+    std::unique_ptr<detail::Algorithm> fresh;
+  };
+  OptionKey option_key(std::string_view key) const;
+  /// Index of option `key` of slot s; throws naming the options and settings if there is none.
+  int option_index(std::size_t s, std::string_view key) const;
+  /// Facts of `values` under slot s's algorithm; throws (invalid_argument, prefixed by `who`)
+  /// if they are invalid.
+  detail::OptionFacts checked_facts(std::size_t s, const std::vector<double>& values,
                                     const std::string& who) const;
   /// Throws if param `p` may not move to options with facts `next`.
   void check_transition(const detail::ParamEntry& p, const detail::OptionFacts& next) const;

@@ -46,10 +46,10 @@ void Optimizer::step(const void* const* grads, void* stream) {
     if (!g) continue;
     const ParamEntry& p = m.params[i];
     if (!p.facts.dense)
-      unsupported("step: param '" + p.name + "' keeps per-row state (" + m.desc().name +
+      unsupported("step: param '" + p.name + "' keeps per-row state (" + m.desc(p).name +
                   " with these options): it takes sparse steps (step_sparse) only");
     if (!cuda && !p.facts.cpu_refusal.empty())
-      unsupported("step: param '" + p.name + "': " + m.desc().name + ": " + p.facts.cpu_refusal);
+      unsupported("step: param '" + p.name + "': " + m.desc(p).name + ": " + p.facts.cpu_refusal);
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
       invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context.
@@ -84,14 +84,14 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     std::optional<detail::Buffer> scalars;
   };
   std::vector<Fresh> fresh;
-  const std::size_t num_scalars = desc().scalars.size();
   for (std::size_t j = 0; j < n; ++j) {
     const std::size_t i = indices[j];
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
     Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
             std::nullopt};
-    for (int k = 0; k < static_cast<int>(desc().states.size()); ++k)
+    const std::size_t num_scalars = desc(p).scalars.size();
+    for (int k = 0; k < static_cast<int>(desc(p).states.size()); ++k)
       if (p.keeps(p.facts, k)) f.states[k].emplace(device, device_index, state_bytes(p, k));
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
@@ -121,7 +121,8 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     }
     if (f.scalars) {
       double init[kMaxScalars] = {};
-      for (std::size_t k = 0; k < num_scalars; ++k) init[k] = desc().scalar_init[k];
+      const std::vector<double>& scalar_init = desc(p).scalar_init;
+      std::copy(scalar_init.begin(), scalar_init.end(), init);
       if (device == Device::cuda)
         cuda::copy_from_host(f.scalars->data(), init, sizeof init, stream);
       else
@@ -200,7 +201,8 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     t.ema_weight = ema_weight(settings.ema_decay);
     t.view = detail::matrix_view(p.shape);
     double* const scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
-    if (p.numel > 0 || scalars) algorithm->cpu_step(i, p.steps_launched + 1, t, p.numel, scalars);
+    if (p.numel > 0 || scalars)
+      slot(p).algorithm->cpu_step(p.local, p.steps_launched + 1, t, p.numel, scalars);
     ++p.steps_launched;
   }
 }
@@ -220,13 +222,16 @@ void Optimizer::Impl::grow_device_steps(void* stream) {
   d_steps_capacity = capacity;
 }
 
-// Groups the params by options and dtype, in param order (each group led by its first param).
+// Groups the params by algorithm, options and dtype, in param order (each group led by its
+// first param).
 void Optimizer::Impl::regroup() {
   std::vector<detail::StepGroup> next;
   for (std::size_t i = 0; i < params.size(); ++i) {
+    const ParamEntry& p = params[i];
     auto same = [&](const detail::StepGroup& g) {
-      const std::size_t lead = g.members.front();
-      return params[lead].dtype == params[i].dtype && algorithm->same_options(lead, i);
+      const ParamEntry& lead = params[g.members.front()];
+      return lead.slot == p.slot && lead.dtype == p.dtype &&
+             slot(p).algorithm->same_options(lead.local, p.local);
     };
     auto it = std::find_if(next.begin(), next.end(), same);
     if (it == next.end()) it = next.insert(next.end(), detail::StepGroup{});
@@ -276,15 +281,20 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
       if (grad_dtype(params[i]) != norm_dtype)
         unsupported("clipping and the non-finite check need one gradient dtype across params");
   grow_device_steps(stream);
-  // The algorithm's workspace (one, shared by the groups' launches in stream order), before
-  // any state is created.
-  workspace_query.clear();
-  for (std::size_t i : stepping) {
-    workspace_query.push_back({nullptr, nullptr, nullptr, {}, params[i].numel, 0, 0});
-    workspace_query.back().view = detail::matrix_view(params[i].shape);
+  // The algorithms' workspace (one, shared by the groups' launches in stream order: the
+  // largest any algorithm needs for its stepping params), before any state is created.
+  std::size_t step_ws = 0;
+  for (std::size_t s = 0; s < slots.size(); ++s) {
+    workspace_query.clear();
+    for (std::size_t i : stepping) {
+      if (params[i].slot != s) continue;
+      workspace_query.push_back({nullptr, nullptr, nullptr, {}, params[i].numel, 0, 0});
+      workspace_query.back().view = detail::matrix_view(params[i].shape);
+    }
+    if (!workspace_query.empty())
+      step_ws = std::max(step_ws, slots[s].algorithm->cuda_workspace(workspace_query.data(),
+                                                                     workspace_query.size()));
   }
-  const std::size_t step_ws =
-      algorithm->cuda_workspace(workspace_query.data(), workspace_query.size());
   if (step_ws > 0 && (!d_step_workspace || d_step_workspace->bytes() < step_ws))
     d_step_workspace.emplace(device, device_index, step_ws);
   create_first_step_state(stepping.data(), stepping.size(), stream);
@@ -336,7 +346,8 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
       s.d_workspace = d_step_workspace->data();
       s.workspace_bytes = d_step_workspace->bytes();
     }
-    algorithm->cuda_step(g.members.front(), g.entries.data(), g.entries.size(), g.plan, s, stream);
+    slot(lead).algorithm->cuda_step(lead.local, g.entries.data(), g.entries.size(), g.plan, s,
+                                    stream);
   }
   for (std::size_t i : stepping) ++params[i].steps_launched;
 }
@@ -347,11 +358,11 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
   ParamEntry& p = m.param(name);
   // Built only for a message: a valid step allocates nothing.
   const auto who = [&] { return "step_sparse('" + p.name + "'): "; };
-  if (!m.desc().sparse) {
+  if (!m.desc(p).sparse) {
     std::string sparse;
     for (const auto& a : dense_algorithms())
       if (a.sparse) sparse += (sparse.empty() ? "" : ", ") + a.name;
-    unsupported(who() + m.desc().name + " has no sparse step (sparse: " + sparse + ")");
+    unsupported(who() + m.desc(p).name + " has no sparse step (sparse: " + sparse + ")");
   }
   if (!p.facts.sparse_refusal.empty()) invalid(who() + p.facts.sparse_refusal);
   if (p.dtype != DType::f32 || m.settings.state_dtype != DType::f32)
@@ -381,7 +392,7 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     detail::SparseStep s = probe;
     s.table = static_cast<float*>(p.data);
     for (int k = 0; k < kMaxStates; ++k) s.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
-    m.algorithm->sparse_step(index, step, s, m.device, stream);
+    m.slot(p).algorithm->sparse_step(p.local, step, s, m.device, stream);
   }
   if (cuda) cuda::copy_from_host(d_step, &step, sizeof step, stream);
   p.steps_launched = cuda ? std::max(p.steps_launched + 1, step) : step;
@@ -436,9 +447,10 @@ void Optimizer::copy_ema_to_params(void* stream) {
 // are the param itself.
 void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
   const char* who = to_eval ? "eval" : "train";
-  if (!desc().eval)
-    unsupported(std::string(who) + ": " + desc().name +
-                " has one form of its params (eval() and train() are Schedule-Free's)");
+  for (const detail::AlgorithmSlot& s : slots)  // every algorithm, even one without params yet
+    if (!s.desc().eval)
+      unsupported(std::string(who) + ": " + s.desc().name +
+                  " has one form of its params (eval() and train() are Schedule-Free's)");
   if (to_eval == eval_mode) return;
   const bool cuda = device == Device::cuda;
   std::optional<cuda::DeviceGuard> guard;
@@ -474,13 +486,13 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
                           0,      p.key};
         for (int k = 0; k < kMaxStates; ++k)
           e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
-        algorithm->cuda_eval(i, e, p.dtype, settings.state_dtype, stream);
+        slot(p).algorithm->cuda_eval(p.local, e, p.dtype, settings.state_dtype, stream);
       } else {
         std::memcpy(kept[i].param->data(), p.data, bytes);
         float* const s[kMaxStates] = {p.states[0] ? p.states[0]->f32() : nullptr,
                                       p.states[1] ? p.states[1]->f32() : nullptr,
                                       p.states[2] ? p.states[2]->f32() : nullptr};
-        algorithm->cpu_eval(i, static_cast<float*>(p.data), s, p.numel);
+        slot(p).algorithm->cpu_eval(p.local, static_cast<float*>(p.data), s, p.numel);
       }
       p.train_param = std::move(kept[i].param);
       p.train_master = std::move(kept[i].master);

@@ -5,6 +5,10 @@
 //   opt.set_option("lr", 3e-4);
 //   opt.add_param("w", w.data(), fo::DType::f32, {rows, cols});
 //   opt.step({g.data()});          // grads in add order; nullptr = no gradient this step
+//
+// One optimizer may step params with several algorithms (Muon for the hidden matrices, AdamW
+// for the rest): add_param names a param's algorithm, and "adamw.lr" sets the defaults of a
+// second one. Every param still steps in the one step() call and saves in the one checkpoint.
 #pragma once
 
 #include <cstdint>
@@ -53,7 +57,9 @@ class Optimizer {
 
   /// Sets an option's default for every param without an override of it. Flags take 0 or 1.
   /// Rejected (nothing changes) if any param's options would become invalid, or if a param
-  /// that has stepped would gain or lose a state buffer.
+  /// that has stepped would gain or lose a state buffer. A plain key ("lr") is an option of
+  /// the constructor's algorithm; "adamw.lr" is the option of adamw, for the params added with
+  /// that algorithm (add_param), and may be set before any of them is added.
   ///
   /// Besides the algorithm's options (docs/optimizers.md), optimizer-wide step settings:
   ///   grad_scale (1)        gradients are divided by it: the loss scale of mixed precision
@@ -73,7 +79,13 @@ class Optimizer {
 
   /// Registers a param the caller owns (on this optimizer's device, aligned to its element
   /// size). State buffers are created and initialised from the options at its first step.
-  void add_param(std::string name, void* data, DType dtype, std::vector<std::int64_t> shape);
+  /// `algorithm`: the registered algorithm that steps it; empty: the constructor's. Its
+  /// options start from that algorithm's defaults in this optimizer ("adamw.lr").
+  void add_param(std::string name, void* data, DType dtype, std::vector<std::int64_t> shape,
+                 std::string_view algorithm = {});
+  /// The algorithm that steps param `name`.
+  const std::string& param_algorithm(std::string_view name) const;
+  /// A param's own option: `key` is an option of its algorithm, by its plain name ("lr").
   void set_param_option(std::string_view name, std::string_view key, double value);
   double param_option(std::string_view name, std::string_view key) const;
 
@@ -141,7 +153,7 @@ class Optimizer {
   /// every state) to `path`, atomically: a crash mid-save leaves the previous file intact.
   void save(const std::string& path) const;
   /// Loads a checkpoint into this optimizer, which must have the same algorithm and params
-  /// (by name, shape and dtype; one message names every mismatch). Everything is checked
+  /// (by name, shape, dtype and algorithm; one message names every mismatch). Everything is checked
   /// before anything changes: on any error the optimizer is exactly as it was. A checkpoint
   /// from either device loads into either device.
   void load(const std::string& path);
