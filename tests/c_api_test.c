@@ -592,6 +592,45 @@ static void test_muon(void) {
   fo_optimizer_destroy(opt);
 }
 
+/* Muon with AdamW in one optimizer: the vector by adamw (fo_optimizer_add_param_with), its
+ * defaults as "adamw.lr"; one step moves both, each with its own state. */
+static void test_mixed_algorithms(void) {
+  enum { R = 6, C = 4 };
+  float w[R * C], g[R * C], v[R], gv[R], v0[R], m[R];
+  const int64_t shape[2] = {R, C}, vec[1] = {R};
+  const char* algorithm = NULL;
+  double lr = 0.0;
+  fill(w, R * C);
+  fill(v, R);
+  fill(g, R * C);
+  fill(gv, R);
+  memcpy(v0, v, sizeof v);
+  fo_optimizer* opt = make("muon", 0.02);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "adamw.lr", 0.001), OK);
+  CHECK_STATUS(fo_optimizer_set_option(opt, "nosuch.lr", 0.001), INVALID);
+  CHECK_STATUS(fo_optimizer_get_option(opt, "adamw.lr", &lr), OK);
+  CHECK(lr == 0.001);
+  CHECK_STATUS(fo_optimizer_add_param_with(opt, "w", NULL, w, FO_FLOAT32, 2, shape), OK);
+  CHECK_STATUS(fo_optimizer_add_param_with(opt, "v", "nosuch", v, FO_FLOAT32, 1, vec), INVALID);
+  CHECK_STATUS(fo_optimizer_add_param_with(opt, "v", "adamw", v, FO_FLOAT32, 1, vec), OK);
+  CHECK_STATUS(fo_optimizer_param_algorithm(opt, "v", &algorithm), OK);
+  CHECK(algorithm && strcmp(algorithm, "adamw") == 0);
+  CHECK_STATUS(fo_optimizer_param_algorithm(opt, "w", &algorithm), OK);
+  CHECK(algorithm && strcmp(algorithm, "muon") == 0);
+  CHECK_STATUS(fo_optimizer_param_algorithm(opt, "x", &algorithm), INVALID);
+  CHECK_STATUS(step2(opt, g, gv), OK);
+  CHECK(steps_of(opt, "v") == 1);
+  /* AdamW's first step: v0 (1 - lr wd) - lr g / (|g| + eps), a move of lr (to eps / |g|). */
+  int ok = 1;
+  for (int i = 0; i < R; ++i)
+    ok = ok && fabsf(fabsf(v[i] - v0[i] * (1.0f - 0.001f * 0.01f)) - 0.001f) <= 1e-6f;
+  CHECK(ok);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "v", "exp_avg", m, R), OK);
+  CHECK_STATUS(fo_optimizer_get_state(opt, "w", "exp_avg", m, R), INVALID); /* muon's */
+  fo_optimizer_destroy(opt);
+  CHECK(fo_abi_version() >= 7);
+}
+
 int main(int argc, char** argv) {
   unsigned long seed = argc > 1 ? strtoul(argv[1], NULL, 10) : (unsigned long)time(NULL);
   fprintf(stderr, "c_api_test: seed %lu (replay: c_api_test %lu)\n", seed, seed);
@@ -609,6 +648,7 @@ int main(int argc, char** argv) {
   test_schedule_free_eval();
   test_factored_states();
   test_muon();
+  test_mixed_algorithms();
   printf("%d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
 }

@@ -18,7 +18,7 @@ namespace {
 // 2: step settings, device scalars, grad_norm; 3: schedules; 4: fo_optimizer_state_numel;
 // 5: the weight EMA (ema_decay, fo_optimizer_swap_ema, fo_optimizer_copy_ema_to_params)
 // 6: Schedule-Free's eval and train (fo_optimizer_eval, fo_optimizer_train)
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 thread_local std::string t_last_error;
 
@@ -90,15 +90,30 @@ fo_status fo_optimizer_get_option(const fo_optimizer* opt, const char* key, doub
   });
 }
 
-fo_status fo_optimizer_add_param(fo_optimizer* opt, const char* name, void* data, fo_dtype dtype,
-                                 int ndim, const int64_t* shape) {
+fo_status fo_optimizer_add_param_with(fo_optimizer* opt, const char* name, const char* algorithm,
+                                      void* data, fo_dtype dtype, int ndim, const int64_t* shape) {
   return guarded([&] {
     require(opt, "optimizer");
     require(name, "name");
     if (ndim < 0) invalid("ndim must be >= 0, got " + std::to_string(ndim));
     if (ndim > 0) require(shape, "shape");
     opt->impl.add_param(name, data, static_cast<fo::DType>(dtype),
-                        std::vector<std::int64_t>(shape, shape + ndim));
+                        std::vector<std::int64_t>(shape, shape + ndim), algorithm ? algorithm : "");
+  });
+}
+
+fo_status fo_optimizer_add_param(fo_optimizer* opt, const char* name, void* data, fo_dtype dtype,
+                                 int ndim, const int64_t* shape) {
+  return fo_optimizer_add_param_with(opt, name, nullptr, data, dtype, ndim, shape);
+}
+
+fo_status fo_optimizer_param_algorithm(const fo_optimizer* opt, const char* name,
+                                       const char** out) {
+  return guarded([&] {
+    require(opt, "optimizer");
+    require(name, "name");
+    require(out, "out");
+    *out = opt->impl.param_algorithm(name).c_str();
   });
 }
 

@@ -110,6 +110,18 @@ FO_API fo_status fo_optimizer_copy_ema_to_params(fo_optimizer* opt, void* stream
 FO_API fo_status fo_optimizer_eval(fo_optimizer* opt, void* stream);
 FO_API fo_status fo_optimizer_train(fo_optimizer* opt, void* stream);
 
+/* ABI version 7. Several algorithms in one optimizer (Muon for the hidden matrices, AdamW for
+ * the rest): the param is stepped by `algorithm` (a registered name; NULL or "": the
+ * optimizer's own), its options starting from that algorithm's defaults, which
+ * fo_optimizer_set_option sets as "adamw.lr" (fusedopt/optimizer.hpp, Optimizer::add_param).
+ * fo_optimizer_param_algorithm: the algorithm that steps param `name`, valid as long as
+ * the optimizer. */
+FO_API fo_status fo_optimizer_add_param_with(fo_optimizer* opt, const char* name,
+                                             const char* algorithm, void* data, fo_dtype dtype,
+                                             int ndim, const int64_t* shape);
+FO_API fo_status fo_optimizer_param_algorithm(const fo_optimizer* opt, const char* name,
+                                              const char** out);
+
 #ifdef __cplusplus
 }
 #endif
