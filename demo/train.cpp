@@ -103,8 +103,8 @@ EpochStats evaluate_split(const Model<T>& model, const T* params, const Split& s
 }  // namespace
 
 const std::vector<std::string>& default_optimizers() {
-  static const std::vector<std::string> names = {"sgd",   "rmsprop", "adagrad", "adam",
-                                                 "adamw", "lion",    "newton"};
+  static const std::vector<std::string> names = {"sgd",   "rmsprop", "adagrad",    "adam",
+                                                 "adamw", "lion",    "muon+adamw", "newton"};
   return names;
 }
 
@@ -127,6 +127,43 @@ std::vector<std::pair<std::string, double>> demo_defaults(const std::string& alg
   return {};  // no lr, or not a fusedopt algorithm (newton_run has its own config)
 }
 
+std::optional<Mix> mix_of(const std::string& optimizer) {
+  const std::size_t plus = optimizer.find('+');
+  if (plus == std::string::npos) return std::nullopt;
+  Mix m{optimizer.substr(0, plus), optimizer.substr(plus + 1)};
+  if (m.hidden.empty() || m.rest.empty() || m.rest.find('+') != std::string::npos)
+    throw std::invalid_argument("'" + optimizer + "': a mix is two algorithms, A+B");
+  return m;
+}
+
+Optimizer make_optimizer(const std::string& name, Device device) {
+  const std::optional<Mix> mix = mix_of(name);
+  if (mix && std::none_of(dense_algorithms().begin(), dense_algorithms().end(),
+                          [&](const AlgorithmDescription& a) { return a.name == mix->rest; }))
+    throw std::invalid_argument("'" + name + "': unknown algorithm '" + mix->rest + "'");
+  Optimizer opt(mix ? mix->hidden : name, device);
+  for (const auto& [key, value] : demo_defaults(mix ? mix->hidden : name))
+    opt.set_option(key, value);
+  if (mix)
+    for (const auto& [key, value] : demo_defaults(mix->rest))
+      opt.set_option(mix->rest + "." + key, value);
+  return opt;
+}
+
+std::string tensor_algorithm(const std::string& name, const std::vector<TensorSlice>& tensors,
+                             std::size_t i) {
+  const std::optional<Mix> mix = mix_of(name);
+  if (!mix) return "";
+  // The output layer's matrix is the last one; the matrices before it are the hidden layers'.
+  std::size_t last = tensors.size();
+  for (std::size_t j = 0; j < tensors.size(); ++j)
+    if (tensors[j].shape.size() >= 2) last = j;
+  if (std::none_of(tensors.begin(), tensors.begin() + static_cast<std::ptrdiff_t>(last),
+                   [](const TensorSlice& t) { return t.shape.size() >= 2; }))
+    throw std::invalid_argument(name + ": the model has no hidden layer for " + mix->hidden);
+  return i < last && tensors[i].shape.size() >= 2 ? "" : mix->rest;
+}
+
 RunResult train_run(const TrainConfig& config, const Split& data,
                     const std::function<void(const Progress&)>& on_progress) {
   if (config.epochs < 0) throw std::invalid_argument("epochs must be >= 0");
@@ -138,8 +175,7 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   std::vector<float> params(np), grads(np);
   model.init(params.data(), config.seed);
 
-  Optimizer opt(config.optimizer, config.device);
-  for (const auto& [key, value] : demo_defaults(config.optimizer)) opt.set_option(key, value);
+  Optimizer opt = make_optimizer(config.optimizer, config.device);
   for (const auto& [key, value] : config.options) opt.set_option(key, value);
 
   const std::size_t n = train.size();
@@ -161,8 +197,11 @@ RunResult train_run(const TrainConfig& config, const Split& data,
   if (on_device) throw std::runtime_error("this fusedopt-demo was built without CUDA");
 #endif
   std::vector<const void*> grad_ptrs;
-  for (const TensorSlice& t : model.tensors()) {
-    opt.add_param(t.name, step_params + t.offset, DType::f32, t.shape);
+  const std::vector<TensorSlice>& tensors = model.tensors();
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const TensorSlice& t = tensors[i];
+    opt.add_param(t.name, step_params + t.offset, DType::f32, t.shape,
+                  tensor_algorithm(config.optimizer, tensors, i));
     grad_ptrs.push_back(step_grads + t.offset);
   }
 

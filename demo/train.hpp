@@ -10,24 +10,43 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "data.hpp"
+#include "fusedopt/optimizer.hpp"
 #include "fusedopt/types.hpp"
 #include "model.hpp"
 
 namespace fo::demo {
 
 /// The optimizers `train` compares unless told otherwise: six of fusedopt's first-order
-/// algorithms and "newton" (newton_run; the softmax model only).
+/// algorithms, "muon+adamw" (the mlp only: Mix) and "newton" (newton_run; the softmax model
+/// only).
 const std::vector<std::string>& default_optimizers();
 
 /// The options the demo sets before the user's: 10x the library's default lr, a rule that
 /// suits this problem for every registered algorithm but two (sgd: lr 0.1 and momentum 0.9;
 /// rmsprop: its default lr). A newly registered algorithm needs no entry here.
 std::vector<std::pair<std::string, double>> demo_defaults(const std::string& algorithm);
+
+/// An optimizer name "A+B" ("muon+adamw"): one fo::Optimizer in which algorithm A steps the
+/// weight matrices of the hidden layers and B the output layer's and every bias, as Muon's
+/// users split a model (the output layer is a classifier head, left to AdamW).
+struct Mix {
+  std::string hidden, rest;
+};
+/// The mix `optimizer` names, or nullopt for a plain algorithm name.
+std::optional<Mix> mix_of(const std::string& optimizer);
+/// The optimizer `name` (an algorithm or a mix) with the demo's defaults set: a mix's B
+/// options as "B.key" (fo::Optimizer's key for a second algorithm).
+Optimizer make_optimizer(const std::string& name, Device device);
+/// The algorithm that steps tensor i of `model` under optimizer `name` ("": the optimizer's
+/// own); throws std::invalid_argument for a mix on a model without hidden layers.
+std::string tensor_algorithm(const std::string& name, const std::vector<TensorSlice>& tensors,
+                             std::size_t i);
 
 struct TrainConfig {
   ModelSpec model;

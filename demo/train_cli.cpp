@@ -32,7 +32,10 @@ test accuracy, time per optimizer step, and the loss curves as SVG.
 
 options:
   --optimizers LIST    comma-separated (default: sgd,rmsprop,adagrad,adam,adamw,lion,
-                       newton); any fusedopt algorithm, and newton: damped Newton's method
+                       muon+adamw,newton); any fusedopt algorithm; A+B, one optimizer in
+                       which A steps the hidden layers' weight matrices and B the output
+                       layer and the biases (the mlp only; B's options as
+                       muon+adamw.adamw.lr=...); and newton: damped Newton's method
                        with the exact Hessian, on the softmax model only (full batch, in
                        double on the CPU; it ignores --epochs, --batch and --schedule and
                        takes newton.l2 (default 1e-4), newton.grad_tol (1e-8) and
@@ -227,9 +230,9 @@ NewtonConfig newton_config(const std::vector<std::pair<std::string, double>>& op
 bool has_option(const std::string& algorithm, const std::string& key) {
   if (is_newton(algorithm)) return newton_has_option(key);
   try {
-    (void)Optimizer(algorithm).option(key);
+    (void)make_optimizer(algorithm, Device::cpu).option(key);
     return true;
-  } catch (const Error&) {
+  } catch (const std::exception&) {
     return false;
   }
 }
@@ -288,9 +291,10 @@ std::vector<OptionList> checked_options(const Cli& cli, Device device) {
       continue;
     }
     try {
-      Optimizer probe(name, device);
-      for (const auto& [key, value] : demo_defaults(name)) probe.set_option(key, value);
+      Optimizer probe = make_optimizer(name, device);
       for (const auto& [key, value] : options.back()) probe.set_option(key, value);
+    } catch (const std::invalid_argument& e) {  // a malformed mix
+      throw UsageError(e.what());
     } catch (const Error& e) {
       std::string what = e.what();  // the library's messages mostly name the algorithm
       if (what.rfind("unknown algorithm", 0) == 0) what += "; or newton, the demo's own";
@@ -342,6 +346,19 @@ std::vector<RunResult> train_all(const Cli& cli, const std::vector<OptionList>& 
         }
         continue;
       }
+      const std::string label = std::string(model_name(kind)) + " " + cli.optimizers[k];
+      if (mix_of(cli.optimizers[k])) {
+        const Model<float> model({kind, cli.hidden, cli.activation});
+        try {
+          (void)tensor_algorithm(cli.optimizers[k], model.tensors(), 0);
+        } catch (const std::invalid_argument&) {
+          std::printf(
+              "%-16s skipped: the %s model has no hidden layer (its one matrix is the "
+              "output layer, which the mix leaves to %s)\n",
+              label.c_str(), model_name(kind), mix_of(cli.optimizers[k])->rest.c_str());
+          continue;
+        }
+      }
       TrainConfig c;
       c.model = {kind, cli.hidden, cli.activation};
       c.optimizer = cli.optimizers[k];
@@ -351,7 +368,7 @@ std::vector<RunResult> train_all(const Cli& cli, const std::vector<OptionList>& 
       c.seed = cli.seed;
       c.device = device;
       if (schedule) c.lr_at = [&s = *schedule](std::int64_t step) { return scheduled_lr(s, step); };
-      ProgressPrinter progress(std::string(model_name(kind)) + " " + c.optimizer, tty, c.epochs);
+      ProgressPrinter progress(label, tty, c.epochs);
       const auto t0 = Clock::now();
       results.push_back(train_run(c, split, std::ref(progress)));
       progress.finish(results.back(), seconds_since(t0));

@@ -782,6 +782,38 @@ TEST(DemoTrain, EveryRegisteredAlgorithmTrainsWithTheDemosDefaults) {
   }
 }
 
+// "muon+adamw": one optimizer, muon on the hidden layer's matrix, adamw on the output layer
+// and the biases; the softmax model (no hidden layer) is refused.
+TEST(DemoTrain, MuonWithAdamWStepsTheHiddenMatrixWithMuonAndLearns) {
+  const demo::Model<float> mlp({ModelKind::mlp, 16});
+  std::vector<std::string> algorithms;
+  for (std::size_t i = 0; i < mlp.tensors().size(); ++i)
+    algorithms.push_back(demo::tensor_algorithm("muon+adamw", mlp.tensors(), i));
+  EXPECT_EQ(algorithms, (std::vector<std::string>{"", "adamw", "adamw", "adamw"}));  // W1 b1 W2 b2
+  EXPECT_EQ(demo::tensor_algorithm("adam", mlp.tensors(), 0), "");
+  const demo::Model<float> softmax({ModelKind::softmax});
+  EXPECT_THROW(demo::tensor_algorithm("muon+adamw", softmax.tensors(), 0), std::invalid_argument);
+  EXPECT_THROW(demo::make_optimizer("muon+", Device::cpu), std::invalid_argument);
+  EXPECT_THROW(demo::make_optimizer("muon+nosuch", Device::cpu), std::invalid_argument);
+  const Optimizer opt = demo::make_optimizer("muon+adamw", Device::cpu);
+  EXPECT_EQ(opt.option("lr"), demo::demo_defaults("muon").front().second);
+  EXPECT_EQ(opt.option("adamw.lr"), demo::demo_defaults("adamw").front().second);
+
+  const std::uint64_t seed = run_seed();
+  const demo::Split split =
+      demo::split_dataset(demo::load_digits(demo::default_data_path()), 360, seed);
+  demo::TrainConfig c;
+  c.model = {ModelKind::mlp, 32};
+  c.optimizer = "muon+adamw";
+  c.epochs = 5;
+  c.seed = seed;
+  const demo::RunResult r = demo::train_run(c, split);
+  EXPECT_FALSE(r.diverged);
+  // Seeds 1-5 gave 0.961 to 0.978 here (hidden 32, 5 epochs); the demo's run (hidden 64, 30
+  // epochs) 0.969, 0.972 and 0.994 for seeds 1-3.
+  EXPECT_GE(r.history.back().test_accuracy, 0.85) << "seed " << seed;
+}
+
 TEST(DemoTrain, NewtonOnSoftmaxRegressionConvergesInFewSteps) {
   const std::uint64_t seed = run_seed();
   const demo::Split split =
