@@ -85,6 +85,13 @@ def _number(value):
     return float(value)
 
 
+def _refuse_differentiable(opt, options):
+    if options.get("differentiable"):
+        raise NotImplementedError(
+            f"fusedopt.torch.{type(opt).__name__}: differentiable=True is not supported "
+            "(fusedopt steps params in place, outside autograd)")
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """The common body of fusedopt.torch's classes (torch.optim.Optimizer with a fused step)."""
 
@@ -93,10 +100,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _setup(self, params, args):
         defaults = {k: v for k, v in args.items() if k not in ("self", "params", "__class__")}
         defaults.update(self._spec.extra_defaults)
-        if defaults.get("differentiable"):
-            raise NotImplementedError(
-                f"fusedopt.torch.{type(self).__name__}: differentiable=True is not supported "
-                "(fusedopt steps params in place, outside autograd)")
+        _refuse_differentiable(self, defaults)
         super().__init__(params, defaults)
         # The group keys of this class's own torch twin (torch's base __setstate__ adds
         # "differentiable" to the defaults even where the class has no such argument).
@@ -199,11 +203,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- from a torch param group to the library's call ---------------------------------------
 
+    def _group_spec(self, group):
+        """The _Spec a group steps by: the class's (MuonWithAdamW: the group's kind's)."""
+        return self._spec
+
     def _algorithm(self, group):
-        for flag, algorithm in self._spec.variants.items():
+        spec = self._group_spec(group)
+        for flag, algorithm in spec.variants.items():
             if group.get(flag):
                 return algorithm
-        return self._spec.algorithm
+        return spec.algorithm
 
     def _options(self, group):
         """The library's options (by its names) from a torch param group."""
@@ -225,9 +234,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # Factored states (Adafactor's row_var, col_var, variance) have shapes of their own, and
         # a param keeps them by its dimensions; every other state is the param's shape.
         shapes = dict(_fusedopt.state_shapes(algorithm, options, tuple(p.shape)))
-        if self._spec.step == "tensor" and "step" not in st:
+        spec = self._group_spec(group)
+        if spec.step == "tensor" and "step" not in st:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-        elif self._spec.step == "int" and "step" not in st:
+        elif spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
         for name, _, init, from_param in specs:
@@ -245,7 +255,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 # from_param: the state starts as a copy of the param (schedule-free's z).
                 st[name] = t.copy_(p) if from_param else t.fill_(init)
                 created = True
-        for name, (init, _) in self._spec.torch_scalars.items():
+        for name, (init, _) in spec.torch_scalars.items():
             if name not in st:
                 st[name] = torch.tensor(init, dtype=torch.float32)
         return created
@@ -262,14 +272,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # One library call for all groups: every group is checked before any is stepped.
         calls, sparse, fresh, counted = [], [], [], []
-        stepped = []  # (group, the states of its stepped params)
+        stepped = []  # (group, its torch scalars, the states of its stepped params)
         try:
             for group in self.param_groups:
                 call = self._gather(group, fresh, counted, sparse)
+                scalars = self._group_spec(group).torch_scalars
                 if call is not None:
                     calls.append(call)
-                    if self._spec.torch_scalars:
-                        stepped.append((group, [self.state[p] for p in call[2]]))
+                    if scalars:
+                        stepped.append((group, scalars, [self.state[p] for p in call[2]]))
             if calls or sparse:
                 self._before_library_call(calls)
                 _fusedopt.step_groups(calls, sparse,
@@ -282,9 +293,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._after_library_call()
         for st in counted:  # torch keeps an int step (SparseAdam's format)
             st["step"] += 1
-        for group, states in stepped:
+        for group, scalars, states in stepped:
             for st in states:
-                for name, (_, update) in self._spec.torch_scalars.items():
+                for name, (_, update) in scalars.items():
                     st[name] = update(st[name], group, float(st["step"]))
         return loss
 
@@ -309,7 +320,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
         names = [spec[0] for spec in specs]
-        kind = self._spec.step
+        spec = self._group_spec(group)
+        kind = spec.step
         step_key = {"step"} if kind else set()
         kept_by_ndim = {}  # the states a param keeps, by its dimensions (factored states)
         params, grads, steps, emas = [], [], [], []
@@ -321,7 +333,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse != self._spec.sparse_only and not (
+            if g.is_sparse != spec.sparse_only and not (
                     g.is_sparse and _ALGORITHMS[algorithm]["sparse"]):
                 if g.is_sparse:
                     sparse_capable = ", ".join(a for a, d in _ALGORITHMS.items() if d["sparse"])
@@ -784,11 +796,32 @@ _PAIRED.update({"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
 _MUON_ADJUST_LR_FN = {None: 0, "original": 0, "match_rms_adamw": 1, "spectral_unclamped": 2}
 
 
+def _muon_adjust_lr_fn(fn):
+    """torch's adjust_lr_fn string as the library's number; ValueError as torch's."""
+    if fn not in _MUON_ADJUST_LR_FN:
+        raise ValueError(f"Adjust learning rate function {fn} is not supported")
+    return _MUON_ADJUST_LR_FN[fn]
+
+
+def _muon_params(param_group):
+    """A Muon group's params as a list (a generator is read once), each checked to have two or
+    more dimensions, with torch's message: nothing is added where one has fewer."""
+    params = param_group["params"]
+    params = [params] if torch.is_tensor(params) else list(params)
+    for p in params:
+        p = p[1] if isinstance(p, tuple) else p  # a named param: (name, tensor)
+        if torch.is_tensor(p) and p.ndim < 2:
+            raise ValueError(
+                "Muon only supports 2D parameters whereas we found a parameter with size: "
+                f"{p.size()} (fusedopt also steps 3-D and larger params as batches of "
+                "matrices; use AdamW for vectors and scalars)")
+    return params
+
+
 def _muon_init(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
                adjust_lr_fn=None):
-    if adjust_lr_fn not in _MUON_ADJUST_LR_FN:
-        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    _muon_adjust_lr_fn(adjust_lr_fn)
     self._setup(params, locals())
 
 
@@ -796,26 +829,13 @@ class _MuonOptimizer(_FusedOptimizer):
     """torch.optim.Muon's group keys to the library's options, and its 2-D-param check."""
 
     def add_param_group(self, param_group):
-        params = param_group["params"]
-        params = [params] if torch.is_tensor(params) else list(params)  # a generator, once
-        param_group["params"] = params
-        for p in params:
-            if torch.is_tensor(p) and p.ndim < 2:
-                raise ValueError(
-                    "Muon only supports 2D parameters whereas we found a parameter with size: "
-                    f"{p.size()} (fusedopt also steps 3-D and larger params as batches of "
-                    "matrices; use AdamW for vectors and scalars)")
-        fn = param_group.get("adjust_lr_fn", self.defaults.get("adjust_lr_fn"))
-        if fn not in _MUON_ADJUST_LR_FN:
-            raise ValueError(f"Adjust learning rate function {fn} is not supported")
+        param_group["params"] = _muon_params(param_group)
+        _muon_adjust_lr_fn(param_group.get("adjust_lr_fn", self.defaults.get("adjust_lr_fn")))
         super().add_param_group(param_group)
 
     def _options(self, group):
-        code = _MUON_ADJUST_LR_FN.get(group.get("adjust_lr_fn"))
-        if code is None:
-            raise ValueError(f"Adjust learning rate function {group.get('adjust_lr_fn')} is "
-                             "not supported")
-        return super()._options(dict(group, adjust_lr_fn=code))
+        return super()._options(
+            dict(group, adjust_lr_fn=_muon_adjust_lr_fn(group.get("adjust_lr_fn"))))
 
 
 Muon = type("Muon", (_MuonOptimizer,), {
