@@ -9,7 +9,10 @@ checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAda
 ``SignSGD`` are fusedopt's other optimizers in the same form; ``AdEMAMix`` takes the arguments
 and defaults of bitsandbytes' ``AdEMAMix`` (torch has none), states in fusedopt's names.
 ``SGDScheduleFree`` and ``AdamWScheduleFree`` are the schedulefree package's (1.4.1): its
-arguments, param-group keys and state, with its ``train()`` / ``eval()``.
+arguments, param-group keys and state, with its ``train()`` / ``eval()``. ``MuonWithAdamW``
+is Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam): groups with
+``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one step() and one
+state_dict.
 
 Each ``step()`` makes one call into the library per param group: every param with a grad is
 validated (contiguous, float32 on the CPU; float32, bfloat16 or float16 on CUDA; grad and
@@ -30,13 +33,15 @@ Weight EMA (docs/optimizers.md, "Weight EMA"): ``opt.ema_decay = 0.9999`` keeps 
 without warm-up); ``opt.swap_ema()`` and ``opt.copy_ema_to_params()`` put it into the params.
 """
 
+import inspect
+
 import torch
 
 from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
            "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS",
-           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor", "Muon"]
+           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor", "Muon", "MuonWithAdamW"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
@@ -85,6 +90,13 @@ def _number(value):
     return float(value)
 
 
+def _refuse_differentiable(opt, options):
+    if options.get("differentiable"):
+        raise NotImplementedError(
+            f"fusedopt.torch.{type(opt).__name__}: differentiable=True is not supported "
+            "(fusedopt steps params in place, outside autograd)")
+
+
 class _FusedOptimizer(torch.optim.Optimizer):
     """The common body of fusedopt.torch's classes (torch.optim.Optimizer with a fused step)."""
 
@@ -93,10 +105,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _setup(self, params, args):
         defaults = {k: v for k, v in args.items() if k not in ("self", "params", "__class__")}
         defaults.update(self._spec.extra_defaults)
-        if defaults.get("differentiable"):
-            raise NotImplementedError(
-                f"fusedopt.torch.{type(self).__name__}: differentiable=True is not supported "
-                "(fusedopt steps params in place, outside autograd)")
+        _refuse_differentiable(self, defaults)
         super().__init__(params, defaults)
         # The group keys of this class's own torch twin (torch's base __setstate__ adds
         # "differentiable" to the defaults even where the class has no such argument).
@@ -199,11 +208,16 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # -- from a torch param group to the library's call ---------------------------------------
 
+    def _group_spec(self, group):
+        """The _Spec a group steps by: the class's (MuonWithAdamW: the group's kind's)."""
+        return self._spec
+
     def _algorithm(self, group):
-        for flag, algorithm in self._spec.variants.items():
+        spec = self._group_spec(group)
+        for flag, algorithm in spec.variants.items():
             if group.get(flag):
                 return algorithm
-        return self._spec.algorithm
+        return spec.algorithm
 
     def _options(self, group):
         """The library's options (by its names) from a torch param group."""
@@ -225,9 +239,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # Factored states (Adafactor's row_var, col_var, variance) have shapes of their own, and
         # a param keeps them by its dimensions; every other state is the param's shape.
         shapes = dict(_fusedopt.state_shapes(algorithm, options, tuple(p.shape)))
-        if self._spec.step == "tensor" and "step" not in st:
+        spec = self._group_spec(group)
+        if spec.step == "tensor" and "step" not in st:
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-        elif self._spec.step == "int" and "step" not in st:
+        elif spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
         for name, _, init, from_param in specs:
@@ -245,7 +260,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 # from_param: the state starts as a copy of the param (schedule-free's z).
                 st[name] = t.copy_(p) if from_param else t.fill_(init)
                 created = True
-        for name, (init, _) in self._spec.torch_scalars.items():
+        for name, (init, _) in spec.torch_scalars.items():
             if name not in st:
                 st[name] = torch.tensor(init, dtype=torch.float32)
         return created
@@ -262,14 +277,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # One library call for all groups: every group is checked before any is stepped.
         calls, sparse, fresh, counted = [], [], [], []
-        stepped = []  # (group, the states of its stepped params)
+        stepped = []  # (group, its torch scalars, the states of its stepped params)
         try:
             for group in self.param_groups:
                 call = self._gather(group, fresh, counted, sparse)
+                scalars = self._group_spec(group).torch_scalars
                 if call is not None:
                     calls.append(call)
-                    if self._spec.torch_scalars:
-                        stepped.append((group, [self.state[p] for p in call[2]]))
+                    if scalars:
+                        stepped.append((group, scalars, [self.state[p] for p in call[2]]))
             if calls or sparse:
                 self._before_library_call(calls)
                 _fusedopt.step_groups(calls, sparse,
@@ -282,9 +298,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._after_library_call()
         for st in counted:  # torch keeps an int step (SparseAdam's format)
             st["step"] += 1
-        for group, states in stepped:
+        for group, scalars, states in stepped:
             for st in states:
-                for name, (_, update) in self._spec.torch_scalars.items():
+                for name, (_, update) in scalars.items():
                     st[name] = update(st[name], group, float(st["step"]))
         return loss
 
@@ -309,7 +325,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         options = self._options(group)
         specs = _fusedopt.step_states(algorithm, options)
         names = [spec[0] for spec in specs]
-        kind = self._spec.step
+        spec = self._group_spec(group)
+        kind = spec.step
         step_key = {"step"} if kind else set()
         kept_by_ndim = {}  # the states a param keeps, by its dimensions (factored states)
         params, grads, steps, emas = [], [], [], []
@@ -321,7 +338,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse != self._spec.sparse_only and not (
+            if g.is_sparse != spec.sparse_only and not (
                     g.is_sparse and _ALGORITHMS[algorithm]["sparse"]):
                 if g.is_sparse:
                     sparse_capable = ", ".join(a for a, d in _ALGORITHMS.items() if d["sparse"])
@@ -784,11 +801,37 @@ _PAIRED.update({"ns_a": ("ns_coefficients", 0), "ns_b": ("ns_coefficients", 1),
 _MUON_ADJUST_LR_FN = {None: 0, "original": 0, "match_rms_adamw": 1, "spectral_unclamped": 2}
 
 
+def _muon_adjust_lr_fn(fn):
+    """torch's adjust_lr_fn string as the library's number; ValueError as torch's."""
+    if fn not in _MUON_ADJUST_LR_FN:
+        raise ValueError(f"Adjust learning rate function {fn} is not supported")
+    return _MUON_ADJUST_LR_FN[fn]
+
+
+def _muon_group(group):
+    """A Muon group with its adjust_lr_fn as the library's number, for _options."""
+    return dict(group, adjust_lr_fn=_muon_adjust_lr_fn(group.get("adjust_lr_fn")))
+
+
+def _muon_params(param_group):
+    """A Muon group's params as a list (a generator is read once), each checked to have two or
+    more dimensions, with torch's message: nothing is added where one has fewer."""
+    params = param_group["params"]
+    params = [params] if torch.is_tensor(params) else list(params)
+    for p in params:
+        p = p[1] if isinstance(p, tuple) else p  # a named param: (name, tensor)
+        if torch.is_tensor(p) and p.ndim < 2:
+            raise ValueError(
+                "Muon only supports 2D parameters whereas we found a parameter with size: "
+                f"{p.size()} (fusedopt also steps 3-D and larger params as batches of "
+                "matrices; use AdamW for vectors and scalars)")
+    return params
+
+
 def _muon_init(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True,
                ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7, ns_steps=5,
                adjust_lr_fn=None):
-    if adjust_lr_fn not in _MUON_ADJUST_LR_FN:
-        raise ValueError(f"Adjust learning rate function {adjust_lr_fn} is not supported")
+    _muon_adjust_lr_fn(adjust_lr_fn)
     self._setup(params, locals())
 
 
@@ -796,26 +839,12 @@ class _MuonOptimizer(_FusedOptimizer):
     """torch.optim.Muon's group keys to the library's options, and its 2-D-param check."""
 
     def add_param_group(self, param_group):
-        params = param_group["params"]
-        params = [params] if torch.is_tensor(params) else list(params)  # a generator, once
-        param_group["params"] = params
-        for p in params:
-            if torch.is_tensor(p) and p.ndim < 2:
-                raise ValueError(
-                    "Muon only supports 2D parameters whereas we found a parameter with size: "
-                    f"{p.size()} (fusedopt also steps 3-D and larger params as batches of "
-                    "matrices; use AdamW for vectors and scalars)")
-        fn = param_group.get("adjust_lr_fn", self.defaults.get("adjust_lr_fn"))
-        if fn not in _MUON_ADJUST_LR_FN:
-            raise ValueError(f"Adjust learning rate function {fn} is not supported")
+        param_group["params"] = _muon_params(param_group)
+        _muon_adjust_lr_fn(param_group.get("adjust_lr_fn", self.defaults.get("adjust_lr_fn")))
         super().add_param_group(param_group)
 
     def _options(self, group):
-        code = _MUON_ADJUST_LR_FN.get(group.get("adjust_lr_fn"))
-        if code is None:
-            raise ValueError(f"Adjust learning rate function {group.get('adjust_lr_fn')} is "
-                             "not supported")
-        return super()._options(dict(group, adjust_lr_fn=code))
+        return super()._options(_muon_group(group))
 
 
 Muon = type("Muon", (_MuonOptimizer,), {
@@ -827,3 +856,129 @@ Muon = type("Muon", (_MuonOptimizer,), {
         "group key ns_bf16=True asks for bfloat16 on CUDA. Params of 3 or more dimensions "
         "step as batches of matrices over their last two (torch refuses them).")})
 _muon_init.__qualname__ = "Muon.__init__"
+
+
+# -- Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam) ---------------------------
+
+def _class_defaults(cls, overrides, who):
+    """The group defaults of fusedopt.torch's class cls (its constructor's, as _setup takes
+    them, and its spec's extra ones), overridden by the keywords of overrides (a name cls's
+    constructor does not take: TypeError, as a call would raise)."""
+    try:
+        bound = inspect.signature(cls.__init__).bind(None, None, **(overrides or {}))
+    except TypeError as e:
+        raise TypeError(f"{who} takes torch.optim.{cls.__name__}'s keywords: {e}") from None
+    bound.apply_defaults()
+    defaults = dict(list(bound.arguments.items())[2:])  # all but self and params
+    defaults.update(cls._spec.extra_defaults)
+    return defaults
+
+
+class MuonWithAdamW(_FusedOptimizer):
+    """Muon for the hidden matrices and AdamW for the rest in one optimizer: one step() (one
+    library call for every group), one state_dict (Keller Jordan's MuonWithAuxAdam).
+
+        opt = MuonWithAdamW([{"params": hidden_matrices, "use_muon": True},
+                             {"params": embeddings_head_biases_norms, "use_muon": False}],
+                            muon=dict(lr=0.02), adamw=dict(lr=3e-4, betas=(0.9, 0.95)))
+
+    Every param group names its kind with use_muon, True or False: required (ValueError without
+    it), since which params are Muon's is the model's choice, not a rule on shapes (an
+    embedding or a head is 2-D and belongs to AdamW). use_muon=True groups step as
+    fusedopt.torch.Muon (torch.optim.Muon's keys: lr, weight_decay, momentum, nesterov,
+    ns_coefficients, eps, ns_steps, adjust_lr_fn; params of fewer than two dimensions raise
+    ValueError and nothing is added), use_muon=False groups as fusedopt.torch.AdamW
+    (torch.optim.AdamW's: lr, betas, eps, weight_decay, amsgrad, maximize; any param).
+
+    muon and adamw: the defaults of the groups of that kind, as keywords of torch.optim.Muon and
+    torch.optim.AdamW (TypeError for others); what they leave out is torch's default, and a
+    group's own keys win, as in any torch optimizer. Why two dicts rather than one set of
+    keywords: lr, eps and weight_decay belong to both kinds with different meanings and
+    defaults (eps is 1e-7 inside Newton-Schulz, 1e-8 in AdamW's denominator), so one flat set
+    would need invented prefixed names; as two dicts the names stay torch's, and two torch
+    optimizers Muon(m, **a) and AdamW(w, **b) become groups m and w with muon=a, adamw=b.
+    Without them each group takes its kind's torch defaults, as in Keller Jordan's class
+    (whose own defaults differ: Muon lr 0.02, no decay; AdamW lr 3e-4, betas (0.9, 0.95), eps
+    1e-10, no decay). A group key that only the other kind has (betas in a Muon group, momentum
+    in an AdamW one) raises ValueError rather than being ignored. opt.muon_defaults and
+    opt.adamw_defaults hold the two sets; opt.defaults is empty: no one set fits every group.
+
+    Each group's keys and each param's state are those of its kind's torch class, plus the
+    group's use_muon: momentum_buffer for Muon's params; step (a CPU float32 tensor), exp_avg,
+    exp_avg_sq (and max_exp_avg_sq) for AdamW's. So a state_dict is torch.optim.Muon's and
+    torch.optim.AdamW's side by side: theirs, concatenated in this optimizer's group order,
+    load into it (a group without use_muon takes this optimizer's; one of the other kind raises
+    ValueError), and its groups and states split by kind load into theirs. The Newton-Schulz
+    iteration runs in float32, as fusedopt.torch.Muon's.
+    """
+
+    def __init__(self, params, muon=None, adamw=None):
+        self.muon_defaults = _class_defaults(Muon, muon, "MuonWithAdamW's muon=")
+        self.adamw_defaults = _class_defaults(AdamW, adamw, "MuonWithAdamW's adamw=")
+        for use_muon in (True, False):  # both sets checked, whether a group takes them or not
+            group = dict(self._kind_defaults(use_muon), use_muon=use_muon)
+            _refuse_differentiable(self, group)
+            _fusedopt.step_states(self._algorithm(group), self._options(group))
+        super().__init__(params, {})
+
+    def _kind_defaults(self, use_muon):
+        return self.muon_defaults if use_muon else self.adamw_defaults
+
+    def _group_spec(self, group):
+        return (Muon if group["use_muon"] else AdamW)._spec
+
+    def add_param_group(self, param_group):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        if "use_muon" not in param_group:
+            raise ValueError(
+                "MuonWithAdamW: every param group needs use_muon: True (Muon: hidden matrices) "
+                "or False (AdamW: embeddings, heads, biases, norms)")
+        use_muon = param_group["use_muon"]
+        if not isinstance(use_muon, bool):
+            raise ValueError(f"MuonWithAdamW: use_muon must be True or False, got {use_muon!r}")
+        own, other = self._kind_defaults(use_muon), self._kind_defaults(not use_muon)
+        foreign = sorted((param_group.keys() & other.keys()) - own.keys())
+        if foreign:
+            kind, whose = ("a Muon", "AdamW's") if use_muon else ("an AdamW", "Muon's")
+            raise ValueError(f"MuonWithAdamW: {kind} group (use_muon={use_muon}) does not "
+                             f"take {', '.join(foreign)} ({whose})")
+        if use_muon:
+            param_group["params"] = _muon_params(param_group)
+        for key, value in own.items():
+            param_group.setdefault(key, value)
+        _refuse_differentiable(self, param_group)
+        super().add_param_group(param_group)  # the library's checks of the options
+
+    def __getstate__(self):
+        # torch's keeps defaults, state and param_groups only; a pickled (or deep-copied)
+        # optimizer keeps its two sets too.
+        return dict(super().__getstate__(), muon_defaults=self.muon_defaults,
+                    adamw_defaults=self.adamw_defaults)
+
+    def __setstate__(self, state):
+        torch.optim.Optimizer.__setstate__(self, state)
+        # torch's adds "differentiable" to the defaults, which add_param_group would then put
+        # into every group (Muon groups too, which torch's Muon does not have).
+        self.defaults.pop("differentiable", None)
+        for group in self.param_groups:  # a checkpoint without some keys: the kind's defaults
+            for key, value in self._kind_defaults(group["use_muon"]).items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict):
+        # A group keeps its kind: a saved group of the other kind would step its params by the
+        # other algorithm (vectors by Muon). A group without use_muon (torch's checkpoints) takes
+        # this optimizer's.
+        saved = state_dict["param_groups"]
+        if len(saved) == len(self.param_groups):  # else torch's own error
+            for i, (s, g) in enumerate(zip(saved, self.param_groups)):
+                if s.get("use_muon", g["use_muon"]) != g["use_muon"]:
+                    raise ValueError(
+                        f"loaded state dict's param group {i} has use_muon={s['use_muon']}, "
+                        f"this optimizer's has use_muon={g['use_muon']}")
+            state_dict = dict(state_dict, param_groups=[
+                dict(s, use_muon=g["use_muon"]) for s, g in zip(saved, self.param_groups)])
+        super().load_state_dict(state_dict)
+
+    def _options(self, group):
+        return super()._options(_muon_group(group) if group["use_muon"] else group)
