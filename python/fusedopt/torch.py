@@ -2,16 +2,16 @@
 
     from fusedopt.torch import AdamW      # was: from torch.optim import AdamW
 
-``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam, Adafactor,
-Muon`` take exactly the arguments and defaults of the ``torch.optim`` class of the same name
-(torch 2.15), and keep ``param_groups``, ``state`` and ``state_dict()`` in torch's own format, so LR schedulers, ``zero_grad``, closures,
-checkpoints (both ways) and device moves work as with torch. ``Lion``, ``LazyAdam`` and
-``SignSGD`` are fusedopt's other optimizers in the same form; ``AdEMAMix`` takes the arguments
-and defaults of bitsandbytes' ``AdEMAMix`` (torch has none), states in fusedopt's names.
-``SGDScheduleFree`` and ``AdamWScheduleFree`` are the schedulefree package's (1.4.1): its
-arguments, param-group keys and state, with its ``train()`` / ``eval()``. ``MuonWithAdamW``
-is Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam): groups with
-``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one step() and one
+``SGD, Adagrad, Adadelta, RMSprop, Adam, AdamW, Rprop, Adamax, NAdam, RAdam, Adafactor, Muon``
+take exactly the arguments and defaults of the ``torch.optim`` class of the same name (torch
+2.15), and keep ``param_groups``, ``state`` and ``state_dict()`` in torch's own format, so LR
+schedulers, ``zero_grad``, closures, checkpoints (both ways) and device moves work as with
+torch. ``Lion``, ``LazyAdam`` and ``SignSGD`` are fusedopt's other optimizers in the same form;
+``AdEMAMix`` takes the arguments and defaults of bitsandbytes' ``AdEMAMix`` (torch has none),
+states in fusedopt's names. ``SGDScheduleFree`` and ``AdamWScheduleFree`` are the schedulefree
+package's (1.4.1): its arguments, param-group keys and state, with its ``train()`` / ``eval()``.
+``MuonWithAdamW`` is Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam): groups
+with ``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one step() and one
 state_dict.
 
 Each ``step()`` makes one call into the library for all its param groups: every param with a
