@@ -293,6 +293,21 @@ void set_options(Optimizer& opt, const std::vector<std::pair<std::string, double
   for (const auto& [k, v] : opts) opt.set_option(k, v);
 }
 
+/// One step of both optimizers on the same fresh grads (laid out as `gl`), then the params (as
+/// `pl`, the gaps between them untouched) and every state compared bit for bit.
+void step_both(std::mt19937_64& rng, Optimizer& cpu, std::vector<float>& cpu_p,
+               std::vector<float>& cpu_g, Optimizer& gpu, DeviceArray<float>& gpu_p,
+               DeviceArray<float>& gpu_g, const Layout& pl, const Layout& gl) {
+  cpu_g = pack(gl, random_tensors(rng, gl), 0.0f);
+  gpu_g.upload(cpu_g);
+  cpu.step(pointers(cpu_g.data(), gl).data());
+  gpu.step(pointers(gpu_g.get(), gl).data());
+  const std::vector<float> got = gpu_p.download();
+  expect_same_params(pl, got, cpu_p, "params");
+  EXPECT_TRUE(gaps_intact(pl, got));
+  expect_same(holdings(gpu), holdings(cpu), "states");
+}
+
 // ------------------------------------------------------------------------------- the tests
 
 // The same ~40 params and grads on both backends, five steps of every algorithm: the CUDA
@@ -333,14 +348,7 @@ TEST(Cuda, GpuEqualsCpuBitwise) {
 
     for (int t = 1; t <= 5; ++t) {
       SCOPED_TRACE("step " + std::to_string(t));
-      cpu_g = pack(gl, random_tensors(rng, gl), 0.0f);
-      gpu_g.upload(cpu_g);
-      cpu.step(pointers(cpu_g.data(), gl).data());
-      gpu.step(pointers(gpu_g.get(), gl).data());
-      const std::vector<float> got = gpu_p.download();
-      expect_same_params(pl, got, cpu_p, "params");
-      EXPECT_TRUE(gaps_intact(pl, got));
-      expect_same(holdings(gpu), holdings(cpu), "states");
+      step_both(rng, cpu, cpu_p, cpu_g, gpu, gpu_p, gpu_g, pl, gl);
       // One failing step is enough for this algorithm: the later ones would repeat it.
       if (result.total_part_count() != parts_before) break;
     }
@@ -375,14 +383,7 @@ TEST(Cuda, MixedAlgorithmsEqualCpuBitwise) {
   }
   for (int t = 1; t <= 4; ++t) {
     SCOPED_TRACE("step " + std::to_string(t));
-    cpu_g = pack(gl, random_tensors(rng, gl), 0.0f);
-    gpu_g.upload(cpu_g);
-    cpu.step(pointers(cpu_g.data(), gl).data());
-    gpu.step(pointers(gpu_g.get(), gl).data());
-    const std::vector<float> got = gpu_p.download();
-    expect_same_params(pl, got, cpu_p, "params");
-    EXPECT_TRUE(gaps_intact(pl, got));
-    expect_same(holdings(gpu), holdings(cpu), "states");
+    step_both(rng, cpu, cpu_p, cpu_g, gpu, gpu_p, gpu_g, pl, gl);
   }
 }
 
