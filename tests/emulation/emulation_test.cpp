@@ -7,12 +7,14 @@
 // validation accepts, host- and device-counted steps, a device lr factor, gradient scales,
 // found_inf; every param, grad, state and master storage, stochastic rounding), the gradient
 // norm pass, the step counters, fills and widenings, the sparse row kernels (per element and
-// row-wise, warp shuffles included), index validation and the device-side schedule.
+// row-wise, warp shuffles included), index validation, the device-side schedule, and the
+// Newton-Schulz iteration's norm and scale.
 //
 // What cannot run here, and is left to the GPU suite (bench/gpu_suite.sh): CUB's sort,
 // run-length encoding and scan of the sparse step (the row kernels get a run list sorted on
 // the host instead), cuSOLVER, cuBLAS (so a matrix step, muon's, runs here only as its two
-// elementwise kernels around a fixed iteration output: EmulatedMatrixKernels), device memory and
+// elementwise kernels around a fixed iteration output, EmulatedMatrixKernels, and the
+// iteration's own scale before its GEMMs, EmulatedNewtonSchulz), device memory and
 // streams, the GPU's memory model, occupancy and real launch limits, and the device's own math
 // library (pow, sqrt in double). An emulated result is never a GPU result (docs/host-emulation.md).
 #include <gtest/gtest.h>
@@ -38,6 +40,7 @@
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/kernels/schedule.hpp"
 #include "fusedopt/types.hpp"
+#include "matrix/newton_schulz.hpp"
 #include "sparse.hpp"
 #include "test_util.hpp"
 
@@ -1134,6 +1137,91 @@ TEST(EmulatedMatrixKernels, PassesAroundTheIterationMatchCpuBitwise) {
   FO_FOR_EACH_DENSE_ALGORITHM(FO_MATRIX_CASE)
 #undef FO_MATRIX_CASE
   EXPECT_GT(covered, 0) << "no matrix algorithm is registered";
+}
+
+// ------------------------------------------------- the Newton-Schulz iteration's scale
+
+/// cuda::newton_schulz_normalize (kernels/cuda/newton_schulz.cuh, through its launcher) against
+/// the CPU's iteration with no steps (detail::newton_schulz_cpu, steps 0: out = G /
+/// max(||G||_F, eps)), bytewise, for `batch` rows x cols matrices, the input `offset` elements
+/// off 16-byte alignment (1-3: the sum's scalar loads) and the output poisoned first. A batch's
+/// second matrix is all zeros (divisor eps). bf16: the input is bf16, the CPU gets its float
+/// values, and X must be the CPU's X rounded to nearest.
+void expect_ns_normalize_matches_cpu(DType dtype, std::int64_t batch, std::int64_t rows,
+                                     std::int64_t cols, std::size_t offset, bool in_place,
+                                     double eps, std::mt19937_64& rng) {
+  const std::int64_t size = rows * cols;
+  const auto n = static_cast<std::size_t>(batch * size);
+  const std::string what = std::string(dtype_name(dtype)) + ", " + std::to_string(batch) + " x " +
+                           std::to_string(rows) + " x " + std::to_string(cols) + ", offset " +
+                           std::to_string(offset) + (in_place ? ", in place" : "") + ", eps " +
+                           std::to_string(eps);
+  std::vector<float> g = random_floats(rng, n);
+  if (batch > 1) std::fill(g.begin() + size, g.begin() + 2 * size, 0.0f);
+  Buffer in(dtype, n, offset), out(dtype, n, (offset + 1) % 4);
+  in.fill_from(g);
+  for (std::size_t i = 0; i < n; ++i) g[i] = in.get(i);  // what the CPU is given
+  std::memset(out.data(), 0xFF, n * dtype_size(dtype));  // NaN in f32 and bf16
+  Buffer& x = in_place ? in : out;
+  // The partial sums the launcher is allowed, and one more that it must leave alone.
+  const auto parts = static_cast<std::size_t>(cuda::ns_norm_partials(batch, size));
+  std::vector<double> partials(parts + 1, std::numeric_limits<double>::quiet_NaN());
+  cuda::newton_schulz_normalize(in.data(), x.data(), dtype, batch, size, eps, partials.data(),
+                                nullptr);
+  EXPECT_TRUE(std::isnan(partials[parts])) << what << ": wrote past its partial sums";
+  // Each chunk's sum, every bit (X alone would rarely show a different order: the divisor is
+  // a float).
+  const std::int64_t chunks = sum_chunks(size);
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      std::vector<double> acc(kSumRow, 0.0);
+      const std::int64_t end = std::min(size, (c + 1) * kSumChunk);
+      for (std::int64_t row = c * kSumChunk; row < end; row += kSumRow)
+        add_squares(g.data() + b * size + row,
+                    static_cast<int>(std::min<std::int64_t>(kSumRow, end - row)), acc.data());
+      const double want = chunk_sum(acc.data());
+      ASSERT_EQ(std::memcmp(&partials[static_cast<std::size_t>(b * chunks + c)], &want, 8), 0)
+          << what << ": matrix " << b << ", chunk " << c;
+    }
+
+  std::vector<float> cpu(n, std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> ws(
+      static_cast<std::size_t>(detail::newton_schulz_cpu_workspace_floats(rows, cols)));
+  detail::newton_schulz_cpu(g.data(), cpu.data(), batch, rows, cols, kNsDefaultCoefficients, 0, eps,
+                            ws.data(), static_cast<std::int64_t>(ws.size()));
+  Buffer want(dtype, n, 0);
+  want.fill_from(cpu);  // bf16: rounded to nearest even
+  EXPECT_TRUE(x == want) << what << ": " << first_byte_difference(x, want);
+}
+
+// The norm and scale before the iteration's GEMMs: sizes on both sides of a block (256), a
+// round (1024) and a chunk (8192) of the shared order, batches, and one matrix of over 256
+// chunks (their sums wrap around the lanes; the scale's 1024 blocks grid-stride).
+TEST(EmulatedNewtonSchulz, ScaleMatchesTheCpuBitwise) {
+  auto rng = make_rng();
+  struct Shape {
+    std::int64_t rows, cols;
+  };
+  const std::vector<Shape> shapes = {{0, 5},   {1, 1},    {1, 31},   {4, 8},    {3, 11},
+                                     {15, 17}, {16, 16},  {257, 1},  {31, 33},  {32, 32},
+                                     {25, 41}, {1, 8191}, {64, 128}, {3, 2731}, {1, 100003}};
+  int k = 0;  // varies the input's alignment and in-place calls
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    for (const Shape& s : shapes)
+      for (std::int64_t batch : {1, 3}) {
+        // (A batch of the largest: 1,200 emulated blocks more, for nothing new.)
+        if (batch > 1 && s.rows * s.cols > 10000) continue;
+        expect_ns_normalize_matches_cpu(dtype, batch, s.rows, s.cols, k % 4, k % 3 == 0,
+                                        kNsDefaultEps, rng);
+        ++k;
+      }
+    // eps above every norm: the divisor is eps.
+    expect_ns_normalize_matches_cpu(dtype, 3, 9, 7, 0, false, 1e3, rng);
+  }
+  // Over 256 chunks (f32 only: 1,300 emulated blocks).
+  expect_ns_normalize_matches_cpu(DType::f32, 1, 5, 421069, 1, false, kNsDefaultEps, rng);
+  // No matrices: nothing is written.
+  expect_ns_normalize_matches_cpu(DType::f32, 0, 4, 4, 0, false, kNsDefaultEps, rng);
 }
 
 // --------------------------------------------------------------------- the norm pass

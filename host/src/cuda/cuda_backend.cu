@@ -1,7 +1,8 @@
 // The CUDA backend's launchers: the multi-tensor step and the gradient-norm pass (launch plans
-// from multi_tensor_plan, one kernel per algorithm and param storage), and the fills and
-// widenings of state buffers. Every launch is checked with cudaGetLastError; nothing here
-// synchronizes with the host. Devices, memory and copies are in cuda_memory.cu.
+// from multi_tensor_plan, one kernel per algorithm and param storage), the Newton-Schulz
+// iteration's scale (for newton_schulz.cu), and the fills and widenings of state buffers.
+// Every launch is checked with cudaGetLastError; nothing here synchronizes with the host.
+// Devices, memory and copies are in cuda_memory.cu.
 //
 // Also compiled as host C++ under FO_CUDA_HOST_EMULATION (tests/emulation), where the same
 // planning and argument packing drive the kernels on CPU threads.
@@ -17,6 +18,7 @@
 #include "fusedopt/kernels/cuda/factored.cuh"
 #include "fusedopt/kernels/cuda/matrix_step.cuh"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
+#include "fusedopt/kernels/cuda/newton_schulz.cuh"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/cuda/trust_ratio.cuh"
 #include "fusedopt/kernels/probe.hpp"
@@ -101,6 +103,33 @@ void launch_step(const typename A::Options& o, std::int64_t host_step, const Ten
 
 unsigned elementwise_grid(std::int64_t n) {
   return static_cast<unsigned>(std::clamp<std::int64_t>((n + kBlock - 1) / kBlock, 1, 65536));
+}
+
+/// The Newton-Schulz iteration's scale (newton_schulz.cuh) of `batch` matrices of `size`
+/// elements: per group of at most 65535 matrices (gridDim.y), the chunks' sums, then the
+/// scale over at most kScaleBlocks blocks per matrix (grid-stride beyond).
+template <int kStorage>
+void launch_ns_normalize(const void* d_in, void* d_x, std::int64_t batch, std::int64_t size,
+                         double eps, double* d_partials, cudaStream_t stream) {
+  constexpr std::int64_t kScaleBlocks = 1024, kMaxGridY = 65535;
+  const std::int64_t elem = kStorage == cuda_kernels::kF32 ? 4 : 2;
+  const std::int64_t chunks = sum_chunks(size);
+  const auto scale_blocks =
+      static_cast<unsigned>(std::min((size + kBlock - 1) / kBlock, kScaleBlocks));
+  for (std::int64_t first = 0; first < batch; first += kMaxGridY) {
+    const auto count = static_cast<unsigned>(std::min(batch - first, kMaxGridY));
+    const std::int64_t offset = first * size * elem;
+    const void* const in = static_cast<const char*>(d_in) + offset;
+    void* const x = static_cast<char*>(d_x) + offset;
+    double* const part = d_partials + first * chunks;
+    FO_LAUNCH(dim3(static_cast<unsigned>(chunks), count), kBlock, stream,
+              cuda_kernels::ns_sum_squares_kernel<kStorage>)
+    (in, size, chunks, part);
+    FO_CUDA_CHECK(cudaGetLastError());
+    FO_LAUNCH(dim3(scale_blocks, count), kBlock, stream, cuda_kernels::ns_scale_kernel<kStorage>)
+    (in, x, size, chunks, part, eps);
+    FO_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 /// A factored step (factored.cuh) of one tensor: its seven launches, in `workspace` (the
@@ -444,6 +473,20 @@ void matrix_apply(const typename A::Options& options, const ListEntry& e,
   }
 }
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE_MATRIX_PASSES)
+
+void newton_schulz_normalize(const void* d_in, void* d_x, DType dtype, std::int64_t batch,
+                             std::int64_t size, double eps, double* d_partials, void* stream) {
+  if (batch <= 0 || size <= 0) return;
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (dtype == DType::f32)
+    launch_ns_normalize<cuda_kernels::kF32>(d_in, d_x, batch, size, eps, d_partials, st);
+  else if (dtype == DType::bf16)
+    launch_ns_normalize<cuda_kernels::kBF16>(d_in, d_x, batch, size, eps, d_partials, st);
+  else
+    throw Error(StatusCode::invalid_argument,
+                std::string("newton_schulz_normalize: dtype must be f32 or bf16, got ") +
+                    dtype_name(dtype));
+}
 
 template <class A>
 void eval_params(const typename A::Options& options, const ListEntry& e, DType param, DType state,

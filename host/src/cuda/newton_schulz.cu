@@ -1,10 +1,11 @@
 // Muon's Newton-Schulz iteration on the GPU (newton_schulz_device.hpp): the plan of
-// kernels/newton_schulz.hpp run with cuBLAS's strided batched GEMM over the whole batch, and
-// two small kernels for the norm: the sum of squares in double (kNormBlocks partial sums per
-// matrix, in a fixed order: deterministic), then X = G / max(norm, eps), each block reading
-// the partial sums itself. Precision: f32 (CUBLAS_COMPUTE_32F, no TF32) or bf16 storage with
-// float32 accumulation. Bytes per matrix: the norm reads G twice and writes X once; each
-// step's GEMMs are compute-bound (4 m^2 n + 2 m^3 flops) beside two copies (A, X) for beta.
+// kernels/newton_schulz.hpp run with cuBLAS's strided batched GEMM over the whole batch,
+// after X = G / max(norm, eps) by the two small kernels of kernels/cuda/newton_schulz.cuh
+// (newton_schulz_normalize, launched from cuda_backend.cu so that the host emulation runs it
+// too: the sum of squares in double, in the CPU's fixed order, so X is bitwise the CPU's).
+// Precision: f32 (CUBLAS_COMPUTE_32F, no TF32) or bf16 storage with float32 accumulation.
+// Bytes per matrix: the norm reads G twice and writes X once; each step's GEMMs are
+// compute-bound (4 m^2 n + 2 m^3 flops) beside two copies (A, X) for beta.
 //
 // cuBLAS is loaded on first use (dlopen), not linked, for the reason newton_cusolver.cu gives
 // for cuSOLVER: a program that links fusedopt and steps on the CPU must start without the
@@ -33,62 +34,6 @@ namespace {
 
 #define FO_STR2(x) #x
 #define FO_STR(x) FO_STR2(x)
-
-constexpr int kNsThreads = 256;
-constexpr int kNormBlocks = NsDeviceLayout::kNormBlocks;
-constexpr int kScaleBlocksMax = 1024;      // blocks per matrix for the scale (grid-stride beyond)
-constexpr std::int64_t kMaxGridY = 65535;  // matrices per launch of the norm kernels
-
-// ---- Kernels
-
-__device__ __forceinline__ float load_float(const float* p, std::int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p, std::int64_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ void store_float(float* p, std::int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_float(__nv_bfloat16* p, std::int64_t i, float v) {
-  p[i] = __float2bfloat16_rn(v);
-}
-
-// partials[matrix * kNormBlocks + blockIdx.x]: the sum of squares of this block's elements
-// (a grid-stride share of the matrix), in double. Grid: (kNormBlocks, batch).
-template <class T>
-__global__ void __launch_bounds__(kNsThreads)
-    ns_sum_squares_kernel(const T* __restrict__ in, std::int64_t size, double* partials) {
-  const T* x = in + static_cast<std::int64_t>(blockIdx.y) * size;
-  double s = 0.0;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kNsThreads + threadIdx.x; i < size;
-       i += static_cast<std::int64_t>(kNormBlocks) * kNsThreads) {
-    const double v = load_float(x, i);
-    s += v * v;
-  }
-  __shared__ double sums[kNsThreads];
-  sums[threadIdx.x] = s;
-  __syncthreads();
-  for (int half = kNsThreads / 2; half > 0; half /= 2) {
-    if (threadIdx.x < half) sums[threadIdx.x] += sums[threadIdx.x + half];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) partials[blockIdx.y * kNormBlocks + blockIdx.x] = sums[0];
-}
-
-// x = in / max(norm, eps), norm from this matrix's partial sums. Grid: (blocks, batch).
-// `in` and `x` may be the same buffer (each element is read, then written, by one thread).
-template <class T>
-__global__ void __launch_bounds__(kNsThreads)
-    ns_scale_kernel(const T* in, T* x, std::int64_t size, const double* partials, double eps) {
-  __shared__ float divisor;
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int b = 0; b < kNormBlocks; ++b) s += partials[blockIdx.y * kNormBlocks + b];
-    divisor = ns_norm_divisor(s, eps);
-  }
-  __syncthreads();
-  const std::int64_t offset = static_cast<std::int64_t>(blockIdx.y) * size;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kNsThreads + threadIdx.x; i < size;
-       i += static_cast<std::int64_t>(gridDim.x) * kNsThreads)
-    store_float(x + offset, i, load_float(in + offset, i) / divisor);
-}
 
 // ---- cuBLAS, loaded on first use
 
@@ -206,8 +151,9 @@ cublasHandle_t thread_handle() {
 cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
 template <class T>
-void run(const T* d_in, T* d_out, cudaDataType type, std::int64_t batch, const NsPlan& p, int steps,
-         double eps, char* ws, const NsDeviceLayout& l, cudaStream_t stream) {
+void run(const T* d_in, T* d_out, DType dtype, cudaDataType type, std::int64_t batch,
+         const NsPlan& p, int steps, double eps, char* ws, const NsDeviceLayout& l,
+         cudaStream_t stream) {
   const cublasHandle_t handle = thread_handle();
   // cublasSetStream resets the workspace to cuBLAS's own pool: the caller's is set after it.
   FO_CUBLAS_CHECK(cublas().set_stream(handle, stream));
@@ -222,24 +168,8 @@ void run(const T* d_in, T* d_out, cudaDataType type, std::int64_t batch, const N
   ops[static_cast<int>(NsOperand::poly)] = reinterpret_cast<T*>(ws + l.poly);
 
   // X = G / max(||G||_F, eps)
-  const std::int64_t size = p.m * p.n;
-  double* const partials = reinterpret_cast<double*>(ws + l.partials);
-  const std::int64_t blocks = (size + kNsThreads - 1) / kNsThreads;
-  const unsigned scale_blocks =
-      static_cast<unsigned>(blocks < kScaleBlocksMax ? blocks : kScaleBlocksMax);
-  T* const x = ops[static_cast<int>(NsOperand::x)];
-  for (std::int64_t first = 0; first < batch; first += kMaxGridY) {  // gridDim.y <= 65535
-    const unsigned count =
-        static_cast<unsigned>(batch - first < kMaxGridY ? batch - first : kMaxGridY);
-    const std::int64_t offset = first * size;
-    double* const part = partials + first * kNormBlocks;
-    ns_sum_squares_kernel<T>
-        <<<dim3(kNormBlocks, count), kNsThreads, 0, stream>>>(d_in + offset, size, part);
-    FO_CUDA_CHECK(cudaGetLastError());
-    ns_scale_kernel<T><<<dim3(scale_blocks, count), kNsThreads, 0, stream>>>(
-        d_in + offset, x + offset, size, part, eps);
-    FO_CUDA_CHECK(cudaGetLastError());
-  }
+  newton_schulz_normalize(d_in, ops[static_cast<int>(NsOperand::x)], dtype, batch, p.m * p.n, eps,
+                          reinterpret_cast<double*>(ws + l.partials), stream);
 
   auto gemm = [&](const NsGemm& g) {
     T* const c = ops[static_cast<int>(g.c)];
@@ -294,11 +224,11 @@ void newton_schulz_device(const void* d_in, void* d_out, DType dtype, std::int64
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   char* const ws = static_cast<char*>(d_workspace);
   if (dtype == DType::f32)
-    run(static_cast<const float*>(d_in), static_cast<float*>(d_out), CUDA_R_32F, batch, p, steps,
-        eps, ws, l, stream);
+    run(static_cast<const float*>(d_in), static_cast<float*>(d_out), dtype, CUDA_R_32F, batch, p,
+        steps, eps, ws, l, stream);
   else
-    run(static_cast<const __nv_bfloat16*>(d_in), static_cast<__nv_bfloat16*>(d_out), CUDA_R_16BF,
-        batch, p, steps, eps, ws, l, stream);
+    run(static_cast<const __nv_bfloat16*>(d_in), static_cast<__nv_bfloat16*>(d_out), dtype,
+        CUDA_R_16BF, batch, p, steps, eps, ws, l, stream);
 }
 
 }  // namespace fo::cuda

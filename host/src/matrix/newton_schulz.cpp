@@ -1,7 +1,9 @@
 // Muon's Newton-Schulz iteration on the CPU (matrix/newton_schulz.hpp): the plan of
 // kernels/newton_schulz.hpp run with OpenBLAS, one matrix of the batch after another.
 // Precision: float32 storage and GEMMs (OpenBLAS's sgemm accumulates in float); the norm's
-// sum of squares in double (cblas_dsdot). Work per matrix and step: 4 m^2 n + 2 m^3 flops.
+// sum of squares in double, in the fixed order of kernels/sum_order.hpp, which the GPU's
+// kernels (kernels/cuda/newton_schulz.cuh) follow too: X is the same bits on both. Work per
+// matrix and step: 4 m^2 n + 2 m^3 flops.
 #include "matrix/newton_schulz.hpp"
 
 #include <cblas.h>
@@ -13,6 +15,7 @@
 #include <cstring>
 #include <string>
 
+#include "fusedopt/kernels/sum_order.hpp"
 #include "messages.hpp"
 
 namespace fo::detail {
@@ -23,17 +26,6 @@ namespace {
 std::atomic<int> g_gram{static_cast<int>(NsGram::syrk)};
 
 CBLAS_TRANSPOSE op(bool trans) { return trans ? CblasTrans : CblasNoTrans; }
-
-// Sum of squares in double, in chunks of BLAS's int.
-double sum_of_squares(const float* x, std::int64_t n) {
-  constexpr std::int64_t kChunk = std::int64_t{1} << 30;
-  double s = 0.0;
-  for (std::int64_t i = 0; i < n; i += kChunk) {
-    const int len = static_cast<int>(std::min(kChunk, n - i));
-    s += cblas_dsdot(len, x + i, 1, x + i, 1);
-  }
-  return s;
-}
 
 // One GEMM of the plan over the four operands of one matrix.
 void run_gemm(const NsPlan& p, const NsGemm& g, float* const ops[4], NsGram gram_kind) {
@@ -115,7 +107,8 @@ void newton_schulz_cpu(const float* in, float* out, std::int64_t batch, std::int
     ops[static_cast<int>(NsOperand::gram)] = gram;
     ops[static_cast<int>(NsOperand::poly)] = poly;
 
-    // X = G / max(||G||_F, eps), in the input's layout (which is X's column-major storage).
+    // X = G / max(||G||_F, eps), in the input's layout (which is X's column-major storage);
+    // the sum in the GPU's order (sum_of_squares is one thread's walk of it).
     const float divisor = ns_norm_divisor(sum_of_squares(g, size), eps);
     float* x = ops[static_cast<int>(NsOperand::x)];
     for (std::int64_t j = 0; j < size; ++j) x[j] = g[j] / divisor;

@@ -7,7 +7,8 @@
 // For one matrix G (rows x cols, row-major):
 //   X = G, or G^T when rows > cols, so that X is m x n with m = min(rows, cols) <= n and the
 //       Gram matrix X X^T is the small side (m x m)
-//   X = X / max(||X||_F, eps)                     (||.||_F accumulated in double)
+//   X = X / max(||X||_F, eps)                     (||.||_F accumulated in double, in the
+//                                                  order of kernels/sum_order.hpp)
 //   steps times:
 //     A = X X^T                                   (gram)
 //     B = b A + c A A                             (poly)
@@ -97,7 +98,8 @@ constexpr NsPlan ns_plan(std::int64_t rows, std::int64_t cols, const NsCoefficie
 }
 
 /// What X is divided by before the first step: max(||G||_F, eps), from the sum of squares in
-/// double; rounded to float, and every element divided by it in float (torch: X.div_(norm)).
+/// double (summed in the order of kernels/sum_order.hpp on both backends); rounded to float,
+/// and every element divided by it in float (torch: X.div_(norm)).
 FO_HOST_DEVICE float ns_norm_divisor(double sum_of_squares, double eps) {
   const double norm = sqrt(sum_of_squares);
   return static_cast<float>(norm > eps ? norm : eps);

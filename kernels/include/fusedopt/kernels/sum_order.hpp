@@ -2,7 +2,8 @@
 // what depends on them: clipping, trust ratios) are the same bits on the CPU and the GPU.
 //
 // One fixed order of sums of squares, on the CPU and on CUDA alike, for the trust ratios'
-// norms (kernels/trust_ratio.hpp) and the global gradient norm: a tensor is cut into chunks of
+// norms (kernels/trust_ratio.hpp), the Newton-Schulz iteration's norm of each matrix
+// (kernels/newton_schulz.hpp) and the global gradient norm: a tensor is cut into chunks of
 // kSumChunk elements (element 0 starts chunk 0); within a chunk, element o (its offset in
 // the chunk) goes to accumulator o % 1024, which adds its elements' squares (exact in double)
 // in increasing o; then lane l of kSumLanes takes (a[4l] + a[4l+1]) + (a[4l+2] + a[4l+3])
@@ -20,6 +21,9 @@ namespace fo {
 inline constexpr std::int64_t kSumChunk = 8192;  // the CUDA step's elements per block
 inline constexpr int kSumLanes = 256;            // the CUDA step's threads per block
 inline constexpr int kSumRow = 4 * kSumLanes;    // elements per round of the lanes
+
+/// Chunks of a tensor of n elements (n >= 0).
+constexpr std::int64_t sum_chunks(std::int64_t n) { return (n + kSumChunk - 1) / kSumChunk; }
 
 /// Sums v[0, kSumLanes) by the fixed tree (v[l] += v[l + w] for w = 128, 64, ..., 1) and
 /// returns v[0]; overwrites v. The CUDA kernels run the same tree across threads.
@@ -49,6 +53,20 @@ inline double chunk_sum(double* acc) {
 inline double sum_of_chunks(const double* partial, std::int64_t count, std::int64_t stride) {
   double lanes[kSumLanes] = {};
   for (std::int64_t c = 0; c < count; ++c) lanes[c % kSumLanes] += partial[c * stride];
+  return tree_sum(lanes);
+}
+
+/// The sum of squares of x[0, n) in the order above, on one thread: each chunk's sum as
+/// add_squares and chunk_sum give it, and the chunks' sums as sum_of_chunks adds them.
+inline double sum_of_squares(const float* x, std::int64_t n) {
+  double lanes[kSumLanes] = {};
+  for (std::int64_t c = 0; c < sum_chunks(n); ++c) {
+    double acc[kSumRow] = {};
+    const std::int64_t end = n < (c + 1) * kSumChunk ? n : (c + 1) * kSumChunk;
+    for (std::int64_t row = c * kSumChunk; row < end; row += kSumRow)
+      add_squares(x + row, static_cast<int>(end - row < kSumRow ? end - row : kSumRow), acc);
+    lanes[c % kSumLanes] += chunk_sum(acc);
+  }
   return tree_sum(lanes);
 }
 
