@@ -2,8 +2,10 @@
 // what depends on them: clipping, trust ratios) are the same bits on the CPU and the GPU.
 //
 // One fixed order of sums of squares, on the CPU and on CUDA alike, for the trust ratios'
-// norms (kernels/trust_ratio.hpp), the Newton-Schulz iteration's norm of each matrix
-// (kernels/newton_schulz.hpp) and the global gradient norm: a tensor is cut into chunks of
+// norms (kernels/trust_ratio.hpp) and the Newton-Schulz iteration's norm of each matrix
+// (kernels/newton_schulz.hpp). (The global gradient norm, grad_sumsq_kernel and the
+// optimizer's cpu_norm, has lanes of one element, l, l + 256, ...: the same on both
+// backends, but not this order; its chunks and tree are these.) A tensor is cut into chunks of
 // kSumChunk elements (element 0 starts chunk 0); within a chunk, element o (its offset in
 // the chunk) goes to accumulator o % 1024, which adds its elements' squares (exact in double)
 // in increasing o; then lane l of kSumLanes takes (a[4l] + a[4l+1]) + (a[4l+2] + a[4l+3])
