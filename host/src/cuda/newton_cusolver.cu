@@ -4,14 +4,12 @@
 // so the GPU reads exactly the elements fo::cholesky_solve reads. O(n^3/3) flops, O(n^2)
 // bytes: meant for the dense Hessians of damped Newton, not for bandwidth.
 //
-// cuSOLVER is loaded on first use (dlopen), not linked: it is the only CUDA library besides
-// the runtime that fusedopt calls, only here, and linking it would make every program that
-// links fusedopt need libcusolver (with the cuBLAS, cuSPARSE and nvJitLink it loads, about 950 MB
-// in CUDA 13.0) to start, also when it only steps on the CPU. cusolverDn.h gives the types and
-// signatures.
+// cuSOLVER is loaded on first use (dlopen, cuda_library.hpp), not linked: linking it would make
+// every program that links fusedopt need libcusolver (with the cuBLAS, cuSPARSE and nvJitLink
+// it loads, about 950 MB in CUDA 13.0) to start, also when it only steps on the CPU.
+// cusolverDn.h gives the types and signatures.
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
-#include <dlfcn.h>
 
 #include <cstddef>
 #include <string>
@@ -19,14 +17,12 @@
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
+#include "cuda/cuda_library.hpp"
 #include "cuda/newton_device.hpp"
 #include "fusedopt/types.hpp"
 
 namespace fo::cuda {
 namespace {
-
-#define FO_STR2(x) #x
-#define FO_STR(x) FO_STR2(x)
 
 // The cuSOLVER entry points this file calls, resolved once per process.
 struct Cusolver {
@@ -41,34 +37,15 @@ struct Cusolver {
   decltype(&cusolverDnDpotrs) dpotrs = nullptr;
 };
 
-// The soname of the cuSOLVER this file was compiled against, looked up the usual way
-// (LD_LIBRARY_PATH, the loader cache), then in the toolkit fusedopt was built with.
-constexpr const char* kCusolverSoname = "libcusolver.so." FO_STR(CUSOLVER_VER_MAJOR);
+// The soname of the cuSOLVER this file was compiled against.
+constexpr const char* kCusolverSoname = "libcusolver.so." FO_CUDA_LIBRARY_STR(CUSOLVER_VER_MAJOR);
+constexpr const char* kWho = "cholesky_solve_device";
 
 Cusolver load_cusolver() {
-  void* lib = dlopen(kCusolverSoname, RTLD_NOW | RTLD_LOCAL);
-  std::string tried = kCusolverSoname;
-#ifdef FO_CUDA_TOOLKIT_LIBRARY_DIR
-  if (!lib) {
-    const std::string path = std::string(FO_CUDA_TOOLKIT_LIBRARY_DIR) + "/" + kCusolverSoname;
-    lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    tried += ", " + path;
-  }
-#endif
-  if (!lib)
-    throw Error(StatusCode::unsupported,
-                std::string("cholesky_solve_device needs cuSOLVER, which was not found (tried ") +
-                    tried +
-                    "): install the CUDA toolkit's cuSOLVER or add its directory to "
-                    "LD_LIBRARY_PATH");
-  // Never dlclose'd: handles live until their threads exit, which may be after static
-  // destructors run.
+  void* const lib = open_cuda_library(kCusolverSoname, kWho, "cuSOLVER");
   Cusolver api;
   auto bind = [&](auto& fn, const char* name) {
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
-    if (!fn)
-      throw Error(StatusCode::unsupported,
-                  std::string("cholesky_solve_device: ") + kCusolverSoname + " lacks " + name);
+    bind_cuda_symbol(lib, fn, name, kWho, kCusolverSoname);
   };
   bind(api.create, "cusolverDnCreate");
   bind(api.destroy, "cusolverDnDestroy");
@@ -102,48 +79,26 @@ const char* cusolver_status_name(cusolverStatus_t s) {
   }
 }
 
-[[noreturn]] void throw_cusolver_error(cusolverStatus_t s, const char* expr, const char* file,
-                                       int line) {
-  const StatusCode code =
-      s == CUSOLVER_STATUS_ALLOC_FAILED ? StatusCode::out_of_memory : StatusCode::device_error;
-  throw Error(code, std::string(file) + ":" + std::to_string(line) + ": " + expr +
-                        " failed: " + cusolver_status_name(s));
-}
-
-#define FO_CUSOLVER_CHECK(expr)                                            \
-  do {                                                                     \
-    const cusolverStatus_t fo_st_ = (expr);                                \
-    if (fo_st_ != CUSOLVER_STATUS_SUCCESS)                                 \
-      ::fo::cuda::throw_cusolver_error(fo_st_, #expr, __FILE__, __LINE__); \
+#define FO_CUSOLVER_CHECK(expr)                                                           \
+  do {                                                                                    \
+    const cusolverStatus_t fo_st_ = (expr);                                               \
+    if (fo_st_ != CUSOLVER_STATUS_SUCCESS)                                                \
+      ::fo::cuda::throw_cuda_library_error(fo_st_ == CUSOLVER_STATUS_ALLOC_FAILED,        \
+                                           cusolver_status_name(fo_st_), #expr, __FILE__, \
+                                           __LINE__);                                     \
   } while (0)
 
-// One cuSOLVER handle per thread and device: creating one costs far more than a small solve,
-// and a handle must not be used by two threads at once. Destroyed when the thread exits
-// (for the main thread, before the CUDA runtime's own teardown at exit).
-class HandleCache {
- public:
-  HandleCache() = default;
-  HandleCache(const HandleCache&) = delete;
-  HandleCache& operator=(const HandleCache&) = delete;
-  ~HandleCache() {
-    for (cusolverDnHandle_t h : handles_)
-      if (h) cusolver().destroy(h);  // status ignored: nothing to do about it at thread exit
+struct CusolverHandles {
+  static cusolverDnHandle_t create() {
+    cusolverDnHandle_t h = nullptr;
+    FO_CUSOLVER_CHECK(cusolver().create(&h));
+    return h;
   }
-  cusolverDnHandle_t get() {
-    int device = 0;
-    FO_CUDA_CHECK(cudaGetDevice(&device));
-    if (handles_.size() <= static_cast<std::size_t>(device)) handles_.resize(device + 1, nullptr);
-    if (!handles_[device]) FO_CUSOLVER_CHECK(cusolver().create(&handles_[device]));
-    return handles_[device];
-  }
-
- private:
-  std::vector<cusolverDnHandle_t> handles_;
+  static void destroy(cusolverDnHandle_t h) { cusolver().destroy(h); }
 };
 
 cusolverDnHandle_t thread_handle() {
-  thread_local HandleCache cache;
-  return cache.get();
+  return HandleCache<cusolverDnHandle_t, CusolverHandles>::thread_handle();
 }
 
 // Stream-ordered scratch: freed on `stream` when it goes out of scope, also on a throw.

@@ -7,14 +7,11 @@
 // Bytes per matrix: the norm reads G twice and writes X once; each step's GEMMs are
 // compute-bound (4 m^2 n + 2 m^3 flops) beside two copies (A, X) for beta.
 //
-// cuBLAS is loaded on first use (dlopen), not linked, for the reason newton_cusolver.cu gives
-// for cuSOLVER: a program that links fusedopt and steps on the CPU must start without the
-// CUDA toolkit's libraries (tests/consumer/without_cuda.sh checks it). cublas_v2.h gives the
+// cuBLAS is loaded on first use (dlopen, cuda_library.hpp), not linked; cublas_v2.h gives the
 // types and signatures.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 
 #include <climits>
 #include <cstddef>
@@ -24,6 +21,7 @@
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
+#include "cuda/cuda_library.hpp"
 #include "cuda/newton_schulz_device.hpp"
 #include "fusedopt/kernels/newton_schulz.hpp"
 #include "fusedopt/types.hpp"
@@ -32,10 +30,7 @@
 namespace fo::cuda {
 namespace {
 
-#define FO_STR2(x) #x
-#define FO_STR(x) FO_STR2(x)
-
-// ---- cuBLAS, loaded on first use
+// ---- cuBLAS, loaded on first use (cuda_library.hpp)
 
 using GemmStridedBatchedEx = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t,
                                                 cublasOperation_t, int, int, int, const void*,
@@ -52,30 +47,14 @@ struct Cublas {
   GemmStridedBatchedEx gemm_strided_batched = nullptr;
 };
 
-constexpr const char* kCublasSoname = "libcublas.so." FO_STR(CUBLAS_VER_MAJOR);
+constexpr const char* kCublasSoname = "libcublas.so." FO_CUDA_LIBRARY_STR(CUBLAS_VER_MAJOR);
+constexpr const char* kWho = "newton_schulz_device";
 
 Cublas load_cublas() {
-  void* lib = dlopen(kCublasSoname, RTLD_NOW | RTLD_LOCAL);
-  std::string tried = kCublasSoname;
-#ifdef FO_CUDA_TOOLKIT_LIBRARY_DIR
-  if (!lib) {
-    const std::string path = std::string(FO_CUDA_TOOLKIT_LIBRARY_DIR) + "/" + kCublasSoname;
-    lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    tried += ", " + path;
-  }
-#endif
-  if (!lib)
-    throw Error(StatusCode::unsupported,
-                std::string("newton_schulz_device needs cuBLAS, which was not found (tried ") +
-                    tried +
-                    "): install the CUDA toolkit's cuBLAS or add its directory to "
-                    "LD_LIBRARY_PATH");
-  Cublas api;  // never dlclose'd: handles live until their threads exit
+  void* const lib = open_cuda_library(kCublasSoname, kWho, "cuBLAS");
+  Cublas api;
   auto bind = [&](auto& fn, const char* name) {
-    fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
-    if (!fn)
-      throw Error(StatusCode::unsupported,
-                  std::string("newton_schulz_device: ") + kCublasSoname + " lacks " + name);
+    bind_cuda_symbol(lib, fn, name, kWho, kCublasSoname);
   };
   bind(api.create, "cublasCreate_v2");
   bind(api.destroy, "cublasDestroy_v2");
@@ -85,6 +64,7 @@ Cublas load_cublas() {
   return api;
 }
 
+// Loaded on first use; a failed load throws and is tried again by the next call.
 const Cublas& cublas() {
   static const Cublas api = load_cublas();
   return api;
@@ -105,47 +85,25 @@ const char* cublas_status_name(cublasStatus_t s) {
   }
 }
 
-[[noreturn]] void throw_cublas_error(cublasStatus_t s, const char* expr, const char* file,
-                                     int line) {
-  const StatusCode code =
-      s == CUBLAS_STATUS_ALLOC_FAILED ? StatusCode::out_of_memory : StatusCode::device_error;
-  throw Error(code, std::string(file) + ":" + std::to_string(line) + ": " + expr +
-                        " failed: " + cublas_status_name(s));
-}
-
-#define FO_CUBLAS_CHECK(expr)                                            \
-  do {                                                                   \
-    const cublasStatus_t fo_st_ = (expr);                                \
-    if (fo_st_ != CUBLAS_STATUS_SUCCESS)                                 \
-      ::fo::cuda::throw_cublas_error(fo_st_, #expr, __FILE__, __LINE__); \
+#define FO_CUBLAS_CHECK(expr)                                                                      \
+  do {                                                                                             \
+    const cublasStatus_t fo_st_ = (expr);                                                          \
+    if (fo_st_ != CUBLAS_STATUS_SUCCESS)                                                           \
+      ::fo::cuda::throw_cuda_library_error(fo_st_ == CUBLAS_STATUS_ALLOC_FAILED,                   \
+                                           cublas_status_name(fo_st_), #expr, __FILE__, __LINE__); \
   } while (0)
 
-// One cuBLAS handle per thread and device (a handle must not be used by two threads at once),
-// destroyed when the thread exits.
-class HandleCache {
- public:
-  HandleCache() = default;
-  HandleCache(const HandleCache&) = delete;
-  HandleCache& operator=(const HandleCache&) = delete;
-  ~HandleCache() {
-    for (cublasHandle_t h : handles_)
-      if (h) cublas().destroy(h);  // status ignored: nothing to do about it at thread exit
+struct CublasHandles {
+  static cublasHandle_t create() {
+    cublasHandle_t h = nullptr;
+    FO_CUBLAS_CHECK(cublas().create(&h));
+    return h;
   }
-  cublasHandle_t get() {
-    int device = 0;
-    FO_CUDA_CHECK(cudaGetDevice(&device));
-    if (handles_.size() <= static_cast<std::size_t>(device)) handles_.resize(device + 1, nullptr);
-    if (!handles_[device]) FO_CUBLAS_CHECK(cublas().create(&handles_[device]));
-    return handles_[device];
-  }
-
- private:
-  std::vector<cublasHandle_t> handles_;
+  static void destroy(cublasHandle_t h) { cublas().destroy(h); }
 };
 
 cublasHandle_t thread_handle() {
-  thread_local HandleCache cache;
-  return cache.get();
+  return HandleCache<cublasHandle_t, CublasHandles>::thread_handle();
 }
 
 cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
