@@ -73,7 +73,8 @@ constexpr float float_at_or_above(double m) {
 
 /// Point j of torch.linspace(start, end, m + 1) in float32 as torch's CPU kernel's scalar
 /// formula computes it: start + step * j below the halfway index, end - step * (m - j) from it
-/// on, step = (end - start) / m.
+/// on, step = (end - start) / m. Only evaluated at compile time (the maps are constant
+/// initialized), where no compiler fuses the multiply-add.
 constexpr float linspace_point(float start, float end, int m, int j) {
   const float step = (end - start) / static_cast<float>(m);
   return j < (m + 1) / 2 ? start + step * static_cast<float>(j)
