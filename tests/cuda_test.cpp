@@ -20,10 +20,13 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <stdlib.h>  // mkdtemp
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <random>
@@ -801,6 +804,58 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
     EXPECT_EQ(got, cpu_p) << "the params' allocations differ (a write outside a param?)";
     expect_same(holdings(gpu), holdings(cpu), "states");
     if (result.total_part_count() != parts_before) break;  // the later steps would repeat it
+  }
+  if (result.total_part_count() != parts_before) return true;
+  const auto same_bytes = [&](const Optimizer& c_opt, const std::vector<unsigned char>& c_p,
+                              const std::string& what) {
+    EXPECT_EQ(gpu_p.download(), c_p) << what << ": the params' bytes differ";
+    expect_same(holdings(gpu), holdings(c_opt), what);
+  };
+  // A CPU fallback resumes the CUDA run as it was: its checkpoint loaded onto the CPU (the
+  // params' bytes copied), one more step on both.
+  {
+    std::string dir = (std::filesystem::temp_directory_path() / "fusedopt-storage-XXXXXX").string();
+    if (!::mkdtemp(dir.data())) throw std::runtime_error("mkdtemp failed");
+    gpu.save(dir + "/ckpt");
+    std::vector<unsigned char> resumed_p = gpu_p.download();
+    Optimizer resumed(algorithm);
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+      resumed.add_param(pname(i), resumed_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
+    resumed.load(dir + "/ckpt");
+    std::filesystem::remove_all(dir);
+    std::vector<unsigned char> g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
+    gpu_g.upload(g);
+    std::vector<const void*> cg, dg;
+    for (std::size_t off : gl.offsets) {
+      cg.push_back(g.data() + off * ge);
+      dg.push_back(gpu_g.get() + off * ge);
+    }
+    resumed.step(cg.data());
+    cpu.step(cg.data());
+    gpu.step(dg.data());
+    same_bytes(resumed, resumed_p, "resumed from the CUDA checkpoint");
+    EXPECT_EQ(resumed_p, cpu_p) << "the resumed CPU run left the CPU run";
+  }
+  // The evaluation form (Schedule-Free) and the weight EMA into the params: the same bytes.
+  for (const auto& d : dense_algorithms()) {
+    if (d.name != algorithm || !d.eval) continue;
+    cpu.eval();
+    gpu.eval();
+    same_bytes(cpu, cpu_p, "eval()");
+    cpu.train();
+    gpu.train();
+    same_bytes(cpu, cpu_p, "train()");
+  }
+  if (c.ema) {
+    if (c.master || c.param == DType::f32) {
+      cpu.swap_ema();
+      gpu.swap_ema();
+      same_bytes(cpu, cpu_p, "swap_ema()");
+    } else {
+      cpu.copy_ema_to_params();
+      gpu.copy_ema_to_params();
+      same_bytes(cpu, cpu_p, "copy_ema_to_params()");
+    }
   }
   return true;
 }
