@@ -745,6 +745,10 @@ void configure(Optimizer& opt, const StorageCase& c,
   opt.set_option("stochastic_rounding", c.stochastic ? 1 : 0);
   opt.set_option("seed", 12345);
   if (c.ema) opt.set_option("ema_decay", 0.9);
+  if (c.master || !c.stochastic) {  // the norm pass over 16-bit or f32 grads, clipping by it
+    opt.set_option("max_grad_norm", 0.5);
+    opt.set_option("skip_nonfinite", 1);
+  }
 }
 
 /// `steps` steps of `algorithm` with storage `c` on a CPU and a CUDA optimizer, the same
@@ -803,6 +807,9 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
     }
     EXPECT_EQ(got, cpu_p) << "the params' allocations differ (a write outside a param?)";
     expect_same(holdings(gpu), holdings(cpu), "states");
+    const float cpu_norm = cpu.grad_norm(), gpu_norm = gpu.grad_norm();
+    EXPECT_EQ(std::memcmp(&cpu_norm, &gpu_norm, sizeof(float)), 0)
+        << "grad_norm: cpu " << cpu_norm << ", cuda " << gpu_norm;
     if (result.total_part_count() != parts_before) break;  // the later steps would repeat it
   }
   if (result.total_part_count() != parts_before) return true;
