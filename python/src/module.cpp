@@ -275,8 +275,9 @@ void check_with_param(const View& v, const View& p, std::size_t i, const What& w
     raise_value(what() + at() + " has a different shape from the param");
   if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
   if (!v.steppable)
-    raise_type(what() + at() + " is " + dtype_text(v.raw) +
-               ": fusedopt takes float32 and bfloat16 grads and states");
+    raise_type(
+        what() + at() + " is " + dtype_text(v.raw) +
+        ": fusedopt takes float32, bfloat16 or float16 grads and float32 or bfloat16 states");
 }
 
 /// check_with_param for a state of its own shape `dims` (a factored state in torch's layout).
@@ -294,8 +295,9 @@ void check_with_shape(const View& v, const View& p, const std::vector<std::int64
   }
   if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
   if (!v.steppable)
-    raise_type(what() + at() + " is " + dtype_text(v.raw) +
-               ": fusedopt takes float32 and bfloat16 grads and states");
+    raise_type(
+        what() + at() + " is " + dtype_text(v.raw) +
+        ": fusedopt takes float32, bfloat16 or float16 grads and float32 or bfloat16 states");
 }
 
 /// The per-state lists of a call (one list per state `specs` names, each one array per param).
