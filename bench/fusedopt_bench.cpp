@@ -14,7 +14,8 @@
 // kernel, both timed in the same iterations; buffer sets rotate so L2 is not measured.
 // Plus step/adam/cuda/f32/gpt2_small: GPT-2 small's 148 tensors in one optimizer, and
 // step_ema/adam/cpu/f32/<n>: adam with a weight EMA (ema_decay 0.999) in the same pass, its
-// bytes counting the EMA read and written.
+// bytes counting the EMA read and written, and step/adam/cpu/bf16/<n>: bf16 params and grads
+// with f32 master weights and states through the CPU's storage layer (no probe).
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
@@ -170,6 +171,53 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
       static_cast<double>(bytes) * static_cast<double>(state.iterations()) / probe_s / 1e9;
   state.counters["threads"] = fo::cpu::num_threads();
   state.SetLabel(fo::cpu::isa_name(fo::cpu::isa()));
+}
+
+/// step/<A>/cpu/bf16/<n>: bf16 params and grads, f32 master weights and states, through the
+/// CPU's storage layer (cpu_backend.hpp, Storage), as step/<A>/cuda/bf16 on CUDA. Bytes: the
+/// storages' (param r+w and grad r at 2 bytes, master and each state r+w at 4).
+template <class A>
+void bench_cpu_storage_step(benchmark::State& state, std::int64_t n) {
+  const typename A::Options options{};
+  const std::int64_t bytes = n * (2 * 2 + 2 + 2 * 4 + 2 * 4 * active_states<A>());
+  struct Set {
+    std::optional<fo::detail::Buffer> param, grad, master, states[fo::kMaxStates];
+  };
+  std::vector<Set> sets(static_cast<std::size_t>(rotation(bytes, llc_bytes())));
+  const auto half = [n](float value) {
+    std::optional<fo::detail::Buffer> a;
+    a.emplace(fo::Device::cpu, 0, static_cast<std::size_t>(n) * 2);
+    std::fill(static_cast<fo::bf16*>(a->data()), static_cast<fo::bf16*>(a->data()) + n,
+              fo::to_bf16(value));
+    return a;
+  };
+  for (auto& s : sets) {
+    s.param = half(0.5f);
+    s.grad = half(0.01f);
+    s.master = host_array(n, 0.5f);
+    for (int k = 0; k < active_states<A>(); ++k) s.states[k] = host_array(n, 0.25f);
+  }
+  std::size_t next = 0;
+  std::int64_t step = 1;
+  for (auto _ : state) {
+    Set& set = sets[next];
+    next = (next + 1) % sets.size();
+    fo::DenseTensors t;
+    t.param = set.param->data();
+    t.grad = set.grad->data();
+    t.master = set.master->f32();
+    for (int k = 0; k < fo::kMaxStates; ++k)
+      t.states[k] = set.states[k] ? set.states[k]->f32() : nullptr;
+    t.numel = n;
+    t.param_dtype = t.grad_dtype = fo::DType::bf16;
+    const auto t0 = Clock::now();
+    fo::fused_step<A>(options, step++, t);
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  set_bytes_per_second(state, bytes);
+  state.counters["threads"] = fo::cpu::num_threads();
+  state.SetLabel(std::string(fo::cpu::isa_name(fo::cpu::isa())) +
+                 ", bf16 params+grads, f32 master and states");
 }
 
 // --------------------------------------------------------------------------------- CUDA
@@ -482,6 +530,14 @@ void register_algorithm(bool cuda) {
           ->Unit(benchmark::kMillisecond)
           ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
     }
+  if (std::string(A::kName) == "adam")
+    for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26})
+      benchmark::RegisterBenchmark(
+          (std::string("step/") + A::kName + "/cpu/bf16/" + std::to_string(n)).c_str(),
+          [n](benchmark::State& s) { bench_cpu_storage_step<A>(s, n); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
 #if defined(FUSEDOPT_WITH_CUDA)
   if (cuda)
     for (bool bf16 : {false, true})

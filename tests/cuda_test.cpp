@@ -20,10 +20,13 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <stdlib.h>  // mkdtemp
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <memory>
 #include <random>
@@ -698,6 +701,206 @@ TEST(Cuda, StochasticRoundingIsReproducibleAndUnbiased) {
   const double mean = sum / static_cast<double>(n);
   const double want = -kSteps * static_cast<double>(lr) * g;
   EXPECT_NEAR(mean, want, 0.05 * std::abs(want));
+}
+
+// ------------------------------------------------------------------ every storage, both backends
+
+/// A storage combination of a dense step (the step settings that choose it).
+struct StorageCase {
+  DType param;
+  bool fp32_grads;
+  DType state;
+  bool master;
+  bool stochastic;
+  bool ema;
+};
+
+std::string describe(const StorageCase& c) {
+  return std::string(dtype_name(c.param)) + " params, " +
+         (c.fp32_grads ? "float32" : dtype_name(c.param)) + " grads, " + dtype_name(c.state) +
+         " states" + (c.master ? ", master" : "") + (c.stochastic ? ", stochastic" : "") +
+         (c.ema ? ", ema" : "");
+}
+
+/// `all` (one image of a Layout, as float) stored as `dtype`: its bytes, rounded to nearest.
+std::vector<unsigned char> encode(const std::vector<float>& all, DType dtype) {
+  std::vector<unsigned char> out(all.size() * dtype_size(dtype));
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    if (dtype == DType::f32) {
+      std::memcpy(out.data() + 4 * i, &all[i], 4);
+    } else {
+      const std::uint16_t b = dtype == DType::bf16 ? to_bf16(all[i]).bits : to_f16(all[i]).bits;
+      std::memcpy(out.data() + 2 * i, &b, 2);
+    }
+  }
+  return out;
+}
+
+void configure(Optimizer& opt, const StorageCase& c,
+               const std::vector<std::pair<std::string, double>>& options) {
+  set_options(opt, options);
+  opt.set_option("master_weights", c.master ? 1 : 0);
+  opt.set_option("fp32_grads", c.fp32_grads ? 1 : 0);
+  opt.set_option("state_dtype", static_cast<double>(static_cast<int>(c.state)));
+  opt.set_option("stochastic_rounding", c.stochastic ? 1 : 0);
+  opt.set_option("seed", 12345);
+  if (c.ema) opt.set_option("ema_decay", 0.9);
+  if (c.master || !c.stochastic) {  // the norm pass over 16-bit or f32 grads, clipping by it
+    opt.set_option("max_grad_norm", 0.5);
+    opt.set_option("skip_nonfinite", 1);
+  }
+}
+
+/// `steps` steps of `algorithm` with storage `c` on a CPU and a CUDA optimizer, the same
+/// params and grads: after each, every byte of the params (the gaps' canaries too) and every
+/// state, master and EMA (as float32) equal. Returns false where the CPU refused the
+/// storage for this algorithm (fo::Error unsupported, before anything changed).
+bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const StorageCase& c,
+                 const std::vector<std::int64_t>& sizes, int steps) {
+  SCOPED_TRACE(algorithm + ": " + describe(c));
+  const Layout pl = carve(sizes, rng), gl = carve(sizes, rng);
+  const std::size_t pe = dtype_size(c.param);
+  const DType grad_dtype = c.fp32_grads ? DType::f32 : c.param;
+  const std::size_t ge = dtype_size(grad_dtype);
+  std::vector<unsigned char> cpu_p =
+      encode(pack(pl, random_tensors(rng, pl), TestTensor::kCanary), c.param);
+  DeviceArray<unsigned char> gpu_p(cpu_p), gpu_g(gl.total * ge);
+  Optimizer cpu(algorithm), gpu(algorithm, Device::cuda);
+  configure(cpu, c, rich_options(algorithm));
+  configure(gpu, c, rich_options(algorithm));
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    cpu.add_param(pname(i), cpu_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
+    gpu.add_param(pname(i), gpu_p.get() + pl.offsets[i] * pe, c.param, {sizes[i]});
+  }
+  const ::testing::TestResult& result =
+      *::testing::UnitTest::GetInstance()->current_test_info()->result();
+  const int parts_before = result.total_part_count();
+  for (int t = 1; t <= steps; ++t) {
+    SCOPED_TRACE("step " + std::to_string(t));
+    std::vector<unsigned char> g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
+    gpu_g.upload(g);
+    std::vector<const void*> cg, dg;
+    for (std::size_t off : gl.offsets) {
+      cg.push_back(g.data() + off * ge);
+      dg.push_back(gpu_g.get() + off * ge);
+    }
+    if (t == 1) {
+      const std::vector<unsigned char> before = cpu_p;
+      try {
+        cpu.step(cg.data());
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+        EXPECT_EQ(cpu_p, before) << "a refused step changed the params";
+        EXPECT_EQ(cpu.step_count(pname(0)), 0);
+        return false;
+      }
+    } else {
+      cpu.step(cg.data());
+    }
+    gpu.step(dg.data());
+    const std::vector<unsigned char> got = gpu_p.download();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      const auto at = static_cast<std::ptrdiff_t>(pl.offsets[i] * pe);
+      const auto len = static_cast<std::ptrdiff_t>(static_cast<std::size_t>(sizes[i]) * pe);
+      EXPECT_TRUE(std::equal(got.begin() + at, got.begin() + at + len, cpu_p.begin() + at))
+          << "the bytes of param " << pname(i) << " (" << sizes[i] << " elements) differ";
+    }
+    EXPECT_EQ(got, cpu_p) << "the params' allocations differ (a write outside a param?)";
+    expect_same(holdings(gpu), holdings(cpu), "states");
+    const float cpu_norm = cpu.grad_norm(), gpu_norm = gpu.grad_norm();
+    EXPECT_EQ(std::memcmp(&cpu_norm, &gpu_norm, sizeof(float)), 0)
+        << "grad_norm: cpu " << cpu_norm << ", cuda " << gpu_norm;
+    if (result.total_part_count() != parts_before) break;  // the later steps would repeat it
+  }
+  if (result.total_part_count() != parts_before) return true;
+  const auto same_bytes = [&](const Optimizer& c_opt, const std::vector<unsigned char>& c_p,
+                              const std::string& what) {
+    EXPECT_EQ(gpu_p.download(), c_p) << what << ": the params' bytes differ";
+    expect_same(holdings(gpu), holdings(c_opt), what);
+  };
+  // A CPU fallback resumes the CUDA run as it was: its checkpoint loaded onto the CPU (the
+  // params' bytes copied), one more step on both.
+  {
+    std::string dir = (std::filesystem::temp_directory_path() / "fusedopt-storage-XXXXXX").string();
+    if (!::mkdtemp(dir.data())) throw std::runtime_error("mkdtemp failed");
+    gpu.save(dir + "/ckpt");
+    std::vector<unsigned char> resumed_p = gpu_p.download();
+    Optimizer resumed(algorithm);
+    for (std::size_t i = 0; i < sizes.size(); ++i)
+      resumed.add_param(pname(i), resumed_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
+    resumed.load(dir + "/ckpt");
+    std::filesystem::remove_all(dir);
+    std::vector<unsigned char> g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
+    gpu_g.upload(g);
+    std::vector<const void*> cg, dg;
+    for (std::size_t off : gl.offsets) {
+      cg.push_back(g.data() + off * ge);
+      dg.push_back(gpu_g.get() + off * ge);
+    }
+    resumed.step(cg.data());
+    cpu.step(cg.data());
+    gpu.step(dg.data());
+    same_bytes(resumed, resumed_p, "resumed from the CUDA checkpoint");
+    EXPECT_EQ(resumed_p, cpu_p) << "the resumed CPU run left the CPU run";
+  }
+  // The evaluation form (Schedule-Free) and the weight EMA into the params: the same bytes.
+  for (const auto& d : dense_algorithms()) {
+    if (d.name != algorithm || !d.eval) continue;
+    cpu.eval();
+    gpu.eval();
+    same_bytes(cpu, cpu_p, "eval()");
+    cpu.train();
+    gpu.train();
+    same_bytes(cpu, cpu_p, "train()");
+  }
+  if (c.ema) {
+    if (c.master || c.param == DType::f32) {
+      cpu.swap_ema();
+      gpu.swap_ema();
+      same_bytes(cpu, cpu_p, "swap_ema()");
+    } else {
+      cpu.copy_ema_to_params();
+      gpu.copy_ema_to_params();
+      same_bytes(cpu, cpu_p, "copy_ema_to_params()");
+    }
+  }
+  return true;
+}
+
+// Every storage the CUDA backend takes, stepped by the CPU's storage layer (cpu_backend.hpp,
+// Storage): bf16 and f16 params with their own or f32 grads, f32 or bf16 states, with and
+// without f32 master weights, rounded to nearest or stochastically, with a weight EMA: the
+// same bytes as the CUDA kernel (in emulation, its own source). Every combination with adam,
+// two mixed ones with every elementwise algorithm; the other kinds are refused on the CPU.
+TEST(Cuda, EveryStorageEqualsTheCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1, 3, 4097, 30001, 0, 1025};
+  int cases = 0;
+  for (DType param : {DType::f32, DType::bf16, DType::f16})
+    for (bool fp32_grads : {false, true})
+      for (DType state : {DType::f32, DType::bf16})
+        for (bool master : {false, true})
+          for (bool stochastic : {false, true}) {
+            if (param == DType::f32 && (fp32_grads || master)) continue;  // the same storage
+            const StorageCase c{param, fp32_grads, state, master, stochastic, cases % 3 == 0};
+            EXPECT_TRUE(steps_equal(rng, "adam", c, sizes, 3)) << "refused: " << describe(c);
+            ++cases;
+          }
+  EXPECT_EQ(cases, 36);
+  const std::vector<StorageCase> mixed = {{DType::bf16, true, DType::bf16, true, true, true},
+                                          {DType::f16, false, DType::bf16, false, false, false}};
+  // The kinds the CPU steps in float32 only (cpu::storage_refusal): trust ratio, factored,
+  // matrix.
+  const std::vector<std::string> refused = {"lamb", "lars", "adafactor"};
+  for (const auto& algo : dense_algorithms()) {
+    if (algo.matrix_only) continue;  // muon: refused on the CPU, and matrices only
+    const bool expect_refusal =
+        std::find(refused.begin(), refused.end(), algo.name) != refused.end();
+    for (const StorageCase& c : mixed)
+      EXPECT_EQ(steps_equal(rng, algo.name, c, sizes, 3), !expect_refusal)
+          << algo.name << ", " << describe(c);
+  }
 }
 
 // skip_nonfinite: a NaN or inf anywhere in any grad skips the whole step on every param,

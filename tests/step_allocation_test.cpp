@@ -5,23 +5,30 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "fusedopt/fusedopt.hpp"
+#include "fusedopt/kernels/convert.hpp"
 #include "test_util.hpp"
 
 namespace {
 std::atomic<bool> g_counting{false};
 std::atomic<long> g_allocations{0};
+// Allocations of at least this many bytes fail (std::bad_alloc); 0: none fails.
+std::atomic<std::size_t> g_fail_from{0};
 }  // namespace
 
 // Not inlined: inlined into a `new T` / `delete` pair, GCC reads the free() as a mismatch
 // for the operator new it sees (-Wmismatched-new-delete), though both are these.
 __attribute__((noinline)) void* operator new(std::size_t n) {
   if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1);
+  const std::size_t fail = g_fail_from.load(std::memory_order_relaxed);
+  if (fail > 0 && n >= fail) throw std::bad_alloc();
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
@@ -88,6 +95,49 @@ TEST(StepAllocations, NoneInASparseStepAfterTheFirst) {
             }),
             0);
   EXPECT_EQ(opt.step_count("table"), 4);
+}
+
+// The CPU storage layer (bf16 params with master weights, bf16 states) keeps its scratch
+// between steps, per thread, grown only: a step allocates nothing after the first at a thread
+// count; where the scratch cannot grow, the step throws out_of_memory before writing anything.
+// On a thread of its own: its scratch starts empty.
+TEST(StepAllocations, StorageLayerNoneAfterTheFirstAndAFailedOneChangesNothing) {
+  const int saved_threads = cpu::num_threads();
+  std::thread([] {
+    auto rng = make_rng();
+    const std::int64_t n = 70001;  // two threads' worth (cpu_backend.cpp, kMinParallel)
+    std::vector<std::uint16_t> p;
+    for (float x : random_floats(rng, n)) p.push_back(to_bf16(x).bits);
+    std::vector<std::uint16_t> g;
+    for (float x : random_floats(rng, n)) g.push_back(to_bf16(x).bits);
+    Optimizer opt("adam");
+    opt.set_option("master_weights", 1);
+    opt.set_option("state_dtype", 2);
+    opt.set_option("stochastic_rounding", 1);
+    opt.add_param("w", p.data(), DType::bf16, {n});
+    cpu::set_num_threads(1);
+    opt.step({g.data()});  // creates the state and one thread's scratch
+    EXPECT_EQ(allocations_in([&] { opt.step({g.data()}); }), 0);
+    cpu::set_num_threads(2);  // a second thread's scratch: it must grow
+    const std::vector<std::uint16_t> p0 = p;
+    const std::vector<float> m0 = opt.state("w", "master"), v0 = opt.state("w", "exp_avg_sq");
+    g_fail_from = 16 * 1024;
+    try {
+      opt.step({g.data()});
+      ADD_FAILURE() << "the step was taken without its scratch";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), StatusCode::out_of_memory) << e.what();
+    }
+    g_fail_from = 0;
+    EXPECT_EQ(p, p0);
+    EXPECT_TRUE(bitwise_equal(opt.state("w", "master"), m0));
+    EXPECT_TRUE(bitwise_equal(opt.state("w", "exp_avg_sq"), v0));
+    EXPECT_EQ(opt.step_count("w"), 2);
+    opt.step({g.data()});
+    EXPECT_EQ(allocations_in([&] { opt.step({g.data()}); }), 0);
+    EXPECT_EQ(opt.step_count("w"), 4);
+  }).join();
+  cpu::set_num_threads(saved_threads);
 }
 
 }  // namespace

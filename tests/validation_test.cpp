@@ -164,7 +164,6 @@ TEST(Validation, BadParamsAreRejected) {
                StatusCode::invalid_argument, "aligned");
   expect_error(add("c", buf.data(), DType::i32, {4}), StatusCode::invalid_argument,
                "not a floating type");
-  expect_error(add("c", buf.data(), DType::bf16, {4}), StatusCode::unsupported, "bfloat16");
   expect_error(add("c", buf.data(), static_cast<DType>(42), {4}), StatusCode::invalid_argument,
                "unknown dtype");
   expect_error(add("c", buf.data(), DType::f32, {1LL << 40, 1LL << 40}),
@@ -282,8 +281,8 @@ TEST(Validation, FusedStepChecksItsBuffers) {
   t.grad_dtype = DType::bf16;
   expect_error(call(t), StatusCode::invalid_argument, "grads must be float32 or the param's");
   t = good;
-  t.param_dtype = t.grad_dtype = DType::bf16;
-  expect_error(call(t), StatusCode::unsupported, "CPU backend steps float32");
+  t.state_dtype = DType::f16;
+  expect_error(call(t), StatusCode::invalid_argument, "states must be float32 or bfloat16");
   t = good;
   t.master = m.data();
   expect_error(call(t), StatusCode::invalid_argument, "master weights belong to");

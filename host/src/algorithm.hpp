@@ -56,9 +56,12 @@ class Algorithm {
   virtual bool same_options(std::size_t a, std::size_t b) const = 0;
 
   /// A dense step of param `param` on the CPU at step count `step`; `scalars`: its scalar
-  /// states (description().scalars), advanced by the step, or null where there are none.
+  /// states (description().scalars), advanced by the step, or null where there are none;
+  /// `storage`: where the tensors are when not all float32 (cpu::Storage), or null.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
-                        std::int64_t n, double* scalars) const = 0;
+                        std::int64_t n, double* scalars, const cpu::Storage* storage) const = 0;
+  /// Why the CPU refuses non-float32 storage for this algorithm, or "" (cpu::storage_refusal).
+  virtual const char* cpu_storage_refusal() const = 0;
   /// eval() of param `param` (description().eval) on the CPU / on CUDA.
   virtual void cpu_eval(std::size_t param, float* p, float* const* states,
                         std::int64_t n) const = 0;

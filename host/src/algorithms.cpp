@@ -99,9 +99,11 @@ class AlgorithmImpl final : public Algorithm {
   }
 
   void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t, std::int64_t n,
-                double* scalars) const override {
-    cpu::dense_step<A>(options_[param], step, t, n, scalars);
+                double* scalars, const cpu::Storage* storage) const override {
+    cpu::dense_step<A>(options_[param], step, t, n, scalars, storage);
   }
+
+  const char* cpu_storage_refusal() const override { return cpu::storage_refusal<A>(); }
 
   void cpu_eval(std::size_t param, float* p, float* const* states, std::int64_t n) const override {
     cpu::eval_params<A>(options_[param], p, states, n);

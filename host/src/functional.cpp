@@ -63,10 +63,10 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   if (t.master && t.param_dtype == DType::f32)
     invalid(who() + ": master weights belong to bfloat16 or float16 params");
   if (!cuda) {
-    if (t.param_dtype != DType::f32 || t.grad_dtype != DType::f32 || t.state_dtype != DType::f32)
-      unsupported("the CPU backend steps float32 params, grads and states only");
-    if (c.stochastic_rounding || c.d_lr || c.d_grad_multiplier || c.d_found_inf)
-      unsupported("device-side scalars and stochastic rounding need the CUDA backend");
+    if (t.param_dtype != DType::f32 || t.state_dtype != DType::f32)
+      if (const char* why = cpu::storage_refusal<A>(); *why) unsupported(why);
+    if (c.d_lr || c.d_grad_multiplier || c.d_found_inf)
+      unsupported("device-side scalars need the CUDA backend");
     if (const char* why = CpuRefusal<A>::of(o); *why) unsupported(why);
   }
   if constexpr (MatrixCapable<A>::value) {
@@ -189,6 +189,22 @@ cuda::ListSettings list_settings(const DenseTensors& t, const StepControls& cont
   return s;
 }
 
+// A CPU step's storage (cpu::Storage) of `t`, with the states the options use.
+cpu::Storage cpu_storage(const DenseTensors& t, void* const* states, const StepControls& c) {
+  cpu::Storage s;
+  s.param = t.param;
+  s.param_dtype = t.param_dtype;
+  s.grad = t.grad;
+  s.grad_dtype = t.grad_dtype;
+  s.master = t.master;
+  for (int k = 0; k < kMaxStates; ++k) s.states[k] = states[k];
+  s.state_dtype = t.state_dtype;
+  s.stochastic = c.stochastic_rounding;
+  s.seed = c.seed;
+  s.key = c.key;
+  return s;
+}
+
 /// Stream-ordered device scratch for one call, released in stream order.
 class StreamScratch {
  public:
@@ -253,9 +269,6 @@ void eval_by_name(const NamedOptions& named, const DenseTensors* tensors, std::s
     const std::string who = label<A>(static_cast<std::int64_t>(i));
     if (t.numel < 0) invalid(who + ": numel must be >= 0");
     if (t.numel == 0) continue;
-    if (!cuda && (t.param_dtype != DType::f32 || t.state_dtype != DType::f32))
-      throw Error(StatusCode::unsupported,
-                  who + ": the CPU backend steps float32 params and states only");
     if (t.master && t.param_dtype == DType::f32)
       invalid(who + ": master weights belong to bfloat16 or float16 params");
     const auto check = [&](const void* p, std::size_t align, const char* what) {
@@ -282,10 +295,23 @@ void eval_by_name(const NamedOptions& named, const DenseTensors* tensors, std::s
       const cuda::ListEntry e{t.param, nullptr, t.master, {states[0], states[1], states[2]},
                               t.numel, 0,       0};
       cuda::eval_params<A>(o, e, t.param_dtype, t.state_dtype, exec.stream);
-    } else {
+    } else if (t.param_dtype == DType::f32 && t.state_dtype == DType::f32) {
       float* const s[kMaxStates] = {static_cast<float*>(states[0]), static_cast<float*>(states[1]),
                                     static_cast<float*>(states[2])};
       cpu::eval_params<A>(o, static_cast<float*>(t.param), s, t.numel);
+    } else {  // as CUDA's eval_kernel: from and into the master, the param rounded to nearest
+      const auto count = static_cast<std::size_t>(t.numel);
+      std::vector<float> wide((1 + kMaxStates) * count);
+      float* const x = t.master ? t.master : wide.data();
+      if (!t.master) cpu::widen(x, t.param, t.param_dtype, t.numel);
+      float* s[kMaxStates] = {};
+      for (int k = 0; k < kMaxStates; ++k) {
+        if (!states[k]) continue;
+        s[k] = wide.data() + (1 + k) * count;
+        cpu::widen(s[k], states[k], t.state_dtype, t.numel);
+      }
+      cpu::eval_params<A>(o, x, s, t.numel);
+      cpu::narrow(t.param, t.param_dtype, x, t.numel);
     }
   }
 }
@@ -345,7 +371,8 @@ void fused_step(const typename A::Options& options, std::int64_t step, const Den
                       t.ema,
                       ema_weight(controls.ema_decay),
                       t.view};
-  cpu::dense_step<A>(options, step, ptrs, t.numel, t.scalars);
+  const cpu::Storage storage = cpu_storage(t, states, controls);
+  cpu::dense_step<A>(options, step, ptrs, t.numel, t.scalars, &storage);
 }
 
 template <class A>
@@ -387,7 +414,9 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
                         t.view};
     for (int k = 0; k < StateList<A>::count; ++k)
       if (uses_state<A>(options, k, t.view)) ptrs.states[k] = static_cast<float*>(t.states[k]);
-    cpu::dense_step<A>(options, steps[i], ptrs, t.numel, t.scalars);
+    void* const states[kMaxStates] = {ptrs.states[0], ptrs.states[1], ptrs.states[2]};
+    const cpu::Storage storage = cpu_storage(t, states, controls);
+    cpu::dense_step<A>(options, steps[i], ptrs, t.numel, t.scalars, &storage);
   }
 }
 

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "device_check.hpp"
 #include "fusedopt/kernels/convert.hpp"
@@ -125,7 +126,7 @@ void Optimizer::set_option(std::string_view key, double value) {
   Impl& m = *impl_;
   if (Settings::is_key(key)) {
     Settings next = m.settings;
-    next.set(key, value, m.device);
+    next.set(key, value);
     if (Settings::is_storage_key(key) && next.get(key) != m.settings.get(key))
       for (const ParamEntry& p : m.params)
         if (p.has_buffers())
@@ -203,9 +204,6 @@ void Optimizer::add_param(std::string name, void* data, DType dtype,
     invalid("param '" + name + "': unknown dtype " + std::to_string(static_cast<int>(dtype)));
   if (dtype == DType::i32 || dtype == DType::i64)
     invalid("param '" + name + "': dtype " + dtype_name(dtype) + " is not a floating type");
-  if (dtype != DType::f32 && m.device != Device::cuda)
-    unsupported("param '" + name + "': dtype " + dtype_name(dtype) +
-                " needs the CUDA backend (the CPU steps float32)");
   if (d.matrix_only && shape.size() < 2)
     invalid("param '" + name + "': " + d.name +
             " steps matrices only (2 or more dimensions, a batch of matrices over the last "
@@ -344,7 +342,7 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   if (!buf) {                                            // not stepped yet: the initial value
     if (master || ema || p.facts.state_from_param[k]) {  // the param's value, as float32
       if (m.device != Device::cuda) {
-        std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + n, out);
+        cpu::widen(out, p.data, p.dtype, numel);
         return;
       }
       cuda::DeviceGuard guard(m.device_index);
@@ -363,7 +361,7 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
   }
   const DType dtype = master || ema ? DType::f32 : m.settings.state_dtype;
   if (m.device != Device::cuda) {
-    std::copy(buf->f32(), buf->f32() + n, out);
+    cpu::widen(out, buf->data(), dtype, numel);
     return;
   }
   cuda::DeviceGuard guard(m.device_index);

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checkpoint.hpp"
+#include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "optimizer_impl.hpp"
@@ -23,7 +24,7 @@ std::vector<float> values_of(const detail::Buffer& b, DType dtype, std::int64_t 
   const auto count = static_cast<std::size_t>(n);
   std::vector<float> out(count);
   if (device != Device::cuda) {
-    std::copy(b.f32(), b.f32() + count, out.begin());
+    cpu::widen(out.data(), b.data(), dtype, n);
     return out;
   }
   cuda::DeviceGuard guard(device_index);
@@ -147,9 +148,7 @@ void Optimizer::load(const std::string& path) {
       continue;
     }
     if (Settings::is_key(key)) {
-      // States are float32 in the file: a bf16-state checkpoint loads onto the CPU as f32.
-      const bool cpu_bf16 = key == "state_dtype" && value == 2.0 && m.device != Device::cuda;
-      settings.set(key, cpu_bf16 ? 0.0 : value, m.device);
+      settings.set(key, value);
       continue;
     }
     const auto [s, k] = option_of(key);
@@ -324,7 +323,7 @@ void Optimizer::load(const std::string& path) {
           cuda::copy_from_host(slot->data(), raw.data(), bytes_needed, nullptr);
         }
       } else {
-        std::copy(t->values.begin(), t->values.end(), slot->f32());
+        cpu::narrow(slot->data(), storage, t->values.data(), count);
       }
     }
   }

@@ -51,8 +51,8 @@ struct Settings {
   /// Settings that fix a param's storage once it has stepped.
   static bool is_storage_key(std::string_view key);
   double get(std::string_view key) const;
-  /// Validates and sets; throws without changing anything.
-  void set(std::string_view key, double v, Device device);
+  /// Validates and sets; throws without changing anything. Both backends take every value.
+  void set(std::string_view key, double v);
   /// What multiplies the gradients: 1 / grad_scale.
   float grad_multiplier() const { return static_cast<float>(1.0 / grad_scale); }
 };
@@ -196,6 +196,11 @@ struct Optimizer::Impl {
     return settings.master_weights && p.dtype != DType::f32;
   }
   bool has_ema() const { return settings.ema_decay > 0.0; }
+  /// Whether p's param or states are not float32: on the CPU its steps then go through the
+  /// storage layer (cpu::Storage).
+  bool low_storage(const detail::ParamEntry& p) const {
+    return p.dtype != DType::f32 || settings.state_dtype != DType::f32;
+  }
   std::size_t state_bytes(const detail::ParamEntry& p, int k) const {
     return static_cast<std::size_t>(p.state_numel(p.facts, k)) * dtype_size(settings.state_dtype);
   }

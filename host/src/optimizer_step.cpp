@@ -50,6 +50,10 @@ void Optimizer::step(const void* const* grads, void* stream) {
                   " with these options): it takes sparse steps (step_sparse) only");
     if (!cuda && !p.facts.cpu_refusal.empty())
       unsupported("step: param '" + p.name + "': " + m.desc(p).name + ": " + p.facts.cpu_refusal);
+    if (!cuda && m.low_storage(p) && *m.slot(p).algorithm->cpu_storage_refusal())
+      unsupported("step: param '" + p.name + "' (" + dtype_name(p.dtype) + ", states " +
+                  dtype_name(m.settings.state_dtype) + "): " + m.desc(p).name + ": " +
+                  m.slot(p).algorithm->cpu_storage_refusal());
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
       invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context.
@@ -110,12 +114,11 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
         if (device == Device::cuda)
           cuda::convert(f.states[k]->data(), settings.state_dtype, p.data, p.dtype, count, stream);
         else
-          std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + count,
-                    f.states[k]->f32());
+          cpu::convert(f.states[k]->data(), settings.state_dtype, p.data, p.dtype, count);
       } else if (device == Device::cuda) {
         cuda::fill(f.states[k]->data(), settings.state_dtype, init, count, stream);
       } else {
-        std::fill(f.states[k]->f32(), f.states[k]->f32() + count, init);
+        cpu::fill(f.states[k]->data(), settings.state_dtype, init, count);
       }
       p.states[k] = std::move(f.states[k]);
     }
@@ -130,15 +133,17 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
       p.scalars = std::move(f.scalars);
     }
     if (f.master) {
-      cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
+      if (device == Device::cuda)
+        cuda::widen(f.master->f32(), p.data, p.dtype, p.numel, stream);
+      else
+        cpu::widen(f.master->f32(), p.data, p.dtype, p.numel);
       p.master = std::move(f.master);
     }
     if (f.ema) {  // the param before its first step (its master weights: the same values)
       if (device == Device::cuda)
         cuda::widen(f.ema->f32(), p.data, p.dtype, p.numel, stream);
       else
-        std::copy(static_cast<const float*>(p.data), static_cast<const float*>(p.data) + p.numel,
-                  f.ema->f32());
+        cpu::widen(f.ema->f32(), p.data, p.dtype, p.numel);
       p.ema = std::move(f.ema);
     }
   }
@@ -159,7 +164,8 @@ float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonf
   double* partial = norm_partials.data();
   int any_bad = 0;
   for (std::size_t i : stepping) {
-    const float* g = static_cast<const float*>(grads[i]);
+    const void* const g = grads[i];
+    const DType dtype = grad_dtype(params[i]);
     const std::int64_t n = params[i].numel, chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for num_threads(cpu::num_threads()) reduction(| : any_bad) schedule(static)
     for (std::int64_t c = 0; c < chunks; ++c) {
@@ -168,7 +174,7 @@ float Optimizer::Impl::cpu_norm(const void* const* grads, float mult, bool* nonf
       for (std::int64_t row = begin; row < end; row += kSumLanes) {
         const int count = static_cast<int>(std::min<std::int64_t>(kSumLanes, end - row));
         for (int l = 0; l < count; ++l) {
-          const float x = g[row + l] * mult;
+          const float x = cpu::value_at(g, dtype, row + l) * mult;
           any_bad |= !std::isfinite(x);
           lanes[l] += static_cast<double>(x) * static_cast<double>(x);
         }
@@ -200,9 +206,25 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     t.ema = p.ema ? p.ema->f32() : nullptr;
     t.ema_weight = ema_weight(settings.ema_decay);
     t.view = detail::matrix_view(p.shape);
+    // 16-bit params or states: the storage layer, with CUDA's rounding (cpu::Storage).
+    cpu::Storage st;
+    if (low_storage(p)) {
+      st.param = p.data;
+      st.param_dtype = p.dtype;
+      st.grad = grads[i];
+      st.grad_dtype = grad_dtype(p);
+      st.master = p.master ? p.master->f32() : nullptr;
+      for (int k = 0; k < kMaxStates; ++k)
+        st.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
+      st.state_dtype = settings.state_dtype;
+      st.stochastic = settings.stochastic_rounding;
+      st.seed = static_cast<std::uint64_t>(settings.seed);
+      st.key = p.key;
+    }
     double* const scalars = p.scalars ? static_cast<double*>(p.scalars->data()) : nullptr;
     if (p.numel > 0 || scalars)
-      slot(p).algorithm->cpu_step(p.local, p.steps_launched + 1, t, p.numel, scalars);
+      slot(p).algorithm->cpu_step(p.local, p.steps_launched + 1, t, p.numel, scalars,
+                                  low_storage(p) ? &st : nullptr);
     ++p.steps_launched;
   }
 }
@@ -417,11 +439,16 @@ void Optimizer::Impl::apply_ema(bool swap, const char* who, void* stream) {
     // The f32 value of the param: its master weights, or the param itself (f32).
     float* const f32 = p.master ? p.master->f32() : static_cast<float*>(p.data);
     const bool low = p.dtype != DType::f32;
-    if (!cuda) {
-      if (swap)
+    if (!cuda) {  // as the CUDA path below: the master rounds to nearest into the param
+      if (swap) {
         std::swap_ranges(e, e + p.numel, f32);
-      else
+        if (low) cpu::narrow(p.data, p.dtype, f32, p.numel);
+      } else if (!low || p.master) {
         std::copy(e, e + p.numel, f32);
+        if (low) cpu::narrow(p.data, p.dtype, f32, p.numel);
+      } else {
+        cpu::narrow(p.data, p.dtype, e, p.numel);
+      }
       continue;
     }
     if (swap) {
@@ -464,9 +491,12 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
       std::optional<detail::Buffer> param, master;
     };
     std::vector<Kept> kept(params.size());  // every allocation before anything changes
+    std::vector<float> wide;  // CPU, 16-bit storage: the f32 param and states of eval's op
     for (std::size_t i = 0; i < params.size(); ++i) {
       const ParamEntry& p = params[i];
       if (!stepped(p)) continue;
+      if (!cuda && low_storage(p))
+        wide.resize(std::max(wide.size(), (1 + kMaxStates) * static_cast<std::size_t>(p.numel)));
       kept[i].param.emplace(device, device_index,
                             static_cast<std::size_t>(p.numel) * dtype_size(p.dtype));
       if (p.master)
@@ -487,12 +517,28 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
         for (int k = 0; k < kMaxStates; ++k)
           e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
         slot(p).algorithm->cuda_eval(p.local, e, p.dtype, settings.state_dtype, stream);
-      } else {
+      } else if (!low_storage(p)) {
         std::memcpy(kept[i].param->data(), p.data, bytes);
         float* const s[kMaxStates] = {p.states[0] ? p.states[0]->f32() : nullptr,
                                       p.states[1] ? p.states[1]->f32() : nullptr,
                                       p.states[2] ? p.states[2]->f32() : nullptr};
         slot(p).algorithm->cpu_eval(p.local, static_cast<float*>(p.data), s, p.numel);
+      } else {  // as CUDA's eval_kernel: from and into the master, the param rounded to nearest
+        std::memcpy(kept[i].param->data(), p.data, bytes);
+        if (p.master)
+          std::memcpy(kept[i].master->data(), p.master->data(),
+                      static_cast<std::size_t>(p.numel) * sizeof(float));
+        const auto n = static_cast<std::size_t>(p.numel);
+        float* const x = p.master ? p.master->f32() : wide.data();
+        if (!p.master) cpu::widen(x, p.data, p.dtype, p.numel);
+        float* s[kMaxStates] = {};
+        for (int k = 0; k < kMaxStates; ++k) {
+          if (!p.states[k]) continue;
+          s[k] = wide.data() + (1 + k) * n;
+          cpu::widen(s[k], p.states[k]->data(), settings.state_dtype, p.numel);
+        }
+        slot(p).algorithm->cpu_eval(p.local, x, s, p.numel);
+        cpu::narrow(p.data, p.dtype, x, p.numel);
       }
       p.train_param = std::move(kept[i].param);
       p.train_master = std::move(kept[i].master);
@@ -508,6 +554,9 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
                             static_cast<std::size_t>(p.numel) * sizeof(float), stream);
       } else {
         std::memcpy(p.data, p.train_param->data(), bytes);
+        if (p.master && p.train_master)
+          std::memcpy(p.master->data(), p.train_master->data(),
+                      static_cast<std::size_t>(p.numel) * sizeof(float));
       }
     }
     // The copies are stream-ordered: the kept buffers are freed (cudaFree waits for the

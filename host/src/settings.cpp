@@ -36,7 +36,7 @@ double Settings::get(std::string_view key) const {
   return seed;
 }
 
-void Settings::set(std::string_view key, double v, Device device) {
+void Settings::set(std::string_view key, double v) {
   const std::string k(key);
   if (!std::isfinite(v)) invalid("option " + k + " must be finite, got " + format_number(v));
   auto flag = [&] {
@@ -58,7 +58,6 @@ void Settings::set(std::string_view key, double v, Device device) {
     master_weights = flag();
   } else if (key == "state_dtype") {
     if (v != 0.0 && v != 2.0) invalid("state_dtype takes 0 (float32) or 2 (bfloat16)");
-    if (v == 2.0 && device != Device::cuda) unsupported("bfloat16 states need the CUDA backend");
     state_dtype = v == 2.0 ? DType::bf16 : DType::f32;
   } else if (key == "fp32_grads") {
     fp32_grads = flag();

@@ -35,7 +35,7 @@ class Optimizer:
     (docs/optimizers.md: ``beta1``, ``beta2``, not ``betas``). Each ``step(grads)`` updates the
     params in place from one grad per param (``None`` skips that param: its step count stays).
     The arrays are viewed through DLPack, never copied; params must be contiguous and writable,
-    float32 on the CPU (float32, bfloat16 or float16 on CUDA). ``state[i]`` holds param i's
+    float32, bfloat16 or float16 (on the CPU and on CUDA). ``state[i]`` holds param i's
     state arrays by name, created on its first step like the param (its array namespace's
     ``full_like``; a copy of it for the states that start as the param, schedule-free's ``z``),
     and ``steps[i]`` its step count. ``scalars[i]``: param i's scalar states (``step_scalars``:

@@ -15,7 +15,7 @@ with ``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one
 state_dict.
 
 Each ``step()`` makes one call into the library for all its param groups: every param with a
-grad is validated (contiguous, float32 on the CPU; float32, bfloat16 or float16 on CUDA; grad and
+grad is validated (contiguous, float32, bfloat16 or float16 on the CPU and on CUDA; grad and
 states of the param's shape and device) before any is written, then stepped by fused kernels
 (on CUDA: multi-tensor launches on the current stream). Bad input raises ValueError or
 TypeError and changes nothing.

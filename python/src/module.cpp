@@ -250,7 +250,7 @@ void view_param(Importer& importer, nb::handle obj, std::size_t i, View& p, int&
   importer.view(obj, p, "param", i);
   if (!p.steppable)
     raise_type("param " + std::to_string(i) + " is " + dtype_text(p.raw) +
-               ": fusedopt steps float32 params (and bfloat16, float16 on CUDA)");
+               ": fusedopt steps float32, bfloat16 and float16 params");
   if (!p.contiguous)
     raise_value("param " + std::to_string(i) +
                 " is not contiguous: fusedopt steps a param's memory in place, which needs "
@@ -275,8 +275,9 @@ void check_with_param(const View& v, const View& p, std::size_t i, const What& w
     raise_value(what() + at() + " has a different shape from the param");
   if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
   if (!v.steppable)
-    raise_type(what() + at() + " is " + dtype_text(v.raw) +
-               ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
+    raise_type(
+        what() + at() + " is " + dtype_text(v.raw) +
+        ": fusedopt takes float32, bfloat16 or float16 grads and float32 or bfloat16 states");
 }
 
 /// check_with_param for a state of its own shape `dims` (a factored state in torch's layout).
@@ -294,8 +295,9 @@ void check_with_shape(const View& v, const View& p, const std::vector<std::int64
   }
   if (!v.contiguous) raise_value(what() + at() + " is not contiguous");
   if (!v.steppable)
-    raise_type(what() + at() + " is " + dtype_text(v.raw) +
-               ": fusedopt takes float32 grads and states (and bfloat16 on CUDA)");
+    raise_type(
+        what() + at() + " is " + dtype_text(v.raw) +
+        ": fusedopt takes float32, bfloat16 or float16 grads and float32 or bfloat16 states");
 }
 
 /// The per-state lists of a call (one list per state `specs` names, each one array per param).

@@ -25,10 +25,10 @@ struct DenseTensors {
   void* param = nullptr;
   const void* grad = nullptr;
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};
-  float* master = nullptr;  // f32 master weights of a low-precision param (CUDA), or null
+  float* master = nullptr;  // f32 master weights of a low-precision param, or null
   std::int64_t numel = 0;
-  DType param_dtype = DType::f32;  // f32; bf16 and f16 on CUDA
-  // grad_dtype: the param's, or f32. state_dtype: f32, or bf16 on CUDA.
+  DType param_dtype = DType::f32;  // f32, bf16 or f16 (the CPU: elementwise algorithms only)
+  // grad_dtype: the param's, or f32. state_dtype: f32 or bf16.
   DType grad_dtype = DType::f32;
   DType state_dtype = DType::f32;
   // f32 weight EMA, or null: updated in the same pass, after the step, with
@@ -55,7 +55,7 @@ struct Exec {
   int device_index = -1;   // CUDA: the device made current for the call (-1: the current one)
 };
 
-/// Extras of a step. The CPU takes grad_multiplier; the rest needs CUDA.
+/// Extras of a step. The device-side scalars (d_*) need CUDA; both backends take the rest.
 struct StepControls {
   float grad_multiplier = 1.0f;      // every gradient is multiplied by this (1 / loss scale)
   double ema_decay = 0.0;            // decay of the tensors' weight EMAs, in [0, 1)

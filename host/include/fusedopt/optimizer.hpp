@@ -66,10 +66,12 @@ class Optimizer {
   ///   max_grad_norm (0)     clip the global L2 norm of all (unscaled) gradients to this; 0: off
   ///   skip_nonfinite (0)    if any gradient is inf or nan, skip the whole step: params, states
   ///                         and step counts stay bitwise unchanged
-  ///   master_weights (0)    bf16/f16 params keep an f32 master copy, stepped in fp32 (CUDA)
-  ///   state_dtype (0)       0: float32 states; 2: bfloat16 states (CUDA)
+  ///   master_weights (0)    bf16/f16 params keep an f32 master copy, stepped in fp32
+  ///   state_dtype (0)       0: float32 states; 2: bfloat16 states
   ///   fp32_grads (0)        grads of bf16/f16 params are float32
-  ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes (CUDA)
+  ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes
+  /// Both backends take every storage, with the same bytes; on the CPU the trust-ratio
+  /// (lamb, lars), factored (adafactor) and matrix (muon) kinds step float32 only.
   ///   ema_decay (0)         weight EMA: each param keeps a float32 average of its values,
   ///                         updated in the step's pass (state "ema"); in [0, 1), 0: off
   /// The storage settings (master_weights, state_dtype, fp32_grads) are fixed once a param

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/types.hpp"
 #include "matrix/newton_schulz.hpp"
 
@@ -94,25 +95,41 @@ int num_threads() noexcept {
 
 namespace {
 
-/// Runs range(begin, end) over [0, n) with the configured threads, split at multiples of
-/// `align`; one thread per `min_parallel` items at most.
-template <class Range>
-void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel = kMinParallel,
-                  std::int64_t align = kSplitAlign) {
+/// Threads of a parallel_for over n items: one per `min_parallel` items at most.
+int team_size(std::int64_t n, std::int64_t min_parallel = kMinParallel) {
   const std::int64_t max_by_size = std::max<std::int64_t>(1, n / min_parallel);
-  const int threads = static_cast<int>(std::min<std::int64_t>(num_threads(), max_by_size));
+  return static_cast<int>(std::min<std::int64_t>(num_threads(), max_by_size));
+}
+
+/// Runs range(begin, end, thread) over [0, n) with team_size(n, min_parallel) threads, split
+/// at multiples of `align`; `thread` in [0, team_size) numbers the range's thread.
+template <class Range>
+void parallel_for_indexed(const Range& range, std::int64_t n,
+                          std::int64_t min_parallel = kMinParallel,
+                          std::int64_t align = kSplitAlign) {
+  const int threads = team_size(n, min_parallel);
   if (threads <= 1) {
-    range(0, n);
+    range(0, n, 0);
     return;
   }
   std::int64_t chunk = (n + threads - 1) / threads;
   chunk = (chunk + align - 1) / align * align;
 #pragma omp parallel num_threads(threads)
   {
-    const std::int64_t begin = std::min<std::int64_t>(n, omp_get_thread_num() * chunk);
+    const int thread = omp_get_thread_num();
+    const std::int64_t begin = std::min<std::int64_t>(n, thread * chunk);
     const std::int64_t end = std::min<std::int64_t>(n, begin + chunk);
-    if (begin < end) range(begin, end);
+    if (begin < end) range(begin, end, thread);
   }
+}
+
+/// Runs range(begin, end) over [0, n) with the configured threads, split at multiples of
+/// `align`; one thread per `min_parallel` items at most.
+template <class Range>
+void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel = kMinParallel,
+                  std::int64_t align = kSplitAlign) {
+  parallel_for_indexed([&](std::int64_t b, std::int64_t e, int) { range(b, e); }, n, min_parallel,
+                       align);
 }
 
 // The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
@@ -246,15 +263,131 @@ void matrix_step(const typename A::Options& options, const typename A::Op& op, c
   parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_apply(op, t, x, rate, b, e); }, n);
 }
 
+// ------------------------------------------------------------------ the storage layer
+
+// dst[j] = src[begin + j] for j < m, widened.
+void widen_block(float* dst, const void* src, DType dtype, std::int64_t begin, std::int64_t m) {
+  if (dtype == DType::bf16) {
+    const bf16* s = static_cast<const bf16*>(src) + begin;
+    for (std::int64_t j = 0; j < m; ++j) dst[j] = to_float(s[j]);
+  } else {
+    const f16* s = static_cast<const f16*>(src) + begin;
+    for (std::int64_t j = 0; j < m; ++j) dst[j] = to_float(s[j]);
+  }
+}
+
+template <class T>
+void narrow_block_as(T* dst, const float* src, std::int64_t begin, std::int64_t m, bool stochastic,
+                     std::uint64_t seed, std::uint64_t step, std::uint64_t counter_offset) {
+  if (!stochastic) {
+    for (std::int64_t j = 0; j < m; ++j) dst[begin + j] = from_float<T>(src[j]);
+    return;
+  }
+  for (std::int64_t j = 0; j < m; ++j) {
+    const auto counter = static_cast<std::uint64_t>(begin + j) * 4 + counter_offset;
+    dst[begin + j] = from_float_stochastic<T>(src[j], random_bits(seed, step, counter));
+  }
+}
+
+// dst[begin + j] = src[j] for j < m, rounded to `dtype` (16-bit) as multi_tensor_step_kernel
+// rounds: to nearest even, or stochastically with counter 4 * (begin + j) + counter_offset
+// (the element's index in the tensor, so the draws do not depend on the blocks or threads).
+void narrow_block(void* dst, DType dtype, const float* src, std::int64_t begin, std::int64_t m,
+                  bool stochastic, std::uint64_t seed, std::uint64_t step,
+                  std::uint64_t counter_offset) {
+  if (dtype == DType::bf16)
+    narrow_block_as(static_cast<bf16*>(dst), src, begin, m, stochastic, seed, step, counter_offset);
+  else
+    narrow_block_as(static_cast<f16*>(dst), src, begin, m, stochastic, seed, step, counter_offset);
+}
+
+// The storage layer's scratch: per thread (2 + kMaxStates) blocks of floats (param, grad,
+// states), kept by the calling thread and only grown, so that a step allocates nothing after
+// the first and a failed allocation comes before any write.
+float* storage_scratch(int threads) {
+  thread_local std::vector<float> scratch;
+  const auto need = static_cast<std::size_t>(threads) * (2 + kMaxStates) * kStoreBlock;
+  try {
+    if (scratch.size() < need) scratch.resize(need);
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, "CPU step: no memory for the storage layer's scratch");
+  }
+  return scratch.data();
+}
+
+// An elementwise step through the storage layer (Storage): each thread's range in blocks of
+// kStoreBlock elements. f32 tensors are stepped in place (the master weights stand for a
+// 16-bit param); 16-bit ones through the scratch. An element's result depends on neither its
+// block nor its thread: the kernel's does not (elementwise.hpp), nor do the conversions.
+template <class A>
+void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Storage& st,
+                       std::int64_t step, std::int64_t n) {
+  const auto kernel = active_kernels<A>().range;
+  float* const scratch = storage_scratch(team_size(n));
+  const std::uint64_t seed =
+      st.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(st.key + 1));
+  const auto ustep = static_cast<std::uint64_t>(step);
+  const bool low_param = st.param_dtype != DType::f32;
+  const bool low_grad = st.grad_dtype != DType::f32;
+  const bool low_states = st.state_dtype != DType::f32;
+  parallel_for_indexed(
+      [&](std::int64_t begin, std::int64_t end, int thread) {
+        float* const mine =
+            scratch + static_cast<std::ptrdiff_t>(thread) * (2 + kMaxStates) * kStoreBlock;
+        for (std::int64_t b = begin; b < end; b += kStoreBlock) {
+          const std::int64_t m = std::min(kStoreBlock, end - b);
+          DensePtrs d = t;
+          if (st.master) {
+            d.param = st.master + b;
+          } else if (low_param) {
+            d.param = mine;
+            widen_block(d.param, st.param, st.param_dtype, b, m);
+          } else {
+            d.param = static_cast<float*>(st.param) + b;
+          }
+          if (low_grad) {
+            float* const g = mine + kStoreBlock;
+            widen_block(g, st.grad, st.grad_dtype, b, m);
+            d.grad = g;
+          } else {
+            d.grad = static_cast<const float*>(st.grad) + b;
+          }
+          for (int k = 0; k < kMaxStates; ++k) {
+            if (!st.states[k]) {
+              d.states[k] = nullptr;
+            } else if (low_states) {
+              d.states[k] = mine + (2 + k) * kStoreBlock;
+              widen_block(d.states[k], st.states[k], st.state_dtype, b, m);
+            } else {
+              d.states[k] = static_cast<float*>(st.states[k]) + b;
+            }
+          }
+          d.ema = t.ema ? t.ema + b : nullptr;  // from the f32 value, before it is rounded
+          kernel(op, d, 0, m);
+          if (low_param)
+            narrow_block(st.param, st.param_dtype, d.param, b, m, st.stochastic, seed, ustep, 0);
+          if (low_states)
+            for (int k = 0; k < kMaxStates; ++k)
+              if (st.states[k])
+                narrow_block(st.states[k], st.state_dtype, d.states[k], b, m, st.stochastic, seed,
+                             ustep, 1 + static_cast<std::uint64_t>(k));
+        }
+      },
+      n);
+}
+
 }  // namespace
 
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
-                std::int64_t n, double* scalars) {
+                std::int64_t n, double* scalars, const Storage* storage) {
   double next[kMaxScalars] = {};
   if (ScalarList<A>::count > 0 && !scalars)
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's scalar states are missing");
+  if (storage && !storage->needs_layer()) storage = nullptr;
+  if (storage && *storage_refusal<A>())
+    throw Error(StatusCode::unsupported, std::string(A::kName) + ": " + storage_refusal<A>());
   const typename A::Op op = make_step_op<A>(options, step, scalars, next);
   if constexpr (MatrixCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "matrix steps keep no scalar states");
@@ -265,6 +398,8 @@ void dense_step(const typename A::Options& options, std::int64_t step, const Den
   } else if constexpr (TrustRatioCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "trust-ratio steps keep no scalar states");
     trust_step<A>(op, t, n);
+  } else if (storage) {
+    if (n > 0) stored_range_step<A>(op, t, *storage, step, n);
   } else {
     const auto kernel = active_kernels<A>().range;
     if (n > 0)
@@ -295,13 +430,41 @@ void eval_params(const typename A::Options& options, float* param, float* const*
 
 #define FO_INSTANTIATE(A)                                                                \
   template void dense_step<fo::A>(const fo::A::Options&, std::int64_t, const DensePtrs&, \
-                                  std::int64_t, double*);
+                                  std::int64_t, double*, const Storage*);
 FO_FOR_EACH_CPU_KERNEL(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
 #define FO_INSTANTIATE(A) \
   template void eval_params<fo::A>(const fo::A::Options&, float*, float* const*, std::int64_t);
 FO_FOR_EACH_DENSE_ALGORITHM(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
+
+namespace {
+
+void store_at(void* p, DType storage, std::int64_t i, float x) {
+  switch (storage) {
+    case DType::bf16: static_cast<bf16*>(p)[i] = to_bf16(x); break;
+    case DType::f16: static_cast<f16*>(p)[i] = to_f16(x); break;
+    default: static_cast<float*>(p)[i] = x;
+  }
+}
+
+}  // namespace
+
+void widen(float* dst, const void* src, DType storage, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = value_at(src, storage, i);
+}
+
+void narrow(void* dst, DType storage, const float* src, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) store_at(dst, storage, i, src[i]);
+}
+
+void fill(void* p, DType storage, float value, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) store_at(p, storage, i, value);
+}
+
+void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) store_at(dst, dst_storage, i, value_at(src, src_storage, i));
+}
 
 void traffic_probe(const DensePtrs& t, std::int64_t n) { dense_step<TrafficProbe>({}, 1, t, n); }
 

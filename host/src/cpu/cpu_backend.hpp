@@ -8,12 +8,14 @@
 
 #include "fusedopt/cpu.hpp"
 #include "fusedopt/kernels/algorithm.hpp"
+#include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cpu/elementwise.hpp"
 #include "fusedopt/kernels/cpu/factored.hpp"
 #include "fusedopt/kernels/cpu/matrix_step.hpp"
 #include "fusedopt/kernels/cpu/trust_ratio.hpp"
 #include "fusedopt/kernels/probe.hpp"
 #include "fusedopt/kernels/registry.hpp"
+#include "fusedopt/types.hpp"
 
 // X(Algorithm): every type the CPU kernels are compiled for: the registry and the probe.
 #define FO_FOR_EACH_CPU_KERNEL(X) FO_FOR_EACH_DENSE_ALGORITHM(X) X(TrafficProbe)
@@ -82,6 +84,49 @@ const Kernels<A>& active_kernels() {
   return scalar_kernels<A>();
 }
 
+/// Where a dense step's tensors are stored when not all of them are float32 (the CUDA
+/// backend's storages: multi_tensor.cuh). The step then goes through the storage layer: in
+/// blocks of kStoreBlock elements, the 16-bit param (or its f32 master weights), grad and
+/// states are widened into f32 scratch, the unchanged f32 kernel steps the scratch, and the
+/// values are written back rounded as CUDA rounds them (to nearest even, or stochastically
+/// with CUDA's draws: counter 4i for the param's element i, 4i + 1 + k for state k). The
+/// weight EMA (DensePtrs::ema) is updated by the kernel from the f32 value before rounding.
+/// DensePtrs' param, grad and states are then ignored: these pointers stand for them.
+struct Storage {
+  void* param = nullptr;
+  DType param_dtype = DType::f32;
+  const void* grad = nullptr;
+  DType grad_dtype = DType::f32;  // f32, or param_dtype
+  float* master = nullptr;        // f32 master weights of a 16-bit param, or null
+  void* states[kMaxStates] = {};
+  DType state_dtype = DType::f32;  // f32 or bf16
+  bool stochastic = false;
+  std::uint64_t seed = 0;  // the run's seed; mixed with `key` as CUDA does
+  int key = 0;             // the param's stable id (its RNG stream)
+
+  /// Whether a step through this storage needs the storage layer (else DensePtrs' f32
+  /// pointers are the tensors themselves).
+  bool needs_layer() const {
+    return param_dtype != DType::f32 || grad_dtype != DType::f32 || master ||
+           state_dtype != DType::f32;
+  }
+};
+
+/// Elements per block of the storage layer: whole cache lines, its f32 scratch in L1/L2.
+inline constexpr std::int64_t kStoreBlock = 1024;
+
+/// Why the CPU refuses stepping algorithm A with non-float32 storage, or "" where it takes
+/// it (the elementwise algorithms).
+template <class A>
+const char* storage_refusal() {
+  if constexpr (MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value)
+    return "the CPU steps this algorithm's params, grads and states in float32 only (bfloat16 "
+           "and float16 params, master weights and bfloat16 states of its kind need the CUDA "
+           "backend)";
+  else
+    return "";
+}
+
 /// One step of algorithm A at step count `step` over elements [0, n) of `t`, on the configured
 /// threads. Ranges are split at multiples of 64 elements (whole cache lines) so threads never
 /// share a line of an aligned tensor; any split gives the same bits. Options already valid.
@@ -94,16 +139,33 @@ const Kernels<A>& active_kernels() {
 /// elements the first time a tensor that large steps on a thread (fo::Error out_of_memory,
 /// before anything is written).
 /// `scalars`: A's scalar states (ScalarList), advanced after the pass; null where it keeps
-/// none.
+/// none. `storage`: where the tensors are, when not all float32 (Storage); null: DensePtrs'
+/// f32 pointers. The storage layer's scratch (kStoreBlock floats per stream per thread) only
+/// grows (fo::Error out_of_memory before anything is written); an algorithm not of the
+/// elementwise kind refuses such storage (fo::Error unsupported, storage_refusal).
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
-                std::int64_t n, double* scalars = nullptr);
+                std::int64_t n, double* scalars = nullptr, const Storage* storage = nullptr);
 
 /// eval() of one tensor (A is EvalCapable): param[i] <- A::EvalOp(param[i], states at i), on
 /// the configured threads, in the scalar float arithmetic of CUDA's eval_kernel.
 template <class A>
 void eval_params(const typename A::Options& options, float* param, float* const* states,
                  std::int64_t n);
+
+/// Host conversions between storages (f32, bf16, f16) as the CUDA backend's (cuda::widen,
+/// narrow, fill, convert): exact widening, rounding to nearest even.
+inline float value_at(const void* p, DType storage, std::int64_t i) {
+  switch (storage) {
+    case DType::bf16: return to_float(static_cast<const bf16*>(p)[i]);
+    case DType::f16: return to_float(static_cast<const f16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+void widen(float* dst, const void* src, DType storage, std::int64_t n);
+void narrow(void* dst, DType storage, const float* src, std::int64_t n);
+void fill(void* p, DType storage, float value, std::int64_t n);
+void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n);
 
 /// Reads and writes exactly the streams of a step (param, grad, non-null states) with trivial
 /// arithmetic, through the same loop and threads: the CPU's bandwidth limit for that step.

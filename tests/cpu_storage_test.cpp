@@ -1,0 +1,296 @@
+// The CPU's storage layer (cpu_backend.hpp, Storage): bfloat16 and float16 params, bfloat16
+// states, f32 master weights and stochastic rounding on the CPU. Against float32 runs and
+// against a per-step reference (widen, the f32 step, round as multi_tensor.cuh does), over
+// every instruction set and thread count, through checkpoints; and the kinds it refuses.
+// (Its bytes against the CUDA kernel's: Cuda.EveryStorageEqualsTheCpuBitwise.)
+#include <gtest/gtest.h>
+#include <stdlib.h>  // mkdtemp
+
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "fusedopt/fusedopt.hpp"
+#include "fusedopt/kernels/convert.hpp"
+#include "reference/reference.hpp"
+#include "test_util.hpp"
+
+namespace fo::test {
+namespace {
+
+/// 16-bit storage of floats (rounded to nearest) and back.
+std::vector<std::uint16_t> narrow16(const std::vector<float>& v, DType dtype) {
+  std::vector<std::uint16_t> out;
+  for (float x : v) out.push_back(dtype == DType::bf16 ? to_bf16(x).bits : to_f16(x).bits);
+  return out;
+}
+
+std::vector<float> widen16(const std::vector<std::uint16_t>& v, DType dtype) {
+  std::vector<float> out;
+  for (std::uint16_t b : v)
+    out.push_back(dtype == DType::bf16 ? to_float(bf16{b}) : to_float(f16{b}));
+  return out;
+}
+
+// A bf16 or f16 param with f32 master weights steps its master exactly as a float32 param
+// that starts at the widened values (with the widened grads), and holds the master rounded to
+// nearest even after every step.
+TEST(CpuStorage, MasterWeightsStepAsFloat32AndRoundToNearest) {
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1, 3, 4097, 70001};
+  for (DType dtype : {DType::bf16, DType::f16})
+    for (bool fp32_grads : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + (fp32_grads ? ", f32 grads" : ""));
+      Optimizer low("adamw"), f32("adamw");
+      low.set_option("master_weights", 1);
+      low.set_option("fp32_grads", fp32_grads ? 1 : 0);
+      std::vector<std::vector<std::uint16_t>> p16;
+      std::vector<std::vector<float>> p32;
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        p16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(sizes[i])), dtype));
+        p32.push_back(widen16(p16.back(), dtype));
+      }
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        low.add_param("p" + std::to_string(i), p16[i].data(), dtype, {sizes[i]});
+        f32.add_param("p" + std::to_string(i), p32[i].data(), DType::f32, {sizes[i]});
+      }
+      for (int t = 1; t <= 4; ++t) {
+        SCOPED_TRACE("step " + std::to_string(t));
+        std::vector<std::vector<float>> g32;
+        std::vector<std::vector<std::uint16_t>> g16;
+        std::vector<const void*> gl, gf;
+        for (std::int64_t n : sizes) {
+          g32.push_back(random_floats(rng, static_cast<std::size_t>(n)));
+          if (!fp32_grads) {  // the f32 run takes the 16-bit grads' values
+            g16.push_back(narrow16(g32.back(), dtype));
+            g32.back() = widen16(g16.back(), dtype);
+          }
+        }
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+          gl.push_back(fp32_grads ? static_cast<const void*>(g32[i].data()) : g16[i].data());
+          gf.push_back(g32[i].data());
+        }
+        low.step(gl.data());
+        f32.step(gf.data());
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+          const std::string name = "p" + std::to_string(i);
+          const std::vector<float> master = low.state(name, "master");
+          EXPECT_TRUE(bitwise_equal(master, p32[i]))
+              << name << ": " << first_difference(master, p32[i]);
+          EXPECT_EQ(p16[i], narrow16(master, dtype))
+              << name << ": not its master rounded to nearest";
+          for (const char* s : {"exp_avg", "exp_avg_sq"})
+            EXPECT_TRUE(bitwise_equal(low.state(name, s), f32.state(name, s))) << name << "." << s;
+        }
+      }
+    }
+}
+
+/// One step of `algorithm` on the values of a param stored as `dtype` (`bits`, without master
+/// weights) with bf16 states (`states`, read back as f32, exact), done by hand: widen, the
+/// float32 step of the functional layer, then rounding as multi_tensor_step_kernel rounds
+/// (stochastically with the draws of param key `key`: counter 4i for the param, 4i + 1 + k
+/// for state k). Updates bits and states.
+void reference_step(const std::string& algorithm, const NamedOptions& options, std::int64_t step,
+                    std::vector<std::uint16_t>& bits, DType dtype,
+                    std::vector<std::vector<float>>& states, const std::vector<float>& grad,
+                    bool stochastic, std::uint64_t seed, int key) {
+  std::vector<float> p = widen16(bits, dtype);
+  DenseTensors t;
+  t.param = p.data();
+  t.grad = grad.data();
+  t.numel = static_cast<std::int64_t>(p.size());
+  for (std::size_t k = 0; k < states.size(); ++k) t.states[k] = states[k].data();
+  fused_step_list(algorithm, options, &t, &step, 1);
+  const std::uint64_t mixed = seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
+  const auto round = [&](float x, DType d, std::uint64_t counter) -> std::uint16_t {
+    if (!stochastic) return d == DType::bf16 ? to_bf16(x).bits : to_f16(x).bits;
+    const std::uint32_t r = random_bits(mixed, static_cast<std::uint64_t>(step), counter);
+    return d == DType::bf16 ? to_bf16_stochastic(x, r).bits : to_f16_stochastic(x, r).bits;
+  };
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    bits[i] = round(p[i], dtype, 4 * i);
+    for (std::size_t k = 0; k < states.size(); ++k)
+      states[k][i] = to_float(bf16{round(states[k][i], DType::bf16, 4 * i + 1 + k)});
+  }
+}
+
+// Each step of a 16-bit param with bf16 states (no master weights) is widen, the float32
+// step, round, element by element: against reference_step for both roundings, several
+// algorithms (each state count), sizes on both sides of the storage layer's blocks.
+TEST(CpuStorage, EachStepIsWidenStepRound) {
+  auto rng = make_rng();
+  const std::vector<std::int64_t> sizes = {1, 3, 1023, 1025, 4097, 70001};
+  for (const std::string algorithm : {"adam", "sgd", "lion", "rmsprop", "adadelta"})
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (bool stochastic : {false, true}) {
+        SCOPED_TRACE(algorithm + ", " + dtype_name(dtype) + (stochastic ? ", stochastic" : ""));
+        const NamedOptions options = ref::richest_options(algorithm);
+        Optimizer opt(algorithm);
+        for (const auto& [k, v] : options) opt.set_option(k, v);
+        opt.set_option("state_dtype", 2);
+        opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
+        opt.set_option("seed", 99);
+        std::vector<std::vector<std::uint16_t>> bits, want;
+        for (std::int64_t n : sizes)
+          bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+        want = bits;
+        for (std::size_t i = 0; i < sizes.size(); ++i)
+          opt.add_param("p" + std::to_string(i), bits[i].data(), dtype, {sizes[i]});
+        for (int t = 1; t <= 3; ++t) {
+          SCOPED_TRACE("step " + std::to_string(t));
+          std::vector<std::vector<float>> g32;
+          std::vector<std::vector<std::uint16_t>> g16;
+          std::vector<const void*> g;
+          for (std::int64_t n : sizes) {
+            g16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+            g32.push_back(widen16(g16.back(), dtype));
+            g.push_back(g16.back().data());
+          }
+          std::vector<std::vector<std::vector<float>>> states(sizes.size());
+          for (std::size_t i = 0; i < sizes.size(); ++i)
+            for (const std::string& s : opt.state_names("p" + std::to_string(i)))
+              states[i].push_back(opt.state("p" + std::to_string(i), s));
+          opt.step(g.data());
+          for (std::size_t i = 0; i < sizes.size(); ++i) {
+            const std::string name = "p" + std::to_string(i);
+            reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic, 99,
+                           static_cast<int>(i));
+            EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
+            const std::vector<std::string> names = opt.state_names(name);
+            for (std::size_t k = 0; k < names.size(); ++k)
+              EXPECT_TRUE(bitwise_equal(opt.state(name, names[k]), states[i][k]))
+                  << name << "." << names[k] << ": "
+                  << first_difference(opt.state(name, names[k]), states[i][k]);
+          }
+        }
+      }
+}
+
+/// Bytes of a bf16 run with master weights, bf16 states, stochastic rounding and an EMA over
+/// tensors large enough to split over threads: the params' bits, then every state's.
+std::vector<std::vector<float>> storage_run(std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const std::vector<std::int64_t> sizes = {200003, 70001, 5};
+  std::vector<std::vector<std::uint16_t>> bits;
+  Optimizer opt("adam");
+  opt.set_option("master_weights", 1);
+  opt.set_option("state_dtype", 2);
+  opt.set_option("stochastic_rounding", 1);
+  opt.set_option("ema_decay", 0.99);
+  for (std::int64_t n : sizes)
+    bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), DType::bf16));
+  for (std::size_t i = 0; i < sizes.size(); ++i)
+    opt.add_param("p" + std::to_string(i), bits[i].data(), DType::bf16, {sizes[i]});
+  for (int t = 0; t < 3; ++t) {
+    std::vector<std::vector<std::uint16_t>> g;
+    std::vector<const void*> gp;
+    for (std::int64_t n : sizes) {
+      g.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), DType::bf16));
+      gp.push_back(g.back().data());
+    }
+    opt.step(gp.data());
+  }
+  std::vector<std::vector<float>> out;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    out.push_back(widen16(bits[i], DType::bf16));
+    for (const std::string& s : opt.state_names("p" + std::to_string(i)))
+      out.push_back(opt.state("p" + std::to_string(i), s));
+  }
+  return out;
+}
+
+// The storage layer's blocks and draws follow the element's index in the tensor: the same
+// bits on every instruction set and thread count.
+TEST(CpuStorage, SameBitsOnEveryIsaAndThreadCount) {
+  const std::uint64_t seed = run_seed();
+  const cpu::Isa saved = cpu::isa();
+  const int saved_threads = cpu::num_threads();
+  cpu::set_isa(cpu::Isa::scalar);
+  cpu::set_num_threads(1);
+  const auto want = storage_run(seed);
+  for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
+    if (!cpu::isa_supported(isa)) continue;
+    for (int threads : {1, 2, 3, 5}) {
+      SCOPED_TRACE(std::string(cpu::isa_name(isa)) + ", " + std::to_string(threads) + " threads");
+      cpu::set_isa(isa);
+      cpu::set_num_threads(threads);
+      expect_same(storage_run(seed), want, "params and states");
+    }
+  }
+  cpu::set_isa(saved);
+  cpu::set_num_threads(saved_threads);
+}
+
+// A checkpoint of bf16 params with master weights and bf16 states resumes bitwise on the CPU,
+// its states still bf16.
+TEST(CpuStorage, Bf16CheckpointResumesBitwise) {
+  auto rng = make_rng();
+  const std::int64_t n = 5003;
+  std::vector<std::uint16_t> p = narrow16(random_floats(rng, n), DType::bf16);
+  std::vector<std::vector<std::uint16_t>> grads;
+  for (int t = 0; t < 5; ++t) grads.push_back(narrow16(random_floats(rng, n), DType::bf16));
+  const auto configure = [](Optimizer& o) {
+    o.set_option("master_weights", 1);
+    o.set_option("state_dtype", 2);
+    o.set_option("stochastic_rounding", 1);
+    o.set_option("seed", 3);
+  };
+  Optimizer a("adamw");
+  configure(a);
+  a.add_param("w", p.data(), DType::bf16, {n});
+  for (int t = 0; t < 3; ++t) a.step({grads[t].data()});
+  std::string dir = (std::filesystem::temp_directory_path() / "fusedopt-cpustore-XXXXXX").string();
+  ASSERT_NE(::mkdtemp(dir.data()), nullptr);
+  const std::string path = dir + "/ckpt";
+  a.save(path);
+  std::vector<std::uint16_t> q = p;  // the param at the save
+  for (int t = 3; t < 5; ++t) a.step({grads[t].data()});
+
+  Optimizer b("adamw");
+  b.add_param("w", q.data(), DType::bf16, {n});
+  b.load(path);
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(b.option("state_dtype"), 2.0);
+  EXPECT_EQ(b.option("master_weights"), 1.0);
+  for (int t = 3; t < 5; ++t) b.step({grads[t].data()});
+  EXPECT_EQ(q, p);
+  for (const char* s : {"exp_avg", "exp_avg_sq", "master"})
+    EXPECT_TRUE(bitwise_equal(b.state("w", s), a.state("w", s))) << s;
+  EXPECT_EQ(b.step_count("w"), 5);
+}
+
+// The trust-ratio, factored and matrix kinds step float32 only on the CPU: a step with other
+// storage is refused, naming it, before anything changes.
+TEST(CpuStorage, OtherKindsAreRefusedAndNothingChanges) {
+  auto rng = make_rng();
+  for (const std::string algorithm : {"lamb", "lars", "adafactor", "muon"})
+    for (DType dtype : {DType::bf16, DType::f32}) {
+      SCOPED_TRACE(algorithm + ", " + dtype_name(dtype));
+      Optimizer opt(algorithm);
+      if (dtype == DType::f32) opt.set_option("state_dtype", 2);
+      std::vector<std::uint16_t> p16 = narrow16(random_floats(rng, 64), DType::bf16);
+      std::vector<float> p32 = random_floats(rng, 64);
+      void* data = dtype == DType::f32 ? static_cast<void*>(p32.data()) : p16.data();
+      opt.add_param("w", data, dtype, {8, 8});
+      const std::vector<std::uint16_t> b16 = p16;
+      const std::vector<float> b32 = p32;
+      std::vector<float> g32 = random_floats(rng, 64);
+      std::vector<std::uint16_t> g16 = narrow16(g32, DType::bf16);
+      try {
+        opt.step({dtype == DType::f32 ? static_cast<const void*>(g32.data()) : g16.data()});
+        ADD_FAILURE() << "the step was taken";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+        EXPECT_NE(std::string(e.what()).find("float32 only"), std::string::npos) << e.what();
+      }
+      EXPECT_EQ(p16, b16);
+      EXPECT_TRUE(bitwise_equal(p32, b32));
+      EXPECT_EQ(opt.step_count("w"), 0);
+    }
+}
+
+}  // namespace
+}  // namespace fo::test
