@@ -460,6 +460,8 @@ const char* dtype_name(DType t) noexcept {
     case DType::bf16: return "bfloat16";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::q8: return "int8 (block-quantized)";
+    case DType::q4: return "int4 (block-quantized)";
   }
   return "unknown dtype";
 }
@@ -471,6 +473,8 @@ std::size_t dtype_size(DType t) noexcept {
     case DType::f16:
     case DType::bf16: return 2;
     case DType::i64: return 8;
+    case DType::q8:
+    case DType::q4: return 1;
   }
   return 0;
 }

@@ -36,7 +36,9 @@ typedef enum {
   FO_FLOAT16 = 1,
   FO_BFLOAT16 = 2,
   FO_INT32 = 3,
-  FO_INT64 = 4
+  FO_INT64 = 4,
+  FO_QUANT8 = 5, /* optimizer states only: 8-bit block-quantized (state_dtype) */
+  FO_QUANT4 = 6  /* optimizer states only: 4-bit block-quantized (state_dtype) */
 } fo_dtype;
 typedef enum { FO_DEVICE_CPU = 0, FO_DEVICE_CUDA = 1 } fo_device;
 

@@ -7,8 +7,10 @@
 
 namespace fo {
 
-/// Element types; the numbering matches the C ABI's fo_dtype.
-enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, i32 = 3, i64 = 4 };
+/// Element types; the numbering matches the C ABI's fo_dtype. q8 and q4 are optimizer-state
+/// storages only (state_dtype): block-wise quantized codes of 8 and 4 bits with one float32
+/// scale per block (docs/quantized-states.md); their dtype_size is 1, the byte of their codes.
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2, i32 = 3, i64 = 4, q8 = 5, q4 = 6 };
 
 /// Where tensors live; the numbering matches the C ABI's fo_device.
 enum class Device : int { cpu = 0, cuda = 1 };

@@ -105,18 +105,35 @@ class Validator {
   char message_[256] = {};
 };
 
+/// Which of A's states are never negative (A::kNonNegativeStates), by StateList.
+template <class A, class = void>
+struct NonNegative {
+  static constexpr bool of(int) { return false; }
+};
+template <class A>
+struct NonNegative<A, std::void_t<decltype(A::kNonNegativeStates)>> {
+  static_assert(std::extent_v<decltype(A::kNonNegativeStates)> ==
+                    std::extent_v<decltype(A::kStates)>,
+                "one kNonNegativeStates flag per state");
+  static constexpr bool of(int k) { return A::kNonNegativeStates[k]; }
+};
+
 /// A's state names (A::kStates, in the functor's order) and their number; an algorithm that
 /// keeps no state declares no kStates (C++ has no zero-length arrays).
 template <class A, class = void>
 struct StateList {
   static constexpr int count = 0;
   static constexpr const char* name(int) { return ""; }
+  static constexpr bool non_negative(int) { return false; }
 };
 template <class A>
 struct StateList<A, std::void_t<decltype(A::kStates)>> {
   static constexpr int count = static_cast<int>(std::extent_v<decltype(A::kStates)>);
   static_assert(count <= kMaxStates, "more states than the kernels carry (kMaxStates)");
   static constexpr const char* name(int k) { return A::kStates[k]; }
+  /// Whether state k is never negative (A::kNonNegativeStates, one flag per state; none: every
+  /// state may be negative): a quantized state then takes the unsigned map.
+  static constexpr bool non_negative(int k) { return NonNegative<A>::of(k); }
 };
 
 /// A's scalar states (A::kScalars): values per param, not per element, that a step reads and

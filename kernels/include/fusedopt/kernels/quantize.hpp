@@ -285,4 +285,38 @@ FO_HOST_DEVICE void dequantize_block4(const QuantMap<4>& q, const std::uint8_t* 
   for (int i = 0; i < n; ++i) out[i] = decode(q, code4_at(packed, i), absmax);
 }
 
+// ---- a quantized optimizer state (state_dtype q8 or q4) --------------------------------------
+
+/// Elements per block of a state quantized to `bits` (8 or 4).
+FO_HOST_DEVICE constexpr std::int64_t quant_block_size(int bits) {
+  return bits == 8 ? kQuant8BlockSize : kQuant4BlockSize;
+}
+/// Blocks (absmax values) of a state of n elements.
+FO_HOST_DEVICE constexpr std::int64_t quant_blocks(std::int64_t n, int bits) {
+  return (n + quant_block_size(bits) - 1) / quant_block_size(bits);
+}
+/// Bytes of its codes: n, or (n + 1) / 2 packed 4-bit codes (element i in byte i / 2, the low
+/// nibble for even i; blocks are of even size, so block j's codes start at byte j * w * bits / 8).
+FO_HOST_DEVICE constexpr std::int64_t quant_code_bytes(std::int64_t n, int bits) {
+  return bits == 8 ? n : packed4_bytes(n);
+}
+/// Where the absmax values start in the state's buffer: after the codes, 16-byte aligned.
+FO_HOST_DEVICE constexpr std::int64_t quant_absmax_offset(std::int64_t n, int bits) {
+  return (quant_code_bytes(n, bits) + 15) / 16 * 16;
+}
+/// Bytes of the state's one buffer: its codes, then one float32 absmax per block.
+FO_HOST_DEVICE constexpr std::int64_t quant_state_bytes(std::int64_t n, int bits) {
+  return quant_absmax_offset(n, bits) + 4 * quant_blocks(n, bits);
+}
+
+/// The code of y = x / absmax when a step writes a quantized state: to nearest, or (stochastic)
+/// stochastically from the draw of `counter` in the stream (seed, step): the counter of state k
+/// of element i is 4i + 1 + k, as for the 16-bit states (multi_tensor.cuh).
+template <int Bits>
+FO_HOST_DEVICE int step_code(const QuantMap<Bits>& q, float y, bool stochastic, std::uint64_t seed,
+                             std::uint64_t step, std::uint64_t counter) {
+  if (!stochastic) return nearest_code(q, y);
+  return stochastic_code(q, y, uniform_from_bits(random_bits(seed, step, counter)));
+}
+
 }  // namespace fo

@@ -40,6 +40,7 @@ struct Adadelta {
       flag_option("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"square_avg", "acc_delta"};
+  static constexpr bool kNonNegativeStates[] = {true, true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {

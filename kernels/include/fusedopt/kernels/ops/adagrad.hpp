@@ -70,6 +70,7 @@ struct Adagrad {
       flag_option("rowwise", &Options::rowwise),
   };
   static constexpr const char* kStates[] = {"sum"};
+  static constexpr bool kNonNegativeStates[] = {true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options& o, int) { return o.initial_accumulator_value; }
   static void validate(const Options& o, Validator& v) {

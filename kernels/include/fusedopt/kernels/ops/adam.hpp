@@ -110,6 +110,7 @@ struct AdamFamily {
       flag_option<Options>("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  static constexpr bool kNonNegativeStates[] = {false, true, true};
   static bool has_state(const Options& o, int k) { return k < 2 || o.amsgrad; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {

@@ -49,6 +49,7 @@ struct Adamax {
       flag_option("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"exp_avg", "exp_inf"};
+  static constexpr bool kNonNegativeStates[] = {false, true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {

@@ -57,6 +57,7 @@ struct RAdam {
       flag_option("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"exp_avg", "exp_avg_sq"};
+  static constexpr bool kNonNegativeStates[] = {false, true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {

@@ -55,6 +55,7 @@ struct Rmsprop {
       flag_option("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"square_avg", "momentum_buffer", "grad_avg"};
+  static constexpr bool kNonNegativeStates[] = {true, false, false};
   static bool has_state(const Options& o, int k) {
     return k == 0 || (k == 1 && o.momentum > 0.0) || (k == 2 && o.centered);
   }

@@ -46,6 +46,7 @@ struct Rprop {
       flag_option("maximize", &Options::maximize),
   };
   static constexpr const char* kStates[] = {"prev", "step_size"};
+  static constexpr bool kNonNegativeStates[] = {false, true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options& o, int k) { return k == 1 ? o.lr : 0.0; }
   static void validate(const Options& o, Validator& v) {

@@ -165,6 +165,7 @@ struct AdamWScheduleFree : ScheduleFreeCommon {
       real_option("weight_lr_power", &Options::weight_lr_power),
   };
   static constexpr const char* kStates[] = {"z", "exp_avg_sq"};
+  static constexpr bool kNonNegativeStates[] = {false, true};
   static bool has_state(const Options&, int) { return true; }
   static double state_init(const Options&, int) { return 0.0; }
   static void validate(const Options& o, Validator& v) {
