@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/quant_encode.hpp"
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/quantize.hpp"
 #include "fusedopt/types.hpp"
@@ -335,14 +336,16 @@ void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::i
   auto* const codes = static_cast<std::uint8_t*>(state);
   auto* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, Bits));
   const std::int64_t w = quant_block_size(Bits);
+  const NearestCodeTable<Bits>& nearest = nearest_code_table(q);
   const auto code = [&](float x, float a, std::int64_t i) {
+    if (!stochastic) return nearest(normalized(x, a));  // nearest_code, by its table
     const auto counter = static_cast<std::uint64_t>(i) * 4 + counter_offset;
-    return step_code(q, normalized(x, a), stochastic, seed, step, counter);
+    return step_code(q, normalized(x, a), true, seed, step, counter);
   };
   for (std::int64_t b = 0; b < m; b += w) {
     const auto len = static_cast<int>(std::min(w, m - b));
     const float* const x = src + b;
-    const float a = block_absmax(x, len);
+    const float a = block_absmax_fast(x, len);
     const std::int64_t first = begin + b;
     absmax[first / w] = a;
     if constexpr (Bits == 8) {
