@@ -18,7 +18,8 @@
 // with f32 master weights and states through the CPU's storage layer (no probe).
 // state_dtype/adamw/cpu/<f32|bf16|q8|q4>/<n>: fo::Optimizer("adamw") with its states in each
 // storage (docs/quantized-states.md), against the f32 probe's bandwidth; and
-// memory/adamw/gpt2_small/<mode>: the bytes the optimizer holds for GPT-2 small's params.
+// memory/adamw/gpt2_small/<mode>: the bytes the optimizer holds for GPT-2 small's params;
+// state_dtype/adamw/cuda/<mode>/<n> the same step on the GPU, against a device copy.
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
@@ -456,6 +457,37 @@ void bench_cuda_step(benchmark::State& state, std::int64_t n, bool bf16) {
   state.SetLabel(bf16 ? "bf16 params+grads, f32 master and states" : "f32");
 }
 
+/// state_dtype/adamw/cuda/<mode>/<n>: fo::Optimizer("adamw") on the GPU with f32 params and
+/// grads and its two states in `mode` (bytes as the CPU's state_dtype benchmark), against a
+/// device copy moving the same bytes.
+void bench_cuda_state_mode(benchmark::State& state, const StateMode& mode, std::int64_t n) {
+  const auto bytes = static_cast<std::int64_t>(static_cast<double>(n) *
+                                               (12.0 + 4.0 * mode.state_bytes_per_element));
+  int device = 0, l2 = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  const int nsets = rotation(bytes, l2);
+  DeviceBuffers bufs;
+  std::vector<std::unique_ptr<fo::Optimizer>> opts;
+  std::vector<const void*> grads;
+  for (int i = 0; i < nsets; ++i) {
+    void* p = bufs.add(static_cast<std::size_t>(n) * 4);
+    void* g = bufs.add(static_cast<std::size_t>(n) * 4);
+    if (!p || !g) return state.SkipWithError("out of device memory");
+    opts.push_back(std::make_unique<fo::Optimizer>("adamw", fo::Device::cuda));
+    opts.back()->set_option("state_dtype", mode.state_dtype);
+    opts.back()->add_param("p", p, fo::DType::f32, {n});
+    grads.push_back(g);
+    opts.back()->step(&grads.back());  // creates the state
+  }
+  time_cuda(
+      state, bytes, nsets,
+      [&](int s) { opts[static_cast<std::size_t>(s)]->step(&grads[static_cast<std::size_t>(s)]); },
+      [](int) {}, false);
+  state.counters["bytes_per_element"] = static_cast<double>(bytes) / static_cast<double>(n);
+  state.SetLabel(std::string("adamw states ") + mode.name);
+}
+
 /// GPT-2 small's parameter list stepped by one Adam optimizer:
 /// multi-tensor launches against a copy and the probe over the same tensors.
 void bench_cuda_gpt2(benchmark::State& state, const char* algorithm) {
@@ -683,6 +715,16 @@ int main(int argc, char** argv) {
         ->Iterations(1);
   }
 #if defined(FUSEDOPT_WITH_CUDA)
+  if (cuda)
+    for (const StateMode& mode : kStateModes)
+      for (int lg : {20, 24, 28}) {
+        const std::int64_t n = std::int64_t{1} << lg;
+        benchmark::RegisterBenchmark(
+            (std::string("state_dtype/adamw/cuda/") + mode.name + "/" + std::to_string(n)).c_str(),
+            [&mode, n](benchmark::State& s) { bench_cuda_state_mode(s, mode, n); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   if (cuda)
     for (const char* algorithm : {"adam", "adamw"})
       benchmark::RegisterBenchmark(
