@@ -12,7 +12,10 @@ states in fusedopt's names. ``SGDScheduleFree`` and ``AdamWScheduleFree`` are th
 package's (1.4.1): its arguments, param-group keys and state, with its ``train()`` / ``eval()``.
 ``MuonWithAdamW`` is Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam): groups
 with ``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one step() and one
-state_dict.
+state_dict. ``AdamW8bit``, ``AdamW4bit``, ``Adam8bit`` and ``Adam4bit`` take torchao.optim's
+arguments and keep the states of params of 4096 or more elements block-quantized (8 or 4 bits:
+one uint8 tensor per state under torch's name, docs/quantized-states.md);
+``dequantized_state(opt, p)`` decodes them.
 
 Each ``step()`` makes one call into the library for all its param groups: every param with a
 grad is validated (contiguous, float32, bfloat16 or float16 on the CPU and on CUDA; grad and

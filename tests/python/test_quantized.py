@@ -335,3 +335,20 @@ def test_the_binding_checks_quantized_states():
         assert (y - x).abs().max() <= 0.01 * x.abs().max()
     with pytest.raises(ValueError, match="float32"):
         _fusedopt.dequantize_state(torch.empty(n, dtype=torch.float64), s, "int8", False)
+
+
+def test_groups_and_the_weight_ema_step_as_without():
+    """Two groups mixing quantized and float32 params, with the weight EMA: the params step
+    bitwise as without the EMA (one library call, a list per group and storage)."""
+    base = _params(SEED)
+    grads = _grads(SEED, 4)
+    a = [b.clone().requires_grad_() for b in base]
+    b = [p.clone().requires_grad_() for p in base]
+    opt = ft.AdamW8bit([{"params": a[:3]}, {"params": a[3:], "lr": 3e-3}], lr=LR)
+    opt.ema_decay = 0.9
+    ref = ft.AdamW8bit([{"params": b[:3]}, {"params": b[3:], "lr": 3e-3}], lr=LR)
+    _run(opt, a, grads)
+    _run(ref, b, grads)
+    for p, q in zip(a, b):
+        assert torch.equal(_bits(p), _bits(q))
+        assert opt.state[p]["ema"].dtype == torch.float32
