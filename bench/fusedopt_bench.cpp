@@ -115,6 +115,22 @@ struct HostSet {
   }
 };
 
+/// One iteration's probe, then its step, each timed on the wall clock; the step's time is the
+/// iteration's. Their sums go to probe_s and step_s.
+template <class Probe, class Step>
+void probe_then_step(benchmark::State& state, const Probe& probe, const Step& step, double& probe_s,
+                     double& step_s) {
+  const auto t0 = Clock::now();
+  probe();
+  const auto t1 = Clock::now();
+  step();
+  const auto t2 = Clock::now();
+  const double s = std::chrono::duration<double>(t2 - t1).count();
+  probe_s += std::chrono::duration<double>(t1 - t0).count();
+  step_s += s;
+  state.SetIterationTime(s);
+}
+
 template <class A>
 void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
   const typename A::Options options{};
@@ -159,15 +175,9 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
       controls.ema_decay = 0.999;
     }
 
-    const auto t0 = Clock::now();
-    fo::cpu::traffic_probe(probe, n);
-    const auto t1 = Clock::now();
-    fo::fused_step<A>(options, step++, t, fo::Exec{}, controls);
-    const auto t2 = Clock::now();
-    const double s = std::chrono::duration<double>(t2 - t1).count();
-    probe_s += std::chrono::duration<double>(t1 - t0).count();
-    step_s += s;
-    state.SetIterationTime(s);
+    probe_then_step(
+        state, [&] { fo::cpu::traffic_probe(probe, n); },
+        [&] { fo::fused_step<A>(options, step++, t, fo::Exec{}, controls); }, probe_s, step_s);
   }
   set_bytes_per_second(state, bytes);
   state.counters["pct_of_limit"] = 100.0 * probe_s / step_s;
@@ -268,15 +278,9 @@ void bench_cpu_state_mode(benchmark::State& state, const StateMode& mode, std::i
     const fo::cpu::DensePtrs probe{
         ps.probe[0]->f32(), ps.probe[1]->f32(), {ps.probe[2]->f32(), ps.probe[3]->f32(), nullptr}};
     const void* g = set.grad->data();
-    const auto t0 = Clock::now();
-    fo::cpu::traffic_probe(probe, n);
-    const auto t1 = Clock::now();
-    set.opt->step(&g);
-    const auto t2 = Clock::now();
-    const double s = std::chrono::duration<double>(t2 - t1).count();
-    probe_s += std::chrono::duration<double>(t1 - t0).count();
-    step_s += s;
-    state.SetIterationTime(s);
+    probe_then_step(
+        state, [&] { fo::cpu::traffic_probe(probe, n); }, [&] { set.opt->step(&g); }, probe_s,
+        step_s);
   }
   set_bytes_per_second(state, bytes);
   const double probe_bytes = 28.0 * static_cast<double>(n);

@@ -30,12 +30,6 @@ namespace {
 
 // ---- bit helpers ------------------------------------------------------------------------
 
-std::uint32_t bits(float x) {
-  std::uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
 float from_bits(std::uint32_t u) {
   float x;
   std::memcpy(&x, &u, 4);

@@ -768,6 +768,16 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
   Optimizer cpu(algorithm), gpu(algorithm, Device::cuda);
   configure(cpu, c, rich_options(algorithm));
   configure(gpu, c, rich_options(algorithm));
+  // Fresh grads: their host bytes, uploaded, and each param's grad pointer on both sides.
+  const auto next_grads = [&](std::vector<unsigned char>& g, std::vector<const void*>& cg,
+                              std::vector<const void*>& dg) {
+    g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
+    gpu_g.upload(g);
+    for (std::size_t off : gl.offsets) {
+      cg.push_back(g.data() + off * ge);
+      dg.push_back(gpu_g.get() + off * ge);
+    }
+  };
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     cpu.add_param(pname(i), cpu_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
     gpu.add_param(pname(i), gpu_p.get() + pl.offsets[i] * pe, c.param, {sizes[i]});
@@ -777,13 +787,9 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
   const int parts_before = result.total_part_count();
   for (int t = 1; t <= steps; ++t) {
     SCOPED_TRACE("step " + std::to_string(t));
-    std::vector<unsigned char> g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
-    gpu_g.upload(g);
+    std::vector<unsigned char> g;
     std::vector<const void*> cg, dg;
-    for (std::size_t off : gl.offsets) {
-      cg.push_back(g.data() + off * ge);
-      dg.push_back(gpu_g.get() + off * ge);
-    }
+    next_grads(g, cg, dg);
     if (t == 1) {
       const std::vector<unsigned char> before = cpu_p;
       try {
@@ -831,13 +837,9 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
       resumed.add_param(pname(i), resumed_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
     resumed.load(dir + "/ckpt");
     std::filesystem::remove_all(dir);
-    std::vector<unsigned char> g = encode(pack(gl, random_tensors(rng, gl), 0.0f), grad_dtype);
-    gpu_g.upload(g);
+    std::vector<unsigned char> g;
     std::vector<const void*> cg, dg;
-    for (std::size_t off : gl.offsets) {
-      cg.push_back(g.data() + off * ge);
-      dg.push_back(gpu_g.get() + off * ge);
-    }
+    next_grads(g, cg, dg);
     resumed.step(cg.data());
     cpu.step(cg.data());
     gpu.step(dg.data());

@@ -49,6 +49,13 @@ inline std::vector<float> random_floats(std::mt19937_64& rng, std::size_t n) {
   return v;
 }
 
+/// A float's bit pattern.
+inline std::uint32_t bits(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
 inline bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
 }

@@ -764,28 +764,30 @@ std::int64_t quantized_bytes(std::int64_t numel, nb::handle state_dtype) {
 
 /// The three host conversions of a block-quantized state (fo::quantize_state and friends):
 /// `state` a uint8 buffer of quantized_state_bytes(numel) bytes, `values` numel float32.
-void quantize(nb::handle state, nb::handle values, nb::handle state_dtype, bool non_negative) {
+/// values -> state (encode) or state -> values, both checked first.
+void convert_state(nb::handle state, nb::handle values, nb::handle state_dtype, bool non_negative,
+                   bool encode) {
+  const char* who = encode ? "quantize_state" : "dequantize_state";
   Importer importer;
   View v;
   importer.view(values, v, "values", 0);
   const std::int64_t bytes = quantized_bytes(v.numel, state_dtype);
-  char* src = cpu_buffer(importer, values, "values", false, v.numel, "quantize_state");
-  char* dst = cpu_buffer(importer, state, "state", true, bytes, "quantize_state");
-  const fo::DType q = quantized_dtype(state_dtype, "quantize_state");
+  char* floats = cpu_buffer(importer, values, "values", false, v.numel, who);
+  char* codes = cpu_buffer(importer, state, "state", true, bytes, who);
+  const fo::DType q = quantized_dtype(state_dtype, who);
   nb::gil_scoped_release release;
-  fo::quantize_state(dst, q, non_negative, reinterpret_cast<const float*>(src), v.numel);
+  if (encode)
+    fo::quantize_state(codes, q, non_negative, reinterpret_cast<const float*>(floats), v.numel);
+  else
+    fo::dequantize_state(reinterpret_cast<float*>(floats), codes, q, non_negative, v.numel);
+}
+
+void quantize(nb::handle state, nb::handle values, nb::handle state_dtype, bool non_negative) {
+  convert_state(state, values, state_dtype, non_negative, true);
 }
 
 void dequantize(nb::handle values, nb::handle state, nb::handle state_dtype, bool non_negative) {
-  Importer importer;
-  View v;
-  importer.view(values, v, "values", 0);
-  const std::int64_t bytes = quantized_bytes(v.numel, state_dtype);
-  char* dst = cpu_buffer(importer, values, "values", false, v.numel, "dequantize_state");
-  char* src = cpu_buffer(importer, state, "state", true, bytes, "dequantize_state");
-  const fo::DType q = quantized_dtype(state_dtype, "dequantize_state");
-  nb::gil_scoped_release release;
-  fo::dequantize_state(reinterpret_cast<float*>(dst), src, q, non_negative, v.numel);
+  convert_state(state, values, state_dtype, non_negative, false);
 }
 
 void fill_quantized(nb::handle state, std::int64_t numel, nb::handle state_dtype, bool non_negative,
