@@ -19,7 +19,9 @@
 // before encoding each element (step_code: to nearest, or stochastically with the draw of
 // counter 4i + 1 + k) and storing the codes in one vector access; lane 0 stores the absmax.
 // A block's codes and absmax are read before, and written after, the warp's shuffles, by the
-// one warp that owns it: no other thread touches them in the launch.
+// one warp that owns it: no other thread touches them in the launch. Every loop over a lane's
+// elements runs over all kPerLane of them, unrolled, with a test against `count` in the tail
+// (a loop bounded by `count` would index the lane's arrays dynamically: local memory).
 //
 // The maps (values and decision thresholds) live in __constant__ copies built at compile time
 // from quantize.hpp's constexpr tables; each thread block copies the two maps of its width
@@ -113,7 +115,9 @@ __device__ __forceinline__ void load_codes(const unsigned char* codes, std::int6
     if (vec && count == kPer) {
       bits = *reinterpret_cast<const std::uint16_t*>(bytes);
     } else {
-      for (int j = 0; j < (count + 1) / 2; ++j) bits |= static_cast<unsigned>(bytes[j]) << (8 * j);
+#pragma unroll
+      for (int j = 0; j < kPer / 2; ++j)
+        if (2 * j < count) bits |= static_cast<unsigned>(bytes[j]) << (8 * j);
     }
 #pragma unroll
     for (int j = 0; j < kPer; ++j) c[j] = static_cast<int>((bits >> (4 * j)) & 0xFu);
@@ -136,7 +140,9 @@ __device__ __forceinline__ void store_codes(unsigned char* codes, std::int64_t i
       }
       *reinterpret_cast<uint2*>(codes + i0) = make_uint2(lo, hi);
     } else {
-      for (int j = 0; j < count; ++j) codes[i0 + j] = static_cast<unsigned char>(c[j]);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j)
+        if (j < count) codes[i0 + j] = static_cast<unsigned char>(c[j]);
     }
   } else {
     unsigned bits = 0;
@@ -146,8 +152,9 @@ __device__ __forceinline__ void store_codes(unsigned char* codes, std::int64_t i
     if (vec && count == kPer) {
       *reinterpret_cast<std::uint16_t*>(bytes) = static_cast<std::uint16_t>(bits);
     } else {
-      for (int j = 0; j < (count + 1) / 2; ++j)
-        bytes[j] = static_cast<unsigned char>((bits >> (8 * j)) & 0xFFu);
+#pragma unroll
+      for (int j = 0; j < kPer / 2; ++j)
+        if (2 * j < count) bytes[j] = static_cast<unsigned char>((bits >> (8 * j)) & 0xFFu);
     }
   }
 }
@@ -264,7 +271,9 @@ __global__ void __launch_bounds__(kBlock)
                static_cast<std::uint64_t>(i0 + j) * 4);
       }
     } else {
-      for (int j = 0; j < count; ++j) {
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        if (j >= count) continue;
         const std::int64_t i = i0 + j;
         if (ema) ema[i] = ema_lerp(ema[i], p[j], ew);
         if (master) master[i] = p[j];
@@ -371,7 +380,9 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
       for (int j = 0; j < kPer; j += 4) store4(dst, kF32, i0 + j, x + j, false, 0, 0, 0);
     } else {
-      for (int j = 0; j < count; ++j) dst[i0 + j] = x[j];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j)
+        if (j < count) dst[i0 + j] = x[j];
     }
   }
 }
