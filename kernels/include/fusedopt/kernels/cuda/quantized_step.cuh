@@ -199,11 +199,14 @@ __global__ void __launch_bounds__(kBlock)
   float* const master = list.master[t];
   float* const ema = list.ema[t];
   const float ew = cfg.ema_weight;
-  unsigned char* codes[kMaxStates];
-  float* absmax[kMaxStates];
+  // Only A's own states are looked at (StateList: known at compile time, so an algorithm with
+  // fewer than kMaxStates states compiles no code for the others); the rest read as 0.
+  constexpr int kStates = StateList<A>::count;
+  unsigned char* codes[kMaxStates] = {};
+  float* absmax[kMaxStates] = {};
   bool cvec = true;
 #pragma unroll
-  for (int k = 0; k < kMaxStates; ++k) {
+  for (int k = 0; k < kStates; ++k) {
     codes[k] = static_cast<unsigned char*>(list.state[k][t]);
     absmax[k] =
         codes[k] ? reinterpret_cast<float*>(codes[k] + quant_absmax_offset(n, kBits)) : nullptr;
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(kBlock)
     float p[kPer], g[kPer], s[kMaxStates][kPer];
 #pragma unroll
     for (int k = 0; k < kMaxStates; ++k) {
-      if (codes[k]) {
+      if (k < kStates && codes[k]) {
         int c[kPer];
         load_codes<kBits>(codes[k], i0, count, cvec, c);
         const float a = absmax[k][block];
@@ -282,7 +285,7 @@ __global__ void __launch_bounds__(kBlock)
       }
     }
 #pragma unroll
-    for (int k = 0; k < kMaxStates; ++k) {
+    for (int k = 0; k < kStates; ++k) {
       if (!codes[k]) continue;  // uniform: the same tensor for the whole block
       float m = 0.0f;
 #pragma unroll
