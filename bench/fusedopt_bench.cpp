@@ -16,6 +16,10 @@
 // step_ema/adam/cpu/f32/<n>: adam with a weight EMA (ema_decay 0.999) in the same pass, its
 // bytes counting the EMA read and written, and step/adam/cpu/bf16/<n>: bf16 params and grads
 // with f32 master weights and states through the CPU's storage layer (no probe).
+// state_dtype/adamw/cpu/<f32|bf16|q8|q4>/<n>: fo::Optimizer("adamw") with its states in each
+// storage (docs/quantized-states.md), against the f32 probe's bandwidth; and
+// memory/adamw/gpt2_small/<mode>: the bytes the optimizer holds for GPT-2 small's params;
+// state_dtype/adamw/cuda/<mode>/<n> the same step on the GPU, against a device copy.
 #include <benchmark/benchmark.h>
 #include <unistd.h>
 
@@ -220,6 +224,116 @@ void bench_cpu_storage_step(benchmark::State& state, std::int64_t n) {
                  ", bf16 params+grads, f32 master and states");
 }
 
+// ----------------------------------------------------------- state storages (state_dtype)
+
+/// The state_dtype modes compared: float32, bfloat16, 8-bit and 4-bit block-quantized.
+struct StateMode {
+  const char* name;
+  double state_dtype;
+  double state_bytes_per_element;  // one state, read and written once: codes and scales
+};
+constexpr StateMode kStateModes[] = {
+    {"f32", 0, 4.0}, {"bf16", 2, 2.0}, {"q8", 5, 1.0 + 4.0 / 256}, {"q4", 6, 0.5 + 4.0 / 128}};
+
+/// state_dtype/adamw/cpu/<mode>/<n>: fo::Optimizer("adamw") with f32 params and grads and its
+/// two states in `mode`. Bytes: param r+w and grad r at 4, each state's codes and scales r+w.
+/// The limit is the traffic probe of an f32 adam step's seven streams over n elements, timed
+/// in the same iterations: pct_of_limit compares bandwidths (this step's bytes per second
+/// against the probe's), since a quantized step's streams are not all of one width.
+void bench_cpu_state_mode(benchmark::State& state, const StateMode& mode, std::int64_t n) {
+  const auto bytes = static_cast<std::int64_t>(static_cast<double>(n) *
+                                               (12.0 + 4.0 * mode.state_bytes_per_element));
+  struct Set {
+    std::optional<fo::detail::Buffer> param, grad, probe[4];
+    std::unique_ptr<fo::Optimizer> opt;
+  };
+  std::vector<Set> sets(static_cast<std::size_t>(rotation(bytes, llc_bytes())));
+  for (auto& s : sets) {
+    s.param = host_array(n, 0.5f);
+    s.grad = host_array(n, 0.01f);
+    for (auto& b : s.probe) b = host_array(n, 0.25f);
+    s.opt = std::make_unique<fo::Optimizer>("adamw");
+    s.opt->set_option("state_dtype", mode.state_dtype);
+    s.opt->add_param("p", s.param->data(), fo::DType::f32, {n});
+    const void* g = s.grad->data();
+    s.opt->step(&g);  // creates the state
+  }
+  std::size_t next = 0;
+  double probe_s = 0.0, step_s = 0.0;
+  for (auto _ : state) {
+    Set& ps = sets[next];
+    next = (next + 1) % sets.size();
+    Set& set = sets[next];
+    next = (next + 1) % sets.size();
+    const fo::cpu::DensePtrs probe{
+        ps.probe[0]->f32(), ps.probe[1]->f32(), {ps.probe[2]->f32(), ps.probe[3]->f32(), nullptr}};
+    const void* g = set.grad->data();
+    const auto t0 = Clock::now();
+    fo::cpu::traffic_probe(probe, n);
+    const auto t1 = Clock::now();
+    set.opt->step(&g);
+    const auto t2 = Clock::now();
+    const double s = std::chrono::duration<double>(t2 - t1).count();
+    probe_s += std::chrono::duration<double>(t1 - t0).count();
+    step_s += s;
+    state.SetIterationTime(s);
+  }
+  set_bytes_per_second(state, bytes);
+  const double probe_bytes = 28.0 * static_cast<double>(n);
+  const double probe_gbps = probe_bytes * static_cast<double>(state.iterations()) / probe_s / 1e9;
+  const double step_gbps =
+      static_cast<double>(bytes) * static_cast<double>(state.iterations()) / step_s / 1e9;
+  state.counters["probe_GBps"] = probe_gbps;
+  state.counters["pct_of_limit"] = 100.0 * step_gbps / probe_gbps;
+  state.counters["bytes_per_element"] = static_cast<double>(bytes) / static_cast<double>(n);
+  state.counters["state_bytes_per_param"] =
+      static_cast<double>(sets[0].opt->state_memory_bytes()) / static_cast<double>(n);
+  state.counters["threads"] = fo::cpu::num_threads();
+  state.SetLabel(std::string(fo::cpu::isa_name(fo::cpu::isa())) + ", adamw states " + mode.name);
+}
+
+/// GPT-2 small's parameter list: 124M floats in 148 tensors.
+std::vector<std::int64_t> gpt2_small_shapes() {
+  std::vector<std::int64_t> n = {50257 * 768, 1024 * 768};
+  for (int layer = 0; layer < 12; ++layer)
+    for (std::int64_t x :
+         {768, 768, 768 * 2304, 2304, 768 * 768, 768, 768, 768, 768 * 3072, 3072, 3072 * 768, 768})
+      n.push_back(x);
+  n.push_back(768);
+  n.push_back(768);
+  return n;
+}
+
+/// memory/adamw/gpt2_small/<mode>: what fo::Optimizer("adamw") holds for GPT-2 small's
+/// parameter list (124M floats in 148 tensors, f32 params) after its first step, with the
+/// default min_quant_size (4096: biases and layer norms keep float32 states). One iteration.
+void bench_gpt2_state_memory(benchmark::State& state, const StateMode& mode) {
+  const std::vector<std::int64_t> shapes = gpt2_small_shapes();
+  std::int64_t total = 0;
+  for (auto x : shapes) total += x;
+  std::vector<std::optional<fo::detail::Buffer>> params, grads;
+  fo::Optimizer opt("adamw");
+  opt.set_option("state_dtype", mode.state_dtype);
+  std::vector<const void*> g;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    params.push_back(host_array(shapes[i], 0.5f));
+    grads.push_back(host_array(shapes[i], 0.01f));
+    opt.add_param("p" + std::to_string(i), params.back()->data(), fo::DType::f32, {shapes[i]});
+    g.push_back(grads.back()->data());
+  }
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    opt.step(g.data());
+    state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  const auto held = static_cast<double>(opt.state_memory_bytes());
+  state.counters["params"] = static_cast<double>(total);
+  state.counters["state_MB"] = held / 1e6;
+  state.counters["bytes_per_param"] = held / static_cast<double>(total);
+  state.counters["ratio_to_f32"] = held / (8.0 * static_cast<double>(total));
+  state.SetLabel(std::string("adamw states ") + mode.name);
+}
+
 // --------------------------------------------------------------------------------- CUDA
 
 #if defined(FUSEDOPT_WITH_CUDA)
@@ -343,19 +457,39 @@ void bench_cuda_step(benchmark::State& state, std::int64_t n, bool bf16) {
   state.SetLabel(bf16 ? "bf16 params+grads, f32 master and states" : "f32");
 }
 
-/// GPT-2 small's parameter list (124M floats in 148 tensors) stepped by one Adam optimizer:
-/// multi-tensor launches against a copy and the probe over the same tensors.
-std::vector<std::int64_t> gpt2_small_shapes() {
-  std::vector<std::int64_t> n = {50257 * 768, 1024 * 768};
-  for (int layer = 0; layer < 12; ++layer)
-    for (std::int64_t x :
-         {768, 768, 768 * 2304, 2304, 768 * 768, 768, 768, 768, 768 * 3072, 3072, 3072 * 768, 768})
-      n.push_back(x);
-  n.push_back(768);
-  n.push_back(768);
-  return n;
+/// state_dtype/adamw/cuda/<mode>/<n>: fo::Optimizer("adamw") on the GPU with f32 params and
+/// grads and its two states in `mode` (bytes as the CPU's state_dtype benchmark), against a
+/// device copy moving the same bytes.
+void bench_cuda_state_mode(benchmark::State& state, const StateMode& mode, std::int64_t n) {
+  const auto bytes = static_cast<std::int64_t>(static_cast<double>(n) *
+                                               (12.0 + 4.0 * mode.state_bytes_per_element));
+  int device = 0, l2 = 0;
+  BENCH_CUDA(cudaGetDevice(&device));
+  BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+  const int nsets = rotation(bytes, l2);
+  DeviceBuffers bufs;
+  std::vector<std::unique_ptr<fo::Optimizer>> opts;
+  std::vector<const void*> grads;
+  for (int i = 0; i < nsets; ++i) {
+    void* p = bufs.add(static_cast<std::size_t>(n) * 4);
+    void* g = bufs.add(static_cast<std::size_t>(n) * 4);
+    if (!p || !g) return state.SkipWithError("out of device memory");
+    opts.push_back(std::make_unique<fo::Optimizer>("adamw", fo::Device::cuda));
+    opts.back()->set_option("state_dtype", mode.state_dtype);
+    opts.back()->add_param("p", p, fo::DType::f32, {n});
+    grads.push_back(g);
+    opts.back()->step(&grads.back());  // creates the state
+  }
+  time_cuda(
+      state, bytes, nsets,
+      [&](int s) { opts[static_cast<std::size_t>(s)]->step(&grads[static_cast<std::size_t>(s)]); },
+      [](int) {}, false);
+  state.counters["bytes_per_element"] = static_cast<double>(bytes) / static_cast<double>(n);
+  state.SetLabel(std::string("adamw states ") + mode.name);
 }
 
+/// GPT-2 small's parameter list stepped by one Adam optimizer:
+/// multi-tensor launches against a copy and the probe over the same tensors.
 void bench_cuda_gpt2(benchmark::State& state, const char* algorithm) {
   const std::vector<std::int64_t> shapes = gpt2_small_shapes();
   std::int64_t total = 0;
@@ -566,7 +700,31 @@ int main(int argc, char** argv) {
 #define FO_REGISTER(A) register_algorithm<fo::A>(cuda);
   FO_FOR_EACH_DENSE_ALGORITHM(FO_REGISTER)
 #undef FO_REGISTER
+  for (const StateMode& mode : kStateModes) {
+    for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26})
+      benchmark::RegisterBenchmark(
+          (std::string("state_dtype/adamw/cpu/") + mode.name + "/" + std::to_string(n)).c_str(),
+          [&mode, n](benchmark::State& s) { bench_cpu_state_mode(s, mode, n); })
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
+    benchmark::RegisterBenchmark((std::string("memory/adamw/gpt2_small/") + mode.name).c_str(),
+                                 [&mode](benchmark::State& s) { bench_gpt2_state_memory(s, mode); })
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond)
+        ->Iterations(1);
+  }
 #if defined(FUSEDOPT_WITH_CUDA)
+  if (cuda)
+    for (const StateMode& mode : kStateModes)
+      for (int lg : {20, 24, 28}) {
+        const std::int64_t n = std::int64_t{1} << lg;
+        benchmark::RegisterBenchmark(
+            (std::string("state_dtype/adamw/cuda/") + mode.name + "/" + std::to_string(n)).c_str(),
+            [&mode, n](benchmark::State& s) { bench_cuda_state_mode(s, mode, n); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   if (cuda)
     for (const char* algorithm : {"adam", "adamw"})
       benchmark::RegisterBenchmark(

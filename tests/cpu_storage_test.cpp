@@ -249,10 +249,20 @@ TEST(CpuStorage, Bf16CheckpointResumesBitwise) {
   std::vector<std::uint16_t> q = p;  // the param at the save
   for (int t = 3; t < 5; ++t) a.step({grads[t].data()});
 
+  // The state storage is the loading optimizer's own (load converts into it): one with float32
+  // states holds the file's bf16 states widened exactly; one with bf16 states resumes bitwise.
+  std::vector<std::uint16_t> q32 = p;
+  Optimizer f("adamw");
+  f.add_param("w", q32.data(), DType::bf16, {n});
+  f.load(path);
+  EXPECT_EQ(f.option("state_dtype"), 0.0);
   Optimizer b("adamw");
+  b.set_option("state_dtype", 2);
   b.add_param("w", q.data(), DType::bf16, {n});
   b.load(path);
   std::filesystem::remove_all(dir);
+  for (const char* s : {"exp_avg", "exp_avg_sq", "master"})
+    EXPECT_TRUE(bitwise_equal(f.state("w", s), b.state("w", s))) << s;
   EXPECT_EQ(b.option("state_dtype"), 2.0);
   EXPECT_EQ(b.option("master_weights"), 1.0);
   for (int t = 3; t < 5; ++t) b.step({grads[t].data()});

@@ -826,6 +826,7 @@ bool steps_equal(std::mt19937_64& rng, const std::string& algorithm, const Stora
     gpu.save(dir + "/ckpt");
     std::vector<unsigned char> resumed_p = gpu_p.download();
     Optimizer resumed(algorithm);
+    configure(resumed, c, rich_options(algorithm));  // its state storage is its own, as the run's
     for (std::size_t i = 0; i < sizes.size(); ++i)
       resumed.add_param(pname(i), resumed_p.data() + pl.offsets[i] * pe, c.param, {sizes[i]});
     resumed.load(dir + "/ckpt");

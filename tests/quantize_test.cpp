@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/quant_encode.hpp"
 #include "test_util.hpp"
 
 namespace fo::test {
@@ -456,6 +457,67 @@ TEST(QuantizeStochastic, BlockCodesAreNeighboursAndReproducible) {
   for (int i = 0; i < 256; ++i) {
     const int lo = brute_below(kQuantMap8Signed, normalized(x[i], absmax));
     EXPECT_TRUE(c1[i] == lo || c1[i] == lo + 1) << i;
+  }
+}
+
+// The CPU's table encoder (host/src/cpu/quant_encode.hpp) against nearest_code: both ends of
+// every 16-bit-prefix interval of floats, both sides of and on every threshold, the specials
+// and random floats, for each of the four maps. nearest_code is a step function with its
+// steps at the thresholds, so agreeing at all of these is agreeing everywhere.
+template <int Bits>
+void expect_table_is_nearest_code(const QuantMap<Bits>& q, const char* name) {
+  const cpu::NearestCodeTable<Bits>& table = cpu::nearest_code_table(q);
+  const auto float_of = [](std::uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  std::vector<float> ys;
+  for (std::uint32_t prefix = 0; prefix < (1u << 16); ++prefix) {
+    ys.push_back(float_of(prefix << 16));
+    ys.push_back(float_of((prefix << 16) | 0xFFFFu));
+  }
+  for (int k = 0; k + 1 < QuantMap<Bits>::kCodes; ++k) {
+    const float t = q.threshold[k];
+    for (float y : {t, std::nextafter(t, -2.0f), std::nextafter(t, 2.0f)}) ys.push_back(y);
+  }
+  for (float y :
+       {0.0f, -0.0f, 1.0f, -1.0f, std::numeric_limits<float>::quiet_NaN(),
+        std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+        std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::denorm_min()})
+    ys.push_back(y);
+  auto rng = make_rng(name);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int i = 0; i < 100000; ++i) ys.push_back(u(rng));
+  std::size_t wrong = 0;
+  for (float y : ys)
+    if (table(y) != nearest_code(q, y) && ++wrong <= 5)
+      ADD_FAILURE() << name << ": y = " << y << " gives " << table(y) << ", nearest_code "
+                    << nearest_code(q, y);
+  EXPECT_EQ(wrong, 0u) << name;
+}
+
+TEST(QuantizeCpuEncoder, TableEqualsNearestCodeEverywhere) {
+  expect_table_is_nearest_code(kQuantMap8Signed, "8-bit signed");
+  expect_table_is_nearest_code(kQuantMap8Unsigned, "8-bit unsigned");
+  expect_table_is_nearest_code(kQuantMap4Signed, "4-bit signed");
+  expect_table_is_nearest_code(kQuantMap4Unsigned, "4-bit unsigned");
+}
+
+TEST(QuantizeCpuEncoder, FastAbsmaxEqualsBlockAbsmax) {
+  auto rng = make_rng();
+  const float nan = std::numeric_limits<float>::quiet_NaN(),
+              inf = std::numeric_limits<float>::infinity();
+  for (int trial = 0; trial < 2000; ++trial) {
+    const int n = 1 + trial % 256;
+    std::vector<float> x = random_floats(rng, static_cast<std::size_t>(n));
+    if (trial % 7 == 1) std::fill(x.begin(), x.end(), 0.0f);
+    if (trial % 11 == 2) x[static_cast<std::size_t>(trial) % x.size()] = nan;
+    if (trial % 13 == 3) x[static_cast<std::size_t>(trial) % x.size()] = trial % 2 ? inf : -inf;
+    if (trial % 17 == 4) x[0] = -0.0f;
+    const float a = cpu::block_absmax_fast(x.data(), n), b = block_absmax(x.data(), n);
+    ASSERT_TRUE(std::memcmp(&a, &b, sizeof a) == 0 || (a != a && b != b))
+        << "trial " << trial << ": " << a << " vs " << b;
   }
 }
 

@@ -27,7 +27,12 @@ AlgorithmDescription describe() {
     d.defaults.push_back(f.get(defaults));
     d.is_flag.push_back(f.flag != nullptr);
   }
-  for (int k = 0; k < StateList<A>::count; ++k) d.states.emplace_back(StateList<A>::name(k));
+  for (int k = 0; k < StateList<A>::count; ++k) {
+    d.states.emplace_back(StateList<A>::name(k));
+    d.non_negative.push_back(StateList<A>::non_negative(k));
+  }
+  d.quantizable = !MatrixCapable<A>::value && !FactoredCapable<A>::value &&
+                  !TrustRatioCapable<A>::value && StateList<A>::count > 0;
   d.sparse = SparseCapable<A>::value;
   for (int k = 0; k < ScalarList<A>::count; ++k) {
     d.scalars.emplace_back(ScalarList<A>::name(k));

@@ -121,7 +121,7 @@ std::vector<unsigned char> encode_checkpoint(const CheckpointData& d) {
   for (const auto& t : d.tensors) {
     h.str(t.param);
     h.str(t.state);
-    h.pod(static_cast<std::uint32_t>(DType::f32));
+    h.pod(static_cast<std::uint32_t>(t.dtype));
     offset_slots.push_back(h.out.size());
     h.pod(std::uint64_t{0});  // offset
     h.pod(static_cast<std::uint64_t>(t.values.size() * sizeof(float)));
@@ -209,8 +209,12 @@ CheckpointData decode_checkpoint(const unsigned char* bytes, std::size_t size) {
   for (std::uint32_t i = 0; i < ntensors; ++i) {
     d.tensors[i].param = r.str("tensor param");
     d.tensors[i].state = r.str("tensor state");
-    if (r.pod<std::uint32_t>("tensor dtype") != static_cast<std::uint32_t>(DType::f32))
-      corrupt("tensor dtype is not float32");
+    const auto dtype = r.pod<std::uint32_t>("tensor dtype");
+    if (dtype != static_cast<std::uint32_t>(DType::f32) &&
+        dtype != static_cast<std::uint32_t>(DType::q8) &&
+        dtype != static_cast<std::uint32_t>(DType::q4))
+      corrupt("tensor dtype " + std::to_string(dtype) + " is not float32 or a quantized state's");
+    d.tensors[i].dtype = static_cast<DType>(dtype);
     extents[i] = {r.pod<std::uint64_t>("tensor offset"), r.pod<std::uint64_t>("tensor size"),
                   r.pod<std::uint64_t>("tensor checksum")};
   }

@@ -23,11 +23,14 @@ struct CheckpointParam {
   std::vector<std::pair<std::string, double>> overrides;  // per-param options
 };
 
-/// One state buffer of one param, as float32 values (every backend's storage widens to it).
+/// One state buffer of one param: float32 values (f32, or bf16 states, which widen exactly),
+/// or (dtype q8, q4) a quantized state's buffer as it is, its bytes zero-padded to whole
+/// float32 values.
 struct CheckpointTensor {
   std::string param;
   std::string state;
   std::vector<float> values;
+  DType dtype = DType::f32;
 };
 
 struct CheckpointData {

@@ -12,6 +12,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/ema.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "messages.hpp"
 #include "typed_options.hpp"
 
@@ -43,6 +44,26 @@ bool uses_state(const typename A::Options& o, int k, const MatrixView& v) {
   return true;
 }
 
+// Why a step of A under options o cannot keep block-quantized states (q8, q4), or "" where it
+// can: its step is one elementwise pass (AlgorithmDescription::quantizable) and no state it
+// uses starts as a copy of the param (8 or 4 bits cannot hold weights).
+template <class A>
+std::string quantized_refusal(const typename A::Options& o, const MatrixView& v) {
+  if constexpr (MatrixCapable<A>::value || FactoredCapable<A>::value ||
+                TrustRatioCapable<A>::value) {
+    (void)o, (void)v;
+    return "block-quantized (int8, int4) states need a step that is one elementwise pass; this "
+           "algorithm's is not (give it float32 or bfloat16 states)";
+  } else {
+    for (int k = 0; k < StateList<A>::count; ++k)
+      if (uses_state<A>(o, k, v) && StateFromParam<A>::of(k))
+        return std::string("its state '") + StateList<A>::name(k) +
+               "' is a copy of the weights, which block-quantized (int8, int4) states cannot "
+               "hold (give it float32 or bfloat16 states)";
+    return "";
+  }
+}
+
 template <class A>
 void check_tensors(const typename A::Options& o, const DenseTensors& t, const Exec& exec,
                    const StepControls& c, std::int64_t index) {
@@ -58,8 +79,12 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   if (t.grad_dtype != t.param_dtype && t.grad_dtype != DType::f32)
     invalid(who() + ": grads must be float32 or the param's dtype, got " +
             dtype_name(t.grad_dtype));
-  if (t.state_dtype != DType::f32 && t.state_dtype != DType::bf16)
-    invalid(who() + ": states must be float32 or bfloat16, got " + dtype_name(t.state_dtype));
+  const bool quantized = cpu::is_quantized(t.state_dtype);
+  if (t.state_dtype != DType::f32 && t.state_dtype != DType::bf16 && !quantized)
+    invalid(who() + ": states must be float32 or bfloat16 (or block-quantized: q8, q4), got " +
+            dtype_name(t.state_dtype));
+  if (quantized)
+    if (const std::string why = quantized_refusal<A>(o, t.view); !why.empty()) unsupported(why);
   if (t.master && t.param_dtype == DType::f32)
     invalid(who() + ": master weights belong to bfloat16 or float16 params");
   if (!cuda) {
@@ -94,8 +119,13 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   auto check = [&](const void* ptr, DType dtype, const char* what_kind, const char* name) {
     auto what = [&] { return std::string(what_kind) + (*name ? " " : "") + name; };
     if (!ptr) invalid(who() + ": " + what() + " is null");
-    if (misaligned(ptr, dtype_size(dtype)))
+    if (cpu::is_quantized(dtype)) {  // its float32 absmax values follow its codes at 16 bytes
+      if (misaligned(ptr, 16))
+        invalid(who() + ": " + what() + " is block-quantized (" + dtype_name(dtype) +
+                "): its buffer must be 16-byte aligned");
+    } else if (misaligned(ptr, dtype_size(dtype))) {
       invalid(who() + ": " + what() + " is not aligned to its element size");
+    }
     // A host pointer in a kernel would be an illegal address that ends the CUDA context. One
     // pointer query per buffer (about a microsecond): the Optimizer's steps avoid it.
     if (cuda && !c.buffers_on_device && !cuda::is_device_pointer(ptr, -1))
@@ -142,7 +172,7 @@ std::vector<StateSpec> states_of(const NamedOptions& named) {
   for (int k = 0; k < StateList<A>::count; ++k)
     if (A::has_state(o, k))
       out.push_back({StateList<A>::name(k), k, A::state_init(o, k), false, StateFromParam<A>::of(k),
-                     StateShapes<A>::of(o, k)});
+                     StateShapes<A>::of(o, k), StateList<A>::non_negative(k)});
   return out;
 }
 
@@ -271,6 +301,10 @@ void eval_by_name(const NamedOptions& named, const DenseTensors* tensors, std::s
     if (t.numel == 0) continue;
     if (t.master && t.param_dtype == DType::f32)
       invalid(who + ": master weights belong to bfloat16 or float16 params");
+    if (cpu::is_quantized(t.state_dtype))  // its states copy the weights: never quantized
+      throw Error(StatusCode::unsupported,
+                  who + ": the evaluation form takes float32 or bfloat16 states, got " +
+                      dtype_name(t.state_dtype));
     const auto check = [&](const void* p, std::size_t align, const char* what) {
       if (!p) invalid(who + ": " + what + " is null");
       if (misaligned(p, align)) invalid(who + ": " + what + " is not aligned to its element size");
@@ -451,6 +485,38 @@ std::vector<ScalarSpec> step_scalars(std::string_view algorithm) {
 void eval_params(std::string_view algorithm, const NamedOptions& options,
                  const DenseTensors* tensors, std::size_t n, const Exec& exec) {
   by_name(algorithm).eval(options, tensors, n, exec);
+}
+
+namespace {
+void check_quantized_buffers(const char* who, DType q, std::int64_t n, const void* a,
+                             const void* b) {
+  if (!cpu::is_quantized(q))
+    invalid(std::string(who) + ": the dtype must be q8 or q4 (block-quantized), got " +
+            dtype_name(q));
+  if (n < 0) invalid(std::string(who) + ": n must be >= 0, got " + std::to_string(n));
+  if (n > 0 && (!a || !b)) invalid(std::string(who) + ": a buffer is null");
+}
+int quant_bits(DType q) { return q == DType::q8 ? 8 : 4; }
+}  // namespace
+
+std::size_t quantized_state_bytes(DType q, std::int64_t n) {
+  check_quantized_buffers("quantized_state_bytes", q, n, &q, &q);
+  return static_cast<std::size_t>(quant_state_bytes(n, quant_bits(q)));
+}
+
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n) {
+  check_quantized_buffers("quantize_state", q, n, dst, src);
+  if (n > 0) cpu::quantize_state(dst, q, non_negative, src, n);
+}
+
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n) {
+  check_quantized_buffers("dequantize_state", q, n, dst, src);
+  if (n > 0) cpu::dequantize_state(dst, src, q, non_negative, n);
+}
+
+void fill_quantized_state(void* dst, DType q, bool non_negative, float value, std::int64_t n) {
+  check_quantized_buffers("fill_quantized_state", q, n, dst, &q);
+  if (n > 0) cpu::fill_quantized(dst, q, non_negative, value, n);
 }
 
 const char* dtype_name(DType t) noexcept {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -15,6 +16,7 @@
 #include "cuda/cuda_backend.hpp"
 #include "device_check.hpp"
 #include "fusedopt/kernels/convert.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "optimizer_impl.hpp"
 
 namespace fo {
@@ -257,6 +259,13 @@ const std::string& Optimizer::param_algorithm(std::string_view name) const {
 void Optimizer::set_param_option(std::string_view name, std::string_view key, double value) {
   Impl& m = *impl_;
   ParamEntry& p = m.param(name);
+  if (key == "state_dtype") {  // the one storage setting a param may have of its own
+    const DType d = detail::parse_state_dtype(value, "param '" + p.name + "': state_dtype");
+    if (p.has_buffers() && d != m.state_dtype(p))
+      invalid("param '" + p.name + "': state_dtype cannot change: the param has already stepped");
+    p.state_dtype = d;
+    return;
+  }
   if (Settings::is_key(key))
     invalid(std::string(key) + " is a step setting of the whole optimizer, not of one param");
   const int k = m.option_index(p.slot, key);
@@ -270,6 +279,7 @@ void Optimizer::set_param_option(std::string_view name, std::string_view key, do
 
 double Optimizer::param_option(std::string_view name, std::string_view key) const {
   const ParamEntry& p = impl_->param(name);
+  if (key == "state_dtype") return static_cast<double>(static_cast<int>(impl_->state_dtype(p)));
   return p.options[impl_->option_index(p.slot, key)];
 }
 
@@ -359,19 +369,68 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
     std::fill(out, out + n, p.facts.state_init[k]);
     return;
   }
-  const DType dtype = master || ema ? DType::f32 : m.settings.state_dtype;
+  if (!master && !ema) {
+    m.read_state(p, k, *buf, out, numel);
+    return;
+  }
   if (m.device != Device::cuda) {
-    cpu::widen(out, buf->data(), dtype, numel);
+    std::memcpy(out, buf->data(), n * sizeof(float));
     return;
   }
   cuda::DeviceGuard guard(m.device_index);
-  if (dtype == DType::f32) {
-    cuda::copy_to_host(out, buf->data(), n * sizeof(float));
-    return;
+  cuda::copy_to_host(out, buf->data(), n * sizeof(float));
+}
+
+std::size_t Optimizer::state_memory_bytes() const noexcept {
+  std::size_t bytes = 0;
+  const auto add = [&](const std::optional<detail::Buffer>& b) { bytes += b ? b->bytes() : 0; };
+  for (const ParamEntry& p : impl_->params) {
+    for (const auto& s : p.states) add(s);
+    add(p.master);
+    add(p.ema);
+    add(p.scalars);
   }
-  std::vector<std::uint16_t> raw(n);
-  cuda::copy_to_host(raw.data(), buf->data(), n * sizeof(std::uint16_t));
-  for (std::size_t i = 0; i < n; ++i) out[i] = to_float(bf16{raw[i]});
+  return bytes;
+}
+
+std::size_t Optimizer::Impl::storage_bytes(DType d, std::int64_t n) {
+  if (d == DType::q8) return static_cast<std::size_t>(quant_state_bytes(n, 8));
+  if (d == DType::q4) return static_cast<std::size_t>(quant_state_bytes(n, 4));
+  return static_cast<std::size_t>(n) * dtype_size(d);
+}
+
+void Optimizer::Impl::read_state(const ParamEntry& p, int k, const detail::Buffer& b, float* out,
+                                 std::int64_t n) const {
+  const DType d = state_dtype(p);
+  const void* src = b.data();
+  std::vector<unsigned char> host;
+  if (device == Device::cuda) {
+    host.resize(storage_bytes(d, n));
+    cuda::DeviceGuard guard(device_index);
+    cuda::copy_to_host(host.data(), b.data(), host.size());
+    src = host.data();
+  }
+  if (cpu::is_quantized(d))
+    cpu::dequantize_state(out, src, d, desc(p).non_negative[static_cast<std::size_t>(k)], n);
+  else
+    cpu::widen(out, src, d, n);
+}
+
+std::string Optimizer::Impl::storage_problem(const ParamEntry& p) const {
+  const DType d = state_dtype(p);
+  if (!cpu::is_quantized(d)) return "";
+  const AlgorithmDescription& a = desc(p);
+  const std::string fix =
+      " (give this param float32 or bfloat16 states: set_param_option(name, \"state_dtype\", 0 "
+      "or 2))";
+  if (!a.quantizable)
+    return a.name + " cannot keep " + dtype_name(d) +
+           " states: its step is not one elementwise pass" + fix;
+  for (int k = 0; k < static_cast<int>(a.states.size()); ++k)
+    if (p.keeps(p.facts, k) && p.facts.state_from_param[k])
+      return a.name + "'s state '" + a.states[static_cast<std::size_t>(k)] +
+             "' is a copy of the weights, which " + dtype_name(d) + " cannot hold" + fix;
+  return "";
 }
 
 double Optimizer::scalar_state(std::string_view name, std::string_view scalar) const {

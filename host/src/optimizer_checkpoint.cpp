@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <unordered_map>
@@ -39,6 +40,20 @@ std::vector<float> values_of(const detail::Buffer& b, DType dtype, std::int64_t 
   return out;
 }
 
+// A quantized state's buffer as it is (codes and scales), in a checkpoint tensor's float32
+// values: its bytes, zero-padded to whole values.
+std::vector<float> raw_values(const detail::Buffer& b, std::size_t bytes, Device device,
+                              int device_index) {
+  std::vector<float> out((bytes + 3) / 4, 0.0f);
+  if (device != Device::cuda) {
+    std::memcpy(out.data(), b.data(), bytes);
+    return out;
+  }
+  cuda::DeviceGuard guard(device_index);
+  cuda::copy_to_host(out.data(), b.data(), bytes);
+  return out;
+}
+
 }  // namespace
 
 using detail::invalid;
@@ -71,6 +86,14 @@ void Optimizer::save(const std::string& path) const {
     if (key == "ema_decay" && !m.has_ema()) continue;
     d.options.emplace_back(key, m.settings.get(key));
   }
+  // The loading optimizer's state_dtype and min_quant_size are its own: saved for the record,
+  // the threshold only when set (the files of a library from before it load there).
+  d.options.erase(std::remove_if(d.options.begin(), d.options.end(),
+                                 [&](const auto& kv) {
+                                   return kv.first == "min_quant_size" &&
+                                          m.settings.min_quant_size == Settings{}.min_quant_size;
+                                 }),
+                  d.options.end());
   if (m.eval_mode) d.options.emplace_back(kEvalModeKey, 1.0);  // only then: older files load
   for (const ParamEntry& p : m.params) {
     detail::CheckpointParam cp{p.name, p.dtype, p.shape, step_count(p.name), {}};
@@ -81,12 +104,22 @@ void Optimizer::save(const std::string& path) const {
     if (p.scalars)  // exact: doubles in the file's per-param pairs
       for (std::size_t k = 0; k < a.scalars.size(); ++k)
         cp.overrides.emplace_back(kScalarPrefix + a.scalars[k], scalar_state(p.name, a.scalars[k]));
-    d.params.push_back(std::move(cp));
     const bool has_state = p.master || p.ema ||
                            std::any_of(std::begin(p.states), std::end(p.states),
                                        [](const auto& b) { return b.has_value(); });
+    const DType storage = m.state_dtype(p);
+    const bool quantized = cpu::is_quantized(storage);  // saved as they are: resumes are bitwise
+    d.params.push_back(std::move(cp));
     if (!has_state) continue;  // never stepped: its state is still the initial value
-    for (const auto& s : state_names(p.name)) d.tensors.push_back({p.name, s, state(p.name, s)});
+    for (const auto& s : state_names(p.name)) {
+      const int k = detail::index_of(a.states, s);
+      if (quantized && k >= 0 && p.states[k])
+        d.tensors.push_back(
+            {p.name, s, raw_values(*p.states[k], m.state_bytes(p, k), m.device, m.device_index),
+             storage});
+      else
+        d.tensors.push_back({p.name, s, state(p.name, s)});
+    }
     if (p.train_param)
       d.tensors.push_back({p.name, kTrainParamState,
                            values_of(*p.train_param, p.dtype, p.numel, m.device, m.device_index)});
@@ -151,6 +184,12 @@ void Optimizer::load(const std::string& path) {
       settings.set(key, value);
       continue;
     }
+  }
+  // The states are converted into this optimizer's state storage, which stays as it is.
+  settings.state_dtype = m.settings.state_dtype;
+  settings.min_quant_size = m.settings.min_quant_size;
+  for (const auto& [key, value] : d.options) {
+    if (key == kEvalModeKey || Settings::is_key(key)) continue;
     const auto [s, k] = option_of(key);
     defaults[s].values[k] = value;
   }
@@ -192,6 +231,8 @@ void Optimizer::load(const std::string& path) {
     if (algorithm != m.desc(p).name)
       problems.push_back("param '" + p.name + "' is stepped by " + m.desc(p).name +
                          ", in the checkpoint by " + algorithm);
+    if (const std::string why = m.storage_problem(p); !why.empty())
+      problems.push_back("param '" + p.name + "': " + why);
   }
   for (const auto& cp : d.params)
     if (!m.by_name.count(cp.name))
@@ -297,14 +338,25 @@ void Optimizer::load(const std::string& path) {
       const bool whole = is_master || is_ema || is_train || is_train_master;  // numel f32 values
       const int k = whole ? -1 : detail::index_of(a.states, t->state);
       const std::int64_t count = whole ? p.numel : p.state_numel(l.facts, k);
-      if (static_cast<std::int64_t>(t->values.size()) != count)
+      // A quantized state in the file: its buffer's bytes, as whole float32 values.
+      const bool as_saved = t->dtype != DType::f32;
+      if (as_saved && (whole || !a.quantizable))
+        throw Error(StatusCode::corrupt_data,
+                    who + "state '" + t->state + "' of '" + p.name + "' cannot be quantized");
+      const std::optional<DType> file_storage =
+          as_saved ? std::optional<DType>(t->dtype) : std::nullopt;
+      const std::size_t raw_bytes = as_saved ? Impl::storage_bytes(*file_storage, count) : 0;
+      const std::int64_t values_expected =
+          as_saved ? static_cast<std::int64_t>((raw_bytes + 3) / 4) : count;
+      if (static_cast<std::int64_t>(t->values.size()) != values_expected)
         throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' of '" + p.name +
                                                   "' has " + std::to_string(t->values.size()) +
-                                                  " values, expected " + std::to_string(count));
+                                                  " values, expected " +
+                                                  std::to_string(values_expected));
       const DType storage = is_train                                 ? p.dtype
                             : is_master || is_ema || is_train_master ? DType::f32
-                                                                     : settings.state_dtype;
-      const std::size_t bytes_needed = static_cast<std::size_t>(count) * dtype_size(storage);
+                                                                     : m.state_dtype(p);
+      const std::size_t bytes_needed = Impl::storage_bytes(storage, count);
       std::optional<detail::Buffer>& slot = is_master         ? l.master
                                             : is_ema          ? l.ema
                                             : is_train        ? l.train_param
@@ -312,7 +364,33 @@ void Optimizer::load(const std::string& path) {
                                                               : l.states[k];
       if (slot) throw Error(StatusCode::corrupt_data, who + "state '" + t->state + "' twice");
       slot.emplace(m.device, m.device_index, bytes_needed);
-      if (m.device == Device::cuda) {
+      if (as_saved || cpu::is_quantized(storage)) {
+        // Host bytes in this optimizer's storage: the file's as they are where it is the same
+        // (bitwise), else decoded to float32 and stored (rounded to nearest where quantized).
+        const bool non_negative = a.non_negative[static_cast<std::size_t>(k)];
+        std::vector<unsigned char> image(bytes_needed);
+        if (as_saved && *file_storage == storage) {
+          std::memcpy(image.data(), t->values.data(), bytes_needed);
+        } else {
+          std::vector<float> values = t->values;
+          if (as_saved) {
+            // A corrupt file cannot make this read out of bounds: sizes were checked above.
+            values.assign(static_cast<std::size_t>(count), 0.0f);
+            cpu::dequantize_state(values.data(), t->values.data(), *file_storage, non_negative,
+                                  count);
+          }
+          if (cpu::is_quantized(storage))
+            cpu::quantize_state(image.data(), storage, non_negative, values.data(), count);
+          else
+            cpu::narrow(image.data(), storage, values.data(), count);
+        }
+        if (m.device == Device::cuda) {
+          cuda::DeviceGuard guard(m.device_index);
+          cuda::copy_from_host(slot->data(), image.data(), bytes_needed, nullptr);
+        } else {
+          std::memcpy(slot->data(), image.data(), bytes_needed);
+        }
+      } else if (m.device == Device::cuda) {
         cuda::DeviceGuard guard(m.device_index);
         if (storage == DType::f32) {
           cuda::copy_from_host(slot->data(), t->values.data(), bytes_needed, nullptr);

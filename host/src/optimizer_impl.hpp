@@ -34,6 +34,9 @@ inline constexpr const char* kAlgorithmPrefix = "algorithm.";
 // A checkpoint option saved in eval mode only.
 inline constexpr const char* kEvalModeKey = "eval_mode";
 
+/// A state_dtype option's value as a storage (0, 2, 5, 6); throws invalid_argument naming `who`.
+DType parse_state_dtype(double v, const std::string& who);
+
 /// Optimizer-wide step settings (optimizer.hpp), kept apart from the algorithm's options.
 struct Settings {
   double grad_scale = 1.0;  // gradients are divided by it
@@ -45,6 +48,8 @@ struct Settings {
   bool stochastic_rounding = false;
   double seed = 0.0;
   double ema_decay = 0.0;  // weight EMA: 0 off, else its decay in (0, 1)
+  // With quantized states (state_dtype q8, q4): params of fewer elements keep float32 states.
+  std::int64_t min_quant_size = 4096;
 
   static const std::vector<std::string>& keys();
   static bool is_key(std::string_view key);
@@ -83,6 +88,8 @@ struct ParamEntry {
   // on CUDA the device may skip one (found_inf), so the device's count is the step count and
   // this is an upper bound of it.
   std::int64_t steps_launched = 0;
+  std::optional<DType> state_dtype;          // its own state storage (set_param_option), or
+                                             // unset: the optimizer's (Impl::state_dtype)
   std::optional<Buffer> states[kMaxStates];  // created at the first step
   std::optional<Buffer> master;              // f32 master weights
   std::optional<Buffer> ema;                 // f32 weight EMA (ema_decay > 0)
@@ -199,11 +206,28 @@ struct Optimizer::Impl {
   /// Whether p's param or states are not float32: on the CPU its steps then go through the
   /// storage layer (cpu::Storage).
   bool low_storage(const detail::ParamEntry& p) const {
-    return p.dtype != DType::f32 || settings.state_dtype != DType::f32;
+    return p.dtype != DType::f32 || state_dtype(p) != DType::f32;
+  }
+  /// The storage of p's states: its own (set_param_option), else the optimizer's state_dtype,
+  /// except that quantized states are float32 for params under min_quant_size elements.
+  DType state_dtype(const detail::ParamEntry& p) const {
+    if (p.state_dtype) return *p.state_dtype;
+    const DType d = settings.state_dtype;
+    if ((d == DType::q8 || d == DType::q4) && p.numel < settings.min_quant_size) return DType::f32;
+    return d;
   }
   std::size_t state_bytes(const detail::ParamEntry& p, int k) const {
-    return static_cast<std::size_t>(p.state_numel(p.facts, k)) * dtype_size(settings.state_dtype);
+    return storage_bytes(state_dtype(p), p.state_numel(p.facts, k));
   }
+  /// Bytes of n values stored as `d` (a quantized state: its codes and scales).
+  static std::size_t storage_bytes(DType d, std::int64_t n);
+  /// State k of p as n float32 values into `out` (host memory), from its buffer `b` (of p's
+  /// state storage, on the optimizer's device).
+  void read_state(const detail::ParamEntry& p, int k, const detail::Buffer& b, float* out,
+                  std::int64_t n) const;
+  /// Why p's states cannot be stored as they are set (quantized states of an algorithm or
+  /// options that cannot take them), or "".
+  std::string storage_problem(const detail::ParamEntry& p) const;
 
   void create_first_step_state(const std::size_t* indices, std::size_t n, void* stream);
   void grow_device_steps(void* stream);

@@ -50,9 +50,11 @@ void Optimizer::step(const void* const* grads, void* stream) {
                   " with these options): it takes sparse steps (step_sparse) only");
     if (!cuda && !p.facts.cpu_refusal.empty())
       unsupported("step: param '" + p.name + "': " + m.desc(p).name + ": " + p.facts.cpu_refusal);
+    if (const std::string why = m.storage_problem(p); !why.empty())
+      unsupported("step: param '" + p.name + "': " + why);
     if (!cuda && m.low_storage(p) && *m.slot(p).algorithm->cpu_storage_refusal())
       unsupported("step: param '" + p.name + "' (" + dtype_name(p.dtype) + ", states " +
-                  dtype_name(m.settings.state_dtype) + "): " + m.desc(p).name + ": " +
+                  dtype_name(m.state_dtype(p)) + "): " + m.desc(p).name + ": " +
                   m.slot(p).algorithm->cpu_storage_refusal());
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
       invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
@@ -86,6 +88,7 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     std::optional<detail::Buffer> master;
     std::optional<detail::Buffer> ema;
     std::optional<detail::Buffer> scalars;
+    std::vector<unsigned char> image[kMaxStates];  // a quantized CUDA state's first bytes
   };
   std::vector<Fresh> fresh;
   for (std::size_t j = 0; j < n; ++j) {
@@ -93,10 +96,18 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
     Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
-            std::nullopt};
+            std::nullopt, {}};
     const std::size_t num_scalars = desc(p).scalars.size();
-    for (int k = 0; k < static_cast<int>(desc(p).states.size()); ++k)
-      if (p.keeps(p.facts, k)) f.states[k].emplace(device, device_index, state_bytes(p, k));
+    const DType storage = state_dtype(p);
+    for (int k = 0; k < static_cast<int>(desc(p).states.size()); ++k) {
+      if (!p.keeps(p.facts, k)) continue;
+      f.states[k].emplace(device, device_index, state_bytes(p, k));
+      if (device == Device::cuda && cpu::is_quantized(storage)) {  // built on the host
+        f.image[k].resize(state_bytes(p, k));
+        cpu::fill_quantized(f.image[k].data(), storage, desc(p).non_negative[k],
+                            p.facts.state_init[k], p.state_numel(p.facts, k));
+      }
+    }
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
     if (has_ema())
@@ -110,15 +121,22 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
       if (!f.states[k]) continue;
       const float init = p.facts.state_init[k];
       const std::int64_t count = p.state_numel(p.facts, k);
-      if (p.facts.state_from_param[k]) {  // a copy of the param (per element: count == numel)
+      const DType storage = state_dtype(p);
+      if (cpu::is_quantized(storage)) {  // never a copy of the param (storage_problem)
         if (device == Device::cuda)
-          cuda::convert(f.states[k]->data(), settings.state_dtype, p.data, p.dtype, count, stream);
+          cuda::copy_from_host(f.states[k]->data(), f.image[k].data(), f.image[k].size(), stream);
         else
-          cpu::convert(f.states[k]->data(), settings.state_dtype, p.data, p.dtype, count);
+          cpu::fill_quantized(f.states[k]->data(), storage, desc(p).non_negative[k], init, count);
+      } else if (p.facts
+                     .state_from_param[k]) {  // a copy of the param (per element: count == numel)
+        if (device == Device::cuda)
+          cuda::convert(f.states[k]->data(), storage, p.data, p.dtype, count, stream);
+        else
+          cpu::convert(f.states[k]->data(), storage, p.data, p.dtype, count);
       } else if (device == Device::cuda) {
-        cuda::fill(f.states[k]->data(), settings.state_dtype, init, count, stream);
+        cuda::fill(f.states[k]->data(), storage, init, count, stream);
       } else {
-        cpu::fill(f.states[k]->data(), settings.state_dtype, init, count);
+        cpu::fill(f.states[k]->data(), storage, init, count);
       }
       p.states[k] = std::move(f.states[k]);
     }
@@ -216,7 +234,7 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
       st.master = p.master ? p.master->f32() : nullptr;
       for (int k = 0; k < kMaxStates; ++k)
         st.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
-      st.state_dtype = settings.state_dtype;
+      st.state_dtype = state_dtype(p);
       st.stochastic = settings.stochastic_rounding;
       st.seed = static_cast<std::uint64_t>(settings.seed);
       st.key = p.key;
@@ -252,7 +270,7 @@ void Optimizer::Impl::regroup() {
     const ParamEntry& p = params[i];
     auto same = [&](const detail::StepGroup& g) {
       const ParamEntry& lead = params[g.members.front()];
-      return lead.slot == p.slot && lead.dtype == p.dtype &&
+      return lead.slot == p.slot && lead.dtype == p.dtype && state_dtype(lead) == state_dtype(p) &&
              slot(p).algorithm->same_options(lead.local, p.local);
     };
     auto it = std::find_if(next.begin(), next.end(), same);
@@ -354,7 +372,7 @@ void Optimizer::Impl::step_cuda(const void* const* grads, void* stream) {
     cuda::ListSettings s;
     s.param_dtype = lead.dtype;
     s.grad_dtype = grad_dtype(lead);
-    s.state_dtype = settings.state_dtype;
+    s.state_dtype = state_dtype(lead);
     s.stochastic = settings.stochastic_rounding;
     s.seed = static_cast<std::uint64_t>(settings.seed);
     s.grad_multiplier = mult;
@@ -387,8 +405,9 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     unsupported(who() + m.desc(p).name + " has no sparse step (sparse: " + sparse + ")");
   }
   if (!p.facts.sparse_refusal.empty()) invalid(who() + p.facts.sparse_refusal);
-  if (p.dtype != DType::f32 || m.settings.state_dtype != DType::f32)
-    unsupported(who() + "sparse steps take float32 tables and states");
+  if (p.dtype != DType::f32 || m.state_dtype(p) != DType::f32)
+    unsupported(who() + "sparse steps take float32 tables and states (this table's states: " +
+                dtype_name(m.state_dtype(p)) + ")");
   if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)
     unsupported(who() + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
   if (m.has_ema()) unsupported(who() + "the weight EMA (ema_decay) is updated by dense steps only");
@@ -516,7 +535,7 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
                           0,      p.key};
         for (int k = 0; k < kMaxStates; ++k)
           e.states[k] = p.states[k] ? p.states[k]->data() : nullptr;
-        slot(p).algorithm->cuda_eval(p.local, e, p.dtype, settings.state_dtype, stream);
+        slot(p).algorithm->cuda_eval(p.local, e, p.dtype, state_dtype(p), stream);
       } else if (!low_storage(p)) {
         std::memcpy(kept[i].param->data(), p.data, bytes);
         float* const s[kMaxStates] = {p.states[0] ? p.states[0]->f32() : nullptr,
@@ -535,7 +554,7 @@ void Optimizer::Impl::switch_mode(bool to_eval, void* stream) {
         for (int k = 0; k < kMaxStates; ++k) {
           if (!p.states[k]) continue;
           s[k] = wide.data() + (1 + k) * n;
-          cpu::widen(s[k], p.states[k]->data(), settings.state_dtype, p.numel);
+          read_state(p, k, *p.states[k], s[k], p.numel);
         }
         slot(p).algorithm->cpu_eval(p.local, x, s, p.numel);
         cpu::narrow(p.data, p.dtype, x, p.numel);

@@ -9,10 +9,21 @@
 
 namespace fo::detail {
 
+DType parse_state_dtype(double v, const std::string& who) {
+  if (v == 0.0) return DType::f32;
+  if (v == 2.0) return DType::bf16;
+  if (v == 5.0) return DType::q8;
+  if (v == 6.0) return DType::q4;
+  invalid(who +
+          " takes 0 (float32), 2 (bfloat16), 5 (8-bit block-quantized) or 6 (4-bit "
+          "block-quantized), got " +
+          format_number(v));
+}
+
 const std::vector<std::string>& Settings::keys() {
   static const std::vector<std::string> k = {
       "grad_scale", "max_grad_norm",       "skip_nonfinite", "master_weights", "state_dtype",
-      "fp32_grads", "stochastic_rounding", "seed",           "ema_decay"};
+      "fp32_grads", "stochastic_rounding", "seed",           "ema_decay",      "min_quant_size"};
   return k;
 }
 
@@ -21,7 +32,8 @@ bool Settings::is_key(std::string_view key) {
 }
 
 bool Settings::is_storage_key(std::string_view key) {
-  return key == "master_weights" || key == "state_dtype" || key == "fp32_grads";
+  return key == "master_weights" || key == "state_dtype" || key == "fp32_grads" ||
+         key == "min_quant_size";
 }
 
 double Settings::get(std::string_view key) const {
@@ -33,6 +45,7 @@ double Settings::get(std::string_view key) const {
   if (key == "fp32_grads") return fp32_grads;
   if (key == "stochastic_rounding") return stochastic_rounding;
   if (key == "ema_decay") return ema_decay;
+  if (key == "min_quant_size") return static_cast<double>(min_quant_size);
   return seed;
 }
 
@@ -57,8 +70,7 @@ void Settings::set(std::string_view key, double v) {
   } else if (key == "master_weights") {
     master_weights = flag();
   } else if (key == "state_dtype") {
-    if (v != 0.0 && v != 2.0) invalid("state_dtype takes 0 (float32) or 2 (bfloat16)");
-    state_dtype = v == 2.0 ? DType::bf16 : DType::f32;
+    state_dtype = parse_state_dtype(v, "state_dtype");
   } else if (key == "fp32_grads") {
     fp32_grads = flag();
   } else if (key == "stochastic_rounding") {
@@ -67,6 +79,10 @@ void Settings::set(std::string_view key, double v) {
     if (!(v >= 0.0 && v < 1.0))
       invalid("ema_decay must be in [0, 1) (0: no weight EMA), got " + format_number(v));
     ema_decay = v;
+  } else if (key == "min_quant_size") {
+    if (!(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v)))
+      invalid("min_quant_size must be an integer >= 0, got " + format_number(v));
+    min_quant_size = static_cast<std::int64_t>(v);
   } else if (key == "seed") {
     if (!(v >= 0.0 && v <= 9007199254740992.0 && v == std::floor(v)))
       invalid("seed must be an integer in [0, 2^53] (exact as a double)");

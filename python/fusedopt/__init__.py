@@ -8,11 +8,13 @@
 docs/python.md in the repository has the details.
 """
 
-from ._fusedopt import (algorithms, cuda_device_count, eval_params, state_shapes, step,
-                        step_groups, step_scalars, step_states)
+from ._fusedopt import (algorithms, cuda_device_count, dequantize_state, eval_params,
+                        fill_quantized_state, quantize_state, quantized_state_bytes,
+                        state_shapes, step, step_groups, step_scalars, step_states)
 
 __all__ = ["Optimizer", "algorithms", "cuda_device_count", "eval_params", "step", "step_groups",
-           "step_scalars", "step_states", "state_shapes"]
+           "step_scalars", "step_states", "state_shapes", "quantized_state_bytes",
+           "quantize_state", "dequantize_state", "fill_quantized_state"]
 __version__ = "0.1.0"
 
 _ALGORITHMS = {a["name"]: a for a in algorithms()}

@@ -12,7 +12,10 @@ states in fusedopt's names. ``SGDScheduleFree`` and ``AdamWScheduleFree`` are th
 package's (1.4.1): its arguments, param-group keys and state, with its ``train()`` / ``eval()``.
 ``MuonWithAdamW`` is Muon and AdamW in one optimizer (Keller Jordan's MuonWithAuxAdam): groups
 with ``use_muon=True`` step as ``Muon``, ``use_muon=False`` as ``AdamW``, in one step() and one
-state_dict.
+state_dict. ``AdamW8bit``, ``AdamW4bit``, ``Adam8bit`` and ``Adam4bit`` take torchao.optim's
+arguments and keep the states of params of 4096 or more elements block-quantized (8 or 4 bits:
+one uint8 tensor per state under torch's name, docs/quantized-states.md);
+``dequantized_state(opt, p)`` decodes them.
 
 Each ``step()`` makes one call into the library for all its param groups: every param with a
 grad is validated (contiguous, float32, bfloat16 or float16 on the CPU and on CUDA; grad and
@@ -41,7 +44,8 @@ from . import _fusedopt
 
 __all__ = ["SGD", "Adagrad", "Adadelta", "RMSprop", "Adam", "AdamW", "Rprop", "Adamax", "NAdam",
            "RAdam", "SparseAdam", "Lion", "LazyAdam", "SignSGD", "AdEMAMix", "LAMB", "LARS",
-           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor", "Muon", "MuonWithAdamW"]
+           "SGDScheduleFree", "AdamWScheduleFree", "Adafactor", "Muon", "MuonWithAdamW",
+           "AdamW8bit", "AdamW4bit", "Adam8bit", "Adam4bit", "dequantized_state"]
 
 # torch's keyword for a library option that torch keeps in a pair (a triple: bitsandbytes'
 # AdEMAMix betas); every other option has the same name in both.
@@ -53,6 +57,8 @@ _PAIRED = {"beta1": ("betas", 0), "beta2": ("betas", 1), "beta3": ("betas", 2),
 _IGNORED = ("foreach", "fused", "capturable")
 _ALGORITHMS = {a["name"]: a for a in _fusedopt.algorithms()}
 _HUGE_PAGE_MIN_BYTES = 4 << 20  # below, at most one whole 2 MiB page would gain
+# Block-quantized state storages (docs/quantized-states.md): the library's fixed block sizes.
+_QUANT_BLOCK = {"int8": 256, "int4": 128}
 
 
 class _Spec:
@@ -101,6 +107,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
     """The common body of fusedopt.torch's classes (torch.optim.Optimizer with a fused step)."""
 
     _spec = None  # set by each class
+    # Block-quantized states (docs/python.md, "8-bit and 4-bit states"): None (the states are
+    # tensors of the param's dtype), or "int8" / "int4" for params of min_quant_size or more
+    # elements, whose states are then uint8 buffers of quantized_state_bytes bytes each.
+    _state_dtype = None
+    _min_quant_size = 4096
 
     def _setup(self, params, args):
         defaults = {k: v for k, v in args.items() if k not in ("self", "params", "__class__")}
@@ -141,15 +152,25 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         decay = float(state_dict.pop("ema_decay", 0.0))
-        # torch casts every state to its param's dtype: an EMA stays float32.
+        # torch casts every state to its param's dtype: an EMA stays float32, and a
+        # block-quantized state (uint8) stays its bytes.
         emas = {i: st["ema"] for i, st in state_dict["state"].items() if "ema" in st}
-        super().load_state_dict(state_dict)
+        quantized = {i: {k: v for k, v in st.items()
+                         if torch.is_tensor(v) and v.dtype == torch.uint8}
+                     for i, st in state_dict["state"].items()}
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if any(quantized.values()):
+            self._check_quantized_states(state_dict, ids, params, quantized)
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             if i in emas:
                 self.state[p]["ema"] = emas[i].to(device=p.device, dtype=torch.float32,
                                                   copy=True)
+            for k, v in quantized.get(i, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)
+        if self._state_dtype is not None:
+            self._convert_loaded_states()
         self._ema_decay = decay
         # A checkpoint of torch's fused or capturable optimizer keeps step on the param's
         # device; fusedopt reads step counts on the CPU, as torch's default does.
@@ -158,6 +179,91 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(step) and (step.device.type != "cpu" or step.dtype not in (
                     torch.float32, torch.float64)):
                 st["step"] = step.to(device="cpu", dtype=torch.float32)
+
+    # -- block-quantized states ---------------------------------------------------------------
+
+    def _quantizes(self, p):
+        """Whether a param's states are block-quantized (uint8 buffers) when created: this
+        optimizer quantizes, and the param has min_quant_size elements or more."""
+        return self._state_dtype is not None and p.numel() >= self._min_quant_size
+
+    def _state_maps(self, group):
+        """{state name: non_negative} of the group's algorithm (which map a quantized state of
+        it takes)."""
+        a = _ALGORITHMS[self._algorithm(group)]
+        return dict(zip(a["states"], a["non_negative"]))
+
+    def _check_quantized_states(self, state_dict, ids, params, quantized):
+        """A state dict's uint8 states, checked before anything is loaded: this optimizer keeps
+        block-quantized states, and each is one buffer of its param's bytes."""
+        if self._state_dtype is None:
+            raise ValueError(
+                f"{type(self).__name__} keeps no block-quantized states, and the state dict "
+                "has uint8 ones (an 8-bit or 4-bit optimizer's): load it into that class "
+                "(AdamW8bit, AdamW4bit, ...)")
+        by_id = dict(zip(ids, params))
+        for i, states in quantized.items():
+            p = by_id.get(i)
+            if p is None:
+                continue  # torch's own error for a state of an unknown param
+            want = _fusedopt.quantized_state_bytes(p.numel(), self._state_dtype)
+            for k, v in states.items():
+                if v.dim() != 1 or v.numel() != want:
+                    raise ValueError(
+                        f"state {k!r} of param {i} is a uint8 tensor of shape {tuple(v.shape)}:"
+                        f" a {self._state_dtype} state of a param of {p.numel()} elements is "
+                        f"one buffer of {want} bytes (a state dict of another bit width?)")
+
+    def _convert_loaded_states(self):
+        """The loaded states in this optimizer's storage: a float state of a param it quantizes
+        is encoded (to nearest), a quantized state of a param it does not is decoded (exact),
+        into the param's dtype as torch keeps states."""
+        for group in self.param_groups:
+            maps = self._state_maps(group)
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                quantize = self._quantizes(p)
+                for name, non_negative in maps.items():
+                    v = st.get(name)
+                    if not torch.is_tensor(v) or (v.dtype == torch.uint8) == quantize:
+                        continue
+                    if quantize:
+                        if v.shape != p.shape:
+                            continue  # not a per-element state: left to the step's checks
+                        st[name] = _quantize(v, self._state_dtype, non_negative).to(p.device)
+                    else:
+                        st[name] = _dequantize(v, p, self._state_dtype, non_negative).to(
+                            device=p.device, dtype=p.dtype)
+
+    def _by_state_storage(self, call):
+        """A group's call as the library takes it: one call per state storage, since a list
+        step takes one state dtype (block-quantized params apart from the others)."""
+        states = call[4]
+        quantized = [any(s[i] is not None and s[i].dtype == torch.uint8 for s in states)
+                     for i in range(len(call[2]))]
+        if not any(quantized):
+            return [call]
+
+        def pick(keep):
+            idx = [i for i, q in enumerate(quantized) if q == keep]
+            if not idx:
+                return None
+            out = list(call)
+            for k in (2, 3, 5, 6, 8):
+                if k < len(out) and out[k] is not None:
+                    out[k] = [out[k][i] for i in idx]
+            out[4] = [[s[i] for i in idx] for s in states]
+            return out
+
+        calls = []
+        plain, quant = pick(False), pick(True)
+        if plain is not None:
+            calls.append(tuple(plain))
+        quant += [None, 0.0, None][len(quant) - 6:]  # emas, ema_decay, scalars
+        calls.append(tuple(quant) + (self._state_dtype,))
+        return calls
 
     # -- the weight EMA ----------------------------------------------------------------------
 
@@ -245,11 +351,22 @@ class _FusedOptimizer(torch.optim.Optimizer):
         elif spec.step == "int" and "step" not in st:
             st["step"] = 0
         created = False
+        # Block-quantized where the param's states already are, or (none yet) by the policy.
+        kept = [v for k, v in st.items() if k in shapes and torch.is_tensor(v)]
+        quantized = (kept[0].dtype == torch.uint8) if kept else self._quantizes(p)
+        maps = self._state_maps(group) if quantized else {}
         for name, _, init, from_param in specs:
             shape = shapes[name]
             if shape is None:
                 continue  # a param of these dimensions does not keep it
-            if name not in st:
+            if name not in st and quantized:
+                # One uint8 buffer (codes, then one float32 absmax per block), built on the CPU.
+                t = torch.empty(_fusedopt.quantized_state_bytes(p.numel(), self._state_dtype),
+                                dtype=torch.uint8)
+                _fusedopt.fill_quantized_state(t, p.numel(), self._state_dtype, maps[name], init)
+                st[name] = t.to(p.device)
+                created = True
+            elif name not in st:
                 # Huge pages for large CPU states, advised before the memory is first touched
                 # (a step streams them; the library's own states get the same).
                 t = (torch.empty_like(p, memory_format=torch.preserve_format)
@@ -283,7 +400,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 call = self._gather(group, fresh, counted, sparse)
                 scalars = self._group_spec(group).torch_scalars
                 if call is not None:
-                    calls.append(call)
+                    calls.extend(self._by_state_storage(call))
                     if scalars:
                         stepped.append((group, scalars, [self.state[p] for p in call[2]]))
             if calls or sparse:
@@ -982,3 +1099,141 @@ class MuonWithAdamW(_FusedOptimizer):
 
     def _options(self, group):
         return super()._options(_muon_group(group) if group["use_muon"] else group)
+
+
+# -- 8-bit and 4-bit optimizer states (docs/python.md, docs/quantized-states.md) ----------------
+
+def _quantize(values, state_dtype, non_negative):
+    """A CPU uint8 buffer of `values` (any dtype, device) block-quantized to nearest."""
+    src = values.detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)
+    out = torch.empty(_fusedopt.quantized_state_bytes(src.numel(), state_dtype), dtype=torch.uint8)
+    _fusedopt.quantize_state(out, src, state_dtype, non_negative)
+    return out
+
+
+def _dequantize(buffer, p, state_dtype, non_negative):
+    """The float32 CPU values, of p's shape, of a block-quantized state `buffer` of param p."""
+    out = torch.empty(p.shape, dtype=torch.float32)
+    _fusedopt.dequantize_state(out.reshape(-1), buffer.detach().to("cpu").contiguous(),
+                               state_dtype, non_negative)
+    return out
+
+
+def dequantized_state(optimizer, param):
+    """The states of `param` in `optimizer` (a fusedopt.torch optimizer) as float32 tensors of
+    the param's shape on its device, by name ({"exp_avg": ..., "exp_avg_sq": ...}): a
+    block-quantized state (uint8) decoded exactly (each element its code's value times its
+    block's absmax), any other state converted to float32. A param that has not stepped: {}."""
+    group = next((g for g in optimizer.param_groups if any(q is param for q in g["params"])),
+                 None)
+    if group is None:
+        raise ValueError("dequantized_state: the param is not one of the optimizer's")
+    st = optimizer.state.get(param, {})
+    maps = optimizer._state_maps(group)
+    out = {}
+    for name, non_negative in maps.items():
+        v = st.get(name)
+        if not torch.is_tensor(v):
+            continue
+        if v.dtype == torch.uint8:
+            if optimizer._state_dtype is None:
+                raise ValueError(f"dequantized_state: state {name!r} is uint8 in an optimizer "
+                                 "without block-quantized states")
+            out[name] = _dequantize(v, param, optimizer._state_dtype, non_negative).to(
+                param.device)
+        else:
+            out[name] = v.detach().to(dtype=torch.float32, copy=True)
+    return out
+
+
+class _QuantizedOptimizer(_FusedOptimizer):
+    """A fusedopt.torch class whose large params keep 8-bit or 4-bit states."""
+
+    def _quantized_setup(self, params, args):
+        state_dtype = self._state_dtype  # the class's
+        args = dict(args)
+        block_size = args.pop("block_size")
+        stochastic = args.pop("bf16_stochastic_round")
+        min_quant_size = args.pop("min_quant_size")
+        name = type(self).__name__
+        if block_size != _QUANT_BLOCK[state_dtype]:
+            raise ValueError(
+                f"{name}: block_size must be {_QUANT_BLOCK[state_dtype]} (fusedopt's fixed "
+                f"block of {state_dtype} states: one float32 absmax per "
+                f"{_QUANT_BLOCK[state_dtype]} elements), got {block_size}")
+        if stochastic:
+            raise NotImplementedError(
+                f"{name}: bf16_stochastic_round=True is not supported (fusedopt's stochastic "
+                "rounding also draws the states' codes, unlike torchao's)")
+        if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or \
+                min_quant_size < 0:
+            raise ValueError(f"{name}: min_quant_size must be an int >= 0, got {min_quant_size!r}")
+        self._min_quant_size = min_quant_size
+        self._setup(params, args)
+
+    def __getstate__(self):
+        # torch's keeps defaults, state and param_groups only: a pickled (or deep-copied)
+        # optimizer keeps its storage too.
+        return dict(super().__getstate__(), _min_quant_size=self._min_quant_size)
+
+    def __setstate__(self, state):
+        # Also called by torch's load_state_dict (without the threshold, which stays).
+        super().__setstate__(state)
+
+    @property
+    def min_quant_size(self):
+        """Params of fewer elements keep the states fusedopt.torch's full-precision class keeps
+        (the param's dtype); fixed at construction."""
+        return self._min_quant_size
+
+
+def _quantized_doc(name, torch_name, bits, block):
+    return (
+        f"{torch_name} with {bits}-bit optimizer states, as torchao.optim.{name}: the same "
+        f"arguments and group keys (lr, betas, eps, weight_decay, amsgrad). Each state of a "
+        f"param of min_quant_size (4096) or more elements is one uint8 tensor in "
+        f"state[p] under torch's name: block-quantized codes and one float32 absmax per "
+        f"{block} elements (docs/quantized-states.md), about {'1/4' if bits == 8 else '1/8'} "
+        f"of float32; smaller params keep fusedopt.torch.{torch_name}'s states. The step "
+        f"decodes, steps in float32 and re-encodes to nearest in the same fused pass. "
+        f"block_size must be {block} (ValueError otherwise); bf16_stochastic_round=True "
+        f"raises NotImplementedError. fusedopt.torch.dequantized_state(opt, p) decodes.")
+
+
+def _adamw8bit_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                    amsgrad=False, *, block_size=256, bf16_stochastic_round=False,
+                    min_quant_size=4096):
+    self._quantized_setup(params, locals())
+
+
+def _adamw4bit_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                    amsgrad=False, *, block_size=128, bf16_stochastic_round=False,
+                    min_quant_size=4096):
+    self._quantized_setup(params, locals())
+
+
+def _adam8bit_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                   amsgrad=False, *, block_size=256, bf16_stochastic_round=False,
+                   min_quant_size=4096):
+    self._quantized_setup(params, locals())
+
+
+def _adam4bit_init(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                   amsgrad=False, *, block_size=128, bf16_stochastic_round=False,
+                   min_quant_size=4096):
+    self._quantized_setup(params, locals())
+
+
+def _quantized_class(name, algorithm, init, torch_name, bits):
+    cls = type(name, (_QuantizedOptimizer,), {
+        "__init__": init, "_spec": _Spec(algorithm), "__module__": __name__,
+        "_state_dtype": "int8" if bits == 8 else "int4",
+        "__doc__": _quantized_doc(name, torch_name, bits, 256 if bits == 8 else 128)})
+    init.__qualname__ = f"{name}.__init__"
+    return cls
+
+
+AdamW8bit = _quantized_class("AdamW8bit", "adamw", _adamw8bit_init, "AdamW", 8)
+AdamW4bit = _quantized_class("AdamW4bit", "adamw", _adamw4bit_init, "AdamW", 4)
+Adam8bit = _quantized_class("Adam8bit", "adam", _adam8bit_init, "Adam", 8)
+Adam4bit = _quantized_class("Adam4bit", "adam", _adam4bit_init, "Adam", 4)

@@ -300,6 +300,42 @@ void check_with_shape(const View& v, const View& p, const std::vector<std::int64
         ": fusedopt takes float32, bfloat16 or float16 grads and float32 or bfloat16 states");
 }
 
+bool is_uint8(const View& v) { return v.raw.code == 1 && v.raw.bits == 8 && v.raw.lanes == 1; }
+
+/// A call's `state_dtype`: None (the states' own dtype, float32 or bfloat16), or "int8" /
+/// "int4": block-quantized states (docs/quantized-states.md), each a 1-D uint8 array of
+/// quantized_state_bytes(numel, state_dtype) bytes.
+fo::DType quantized_dtype(nb::handle state_dtype, const char* who) {
+  if (state_dtype.is_none()) return fo::DType::f32;
+  std::string name;
+  if (nb::try_cast(state_dtype, name)) {
+    if (name == "int8") return fo::DType::q8;
+    if (name == "int4") return fo::DType::q4;
+  }
+  raise_value(std::string(who) +
+              ": state_dtype must be None (float32 or bfloat16 states), "
+              "'int8' or 'int4' (block-quantized uint8 buffers), got " +
+              nb::repr(state_dtype).c_str());
+}
+
+/// Checks a block-quantized state `v` of param i (a 1-D contiguous uint8 array of the bytes
+/// its `numel` values take in `q`, on the param's device).
+template <class What>
+void check_quantized(const View& v, const View& p, std::int64_t numel, fo::DType q, std::size_t i,
+                     const What& what) {
+  const auto at = [i] { return " of param " + std::to_string(i); };
+  if (v.device_type != p.device_type || v.device_id != p.device_id)
+    raise_value(what() + at() + " is on " + device_text(v.device_type, v.device_id) +
+                ", the param on " + device_text(p.device_type, p.device_id));
+  const auto bytes = static_cast<std::int64_t>(fo::quantized_state_bytes(q, numel));
+  if (!is_uint8(v) || v.ndim != 1 || v.numel != bytes || !v.contiguous)
+    raise_value(what() + at() + " is a " + (v.contiguous ? "" : "non-contiguous ") +
+                dtype_text(v.raw) + " array of " + std::to_string(v.numel) +
+                " elements: a block-quantized (" + fo::dtype_name(q) +
+                ") state is one contiguous 1-D uint8 array of " + std::to_string(bytes) +
+                " bytes (quantized_state_bytes)");
+}
+
 /// The per-state lists of a call (one list per state `specs` names, each one array per param).
 std::vector<nb::list> state_lists(const std::string& who, const std::string& algorithm,
                                   const std::vector<fo::StateSpec>& specs, const nb::list& states,
@@ -341,9 +377,11 @@ struct Prepared {
 void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
              const nb::dict& options, const nb::list& params, const nb::list& grads,
              const nb::list& states, const nb::list& steps, const nb::object& stream,
-             nb::handle emas = nb::none(), double ema_decay = 0.0,
-             nb::handle scalars = nb::none()) {
+             nb::handle emas = nb::none(), double ema_decay = 0.0, nb::handle scalars = nb::none(),
+             nb::handle state_dtype = nb::none()) {
   out.algorithm = algorithm;
+  const fo::DType quantized = quantized_dtype(state_dtype, "step");
+  const bool is_quantized = quantized != fo::DType::f32;
   out.named = named_options(options);
   const fo::NamedOptions& named = out.named;
   const std::vector<fo::StateSpec> specs = fo::step_states(algorithm, named);
@@ -406,10 +444,23 @@ void prepare(Prepared& out, Importer& importer, const std::string& algorithm,
         continue;
       }
       importer.view(lists[j][i], s, "state", i);
+      const auto name = [&] { return "state " + specs[j].name; };
+      if (is_quantized) {
+        std::int64_t count = 1;
+        for (const std::int64_t d : state_dims) count *= d;
+        check_quantized(s, p, count, quantized, i, name);
+        t.states[specs[j].index] = s.data;
+        t.state_dtype = quantized;
+        continue;
+      }
+      if (is_uint8(s))
+        raise_type(name() + at() +
+                   " is uint8: a block-quantized state needs the call's state_dtype ('int8' or "
+                   "'int4')");
       if (specs[j].shape == fo::StateShape::element || specs[j].shape == fo::StateShape::unfactored)
-        check_with_param(s, p, i, [&] { return "state " + specs[j].name; });
+        check_with_param(s, p, i, name);
       else
-        check_with_shape(s, p, state_dims, i, [&] { return "state " + specs[j].name; });
+        check_with_shape(s, p, state_dims, i, name);
       if (!first_state && s.dtype != t.state_dtype)
         raise_type("the states" + at() + " differ in dtype: one takes one dtype for all");
       t.states[specs[j].index] = s.data;
@@ -557,11 +608,11 @@ void run(std::vector<Prepared>& steps, std::vector<PreparedSparse>& sparse) {
 void step(const std::string& algorithm, const nb::dict& options, const nb::list& params,
           const nb::list& grads, const nb::list& states, const nb::list& steps,
           const nb::object& stream, const nb::object& emas, double ema_decay,
-          const nb::object& scalars) {
+          const nb::object& scalars, const nb::object& state_dtype) {
   Importer importer;
   std::vector<Prepared> prepared(1);
   prepare(prepared[0], importer, algorithm, options, params, grads, states, steps, stream, emas,
-          ema_decay, scalars);
+          ema_decay, scalars, state_dtype);
   check_scalars_apart(prepared);
   std::vector<PreparedSparse> none;
   run(prepared, none);
@@ -598,16 +649,18 @@ void step_groups(const nb::list& groups, const nb::list& sparse_steps, const nb:
   std::vector<Prepared> prepared(groups.size());
   for (std::size_t i = 0; i < groups.size(); ++i) {
     nb::tuple g;
-    if (!nb::try_cast(groups[i], g) || (g.size() != 6 && g.size() != 8 && g.size() != 9))
+    if (!nb::try_cast(groups[i], g) ||
+        (g.size() != 6 && g.size() != 8 && g.size() != 9 && g.size() != 10))
       raise_type(
           "step_groups: each group is a tuple (algorithm, options, params, grads, "
-          "states, steps[, emas, ema_decay[, scalars]])");
+          "states, steps[, emas, ema_decay[, scalars[, state_dtype]]])");
     const bool ema = g.size() >= 8;
     prepare(prepared[i], importer, nb::cast<std::string>(g[0]), nb::cast<nb::dict>(g[1]),
             nb::cast<nb::list>(g[2]), nb::cast<nb::list>(g[3]), nb::cast<nb::list>(g[4]),
             nb::cast<nb::list>(g[5]), stream, ema ? nb::handle(g[6]) : nb::handle(nb::none()),
             ema ? nb::cast<double>(g[7]) : 0.0,
-            g.size() == 9 ? nb::handle(g[8]) : nb::handle(nb::none()));
+            g.size() >= 9 ? nb::handle(g[8]) : nb::handle(nb::none()),
+            g.size() == 10 ? nb::handle(g[9]) : nb::handle(nb::none()));
   }
   check_scalars_apart(prepared);
   std::vector<PreparedSparse> sparse(sparse_steps.size());
@@ -686,6 +739,65 @@ bool advise_huge_pages(nb::handle array) {
 #endif
 }
 
+/// A CPU array's data for the quantized-state functions: `uint8` bytes or `float32` values,
+/// contiguous, of `count` elements.
+char* cpu_buffer(Importer& importer, nb::handle obj, const char* what, bool uint8,
+                 std::int64_t count, const char* who) {
+  View v;
+  importer.view(obj, v, what, 0);
+  const bool f32 = v.steppable && v.dtype == fo::DType::f32;
+  if (v.device_type != kDLCPU || !v.contiguous || (uint8 ? !is_uint8(v) : !f32) || v.numel != count)
+    raise_value(std::string(who) + ": " + what + " must be a contiguous CPU " +
+                (uint8 ? "uint8" : "float32") + " array of " + std::to_string(count) +
+                " elements, got " + dtype_text(v.raw) + " x " + std::to_string(v.numel) + " on " +
+                device_text(v.device_type, v.device_id) +
+                (v.contiguous ? "" : " (non-contiguous)"));
+  return v.data;
+}
+
+std::int64_t quantized_bytes(std::int64_t numel, nb::handle state_dtype) {
+  const fo::DType q = quantized_dtype(state_dtype, "quantized_state_bytes");
+  if (q == fo::DType::f32) raise_value("quantized_state_bytes: state_dtype is 'int8' or 'int4'");
+  if (numel < 0) raise_value("quantized_state_bytes: numel must be >= 0");
+  return static_cast<std::int64_t>(fo::quantized_state_bytes(q, numel));
+}
+
+/// The three host conversions of a block-quantized state (fo::quantize_state and friends):
+/// `state` a uint8 buffer of quantized_state_bytes(numel) bytes, `values` numel float32.
+void quantize(nb::handle state, nb::handle values, nb::handle state_dtype, bool non_negative) {
+  Importer importer;
+  View v;
+  importer.view(values, v, "values", 0);
+  const std::int64_t bytes = quantized_bytes(v.numel, state_dtype);
+  char* src = cpu_buffer(importer, values, "values", false, v.numel, "quantize_state");
+  char* dst = cpu_buffer(importer, state, "state", true, bytes, "quantize_state");
+  const fo::DType q = quantized_dtype(state_dtype, "quantize_state");
+  nb::gil_scoped_release release;
+  fo::quantize_state(dst, q, non_negative, reinterpret_cast<const float*>(src), v.numel);
+}
+
+void dequantize(nb::handle values, nb::handle state, nb::handle state_dtype, bool non_negative) {
+  Importer importer;
+  View v;
+  importer.view(values, v, "values", 0);
+  const std::int64_t bytes = quantized_bytes(v.numel, state_dtype);
+  char* dst = cpu_buffer(importer, values, "values", false, v.numel, "dequantize_state");
+  char* src = cpu_buffer(importer, state, "state", true, bytes, "dequantize_state");
+  const fo::DType q = quantized_dtype(state_dtype, "dequantize_state");
+  nb::gil_scoped_release release;
+  fo::dequantize_state(reinterpret_cast<float*>(dst), src, q, non_negative, v.numel);
+}
+
+void fill_quantized(nb::handle state, std::int64_t numel, nb::handle state_dtype, bool non_negative,
+                    double value) {
+  Importer importer;
+  const std::int64_t bytes = quantized_bytes(numel, state_dtype);
+  char* dst = cpu_buffer(importer, state, "state", true, bytes, "fill_quantized_state");
+  const fo::DType q = quantized_dtype(state_dtype, "fill_quantized_state");
+  nb::gil_scoped_release release;
+  fo::fill_quantized_state(dst, q, non_negative, static_cast<float>(value), numel);
+}
+
 nb::list algorithms() {
   nb::list out;
   for (const fo::AlgorithmDescription& d : fo::dense_algorithms()) {
@@ -698,6 +810,8 @@ nb::list algorithms() {
     a["defaults"] = defaults;
     a["states"] = d.states;
     a["sparse"] = d.sparse;
+    a["non_negative"] = d.non_negative;
+    a["quantizable"] = d.quantizable;
     out.append(a);
   }
   return out;
@@ -722,7 +836,9 @@ NB_MODULE(_fusedopt, m) {
   });
 
   m.def("algorithms", &algorithms,
-        "Every registered algorithm: name, option defaults (library names), states, sparse.");
+        "Every registered algorithm: name, option defaults (library names), states, sparse,\n"
+        "non_negative (per state: a quantized state of it takes the unsigned map), quantizable\n"
+        "(its states may be block-quantized: state_dtype 'int8' / 'int4').");
   m.def(
       "state_shapes",
       [](const std::string& algorithm, const nb::dict& options,
@@ -777,6 +893,7 @@ NB_MODULE(_fusedopt, m) {
   m.def("step", &step, nb::arg("algorithm"), nb::arg("options"), nb::arg("params"),
         nb::arg("grads"), nb::arg("states"), nb::arg("steps"), nb::arg("stream") = nb::none(),
         nb::arg("emas") = nb::none(), nb::arg("ema_decay") = 0.0, nb::arg("scalars") = nb::none(),
+        nb::arg("state_dtype") = nb::none(),
         "One fused step of `algorithm` (a registered name) under `options` (a dict of its\n"
         "option names to numbers) over the arrays of `params` with `grads`. `states` holds one\n"
         "list per state step_states() names, in its order, each with one array per param.\n"
@@ -789,12 +906,16 @@ NB_MODULE(_fusedopt, m) {
         "pass after the step with `ema_decay` in [0, 1) (docs/optimizers.md, Weight EMA).\n"
         "`scalars`: for an algorithm with scalar states (step_scalars()), one float64 array of 2\n"
         "contiguous values per param on its device, starting at their initial values, which the\n"
-        "step reads and advances (on CUDA stream-ordered); None for the others.");
+        "step reads and advances (on CUDA stream-ordered); None for the others.\n"
+        "`state_dtype`: None (the states are float32 or bfloat16 arrays of the param's shape),\n"
+        "or 'int8' / 'int4': every state is block-quantized (docs/quantized-states.md), a\n"
+        "contiguous 1-D uint8 array of quantized_state_bytes(param.numel(), state_dtype)\n"
+        "bytes, 16-byte aligned, created by fill_quantized_state; elementwise algorithms only.");
   m.def("step_groups", &step_groups, nb::arg("groups"), nb::arg("sparse") = nb::list(),
         nb::arg("stream") = nb::none(), nb::arg("grad_multiplier") = nb::none(),
         "Several steps as one: `groups` is a list of tuples (algorithm, options, params, grads,\n"
-        "states, steps[, emas, ema_decay[, scalars]]), each as step() takes them (emas None:\n"
-        "no EMA); `sparse` a list of sparse row steps of\n"
+        "states, steps[, emas, ema_decay[, scalars[, state_dtype]]]), each as step() takes\n"
+        "them (emas None: no EMA); `sparse` a list of sparse row steps of\n"
         "embedding tables, tuples (algorithm, options, table, indices, values, states, step):\n"
         "int32/int64 row indices (duplicates summed), [nnz, ...] float32 gradient rows, the\n"
         "states sparse_step_states() names, a step count as step() takes one. Everything is\n"
@@ -811,6 +932,22 @@ NB_MODULE(_fusedopt, m) {
       },
       nb::arg("algorithm"), nb::arg("options"),
       "The states a sparse step uses, as (name, slot, initial value, one value per row).");
+  m.def("quantized_state_bytes", &quantized_bytes, nb::arg("numel"), nb::arg("state_dtype"),
+        "The bytes of a block-quantized state of `numel` values, state_dtype 'int8' or 'int4':\n"
+        "its codes, zero padding to 16 bytes, one float32 absmax per block of 256 (int8) or 128\n"
+        "(int4) values (docs/quantized-states.md).");
+  m.def("quantize_state", &quantize, nb::arg("state"), nb::arg("values"), nb::arg("state_dtype"),
+        nb::arg("non_negative"),
+        "Encodes the float32 CPU array `values` (to nearest, as a step writes) into `state`, a\n"
+        "contiguous CPU uint8 array of quantized_state_bytes(values.numel(), state_dtype)\n"
+        "bytes. non_negative: the state's map (algorithms()[...]['non_negative']).");
+  m.def("dequantize_state", &dequantize, nb::arg("values"), nb::arg("state"),
+        nb::arg("state_dtype"), nb::arg("non_negative"),
+        "Decodes `state` (a CPU uint8 buffer) into the float32 CPU array `values`: exact.");
+  m.def("fill_quantized_state", &fill_quantized, nb::arg("state"), nb::arg("numel"),
+        nb::arg("state_dtype"), nb::arg("non_negative"), nb::arg("value"),
+        "Writes into `state` (a CPU uint8 buffer) a state of `numel` copies of `value`: a\n"
+        "state's first bytes before its first step (step_states' initial value).");
   m.def("advise_huge_pages", &advise_huge_pages, nb::arg("array"),
         "Advises transparent huge pages for the whole 2 MiB pages inside a CPU array (before it\n"
         "is first written); returns whether advice was given. Advice only.");

@@ -28,7 +28,15 @@ struct DenseTensors {
   float* master = nullptr;  // f32 master weights of a low-precision param, or null
   std::int64_t numel = 0;
   DType param_dtype = DType::f32;  // f32, bf16 or f16 (the CPU: elementwise algorithms only)
-  // grad_dtype: the param's, or f32. state_dtype: f32 or bf16.
+  // grad_dtype: the param's, or f32. state_dtype: f32, bf16, or block-quantized q8 or q4
+  // (docs/quantized-states.md) for the algorithms whose step is one elementwise pass and
+  // whose used states do not start as a copy of the param (AlgorithmDescription::quantizable;
+  // others: fo::Error unsupported). A quantized state is ONE byte buffer of
+  // quant_state_bytes(numel, 8 or 4) bytes (kernels/quantize.hpp: the codes, zero padding to
+  // 16 bytes, one float32 absmax per block), 16-byte aligned (else invalid_argument), created
+  // with fill_quantized_state (the state's StateSpec init and non_negative) and carried from
+  // step to step as it is. The CPU steps it through its storage layer, bitwise as
+  // fo::Optimizer with state_dtype 5 or 6; CUDA takes it where its kernels do.
   DType grad_dtype = DType::f32;
   DType state_dtype = DType::f32;
   // f32 weight EMA, or null: updated in the same pass, after the step, with
@@ -137,6 +145,8 @@ struct StateSpec {
   // states (adafactor) one per matrix row or column, kept only by params of two or more
   // dimensions (factor_rows, factor_cols) or of fewer (unfactored): state_shape() below.
   StateShape shape = StateShape::element;
+  // Never negative (A::kNonNegativeStates): a quantized state of it takes the unsigned map.
+  bool non_negative = false;
 };
 
 /// The shape of state `spec` for a param of `shape` (ndim dims), in torch's layout: the
@@ -174,6 +184,22 @@ void eval_params(std::string_view algorithm, const NamedOptions& options,
 /// option, or invalid values), so it also checks options where they are set.
 ///   for (const fo::StateSpec& s : fo::step_states("adam", {{"amsgrad", 1}})) ...
 std::vector<StateSpec> step_states(std::string_view algorithm, const NamedOptions& options);
+
+/// Block-quantized state buffers (DenseTensors::state_dtype q8 or q4) in host memory, for a
+/// caller that owns its states (bindings): `q` is DType::q8 or DType::q4, `non_negative` the
+/// state's StateSpec::non_negative (which map it takes), n the param's numel. Each buffer is
+/// quantized_state_bytes(q, n) bytes; its codes round to nearest and its padding is zeroed.
+/// Throws fo::Error invalid_argument for another dtype, n < 0 or a null pointer (n > 0).
+///   std::vector<unsigned char> m(fo::quantized_state_bytes(fo::DType::q8, n));
+///   fo::fill_quantized_state(m.data(), fo::DType::q8, spec.non_negative, spec.init, n);
+std::size_t quantized_state_bytes(DType q, std::int64_t n);
+/// A state's n values as its buffer `dst` (encoded to nearest, as a step writes them).
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n);
+/// The n values of a state's buffer `src`, decoded (exact: value[code] * absmax).
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n);
+/// A state of n copies of `value`: what a step starts from (a quantized fo::Optimizer state's
+/// first bytes).
+void fill_quantized_state(void* dst, DType q, bool non_negative, float value, std::int64_t n);
 
 /// The buffers of one sparse row step (docs/optimizers.md, "Sparse steps"): a [rows x dim]
 /// float32 table, its states (states[k] is the algorithm's k-th state: [rows x dim], or [rows]

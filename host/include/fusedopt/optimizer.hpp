@@ -29,6 +29,10 @@ struct AlgorithmDescription {
   std::vector<double> defaults;      // flags as 0/1
   std::vector<bool> is_flag;
   std::vector<std::string> states;   // every state the algorithm may keep
+  std::vector<bool> non_negative;    // per state: never negative (a quantized state of it takes
+                                     // the unsigned map: docs/quantized-states.md)
+  bool quantizable = false;          // its states may be stored in 8 or 4 bits (state_dtype 5,
+                                     // 6): its step is one elementwise pass
   bool sparse = false;               // takes sparse row steps (step_sparse)
   std::vector<std::string> scalars;  // its per-param scalar states (sgd_schedule_free: lr_max,
                                      // weight_sum), kept in double
@@ -67,14 +71,21 @@ class Optimizer {
   ///   skip_nonfinite (0)    if any gradient is inf or nan, skip the whole step: params, states
   ///                         and step counts stay bitwise unchanged
   ///   master_weights (0)    bf16/f16 params keep an f32 master copy, stepped in fp32
-  ///   state_dtype (0)       0: float32 states; 2: bfloat16 states
+  ///   state_dtype (0)       0: float32 states; 2: bfloat16 states; 5: 8-bit and 6: 4-bit
+  ///                         block-quantized states (docs/quantized-states.md), for the
+  ///                         algorithms whose step is one elementwise pass
+  ///   min_quant_size (4096) with state_dtype 5 or 6, params of fewer elements keep float32
+  ///                         states; a param's own state_dtype (set_param_option) overrides
+  ///                         both. load() keeps this optimizer's state_dtype and
+  ///                         min_quant_size and converts the file's states into them
   ///   fp32_grads (0)        grads of bf16/f16 params are float32
   ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes
   /// Both backends take every storage, with the same bytes; on the CPU the trust-ratio
   /// (lamb, lars), factored (adafactor) and matrix (muon) kinds step float32 only.
   ///   ema_decay (0)         weight EMA: each param keeps a float32 average of its values,
   ///                         updated in the step's pass (state "ema"); in [0, 1), 0: off
-  /// The storage settings (master_weights, state_dtype, fp32_grads) are fixed once a param
+  /// The storage settings (master_weights, state_dtype, min_quant_size, fp32_grads) are fixed
+  /// once a param
   /// has stepped; so is whether ema_decay is 0 (its non-zero value may change at any time).
   void set_option(std::string_view key, double value);
   double option(std::string_view key) const;
@@ -87,7 +98,9 @@ class Optimizer {
                  std::string_view algorithm = {});
   /// The algorithm that steps param `name`.
   const std::string& param_algorithm(std::string_view name) const;
-  /// A param's own option: `key` is an option of its algorithm, by its plain name ("lr").
+  /// A param's own option: `key` is an option of its algorithm, by its plain name ("lr"), or
+  /// "state_dtype": the storage of this param's states (the values of the optimizer's option),
+  /// until its first step.
   void set_param_option(std::string_view name, std::string_view key, double value);
   double param_option(std::string_view name, std::string_view key) const;
 
@@ -171,10 +184,14 @@ class Optimizer {
   /// Values in a state buffer: the param's numel, or its rows (shape[0]) for a row-wise
   /// state (adagrad with rowwise = 1).
   std::int64_t state_numel(std::string_view name, std::string_view state) const;
-  /// Copies a state buffer, as float32, into host memory (`numel` must be state_numel).
+  /// Copies a state buffer, as float32, into host memory (`numel` must be state_numel); a
+  /// quantized state decoded.
   void get_state(std::string_view name, std::string_view state, float* out,
                  std::int64_t numel) const;
   std::vector<float> state(std::string_view name, std::string_view state) const;
+  /// Bytes the optimizer holds for its params now (on their device): state buffers, master
+  /// weights, weight EMAs and scalar states; params that have not stepped hold none.
+  std::size_t state_memory_bytes() const noexcept;
 
  private:
   struct Impl;

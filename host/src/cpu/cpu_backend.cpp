@@ -12,7 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu/quant_encode.hpp"
 #include "fusedopt/kernels/convert.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "fusedopt/types.hpp"
 #include "matrix/newton_schulz.hpp"
 
@@ -301,6 +303,73 @@ void narrow_block(void* dst, DType dtype, const float* src, std::int64_t begin, 
     narrow_block_as(static_cast<f16*>(dst), src, begin, m, stochastic, seed, step, counter_offset);
 }
 
+// Calls f with the map of a quantized state (q8 or q4; the unsigned map where non_negative).
+template <class F>
+void with_quant_map(DType q, bool non_negative, const F& f) {
+  if (q == DType::q8)
+    f(non_negative ? kQuantMap8Unsigned : kQuantMap8Signed);
+  else
+    f(non_negative ? kQuantMap4Unsigned : kQuantMap4Signed);
+}
+
+// dst[j] = element begin + j of a quantized state of n elements, decoded, for j < m.
+template <int Bits>
+void dequantize_range(const QuantMap<Bits>& q, const void* state, std::int64_t n,
+                      std::int64_t begin, std::int64_t m, float* dst) {
+  const auto* codes = static_cast<const std::uint8_t*>(state);
+  const auto* absmax = reinterpret_cast<const float*>(codes + quant_absmax_offset(n, Bits));
+  const std::int64_t w = quant_block_size(Bits);
+  for (std::int64_t j = 0; j < m; ++j) {
+    const std::int64_t i = begin + j;
+    const int c = Bits == 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 0xF;
+    dst[j] = decode(q, c, absmax[i / w]);
+  }
+}
+
+// Elements [begin, begin + m) of a quantized state of n elements from src[0, m): begin a
+// multiple of the block size, begin + m a multiple of it or n. Each block's absmax, then its
+// codes (step_code: to nearest, or stochastically with counter 4i + counter_offset).
+template <int Bits>
+void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::int64_t begin,
+                    std::int64_t m, const float* src, bool stochastic, std::uint64_t seed,
+                    std::uint64_t step, std::uint64_t counter_offset) {
+  auto* const codes = static_cast<std::uint8_t*>(state);
+  auto* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, Bits));
+  const std::int64_t w = quant_block_size(Bits);
+  const NearestCodeTable<Bits>& nearest = nearest_code_table(q);
+  const auto code = [&](float x, float a, std::int64_t i) {
+    if (!stochastic) return nearest(normalized(x, a));  // nearest_code, by its table
+    const auto counter = static_cast<std::uint64_t>(i) * 4 + counter_offset;
+    return step_code(q, normalized(x, a), true, seed, step, counter);
+  };
+  for (std::int64_t b = 0; b < m; b += w) {
+    const auto len = static_cast<int>(std::min(w, m - b));
+    const float* const x = src + b;
+    const float a = block_absmax_fast(x, len);
+    const std::int64_t first = begin + b;
+    absmax[first / w] = a;
+    if constexpr (Bits == 8) {
+      for (int j = 0; j < len; ++j)
+        codes[first + j] = static_cast<std::uint8_t>(code(x[j], a, first + j));
+    } else {
+      for (int j = 0; j < len; j += 2) {
+        const int lo = code(x[j], a, first + j);
+        const int hi = j + 1 < len ? code(x[j + 1], a, first + j + 1) : 0;
+        codes[(first + j) >> 1] = static_cast<std::uint8_t>(lo | (hi << 4));
+      }
+    }
+  }
+}
+
+// Zeroes the bytes between a quantized state's codes and its absmax values, so that its whole
+// buffer (saved as it is in checkpoints) is determined by its values.
+void zero_quant_padding(void* state, DType q, std::int64_t n) {
+  const int bits = q == DType::q8 ? 8 : 4;
+  auto* const codes = static_cast<std::uint8_t*>(state);
+  std::fill(codes + quant_code_bytes(n, bits), codes + quant_absmax_offset(n, bits),
+            std::uint8_t{0});
+}
+
 // The storage layer's scratch: per thread (2 + kMaxStates) blocks of floats (param, grad,
 // states), kept by the calling thread and only grown, so that a step allocates nothing after
 // the first and a failed allocation comes before any write.
@@ -330,6 +399,9 @@ void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Stora
   const bool low_param = st.param_dtype != DType::f32;
   const bool low_grad = st.grad_dtype != DType::f32;
   const bool low_states = st.state_dtype != DType::f32;
+  const bool quant = is_quantized(st.state_dtype);
+  bool non_negative[kMaxStates] = {};
+  for (int k = 0; k < StateList<A>::count; ++k) non_negative[k] = StateList<A>::non_negative(k);
   parallel_for_indexed(
       [&](std::int64_t begin, std::int64_t end, int thread) {
         float* const mine =
@@ -355,6 +427,11 @@ void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Stora
           for (int k = 0; k < kMaxStates; ++k) {
             if (!st.states[k]) {
               d.states[k] = nullptr;
+            } else if (quant) {
+              d.states[k] = mine + (2 + k) * kStoreBlock;
+              with_quant_map(st.state_dtype, non_negative[k], [&](const auto& q) {
+                dequantize_range(q, st.states[k], n, b, m, d.states[k]);
+              });
             } else if (low_states) {
               d.states[k] = mine + (2 + k) * kStoreBlock;
               widen_block(d.states[k], st.states[k], st.state_dtype, b, m);
@@ -366,14 +443,21 @@ void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Stora
           kernel(op, d, 0, m);
           if (low_param)
             narrow_block(st.param, st.param_dtype, d.param, b, m, st.stochastic, seed, ustep, 0);
-          if (low_states)
-            for (int k = 0; k < kMaxStates; ++k)
-              if (st.states[k])
-                narrow_block(st.states[k], st.state_dtype, d.states[k], b, m, st.stochastic, seed,
-                             ustep, 1 + static_cast<std::uint64_t>(k));
+          for (int k = 0; k < kMaxStates; ++k) {
+            if (!st.states[k] || !low_states) continue;
+            const auto offset = 1 + static_cast<std::uint64_t>(k);
+            if (quant)
+              with_quant_map(st.state_dtype, non_negative[k], [&](const auto& q) {
+                quantize_range(q, st.states[k], n, b, m, d.states[k], st.stochastic, seed, ustep,
+                               offset);
+              });
+            else
+              narrow_block(st.states[k], st.state_dtype, d.states[k], b, m, st.stochastic, seed,
+                           ustep, offset);
+          }
         }
       },
-      n);
+      n, kMinParallel, quant ? kQuant8BlockSize : kSplitAlign);
 }
 
 }  // namespace
@@ -464,6 +548,29 @@ void fill(void* p, DType storage, float value, std::int64_t n) {
 
 void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) store_at(dst, dst_storage, i, value_at(src, src_storage, i));
+}
+
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n) {
+  zero_quant_padding(dst, q, n);
+  with_quant_map(q, non_negative,
+                 [&](const auto& map) { quantize_range(map, dst, n, 0, n, src, false, 0, 0, 0); });
+}
+
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n) {
+  with_quant_map(q, non_negative,
+                 [&](const auto& map) { dequantize_range(map, src, n, 0, n, dst); });
+}
+
+void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n) {
+  zero_quant_padding(dst, q, n);
+  with_quant_map(q, non_negative, [&](const auto& map) {
+    constexpr int kBits = std::decay_t<decltype(map)>::kCodes == 256 ? 8 : 4;
+    constexpr std::int64_t w = quant_block_size(kBits);
+    float block[w];
+    std::fill(block, block + w, value);
+    for (std::int64_t b = 0; b < n; b += w)
+      quantize_range(map, dst, n, b, std::min(w, n - b), block, false, 0, 0, 0);
+  });
 }
 
 void traffic_probe(const DensePtrs& t, std::int64_t n) { dense_step<TrafficProbe>({}, 1, t, n); }

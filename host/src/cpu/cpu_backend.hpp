@@ -99,7 +99,8 @@ struct Storage {
   DType grad_dtype = DType::f32;  // f32, or param_dtype
   float* master = nullptr;        // f32 master weights of a 16-bit param, or null
   void* states[kMaxStates] = {};
-  DType state_dtype = DType::f32;  // f32 or bf16
+  DType state_dtype = DType::f32;  // f32, bf16, or block-quantized q8 or q4 (each state one
+                                   // buffer of quant_state_bytes; the tensor's numel is n)
   bool stochastic = false;
   std::uint64_t seed = 0;  // the run's seed; mixed with `key` as CUDA does
   int key = 0;             // the param's stable id (its RNG stream)
@@ -163,6 +164,15 @@ inline float value_at(const void* p, DType storage, std::int64_t i) {
   }
 }
 void widen(float* dst, const void* src, DType storage, std::int64_t n);
+/// Whether a state storage is block-quantized (DType q8, q4: kernels/quantize.hpp).
+inline bool is_quantized(DType d) { return d == DType::q8 || d == DType::q4; }
+/// A quantized state's buffer (q8 or q4, n elements; the unsigned map where non_negative) from
+/// n float32 values, rounded to nearest; its padding bytes zeroed.
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n);
+/// The n values of a quantized state's buffer, decoded.
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n);
+/// quantize_state of n copies of `value`.
+void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n);
 void narrow(void* dst, DType storage, const float* src, std::int64_t n);
 void fill(void* p, DType storage, float value, std::int64_t n);
 void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n);
