@@ -7,7 +7,8 @@
 // validation accepts, host- and device-counted steps, a device lr factor, gradient scales,
 // found_inf; every param, grad, state and master storage, stochastic rounding), the step over
 // 8- and 4-bit block-quantized states against a per-block reference (quantize.hpp's state
-// contract, warp shuffles included; the steps that take none refuse them), the whole-tensor
+// contract, warp shuffles included; the steps that take none refuse them) and against the CPU
+// backend's quantized step, the whole-tensor
 // (de)quantizations, the gradient norm pass, the step counters, fills and widenings, the
 // sparse row kernels (per element and row-wise, warp shuffles included), index validation,
 // the device-side schedule, and the Newton-Schulz iteration's norm and scale.
@@ -1792,6 +1793,91 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
   float f = 0.0f;
   EXPECT_THROW(cuda::quantize_state(&f, DType::bf16, false, &f, 1, nullptr), Error);
   EXPECT_THROW(cuda::fill(&f, DType::q8, 0.0f, 1, nullptr), Error);
+}
+
+/// The emulated CUDA step and the CPU backend's (fused_step with DenseTensors::state_dtype q8
+/// or q4, through its storage layer) over the same tensors: every byte of param and states.
+/// Rounding to nearest (each backend keys stochastic draws by its own param ids).
+template <class A>
+void expect_quantized_matches_cpu(std::mt19937_64& rng) {
+  const typename A::Options o = option_variants<A>().back();
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<bool> nn = non_negative_states<A>();
+  const std::vector<std::size_t> sizes = {1, 127, 129, 257, 5000};
+  for (const DType q : {DType::q8, DType::q4})
+    for (const DType param : {DType::f32, DType::bf16}) {
+      const Storage st{param, param, DType::f32, false, false};
+      const int bits = q == DType::q8 ? 8 : 4;
+      std::vector<QuantTensor> emu, cpu;
+      for (std::size_t n : sizes) {
+        std::mt19937_64 copy = rng;
+        emu.emplace_back(st, bits, n, copy, init, nn, true);
+        cpu.emplace_back(st, bits, n, rng, init, nn, true);
+      }
+      for (auto* ts : {&emu, &cpu})  // QuantTensor misaligns some codes: the CPU takes 16 bytes
+        for (QuantTensor& t : *ts)
+          for (int k = 0; k < kMaxStates; ++k) {
+            QuantBuffer aligned(bits, t.base.param.size(), 0);
+            aligned.assign(t.states[static_cast<std::size_t>(k)]);
+            t.states[static_cast<std::size_t>(k)] = aligned;
+          }
+      const std::string what = describe<A>(o) + ", " + st.name() + ", state " + dtype_name(q);
+      for (std::int64_t step = 1; step <= 2; ++step) {
+        std::vector<cuda::ListEntry> entries;
+        for (std::size_t i = 0; i < emu.size(); ++i)
+          entries.push_back(quant_entry_of<A>(o, emu[i], step, static_cast<int>(i)));
+        cuda::ListSettings s;
+        s.param_dtype = s.grad_dtype = param;
+        s.state_dtype = q;
+        s.grad_multiplier = 0.5f;
+        const std::vector<double> workspace = workspace_for<A>(s, entries);
+        cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                                   cuda::plan_list(entries.data(), entries.size()), s, nullptr);
+        for (std::size_t i = 0; i < cpu.size(); ++i) {
+          DenseTensors t;
+          t.param = cpu[i].base.param.data();
+          t.grad = cpu[i].base.grad.data();
+          t.numel = static_cast<std::int64_t>(sizes[i]);
+          t.param_dtype = t.grad_dtype = param;
+          t.state_dtype = q;
+          for (int k = 0; k < StateList<A>::count; ++k)
+            if (A::has_state(o, k)) t.states[k] = cpu[i].states[static_cast<std::size_t>(k)].data();
+          StepControls c;
+          c.grad_multiplier = 0.5f;
+          fused_step<A>(o, step, t, Exec{}, c);
+        }
+      }
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        EXPECT_TRUE(equal_up_to_nans(emu[i].base.param, cpu[i].base.param))
+            << what << ", size " << sizes[i]
+            << ", param: " << first_byte_difference(emu[i].base.param, cpu[i].base.param);
+        for (int k = 0; k < StateList<A>::count; ++k) {
+          const auto kk = static_cast<std::size_t>(k);
+          if (!A::has_state(o, k)) continue;
+          EXPECT_TRUE(emu[i].states[kk].bytes() == cpu[i].states[kk].bytes())
+              << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
+              << first_quant_difference(emu[i].states[kk], cpu[i].states[kk]);
+        }
+      }
+    }
+}
+
+// The emulated kernel against the CPU backend's quantized step, for the algorithms both take.
+TEST(EmulatedQuantizedStates, EqualTheCpuBackendBytewise) {
+  auto rng = make_rng();
+  expect_quantized_matches_cpu<Adam>(rng);
+  expect_quantized_matches_cpu<AdamW>(rng);
+  expect_quantized_matches_cpu<Sgd>(rng);
+  expect_quantized_matches_cpu<Adagrad>(rng);
+  expect_quantized_matches_cpu<Rmsprop>(rng);
+  expect_quantized_matches_cpu<Adadelta>(rng);
+  expect_quantized_matches_cpu<Lion>(rng);
+  expect_quantized_matches_cpu<Rprop>(rng);
+  expect_quantized_matches_cpu<Adamax>(rng);
+  expect_quantized_matches_cpu<NAdam>(rng);
+  expect_quantized_matches_cpu<RAdam>(rng);
+  expect_quantized_matches_cpu<AdEMAMix>(rng);
+  expect_quantized_matches_cpu<LazyAdam>(rng);
 }
 
 // --------------------------------------------------- fills, widenings, schedule, indices
