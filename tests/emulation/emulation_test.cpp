@@ -8,10 +8,10 @@
 // found_inf; every param, grad, state and master storage, stochastic rounding), the step over
 // 8- and 4-bit block-quantized states against a per-block reference (quantize.hpp's state
 // contract, warp shuffles included; the steps that take none refuse them) and against the CPU
-// backend's quantized step, the whole-tensor
-// (de)quantizations, the gradient norm pass, the step counters, fills and widenings, the
-// sparse row kernels (per element and row-wise, warp shuffles included), index validation,
-// the device-side schedule, and the Newton-Schulz iteration's norm and scale.
+// backend's quantized step, the whole-tensor (de)quantizations, the gradient norm pass, the
+// step counters, fills and widenings, the sparse row kernels (per element and row-wise, warp
+// shuffles included), index validation, the device-side schedule, and the Newton-Schulz
+// iteration's norm and scale.
 //
 // What cannot run here, and is left to the GPU suite (bench/gpu_suite.sh): CUB's sort,
 // run-length encoding and scan of the sparse step (the row kernels get a run list sorted on
