@@ -5,10 +5,13 @@
 //
 // What runs here: the multi-tensor step (every algorithm, every option combination its
 // validation accepts, host- and device-counted steps, a device lr factor, gradient scales,
-// found_inf; every param, grad, state and master storage, stochastic rounding), the gradient
-// norm pass, the step counters, fills and widenings, the sparse row kernels (per element and
-// row-wise, warp shuffles included), index validation, the device-side schedule, and the
-// Newton-Schulz iteration's norm and scale.
+// found_inf; every param, grad, state and master storage, stochastic rounding), the step over
+// 8- and 4-bit block-quantized states against a per-block reference (quantize.hpp's state
+// contract, warp shuffles included; the steps that take none refuse them) and against the CPU
+// backend's quantized step, the whole-tensor (de)quantizations, the gradient norm pass, the
+// step counters, fills and widenings, the sparse row kernels (per element and row-wise, warp
+// shuffles included), index validation, the device-side schedule, and the Newton-Schulz
+// iteration's norm and scale.
 //
 // What cannot run here, and is left to the GPU suite (bench/gpu_suite.sh): CUB's sort,
 // run-length encoding and scan of the sparse step (the row kernels get a run list sorted on
@@ -37,6 +40,7 @@
 #include "fusedopt/kernels/convert.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/ema.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/kernels/schedule.hpp"
 #include "fusedopt/types.hpp"
@@ -972,6 +976,333 @@ void expect_matrix_kernels_match(std::mt19937_64& rng) {
   expect_matrix_storages_match_reference<A>(rng);
 }
 
+// ------------------------- quantized states (q8, q4): against a per-block reference bytewise
+
+/// One quantized state's buffer (quantize.hpp's contract: the codes, then the absmax per
+/// block, 16-byte aligned), placed `offset` bytes into a 16-byte aligned allocation (offset 1
+/// breaks the kernels' vector accesses of the codes). Poisoned where nothing writes.
+class QuantBuffer {
+ public:
+  QuantBuffer(int bits, std::size_t n, std::size_t offset)
+      : bits_(bits),
+        n_(n),
+        offset_(offset),
+        storage_(
+            static_cast<std::size_t>(quant_state_bytes(static_cast<std::int64_t>(n), bits)) + 32,
+            0xA5) {}
+  int bits() const { return bits_; }
+  std::size_t size() const { return n_; }
+  unsigned char* data() {
+    const auto a = reinterpret_cast<std::uintptr_t>(storage_.data());
+    return storage_.data() + (16 - a % 16) % 16 + offset_;
+  }
+  const unsigned char* data() const { return const_cast<QuantBuffer*>(this)->data(); }
+  std::size_t bytes_size() const {
+    return static_cast<std::size_t>(quant_state_bytes(static_cast<std::int64_t>(n_), bits_));
+  }
+  std::vector<unsigned char> bytes() const { return {data(), data() + bytes_size()}; }
+  float absmax(std::size_t block) const {
+    float a;
+    std::memcpy(&a, data() + quant_absmax_offset(static_cast<std::int64_t>(n_), bits_) + 4 * block,
+                4);
+    return a;
+  }
+  /// Copies another buffer's contract bytes (the same bits and size).
+  void assign(const QuantBuffer& o) { std::memcpy(data(), o.data(), bytes_size()); }
+
+ private:
+  int bits_;
+  std::size_t n_, offset_;
+  std::vector<unsigned char> storage_;
+};
+
+std::string first_quant_difference(const QuantBuffer& got, const QuantBuffer& want) {
+  const auto a = got.bytes(), b = want.bytes();
+  const auto n = static_cast<std::int64_t>(got.size());
+  const auto offset = static_cast<std::size_t>(quant_absmax_offset(n, got.bits()));
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i] != b[i])
+      return (i < offset ? "code byte " + std::to_string(i)
+                         : "absmax of block " + std::to_string((i - offset) / 4) + ": got " +
+                               std::to_string(got.absmax((i - offset) / 4)) + ", want " +
+                               std::to_string(want.absmax((i - offset) / 4))) +
+             " of " + std::to_string(a.size()) + " bytes";
+  return "equal";
+}
+
+/// Bytewise equal, except that any NaN equals any NaN: a NaN gradient's param is NaN on both
+/// sides, but which NaN (sign, payload) x86 arithmetic gives depends on how the compiler
+/// ordered the operands of a commutative operation (the GPU gives its canonical NaN). States
+/// need no such allowance: a NaN block stores the canonical NaN absmax and code 0s.
+bool equal_up_to_nans(const Buffer& a, const Buffer& b) {
+  if (a.size() != b.size() || a.dtype() != b.dtype()) return false;
+  const auto x = a.bytes(), y = b.bytes();
+  const std::size_t w = dtype_size(a.dtype());
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (std::memcmp(x.data() + i * w, y.data() + i * w, w) != 0 &&
+        !(std::isnan(a.get(i)) && std::isnan(b.get(i))))
+      return false;
+  return true;
+}
+
+const QuantMap<8>& map8(bool non_negative) {
+  return non_negative ? kQuantMap8Unsigned : kQuantMap8Signed;
+}
+const QuantMap<4>& map4(bool non_negative) {
+  return non_negative ? kQuantMap4Unsigned : kQuantMap4Signed;
+}
+
+/// The serial form of a whole state's quantization to nearest: quantize_block8/4 per block.
+void quantize_reference(QuantBuffer& q, bool non_negative, const float* x) {
+  const auto n = static_cast<std::int64_t>(q.size());
+  const int bits = q.bits();
+  const std::int64_t w = quant_block_size(bits);
+  auto* const absmax = reinterpret_cast<float*>(q.data() + quant_absmax_offset(n, bits));
+  for (std::int64_t b = 0; b < quant_blocks(n, bits); ++b) {
+    const int nb = static_cast<int>(std::min(w, n - b * w));
+    float a;
+    if (bits == 8)
+      a = quantize_block8(map8(non_negative), x + b * w, nb, q.data() + b * w, NearestRounding{});
+    else
+      a = quantize_block4(map4(non_negative), x + b * w, nb, q.data() + b * w / 2,
+                          NearestRounding{});
+    std::memcpy(absmax + b, &a, 4);
+  }
+}
+
+/// The serial dequantization: dequantize_block8/4 per block.
+std::vector<float> dequantize_reference(const QuantBuffer& q, bool non_negative) {
+  const auto n = static_cast<std::int64_t>(q.size());
+  const int bits = q.bits();
+  const std::int64_t w = quant_block_size(bits);
+  std::vector<float> out(q.size());
+  for (std::int64_t b = 0; b < quant_blocks(n, bits); ++b) {
+    const int nb = static_cast<int>(std::min(w, n - b * w));
+    const float a = q.absmax(static_cast<std::size_t>(b));
+    if (bits == 8)
+      dequantize_block8(map8(non_negative), q.data() + b * w, nb, a, out.data() + b * w);
+    else
+      dequantize_block4(map4(non_negative), q.data() + b * w / 2, nb, a, out.data() + b * w);
+  }
+  return out;
+}
+
+/// What a step writes into a quantized state (quantize.hpp's state contract): per block, the
+/// absmax of the new values (block_absmax), and each element's step_code with counter
+/// 4i + 1 + k, packed as the layout says.
+void write_state_reference(QuantBuffer& q, bool non_negative, const std::vector<float>& v, int k,
+                           bool stochastic, std::uint64_t seed, std::uint64_t step) {
+  const auto n = static_cast<std::int64_t>(q.size());
+  const int bits = q.bits();
+  const std::int64_t w = quant_block_size(bits);
+  auto* const absmax = reinterpret_cast<float*>(q.data() + quant_absmax_offset(n, bits));
+  std::memset(q.data(), 0, static_cast<std::size_t>(quant_code_bytes(n, bits)));
+  for (std::int64_t b = 0; b < quant_blocks(n, bits); ++b) {
+    const int nb = static_cast<int>(std::min(w, n - b * w));
+    const float a = block_absmax(v.data() + b * w, nb);
+    std::memcpy(absmax + b, &a, 4);
+    for (std::int64_t i = b * w; i < b * w + nb; ++i) {
+      const float y = normalized(v[static_cast<std::size_t>(i)], a);
+      const auto counter = 4 * static_cast<std::uint64_t>(i) + 1 + static_cast<std::uint64_t>(k);
+      if (bits == 8) {
+        q.data()[i] = static_cast<unsigned char>(
+            step_code(map8(non_negative), y, stochastic, seed, step, counter));
+      } else {
+        const int c = step_code(map4(non_negative), y, stochastic, seed, step, counter);
+        q.data()[i / 2] |= static_cast<unsigned char>(c << (4 * (i % 2)));
+      }
+    }
+  }
+}
+
+template <class A>
+std::vector<bool> non_negative_states() {
+  std::vector<bool> out(kMaxStates, false);
+  for (int k = 0; k < StateList<A>::count; ++k)
+    out[static_cast<std::size_t>(k)] = StateList<A>::non_negative(k);
+  return out;
+}
+
+/// One tensor with quantized states: Tensor's param, grad and master (its f32 states unused),
+/// and one QuantBuffer per state, holding the quantization of init + noise (of the state's
+/// sign where it is non-negative, of either sign elsewhere). With `specials`, where the tensor
+/// is large enough: block 1 has zero grads and zero states (an all-zero block when the step
+/// keeps zeros at zero), and one gradient of block 3 is NaN.
+struct QuantTensor {
+  QuantTensor(const Storage& st, int bits, std::size_t n, std::mt19937_64& rng,
+              const std::vector<float>& init, const std::vector<bool>& nonneg, bool specials)
+      : base(st, n, rng, init) {
+    const std::size_t w = static_cast<std::size_t>(quant_block_size(bits));
+    const bool with_specials = specials && n >= 4 * w;
+    if (with_specials) {
+      for (std::size_t i = w; i < 2 * w; ++i) base.grad.set(i, 0.0f);
+      base.grad.set(3 * w + 5, std::numeric_limits<float>::quiet_NaN());
+    }
+    for (int k = 0; k < kMaxStates; ++k) {
+      const bool nn = nonneg[static_cast<std::size_t>(k)];
+      states.emplace_back(bits, n, base.aligned ? 0 : 1);
+      std::vector<float> s = random_floats(rng, n);
+      for (float& x : s) x = init[static_cast<std::size_t>(k)] + (nn ? std::fabs(x) : x) * 0.1f;
+      if (with_specials)
+        for (std::size_t i = w; i < 2 * w; ++i) s[i] = 0.0f;
+      quantize_reference(states.back(), nn, s.data());
+    }
+  }
+  Tensor base;
+  std::vector<QuantBuffer> states;
+};
+
+template <class A>
+cuda::ListEntry quant_entry_of(const typename A::Options& o, QuantTensor& t, std::int64_t step,
+                               int key) {
+  cuda::ListEntry e = entry_of<A>(o, t.base, step, key);
+  for (int k = 0; k < kMaxStates; ++k)
+    e.states[k] = k < StateList<A>::count && A::has_state(o, k)
+                      ? t.states[static_cast<std::size_t>(k)].data()
+                      : nullptr;
+  return e;
+}
+
+/// One step of the per-block contract (quantize.hpp, multi_tensor.cuh): decode every state,
+/// run the functor per element in fp32, store master and param as the elementwise step does,
+/// then write each state per block.
+template <class A>
+void reference_quant_step(const typename A::Options& o, std::int64_t step, QuantTensor& q,
+                          const Storage& st, std::uint64_t seed, int key, float grad_multiplier) {
+  Tensor& t = q.base;
+  double next[kMaxScalars] = {};
+  const typename A::Op op = make_step_op<A>(o, step, t.scalars.data(), next);
+  for (int k = 0; k < ScalarList<A>::count; ++k) t.scalars[static_cast<std::size_t>(k)] = next[k];
+  const std::uint64_t key_seed =
+      seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
+  const auto has = [&](int k) { return k < StateList<A>::count && A::has_state(o, k); };
+  const std::vector<bool> nn = non_negative_states<A>();
+  std::vector<std::vector<float>> v(kMaxStates);
+  for (int k = 0; k < kMaxStates; ++k)
+    if (has(k))
+      v[static_cast<std::size_t>(k)] = dequantize_reference(q.states[static_cast<std::size_t>(k)],
+                                                            nn[static_cast<std::size_t>(k)]);
+  for (std::size_t i = 0; i < t.param.size(); ++i) {
+    float p = st.master ? t.master.get(i) : t.param.get(i);
+    float s[kMaxStates];
+    for (int k = 0; k < kMaxStates; ++k) s[k] = has(k) ? v[static_cast<std::size_t>(k)][i] : 0.0f;
+    op(p, t.grad.get(i) * grad_multiplier, s);
+    if (st.master) t.master.set(i, p);
+    if (t.param.dtype() == DType::f32 || !st.stochastic) {
+      t.param.set(i, p);
+    } else {
+      const std::uint32_t r = random_bits(key_seed, static_cast<std::uint64_t>(step), 4 * i);
+      const std::uint16_t h = to_bf16_stochastic(p, r).bits;
+      std::memcpy(static_cast<unsigned char*>(t.param.data()) + 2 * i, &h, 2);
+    }
+    for (int k = 0; k < kMaxStates; ++k)
+      if (has(k)) v[static_cast<std::size_t>(k)][i] = s[k];
+  }
+  for (int k = 0; k < kMaxStates; ++k)
+    if (has(k))
+      write_state_reference(q.states[static_cast<std::size_t>(k)], nn[static_cast<std::size_t>(k)],
+                            v[static_cast<std::size_t>(k)], k, st.stochastic, key_seed,
+                            static_cast<std::uint64_t>(step));
+}
+
+/// Three steps of A with q8 and q4 states, f32 and bf16 params (bf16 with and without master
+/// weights), to nearest and stochastic, over sizes around the quantization blocks and over two
+/// chunks, through the emulated launcher against reference_quant_step; then a skipped step
+/// (found_inf) that must write nothing. Params, masters and every state buffer bytewise.
+template <class A>
+void expect_quantized_states_match_reference(std::mt19937_64& rng) {
+  const typename A::Options o = option_variants<A>().back();
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<std::size_t> sizes = {0, 1, 127, 128, 129, 255, 256, 257, 8192 * 2 + 77};
+  const float grad_multiplier = 0.5f;
+  const std::uint64_t seed = rng();
+  const std::vector<bool> nn = non_negative_states<A>();
+  for (const DType q : {DType::q8, DType::q4})
+    for (const DType param : {DType::f32, DType::bf16})
+      for (const bool master : {false, true})
+        for (const bool stochastic : {false, true}) {
+          if (master && param == DType::f32) continue;
+          const Storage st{param, param, DType::f32, master, stochastic};
+          const int bits = q == DType::q8 ? 8 : 4;
+          std::vector<QuantTensor> emu, ref;
+          for (std::size_t n : sizes) {
+            std::mt19937_64 copy = rng;
+            emu.emplace_back(st, bits, n, copy, init, nn, true);
+            ref.emplace_back(st, bits, n, rng, init, nn, true);
+            start_scalars<A>(emu.back().base);
+            start_scalars<A>(ref.back().base);
+          }
+          const std::string what = describe<A>(o) + ", " + st.name() + ", state " + dtype_name(q);
+          for (std::int64_t step = 1; step <= 4; ++step) {
+            const bool skipped = step == 4;
+            std::vector<cuda::ListEntry> entries;
+            for (std::size_t i = 0; i < emu.size(); ++i)
+              entries.push_back(quant_entry_of<A>(o, emu[i], step, static_cast<int>(i)));
+            cuda::ListSettings s;
+            s.param_dtype = st.param;
+            s.grad_dtype = st.grad;
+            s.state_dtype = q;
+            s.stochastic = stochastic;
+            s.seed = seed;
+            s.grad_multiplier = grad_multiplier;
+            const float found_inf = 1.0f;
+            if (skipped) s.d_found_inf = &found_inf;
+            const std::vector<double> workspace = workspace_for<A>(s, entries);
+            cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                                       cuda::plan_list(entries.data(), entries.size()), s, nullptr);
+            if (skipped) continue;  // nothing moves: the reference takes no step either
+            for (std::size_t i = 0; i < ref.size(); ++i)
+              reference_quant_step<A>(o, step, ref[i], st, seed, static_cast<int>(i),
+                                      grad_multiplier);
+          }
+          for (std::size_t i = 0; i < sizes.size(); ++i) {
+            EXPECT_TRUE(equal_up_to_nans(emu[i].base.param, ref[i].base.param))
+                << what << ", size " << sizes[i]
+                << ", param: " << first_byte_difference(emu[i].base.param, ref[i].base.param);
+            if (master) {
+              EXPECT_TRUE(equal_up_to_nans(emu[i].base.master, ref[i].base.master))
+                  << what << ", size " << sizes[i] << ", master";
+            }
+            EXPECT_TRUE(same_bits(emu[i].base.scalars, ref[i].base.scalars))
+                << what << ", size " << sizes[i] << ": scalar states";
+            for (int k = 0; k < StateList<A>::count; ++k) {
+              const auto kk = static_cast<std::size_t>(k);
+              if (!A::has_state(o, k)) continue;
+              EXPECT_TRUE(emu[i].states[kk].bytes() == ref[i].states[kk].bytes())
+                  << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k)
+                  << (nn[kk] ? " (unsigned map)" : " (signed map)") << ": "
+                  << first_quant_difference(emu[i].states[kk], ref[i].states[kk]);
+            }
+          }
+        }
+}
+
+/// A trust-ratio, factored or matrix step refuses quantized states before anything moves.
+template <class A>
+void expect_quantized_states_refused(std::mt19937_64& rng) {
+  const typename A::Options o{};
+  const Storage f32{};
+  for (const DType q : {DType::q8, DType::q4}) {
+    QuantTensor t(f32, q == DType::q8 ? 8 : 4, 24, rng, state_inits<A>(o), non_negative_states<A>(),
+                  false);
+    t.base.view = MatrixView{2, 3, 4};
+    const std::vector<unsigned char> before = t.base.param.bytes();
+    std::vector<cuda::ListEntry> entries = {quant_entry_of<A>(o, t, 1, 0)};
+    cuda::ListSettings s;
+    s.state_dtype = q;
+    const std::vector<double> workspace = workspace_for<A>(s, entries);
+    try {
+      cuda::multi_tensor_step<A>(o, entries.data(), 1, cuda::plan_list(entries.data(), 1), s,
+                                 nullptr);
+      ADD_FAILURE() << A::kName << ": a step over " << dtype_name(q) << " states ran";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+      EXPECT_NE(std::string(e.what()).find(dtype_name(q)), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(t.base.param.bytes(), before) << A::kName << ": the param moved";
+  }
+}
+
 // ------------------------------------------------------------ one test case per algorithm
 
 struct AlgorithmCase {
@@ -983,6 +1314,7 @@ struct AlgorithmCase {
   void (*sparse)(std::mt19937_64&);
   void (*ema)(std::mt19937_64&);
   void (*eval)(std::mt19937_64&);
+  void (*quantized)(std::mt19937_64&);
 };
 
 template <class A>
@@ -999,6 +1331,7 @@ AlgorithmCase make_case() {
         c.ema = [](std::mt19937_64& rng) { expect_matrix_step_unsupported<A>(rng); };
     c.sparse = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " takes no sparse steps"; };
     c.eval = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " has one form of its params"; };
+    c.quantized = [](std::mt19937_64& rng) { expect_quantized_states_refused<A>(rng); };
     return c;
   } else {
     return make_elementwise_case<A>(c);
@@ -1040,6 +1373,14 @@ AlgorithmCase make_elementwise_case(AlgorithmCase c) {
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
   c.eval = [](std::mt19937_64& rng) { expect_eval_matches<A>(rng); };
+  c.quantized = [](std::mt19937_64& rng) {
+    if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value)
+      expect_quantized_states_refused<A>(rng);
+    else if constexpr (StateList<A>::count == 0)
+      GTEST_SKIP() << A::kName << " keeps no states";
+    else
+      expect_quantized_states_match_reference<A>(rng);
+  };
   c.ema = [](std::mt19937_64& rng) {
     {
       // Every option combination with an EMA in torch's first lerp branch, then the other
@@ -1112,6 +1453,11 @@ TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
 TEST_P(EmulatedKernels, EvalFormMatchesThePerElementContractAndCpu) {
   auto rng = make_rng();
   algorithm().eval(rng);
+}
+
+TEST_P(EmulatedKernels, QuantizedStatesMatchThePerBlockContract) {
+  auto rng = make_rng();
+  algorithm().quantized(rng);
 }
 
 INSTANTIATE_TEST_SUITE_P(Every, EmulatedKernels,
@@ -1325,6 +1671,213 @@ TEST(EmulatedGradNorm, NoElementsGiveNormZeroAndClipOne) {
   EXPECT_EQ(norm, 0.0f);
   EXPECT_EQ(clip, 1.0f);
   EXPECT_EQ(found_inf, 0.0f);
+}
+
+// ------------------------------------------- quantized states: specials, conversions
+
+// Adam, default options, with q8 and q4 states: a NaN gradient makes its block's stored absmax
+// NaN in both moments (and only that block's), a block of zero gradients and zero moments keeps
+// absmax 0, and the rest stays finite; all bytewise as the contract says.
+TEST(EmulatedQuantizedStates, NanBlocksBecomeNanAndZeroBlocksStayZero) {
+  auto rng = make_rng();
+  const Adam::Options o{};
+  const std::vector<bool> nn = non_negative_states<Adam>();
+  for (const DType q : {DType::q8, DType::q4}) {
+    const int bits = q == DType::q8 ? 8 : 4;
+    const auto w = static_cast<std::size_t>(quant_block_size(bits));
+    const std::size_t n = 6 * w + 3;
+    const Storage st{};
+    std::mt19937_64 copy = rng;
+    QuantTensor emu(st, bits, n, copy, state_inits<Adam>(o), nn, true);
+    QuantTensor ref(st, bits, n, rng, state_inits<Adam>(o), nn, true);
+    std::vector<cuda::ListEntry> entries = {quant_entry_of<Adam>(o, emu, 1, 7)};
+    cuda::ListSettings s;
+    s.state_dtype = q;
+    cuda::multi_tensor_step<Adam>(o, entries.data(), 1, cuda::plan_list(entries.data(), 1), s,
+                                  nullptr);
+    reference_quant_step<Adam>(o, 1, ref, st, 0, 7, 1.0f);
+    for (int k = 0; k < 2; ++k) {
+      const QuantBuffer& b = emu.states[static_cast<std::size_t>(k)];
+      EXPECT_EQ(b.bytes(), ref.states[static_cast<std::size_t>(k)].bytes())
+          << dtype_name(q) << ", state " << k << ": "
+          << first_quant_difference(b, ref.states[static_cast<std::size_t>(k)]);
+      for (std::size_t block = 0; block < 7; ++block) {
+        const float a = b.absmax(block);
+        if (block == 3)
+          EXPECT_TRUE(std::isnan(a)) << dtype_name(q) << ", state " << k;
+        else if (block == 1)
+          EXPECT_EQ(a, 0.0f) << dtype_name(q) << ", state " << k;
+        else
+          EXPECT_TRUE(std::isfinite(a) && a > 0.0f)
+              << dtype_name(q) << ", state " << k << ", " << a;
+      }
+    }
+    EXPECT_TRUE(equal_up_to_nans(emu.base.param, ref.base.param))
+        << first_byte_difference(emu.base.param, ref.base.param);
+  }
+}
+
+// eval() over quantized states is refused, not misread.
+TEST(EmulatedQuantizedStates, EvalOverQuantizedStatesIsRefused) {
+  auto rng = make_rng();
+  const AdamWScheduleFree::Options o{};
+  const Storage st{};
+  QuantTensor t(st, 8, 300, rng, state_inits<AdamWScheduleFree>(o),
+                non_negative_states<AdamWScheduleFree>(), false);
+  const std::vector<unsigned char> before = t.base.param.bytes();
+  const cuda::ListEntry e = quant_entry_of<AdamWScheduleFree>(o, t, 1, 0);
+  try {
+    cuda::eval_params<AdamWScheduleFree>(o, e, DType::f32, DType::q8, nullptr);
+    ADD_FAILURE() << "eval over q8 states ran";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.code(), StatusCode::unsupported) << err.what();
+  }
+  EXPECT_EQ(t.base.param.bytes(), before);
+}
+
+// quantize_state, dequantize_state and fill_quantized against quantize_block8/4 and
+// dequantize_block8/4 bytewise: sizes around the blocks, both maps, a NaN block and an
+// all-zero block, values below an unsigned map's range, aligned and misaligned buffers.
+TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
+  auto rng = make_rng();
+  const std::vector<std::size_t> sizes = {0, 1, 3, 127, 128, 129, 255, 256, 257, 5000};
+  for (const DType q : {DType::q8, DType::q4})
+    for (const bool nn : {false, true})
+      for (std::size_t n : sizes)
+        for (const std::size_t offset : {0, 1}) {
+          const int bits = q == DType::q8 ? 8 : 4;
+          const auto w = static_cast<std::size_t>(quant_block_size(bits));
+          const std::string what = std::string(dtype_name(q)) + (nn ? ", unsigned" : ", signed") +
+                                   ", size " + std::to_string(n) + ", offset " +
+                                   std::to_string(offset);
+          std::vector<float> x = random_floats(rng, n);
+          if (nn)
+            for (std::size_t i = 0; i < n; i += 3) x[i] = std::fabs(x[i]);  // some below 0
+          if (n > 2 * w) {
+            for (std::size_t i = 0; i < w; ++i) x[w + i] = 0.0f;  // block 1: all zero
+            x[5] = std::numeric_limits<float>::quiet_NaN();       // block 0: NaN
+          }
+          std::vector<float> src(n + 1);  // src.data() + offset: misaligned by a float
+          std::copy(x.begin(), x.end(), src.begin() + static_cast<std::ptrdiff_t>(offset));
+          QuantBuffer got(bits, n, offset), want(bits, n, 0);
+          quantize_reference(want, nn, x.data());
+          const auto nn64 = static_cast<std::int64_t>(n);
+          cuda::quantize_state(got.data(), q, nn, src.data() + offset, nn64, nullptr);
+          EXPECT_EQ(got.bytes(), want.bytes())
+              << what << ", quantize: " << first_quant_difference(got, want);
+          if (n > 2 * w) {
+            EXPECT_TRUE(std::isnan(got.absmax(0))) << what;
+            EXPECT_EQ(got.absmax(1), 0.0f) << what;
+          }
+
+          std::vector<float> back(n + 1, -1.0f);
+          cuda::dequantize_state(back.data() + offset, got.data(), q, nn, nn64, nullptr);
+          const std::vector<float> want_back = dequantize_reference(want, nn);
+          EXPECT_TRUE(bitwise_equal(
+              std::vector<float>(back.begin() + static_cast<std::ptrdiff_t>(offset),
+                                 back.begin() + static_cast<std::ptrdiff_t>(offset + n)),
+              want_back))
+              << what << ", dequantize";
+          EXPECT_EQ(back[offset ? 0 : n], -1.0f) << what << ": dequantize wrote past its range";
+
+          for (const float value : {0.0f, 0.1f, -3.5f}) {
+            QuantBuffer filled(bits, n, offset), fill_want(bits, n, 0);
+            const std::vector<float> constant(n, value);
+            quantize_reference(fill_want, nn, constant.data());
+            cuda::fill_quantized(filled.data(), q, nn, value, nn64, nullptr);
+            EXPECT_EQ(filled.bytes(), fill_want.bytes())
+                << what << ", fill " << value << ": " << first_quant_difference(filled, fill_want);
+          }
+        }
+  // Another dtype is an invalid argument, not a misread buffer.
+  float f = 0.0f;
+  EXPECT_THROW(cuda::quantize_state(&f, DType::bf16, false, &f, 1, nullptr), Error);
+  EXPECT_THROW(cuda::fill(&f, DType::q8, 0.0f, 1, nullptr), Error);
+}
+
+/// The emulated CUDA step and the CPU backend's (fused_step with DenseTensors::state_dtype q8
+/// or q4, through its storage layer) over the same tensors: every byte of param and states.
+/// Rounding to nearest (each backend keys stochastic draws by its own param ids).
+template <class A>
+void expect_quantized_matches_cpu(std::mt19937_64& rng) {
+  const typename A::Options o = option_variants<A>().back();
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<bool> nn = non_negative_states<A>();
+  const std::vector<std::size_t> sizes = {1, 127, 129, 257, 5000};
+  for (const DType q : {DType::q8, DType::q4})
+    for (const DType param : {DType::f32, DType::bf16}) {
+      const Storage st{param, param, DType::f32, false, false};
+      const int bits = q == DType::q8 ? 8 : 4;
+      std::vector<QuantTensor> emu, cpu;
+      for (std::size_t n : sizes) {
+        std::mt19937_64 copy = rng;
+        emu.emplace_back(st, bits, n, copy, init, nn, true);
+        cpu.emplace_back(st, bits, n, rng, init, nn, true);
+      }
+      for (auto* ts : {&emu, &cpu})  // QuantTensor misaligns some codes: the CPU takes 16 bytes
+        for (QuantTensor& t : *ts)
+          for (int k = 0; k < kMaxStates; ++k) {
+            QuantBuffer aligned(bits, t.base.param.size(), 0);
+            aligned.assign(t.states[static_cast<std::size_t>(k)]);
+            t.states[static_cast<std::size_t>(k)] = aligned;
+          }
+      const std::string what = describe<A>(o) + ", " + st.name() + ", state " + dtype_name(q);
+      for (std::int64_t step = 1; step <= 2; ++step) {
+        std::vector<cuda::ListEntry> entries;
+        for (std::size_t i = 0; i < emu.size(); ++i)
+          entries.push_back(quant_entry_of<A>(o, emu[i], step, static_cast<int>(i)));
+        cuda::ListSettings s;
+        s.param_dtype = s.grad_dtype = param;
+        s.state_dtype = q;
+        s.grad_multiplier = 0.5f;
+        const std::vector<double> workspace = workspace_for<A>(s, entries);
+        cuda::multi_tensor_step<A>(o, entries.data(), entries.size(),
+                                   cuda::plan_list(entries.data(), entries.size()), s, nullptr);
+        for (std::size_t i = 0; i < cpu.size(); ++i) {
+          DenseTensors t;
+          t.param = cpu[i].base.param.data();
+          t.grad = cpu[i].base.grad.data();
+          t.numel = static_cast<std::int64_t>(sizes[i]);
+          t.param_dtype = t.grad_dtype = param;
+          t.state_dtype = q;
+          for (int k = 0; k < StateList<A>::count; ++k)
+            if (A::has_state(o, k)) t.states[k] = cpu[i].states[static_cast<std::size_t>(k)].data();
+          StepControls c;
+          c.grad_multiplier = 0.5f;
+          fused_step<A>(o, step, t, Exec{}, c);
+        }
+      }
+      for (std::size_t i = 0; i < sizes.size(); ++i) {
+        EXPECT_TRUE(equal_up_to_nans(emu[i].base.param, cpu[i].base.param))
+            << what << ", size " << sizes[i]
+            << ", param: " << first_byte_difference(emu[i].base.param, cpu[i].base.param);
+        for (int k = 0; k < StateList<A>::count; ++k) {
+          const auto kk = static_cast<std::size_t>(k);
+          if (!A::has_state(o, k)) continue;
+          EXPECT_TRUE(emu[i].states[kk].bytes() == cpu[i].states[kk].bytes())
+              << what << ", size " << sizes[i] << ", state " << StateList<A>::name(k) << ": "
+              << first_quant_difference(emu[i].states[kk], cpu[i].states[kk]);
+        }
+      }
+    }
+}
+
+// The emulated kernel against the CPU backend's quantized step, for the algorithms both take.
+TEST(EmulatedQuantizedStates, EqualTheCpuBackendBytewise) {
+  auto rng = make_rng();
+  expect_quantized_matches_cpu<Adam>(rng);
+  expect_quantized_matches_cpu<AdamW>(rng);
+  expect_quantized_matches_cpu<Sgd>(rng);
+  expect_quantized_matches_cpu<Adagrad>(rng);
+  expect_quantized_matches_cpu<Rmsprop>(rng);
+  expect_quantized_matches_cpu<Adadelta>(rng);
+  expect_quantized_matches_cpu<Lion>(rng);
+  expect_quantized_matches_cpu<Rprop>(rng);
+  expect_quantized_matches_cpu<Adamax>(rng);
+  expect_quantized_matches_cpu<NAdam>(rng);
+  expect_quantized_matches_cpu<RAdam>(rng);
+  expect_quantized_matches_cpu<AdEMAMix>(rng);
+  expect_quantized_matches_cpu<LazyAdam>(rng);
 }
 
 // --------------------------------------------------- fills, widenings, schedule, indices

@@ -1,6 +1,8 @@
 // The CUDA backend's launchers: the multi-tensor step and the gradient-norm pass (launch plans
-// from multi_tensor_plan, one kernel per algorithm and param storage), the Newton-Schulz
-// iteration's scale (for newton_schulz.cu), and the fills and widenings of state buffers.
+// from multi_tensor_plan, one kernel per algorithm and param storage; elementwise algorithms
+// with 8- or 4-bit quantized states take quantized_step.cuh's kernel, one per algorithm, param
+// storage and width), the Newton-Schulz iteration's scale (for newton_schulz.cu), and the
+// fills, widenings and (de)quantizations of state buffers.
 // Every launch is checked with cudaGetLastError; nothing here synchronizes with the host.
 // Devices, memory and copies are in cuda_memory.cu.
 //
@@ -19,6 +21,7 @@
 #include "fusedopt/kernels/cuda/matrix_step.cuh"
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
 #include "fusedopt/kernels/cuda/newton_schulz.cuh"
+#include "fusedopt/kernels/cuda/quantized_step.cuh"
 #include "fusedopt/kernels/cuda/runtime.hpp"
 #include "fusedopt/kernels/cuda/trust_ratio.cuh"
 #include "fusedopt/kernels/probe.hpp"
@@ -43,9 +46,24 @@ static_assert(sizeof(TensorList) + sizeof(StepConfig) + 512 <= 32764,
 // tensor, building the functor) while a 2^20-element tensor still spreads over 128 blocks.
 constexpr std::int64_t kChunk = 8192;
 static_assert(kChunk == kSumChunk, "a trust-ratio step's blocks are the chunks of its order");
+static_assert(kChunk % kQuant8BlockSize == 0 && kChunk % kQuant4BlockSize == 0,
+              "a quantized step's blocks own whole quantization blocks");
 constexpr std::int64_t kMaxGrid = 0x7FFFFFFF;
 
 int storage_code(DType t) { return static_cast<int>(t); }
+
+bool is_quantized(DType t) { return t == DType::q8 || t == DType::q4; }
+
+/// Whether algorithm A's step is refused over quantized states: a trust-ratio, factored or
+/// matrix step stores and re-reads its states between passes, which the per-block contract of
+/// a one-pass step does not describe.
+template <class A>
+constexpr bool kRefusesQuantized =
+    MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value;
+/// Whether it has the quantized kernel: the one-pass elementwise algorithms that keep states
+/// (a stateless one steps through the elementwise kernel whatever its state dtype).
+template <class A>
+constexpr bool kQuantizable = StateList<A>::count > 0 && !kRefusesQuantized<A>;
 
 TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
   TensorList list{};
@@ -95,6 +113,20 @@ void launch_step(const typename A::Options& o, std::int64_t host_step, const Ten
     (o, host_op, list, cfg, tensor_norms);
   } else {
     (void)workspace;
+    if constexpr (kQuantizable<A>) {
+      if (cfg.state_storage == cuda_kernels::kQ8) {
+        FO_LAUNCH(grid, kBlock, stream, cuda_kernels::multi_tensor_quant_step_kernel<A, kParam, 8>)
+        (o, host_op, list, cfg);
+        FO_CUDA_CHECK(cudaGetLastError());
+        return;
+      }
+      if (cfg.state_storage == cuda_kernels::kQ4) {
+        FO_LAUNCH(grid, kBlock, stream, cuda_kernels::multi_tensor_quant_step_kernel<A, kParam, 4>)
+        (o, host_op, list, cfg);
+        FO_CUDA_CHECK(cudaGetLastError());
+        return;
+      }
+    }
     FO_LAUNCH(grid, kBlock, stream, cuda_kernels::multi_tensor_step_kernel<A, kParam>)
     (o, host_op, list, cfg);
   }
@@ -358,6 +390,8 @@ StepConfig step_config(const ListSettings& s) {
   StepConfig cfg{};
   cfg.grad_storage = storage_code(s.grad_dtype);
   cfg.state_storage = storage_code(s.state_dtype);
+  for (int k = 0; k < StateList<A>::count; ++k)
+    if (StateList<A>::non_negative(k)) cfg.non_negative_states |= 1u << k;
   cfg.stochastic = s.stochastic;
   cfg.seed = s.seed;
   cfg.grad_multiplier = s.grad_multiplier;
@@ -378,6 +412,11 @@ template <class A>
 void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
                        const ListPlan& plan, const ListSettings& s, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
+  if (kRefusesQuantized<A> && is_quantized(s.state_dtype))  // before anything is launched
+    throw Error(StatusCode::unsupported,
+                std::string(A::kName) + ": states of dtype " + dtype_name(s.state_dtype) +
+                    " (block-quantized) are taken by the one-pass elementwise optimizers only; " +
+                    "a trust-ratio, factored or matrix step's states must be f32 or bf16");
   const StepConfig cfg = step_config<A>(s);
   double* const workspace = static_cast<double*>(s.d_workspace);
   if constexpr (MatrixCapable<A>::value) {
@@ -492,6 +531,10 @@ template <class A>
 void eval_params(const typename A::Options& options, const ListEntry& e, DType param, DType state,
                  void* stream) {
   if constexpr (EvalCapable<A>::value) {
+    if (is_quantized(state))
+      throw Error(StatusCode::unsupported,
+                  std::string(A::kName) + ": eval() over states of dtype " + dtype_name(state) +
+                      " (block-quantized) is not implemented on CUDA; f32 or bf16 states only");
     if (e.numel == 0) return;
     const auto st = static_cast<cudaStream_t>(stream);
     const typename A::EvalOp op = A::make_eval_op(options);
@@ -553,7 +596,18 @@ void grad_norm(const ListEntry* entries, const ListPlan& plan, DType grad_dtype,
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
+namespace {
+/// The elementwise helpers take f32, bf16 and f16; a quantized state has its own (below).
+void refuse_quantized(DType t, const char* what) {
+  if (is_quantized(t))
+    throw Error(StatusCode::invalid_argument,
+                std::string(what) + ": dtype " + dtype_name(t) +
+                    " is block-quantized; use quantize_state, dequantize_state or fill_quantized");
+}
+}  // namespace
+
 void fill(void* p, DType storage, float value, std::int64_t n, void* stream) {
+  refuse_quantized(storage, "fill");
   if (n == 0) return;
   const auto st = static_cast<cudaStream_t>(stream);
   switch (storage) {
@@ -573,6 +627,7 @@ void fill(void* p, DType storage, float value, std::int64_t n, void* stream) {
 }
 
 void widen(float* dst, const void* src, DType storage, std::int64_t n, void* stream) {
+  refuse_quantized(storage, "widen");
   if (n == 0) return;
   FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), widen_kernel)
   (dst, src, storage_code(storage), n);
@@ -580,6 +635,7 @@ void widen(float* dst, const void* src, DType storage, std::int64_t n, void* str
 }
 
 void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* stream) {
+  refuse_quantized(storage, "narrow");
   if (n == 0) return;
   FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), narrow_kernel)
   (dst, storage_code(storage), src, n);
@@ -588,9 +644,70 @@ void narrow(void* dst, DType storage, const float* src, std::int64_t n, void* st
 
 void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n,
              void* stream) {
+  refuse_quantized(dst_storage, "convert");
+  refuse_quantized(src_storage, "convert");
   if (n == 0) return;
   FO_LAUNCH(elementwise_grid(n), kBlock, static_cast<cudaStream_t>(stream), convert_kernel)
   (dst, storage_code(dst_storage), src, storage_code(src_storage), n);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+namespace {
+
+/// The grid of a whole-tensor (de)quantization: one warp per quantization block, 8 warps a
+/// thread block, grid-stride beyond 65536 thread blocks.
+unsigned quant_grid(std::int64_t n, int bits) {
+  constexpr std::int64_t kWarps = kBlock / 32;
+  return static_cast<unsigned>(
+      std::clamp<std::int64_t>((quant_blocks(n, bits) + kWarps - 1) / kWarps, 1, 65536));
+}
+
+int quant_bits(DType q, const char* what) {
+  if (q == DType::q8) return 8;
+  if (q == DType::q4) return 4;
+  throw Error(StatusCode::invalid_argument,
+              std::string(what) + ": dtype must be q8 or q4, got " + dtype_name(q));
+}
+
+void launch_quantize(void* dst, DType q, bool non_negative, const float* src, float value,
+                     std::int64_t n, void* stream, const char* what) {
+  const int bits = quant_bits(q, what);
+  if (n == 0) return;
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (bits == 8) {
+    FO_LAUNCH(quant_grid(n, 8), kBlock, st, cuda_kernels::quantize_state_kernel<8>)
+    (dst, non_negative, src, value, n);
+  } else {
+    FO_LAUNCH(quant_grid(n, 4), kBlock, st, cuda_kernels::quantize_state_kernel<4>)
+    (dst, non_negative, src, value, n);
+  }
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n,
+                    void* stream) {
+  launch_quantize(dst, q, non_negative, src, 0.0f, n, stream, "quantize_state");
+}
+
+void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n,
+                    void* stream) {
+  launch_quantize(dst, q, non_negative, nullptr, value, n, stream, "fill_quantized");
+}
+
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n,
+                      void* stream) {
+  const int bits = quant_bits(q, "dequantize_state");
+  if (n == 0) return;
+  const auto st = static_cast<cudaStream_t>(stream);
+  if (bits == 8) {
+    FO_LAUNCH(quant_grid(n, 8), kBlock, st, cuda_kernels::dequantize_state_kernel<8>)
+    (dst, src, non_negative, n);
+  } else {
+    FO_LAUNCH(quant_grid(n, 4), kBlock, st, cuda_kernels::dequantize_state_kernel<4>)
+    (dst, src, non_negative, n);
+  }
   FO_CUDA_CHECK(cudaGetLastError());
 }
 

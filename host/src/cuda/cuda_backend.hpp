@@ -182,6 +182,21 @@ void convert(void* dst, DType dst_storage, const void* src, DType src_storage, s
 /// Exchanges a[i] and b[i], bitwise.
 void swap(float* a, float* b, std::int64_t n, void* stream);
 
+// Block-quantized states (q = DType::q8 or q4; kernels/quantize.hpp's state contract: one
+// buffer of quant_state_bytes(n, bits), the codes then the absmax per block; the unsigned map
+// where non_negative, else the signed one). Stream-ordered; n == 0 does nothing. Throw
+// invalid_argument for another dtype.
+/// The state `dst` <- n float32 values `src` (device memory), each block quantized to nearest
+/// (step_code without stochastic rounding: quantize_block8 / quantize_block4's codes and absmax).
+void quantize_state(void* dst, DType q, bool non_negative, const float* src, std::int64_t n,
+                    void* stream);
+/// dst[i] <- element i of the state `src` decoded: value[code] * its block's absmax.
+void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n,
+                      void* stream);
+/// The state `dst` <- quantize_state of n copies of `value`.
+void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n,
+                    void* stream);
+
 FO_EMULATION_END
 
 // Devices, memory and copies (cuda_memory.cu): CUDA builds only.

@@ -37,6 +37,9 @@ void widen(float*, const void*, DType, std::int64_t, void*) { unsupported(); }
 void narrow(void*, DType, const float*, std::int64_t, void*) { unsupported(); }
 void swap(float*, float*, std::int64_t, void*) { unsupported(); }
 void convert(void*, DType, const void*, DType, std::int64_t, void*) { unsupported(); }
+void quantize_state(void*, DType, bool, const float*, std::int64_t, void*) { unsupported(); }
+void dequantize_state(float*, const void*, DType, bool, std::int64_t, void*) { unsupported(); }
+void fill_quantized(void*, DType, bool, float, std::int64_t, void*) { unsupported(); }
 void memset_zero(void*, std::size_t, void*) { unsupported(); }
 void copy_to_host(void*, const void*, std::size_t) { unsupported(); }
 void copy_from_host(void*, const void*, std::size_t, void*) { unsupported(); }

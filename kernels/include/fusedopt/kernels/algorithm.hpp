@@ -105,6 +105,15 @@ class Validator {
   char message_[256] = {};
 };
 
+// The lengths of the descriptors' static arrays are taken with sizeof, never with
+// std::extent_v<decltype(A::kStates)>: nvcc's front end (CUDA 13.0) gives a static constexpr
+// array declared `kStates[] = {...}` in a class template (Adam's AdamFamily) its declared
+// type, of unknown bound (extent 0), where decltype names it before the member's definition
+// is instantiated: StateList<Adam>::count was 0 in device code and in the host code that
+// cudafe++ emits, while the host compiler said 3. sizeof needs the complete type, which
+// instantiates the definition first.
+#define FO_ARRAY_LENGTH(a) static_cast<int>(sizeof(a) / sizeof((a)[0]))
+
 /// Which of A's states are never negative (A::kNonNegativeStates), by StateList.
 template <class A, class = void>
 struct NonNegative {
@@ -112,8 +121,7 @@ struct NonNegative {
 };
 template <class A>
 struct NonNegative<A, std::void_t<decltype(A::kNonNegativeStates)>> {
-  static_assert(std::extent_v<decltype(A::kNonNegativeStates)> ==
-                    std::extent_v<decltype(A::kStates)>,
+  static_assert(FO_ARRAY_LENGTH(A::kNonNegativeStates) == FO_ARRAY_LENGTH(A::kStates),
                 "one kNonNegativeStates flag per state");
   static constexpr bool of(int k) { return A::kNonNegativeStates[k]; }
 };
@@ -128,8 +136,9 @@ struct StateList {
 };
 template <class A>
 struct StateList<A, std::void_t<decltype(A::kStates)>> {
-  static constexpr int count = static_cast<int>(std::extent_v<decltype(A::kStates)>);
-  static_assert(count <= kMaxStates, "more states than the kernels carry (kMaxStates)");
+  static constexpr int count = FO_ARRAY_LENGTH(A::kStates);
+  static_assert(count > 0 && count <= kMaxStates,
+                "one to kMaxStates states (more than the kernels carry, or a bound not seen)");
   static constexpr const char* name(int k) { return A::kStates[k]; }
   /// Whether state k is never negative (A::kNonNegativeStates, one flag per state; none: every
   /// state may be negative): a quantized state then takes the unsigned map.
@@ -147,7 +156,7 @@ struct ScalarList {
 };
 template <class A>
 struct ScalarList<A, std::void_t<decltype(A::kScalars)>> {
-  static constexpr int count = static_cast<int>(std::extent_v<decltype(A::kScalars)>);
+  static constexpr int count = FO_ARRAY_LENGTH(A::kScalars);
   static_assert(count <= kMaxScalars, "more scalar states than the step carries (kMaxScalars)");
   static constexpr const char* name(int k) { return A::kScalars[k]; }
   static double init(int k) { return A::scalar_init(k); }

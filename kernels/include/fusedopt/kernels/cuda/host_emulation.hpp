@@ -48,6 +48,8 @@
 // One block runs at a time in the whole process, so a function-local static is the block's
 // shared memory.
 #define __shared__ static
+// A __constant__ variable (namespace scope, constant-initialized) is a plain host global.
+#define __constant__
 
 struct dim3 {
   unsigned x, y, z;
@@ -334,6 +336,11 @@ template <class T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
   return fo::emu::shuffle(mask, value,
                           [delta](int lane) { return lane + static_cast<int>(delta); });
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  return fo::emu::shuffle(mask, value, [lane_mask](int lane) { return lane ^ lane_mask; });
 }
 
 template <class T>

@@ -11,6 +11,8 @@
 // is updated in the same pass (kernels/ema.hpp) from the f32 value the functor produced:
 // the master weight where there is one, else the param's value before it is rounded.
 // Bytes per element: param r+w, grad r, each state r+w, master r+w, ema r+w; nothing else.
+// States quantized to 8 or 4 bits (kQ8, kQ4) take their own kernel, quantized_step.cuh, with
+// the same prologue (step_prologue below).
 #pragma once
 
 #include <cstdint>
@@ -29,8 +31,9 @@ inline constexpr int kBlock = 256;
 // Kernel parameters of up to 32 KB (CUDA 12.1+, sm_70+) hold this many tensors per launch.
 inline constexpr int kMaxListTensors = 256;
 
-/// Storage codes, numbered as fo::DType.
-enum Storage : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+/// Storage codes, numbered as fo::DType. kQ8 and kQ4: block-quantized states only
+/// (quantize.hpp's state contract; quantized_step.cuh), never a param, grad or master.
+enum Storage : int { kF32 = 0, kF16 = 1, kBF16 = 2, kQ8 = 5, kQ4 = 6 };
 
 struct TensorList {
   void* param[kMaxListTensors];
@@ -47,9 +50,10 @@ struct TensorList {
 };
 
 struct StepConfig {
-  int grad_storage;   // kF32, or the param's storage
-  int state_storage;  // kF32 or kBF16
-  bool stochastic;    // stochastic rounding of low-precision writes
+  int grad_storage;              // kF32, or the param's storage
+  int state_storage;             // kF32 or kBF16; kQ8 or kQ4 (quantized_step.cuh's kernel only)
+  unsigned non_negative_states;  // bit k: a quantized state k takes the unsigned map
+  bool stochastic;               // stochastic rounding of low-precision writes
   std::uint64_t seed;
   float grad_multiplier;           // host multiplier of every gradient (1/loss scale)
   float ema_weight;                // 1 - decay of the weight EMA (list.ema), when present
@@ -152,25 +156,39 @@ __device__ __forceinline__ int find_tensor(const TensorList& list, std::int64_t 
 
 // ------------------------------------------------------------------------------ the step
 
-/// Random-draw counters: element i's param uses 4i, its state k uses 4i + 1 + k.
-///
-/// The functor's step scalars (make_op: powers and a square root in double) are computed
-/// once, never per thread: by the host, which passes them in `host_op`, when the step count
-/// and the lr are host values (every tensor of the launch then takes the same step); when
-/// either lives in device memory (capturable steps), or the algorithm keeps scalar states
-/// (which live there), by thread 0 of each block into shared memory, from its tensor's device
-/// step count and scalars. The scalars are only read here: advance_scalars_kernel writes
-/// their next values after the launch.
-template <class A, int kParamStorage>
-__global__ void __launch_bounds__(kBlock)
-    multi_tensor_step_kernel(const typename A::Options options, const typename A::Op host_op,
-                             const TensorList list, const StepConfig cfg) {
+/// What a block of a step starts from (step_prologue): its tensor t and its range [begin, end)
+/// of it, the functor, the step being taken, the multiplier of every gradient and the random
+/// stream's seed of the tensor.
+template <class A>
+struct StepBlock {
+  typename A::Op op;
+  int t;
+  std::int64_t begin, end;
+  std::uint64_t step;
+  float gscale;
+  std::uint64_t seed;
+};
+
+/// The prologue every thread of a step's block runs (it holds a __syncthreads: all of them,
+/// after the found_inf check). The functor's step scalars (make_op: powers and a square root
+/// in double) are computed once, never per thread: by the host, which passes them in
+/// `host_op`, when the step count and the lr are host values (every tensor of the launch then
+/// takes the same step); when either lives in device memory (capturable steps), or the
+/// algorithm keeps scalar states (which live there), by thread 0 of each block into shared
+/// memory, from its tensor's device step count and scalars. The scalars are only read here:
+/// advance_scalars_kernel writes their next values after the launch.
+template <class A>
+__device__ __forceinline__ StepBlock<A> step_prologue(const typename A::Options& options,
+                                                      const typename A::Op& host_op,
+                                                      const TensorList& list,
+                                                      const StepConfig& cfg) {
   using Op = typename A::Op;
   static_assert(std::is_trivially_copyable<Op>::value, "a functor travels by bytes");
-  if (cfg.d_found_inf && *cfg.d_found_inf != 0.0f) return;
-  const int t = find_tensor(list, blockIdx.x);
-  const std::int64_t begin = (blockIdx.x - list.block_start[t]) * cfg.chunk;
-  const std::int64_t end = begin + cfg.chunk < list.numel[t] ? begin + cfg.chunk : list.numel[t];
+  StepBlock<A> b{};
+  b.t = find_tensor(list, blockIdx.x);
+  const int t = b.t;
+  b.begin = (blockIdx.x - list.block_start[t]) * cfg.chunk;
+  b.end = b.begin + cfg.chunk < list.numel[t] ? b.begin + cfg.chunk : list.numel[t];
 
   static_assert(alignof(Op) <= 8, "the functor's shared copy is 8-byte aligned");
   __shared__ unsigned long long s_op[(sizeof(Op) + 7) / 8];
@@ -191,9 +209,25 @@ __global__ void __launch_bounds__(kBlock)
     s_gscale = gs;
   }
   __syncthreads();
-  const Op op = cfg.device_scalars ? *reinterpret_cast<const Op*>(s_op) : host_op;
-  const std::int64_t step = s_step;
-  const float gscale = s_gscale;
+  b.op = cfg.device_scalars ? *reinterpret_cast<const Op*>(s_op) : host_op;
+  b.step = static_cast<std::uint64_t>(s_step);
+  b.gscale = s_gscale;
+  b.seed = cfg.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(list.key[t] + 1));
+  return b;
+}
+
+/// Random-draw counters: element i's param uses 4i, its state k uses 4i + 1 + k.
+template <class A, int kParamStorage>
+__global__ void __launch_bounds__(kBlock)
+    multi_tensor_step_kernel(const typename A::Options options, const typename A::Op host_op,
+                             const TensorList list, const StepConfig cfg) {
+  using Op = typename A::Op;
+  if (cfg.d_found_inf && *cfg.d_found_inf != 0.0f) return;
+  const StepBlock<A> b = step_prologue<A>(options, host_op, list, cfg);
+  const Op op = b.op;
+  const int t = b.t;
+  const std::int64_t begin = b.begin, end = b.end;
+  const float gscale = b.gscale;
 
   void* const param = list.param[t];
   const void* const grad = list.grad[t];
@@ -204,9 +238,8 @@ __global__ void __launch_bounds__(kBlock)
   void* const s1 = list.state[1][t];
   void* const s2 = list.state[2][t];
   void* const states[kMaxStates] = {s0, s1, s2};
-  const std::uint64_t seed =
-      cfg.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(list.key[t] + 1));
-  const auto ustep = static_cast<std::uint64_t>(step);
+  const std::uint64_t seed = b.seed;
+  const std::uint64_t ustep = b.step;
 
   bool vec = aligned_for4(param, kParamStorage) && aligned_for4(grad, cfg.grad_storage) &&
              (!master || aligned_for4(master, kF32)) && (!ema || aligned_for4(ema, kF32));
