@@ -891,18 +891,33 @@ TEST(Cuda, EveryStorageEqualsTheCpuBitwise) {
             ++cases;
           }
   EXPECT_EQ(cases, 36);
+  // Block-quantized states (docs/quantized-states.md): params under min_quant_size (1, 3,
+  // 1025) keep float32 states, so each step launches both kinds of group.
+  for (DType param : {DType::f32, DType::bf16})
+    for (DType state : {DType::q8, DType::q4})
+      for (bool stochastic : {false, true}) {
+        const StorageCase c{param, false, state, param != DType::f32, stochastic, stochastic};
+        EXPECT_TRUE(steps_equal(rng, "adamw", c, sizes, 3)) << "refused: " << describe(c);
+      }
   const std::vector<StorageCase> mixed = {{DType::bf16, true, DType::bf16, true, true, true},
-                                          {DType::f16, false, DType::bf16, false, false, false}};
+                                          {DType::f16, false, DType::bf16, false, false, false},
+                                          {DType::f32, false, DType::q8, false, true, false},
+                                          {DType::bf16, true, DType::q4, true, false, true}};
   // The kinds the CPU steps in float32 only (cpu::storage_refusal): trust ratio, factored,
-  // matrix.
+  // matrix; and with quantized states, Schedule-Free (its z copies the weights) on both.
   const std::vector<std::string> refused = {"lamb", "lars", "adafactor"};
+  const std::vector<std::string> refused_quantized = {"sgd_schedule_free", "adamw_schedule_free"};
   for (const auto& algo : dense_algorithms()) {
     if (algo.matrix_only) continue;  // muon: refused on the CPU, and matrices only
-    const bool expect_refusal =
-        std::find(refused.begin(), refused.end(), algo.name) != refused.end();
-    for (const StorageCase& c : mixed)
+    for (const StorageCase& c : mixed) {
+      const bool quantized = c.state == DType::q8 || c.state == DType::q4;
+      const bool expect_refusal =
+          std::find(refused.begin(), refused.end(), algo.name) != refused.end() ||
+          (quantized && std::find(refused_quantized.begin(), refused_quantized.end(), algo.name) !=
+                            refused_quantized.end());
       EXPECT_EQ(steps_equal(rng, algo.name, c, sizes, 3), !expect_refusal)
           << algo.name << ", " << describe(c);
+    }
   }
 }
 

@@ -420,6 +420,9 @@ std::string Optimizer::Impl::storage_problem(const ParamEntry& p) const {
   const DType d = state_dtype(p);
   if (!cpu::is_quantized(d)) return "";
   const AlgorithmDescription& a = desc(p);
+  bool keeps_states = false;  // none (sgd without momentum, signsgd): nothing to quantize
+  for (int k = 0; k < static_cast<int>(a.states.size()); ++k) keeps_states |= p.keeps(p.facts, k);
+  if (!keeps_states) return "";
   const std::string fix =
       " (give this param float32 or bfloat16 states: set_param_option(name, \"state_dtype\", 0 "
       "or 2))";

@@ -343,9 +343,8 @@ void Optimizer::load(const std::string& path) {
       if (as_saved && (whole || !a.quantizable))
         throw Error(StatusCode::corrupt_data,
                     who + "state '" + t->state + "' of '" + p.name + "' cannot be quantized");
-      const std::optional<DType> file_storage =
-          as_saved ? std::optional<DType>(t->dtype) : std::nullopt;
-      const std::size_t raw_bytes = as_saved ? Impl::storage_bytes(*file_storage, count) : 0;
+      const DType file_storage = t->dtype;  // f32, or (as_saved) the quantized state's
+      const std::size_t raw_bytes = as_saved ? Impl::storage_bytes(file_storage, count) : 0;
       const std::int64_t values_expected =
           as_saved ? static_cast<std::int64_t>((raw_bytes + 3) / 4) : count;
       if (static_cast<std::int64_t>(t->values.size()) != values_expected)
@@ -369,14 +368,14 @@ void Optimizer::load(const std::string& path) {
         // (bitwise), else decoded to float32 and stored (rounded to nearest where quantized).
         const bool non_negative = a.non_negative[static_cast<std::size_t>(k)];
         std::vector<unsigned char> image(bytes_needed);
-        if (as_saved && *file_storage == storage) {
+        if (as_saved && file_storage == storage) {
           std::memcpy(image.data(), t->values.data(), bytes_needed);
         } else {
           std::vector<float> values = t->values;
           if (as_saved) {
             // A corrupt file cannot make this read out of bounds: sizes were checked above.
             values.assign(static_cast<std::size_t>(count), 0.0f);
-            cpu::dequantize_state(values.data(), t->values.data(), *file_storage, non_negative,
+            cpu::dequantize_state(values.data(), t->values.data(), file_storage, non_negative,
                                   count);
           }
           if (cpu::is_quantized(storage))
