@@ -337,7 +337,13 @@ void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::i
   auto* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, Bits));
   const std::int64_t w = quant_block_size(Bits);
   const NearestCodeTable<Bits>& nearest = nearest_code_table(q);
+#if defined(FO_HAVE_X86_ISAS)
+  const bool vector = !stochastic && isa() == Isa::avx512;
+#endif
+  std::int32_t block_codes[kQuant8BlockSize];  // a block's codes, where computed 16 at a time
+  bool from_block = false;
   const auto code = [&](float x, float a, std::int64_t i) {
+    if (from_block) return static_cast<int>(block_codes[(i - begin) % w]);
     if (!stochastic) return nearest(normalized(x, a));  // nearest_code, by its table
     const auto counter = static_cast<std::uint64_t>(i) * 4 + counter_offset;
     return step_code(q, normalized(x, a), true, seed, step, counter);
@@ -348,6 +354,12 @@ void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::i
     const float a = block_absmax_fast(x, len);
     const std::int64_t first = begin + b;
     absmax[first / w] = a;
+#if defined(FO_HAVE_X86_ISAS)
+    // A finite, non-zero absmax: every x / a is in [-1, 1], the vector encoder's domain.
+    from_block = vector && a > 0.0f;
+    if (from_block)
+      encode_block_avx512(nearest.base(), nearest.thresholds(), x, a, len, block_codes);
+#endif
     if constexpr (Bits == 8) {
       for (int j = 0; j < len; ++j)
         codes[first + j] = static_cast<std::uint8_t>(code(x[j], a, first + j));

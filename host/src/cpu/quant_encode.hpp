@@ -26,7 +26,7 @@ class NearestCodeTable {
  public:
   static constexpr int kCrossings = 2;
 
-  explicit NearestCodeTable(const QuantMap<Bits>& q) : q_(q), base_(1u << 16) {
+  explicit NearestCodeTable(const QuantMap<Bits>& q) : q_(q), base_((1u << 16) + 3) {
     constexpr int kCodes = QuantMap<Bits>::kCodes;
     for (int k = 0; k < kCodes - 1; ++k) threshold_[k] = q.threshold[k];
     for (int k = kCodes - 1; k < kCodes + kCrossings; ++k)  // never reached: y <= 1 < +inf
@@ -48,6 +48,12 @@ class NearestCodeTable {
       base_[prefix] = static_cast<std::uint8_t>(c_lo);
     }
   }
+
+  /// The codes of the interval starts by prefix (3 bytes of padding after them, so that a
+  /// 4-byte gather at the last one stays inside), and the thresholds with kCrossings + 1
+  /// infinities after the last: what a vectorized encoder (encode_block_avx512) reads.
+  const std::uint8_t* base() const { return base_.data(); }
+  const float* thresholds() const { return threshold_; }
 
   int operator()(float y) const {
     if (!(y >= -1.0f && y <= 1.0f)) return nearest_code(q_, y);
@@ -106,5 +112,14 @@ inline float block_absmax_fast(const float* x, int n) {
   std::memcpy(&f, &m, sizeof f);
   return f;
 }
+
+#if defined(FO_HAVE_X86_ISAS)
+/// codes[i] = the table's code of x[i] / absmax for i < n (n <= 256), 16 lanes at a time: the
+/// same division, table load and compares as NearestCodeTable::operator(). absmax finite and
+/// > 0 (so every x[i] / absmax is in [-1, 1]). Defined in isa_avx512.cpp; call it only where
+/// the CPU runs AVX-512 kernels (cpu::isa()).
+void encode_block_avx512(const std::uint8_t* base, const float* thresholds, const float* x,
+                         float absmax, int n, std::int32_t* codes);
+#endif
 
 }  // namespace fo::cpu
