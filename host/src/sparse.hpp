@@ -17,6 +17,12 @@ namespace fo::detail {
 /// keeps none; [rows x dim], or [rows] under options that make the algorithm row-wise), nnz
 /// indices (int32 or int64) and their [nnz x dim] float32 gradient rows. All on one device.
 /// Offsets are computed in 64 bits.
+///
+/// Quantized states (state_dtype q8 or q4, docs/quantized-states.md): states[k] points to the
+/// state's one buffer (codes, then absmax values) of rows * dim elements, reinterpreted; dim is
+/// a multiple of the block size (quant_block_size), so each row owns whole blocks and a step
+/// re-encodes only the blocks of the rows it names, each to nearest. Per-element states only
+/// (never row-wise ones). Bit k of non_negative_states: state k takes the unsigned map.
 struct SparseStep {
   float* table;
   float* states[kMaxStates];
@@ -26,6 +32,8 @@ struct SparseStep {
   DType index_dtype;
   std::int64_t nnz;
   const float* grad_rows;
+  DType state_dtype = DType::f32;  // f32, q8 or q4
+  unsigned non_negative_states = 0;
 };
 
 }  // namespace fo::detail
