@@ -16,6 +16,7 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -449,7 +450,7 @@ TEST(QuantizedStates, ACorruptQuantizedCheckpointIsRefusedAndChangesNothing) {
 
 // What cannot take quantized states is refused before anything changes, with the reason:
 // a step that is not one elementwise pass (lamb), a state that copies the weights
-// (Schedule-Free's z), sparse steps; the stateless layer takes float32 and bfloat16 only.
+// (Schedule-Free's z), sparse steps over rows that are not whole blocks, row-wise states.
 TEST(QuantizedStates, WhatCannotTakeThemIsRefusedAndChangesNothing) {
   auto rng = make_rng();
   const std::int64_t n = 8192;
@@ -473,16 +474,95 @@ TEST(QuantizedStates, WhatCannotTakeThemIsRefusedAndChangesNothing) {
     q.step({g.data()});
     EXPECT_EQ(q.step_count("p"), 1);
   }
-  std::vector<float> table = random_floats(rng, 64 * 128);
+  // Sparse steps need rows of whole blocks, and per-element states.
+  std::vector<float> table = random_floats(rng, 64 * 100);
   const std::vector<float> t0 = table;
   Optimizer lazy("lazyadam");
   lazy.set_option("state_dtype", kQ8);
   lazy.set_option("min_quant_size", 0);
-  lazy.add_param("emb", table.data(), DType::f32, {64, 128});
+  lazy.add_param("emb", table.data(), DType::f32, {64, 100});
   const std::int64_t rows[] = {3};
-  const std::vector<float> grad_rows = random_floats(rng, 128);
-  EXPECT_THROW(lazy.step_sparse("emb", rows, DType::i64, 1, grad_rows.data()), Error);
+  const std::vector<float> grad_rows = random_floats(rng, 100);
+  try {
+    lazy.step_sparse("emb", rows, DType::i64, 1, grad_rows.data());
+    FAIL() << "a row of 100 elements stepped in 256-element blocks";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), StatusCode::unsupported);
+    EXPECT_NE(std::string(e.what()).find("256"), std::string::npos) << e.what();
+  }
   EXPECT_TRUE(bitwise_equal(table, t0));
+  std::vector<float> table2 = random_floats(rng, 64 * 256);
+  const std::vector<float> t2 = table2;
+  Optimizer rowwise("adagrad");
+  rowwise.set_option("rowwise", 1);
+  rowwise.set_option("state_dtype", kQ8);
+  rowwise.set_option("min_quant_size", 0);
+  rowwise.add_param("emb", table2.data(), DType::f32, {64, 256});
+  const std::vector<float> g2 = random_floats(rng, 256);
+  EXPECT_THROW(rowwise.step_sparse("emb", rows, DType::i64, 1, g2.data()), Error);
+  EXPECT_TRUE(bitwise_equal(table2, t2));
+}
+
+// Sparse steps over quantized states: the named rows' blocks are the float32 sparse step of
+// their decoded states encoded to nearest (each row owns whole blocks); the other rows' codes
+// and scales are not touched. Repeated indices, several steps, both widths.
+TEST(QuantizedStates, SparseStepsReencodeOnlyTheNamedRows) {
+  auto rng = make_rng();
+  const std::string dir = temp_dir();
+  for (const char* algorithm : {"lazyadam", "adagrad"})
+    for (double dtype : {kQ8, kQ4}) {
+      SCOPED_TRACE(std::string(algorithm) + (dtype == kQ8 ? " 8-bit" : " 4-bit"));
+      const AlgorithmDescription& a = describe(algorithm);
+      const std::int64_t rows = 40, dim = dtype == kQ8 ? 512 : 256;
+      std::vector<float> table = random_floats(rng, static_cast<std::size_t>(rows * dim));
+      Optimizer q(algorithm);
+      q.set_option("state_dtype", dtype);
+      q.add_param("emb", table.data(), DType::f32, {rows, dim});
+      std::uniform_int_distribution<std::int64_t> pick(0, rows - 1);
+      for (int t = 0; t < 4; ++t) {
+        SCOPED_TRACE("step " + std::to_string(t + 1));
+        std::vector<std::int64_t> idx(9);
+        for (auto& i : idx) i = pick(rng);
+        idx[8] = idx[0];  // a repeat: its gradient rows are summed
+        const std::vector<float> grads =
+            random_floats(rng, idx.size() * static_cast<std::size_t>(dim));
+        std::vector<float> ftable = table;
+        Optimizer f(algorithm);
+        f.add_param("emb", ftable.data(), DType::f32, {rows, dim});
+        if (t > 0) {
+          q.save(dir + "/s.ckpt");
+          f.load(dir + "/s.ckpt");  // its states: q's decoded exactly
+        }
+        std::vector<std::vector<float>> before;
+        for (const std::string& s : q.state_names("emb")) before.push_back(q.state("emb", s));
+        q.step_sparse("emb", idx.data(), DType::i64, static_cast<std::int64_t>(idx.size()),
+                      grads.data());
+        f.step_sparse("emb", idx.data(), DType::i64, static_cast<std::int64_t>(idx.size()),
+                      grads.data());
+        EXPECT_TRUE(bitwise_equal(table, ftable)) << first_difference(table, ftable);
+        const std::vector<std::string> names = q.state_names("emb");
+        for (std::size_t k = 0; k < names.size(); ++k) {
+          const std::vector<float> got = q.state("emb", names[k]), fs = f.state("emb", names[k]);
+          const auto nn = a.non_negative[static_cast<std::size_t>(
+              std::find(a.states.begin(), a.states.end(), names[k]) - a.states.begin())];
+          for (std::int64_t r = 0; r < rows; ++r) {
+            const auto first = static_cast<std::ptrdiff_t>(r * dim);
+            const std::vector<float> row(got.begin() + first, got.begin() + first + dim);
+            const bool named = std::find(idx.begin(), idx.end(), r) != idx.end();
+            const std::vector<float> want =
+                named ? quantized_values(
+                            std::vector<float>(fs.begin() + first, fs.begin() + first + dim), dtype,
+                            nn)
+                      : std::vector<float>(before[k].begin() + first,
+                                           before[k].begin() + first + dim);
+            ASSERT_TRUE(bitwise_equal(row, want))
+                << names[k] << " row " << r << (named ? " (named)" : " (not named)") << ": "
+                << first_difference(row, want);
+          }
+        }
+      }
+    }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -430,6 +430,11 @@ std::string Optimizer::Impl::storage_problem(const ParamEntry& p) const {
     return a.name + " cannot keep " + dtype_name(d) +
            " states: its step is not one elementwise pass" + fix;
   for (int k = 0; k < static_cast<int>(a.states.size()); ++k)
+    if (p.keeps(p.facts, k) && p.facts.state_shape[k] == StateShape::row)
+      return a.name + "'s state '" + a.states[static_cast<std::size_t>(k)] +
+             "' is one value per row under these options (row-wise), which " + dtype_name(d) +
+             " blocks cannot hold" + fix;
+  for (int k = 0; k < static_cast<int>(a.states.size()); ++k)
     if (p.keeps(p.facts, k) && p.facts.state_from_param[k])
       return a.name + "'s state '" + a.states[static_cast<std::size_t>(k)] +
              "' is a copy of the weights, which " + dtype_name(d) + " cannot hold" + fix;

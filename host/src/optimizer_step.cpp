@@ -14,6 +14,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "cuda/cuda_backend.hpp"
 #include "fusedopt/kernels/ema.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "fusedopt/kernels/sum_order.hpp"
 #include "optimizer_impl.hpp"
 #include "sparse_check.hpp"
@@ -95,8 +96,12 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     const std::size_t i = indices[j];
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
-    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
-            std::nullopt, {}};
+    Fresh f{i,
+            std::vector<std::optional<detail::Buffer>>(kMaxStates),
+            std::nullopt,
+            std::nullopt,
+            std::nullopt,
+            {}};
     const std::size_t num_scalars = desc(p).scalars.size();
     const DType storage = state_dtype(p);
     for (int k = 0; k < static_cast<int>(desc(p).states.size()); ++k) {
@@ -405,15 +410,28 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     unsupported(who() + m.desc(p).name + " has no sparse step (sparse: " + sparse + ")");
   }
   if (!p.facts.sparse_refusal.empty()) invalid(who() + p.facts.sparse_refusal);
-  if (p.dtype != DType::f32 || m.state_dtype(p) != DType::f32)
-    unsupported(who() + "sparse steps take float32 tables and states (this table's states: " +
-                dtype_name(m.state_dtype(p)) + ")");
+  const DType storage = m.state_dtype(p);
+  const bool quantized = cpu::is_quantized(storage);
+  if (p.dtype != DType::f32 || (storage != DType::f32 && !quantized))
+    unsupported(who() +
+                "sparse steps take float32 tables with float32 or quantized states (this "
+                "table: " +
+                dtype_name(p.dtype) + ", its states: " + dtype_name(storage) + ")");
+  if (const std::string why = m.storage_problem(p); !why.empty()) unsupported(who() + why);
   if (m.settings.grad_scale != 1.0 || m.settings.max_grad_norm > 0.0 || m.settings.skip_nonfinite)
     unsupported(who() + "grad_scale, max_grad_norm and skip_nonfinite apply to dense steps only");
   if (m.has_ema()) unsupported(who() + "the weight EMA (ema_decay) is updated by dense steps only");
   if (p.shape.empty() || p.shape[0] == 0 || p.numel == 0)
     invalid(who() + "the table must have rows and columns (shape [rows x dim], dim > 0)");
   const std::int64_t rows = p.shape[0], dim = p.numel / rows;
+  if (quantized) {
+    const std::int64_t w = quant_block_size(storage == DType::q8 ? 8 : 4);
+    if (dim % w != 0)
+      unsupported(who() + dtype_name(storage) +
+                  " states are stepped row by row in whole blocks of " + std::to_string(w) +
+                  " elements: this table's rows have " + std::to_string(dim) +
+                  " (give it float32 states: set_param_option(name, \"state_dtype\", 0))");
+  }
   const detail::SparseStep probe{
       nullptr, {nullptr, nullptr, nullptr},         rows, dim, indices, index_dtype,
       nnz,     static_cast<const float*>(grad_rows)};
@@ -433,6 +451,9 @@ void Optimizer::step_sparse(std::string_view name, const void* indices, DType in
     detail::SparseStep s = probe;
     s.table = static_cast<float*>(p.data);
     for (int k = 0; k < kMaxStates; ++k) s.states[k] = p.states[k] ? p.states[k]->f32() : nullptr;
+    s.state_dtype = storage;
+    for (std::size_t k = 0; k < m.desc(p).non_negative.size(); ++k)
+      if (m.desc(p).non_negative[k]) s.non_negative_states |= 1u << k;
     m.slot(p).algorithm->sparse_step(p.local, step, s, m.device, stream);
   }
   if (cuda) cuda::copy_from_host(d_step, &step, sizeof step, stream);

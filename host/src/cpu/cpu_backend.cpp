@@ -573,6 +573,19 @@ void dequantize_state(float* dst, const void* src, DType q, bool non_negative, s
                  [&](const auto& map) { dequantize_range(map, src, n, 0, n, dst); });
 }
 
+void dequantize_state_range(float* dst, const void* state, DType q, bool non_negative,
+                            std::int64_t n, std::int64_t begin, std::int64_t m) {
+  with_quant_map(q, non_negative,
+                 [&](const auto& map) { dequantize_range(map, state, n, begin, m, dst); });
+}
+
+void quantize_state_range(void* state, DType q, bool non_negative, std::int64_t n,
+                          std::int64_t begin, std::int64_t m, const float* src) {
+  with_quant_map(q, non_negative, [&](const auto& map) {
+    quantize_range(map, state, n, begin, m, src, false, 0, 0, 0);
+  });
+}
+
 void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n) {
   zero_quant_padding(dst, q, n);
   with_quant_map(q, non_negative, [&](const auto& map) {

@@ -173,6 +173,14 @@ void quantize_state(void* dst, DType q, bool non_negative, const float* src, std
 void dequantize_state(float* dst, const void* src, DType q, bool non_negative, std::int64_t n);
 /// quantize_state of n copies of `value`.
 void fill_quantized(void* dst, DType q, bool non_negative, float value, std::int64_t n);
+/// Elements [begin, begin + m) of a quantized state of n elements, decoded into dst[0, m).
+void dequantize_state_range(float* dst, const void* state, DType q, bool non_negative,
+                            std::int64_t n, std::int64_t begin, std::int64_t m);
+/// Elements [begin, begin + m) of a quantized state of n elements from src[0, m), to nearest:
+/// begin a multiple of the block size, begin + m a multiple of it or n. The blocks outside
+/// are not touched.
+void quantize_state_range(void* state, DType q, bool non_negative, std::int64_t n,
+                          std::int64_t begin, std::int64_t m, const float* src);
 void narrow(void* dst, DType storage, const float* src, std::int64_t n);
 void fill(void* p, DType storage, float value, std::int64_t n);
 void convert(void* dst, DType dst_storage, const void* src, DType src_storage, std::int64_t n);

@@ -50,7 +50,8 @@ struct Runs {
 // faulted in and zeroed on every step (a fifth of a 64K-row step's time).
 thread_local std::vector<Entry> g_order;
 thread_local std::vector<std::int64_t> g_run_start;
-thread_local std::vector<float> g_sums;  // a gradient row per thread
+thread_local std::vector<float> g_sums;     // a gradient row per thread
+thread_local std::vector<float> g_decoded;  // a row of each quantized state per thread
 
 Runs sort_runs(const detail::SparseStep& s) {
   g_order.resize(static_cast<std::size_t>(s.nnz));
@@ -118,6 +119,30 @@ void sparse_step(const typename A::Options& options, std::int64_t step,
       }
     }
     const typename A::Op op = A::make_op(options, step);
+    if (is_quantized(s.state_dtype)) {
+      // Quantized states (sparse.hpp): each row owns whole blocks; decode its states into this
+      // thread's scratch, step, encode them back to nearest. Other rows' blocks stay as they are.
+      const std::int64_t n = s.rows * s.dim;
+      g_decoded.resize(static_cast<std::size_t>(num_threads() * kMaxStates * s.dim));
+      float* const scratch = g_decoded.data();
+      for_each_row(s, runs, [&](std::int64_t row, const float* grad) {
+        float* const mine = scratch + omp_get_thread_num() * kMaxStates * s.dim;
+        const std::int64_t offset = row * s.dim;
+        DensePtrs t{s.table + offset, grad, {nullptr, nullptr, nullptr}};
+        for (int k = 0; k < kMaxStates; ++k) {
+          if (!s.states[k]) continue;
+          t.states[k] = mine + k * s.dim;
+          dequantize_state_range(t.states[k], s.states[k], s.state_dtype,
+                                 (s.non_negative_states >> k) & 1u, n, offset, s.dim);
+        }
+        kernels.range(op, t, 0, s.dim);
+        for (int k = 0; k < kMaxStates; ++k)
+          if (s.states[k])
+            quantize_state_range(s.states[k], s.state_dtype, (s.non_negative_states >> k) & 1u, n,
+                                 offset, s.dim, t.states[k]);
+      });
+      return;
+    }
     for_each_row(s, runs, [&](std::int64_t row, const float* grad) {
       const std::int64_t offset = row * s.dim;
       DensePtrs t{s.table + offset, grad, {nullptr, nullptr, nullptr}};
