@@ -731,6 +731,217 @@ void expect_sparse_kernels_match_cpu(std::mt19937_64& rng) {
   }
 }
 
+// ---------------------------------------- sparse row kernels over quantized states (no CUB)
+
+/// A quantized state buffer (quantize.hpp's layout) of n elements, float-aligned storage.
+struct SparseQuantState {
+  std::vector<float> words;
+  std::uint8_t* bytes() { return reinterpret_cast<std::uint8_t*>(words.data()); }
+  const std::uint8_t* bytes() const { return reinterpret_cast<const std::uint8_t*>(words.data()); }
+  std::vector<std::uint8_t> copy() const {
+    return std::vector<std::uint8_t>(bytes(), bytes() + words.size() * sizeof(float));
+  }
+};
+
+/// Block b (w elements) of a quantized state of n elements, decoded, and encoded to nearest.
+void sparse_decode_block(const SparseQuantState& q, int bits, bool non_negative, std::int64_t n,
+                         std::int64_t b, float* out) {
+  const auto w = static_cast<int>(quant_block_size(bits));
+  const float absmax = reinterpret_cast<const float*>(q.bytes() + quant_absmax_offset(n, bits))[b];
+  if (bits == 8)
+    dequantize_block8(non_negative ? kQuantMap8Unsigned : kQuantMap8Signed, q.bytes() + b * w, w,
+                      absmax, out);
+  else
+    dequantize_block4(non_negative ? kQuantMap4Unsigned : kQuantMap4Signed, q.bytes() + b * w / 2,
+                      w, absmax, out);
+}
+void sparse_encode_block(SparseQuantState& q, int bits, bool non_negative, std::int64_t n,
+                         std::int64_t b, const float* x) {
+  const auto w = static_cast<int>(quant_block_size(bits));
+  float* const absmax = reinterpret_cast<float*>(q.bytes() + quant_absmax_offset(n, bits));
+  absmax[b] = bits == 8 ? quantize_block8(non_negative ? kQuantMap8Unsigned : kQuantMap8Signed, x,
+                                          w, q.bytes() + b * w, NearestRounding{})
+                        : quantize_block4(non_negative ? kQuantMap4Unsigned : kQuantMap4Signed, x,
+                                          w, q.bytes() + b * w / 2, NearestRounding{});
+}
+
+/// launch_sparse_rows<A> over states quantized to `bits` (host/src/sparse.hpp's contract)
+/// against a serial reference built here from quantize.hpp's block primitives and A's Op: per
+/// distinct row (ascending) and block, decode each state, run the functor with the summed
+/// gradient (ascending original position), encode to nearest. Table and state buffers
+/// bytewise after each of three steps (repeated indices; rows never named keep their codes
+/// and absmax).
+template <class A, class T>
+void expect_sparse_quant_matches_reference(const typename A::Options& o, int bits, std::int64_t dim,
+                                           std::mt19937_64& rng) {
+  const std::int64_t rows = 12, n = rows * dim, w = quant_block_size(bits);
+  const std::int64_t nnz = 2 * rows;
+  const std::string what = describe<A>(o) + ", q" + std::to_string(bits) + ", dim " +
+                           std::to_string(dim) + ", " + (sizeof(T) == 8 ? "int64" : "int32") +
+                           " indices";
+  unsigned non_negative = 0;
+  for (int k = 0; k < kMaxStates; ++k)
+    if (k < StateList<A>::count && A::has_state(o, k) && StateList<A>::non_negative(k))
+      non_negative |= 1u << k;
+  // Initial states: random values (magnitudes for the unsigned maps) quantized; block 0 of
+  // row 1 all zero (absmax 0).
+  std::vector<SparseQuantState> emu(kMaxStates), ref(kMaxStates);
+  for (int k = 0; k < kMaxStates; ++k) {
+    if (!A::has_state(o, k)) continue;
+    const bool nn = (non_negative >> k) & 1u;
+    SparseQuantState q;
+    q.words.assign(static_cast<std::size_t>((quant_state_bytes(n, bits) + 3) / 4), 0.0f);
+    std::vector<float> x = random_floats(rng, static_cast<std::size_t>(n));
+    if (nn)
+      for (float& v : x) v = std::fabs(v);
+    std::fill(x.begin() + dim, x.begin() + dim + w, 0.0f);
+    for (std::int64_t b = 0; b < n / w; ++b)
+      sparse_encode_block(q, bits, nn, n, b, x.data() + b * w);
+    emu[static_cast<std::size_t>(k)] = ref[static_cast<std::size_t>(k)] = q;
+  }
+  std::vector<float> table_emu = random_floats(rng, static_cast<std::size_t>(n));
+  std::vector<float> table_ref = table_emu;
+  std::vector<std::vector<std::uint8_t>> initial(kMaxStates);
+  for (int k = 0; k < kMaxStates; ++k) initial[static_cast<std::size_t>(k)] = emu[k].copy();
+  const std::vector<float> table0 = table_emu;
+  std::vector<bool> named(static_cast<std::size_t>(rows), false);
+  for (std::int64_t step = 1; step <= 3; ++step) {
+    std::vector<T> indices(static_cast<std::size_t>(nnz));
+    for (auto& i : indices) {  // rows - 3 and up never named; many repeats
+      i = static_cast<T>(rng() % static_cast<std::uint64_t>(rows - 3));
+      named[static_cast<std::size_t>(i)] = true;
+    }
+    const std::vector<float> grads = random_floats(rng, static_cast<std::size_t>(nnz * dim));
+    const HostRuns<T> runs(indices);
+
+    detail::SparseStep s{};
+    s.table = table_emu.data();
+    for (int k = 0; k < kMaxStates; ++k)
+      s.states[k] = A::has_state(o, k) ? emu[static_cast<std::size_t>(k)].words.data() : nullptr;
+    s.rows = rows;
+    s.dim = dim;
+    s.indices = indices.data();
+    s.index_dtype = sizeof(T) == 8 ? DType::i64 : DType::i32;
+    s.nnz = nnz;
+    s.grad_rows = grads.data();
+    s.state_dtype = bits == 8 ? DType::q8 : DType::q4;
+    s.non_negative_states = non_negative;
+    cuda::launch_sparse_rows<A>(o, step, s, runs.view(), nullptr);
+
+    const typename A::Op op = A::make_op(o, step);
+    std::vector<float> st(static_cast<std::size_t>(kMaxStates * w));
+    for (std::size_t r = 0; r < runs.unique_rows.size(); ++r) {
+      const auto row = static_cast<std::int64_t>(runs.unique_rows[r]);
+      const std::size_t begin = static_cast<std::size_t>(runs.offsets[r]);
+      const std::size_t end = r + 1 < runs.unique_rows.size()
+                                  ? static_cast<std::size_t>(runs.offsets[r + 1])
+                                  : static_cast<std::size_t>(nnz);
+      for (std::int64_t b = row * dim / w; b < (row + 1) * dim / w; ++b) {
+        for (int k = 0; k < kMaxStates; ++k)
+          if (A::has_state(o, k))
+            sparse_decode_block(ref[static_cast<std::size_t>(k)], bits, (non_negative >> k) & 1u, n,
+                                b, st.data() + k * w);
+        for (std::int64_t j = 0; j < w; ++j) {
+          const std::int64_t col = b * w + j - row * dim;
+          float g = grads[static_cast<std::size_t>(runs.sorted_positions[begin] * dim + col)];
+          for (std::size_t q = begin + 1; q < end; ++q)
+            g += grads[static_cast<std::size_t>(runs.sorted_positions[q] * dim + col)];
+          float sj[kMaxStates] = {};
+          for (int k = 0; k < kMaxStates; ++k)
+            if (A::has_state(o, k)) sj[k] = st[static_cast<std::size_t>(k * w + j)];
+          float& p = table_ref[static_cast<std::size_t>(b * w + j)];
+          op(p, g, sj);
+          for (int k = 0; k < kMaxStates; ++k) st[static_cast<std::size_t>(k * w + j)] = sj[k];
+        }
+        for (int k = 0; k < kMaxStates; ++k)
+          if (A::has_state(o, k))
+            sparse_encode_block(ref[static_cast<std::size_t>(k)], bits, (non_negative >> k) & 1u, n,
+                                b, st.data() + k * w);
+      }
+    }
+    const std::string at = what + ", step " + std::to_string(step);
+    EXPECT_TRUE(bitwise_equal(table_emu, table_ref))
+        << at << ", table: " << first_difference(table_emu, table_ref);
+    for (int k = 0; k < kMaxStates; ++k)
+      EXPECT_TRUE(emu[static_cast<std::size_t>(k)].copy() ==
+                  ref[static_cast<std::size_t>(k)].copy())
+          << at << ", state " << k << " bytes";
+  }
+  // Rows never named: their table floats, codes and absmax exactly as they started.
+  for (std::int64_t row = 0; row < rows; ++row) {
+    if (named[static_cast<std::size_t>(row)]) continue;
+    for (std::int64_t j = 0; j < dim; ++j)
+      EXPECT_EQ(std::memcmp(&table_emu[static_cast<std::size_t>(row * dim + j)],
+                            &table0[static_cast<std::size_t>(row * dim + j)], sizeof(float)),
+                0)
+          << what << ", untouched row " << row;
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!A::has_state(o, k)) continue;
+      const std::vector<std::uint8_t> now = emu[static_cast<std::size_t>(k)].copy();
+      const std::vector<std::uint8_t>& was = initial[static_cast<std::size_t>(k)];
+      const std::int64_t c0 = row * dim * bits / 8, c1 = (row + 1) * dim * bits / 8;
+      EXPECT_TRUE(std::equal(now.begin() + c0, now.begin() + c1, was.begin() + c0))
+          << what << ", untouched row " << row << ", state " << k << " codes";
+      const std::int64_t a0 = quant_absmax_offset(n, bits) + 4 * row * dim / w;
+      const std::int64_t a1 = a0 + 4 * dim / w;
+      EXPECT_TRUE(std::equal(now.begin() + a0, now.begin() + a1, was.begin() + a0))
+          << what << ", untouched row " << row << ", state " << k << " absmax";
+    }
+  }
+}
+
+template <class A>
+void expect_sparse_quant_kernels_match_reference(std::mt19937_64& rng) {
+  if constexpr (!SparseCapable<A>::value) {
+    GTEST_SKIP() << A::kName << " takes no sparse steps";
+  } else if constexpr (StateList<A>::count == 0) {
+    GTEST_SKIP() << A::kName << " keeps no states";
+  } else {
+    int covered = 0;
+    for (const auto& o : option_variants<A>()) {
+      bool rowwise = false;
+      if constexpr (RowwiseCapable<A>::value) rowwise = A::rowwise(o);
+      if (rowwise) continue;
+      ++covered;
+      for (int bits : {8, 4})
+        for (std::int64_t blocks : {1, 3}) {
+          const std::int64_t dim = blocks * quant_block_size(bits);
+          expect_sparse_quant_matches_reference<A, std::int32_t>(o, bits, dim, rng);
+          expect_sparse_quant_matches_reference<A, std::int64_t>(o, bits, dim, rng);
+        }
+    }
+    EXPECT_GT(covered, 0) << A::kName << ": no per-element option variant";
+    if constexpr (RowwiseCapable<A>::value) {
+      // The row-wise form: refused before any launch.
+      typename A::Options r{};
+      for (const auto& f : A::kOptions)
+        if (std::string(f.name) == "rowwise") f.set(r, 1.0);
+      ASSERT_TRUE(A::rowwise(r));
+      std::vector<float> table(256, 1.0f), state(256, 0.0f), grads(256, 1.0f);
+      const std::vector<std::int32_t> indices = {0};
+      detail::SparseStep s{};
+      s.table = table.data();
+      for (int k = 0; k < kMaxStates; ++k)
+        s.states[k] = A::has_state(r, k) ? state.data() : nullptr;
+      s.rows = 1;
+      s.dim = 256;
+      s.indices = indices.data();
+      s.index_dtype = DType::i32;
+      s.nnz = 1;
+      s.grad_rows = grads.data();
+      s.state_dtype = DType::q8;
+      const HostRuns<std::int32_t> runs(indices);
+      try {
+        cuda::launch_sparse_rows<A>(r, 1, s, runs.view(), nullptr);
+        ADD_FAILURE() << A::kName << ": row-wise states over q8 were not refused";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+      }
+      EXPECT_TRUE(std::all_of(table.begin(), table.end(), [](float x) { return x == 1.0f; }));
+    }
+  }
+}
+
 // ---------------------------------------------------- eval(): the params' evaluation form
 
 /// eval_kernel per element (multi_tensor.cuh): EvalOp of the f32 param (the master weights
@@ -1312,6 +1523,7 @@ struct AlgorithmCase {
   void (*storages)(std::mt19937_64&);
   void (*many_tensors)(std::mt19937_64&);
   void (*sparse)(std::mt19937_64&);
+  void (*sparse_quantized)(std::mt19937_64&);
   void (*ema)(std::mt19937_64&);
   void (*eval)(std::mt19937_64&);
   void (*quantized)(std::mt19937_64&);
@@ -1329,7 +1541,9 @@ AlgorithmCase make_case() {
     // around the iteration are EmulatedMatrixKernels' (below), bytewise against the CPU.
     c.options_f32 = c.device_scalars = c.storages = c.many_tensors =
         c.ema = [](std::mt19937_64& rng) { expect_matrix_step_unsupported<A>(rng); };
-    c.sparse = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " takes no sparse steps"; };
+    c.sparse = c.sparse_quantized = [](std::mt19937_64&) {
+      GTEST_SKIP() << A::kName << " takes no sparse steps";
+    };
     c.eval = [](std::mt19937_64&) { GTEST_SKIP() << A::kName << " has one form of its params"; };
     c.quantized = [](std::mt19937_64& rng) { expect_quantized_states_refused<A>(rng); };
     return c;
@@ -1372,6 +1586,9 @@ AlgorithmCase make_elementwise_case(AlgorithmCase c) {
     expect_f32_matches_cpu<A>(typename A::Options{}, sizes, {}, rng);
   };
   c.sparse = [](std::mt19937_64& rng) { expect_sparse_kernels_match_cpu<A>(rng); };
+  c.sparse_quantized = [](std::mt19937_64& rng) {
+    expect_sparse_quant_kernels_match_reference<A>(rng);
+  };
   c.eval = [](std::mt19937_64& rng) { expect_eval_matches<A>(rng); };
   c.quantized = [](std::mt19937_64& rng) {
     if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value)
@@ -1448,6 +1665,11 @@ TEST_P(EmulatedKernels, WeightEmaMatchesCpuBitwise) {
 TEST_P(EmulatedKernels, SparseRowKernelsMatchCpuBitwise) {
   auto rng = make_rng();
   algorithm().sparse(rng);
+}
+
+TEST_P(EmulatedKernels, SparseRowKernelsOverQuantizedStatesMatchThePerBlockContract) {
+  auto rng = make_rng();
+  algorithm().sparse_quantized(rng);
 }
 
 TEST_P(EmulatedKernels, EvalFormMatchesThePerElementContractAndCpu) {

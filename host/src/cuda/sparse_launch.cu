@@ -8,6 +8,7 @@
 
 #include "cuda/cuda_check.hpp"
 #include "fusedopt/kernels/cuda/runtime.hpp"
+#include "fusedopt/kernels/cuda/sparse_quant_rows.cuh"
 #include "fusedopt/kernels/cuda/sparse_rows.cuh"
 #include "fusedopt/kernels/registry.hpp"
 #include "sparse.hpp"
@@ -87,14 +88,42 @@ void launch_rowwise(const RowOp& op, const detail::SparseStep& s, const SparseRu
   FO_CUDA_CHECK(cudaGetLastError());
 }
 
+// Over states quantized to kBits (state dtype q8 / q4): one warp per (run, quantization
+// block) pair, kSparseQuantWarps a block; the worst case is nnz distinct rows.
+template <class Op, class T, int kBits>
+void launch_quant_rows(const Op& op, const detail::SparseStep& s, const SparseRuns& r,
+                       cudaStream_t stream) {
+  if (s.dim % quant_block_size(kBits) != 0)  // the caller's to refuse; never a partial block
+    throw Error(StatusCode::invalid_argument,
+                "a sparse step over quantized states needs rows of whole blocks");
+  const auto kernel = &cuda_kernels::sparse_quant_rows_kernel<Op, T, kBits>;
+  const dim3 block(cuda_kernels::kSparseQuantThreads, 1, 1);
+  const std::int64_t pairs = s.nnz * (s.dim / quant_block_size(kBits));
+  const dim3 shape(32, cuda_kernels::kSparseQuantWarps, 1);  // rows_grid counts warps in y
+  cuda_kernels::QuantStatePtrs states{};
+  for (int i = 0; i < kMaxStates; ++i) states.p[i] = reinterpret_cast<unsigned char*>(s.states[i]);
+  FO_LAUNCH(rows_grid(kernel, shape, pairs), block, stream,
+            cuda_kernels::sparse_quant_rows_kernel<Op, T, kBits>)
+  (op, s.table, states, s.non_negative_states, s.rows, s.dim, s.grad_rows,
+   static_cast<const T*>(r.unique_rows), r.offsets, r.sorted_positions, r.num_runs, s.nnz);
+  FO_CUDA_CHECK(cudaGetLastError());
+}
+
 // Kernels only for the algorithms that take sparse steps (SparseCapable), and the row-wise
-// kernel only for those with a row-wise form.
+// kernel only for those with a row-wise form; quantized states per element only.
 template <class A, class T>
 void launch_typed(const typename A::Options& o, std::int64_t step, const detail::SparseStep& s,
                   const SparseRuns& runs, cudaStream_t stream) {
+  const bool quantized = s.state_dtype == DType::q8 || s.state_dtype == DType::q4;
   if constexpr (RowwiseCapable<A>::value)
-    if (A::rowwise(o))
+    if (A::rowwise(o)) {
+      if (quantized) throw Error(StatusCode::unsupported, "row-wise states cannot be quantized");
       return launch_rowwise<typename A::RowOp, T>(A::make_row_op(o, step), s, runs, stream);
+    }
+  if (s.state_dtype == DType::q8)
+    return launch_quant_rows<typename A::Op, T, 8>(A::make_op(o, step), s, runs, stream);
+  if (s.state_dtype == DType::q4)
+    return launch_quant_rows<typename A::Op, T, 4>(A::make_op(o, step), s, runs, stream);
   launch_rows<typename A::Op, T>(A::make_op(o, step), s, runs, stream);
 }
 

@@ -24,6 +24,7 @@
 // (a loop bounded by `count` would index the lane's arrays dynamically: local memory).
 //
 // The maps (values and decision thresholds) live in __constant__ copies built at compile time
+// (quant_warp.cuh, with the lane's code loads and stores and the warp's absmax reduction)
 // from quantize.hpp's constexpr tables; each thread block copies the two maps of its width
 // (signed, unsigned; 4 KB for 8 bits, 248 bytes for 4) into shared memory before its
 // prologue's barrier, since the code lookups are data-dependent (a __constant__ read by lanes
@@ -42,134 +43,14 @@
 #include <cstdint>
 
 #include "fusedopt/kernels/cuda/multi_tensor.cuh"
+#include "fusedopt/kernels/cuda/quant_warp.cuh"
 #include "fusedopt/kernels/quantize.hpp"
 
 namespace fo::cuda_kernels {
 FO_EMULATION_BEGIN
 
-/// The maps on the device: [0] signed, [1] unsigned (the kernels never read quantize.hpp's
-/// host objects). `static`: each translation unit that includes this header has its own copy.
-static __constant__ QuantMap<8> c_quant_maps8[2] = {kQuantMap8Signed, kQuantMap8Unsigned};
-static __constant__ QuantMap<4> c_quant_maps4[2] = {kQuantMap4Signed, kQuantMap4Unsigned};
-
-/// The geometry of a warp's quantization block of kBits states.
-template <int kBits>
-struct QuantWarp {
-  static_assert(kBits == 8 || kBits == 4, "quantized states are 8 or 4 bits");
-  static constexpr int kBlockSize = static_cast<int>(quant_block_size(kBits));
-  static constexpr int kPerLane = kBlockSize / 32;  // 8 or 4 consecutive elements a lane
-  static constexpr int kWarps = kBlock / 32;        // warps of a thread block
-  static constexpr unsigned kCodeAlign = kBits == 8 ? 8u : 2u;  // bytes of a lane's codes
-  static_assert(kPerLane % 4 == 0, "a lane's elements are whole groups of four");
-};
-
-template <int kBits>
-__device__ __forceinline__ const QuantMap<kBits>* constant_quant_maps() {
-  if constexpr (kBits == 8)
-    return c_quant_maps8;
-  else
-    return c_quant_maps4;
-}
-
-/// Copies the two maps of kBits into `s_maps` (shared memory), all threads of the block
-/// together; the caller's next __syncthreads publishes them.
-template <int kBits>
-__device__ __forceinline__ void load_quant_maps(QuantMap<kBits>* s_maps) {
-  constexpr int kWords = static_cast<int>(2 * sizeof(QuantMap<kBits>) / sizeof(float));
-  const float* const src = reinterpret_cast<const float*>(constant_quant_maps<kBits>());
-  float* const dst = reinterpret_cast<float*>(s_maps);
-  for (int w = static_cast<int>(threadIdx.x); w < kWords; w += static_cast<int>(blockDim.x))
-    dst[w] = src[w];
-}
-
-/// Lane's elements of a block: how many of [i0, i0 + kPerLane) are below `end`.
-template <int kBits>
-__device__ __forceinline__ int lane_count(std::int64_t i0, std::int64_t end) {
-  const std::int64_t left = end - i0;
-  return left <= 0                           ? 0
-         : left < QuantWarp<kBits>::kPerLane ? static_cast<int>(left)
-                                             : QuantWarp<kBits>::kPerLane;
-}
-
-/// The codes of elements [i0, i0 + count) (i0 a multiple of kPerLane) into c[0, kPerLane);
-/// one 8- or 2-byte access for a whole lane when `vec` (the code array is aligned for it).
-template <int kBits>
-__device__ __forceinline__ void load_codes(const unsigned char* codes, std::int64_t i0, int count,
-                                           bool vec, int* c) {
-  constexpr int kPer = QuantWarp<kBits>::kPerLane;
-  if constexpr (kBits == 8) {
-    if (vec && count == kPer) {
-      const uint2 v = *reinterpret_cast<const uint2*>(codes + i0);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        c[j] = static_cast<int>((v.x >> (8 * j)) & 0xFFu);
-        c[4 + j] = static_cast<int>((v.y >> (8 * j)) & 0xFFu);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) c[j] = j < count ? codes[i0 + j] : 0;
-    }
-  } else {
-    const unsigned char* const bytes = codes + i0 / 2;
-    unsigned bits = 0;
-    if (vec && count == kPer) {
-      bits = *reinterpret_cast<const std::uint16_t*>(bytes);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kPer / 2; ++j)
-        if (2 * j < count) bits |= static_cast<unsigned>(bytes[j]) << (8 * j);
-    }
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) c[j] = static_cast<int>((bits >> (4 * j)) & 0xFu);
-  }
-}
-
-/// Stores codes c[0, count) of elements [i0, i0 + count); c[j] is 0 for j >= count (a 4-bit
-/// odd tail's high nibble).
-template <int kBits>
-__device__ __forceinline__ void store_codes(unsigned char* codes, std::int64_t i0, int count,
-                                            bool vec, const int* c) {
-  constexpr int kPer = QuantWarp<kBits>::kPerLane;
-  if constexpr (kBits == 8) {
-    if (vec && count == kPer) {
-      unsigned lo = 0, hi = 0;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        lo |= static_cast<unsigned>(c[j]) << (8 * j);
-        hi |= static_cast<unsigned>(c[4 + j]) << (8 * j);
-      }
-      *reinterpret_cast<uint2*>(codes + i0) = make_uint2(lo, hi);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kPer; ++j)
-        if (j < count) codes[i0 + j] = static_cast<unsigned char>(c[j]);
-    }
-  } else {
-    unsigned bits = 0;
-#pragma unroll
-    for (int j = 0; j < kPer; ++j) bits |= static_cast<unsigned>(c[j]) << (4 * j);
-    unsigned char* const bytes = codes + i0 / 2;
-    if (vec && count == kPer) {
-      *reinterpret_cast<std::uint16_t*>(bytes) = static_cast<std::uint16_t>(bits);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kPer / 2; ++j)
-        if (2 * j < count) bytes[j] = static_cast<unsigned char>((bits >> (8 * j)) & 0xFFu);
-    }
-  }
-}
-
-/// The largest magnitude over the warp's lanes' `m` (every lane gets it). Full mask: every
-/// caller's loop is uniform over the warp.
-__device__ __forceinline__ float warp_absmax(float m) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) m = absmax_combine(m, __shfl_xor_sync(0xffffffffu, m, o));
-  return m;
-}
-
-__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
-  return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
-}
+/// Warps of a thread block of the kernels below (one quantization block a warp at a time).
+inline constexpr int kQuantWarps = kBlock / 32;
 
 // ------------------------------------------------------------------------------ the step
 
@@ -219,7 +100,7 @@ __global__ void __launch_bounds__(kBlock)
   const auto map_of = [&cfg](int k) { return (cfg.non_negative_states >> k) & 1u; };
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   for (std::int64_t q = b.begin + warp * W::kBlockSize; q < b.end;
-       q += W::kWarps * W::kBlockSize) {  // uniform over the warp: q is the warp's
+       q += kQuantWarps * W::kBlockSize) {  // uniform over the warp: q is the warp's
     const std::int64_t block = q / W::kBlockSize;
     const std::int64_t i0 = q + lane * kPer;
     const int count = lane_count<kBits>(i0, b.end);
@@ -324,9 +205,9 @@ __global__ void __launch_bounds__(kBlock)
   const bool cvec = aligned_to(codes, W::kCodeAlign);
   const bool svec = src && aligned_for4(src, kF32);
   const std::int64_t blocks = quant_blocks(n, kBits);
-  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * W::kWarps;
+  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kQuantWarps;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * W::kWarps + threadIdx.x / 32;
+  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
        block < blocks; block += warps) {  // uniform over the warp
     const std::int64_t i0 = block * W::kBlockSize + lane * kPer;
     const int count = lane_count<kBits>(i0, n);
@@ -366,9 +247,9 @@ __global__ void __launch_bounds__(kBlock)
   const bool cvec = aligned_to(codes, W::kCodeAlign);
   const bool dvec = aligned_for4(dst, kF32);
   const std::int64_t blocks = quant_blocks(n, kBits);
-  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * W::kWarps;
+  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kQuantWarps;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * W::kWarps + threadIdx.x / 32;
+  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
        block < blocks; block += warps) {
     const std::int64_t i0 = block * W::kBlockSize + lane * kPer;
     const int count = lane_count<kBits>(i0, n);
