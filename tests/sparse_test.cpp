@@ -498,6 +498,38 @@ TEST(SparseGpu, GpuEqualsCpuBitwise) {
   }
 }
 
+// Sparse steps over 8- and 4-bit states (docs/quantized-states.md): the CUDA row kernel and the
+// CPU give the same table and state bytes (decoded states compared bitwise; the codes and
+// scales are those of the decoded values, so equal values are equal bytes), rows of one and of
+// three blocks, repeated indices. (The kernel against a per-block reference: emulation_test.)
+TEST(SparseQuantized, CudaEqualsCpuBitwise) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+  for (const auto& c : cases()) {
+    if (c.device != Device::cpu || c.rowwise()) continue;
+    for (const double state_dtype : {5.0, 6.0}) {
+      const std::int64_t w = state_dtype == 5.0 ? 256 : 128;
+      for (std::int64_t dim : {w, 3 * w}) {
+        const std::string what = c.algorithm + (state_dtype == 5.0 ? " 8-bit" : " 4-bit") +
+                                 " dim " + std::to_string(dim);
+        auto rng = make_rng(what);
+        const std::uint64_t seed = rng();
+        std::mt19937_64 r1(seed), r2(seed);
+        const Options quantized = {{"state_dtype", state_dtype}, {"min_quant_size", 0}};
+        Table cpu(c, 200, dim, r1, quantized),
+            gpu({c.algorithm, Device::cuda, c.options, c.variant}, 200, dim, r2, quantized);
+        for (int t = 0; t < 4; ++t) {
+          std::vector<std::int64_t> idx(300);
+          for (auto& i : idx) i = std::uniform_int_distribution<std::int64_t>(0, 199)(rng);
+          const std::vector<float> g = rows_of(rng, idx.size(), dim);
+          cpu.step(idx, g);
+          gpu.step(idx, g);
+        }
+        expect_same(gpu.everything(), cpu.everything(), what + ": GPU vs CPU");
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(All, Sparse, ::testing::ValuesIn(cases()), [](const auto& param_info) {
   const Case& c = param_info.param;
   return c.algorithm + (c.variant.empty() ? "" : "_" + c.variant) +
