@@ -139,5 +139,17 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
   return reinterpret_cast<std::uintptr_t>(p) % bytes == 0;
 }
 
+/// A lane's values of one state: its codes of elements [i0, i0 + count) (load_codes) decoded
+/// with `map` and the block's absmax `a` into out[0, kPerLane).
+template <int kBits>
+__device__ __forceinline__ void decode_lane(const unsigned char* codes, std::int64_t i0, int count,
+                                            bool vec, float a, const QuantMap<kBits>& map,
+                                            float* out) {
+  int c[QuantWarp<kBits>::kPerLane];
+  load_codes<kBits>(codes, i0, count, vec, c);
+#pragma unroll
+  for (int j = 0; j < QuantWarp<kBits>::kPerLane; ++j) out[j] = decode(map, c[j], a);
+}
+
 FO_EMULATION_END
 }  // namespace fo::cuda_kernels

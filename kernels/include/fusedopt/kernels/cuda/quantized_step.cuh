@@ -109,11 +109,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
     for (int k = 0; k < kMaxStates; ++k) {
       if (k < kStates && codes[k]) {
-        int c[kPer];
-        load_codes<kBits>(codes[k], i0, count, cvec, c);
-        const float a = absmax[k][block];
-#pragma unroll
-        for (int j = 0; j < kPer; ++j) s[k][j] = decode(s_maps[map_of(k)], c[j], a);
+        decode_lane<kBits>(codes[k], i0, count, cvec, absmax[k][block], s_maps[map_of(k)], s[k]);
       } else {
 #pragma unroll
         for (int j = 0; j < kPer; ++j) s[k][j] = 0.0f;
