@@ -373,6 +373,7 @@ void Optimizer::get_state(std::string_view name, std::string_view state, float* 
     m.read_state(p, k, *buf, out, numel);
     return;
   }
+  if (n == 0) return;  // out may be null
   if (m.device != Device::cuda) {
     std::memcpy(out, buf->data(), n * sizeof(float));
     return;

@@ -45,6 +45,7 @@ std::vector<float> values_of(const detail::Buffer& b, DType dtype, std::int64_t 
 std::vector<float> raw_values(const detail::Buffer& b, std::size_t bytes, Device device,
                               int device_index) {
   std::vector<float> out((bytes + 3) / 4, 0.0f);
+  if (bytes == 0) return out;  // an empty tensor's buffer: nothing to copy (and no pointers)
   if (device != Device::cuda) {
     std::memcpy(out.data(), b.data(), bytes);
     return out;
@@ -368,7 +369,9 @@ void Optimizer::load(const std::string& path) {
         // (bitwise), else decoded to float32 and stored (rounded to nearest where quantized).
         const bool non_negative = a.non_negative[static_cast<std::size_t>(k)];
         std::vector<unsigned char> image(bytes_needed);
-        if (as_saved && file_storage == storage) {
+        if (bytes_needed == 0) {
+          // an empty tensor's state: nothing to convert or copy
+        } else if (as_saved && file_storage == storage) {
           std::memcpy(image.data(), t->values.data(), bytes_needed);
         } else {
           std::vector<float> values = t->values;
@@ -383,7 +386,9 @@ void Optimizer::load(const std::string& path) {
           else
             cpu::narrow(image.data(), storage, values.data(), count);
         }
-        if (m.device == Device::cuda) {
+        if (bytes_needed == 0) {
+          // nothing to copy
+        } else if (m.device == Device::cuda) {
           cuda::DeviceGuard guard(m.device_index);
           cuda::copy_from_host(slot->data(), image.data(), bytes_needed, nullptr);
         } else {

@@ -1351,7 +1351,9 @@ struct QuantTensor {
     }
     for (int k = 0; k < kMaxStates; ++k) {
       const bool nn = nonneg[static_cast<std::size_t>(k)];
-      states.emplace_back(bits, n, base.aligned ? 0 : 1);
+      // Misaligned: by 4 bytes, for the 8-byte code loads; a state's scales are floats, so its
+      // buffer is float-aligned on every path that allocates one (16-byte in the library).
+      states.emplace_back(bits, n, base.aligned ? 0 : 4);
       std::vector<float> s = random_floats(rng, n);
       for (float& x : s) x = init[static_cast<std::size_t>(k)] + (nn ? std::fabs(x) : x) * 0.1f;
       if (with_specials)
@@ -1981,7 +1983,7 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
           }
           std::vector<float> src(n + 1);  // src.data() + offset: misaligned by a float
           std::copy(x.begin(), x.end(), src.begin() + static_cast<std::ptrdiff_t>(offset));
-          QuantBuffer got(bits, n, offset), want(bits, n, 0);
+          QuantBuffer got(bits, n, 4 * offset), want(bits, n, 0);  // misaligned by a float
           quantize_reference(want, nn, x.data());
           const auto nn64 = static_cast<std::int64_t>(n);
           cuda::quantize_state(got.data(), q, nn, src.data() + offset, nn64, nullptr);
@@ -2003,7 +2005,7 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
           EXPECT_EQ(back[offset ? 0 : n], -1.0f) << what << ": dequantize wrote past its range";
 
           for (const float value : {0.0f, 0.1f, -3.5f}) {
-            QuantBuffer filled(bits, n, offset), fill_want(bits, n, 0);
+            QuantBuffer filled(bits, n, 4 * offset), fill_want(bits, n, 0);
             const std::vector<float> constant(n, value);
             quantize_reference(fill_want, nn, constant.data());
             cuda::fill_quantized(filled.data(), q, nn, value, nn64, nullptr);
