@@ -409,8 +409,8 @@ TEST(QuantizedStates, CheckpointsResumeBitwiseAndConvertBothWays) {
   std::filesystem::remove_all(dir);
 }
 
-// A quantized state in a file whose size is not its buffer's, or a storage pair that is not
-// 5 or 6: corrupt_data, and the loading optimizer unchanged.
+// A truncated file holding quantized states: corrupt_data, and the loading optimizer (of the
+// other width) unchanged.
 TEST(QuantizedStates, ACorruptQuantizedCheckpointIsRefusedAndChangesNothing) {
   auto rng = make_rng();
   const std::string dir = temp_dir();
