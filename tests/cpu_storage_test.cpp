@@ -1,14 +1,16 @@
 // The CPU's storage layer (cpu_backend.hpp, Storage): bfloat16 and float16 params, bfloat16
 // states, f32 master weights and stochastic rounding on the CPU. Against float32 runs and
 // against a per-step reference (widen, the f32 step, round as multi_tensor.cuh does), over
-// every instruction set and thread count, through checkpoints; and the kinds it refuses.
+// every instruction set and thread count, through checkpoints; every kind of step.
 // (Its bytes against the CUDA kernel's: Cuda.EveryStorageEqualsTheCpuBitwise.)
 #include <gtest/gtest.h>
 #include <stdlib.h>  // mkdtemp
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -88,21 +90,42 @@ TEST(CpuStorage, MasterWeightsStepAsFloat32AndRoundToNearest) {
     }
 }
 
+/// The names of `algorithm`'s states, in its order (state k: counter 4i + 1 + k).
+std::vector<std::string> algorithm_states(const std::string& algorithm) {
+  for (const AlgorithmDescription& d : dense_algorithms())
+    if (d.name == algorithm) return d.states;
+  throw std::runtime_error("no algorithm " + algorithm);
+}
+
+/// Param `name`'s states as float32, by the algorithm's state index (empty where not kept).
+std::vector<std::vector<float>> states_of(const Optimizer& opt, const std::string& algorithm,
+                                          const std::string& name) {
+  const std::vector<std::string> kept = opt.state_names(name);
+  std::vector<std::vector<float>> out;
+  for (const std::string& s : algorithm_states(algorithm))
+    out.push_back(std::find(kept.begin(), kept.end(), s) != kept.end() ? opt.state(name, s)
+                                                                       : std::vector<float>{});
+  return out;
+}
+
 /// One step of `algorithm` on the values of a param stored as `dtype` (`bits`, without master
-/// weights) with bf16 states (`states`, read back as f32, exact), done by hand: widen, the
-/// float32 step of the functional layer, then rounding as multi_tensor_step_kernel rounds
-/// (stochastically with the draws of param key `key`: counter 4i for the param, 4i + 1 + k
-/// for state k). Updates bits and states.
+/// weights, viewed as `view`) with bf16 states (`states`, read back as f32, exact; float32
+/// ones where !bf16_states), done by hand: widen, the float32 step of the functional layer,
+/// then rounding as multi_tensor_step_kernel rounds (stochastically with the draws of param
+/// key `key`: counter 4i for the param, 4i + 1 + k for state k). Updates bits and states.
 void reference_step(const std::string& algorithm, const NamedOptions& options, std::int64_t step,
                     std::vector<std::uint16_t>& bits, DType dtype,
                     std::vector<std::vector<float>>& states, const std::vector<float>& grad,
-                    bool stochastic, std::uint64_t seed, int key) {
+                    bool stochastic, std::uint64_t seed, int key, const MatrixView& view = {},
+                    bool bf16_states = true) {
   std::vector<float> p = widen16(bits, dtype);
   DenseTensors t;
   t.param = p.data();
   t.grad = grad.data();
   t.numel = static_cast<std::int64_t>(p.size());
-  for (std::size_t k = 0; k < states.size(); ++k) t.states[k] = states[k].data();
+  t.view = view;
+  for (std::size_t k = 0; k < states.size(); ++k)
+    t.states[k] = states[k].empty() ? nullptr : states[k].data();
   fused_step_list(algorithm, options, &t, &step, 1);
   const std::uint64_t mixed = seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(key + 1));
   const auto round = [&](float x, DType d, std::uint64_t counter) -> std::uint16_t {
@@ -110,11 +133,21 @@ void reference_step(const std::string& algorithm, const NamedOptions& options, s
     const std::uint32_t r = random_bits(mixed, static_cast<std::uint64_t>(step), counter);
     return d == DType::bf16 ? to_bf16_stochastic(x, r).bits : to_f16_stochastic(x, r).bits;
   };
-  for (std::size_t i = 0; i < p.size(); ++i) {
-    bits[i] = round(p[i], dtype, 4 * i);
+  for (std::size_t i = 0; i < p.size(); ++i) bits[i] = round(p[i], dtype, 4 * i);
+  if (bf16_states)
     for (std::size_t k = 0; k < states.size(); ++k)
-      states[k][i] = to_float(bf16{round(states[k][i], DType::bf16, 4 * i + 1 + k)});
-  }
+      for (std::size_t i = 0; i < states[k].size(); ++i)
+        states[k][i] = to_float(bf16{round(states[k][i], DType::bf16, 4 * i + 1 + k)});
+}
+
+/// Param `name`'s states equal `want` (states_of's order) bit for bit.
+void expect_states(const Optimizer& opt, const std::string& algorithm, const std::string& name,
+                   const std::vector<std::vector<float>>& want) {
+  const std::vector<std::vector<float>> got = states_of(opt, algorithm, name);
+  const std::vector<std::string> names = algorithm_states(algorithm);
+  for (std::size_t k = 0; k < names.size(); ++k)
+    EXPECT_TRUE(bitwise_equal(got[k], want[k]))
+        << name << "." << names[k] << ": " << first_difference(got[k], want[k]);
 }
 
 // Each step of a 16-bit param with bf16 states (no master weights) is widen, the float32
@@ -149,41 +182,42 @@ TEST(CpuStorage, EachStepIsWidenStepRound) {
             g32.push_back(widen16(g16.back(), dtype));
             g.push_back(g16.back().data());
           }
-          std::vector<std::vector<std::vector<float>>> states(sizes.size());
+          std::vector<std::vector<std::vector<float>>> states;
           for (std::size_t i = 0; i < sizes.size(); ++i)
-            for (const std::string& s : opt.state_names("p" + std::to_string(i)))
-              states[i].push_back(opt.state("p" + std::to_string(i), s));
+            states.push_back(states_of(opt, algorithm, "p" + std::to_string(i)));
           opt.step(g.data());
           for (std::size_t i = 0; i < sizes.size(); ++i) {
             const std::string name = "p" + std::to_string(i);
             reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic, 99,
                            static_cast<int>(i));
             EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
-            const std::vector<std::string> names = opt.state_names(name);
-            for (std::size_t k = 0; k < names.size(); ++k)
-              EXPECT_TRUE(bitwise_equal(opt.state(name, names[k]), states[i][k]))
-                  << name << "." << names[k] << ": "
-                  << first_difference(opt.state(name, names[k]), states[i][k]);
+            expect_states(opt, algorithm, name, states[i]);
           }
         }
       }
 }
 
-/// Bytes of a bf16 run with master weights, bf16 states, stochastic rounding and an EMA over
-/// tensors large enough to split over threads: the params' bits, then every state's.
-std::vector<std::vector<float>> storage_run(std::uint64_t seed) {
+/// Bytes of a bf16 run of `algorithm` with master weights, bf16 states, stochastic rounding
+/// and an EMA over params of `shapes` large enough to split over threads: the params' bits,
+/// then every state's.
+std::vector<std::vector<float>> storage_run(std::uint64_t seed, const std::string& algorithm,
+                                            const std::vector<std::vector<std::int64_t>>& shapes) {
   std::mt19937_64 rng(seed);
-  const std::vector<std::int64_t> sizes = {200003, 70001, 5};
   std::vector<std::vector<std::uint16_t>> bits;
-  Optimizer opt("adam");
+  std::vector<std::int64_t> sizes;
+  Optimizer opt(algorithm);
   opt.set_option("master_weights", 1);
   opt.set_option("state_dtype", 2);
   opt.set_option("stochastic_rounding", 1);
   opt.set_option("ema_decay", 0.99);
-  for (std::int64_t n : sizes)
+  for (const auto& shape : shapes) {
+    std::int64_t n = 1;
+    for (std::int64_t d : shape) n *= d;
+    sizes.push_back(n);
     bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), DType::bf16));
-  for (std::size_t i = 0; i < sizes.size(); ++i)
-    opt.add_param("p" + std::to_string(i), bits[i].data(), DType::bf16, {sizes[i]});
+  }
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    opt.add_param("p" + std::to_string(i), bits[i].data(), DType::bf16, shapes[i]);
   for (int t = 0; t < 3; ++t) {
     std::vector<std::vector<std::uint16_t>> g;
     std::vector<const void*> gp;
@@ -203,21 +237,30 @@ std::vector<std::vector<float>> storage_run(std::uint64_t seed) {
 }
 
 // The storage layer's blocks and draws follow the element's index in the tensor: the same
-// bits on every instruction set and thread count.
+// bits on every instruction set and thread count, for every kind of step (elementwise, trust
+// ratio, factored and not, matrix).
 TEST(CpuStorage, SameBitsOnEveryIsaAndThreadCount) {
   const std::uint64_t seed = run_seed();
   const cpu::Isa saved = cpu::isa();
   const int saved_threads = cpu::num_threads();
-  cpu::set_isa(cpu::Isa::scalar);
-  cpu::set_num_threads(1);
-  const auto want = storage_run(seed);
-  for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
-    if (!cpu::isa_supported(isa)) continue;
-    for (int threads : {1, 2, 3, 5}) {
-      SCOPED_TRACE(std::string(cpu::isa_name(isa)) + ", " + std::to_string(threads) + " threads");
-      cpu::set_isa(isa);
-      cpu::set_num_threads(threads);
-      expect_same(storage_run(seed), want, "params and states");
+  const std::vector<std::pair<std::string, std::vector<std::vector<std::int64_t>>>> runs = {
+      {"adam", {{200003}, {70001}, {5}}},
+      {"lamb", {{200003}, {5}}},
+      {"adafactor", {{301, 677}, {70001}}},
+      {"muon", {{129, 200}, {2, 3, 5}}}};
+  for (const auto& [algorithm, shapes] : runs) {
+    SCOPED_TRACE(algorithm);
+    cpu::set_isa(cpu::Isa::scalar);
+    cpu::set_num_threads(1);
+    const auto want = storage_run(seed, algorithm, shapes);
+    for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
+      if (!cpu::isa_supported(isa)) continue;
+      for (int threads : {1, 2, 3, 5}) {
+        SCOPED_TRACE(std::string(cpu::isa_name(isa)) + ", " + std::to_string(threads) + " threads");
+        cpu::set_isa(isa);
+        cpu::set_num_threads(threads);
+        expect_same(storage_run(seed, algorithm, shapes), want, "params and states");
+      }
     }
   }
   cpu::set_isa(saved);
@@ -272,34 +315,68 @@ TEST(CpuStorage, Bf16CheckpointResumesBitwise) {
   EXPECT_EQ(b.step_count("w"), 5);
 }
 
-// The trust-ratio, factored and matrix kinds step float32 only on the CPU: a step with other
-// storage is refused, naming it, before anything changes.
-TEST(CpuStorage, OtherKindsAreRefusedAndNothingChanges) {
+// The kinds of more than one pass take 16-bit params on the CPU as on CUDA. With float32
+// states each step is widen, the float32 step, round the param (its states are the float32
+// step's): lamb, lars, adafactor (factored matrices and per-element vectors) and muon. Muon's
+// bf16 states too: they are stored once, after the one pass that reads them. (The others'
+// bf16 states are rounded between passes, as CUDA's kernels round them, so no float32 step
+// describes them: Cuda.MultiPassKindsEveryStorageEqualsTheCpuBitwise holds their bytes.)
+TEST(CpuStorage, MultiPassKindsAreWidenStepRound) {
   auto rng = make_rng();
+  const std::vector<std::vector<std::int64_t>> matrices = {
+      {37, 45}, {3, 33, 70}, {1, 1}, {130, 257}};
+  const std::vector<std::vector<std::int64_t>> vectors = {{1}, {8193}, {70001}};
   for (const std::string algorithm : {"lamb", "lars", "adafactor", "muon"})
-    for (DType dtype : {DType::bf16, DType::f32}) {
-      SCOPED_TRACE(algorithm + ", " + dtype_name(dtype));
-      Optimizer opt(algorithm);
-      if (dtype == DType::f32) opt.set_option("state_dtype", 2);
-      std::vector<std::uint16_t> p16 = narrow16(random_floats(rng, 64), DType::bf16);
-      std::vector<float> p32 = random_floats(rng, 64);
-      void* data = dtype == DType::f32 ? static_cast<void*>(p32.data()) : p16.data();
-      opt.add_param("w", data, dtype, {8, 8});
-      const std::vector<std::uint16_t> b16 = p16;
-      const std::vector<float> b32 = p32;
-      std::vector<float> g32 = random_floats(rng, 64);
-      std::vector<std::uint16_t> g16 = narrow16(g32, DType::bf16);
-      try {
-        opt.step({dtype == DType::f32 ? static_cast<const void*>(g32.data()) : g16.data()});
-        ADD_FAILURE() << "the step was taken";
-      } catch (const Error& e) {
-        EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
-        EXPECT_NE(std::string(e.what()).find("float32 only"), std::string::npos) << e.what();
-      }
-      EXPECT_EQ(p16, b16);
-      EXPECT_TRUE(bitwise_equal(p32, b32));
-      EXPECT_EQ(opt.step_count("w"), 0);
-    }
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (bool stochastic : {false, true})
+        for (bool bf16_states : {false, true}) {
+          if (bf16_states && algorithm != "muon") continue;
+          SCOPED_TRACE(algorithm + ", " + dtype_name(dtype) + (stochastic ? ", stochastic" : "") +
+                       (bf16_states ? ", bf16 states" : ""));
+          std::vector<std::vector<std::int64_t>> shapes = matrices;
+          if (algorithm != "muon") shapes.insert(shapes.end(), vectors.begin(), vectors.end());
+          const NamedOptions options = ref::richest_options(algorithm);
+          Optimizer opt(algorithm);
+          for (const auto& [k, v] : options) opt.set_option(k, v);
+          opt.set_option("state_dtype", bf16_states ? 2 : 0);
+          opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
+          opt.set_option("seed", 7);
+          std::vector<std::int64_t> sizes;
+          std::vector<std::vector<std::uint16_t>> bits, want;
+          for (const auto& shape : shapes) {
+            std::int64_t n = 1;
+            for (std::int64_t d : shape) n *= d;
+            sizes.push_back(n);
+            bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+          }
+          want = bits;
+          for (std::size_t i = 0; i < shapes.size(); ++i)
+            opt.add_param("p" + std::to_string(i), bits[i].data(), dtype, shapes[i]);
+          for (int t = 1; t <= 3; ++t) {
+            SCOPED_TRACE("step " + std::to_string(t));
+            std::vector<std::vector<float>> g32;
+            std::vector<std::vector<std::uint16_t>> g16;
+            std::vector<const void*> g;
+            for (std::int64_t n : sizes) {
+              g16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+              g32.push_back(widen16(g16.back(), dtype));
+              g.push_back(g16.back().data());
+            }
+            std::vector<std::vector<std::vector<float>>> states;
+            for (std::size_t i = 0; i < shapes.size(); ++i)
+              states.push_back(states_of(opt, algorithm, "p" + std::to_string(i)));
+            opt.step(g.data());
+            for (std::size_t i = 0; i < shapes.size(); ++i) {
+              const std::string name = "p" + std::to_string(i);
+              const MatrixView view =
+                  matrix_view(shapes[i].data(), static_cast<int>(shapes[i].size()));
+              reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic,
+                             7, static_cast<int>(i), view, bf16_states);
+              EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
+              expect_states(opt, algorithm, name, states[i]);
+            }
+          }
+        }
 }
 
 }  // namespace

@@ -60,8 +60,6 @@ class Algorithm {
   /// `storage`: where the tensors are when not all float32 (cpu::Storage), or null.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
                         std::int64_t n, double* scalars, const cpu::Storage* storage) const = 0;
-  /// Why the CPU refuses non-float32 storage for this algorithm, or "" (cpu::storage_refusal).
-  virtual const char* cpu_storage_refusal() const = 0;
   /// eval() of param `param` (description().eval) on the CPU / on CUDA.
   virtual void cpu_eval(std::size_t param, float* p, float* const* states,
                         std::int64_t n) const = 0;

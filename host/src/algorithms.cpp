@@ -108,8 +108,6 @@ class AlgorithmImpl final : public Algorithm {
     cpu::dense_step<A>(options_[param], step, t, n, scalars, storage);
   }
 
-  const char* cpu_storage_refusal() const override { return cpu::storage_refusal<A>(); }
-
   void cpu_eval(std::size_t param, float* p, float* const* states, std::int64_t n) const override {
     cpu::eval_params<A>(options_[param], p, states, n);
   }

@@ -49,19 +49,13 @@ bool uses_state(const typename A::Options& o, int k, const MatrixView& v) {
 // uses starts as a copy of the param (8 or 4 bits cannot hold weights).
 template <class A>
 std::string quantized_refusal(const typename A::Options& o, const MatrixView& v) {
-  if constexpr (MatrixCapable<A>::value || FactoredCapable<A>::value ||
-                TrustRatioCapable<A>::value) {
-    (void)o, (void)v;
-    return "block-quantized (int8, int4) states need a step that is one elementwise pass; this "
-           "algorithm's is not (give it float32 or bfloat16 states)";
-  } else {
-    for (int k = 0; k < StateList<A>::count; ++k)
-      if (uses_state<A>(o, k, v) && StateFromParam<A>::of(k))
-        return std::string("its state '") + StateList<A>::name(k) +
-               "' is a copy of the weights, which block-quantized (int8, int4) states cannot "
-               "hold (give it float32 or bfloat16 states)";
-    return "";
-  }
+  if (const char* why = cpu::quantized_storage_refusal<A>(); *why) return why;
+  for (int k = 0; k < StateList<A>::count; ++k)
+    if (uses_state<A>(o, k, v) && StateFromParam<A>::of(k))
+      return std::string("its state '") + StateList<A>::name(k) +
+             "' is a copy of the weights, which block-quantized (int8, int4) states cannot "
+             "hold (give it float32 or bfloat16 states)";
+  return "";
 }
 
 template <class A>
@@ -88,8 +82,6 @@ void check_tensors(const typename A::Options& o, const DenseTensors& t, const Ex
   if (t.master && t.param_dtype == DType::f32)
     invalid(who() + ": master weights belong to bfloat16 or float16 params");
   if (!cuda) {
-    if (t.param_dtype != DType::f32 || t.state_dtype != DType::f32)
-      if (const char* why = cpu::storage_refusal<A>(); *why) unsupported(why);
     if (c.d_lr || c.d_grad_multiplier || c.d_found_inf)
       unsupported("device-side scalars need the CUDA backend");
     if (const char* why = CpuRefusal<A>::of(o); *why) unsupported(why);

@@ -53,10 +53,6 @@ void Optimizer::step(const void* const* grads, void* stream) {
       unsupported("step: param '" + p.name + "': " + m.desc(p).name + ": " + p.facts.cpu_refusal);
     if (const std::string why = m.storage_problem(p); !why.empty())
       unsupported("step: param '" + p.name + "': " + why);
-    if (!cuda && m.low_storage(p) && *m.slot(p).algorithm->cpu_storage_refusal())
-      unsupported("step: param '" + p.name + "' (" + dtype_name(p.dtype) + ", states " +
-                  dtype_name(m.state_dtype(p)) + "): " + m.desc(p).name + ": " +
-                  m.slot(p).algorithm->cpu_storage_refusal());
     if (reinterpret_cast<std::uintptr_t>(g) % dtype_size(m.grad_dtype(p)) != 0)
       invalid("step: the grad of param '" + p.name + "' is not aligned to its element size");
     // A host pointer in a kernel would be an illegal address that ends the CUDA context.

@@ -27,7 +27,7 @@ struct DenseTensors {
   void* states[kMaxStates] = {nullptr, nullptr, nullptr};
   float* master = nullptr;  // f32 master weights of a low-precision param, or null
   std::int64_t numel = 0;
-  DType param_dtype = DType::f32;  // f32, bf16 or f16 (the CPU: elementwise algorithms only)
+  DType param_dtype = DType::f32;  // f32, bf16 or f16
   // grad_dtype: the param's, or f32. state_dtype: f32, bf16, or block-quantized q8 or q4
   // (docs/quantized-states.md) for the algorithms whose step is one elementwise pass and
   // whose used states do not start as a copy of the param (AlgorithmDescription::quantizable;

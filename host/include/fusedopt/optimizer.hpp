@@ -80,8 +80,8 @@ class Optimizer {
   ///                         min_quant_size and converts the file's states into them
   ///   fp32_grads (0)        grads of bf16/f16 params are float32
   ///   stochastic_rounding (0), seed (0): stochastic rounding of low-precision writes
-  /// Both backends take every storage, with the same bytes; on the CPU the trust-ratio
-  /// (lamb, lars), factored (adafactor) and matrix (muon) kinds step float32 only.
+  /// Both backends take every storage, with the same bytes, for every kind of step (the
+  /// block-quantized states for the one-pass elementwise algorithms only).
   ///   ema_decay (0)         weight EMA: each param keeps a float32 average of its values,
   ///                         updated in the step's pass (state "ema"); in [0, 1), 0: off
   /// The storage settings (master_weights, state_dtype, min_quant_size, fp32_grads) are fixed

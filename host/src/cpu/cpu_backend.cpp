@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -134,137 +135,6 @@ void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel 
                        align);
 }
 
-// The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
-// only grows.
-template <class A>
-void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
-  const Kernels<A>& k = active_kernels<A>();
-  float rate = op.rate(0.0, 0.0);
-  if (A::Op::kAdvanceStates || op.needs_norms()) {
-    const std::int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
-    thread_local std::vector<double> scratch;
-    try {
-      if (scratch.size() < static_cast<std::size_t>(2 * chunks))
-        scratch.resize(static_cast<std::size_t>(2 * chunks));
-    } catch (const std::bad_alloc&) {
-      throw Error(StatusCode::out_of_memory, "trust-ratio step: no memory for the norm scratch");
-    }
-    double* const partial = scratch.data();
-    parallel_for([&](std::int64_t cb, std::int64_t ce) { k.first(op, t, n, cb, ce, partial); },
-                 chunks, kMinParallel / kSumChunk, 1);
-    const double pn = std::sqrt(sum_of_chunks(partial, chunks, 2));
-    const double un = std::sqrt(sum_of_chunks(partial + 1, chunks, 2));
-    rate = op.rate(pn, un);
-  }
-  parallel_for([&](std::int64_t begin, std::int64_t end) { k.second(op, t, rate, begin, end); }, n);
-}
-
-// The three passes of a factored step (kernels/factored.hpp). Scratch per thread that only
-// grows: the row sums, the per-segment column sums (8 bytes per kColSegment elements), each
-// matrix's normalizer and the chunk sums.
-template <class A>
-void factored_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n) {
-  if (n == 0) return;  // no element, no statistic: nothing moves
-  const Kernels<A>& k = active_kernels<A>();
-  const MatrixView& v = t.view;
-  const std::int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
-  const std::int64_t per_matrix = v.factored() ? (v.rows + kColSegment - 1) / kColSegment : 0;
-  const std::int64_t segments = v.batch * per_matrix;
-  thread_local std::vector<double> scratch;
-  thread_local std::vector<float> norms;
-  const std::size_t need = static_cast<std::size_t>(
-      2 * chunks + (v.factored() ? v.batch * v.rows + segments * v.cols : 0));
-  try {
-    if (scratch.size() < need) scratch.resize(need);
-    if (norms.size() < static_cast<std::size_t>(v.batch))
-      norms.resize(static_cast<std::size_t>(v.batch));
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory,
-                std::string(A::kName) + ": no memory for the step's scratch");
-  }
-  double* const partial = scratch.data();
-  float* const norm = norms.data();  // thread_local: the pointer, not the name, goes to threads
-  if (v.factored()) {
-    double* const row_sq = partial + 2 * chunks;
-    double* const col_partial = row_sq + v.batch * v.rows;
-    parallel_for(
-        [&](std::int64_t sb, std::int64_t se) { k.factored_stats(t, sb, se, row_sq, col_partial); },
-        segments, std::max<std::int64_t>(1, kMinParallel / (kColSegment * v.cols)), 1);
-    float* const row_var = t.states[0];
-    float* const col_var = t.states[1];
-    const double rows = static_cast<double>(v.rows), cols = static_cast<double>(v.cols);
-    parallel_for(
-        [&](std::int64_t jb, std::int64_t je) {
-          for (std::int64_t j = jb; j < je; ++j) {  // column j % cols of matrix j / cols
-            const std::int64_t b = j / v.cols, c = j % v.cols;
-            double sum = 0.0;
-            for (std::int64_t s = b * per_matrix; s < (b + 1) * per_matrix; ++s)
-              sum += col_partial[s * v.cols + c];
-            col_var[j] = op.blend(col_var[j], static_cast<float>(sum / rows));
-          }
-        },
-        v.batch * v.cols,
-        std::max<std::int64_t>(1, kMinParallel / std::max<std::int64_t>(1, per_matrix)), 1);
-    for (std::int64_t b = 0; b < v.batch; ++b) {
-      double lanes[kRowLanes] = {};
-      for (std::int64_t r = 0; r < v.rows; ++r) {
-        const std::int64_t i = b * v.rows + r;
-        row_var[i] = op.blend(row_var[i], static_cast<float>(row_sq[i] / cols));
-        lanes[r % kRowLanes] += static_cast<double>(row_var[i]);
-      }
-      norm[b] = op.normalizer(row_lane_sum(lanes) / rows);
-    }
-  }
-  parallel_for(
-      [&](std::int64_t cb, std::int64_t ce) { k.factored_sums(op, t, norm, n, cb, ce, partial); },
-      chunks, kMinParallel / kSumChunk, 1);
-  const float rate =
-      op.rate(sum_of_chunks(partial, chunks, 2), sum_of_chunks(partial + 1, chunks, 2), n);
-  parallel_for([&](std::int64_t b, std::int64_t e) { k.factored_apply(op, t, norm, rate, b, e); },
-               n);
-}
-
-// The three parts of a matrix step (kernels/matrix_step.hpp): the prepare pass on the
-// configured threads into a scratch per thread that only grows (the iteration's input and its
-// workspace, never allocated again for a tensor no larger), the iteration on OpenBLAS's own
-// threads from this one, the apply pass on the configured threads. Everything that can refuse
-// comes before the first write.
-template <class A>
-void matrix_step(const typename A::Options& options, const typename A::Op& op, const DensePtrs& t,
-                 std::int64_t n) {
-  const std::string name = A::kName;
-  if (const char* why = CpuRefusal<A>::of(options); *why)
-    throw Error(StatusCode::unsupported, name + ": " + why);
-  const MatrixView& v = t.view;
-  if (!is_matrix_batch(v, n))
-    throw Error(StatusCode::invalid_argument,
-                name +
-                    ": steps matrices (a param of 2 or more dimensions, viewed as [batch, "
-                    "rows, cols]); this tensor of " +
-                    std::to_string(n) +
-                    " elements has no such view (vectors and scalars: use adamw or another "
-                    "elementwise algorithm)");
-  if (n == 0) return;  // a 0-size matrix: nothing to orthogonalize, nothing moves
-  const NsConfig ns = A::ns_config(options);
-  detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
-                                 ns.eps);
-  const std::int64_t ws = detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
-  thread_local std::vector<float> scratch;
-  try {
-    if (scratch.size() < static_cast<std::size_t>(n + ws))
-      scratch.resize(static_cast<std::size_t>(n + ws));
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, name + ": no memory for the step's scratch");
-  }
-  float* const x = scratch.data();  // thread_local: the pointer, not the name, goes to threads
-  const Kernels<A>& k = active_kernels<A>();
-  parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_prepare(op, t, x, b, e); }, n);
-  detail::newton_schulz_cpu(x, x, v.batch, v.rows, v.cols, ns.coefficients, ns.steps, ns.eps, x + n,
-                            ws);
-  const float rate = op.rate(v.rows, v.cols);
-  parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_apply(op, t, x, rate, b, e); }, n);
-}
-
 // ------------------------------------------------------------------ the storage layer
 
 // dst[j] = src[begin + j] for j < m, widened.
@@ -382,12 +252,13 @@ void zero_quant_padding(void* state, DType q, std::int64_t n) {
             std::uint8_t{0});
 }
 
-// The storage layer's scratch: per thread (2 + kMaxStates) blocks of floats (param, grad,
+// The storage layer's scratch: per thread (2 + kMaxStates) * `block` floats (param, grad,
 // states), kept by the calling thread and only grown, so that a step allocates nothing after
 // the first and a failed allocation comes before any write.
-float* storage_scratch(int threads) {
+float* storage_scratch(int threads, std::int64_t block) {
   thread_local std::vector<float> scratch;
-  const auto need = static_cast<std::size_t>(threads) * (2 + kMaxStates) * kStoreBlock;
+  const auto need =
+      static_cast<std::size_t>(threads) * (2 + kMaxStates) * static_cast<std::size_t>(block);
   try {
     if (scratch.size() < need) scratch.resize(need);
   } catch (const std::bad_alloc&) {
@@ -396,80 +267,404 @@ float* storage_scratch(int threads) {
   return scratch.data();
 }
 
-// An elementwise step through the storage layer (Storage): each thread's range in blocks of
-// kStoreBlock elements. f32 tensors are stepped in place (the master weights stand for a
-// 16-bit param); 16-bit ones through the scratch. An element's result depends on neither its
-// block nor its thread: the kernel's does not (elementwise.hpp), nor do the conversions.
-template <class A>
-void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Storage& st,
-                       std::int64_t step, std::int64_t n) {
-  const auto kernel = active_kernels<A>().range;
-  float* const scratch = storage_scratch(team_size(n));
-  const std::uint64_t seed =
-      st.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(st.key + 1));
-  const auto ustep = static_cast<std::uint64_t>(step);
-  const bool low_param = st.param_dtype != DType::f32;
-  const bool low_grad = st.grad_dtype != DType::f32;
-  const bool low_states = st.state_dtype != DType::f32;
-  const bool quant = is_quantized(st.state_dtype);
-  bool non_negative[kMaxStates] = {};
-  for (int k = 0; k < StateList<A>::count; ++k) non_negative[k] = StateList<A>::non_negative(k);
+// Which of a step's tensors a pass of the storage layer moves.
+constexpr unsigned kParamStream = 1, kGradStream = 2, kStateStreams = 4;
+
+// The storage layer of one step of a tensor of n elements (Storage): moves its param (or
+// master weights), grad and states between their storages and float32 views (DensePtrs). A
+// view's float32 tensors are the tensors themselves (the master weights stand for a 16-bit
+// param); the others are a scratch `mine` of `stride` floats per stream (the param at 0, the
+// grad at stride, state k at (2 + k) * stride). Values are rounded as CUDA's kernels round
+// them (narrow_block, quantize_range: the element's counters 4i for the param, 4i + 1 + k for
+// state k), so no result depends on the blocks or the threads.
+class StorageLayer {
+ public:
+  template <class A>
+  static StorageLayer of(const Storage& st, std::int64_t n, std::int64_t step) {
+    StorageLayer layer(st, n, step);
+    for (int k = 0; k < StateList<A>::count; ++k)
+      layer.non_negative_[k] = StateList<A>::non_negative(k);
+    return layer;
+  }
+
+  bool low_param() const { return st_.param_dtype != DType::f32; }
+  bool low_grad() const { return st_.grad_dtype != DType::f32; }
+  bool low_states() const { return st_.state_dtype != DType::f32; }
+  bool quantized() const { return is_quantized(st_.state_dtype); }
+  const Storage& storage() const { return st_; }
+
+  // The view of `t` whose element 0 is the tensor's element `first`: the streams in `streams`
+  // (the others null), the weight EMA (float32, updated from the value before rounding).
+  DensePtrs place(const DensePtrs& t, std::int64_t first, float* mine, std::int64_t stride,
+                  unsigned streams) const {
+    DensePtrs d = t;
+    d.param = nullptr;
+    d.grad = nullptr;
+    if (streams & kParamStream)
+      d.param = st_.master    ? st_.master + first
+                : low_param() ? mine
+                              : static_cast<float*>(st_.param) + first;
+    if (streams & kGradStream)
+      d.grad = low_grad() ? mine + stride : static_cast<const float*>(st_.grad) + first;
+    for (int k = 0; k < kMaxStates; ++k)
+      d.states[k] = !st_.states[k] || !(streams & kStateStreams) ? nullptr
+                    : low_states()                               ? mine + (2 + k) * stride
+                                   : static_cast<float*>(st_.states[k]) + first;
+    d.ema = t.ema ? t.ema + first : nullptr;
+    return d;
+  }
+
+  // place() of elements [b, b + m), the scratch filled: widened, or decoded.
+  DensePtrs in(const DensePtrs& t, std::int64_t b, std::int64_t m, float* mine, std::int64_t stride,
+               unsigned streams) const {
+    if ((streams & kParamStream) && low_param() && !st_.master)
+      widen_block(mine, st_.param, st_.param_dtype, b, m);
+    if ((streams & kGradStream) && low_grad())
+      widen_block(mine + stride, st_.grad, st_.grad_dtype, b, m);
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!st_.states[k] || !(streams & kStateStreams) || !low_states()) continue;
+      float* const s = mine + (2 + k) * stride;
+      if (quantized())
+        with_quant_map(st_.state_dtype, non_negative_[k],
+                       [&](const auto& q) { dequantize_range(q, st_.states[k], n_, b, m, s); });
+      else
+        widen_block(s, st_.states[k], st_.state_dtype, b, m);
+    }
+    return place(t, b, mine, stride, streams);
+  }
+
+  // Elements [b, b + m) of the streams in `streams` from the view `d` of them (element 0 at
+  // b) into their storages, rounded. A float32 stream is the view itself: nothing to do.
+  void out(const DensePtrs& d, std::int64_t b, std::int64_t m, unsigned streams) const {
+    if ((streams & kParamStream) && low_param())
+      narrow_block(st_.param, st_.param_dtype, d.param, b, m, st_.stochastic, seed_, step_, 0);
+    if (!(streams & kStateStreams) || !low_states()) return;
+    for (int k = 0; k < kMaxStates; ++k) {
+      if (!st_.states[k]) continue;
+      const auto offset = 1 + static_cast<std::uint64_t>(k);
+      if (quantized())
+        with_quant_map(st_.state_dtype, non_negative_[k], [&](const auto& q) {
+          quantize_range(q, st_.states[k], n_, b, m, d.states[k], st_.stochastic, seed_, step_,
+                         offset);
+        });
+      else
+        narrow_block(st_.states[k], st_.state_dtype, d.states[k], b, m, st_.stochastic, seed_,
+                     step_, offset);
+    }
+  }
+
+  // Value j of state k (of whatever count) stored from x, and read back: what the storage
+  // holds, as CUDA's stored_value (bfloat16 states; float32 ones are x).
+  float store_state(int k, std::int64_t j, float x) const {
+    if (!low_states()) return x;
+    narrow_block(st_.states[k], st_.state_dtype, &x, j, 1, st_.stochastic, seed_, step_,
+                 1 + static_cast<std::uint64_t>(k));
+    return value_at(st_.states[k], st_.state_dtype, j);
+  }
+
+ private:
+  StorageLayer(const Storage& st, std::int64_t n, std::int64_t step)
+      : st_(st),
+        n_(n),
+        seed_(st.seed ^ (0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(st.key + 1))),
+        step_(static_cast<std::uint64_t>(step)) {}
+
+  const Storage& st_;
+  std::int64_t n_;
+  std::uint64_t seed_, step_;
+  bool non_negative_[kMaxStates] = {};
+};
+
+// block(d, b, m) over [0, n) in blocks of kStoreBlock elements on the configured threads, each
+// through the layer: the streams `in` read into a view d (element 0 at b), those in `out`
+// written back after. Its scratch is the calling thread's (storage_scratch), allocated first.
+template <class Block>
+void stored_blocks(const StorageLayer& layer, const DensePtrs& t, std::int64_t n, unsigned in,
+                   unsigned out, const Block& block) {
+  float* const scratch = storage_scratch(team_size(n), kStoreBlock);
   parallel_for_indexed(
       [&](std::int64_t begin, std::int64_t end, int thread) {
         float* const mine =
             scratch + static_cast<std::ptrdiff_t>(thread) * (2 + kMaxStates) * kStoreBlock;
         for (std::int64_t b = begin; b < end; b += kStoreBlock) {
           const std::int64_t m = std::min(kStoreBlock, end - b);
-          DensePtrs d = t;
-          if (st.master) {
-            d.param = st.master + b;
-          } else if (low_param) {
-            d.param = mine;
-            widen_block(d.param, st.param, st.param_dtype, b, m);
-          } else {
-            d.param = static_cast<float*>(st.param) + b;
-          }
-          if (low_grad) {
-            float* const g = mine + kStoreBlock;
-            widen_block(g, st.grad, st.grad_dtype, b, m);
-            d.grad = g;
-          } else {
-            d.grad = static_cast<const float*>(st.grad) + b;
-          }
-          for (int k = 0; k < kMaxStates; ++k) {
-            if (!st.states[k]) {
-              d.states[k] = nullptr;
-            } else if (quant) {
-              d.states[k] = mine + (2 + k) * kStoreBlock;
-              with_quant_map(st.state_dtype, non_negative[k], [&](const auto& q) {
-                dequantize_range(q, st.states[k], n, b, m, d.states[k]);
-              });
-            } else if (low_states) {
-              d.states[k] = mine + (2 + k) * kStoreBlock;
-              widen_block(d.states[k], st.states[k], st.state_dtype, b, m);
-            } else {
-              d.states[k] = static_cast<float*>(st.states[k]) + b;
-            }
-          }
-          d.ema = t.ema ? t.ema + b : nullptr;  // from the f32 value, before it is rounded
-          kernel(op, d, 0, m);
-          if (low_param)
-            narrow_block(st.param, st.param_dtype, d.param, b, m, st.stochastic, seed, ustep, 0);
-          for (int k = 0; k < kMaxStates; ++k) {
-            if (!st.states[k] || !low_states) continue;
-            const auto offset = 1 + static_cast<std::uint64_t>(k);
-            if (quant)
-              with_quant_map(st.state_dtype, non_negative[k], [&](const auto& q) {
-                quantize_range(q, st.states[k], n, b, m, d.states[k], st.stochastic, seed, ustep,
-                               offset);
-              });
-            else
-              narrow_block(st.states[k], st.state_dtype, d.states[k], b, m, st.stochastic, seed,
-                           ustep, offset);
-          }
+          const DensePtrs d = layer.in(t, b, m, mine, kStoreBlock, in);
+          block(d, b, m);
+          layer.out(d, b, m, out);
         }
       },
-      n, kMinParallel, quant ? kQuant8BlockSize : kSplitAlign);
+      n, kMinParallel, layer.quantized() ? kQuant8BlockSize : kSplitAlign);
+}
+
+// The per-thread scratch of a step's chunk sums (two doubles per chunk), only grown.
+double* chunk_scratch(std::int64_t chunks, const char* who) {
+  thread_local std::vector<double> scratch;
+  try {
+    if (scratch.size() < static_cast<std::size_t>(2 * chunks))
+      scratch.resize(static_cast<std::size_t>(2 * chunks));
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the norm scratch");
+  }
+  return scratch.data();
+}
+
+// The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
+// only grows. Through the storage layer (`layer`, else t's f32 pointers are the tensors):
+// pass one widens a chunk at a time (the sums' unit); where it advances states that are
+// stored rounded, it advances them, stores them and reads them back before direction(), as
+// CUDA's pass one (trust_ratio.cuh: stored_value), so that the norms are of the update pass
+// two applies. Pass two goes in blocks, as the elementwise step.
+template <class A>
+void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
+                const StorageLayer* layer) {
+  const Kernels<A>& k = active_kernels<A>();
+  const bool first_pass = A::Op::kAdvanceStates || op.needs_norms();
+  const std::int64_t chunks = sum_chunks(n);
+  const int chunk_threads = team_size(chunks, kMinParallel / kSumChunk);
+  double* const partial = first_pass ? chunk_scratch(chunks, A::kName) : nullptr;
+  float* chunk_store = nullptr;
+  if (layer) {  // both passes' scratch before anything is written
+    storage_scratch(team_size(n), kStoreBlock);
+    chunk_store = storage_scratch(chunk_threads, kSumChunk);
+  }
+  float rate = op.rate(0.0, 0.0);
+  if (first_pass) {
+    if (layer) {
+      const bool split = A::Op::kAdvanceStates && layer->low_states();
+      parallel_for_indexed(
+          [&](std::int64_t cb, std::int64_t ce, int thread) {
+            float* const mine =
+                chunk_store + static_cast<std::ptrdiff_t>(thread) * (2 + kMaxStates) * kSumChunk;
+            for (std::int64_t c = cb; c < ce; ++c) {
+              const std::int64_t b = c * kSumChunk, m = std::min(kSumChunk, n - b);
+              const unsigned all = kParamStream | kGradStream | kStateStreams;
+              const DensePtrs d = layer->in(t, b, m, mine, kSumChunk, all);
+              if (split) {
+                k.advance(op, d, 0, m);
+                layer->out(d, b, m, kStateStreams);
+                layer->in(t, b, m, mine, kSumChunk, kStateStreams);  // as stored
+              }
+              k.first(op, d, m, 0, 1, partial + 2 * c, !split);  // the chunk: its own order
+            }
+          },
+          chunks, kMinParallel / kSumChunk, 1);
+    } else {
+      parallel_for(
+          [&](std::int64_t cb, std::int64_t ce) { k.first(op, t, n, cb, ce, partial, true); },
+          chunks, kMinParallel / kSumChunk, 1);
+    }
+    const double pn = std::sqrt(sum_of_chunks(partial, chunks, 2));
+    const double un = std::sqrt(sum_of_chunks(partial + 1, chunks, 2));
+    rate = op.rate(pn, un);
+  }
+  if (layer) {
+    constexpr unsigned in =
+        kParamStream | kStateStreams | (A::Op::kApplyReadsGrad ? kGradStream : 0);
+    constexpr unsigned out = kParamStream | (A::Op::kApplyWritesStates ? kStateStreams : 0);
+    stored_blocks(*layer, t, n, in, out, [&](const DensePtrs& d, std::int64_t, std::int64_t m) {
+      k.second(op, d, rate, 0, m);
+    });
+  } else {
+    parallel_for([&](std::int64_t begin, std::int64_t end) { k.second(op, t, rate, begin, end); },
+                 n);
+  }
+}
+
+// The three passes of a factored step (kernels/factored.hpp). Scratch per thread that only
+// grows: the row sums, the per-segment column sums (8 bytes per kColSegment elements), each
+// matrix's normalizer and the chunk sums. Through the storage layer (`layer`, else t's f32
+// pointers are the tensors), the whole tensor is widened into a scratch that only grows (its
+// 16-bit param and grad, and bfloat16 states: up to 3 floats per element, a fallback's cost,
+// which CUDA does not pay) and each statistic is stored where it is blended and read back,
+// as CUDA's kernels do (factored.cuh), before anything uses it; the param is narrowed last.
+template <class A>
+void factored_step(const typename A::Op& op, const DensePtrs& t_in, std::int64_t n,
+                   const StorageLayer* layer) {
+  if (n == 0) return;  // no element, no statistic: nothing moves
+  const Kernels<A>& k = active_kernels<A>();
+  const MatrixView& v = t_in.view;
+  const std::int64_t chunks = (n + kSumChunk - 1) / kSumChunk;
+  const std::int64_t per_matrix = v.factored() ? (v.rows + kColSegment - 1) / kColSegment : 0;
+  const std::int64_t segments = v.batch * per_matrix;
+  const std::int64_t state_count[kMaxStates] = {v.batch * v.rows, v.batch * v.cols,
+                                                v.factored() ? 0 : n};
+  thread_local std::vector<double> scratch;
+  thread_local std::vector<float> norms;
+  thread_local std::vector<float> wide;  // the storage layer's float32 tensors
+  const std::size_t need = static_cast<std::size_t>(
+      2 * chunks + (v.factored() ? v.batch * v.rows + segments * v.cols : 0));
+  std::size_t wide_need = 0;
+  if (layer) {
+    if (layer->low_param() || layer->low_grad()) wide_need += static_cast<std::size_t>(2 * n);
+    if (layer->low_states())
+      for (std::int64_t c : state_count) wide_need += static_cast<std::size_t>(c);
+  }
+  try {
+    if (scratch.size() < need) scratch.resize(need);
+    if (norms.size() < static_cast<std::size_t>(v.batch))
+      norms.resize(static_cast<std::size_t>(v.batch));
+    if (wide.size() < wide_need) wide.resize(wide_need);
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory,
+                std::string(A::kName) + ": no memory for the step's scratch");
+  }
+  DensePtrs t = t_in;
+  float* const base = wide.data();  // thread_local: the pointer, not the name, goes to threads
+  if (layer) {
+    constexpr unsigned kIn = kParamStream | kGradStream;
+    parallel_for(
+        [&](std::int64_t b, std::int64_t e) {
+          for (; b < e; b += kStoreBlock)
+            layer->in(t_in, b, std::min(kStoreBlock, e - b), base + b, n, kIn);
+        },
+        n);
+    t = layer->place(t_in, 0, base, n, kIn);
+    float* next = base + ((layer->low_param() || layer->low_grad()) ? 2 * n : 0);
+    for (int s = 0; s < kMaxStates; ++s) {
+      void* const stored = layer->storage().states[s];
+      t.states[s] = static_cast<float*>(stored);
+      if (!stored || !layer->low_states()) continue;
+      t.states[s] = next;
+      widen_block(next, stored, layer->storage().state_dtype, 0, state_count[s]);
+      next += state_count[s];
+    }
+  }
+  // The value statistic j of state s holds once blended to x.
+  const auto keep = [&](int s, std::int64_t j, float x) {
+    return layer ? layer->store_state(s, j, x) : x;
+  };
+  double* const partial = scratch.data();
+  float* const norm = norms.data();  // thread_local: the pointer, not the name, goes to threads
+  if (v.factored()) {
+    double* const row_sq = partial + 2 * chunks;
+    double* const col_partial = row_sq + v.batch * v.rows;
+    parallel_for(
+        [&](std::int64_t sb, std::int64_t se) { k.factored_stats(t, sb, se, row_sq, col_partial); },
+        segments, std::max<std::int64_t>(1, kMinParallel / (kColSegment * v.cols)), 1);
+    float* const row_var = t.states[0];
+    float* const col_var = t.states[1];
+    const double rows = static_cast<double>(v.rows), cols = static_cast<double>(v.cols);
+    parallel_for(
+        [&](std::int64_t jb, std::int64_t je) {
+          for (std::int64_t j = jb; j < je; ++j) {  // column j % cols of matrix j / cols
+            const std::int64_t b = j / v.cols, c = j % v.cols;
+            double sum = 0.0;
+            for (std::int64_t s = b * per_matrix; s < (b + 1) * per_matrix; ++s)
+              sum += col_partial[s * v.cols + c];
+            col_var[j] = keep(1, j, op.blend(col_var[j], static_cast<float>(sum / rows)));
+          }
+        },
+        v.batch * v.cols,
+        std::max<std::int64_t>(1, kMinParallel / std::max<std::int64_t>(1, per_matrix)), 1);
+    for (std::int64_t b = 0; b < v.batch; ++b) {
+      double lanes[kRowLanes] = {};
+      for (std::int64_t r = 0; r < v.rows; ++r) {
+        const std::int64_t i = b * v.rows + r;
+        row_var[i] = keep(0, i, op.blend(row_var[i], static_cast<float>(row_sq[i] / cols)));
+        lanes[r % kRowLanes] += static_cast<double>(row_var[i]);
+      }
+      norm[b] = op.normalizer(row_lane_sum(lanes) / rows);
+    }
+  }
+  // Unfactored statistics stored rounded: blended (and read back) before the sums pass uses
+  // them; else that pass blends them.
+  const bool blend_apart = !v.factored() && layer && layer->low_states();
+  if (blend_apart) {
+    float* const var = t.states[2];
+    parallel_for(
+        [&](std::int64_t b, std::int64_t e) {
+          for (std::int64_t i = b; i < e; ++i) {
+            const float x = t.grad[i] * t.grad_multiplier;
+            var[i] = keep(2, i, op.blend(var[i], x * x));
+          }
+        },
+        n);
+  }
+  parallel_for(
+      [&](std::int64_t cb, std::int64_t ce) {
+        k.factored_sums(op, t, norm, n, cb, ce, partial, !blend_apart);
+      },
+      chunks, kMinParallel / kSumChunk, 1);
+  const float rate =
+      op.rate(sum_of_chunks(partial, chunks, 2), sum_of_chunks(partial + 1, chunks, 2), n);
+  parallel_for([&](std::int64_t b, std::int64_t e) { k.factored_apply(op, t, norm, rate, b, e); },
+               n);
+  if (layer && layer->low_param())
+    parallel_for(
+        [&](std::int64_t b, std::int64_t e) {
+          const DensePtrs d = layer->place(t_in, b, base + b, n, kParamStream);
+          layer->out(d, b, e - b, kParamStream);
+        },
+        n);
+}
+
+// The three parts of a matrix step (kernels/matrix_step.hpp): the prepare pass on the
+// configured threads into a scratch per thread that only grows (the iteration's input and its
+// workspace, never allocated again for a tensor no larger), the iteration on OpenBLAS's own
+// threads from this one, the apply pass on the configured threads. Everything that can refuse
+// comes before the first write.
+// Through the storage layer (`layer`, else t's f32 pointers are the tensors) both passes go in
+// blocks, as the elementwise step: the states rounded after prepare, the param after apply.
+template <class A>
+void matrix_step(const typename A::Options& options, const typename A::Op& op, const DensePtrs& t,
+                 std::int64_t n, const StorageLayer* layer) {
+  const std::string name = A::kName;
+  if (const char* why = CpuRefusal<A>::of(options); *why)
+    throw Error(StatusCode::unsupported, name + ": " + why);
+  const MatrixView& v = t.view;
+  if (!is_matrix_batch(v, n))
+    throw Error(StatusCode::invalid_argument,
+                name +
+                    ": steps matrices (a param of 2 or more dimensions, viewed as [batch, "
+                    "rows, cols]); this tensor of " +
+                    std::to_string(n) +
+                    " elements has no such view (vectors and scalars: use adamw or another "
+                    "elementwise algorithm)");
+  if (n == 0) return;  // a 0-size matrix: nothing to orthogonalize, nothing moves
+  const NsConfig ns = A::ns_config(options);
+  detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
+                                 ns.eps);
+  const std::int64_t ws = detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
+  thread_local std::vector<float> scratch;
+  try {
+    if (scratch.size() < static_cast<std::size_t>(n + ws))
+      scratch.resize(static_cast<std::size_t>(n + ws));
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, name + ": no memory for the step's scratch");
+  }
+  float* const x = scratch.data();  // thread_local: the pointer, not the name, goes to threads
+  const Kernels<A>& k = active_kernels<A>();
+  const float rate = op.rate(v.rows, v.cols);
+  if (layer) {
+    stored_blocks(*layer, t, n, kGradStream | kStateStreams, kStateStreams,
+                  [&](const DensePtrs& d, std::int64_t b, std::int64_t m) {
+                    k.matrix_prepare(op, d, x + b, 0, m);
+                  });
+  } else {
+    parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_prepare(op, t, x, b, e); }, n);
+  }
+  detail::newton_schulz_cpu(x, x, v.batch, v.rows, v.cols, ns.coefficients, ns.steps, ns.eps, x + n,
+                            ws);
+  if (layer) {
+    stored_blocks(*layer, t, n, kParamStream, kParamStream,
+                  [&](const DensePtrs& d, std::int64_t b, std::int64_t m) {
+                    k.matrix_apply(op, d, x + b, rate, 0, m);
+                  });
+  } else {
+    parallel_for([&](std::int64_t b, std::int64_t e) { k.matrix_apply(op, t, x, rate, b, e); }, n);
+  }
+}
+
+// An elementwise step through the storage layer (Storage): each thread's range in blocks of
+// kStoreBlock elements. An element's result depends on neither its block nor its thread: the
+// kernel's does not (elementwise.hpp), nor do the conversions.
+template <class A>
+void stored_range_step(const typename A::Op& op, const DensePtrs& t, const StorageLayer& layer,
+                       std::int64_t n) {
+  const auto kernel = active_kernels<A>().range;
+  constexpr unsigned kAll = kParamStream | kGradStream | kStateStreams;
+  stored_blocks(layer, t, n, kAll, kParamStream | kStateStreams,
+                [&](const DensePtrs& d, std::int64_t, std::int64_t m) { kernel(op, d, 0, m); });
 }
 
 }  // namespace
@@ -482,20 +677,24 @@ void dense_step(const typename A::Options& options, std::int64_t step, const Den
     throw Error(StatusCode::invalid_argument,
                 std::string(A::kName) + ": the step's scalar states are missing");
   if (storage && !storage->needs_layer()) storage = nullptr;
-  if (storage && *storage_refusal<A>())
-    throw Error(StatusCode::unsupported, std::string(A::kName) + ": " + storage_refusal<A>());
+  if (storage && *quantized_storage_refusal<A>() && is_quantized(storage->state_dtype))
+    throw Error(StatusCode::unsupported,
+                std::string(A::kName) + ": " + quantized_storage_refusal<A>());
   const typename A::Op op = make_step_op<A>(options, step, scalars, next);
+  std::optional<StorageLayer> layer;
+  if (storage) layer.emplace(StorageLayer::of<A>(*storage, n, step));
+  const StorageLayer* const through = layer ? &*layer : nullptr;
   if constexpr (MatrixCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "matrix steps keep no scalar states");
-    matrix_step<A>(options, op, t, n);
+    matrix_step<A>(options, op, t, n, through);
   } else if constexpr (FactoredCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "factored steps keep no scalar states");
-    factored_step<A>(op, t, n);
+    factored_step<A>(op, t, n, through);
   } else if constexpr (TrustRatioCapable<A>::value) {
     static_assert(ScalarList<A>::count == 0, "trust-ratio steps keep no scalar states");
-    trust_step<A>(op, t, n);
-  } else if (storage) {
-    if (n > 0) stored_range_step<A>(op, t, *storage, step, n);
+    trust_step<A>(op, t, n, through);
+  } else if (through) {
+    if (n > 0) stored_range_step<A>(op, t, *through, n);
   } else {
     const auto kernel = active_kernels<A>().range;
     if (n > 0)

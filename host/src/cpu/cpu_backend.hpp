@@ -36,7 +36,8 @@ struct RowOpOf<A, std::void_t<typename A::RowOp>> {
 /// One instruction set's kernels of algorithm A: its step over [begin, end) of one tensor, and
 /// its step of one table row with per-row states (null where A has no row-wise form); for a
 /// trust-ratio algorithm (kernels/trust_ratio.hpp) instead of `range`, its pass one over whole
-/// chunks of a tensor of n elements and its pass two over [begin, end); for a factored
+/// chunks of a tensor of n elements (and advance(), that pass's first half alone, for states
+/// stored rounded) and its pass two over [begin, end); for a factored
 /// algorithm (kernels/factored.hpp) its sums pass over whole chunks and its apply pass; for
 /// one of the matrix kind (kernels/matrix_step.hpp) its two elementwise passes.
 template <class A>
@@ -45,14 +46,16 @@ struct Kernels {
   void (*row)(const typename RowOpOf<A>::type& op, float* param, const float* grad,
               float* const* row_states, std::int64_t dim);
   void (*first)(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
-                std::int64_t chunk_begin, std::int64_t chunk_end, double* partial);
+                std::int64_t chunk_begin, std::int64_t chunk_end, double* partial, bool advance);
+  void (*advance)(const typename A::Op& op, const DensePtrs& t, std::int64_t begin,
+                  std::int64_t end);
   void (*second)(const typename A::Op& op, const DensePtrs& t, float rate, std::int64_t begin,
                  std::int64_t end);
   void (*factored_stats)(const DensePtrs& t, std::int64_t segment_begin, std::int64_t segment_end,
                          double* row_sq, double* col_partial);
   void (*factored_sums)(const typename A::Op& op, const DensePtrs& t, const float* norms,
                         std::int64_t n, std::int64_t chunk_begin, std::int64_t chunk_end,
-                        double* partial);
+                        double* partial, bool blend);
   void (*factored_apply)(const typename A::Op& op, const DensePtrs& t, const float* norms,
                          float rate, std::int64_t begin, std::int64_t end);
   void (*matrix_prepare)(const typename A::Op& op, const DensePtrs& t, float* x, std::int64_t begin,
@@ -116,14 +119,15 @@ struct Storage {
 /// Elements per block of the storage layer: whole cache lines, its f32 scratch in L1/L2.
 inline constexpr std::int64_t kStoreBlock = 1024;
 
-/// Why the CPU refuses stepping algorithm A with non-float32 storage, or "" where it takes
-/// it (the elementwise algorithms).
+/// Why algorithm A's step refuses block-quantized states, or "" where it takes them (the
+/// one-pass elementwise kinds: a trust-ratio, factored or matrix step stores and re-reads its
+/// states between passes, which the per-block contract of kernels/quantize.hpp does not
+/// describe). Every other storage is taken by every kind.
 template <class A>
-const char* storage_refusal() {
+const char* quantized_storage_refusal() {
   if constexpr (MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value)
-    return "the CPU steps this algorithm's params, grads and states in float32 only (bfloat16 "
-           "and float16 params, master weights and bfloat16 states of its kind need the CUDA "
-           "backend)";
+    return "block-quantized (int8, int4) states need a step that is one elementwise pass; this "
+           "algorithm's is not (give it float32 or bfloat16 states)";
   else
     return "";
 }
@@ -141,9 +145,10 @@ const char* storage_refusal() {
 /// before anything is written).
 /// `scalars`: A's scalar states (ScalarList), advanced after the pass; null where it keeps
 /// none. `storage`: where the tensors are, when not all float32 (Storage); null: DensePtrs'
-/// f32 pointers. The storage layer's scratch (kStoreBlock floats per stream per thread) only
-/// grows (fo::Error out_of_memory before anything is written); an algorithm not of the
-/// elementwise kind refuses such storage (fo::Error unsupported, storage_refusal).
+/// f32 pointers. The storage layer's scratch (kStoreBlock floats per stream per thread; a
+/// trust-ratio step's pass one kSumChunk; a factored step's the whole tensor) only grows
+/// (fo::Error out_of_memory before anything is written); quantized states are refused where
+/// quantized_storage_refusal says (fo::Error unsupported).
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
                 std::int64_t n, double* scalars = nullptr, const Storage* storage = nullptr);

@@ -110,11 +110,13 @@ inline void factored_direction(const Op& op, const DensePtrs& t, const float* no
 }
 
 /// Sums pass over chunks [chunk_begin, chunk_end) of a tensor of n elements: chunk c's sums of
-/// p^2 and u^2 into partial[2c] and partial[2c + 1].
+/// p^2 and u^2 into partial[2c] and partial[2c + 1]. `blend`: an unfactored tensor's
+/// per-element statistic is blended and stored first (false where the storage layer has
+/// blended and rounded it already).
 template <class Io, class Op>
 inline void factored_sums_chunks(const Op& op, const DensePtrs& t, const float* norms,
                                  std::int64_t n, std::int64_t chunk_begin, std::int64_t chunk_end,
-                                 double* partial) {
+                                 double* partial, bool blend) {
   alignas(64) float dir[kSumRow];
   for (std::int64_t c = chunk_begin; c < chunk_end; ++c) {
     alignas(64) double acc_p[kSumRow] = {}, acc_u[kSumRow] = {};
@@ -122,7 +124,7 @@ inline void factored_sums_chunks(const Op& op, const DensePtrs& t, const float* 
     for (std::int64_t round = c * kSumChunk; round < end; round += kSumRow) {
       const std::int64_t stop = end - round < kSumRow ? end : round + kSumRow;
       for_row_pieces(t.view, round, stop, [&](std::int64_t i, std::int64_t j, std::int64_t row) {
-        factored_direction<Io>(op, t, norms, i, j, row, true, dir + (i - round));
+        factored_direction<Io>(op, t, norms, i, j, row, blend, dir + (i - round));
       });
       add_squares(t.param + round, static_cast<int>(stop - round), acc_p);
       add_squares(dir, static_cast<int>(stop - round), acc_u);

@@ -11,11 +11,13 @@
 namespace fo::cpu {
 
 /// Pass one over chunks [chunk_begin, chunk_end) of a tensor of n elements: advance() into the
-/// states (where the Op has it), then the sums of squares of p and of direction(), chunk c's
-/// into partial[2c] and partial[2c + 1].
+/// states (where the Op has it and `advance`; else the states are already advanced: the
+/// storage layer's split pass, below), then the sums of squares of p and of direction(),
+/// chunk c's into partial[2c] and partial[2c + 1].
 template <class Io, class Op>
 inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t n,
-                               std::int64_t chunk_begin, std::int64_t chunk_end, double* partial) {
+                               std::int64_t chunk_begin, std::int64_t chunk_end, double* partial,
+                               bool advance) {
   using V = typename Io::V;
   constexpr int W = static_cast<int>(sizeof(V) / sizeof(float));
   const Op op = op_in;
@@ -31,9 +33,11 @@ inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t
     for (int k = 0; k < kMaxStates; ++k) s[k] = st[k] ? Io::load(st[k] + i, mask...) : V(0.0f);
     const V gv = Io::load(g + i, mask...) * scale;
     if constexpr (Op::kAdvanceStates) {
-      op.advance(pv, gv, s);
-      for (int k = 0; k < kMaxStates; ++k)
-        if (st[k]) Io::store(st[k] + i, s[k], mask...);
+      if (advance) {
+        op.advance(pv, gv, s);
+        for (int k = 0; k < kMaxStates; ++k)
+          if (st[k]) Io::store(st[k] + i, s[k], mask...);
+      }
     }
     return op.direction(pv, gv, s);
   };
@@ -53,6 +57,33 @@ inline void trust_first_chunks(const Op& op_in, const DensePtrs& t, std::int64_t
     }
     partial[2 * c] = chunk_sum(acc_p);
     partial[2 * c + 1] = chunk_sum(acc_u);
+  }
+}
+
+/// advance() alone over [begin, end): the first half of pass one where the states are stored
+/// rounded (the storage layer rounds them between the halves, so that direction() sees what
+/// the storage holds, as CUDA's pass one does).
+template <class Io, class Op>
+inline void trust_advance_range(const Op& op_in, const DensePtrs& t, std::int64_t begin,
+                                std::int64_t end) {
+  if constexpr (Op::kAdvanceStates) {
+    using V = typename Io::V;
+    constexpr std::int64_t W = sizeof(V) / sizeof(float);
+    const Op op = op_in;
+    float* const st[kMaxStates] = {t.states[0], t.states[1], t.states[2]};
+    const V scale(t.grad_multiplier);
+    auto group = [&](std::int64_t i, auto... mask) {
+      V s[kMaxStates];
+      for (int k = 0; k < kMaxStates; ++k) s[k] = st[k] ? Io::load(st[k] + i, mask...) : V(0.0f);
+      op.advance(Io::load(t.param + i, mask...), Io::load(t.grad + i, mask...) * scale, s);
+      for (int k = 0; k < kMaxStates; ++k)
+        if (st[k]) Io::store(st[k] + i, s[k], mask...);
+    };
+    std::int64_t i = begin;
+    for (; i + W <= end; i += W) group(i);
+    if (i < end) group(i, Io::tail_mask(end - i));
+  } else {
+    (void)op_in, (void)t, (void)begin, (void)end;
   }
 }
 
