@@ -60,6 +60,10 @@ class Algorithm {
   /// `storage`: where the tensors are when not all float32 (cpu::Storage), or null.
   virtual void cpu_step(std::size_t param, std::int64_t step, const cpu::DensePtrs& t,
                         std::int64_t n, double* scalars, const cpu::Storage* storage) const = 0;
+  /// Grows the calling thread's CPU scratch to what cpu_step of a tensor of n elements viewed
+  /// as `view` with `storage` (its dtypes only; or null) asks for (cpu::reserve_step).
+  virtual void cpu_reserve(const MatrixView& view, std::int64_t n,
+                           const cpu::Storage* storage) const = 0;
   /// eval() of param `param` (description().eval) on the CPU / on CUDA.
   virtual void cpu_eval(std::size_t param, float* p, float* const* states,
                         std::int64_t n) const = 0;

@@ -108,6 +108,11 @@ class AlgorithmImpl final : public Algorithm {
     cpu::dense_step<A>(options_[param], step, t, n, scalars, storage);
   }
 
+  void cpu_reserve(const MatrixView& view, std::int64_t n,
+                   const cpu::Storage* storage) const override {
+    cpu::reserve_step<A>(view, n, storage);
+  }
+
   void cpu_eval(std::size_t param, float* p, float* const* states, std::int64_t n) const override {
     cpu::eval_params<A>(options_[param], p, states, n);
   }

@@ -428,6 +428,12 @@ void fused_step_list(const typename A::Options& options, const DenseTensors* ten
                       exec);
     return;
   }
+  for (std::size_t i = 0; i < n; ++i) {  // every scratch first: a failure changes nothing
+    const DenseTensors& t = tensors[i];
+    void* const states[kMaxStates] = {t.states[0], t.states[1], t.states[2]};
+    const cpu::Storage storage = cpu_storage(t, states, controls);
+    cpu::reserve_step<A>(t.view, t.numel, &storage);
+  }
   for (std::size_t i = 0; i < n; ++i) {
     const DenseTensors& t = tensors[i];
     if (t.numel == 0 && ScalarList<A>::count == 0) continue;

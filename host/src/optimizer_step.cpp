@@ -217,6 +217,18 @@ void Optimizer::Impl::step_cpu(const void* const* grads) {
     if (settings.max_grad_norm > 0.0)
       mult *= std::min(1.0f, static_cast<float>(settings.max_grad_norm) / (host_norm + 1e-6f));
   }
+  // Every param's scratch before any param's state is created or written: a failed allocation
+  // changes nothing (a later, larger param's scratch would otherwise fail after an earlier
+  // param had stepped).
+  for (std::size_t i : stepping) {
+    const ParamEntry& p = params[i];
+    cpu::Storage dtypes;  // the storages only: cpu_reserve reads no pointer
+    dtypes.param_dtype = p.dtype;
+    dtypes.grad_dtype = grad_dtype(p);
+    dtypes.state_dtype = state_dtype(p);
+    slot(p).algorithm->cpu_reserve(detail::matrix_view(p.shape), p.numel,
+                                   low_storage(p) ? &dtypes : nullptr);
+  }
   create_first_step_state(stepping.data(), stepping.size(), nullptr);
   for (std::size_t i : stepping) {
     ParamEntry& p = params[i];

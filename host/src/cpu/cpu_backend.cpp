@@ -470,6 +470,54 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
   }
 }
 
+// A factored step's scratch on the calling thread, only grown (fo::Error out_of_memory
+// before anything is written): the chunk sums, row sums and per-segment column sums
+// (double), each matrix's normalizer, and with 16-bit storage (`storage`, or null) the
+// storage layer's whole-tensor float32 copies of the param and grad (2n) and of the states.
+struct FactoredScratch {
+  double* sums;
+  float* norms;
+  float* wide;
+};
+FactoredScratch factored_scratch(const char* who, const MatrixView& v, std::int64_t n,
+                                 const Storage* storage) {
+  thread_local std::vector<double> sums;
+  thread_local std::vector<float> norms, wide;
+  const std::int64_t chunks = sum_chunks(n);
+  const std::int64_t per_matrix = v.factored() ? (v.rows + kColSegment - 1) / kColSegment : 0;
+  const auto need = static_cast<std::size_t>(
+      2 * chunks + (v.factored() ? v.batch * v.rows + v.batch * per_matrix * v.cols : 0));
+  std::size_t wide_need = 0;
+  if (storage) {
+    if (storage->param_dtype != DType::f32 || storage->grad_dtype != DType::f32)
+      wide_need += static_cast<std::size_t>(2 * n);
+    if (storage->state_dtype != DType::f32)
+      wide_need += static_cast<std::size_t>(v.factored() ? v.batch * (v.rows + v.cols) : n);
+  }
+  try {
+    if (sums.size() < need) sums.resize(need);
+    if (norms.size() < static_cast<std::size_t>(v.batch))
+      norms.resize(static_cast<std::size_t>(v.batch));
+    if (wide.size() < wide_need) wide.resize(wide_need);
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the step's scratch");
+  }
+  return {sums.data(), norms.data(), wide.data()};
+}
+
+// A matrix step's scratch on the calling thread (the iteration's input and its workspace:
+// `floats`), only grown (fo::Error out_of_memory before anything is written).
+float* matrix_scratch(const char* who, std::int64_t floats) {
+  thread_local std::vector<float> scratch;
+  try {
+    if (scratch.size() < static_cast<std::size_t>(floats))
+      scratch.resize(static_cast<std::size_t>(floats));
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the step's scratch");
+  }
+  return scratch.data();
+}
+
 // The three passes of a factored step (kernels/factored.hpp). Scratch per thread that only
 // grows: the row sums, the per-segment column sums (8 bytes per kColSegment elements), each
 // matrix's normalizer and the chunk sums. Through the storage layer (`layer`, else t's f32
@@ -488,28 +536,10 @@ void factored_step(const typename A::Op& op, const DensePtrs& t_in, std::int64_t
   const std::int64_t segments = v.batch * per_matrix;
   const std::int64_t state_count[kMaxStates] = {v.batch * v.rows, v.batch * v.cols,
                                                 v.factored() ? 0 : n};
-  thread_local std::vector<double> scratch;
-  thread_local std::vector<float> norms;
-  thread_local std::vector<float> wide;  // the storage layer's float32 tensors
-  const std::size_t need = static_cast<std::size_t>(
-      2 * chunks + (v.factored() ? v.batch * v.rows + segments * v.cols : 0));
-  std::size_t wide_need = 0;
-  if (layer) {
-    if (layer->low_param() || layer->low_grad()) wide_need += static_cast<std::size_t>(2 * n);
-    if (layer->low_states())
-      for (std::int64_t c : state_count) wide_need += static_cast<std::size_t>(c);
-  }
-  try {
-    if (scratch.size() < need) scratch.resize(need);
-    if (norms.size() < static_cast<std::size_t>(v.batch))
-      norms.resize(static_cast<std::size_t>(v.batch));
-    if (wide.size() < wide_need) wide.resize(wide_need);
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory,
-                std::string(A::kName) + ": no memory for the step's scratch");
-  }
+  const FactoredScratch scratch =
+      factored_scratch(A::kName, v, n, layer ? &layer->storage() : nullptr);
   DensePtrs t = t_in;
-  float* const base = wide.data();  // thread_local: the pointer, not the name, goes to threads
+  float* const base = scratch.wide;
   if (layer) {
     constexpr unsigned kIn = kParamStream | kGradStream;
     parallel_for(
@@ -533,8 +563,8 @@ void factored_step(const typename A::Op& op, const DensePtrs& t_in, std::int64_t
   const auto keep = [&](int s, std::int64_t j, float x) {
     return layer ? layer->store_state(s, j, x) : x;
   };
-  double* const partial = scratch.data();
-  float* const norm = norms.data();  // thread_local: the pointer, not the name, goes to threads
+  double* const partial = scratch.sums;
+  float* const norm = scratch.norms;
   if (v.factored()) {
     double* const row_sq = partial + 2 * chunks;
     double* const col_partial = row_sq + v.batch * v.rows;
@@ -625,14 +655,7 @@ void matrix_step(const typename A::Options& options, const typename A::Op& op, c
   detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
                                  ns.eps);
   const std::int64_t ws = detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
-  thread_local std::vector<float> scratch;
-  try {
-    if (scratch.size() < static_cast<std::size_t>(n + ws))
-      scratch.resize(static_cast<std::size_t>(n + ws));
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, name + ": no memory for the step's scratch");
-  }
-  float* const x = scratch.data();  // thread_local: the pointer, not the name, goes to threads
+  float* const x = matrix_scratch(A::kName, n + ws);
   const Kernels<A>& k = active_kernels<A>();
   const float rate = op.rate(v.rows, v.cols);
   if (layer) {
@@ -668,6 +691,28 @@ void stored_range_step(const typename A::Op& op, const DensePtrs& t, const Stora
 }
 
 }  // namespace
+
+template <class A>
+void reserve_step(const MatrixView& v, std::int64_t n, const Storage* storage) {
+  if (storage && !storage->needs_layer()) storage = nullptr;
+  if (n <= 0) return;  // an empty tensor's step asks for nothing
+  if constexpr (MatrixCapable<A>::value) {
+    if (!is_matrix_batch(v, n)) return;  // refused by the step, before anything is written
+    matrix_scratch(A::kName, n + detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols));
+    if (storage) storage_scratch(team_size(n), kStoreBlock);
+  } else if constexpr (FactoredCapable<A>::value) {
+    factored_scratch(A::kName, v, n, storage);
+  } else if constexpr (TrustRatioCapable<A>::value) {
+    const std::int64_t chunks = sum_chunks(n);
+    chunk_scratch(chunks, A::kName);
+    if (storage) {
+      storage_scratch(team_size(n), kStoreBlock);
+      storage_scratch(team_size(chunks, kMinParallel / kSumChunk), kSumChunk);
+    }
+  } else if (storage) {
+    storage_scratch(team_size(n), kStoreBlock);
+  }
+}
 
 template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
@@ -725,7 +770,8 @@ void eval_params(const typename A::Options& options, float* param, float* const*
 
 #define FO_INSTANTIATE(A)                                                                \
   template void dense_step<fo::A>(const fo::A::Options&, std::int64_t, const DensePtrs&, \
-                                  std::int64_t, double*, const Storage*);
+                                  std::int64_t, double*, const Storage*);                \
+  template void reserve_step<fo::A>(const MatrixView&, std::int64_t, const Storage*);
 FO_FOR_EACH_CPU_KERNEL(FO_INSTANTIATE)
 #undef FO_INSTANTIATE
 #define FO_INSTANTIATE(A) \

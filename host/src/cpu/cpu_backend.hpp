@@ -153,6 +153,13 @@ template <class A>
 void dense_step(const typename A::Options& options, std::int64_t step, const DensePtrs& t,
                 std::int64_t n, double* scalars = nullptr, const Storage* storage = nullptr);
 
+/// Grows the calling thread's scratch to what dense_step<A> of a tensor of n elements viewed
+/// as `view`, with `storage` (its dtypes; no pointer is read), will ask for: a step of several
+/// tensors reserves for all of them before the first is written, so that a failed allocation
+/// (fo::Error out_of_memory) changes nothing.
+template <class A>
+void reserve_step(const MatrixView& view, std::int64_t n, const Storage* storage);
+
 /// eval() of one tensor (A is EvalCapable): param[i] <- A::EvalOp(param[i], states at i), on
 /// the configured threads, in the scalar float arithmetic of CUDA's eval_kernel.
 template <class A>
