@@ -14,8 +14,9 @@
 // kernel, both timed in the same iterations; buffer sets rotate so L2 is not measured.
 // Plus step/adam/cuda/f32/gpt2_small: GPT-2 small's 148 tensors in one optimizer, and
 // step_ema/adam/cpu/f32/<n>: adam with a weight EMA (ema_decay 0.999) in the same pass, its
-// bytes counting the EMA read and written, and step/adam/cpu/bf16/<n>: bf16 params and grads
-// with f32 master weights and states through the CPU's storage layer (no probe).
+// bytes counting the EMA read and written, and step/<adam|lamb|lars|adafactor>/cpu/bf16/<n>:
+// bf16 params and grads with f32 master weights and states through the CPU's storage layer
+// (no probe), bf16_states/<n> with bf16 states and no master weights.
 // state_dtype/adamw/cpu/<f32|bf16|q8|q4>/<n>: fo::Optimizer("adamw") with its states in each
 // storage (docs/quantized-states.md), against the f32 probe's bandwidth; and
 // memory/adamw/gpt2_small/<mode>: the bytes the optimizer holds for GPT-2 small's params;
@@ -188,12 +189,15 @@ void bench_cpu_step(benchmark::State& state, std::int64_t n, bool ema = false) {
 }
 
 /// step/<A>/cpu/bf16/<n>: bf16 params and grads, f32 master weights and states, through the
-/// CPU's storage layer (cpu_backend.hpp, Storage), as step/<A>/cuda/bf16 on CUDA. Bytes: the
-/// storages' (param r+w and grad r at 2 bytes, master and each state r+w at 4).
+/// CPU's storage layer (cpu_backend.hpp, Storage), as step/<A>/cuda/bf16 on CUDA; with
+/// `bf16_states` (step/<A>/cpu/bf16_states/<n>) bf16 states and no master weights instead.
+/// Bytes: the storages' (param r+w and grad r at 2 bytes, master r+w at 4, each state r+w
+/// at its width), once each: a two-pass kind moves more (its f32 row says how much).
 template <class A>
-void bench_cpu_storage_step(benchmark::State& state, std::int64_t n) {
+void bench_cpu_storage_step(benchmark::State& state, std::int64_t n, bool bf16_states) {
   const typename A::Options options{};
-  const std::int64_t bytes = n * (2 * 2 + 2 + 2 * 4 + 2 * 4 * active_states<A>());
+  const std::int64_t bytes = bf16_states ? n * (2 * 2 + 2 + 2 * 2 * active_states<A>())
+                                         : n * (2 * 2 + 2 + 2 * 4 + 2 * 4 * active_states<A>());
   struct Set {
     std::optional<fo::detail::Buffer> param, grad, master, states[fo::kMaxStates];
   };
@@ -208,8 +212,9 @@ void bench_cpu_storage_step(benchmark::State& state, std::int64_t n) {
   for (auto& s : sets) {
     s.param = half(0.5f);
     s.grad = half(0.01f);
-    s.master = host_array(n, 0.5f);
-    for (int k = 0; k < active_states<A>(); ++k) s.states[k] = host_array(n, 0.25f);
+    if (!bf16_states) s.master = host_array(n, 0.5f);
+    for (int k = 0; k < active_states<A>(); ++k)
+      s.states[k] = bf16_states ? half(0.25f) : host_array(n, 0.25f);
   }
   std::size_t next = 0;
   std::int64_t step = 1;
@@ -219,19 +224,21 @@ void bench_cpu_storage_step(benchmark::State& state, std::int64_t n) {
     fo::DenseTensors t;
     t.param = set.param->data();
     t.grad = set.grad->data();
-    t.master = set.master->f32();
+    t.master = set.master ? set.master->f32() : nullptr;
     for (int k = 0; k < fo::kMaxStates; ++k)
-      t.states[k] = set.states[k] ? set.states[k]->f32() : nullptr;
+      t.states[k] = set.states[k] ? set.states[k]->data() : nullptr;
     t.numel = n;
     t.param_dtype = t.grad_dtype = fo::DType::bf16;
+    if (bf16_states) t.state_dtype = fo::DType::bf16;
     const auto t0 = Clock::now();
     fo::fused_step<A>(options, step++, t);
     state.SetIterationTime(std::chrono::duration<double>(Clock::now() - t0).count());
   }
   set_bytes_per_second(state, bytes);
   state.counters["threads"] = fo::cpu::num_threads();
-  state.SetLabel(std::string(fo::cpu::isa_name(fo::cpu::isa())) +
-                 ", bf16 params+grads, f32 master and states");
+  state.SetLabel(
+      std::string(fo::cpu::isa_name(fo::cpu::isa())) +
+      (bf16_states ? ", bf16 params+grads+states" : ", bf16 params+grads, f32 master and states"));
 }
 
 // ----------------------------------------------------------- state storages (state_dtype)
@@ -668,14 +675,19 @@ void register_algorithm(bool cuda) {
           ->Unit(benchmark::kMillisecond)
           ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
     }
-  if (std::string(A::kName) == "adam")
-    for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26})
-      benchmark::RegisterBenchmark(
-          (std::string("step/") + A::kName + "/cpu/bf16/" + std::to_string(n)).c_str(),
-          [n](benchmark::State& s) { bench_cpu_storage_step<A>(s, n); })
-          ->UseManualTime()
-          ->Unit(benchmark::kMillisecond)
-          ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
+  // The storage layer: adam's one pass, and the two-pass kinds (trust ratio, factored).
+  const std::string name = A::kName;
+  if (name == "adam" || name == "lamb" || name == "lars" || name == "adafactor")
+    for (bool bf16_states : {false, true})
+      for (std::int64_t n : {std::int64_t{1} << 20, std::int64_t{1} << 26})
+        benchmark::RegisterBenchmark(
+            (std::string("step/") + A::kName + "/cpu/" + (bf16_states ? "bf16_states/" : "bf16/") +
+             std::to_string(n))
+                .c_str(),
+            [n, bf16_states](benchmark::State& s) { bench_cpu_storage_step<A>(s, n, bf16_states); })
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(n > (1 << 22) ? 2.0 : 0.5);
 #if defined(FUSEDOPT_WITH_CUDA)
   if (cuda)
     for (bool bf16 : {false, true})
