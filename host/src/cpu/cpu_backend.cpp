@@ -140,8 +140,7 @@ void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel 
 // dst[j] = src[begin + j] for j < m, widened.
 void widen_block(float* dst, const void* src, DType dtype, std::int64_t begin, std::int64_t m) {
   if (dtype == DType::bf16) {
-    const bf16* s = static_cast<const bf16*>(src) + begin;
-    for (std::int64_t j = 0; j < m; ++j) dst[j] = to_float(s[j]);
+    active_bf16_blocks().widen(dst, static_cast<const bf16*>(src) + begin, m);
   } else {
     const f16* s = static_cast<const f16*>(src) + begin;
     for (std::int64_t j = 0; j < m; ++j) dst[j] = to_float(s[j]);
@@ -152,7 +151,10 @@ template <class T>
 void narrow_block_as(T* dst, const float* src, std::int64_t begin, std::int64_t m, bool stochastic,
                      std::uint64_t seed, std::uint64_t step, std::uint64_t counter_offset) {
   if (!stochastic) {
-    for (std::int64_t j = 0; j < m; ++j) dst[begin + j] = from_float<T>(src[j]);
+    if constexpr (std::is_same_v<T, bf16>)
+      active_bf16_blocks().narrow(dst + begin, src, m);
+    else
+      for (std::int64_t j = 0; j < m; ++j) dst[begin + j] = from_float<T>(src[j]);
     return;
   }
   for (std::int64_t j = 0; j < m; ++j) {
@@ -353,13 +355,13 @@ class StorageLayer {
     }
   }
 
-  // Value j of state k (of whatever count) stored from x, and read back: what the storage
-  // holds, as CUDA's stored_value (bfloat16 states; float32 ones are x).
-  float store_state(int k, std::int64_t j, float x) const {
-    if (!low_states()) return x;
-    narrow_block(st_.states[k], st_.state_dtype, &x, j, 1, st_.stochastic, seed_, step_,
+  // Values [b, b + m) of state k (of whatever count) stored from x[0, m), and x replaced by
+  // what the storage holds, as CUDA's stored_value (bfloat16 states; float32 ones are x).
+  void store_state(int k, float* x, std::int64_t b, std::int64_t m) const {
+    if (!low_states()) return;
+    narrow_block(st_.states[k], st_.state_dtype, x, b, m, st_.stochastic, seed_, step_,
                  1 + static_cast<std::uint64_t>(k));
-    return value_at(st_.states[k], st_.state_dtype, j);
+    widen_block(x, st_.states[k], st_.state_dtype, b, m);
   }
 
  private:
@@ -561,7 +563,8 @@ void factored_step(const typename A::Op& op, const DensePtrs& t_in, std::int64_t
   }
   // The value statistic j of state s holds once blended to x.
   const auto keep = [&](int s, std::int64_t j, float x) {
-    return layer ? layer->store_state(s, j, x) : x;
+    if (layer) layer->store_state(s, &x, j, 1);
+    return x;
   };
   double* const partial = scratch.sums;
   float* const norm = scratch.norms;
@@ -603,9 +606,13 @@ void factored_step(const typename A::Op& op, const DensePtrs& t_in, std::int64_t
     float* const var = t.states[2];
     parallel_for(
         [&](std::int64_t b, std::int64_t e) {
-          for (std::int64_t i = b; i < e; ++i) {
-            const float x = t.grad[i] * t.grad_multiplier;
-            var[i] = keep(2, i, op.blend(var[i], x * x));
+          for (; b < e; b += kStoreBlock) {
+            const std::int64_t m = std::min(kStoreBlock, e - b);
+            for (std::int64_t i = b; i < b + m; ++i) {
+              const float x = t.grad[i] * t.grad_multiplier;
+              var[i] = op.blend(var[i], x * x);
+            }
+            layer->store_state(2, var + b, b, m);
           }
         },
         n);

@@ -87,6 +87,32 @@ const Kernels<A>& active_kernels() {
   return scalar_kernels<A>();
 }
 
+/// One instruction set's bfloat16 block conversions, the storage layer's inner loops: the
+/// exact bit operations of to_float and to_bf16 (round to nearest even), which the
+/// instruction set's flags let the compiler vectorize, so every instruction set gives the
+/// same bits. Defined by isa_*.cpp (bf16_blocks.inc).
+struct Bf16Blocks {
+  void (*widen)(float* dst, const bf16* src, std::int64_t m);
+  void (*narrow)(bf16* dst, const float* src, std::int64_t m);
+};
+const Bf16Blocks& scalar_bf16_blocks();
+#if defined(FO_HAVE_X86_ISAS)
+const Bf16Blocks& avx2_bf16_blocks();
+const Bf16Blocks& avx512_bf16_blocks();
+#endif
+
+/// The bfloat16 conversions of the instruction set in use.
+inline const Bf16Blocks& active_bf16_blocks() {
+#if defined(FO_HAVE_X86_ISAS)
+  switch (isa()) {
+    case Isa::avx512: return avx512_bf16_blocks();
+    case Isa::avx2: return avx2_bf16_blocks();
+    case Isa::scalar: break;
+  }
+#endif
+  return scalar_bf16_blocks();
+}
+
 /// Where a dense step's tensors are stored when not all of them are float32 (the CUDA
 /// backend's storages: multi_tensor.cuh). The step then goes through the storage layer: in
 /// blocks of kStoreBlock elements, the 16-bit param (or its f32 master weights), grad and

@@ -8,6 +8,8 @@
 using Io = fo::cpu::avx512::Io;
 #define FO_ISA_KERNELS avx512_kernels
 #include "cpu/kernel_table.inc"
+#define FO_ISA_BF16_BLOCKS avx512_bf16_blocks
+#include "cpu/bf16_blocks.inc"
 
 void fo::cpu::encode_block_avx512(const std::uint8_t* base, const float* thresholds, const float* x,
                                   float absmax, int n, std::int32_t* codes) {

@@ -5,3 +5,5 @@
 using Io = fo::cpu::scalar::Io;
 #define FO_ISA_KERNELS scalar_kernels
 #include "cpu/kernel_table.inc"
+#define FO_ISA_BF16_BLOCKS scalar_bf16_blocks
+#include "cpu/bf16_blocks.inc"
