@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/cpu_backend.hpp"
 #include "test_util.hpp"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -284,6 +285,45 @@ TEST(ConvertBf16, WideningIsExactAndRoundTripsAllPatterns) {
       bad.add("bf16 " + hex(b) + " came back as " + hex(back));
     }
   }
+}
+
+// The CPU storage layer's block loops (host/src/cpu/bf16_blocks.inc), compiled and vectorized
+// under each instruction set's flags: the scalar conversions' bits for every bf16 pattern
+// widened and for the sampled, edge and random floats rounded, at lengths that leave every
+// vector tail.
+TEST(ConvertBf16, EveryIsasBlockLoopsGiveTheScalarBits) {
+  std::vector<float> xs;
+  for_each_sampled_pattern([&](std::uint32_t u) { xs.push_back(from_bits(u)); });
+  for (float x : edge_cases()) xs.push_back(x);
+  auto rng = make_rng();
+  for (int i = 0; i < (1 << 18); ++i) xs.push_back(from_bits(static_cast<std::uint32_t>(rng())));
+  std::vector<bf16> all(65536);
+  for (std::uint32_t b = 0; b < 65536u; ++b) all[b] = bf16{static_cast<std::uint16_t>(b)};
+  const cpu::Isa saved = cpu::isa();
+  int isas = 0;
+  for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
+    if (!cpu::isa_supported(isa)) continue;
+    SCOPED_TRACE(cpu::isa_name(isa));
+    cpu::set_isa(isa);
+    ++isas;
+    for (std::size_t len : {std::size_t{1}, std::size_t{7}, std::size_t{15}, std::size_t{17},
+                            std::size_t{31}, std::size_t{33}, std::size_t{1023}}) {
+      std::vector<bf16> got(xs.size(), bf16{0x5A5A});
+      for (std::size_t at = 0; at < xs.size(); at += len)
+        cpu::narrow_bf16(got.data() + at, xs.data() + at, std::min(len, xs.size() - at));
+      std::size_t wrong = 0;
+      for (std::size_t i = 0; i < xs.size(); ++i) wrong += got[i].bits != to_bf16(xs[i]).bits;
+      EXPECT_EQ(wrong, 0u) << "rounded in blocks of " << len;
+      std::vector<float> wide(all.size(), -1.0f);
+      for (std::size_t at = 0; at < all.size(); at += len)
+        cpu::widen_bf16(wide.data() + at, all.data() + at, std::min(len, all.size() - at));
+      wrong = 0;
+      for (std::size_t b = 0; b < all.size(); ++b) wrong += bits(wide[b]) != b << 16;
+      EXPECT_EQ(wrong, 0u) << "widened in blocks of " << len;
+    }
+  }
+  cpu::set_isa(saved);
+  EXPECT_GE(isas, 1);
 }
 
 // ---- f16 round to nearest ------------------------------------------------------------------

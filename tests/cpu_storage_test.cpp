@@ -198,17 +198,18 @@ TEST(CpuStorage, EachStepIsWidenStepRound) {
 }
 
 /// Bytes of a bf16 run of `algorithm` with master weights, bf16 states, stochastic rounding
-/// and an EMA over params of `shapes` large enough to split over threads: the params' bits,
-/// then every state's.
+/// or to nearest, and an EMA over params of `shapes` large enough to split over threads: the
+/// params' bits, then every state's.
 std::vector<std::vector<float>> storage_run(std::uint64_t seed, const std::string& algorithm,
-                                            const std::vector<std::vector<std::int64_t>>& shapes) {
+                                            const std::vector<std::vector<std::int64_t>>& shapes,
+                                            bool stochastic) {
   std::mt19937_64 rng(seed);
   std::vector<std::vector<std::uint16_t>> bits;
   std::vector<std::int64_t> sizes;
   Optimizer opt(algorithm);
   opt.set_option("master_weights", 1);
   opt.set_option("state_dtype", 2);
-  opt.set_option("stochastic_rounding", 1);
+  opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
   opt.set_option("ema_decay", 0.99);
   for (const auto& shape : shapes) {
     std::int64_t n = 1;
@@ -248,21 +249,23 @@ TEST(CpuStorage, SameBitsOnEveryIsaAndThreadCount) {
       {"lamb", {{200003}, {5}}},
       {"adafactor", {{301, 677}, {70001}}},
       {"muon", {{129, 200}, {2, 3, 5}}}};
-  for (const auto& [algorithm, shapes] : runs) {
-    SCOPED_TRACE(algorithm);
-    cpu::set_isa(cpu::Isa::scalar);
-    cpu::set_num_threads(1);
-    const auto want = storage_run(seed, algorithm, shapes);
-    for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
-      if (!cpu::isa_supported(isa)) continue;
-      for (int threads : {1, 2, 3, 5}) {
-        SCOPED_TRACE(std::string(cpu::isa_name(isa)) + ", " + std::to_string(threads) + " threads");
-        cpu::set_isa(isa);
-        cpu::set_num_threads(threads);
-        expect_same(storage_run(seed, algorithm, shapes), want, "params and states");
+  for (const auto& [algorithm, shapes] : runs)
+    for (bool stochastic : {false, true}) {
+      SCOPED_TRACE(algorithm + (stochastic ? ", stochastic" : ", to nearest"));
+      cpu::set_isa(cpu::Isa::scalar);
+      cpu::set_num_threads(1);
+      const auto want = storage_run(seed, algorithm, shapes, stochastic);
+      for (cpu::Isa isa : {cpu::Isa::scalar, cpu::Isa::avx2, cpu::Isa::avx512}) {
+        if (!cpu::isa_supported(isa)) continue;
+        for (int threads : {1, 2, 3, 5}) {
+          SCOPED_TRACE(std::string(cpu::isa_name(isa)) + ", " + std::to_string(threads) +
+                       " threads");
+          cpu::set_isa(isa);
+          cpu::set_num_threads(threads);
+          expect_same(storage_run(seed, algorithm, shapes, stochastic), want, "params and states");
+        }
       }
     }
-  }
   cpu::set_isa(saved);
   cpu::set_num_threads(saved_threads);
 }

@@ -137,6 +137,18 @@ void parallel_for(const Range& range, std::int64_t n, std::int64_t min_parallel 
 
 // ------------------------------------------------------------------ the storage layer
 
+// The bfloat16 conversions of the instruction set in use.
+const Bf16Blocks& active_bf16_blocks() {
+#if defined(FO_HAVE_X86_ISAS)
+  switch (isa()) {
+    case Isa::avx512: return avx512_bf16_blocks();
+    case Isa::avx2: return avx2_bf16_blocks();
+    case Isa::scalar: break;
+  }
+#endif
+  return scalar_bf16_blocks();
+}
+
 // dst[j] = src[begin + j] for j < m, widened.
 void widen_block(float* dst, const void* src, DType dtype, std::int64_t begin, std::int64_t m) {
   if (dtype == DType::bf16) {
@@ -797,6 +809,14 @@ void store_at(void* p, DType storage, std::int64_t i, float x) {
 }
 
 }  // namespace
+
+void widen_bf16(float* dst, const bf16* src, std::int64_t m) {
+  active_bf16_blocks().widen(dst, src, m);
+}
+
+void narrow_bf16(bf16* dst, const float* src, std::int64_t m) {
+  active_bf16_blocks().narrow(dst, src, m);
+}
 
 void widen(float* dst, const void* src, DType storage, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) dst[i] = value_at(src, storage, i);

@@ -101,17 +101,10 @@ const Bf16Blocks& avx2_bf16_blocks();
 const Bf16Blocks& avx512_bf16_blocks();
 #endif
 
-/// The bfloat16 conversions of the instruction set in use.
-inline const Bf16Blocks& active_bf16_blocks() {
-#if defined(FO_HAVE_X86_ISAS)
-  switch (isa()) {
-    case Isa::avx512: return avx512_bf16_blocks();
-    case Isa::avx2: return avx2_bf16_blocks();
-    case Isa::scalar: break;
-  }
-#endif
-  return scalar_bf16_blocks();
-}
+/// dst[j] = to_float(src[j]) / to_bf16(src[j]) for j < m, through the loop of the
+/// instruction set in use (Bf16Blocks).
+void widen_bf16(float* dst, const bf16* src, std::int64_t m);
+void narrow_bf16(bf16* dst, const float* src, std::int64_t m);
 
 /// Where a dense step's tensors are stored when not all of them are float32 (the CUDA
 /// backend's storages: multi_tensor.cuh). The step then goes through the storage layer: in
