@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -598,6 +600,48 @@ TEST(EmulatedOptimizer, AFailedAllocationChangesNothing) {
     loaded.opt.load(path);
     std::remove(path.c_str());
     expect_same(loaded.everything(), saved, "loaded");
+  }
+}
+
+// Block-quantized states created by a first step on the device (cuda::fill_quantized over
+// memory the emulated cudaMalloc leaves as 0xFF) are the CPU's bytes over the whole buffer,
+// the padding between the codes and the absmax included: the checkpoints, which save each
+// state's buffer bytewise, are the same files.
+TEST(EmulatedOptimizer, QuantizedFirstStepCheckpointEqualsTheCpuBytewise) {
+  auto rng = make_rng();
+  const std::vector<std::vector<float>> p0 = {random_floats(rng, 1), random_floats(rng, 129),
+                                              random_floats(rng, 4097), random_floats(rng, 257)};
+  std::vector<std::vector<float>> g;
+  for (const auto& p : p0) g.push_back(random_floats(rng, p.size()));
+  const auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  for (const DType q : {DType::q8, DType::q4}) {
+    SCOPED_TRACE(dtype_name(q));
+    std::vector<std::vector<char>> files;
+    for (const Device d : {Device::cpu, Device::cuda}) {
+      Optimizer opt("adamw", d);
+      opt.set_option("state_dtype", static_cast<double>(static_cast<int>(q)));
+      opt.set_option("min_quant_size", 0);  // every param quantized, the 1-element one too
+      std::vector<std::unique_ptr<TestTensor>> params, grads;
+      std::vector<const void*> ptrs;
+      for (std::size_t i = 0; i < p0.size(); ++i) {
+        params.push_back(std::make_unique<TestTensor>(d, p0[i]));
+        grads.push_back(std::make_unique<TestTensor>(d, g[i]));
+        opt.add_param("p" + std::to_string(i), params.back()->data(), DType::f32,
+                      {params.back()->size()});
+        ptrs.push_back(grads.back()->data());
+      }
+      opt.step(ptrs.data());
+      const std::string path =
+          ::testing::TempDir() + "fusedopt_emulated_quant_" + std::to_string(::getpid()) + ".ckpt";
+      opt.save(path);
+      files.push_back(read(path));
+      std::remove(path.c_str());
+    }
+    ASSERT_FALSE(files[0].empty());
+    EXPECT_TRUE(files[1] == files[0]) << "the CUDA checkpoint's bytes differ from the CPU's";
   }
 }
 

@@ -1231,9 +1231,10 @@ std::string first_quant_difference(const QuantBuffer& got, const QuantBuffer& wa
   const auto a = got.bytes(), b = want.bytes();
   const auto n = static_cast<std::int64_t>(got.size());
   const auto offset = static_cast<std::size_t>(quant_absmax_offset(n, got.bits()));
+  const auto codes = static_cast<std::size_t>(quant_code_bytes(n, got.bits()));
   for (std::size_t i = 0; i < a.size(); ++i)
     if (a[i] != b[i])
-      return (i < offset ? "code byte " + std::to_string(i)
+      return (i < offset ? (i < codes ? "code byte " : "padding byte ") + std::to_string(i)
                          : "absmax of block " + std::to_string((i - offset) / 4) + ": got " +
                                std::to_string(got.absmax((i - offset) / 4)) + ", want " +
                                std::to_string(want.absmax((i - offset) / 4))) +
@@ -1263,12 +1264,16 @@ const QuantMap<4>& map4(bool non_negative) {
   return non_negative ? kQuantMap4Unsigned : kQuantMap4Signed;
 }
 
-/// The serial form of a whole state's quantization to nearest: quantize_block8/4 per block.
+/// The serial form of a whole state's quantization to nearest: quantize_block8/4 per block,
+/// and zeros in the padding between the codes and the absmax (every byte of the buffer is
+/// written, as quantize_state and fill_quantized write it on both backends).
 void quantize_reference(QuantBuffer& q, bool non_negative, const float* x) {
   const auto n = static_cast<std::int64_t>(q.size());
   const int bits = q.bits();
   const std::int64_t w = quant_block_size(bits);
   auto* const absmax = reinterpret_cast<float*>(q.data() + quant_absmax_offset(n, bits));
+  std::memset(q.data() + quant_code_bytes(n, bits), 0,
+              static_cast<std::size_t>(quant_absmax_offset(n, bits) - quant_code_bytes(n, bits)));
   for (std::int64_t b = 0; b < quant_blocks(n, bits); ++b) {
     const int nb = static_cast<int>(std::min(w, n - b * w));
     float a;
@@ -2017,6 +2022,50 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
   float f = 0.0f;
   EXPECT_THROW(cuda::quantize_state(&f, DType::bf16, false, &f, 1, nullptr), Error);
   EXPECT_THROW(cuda::fill(&f, DType::q8, 0.0f, 1, nullptr), Error);
+}
+
+// quantize_state and fill_quantized on CUDA and on the CPU write the same bytes over the WHOLE
+// buffer, the padding between the codes and the absmax included: a checkpoint saves the state
+// bytewise, and the optimizer's first step creates its quantized states with fill_quantized on
+// either backend. Both destinations are poisoned first, so a byte neither writes shows.
+TEST(EmulatedQuantizedStates, WholeTensorConversionsEqualTheCpuBytewisePaddingIncluded) {
+  auto rng = make_rng();
+  const std::vector<std::size_t> sizes = {0, 1, 127, 128, 129, 255, 256, 257, 4097, 70001};
+  for (const DType q : {DType::q8, DType::q4})
+    for (const bool nn : {false, true})
+      for (std::size_t n : sizes) {
+        const int bits = q == DType::q8 ? 8 : 4;
+        const auto nn64 = static_cast<std::int64_t>(n);
+        const auto bytes = static_cast<std::size_t>(quant_state_bytes(nn64, bits));
+        const std::string what = std::string(dtype_name(q)) + (nn ? ", unsigned" : ", signed") +
+                                 ", size " + std::to_string(n);
+        // 16-byte aligned, as the library allocates a state (an odd tail still exercises the
+        // kernels' scalar paths).
+        const auto poisoned = [&] {
+          QuantBuffer b(bits, n, 0);
+          std::memset(b.data(), 0xAB, bytes);
+          return b;
+        };
+        const std::vector<float> x = random_floats(rng, n);
+        QuantBuffer got = poisoned(), want = poisoned();
+        cuda::quantize_state(got.data(), q, nn, x.data(), nn64, nullptr);
+        cpu::quantize_state(want.data(), q, nn, x.data(), nn64);
+        EXPECT_EQ(got.bytes(), want.bytes())
+            << what << ", quantize: " << first_quant_difference(got, want);
+        for (const float value : {0.0f, 0.1f, -3.5f}) {
+          QuantBuffer filled = poisoned(), fill_want = poisoned();
+          cuda::fill_quantized(filled.data(), q, nn, value, nn64, nullptr);
+          cpu::fill_quantized(fill_want.data(), q, nn, value, nn64);
+          EXPECT_EQ(filled.bytes(), fill_want.bytes())
+              << what << ", fill " << value << ": " << first_quant_difference(filled, fill_want);
+        }
+        // The padding in particular: zero on both (the comparison above holds if neither
+        // wrote it).
+        const std::vector<unsigned char> b = got.bytes();
+        for (auto i = static_cast<std::size_t>(quant_code_bytes(nn64, bits));
+             i < static_cast<std::size_t>(quant_absmax_offset(nn64, bits)); ++i)
+          EXPECT_EQ(b[i], 0) << what << ": padding byte " << i;
+      }
 }
 
 /// The emulated CUDA step and the CPU backend's (fused_step with DenseTensors::state_dtype q8

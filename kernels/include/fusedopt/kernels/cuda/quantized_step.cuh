@@ -185,7 +185,8 @@ __global__ void __launch_bounds__(kBlock)
 
 /// The state buffer `dst` of n elements <- src[0, n) (float32), or n copies of `value` where
 /// src is null, quantized to nearest (step_code without stochastic rounding, which is
-/// quantize_block8/4 with NearestRounding). One warp per quantization block, grid-stride.
+/// quantize_block8/4 with NearestRounding). One warp per quantization block, grid-stride. The
+/// whole buffer is written, the padding between the codes and the absmax included (zeros).
 template <int kBits>
 __global__ void __launch_bounds__(kBlock)
     quantize_state_kernel(void* dst, bool non_negative, const float* src, float value,
@@ -200,6 +201,13 @@ __global__ void __launch_bounds__(kBlock)
   float* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, kBits));
   const bool cvec = aligned_to(codes, W::kCodeAlign);
   const bool svec = src && aligned_for4(src, kF32);
+  if (blockIdx.x == 0) {
+    // The padding (under 16 bytes, which no code store reaches) is zero, as the CPU writes it
+    // (zero_quant_padding): a checkpoint saves the whole buffer, the same bytes from either
+    // backend, never what the allocation held before.
+    const std::int64_t pad = quant_code_bytes(n, kBits) + threadIdx.x;
+    if (pad < quant_absmax_offset(n, kBits)) codes[pad] = 0;
+  }
   const std::int64_t blocks = quant_blocks(n, kBits);
   const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kQuantWarps;
   const int lane = static_cast<int>(threadIdx.x % 32);
