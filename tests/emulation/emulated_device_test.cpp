@@ -434,6 +434,57 @@ TEST(EmulatedOptimizer, Bf16ParamsEvalTrainAndACheckpointInEvalMode) {
   expect_same(holdings(loaded, params2), holdings(opt, params), "a step after");
 }
 
+// A state that starts as a copy of the weights (Schedule-Free's z), which 8 or 4 bits cannot
+// hold: the stateless layer refuses block-quantized states for it on both backends, with the
+// same message, before anything moves (every buffer keeps its bytes, guards included).
+TEST(EmulatedFunctional, AStateFromTheWeightsRefusesQuantizedStatesOnBothBackends) {
+  auto rng = make_rng();
+  const std::int64_t n = 300;
+  for (const std::string algorithm : {"sgd_schedule_free", "adamw_schedule_free"})
+    for (const DType q : {DType::q8, DType::q4}) {
+      std::vector<std::string> messages;
+      for (const Device d : {Device::cpu, Device::cuda}) {
+        SCOPED_TRACE(algorithm + ", " + dtype_name(q) + (d == Device::cuda ? ", cuda" : ", cpu"));
+        std::vector<std::unique_ptr<TestTensor>> buffers;  // param, grad, scalars, states
+        buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, n)));
+        buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, n)));
+        std::vector<double> init(kMaxScalars, 0.0);
+        const std::vector<ScalarSpec> scalar_specs = step_scalars(algorithm);
+        for (std::size_t k = 0; k < scalar_specs.size(); ++k) init[k] = scalar_specs[k].init;
+        buffers.push_back(std::make_unique<TestTensor>(d, doubles_as_floats(init)));
+        DenseTensors t;
+        t.param = buffers[0]->data();
+        t.grad = buffers[1]->data();
+        t.scalars = reinterpret_cast<double*>(buffers[2]->data());
+        t.numel = n;
+        t.state_dtype = q;
+        const std::size_t words = (quantized_state_bytes(q, n) + 3) / 4;  // 16-byte aligned
+        for (const StateSpec& spec : step_states(algorithm, {})) {
+          buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, words)));
+          t.states[spec.index] = buffers.back()->data();
+        }
+        std::vector<std::vector<float>> before;
+        for (const auto& b : buffers) before.push_back(b->all());
+        const std::int64_t step = 1;
+        Exec exec;
+        exec.device = d;
+        try {
+          fused_step_list(algorithm, {}, &t, &step, 1, exec);
+          ADD_FAILURE() << "stepped";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+          EXPECT_NE(std::string(e.what()).find("copy of the weights"), std::string::npos)
+              << e.what();
+          messages.push_back(e.what());
+        }
+        for (std::size_t i = 0; i < buffers.size(); ++i)
+          EXPECT_TRUE(bitwise_equal(buffers[i]->all(), before[i])) << "buffer " << i << " moved";
+      }
+      ASSERT_EQ(messages.size(), 2u);
+      EXPECT_EQ(messages[0], messages[1]);
+    }
+}
+
 // The stateless layer's sparse step on the device (indices validated by a kernel, the rows
 // sorted and stepped) against the CPU's, int32 and int64 indices, every sparse algorithm; a
 // bad index is refused with nothing changed.

@@ -1495,7 +1495,9 @@ void expect_quantized_states_match_reference(std::mt19937_64& rng) {
         }
 }
 
-/// A trust-ratio, factored or matrix step refuses quantized states before anything moves.
+/// A trust-ratio, factored or matrix step, or one with a state that starts as a copy of the
+/// weights (StateFromParam), refuses quantized states before anything moves: the param and
+/// every state buffer keep their bytes.
 template <class A>
 void expect_quantized_states_refused(std::mt19937_64& rng) {
   const typename A::Options o{};
@@ -1505,6 +1507,8 @@ void expect_quantized_states_refused(std::mt19937_64& rng) {
                   false);
     t.base.view = MatrixView{2, 3, 4};
     const std::vector<unsigned char> before = t.base.param.bytes();
+    std::vector<std::vector<unsigned char>> states_before;
+    for (const QuantBuffer& b : t.states) states_before.push_back(b.bytes());
     std::vector<cuda::ListEntry> entries = {quant_entry_of<A>(o, t, 1, 0)};
     cuda::ListSettings s;
     s.state_dtype = q;
@@ -1518,6 +1522,8 @@ void expect_quantized_states_refused(std::mt19937_64& rng) {
       EXPECT_NE(std::string(e.what()).find(dtype_name(q)), std::string::npos) << e.what();
     }
     EXPECT_EQ(t.base.param.bytes(), before) << A::kName << ": the param moved";
+    for (std::size_t k = 0; k < t.states.size(); ++k)
+      EXPECT_EQ(t.states[k].bytes(), states_before[k]) << A::kName << ": state " << k << " moved";
   }
 }
 
@@ -1598,7 +1604,8 @@ AlgorithmCase make_elementwise_case(AlgorithmCase c) {
   };
   c.eval = [](std::mt19937_64& rng) { expect_eval_matches<A>(rng); };
   c.quantized = [](std::mt19937_64& rng) {
-    if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value)
+    if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value ||
+                  StateFromParam<A>::any())
       expect_quantized_states_refused<A>(rng);
     else if constexpr (StateList<A>::count == 0)
       GTEST_SKIP() << A::kName << " keeps no states";
