@@ -1370,6 +1370,25 @@ struct QuantTensor {
   std::vector<QuantBuffer> states;
 };
 
+/// One QuantTensor of A's states (their inits under o, their maps) per size, with the
+/// specials, twice: `emulated` for the kernel under test and `against` for what it is held
+/// to, each pair from the same draws of rng; scalar states started (start_scalars) on both.
+template <class A>
+void make_quant_tensor_pairs(const typename A::Options& o, const Storage& st, int bits,
+                             const std::vector<std::size_t>& sizes, std::mt19937_64& rng,
+                             std::vector<QuantTensor>& emulated,
+                             std::vector<QuantTensor>& against) {
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<bool> nn = non_negative_states<A>();
+  for (std::size_t n : sizes) {
+    std::mt19937_64 copy = rng;
+    emulated.emplace_back(st, bits, n, copy, init, nn, true);
+    against.emplace_back(st, bits, n, rng, init, nn, true);
+    start_scalars<A>(emulated.back().base);
+    start_scalars<A>(against.back().base);
+  }
+}
+
 template <class A>
 cuda::ListEntry quant_entry_of(const typename A::Options& o, QuantTensor& t, std::int64_t step,
                                int key) {
@@ -1430,7 +1449,6 @@ void reference_quant_step(const typename A::Options& o, std::int64_t step, Quant
 template <class A>
 void expect_quantized_states_match_reference(std::mt19937_64& rng) {
   const typename A::Options o = option_variants<A>().back();
-  const std::vector<float> init = state_inits<A>(o);
   const std::vector<std::size_t> sizes = {0, 1, 127, 128, 129, 255, 256, 257, 8192 * 2 + 77};
   const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
@@ -1443,13 +1461,7 @@ void expect_quantized_states_match_reference(std::mt19937_64& rng) {
           const Storage st{param, param, DType::f32, master, stochastic};
           const int bits = q == DType::q8 ? 8 : 4;
           std::vector<QuantTensor> emu, ref;
-          for (std::size_t n : sizes) {
-            std::mt19937_64 copy = rng;
-            emu.emplace_back(st, bits, n, copy, init, nn, true);
-            ref.emplace_back(st, bits, n, rng, init, nn, true);
-            start_scalars<A>(emu.back().base);
-            start_scalars<A>(ref.back().base);
-          }
+          make_quant_tensor_pairs<A>(o, st, bits, sizes, rng, emu, ref);
           const std::string what = describe<A>(o) + ", " + st.name() + ", state " + dtype_name(q);
           for (std::int64_t step = 1; step <= 4; ++step) {
             const bool skipped = step == 4;
@@ -2081,19 +2093,13 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsEqualTheCpuBytewisePaddingIn
 template <class A>
 void expect_quantized_matches_cpu(std::mt19937_64& rng) {
   const typename A::Options o = option_variants<A>().back();
-  const std::vector<float> init = state_inits<A>(o);
-  const std::vector<bool> nn = non_negative_states<A>();
   const std::vector<std::size_t> sizes = {1, 127, 129, 257, 5000};
   for (const DType q : {DType::q8, DType::q4})
     for (const DType param : {DType::f32, DType::bf16}) {
       const Storage st{param, param, DType::f32, false, false};
       const int bits = q == DType::q8 ? 8 : 4;
       std::vector<QuantTensor> emu, cpu;
-      for (std::size_t n : sizes) {
-        std::mt19937_64 copy = rng;
-        emu.emplace_back(st, bits, n, copy, init, nn, true);
-        cpu.emplace_back(st, bits, n, rng, init, nn, true);
-      }
+      make_quant_tensor_pairs<A>(o, st, bits, sizes, rng, emu, cpu);
       for (auto* ts : {&emu, &cpu})  // QuantTensor misaligns some codes: the CPU takes 16 bytes
         for (QuantTensor& t : *ts)
           for (int k = 0; k < kMaxStates; ++k) {
