@@ -85,29 +85,18 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
     std::optional<detail::Buffer> master;
     std::optional<detail::Buffer> ema;
     std::optional<detail::Buffer> scalars;
-    std::vector<unsigned char> image[kMaxStates];  // a quantized CUDA state's first bytes
   };
   std::vector<Fresh> fresh;
   for (std::size_t j = 0; j < n; ++j) {
     const std::size_t i = indices[j];
     const ParamEntry& p = params[i];
     if (p.has_buffers()) continue;
-    Fresh f{i,
-            std::vector<std::optional<detail::Buffer>>(kMaxStates),
-            std::nullopt,
-            std::nullopt,
-            std::nullopt,
-            {}};
+    Fresh f{i, std::vector<std::optional<detail::Buffer>>(kMaxStates), std::nullopt, std::nullopt,
+            std::nullopt};
     const std::size_t num_scalars = desc(p).scalars.size();
-    const DType storage = state_dtype(p);
     for (int k = 0; k < static_cast<int>(desc(p).states.size()); ++k) {
       if (!p.keeps(p.facts, k)) continue;
       f.states[k].emplace(device, device_index, state_bytes(p, k));
-      if (device == Device::cuda && cpu::is_quantized(storage)) {  // built on the host
-        f.image[k].resize(state_bytes(p, k));
-        cpu::fill_quantized(f.image[k].data(), storage, desc(p).non_negative[k],
-                            p.facts.state_init[k], p.state_numel(p.facts, k));
-      }
     }
     if (has_master(p))
       f.master.emplace(device, device_index, static_cast<std::size_t>(p.numel) * sizeof(float));
@@ -124,8 +113,11 @@ void Optimizer::Impl::create_first_step_state(const std::size_t* indices, std::s
       const std::int64_t count = p.state_numel(p.facts, k);
       const DType storage = state_dtype(p);
       if (cpu::is_quantized(storage)) {  // never a copy of the param (storage_problem)
+        // Filled where it lives: both backends write every byte of the buffer, padding
+        // included, the same (a checkpoint saves it bytewise).
         if (device == Device::cuda)
-          cuda::copy_from_host(f.states[k]->data(), f.image[k].data(), f.image[k].size(), stream);
+          cuda::fill_quantized(f.states[k]->data(), storage, desc(p).non_negative[k], init, count,
+                               stream);
         else
           cpu::fill_quantized(f.states[k]->data(), storage, desc(p).non_negative[k], init, count);
       } else if (p.facts

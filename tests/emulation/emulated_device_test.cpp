@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -432,6 +434,57 @@ TEST(EmulatedOptimizer, Bf16ParamsEvalTrainAndACheckpointInEvalMode) {
   expect_same(holdings(loaded, params2), holdings(opt, params), "a step after");
 }
 
+// A state that starts as a copy of the weights (Schedule-Free's z), which 8 or 4 bits cannot
+// hold: the stateless layer refuses block-quantized states for it on both backends, with the
+// same message, before anything moves (every buffer keeps its bytes, guards included).
+TEST(EmulatedFunctional, AStateFromTheWeightsRefusesQuantizedStatesOnBothBackends) {
+  auto rng = make_rng();
+  const std::int64_t n = 300;
+  for (const std::string algorithm : {"sgd_schedule_free", "adamw_schedule_free"})
+    for (const DType q : {DType::q8, DType::q4}) {
+      std::vector<std::string> messages;
+      for (const Device d : {Device::cpu, Device::cuda}) {
+        SCOPED_TRACE(algorithm + ", " + dtype_name(q) + (d == Device::cuda ? ", cuda" : ", cpu"));
+        std::vector<std::unique_ptr<TestTensor>> buffers;  // param, grad, scalars, states
+        buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, n)));
+        buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, n)));
+        std::vector<double> init(kMaxScalars, 0.0);
+        const std::vector<ScalarSpec> scalar_specs = step_scalars(algorithm);
+        for (std::size_t k = 0; k < scalar_specs.size(); ++k) init[k] = scalar_specs[k].init;
+        buffers.push_back(std::make_unique<TestTensor>(d, doubles_as_floats(init)));
+        DenseTensors t;
+        t.param = buffers[0]->data();
+        t.grad = buffers[1]->data();
+        t.scalars = reinterpret_cast<double*>(buffers[2]->data());
+        t.numel = n;
+        t.state_dtype = q;
+        const std::size_t words = (quantized_state_bytes(q, n) + 3) / 4;  // 16-byte aligned
+        for (const StateSpec& spec : step_states(algorithm, {})) {
+          buffers.push_back(std::make_unique<TestTensor>(d, random_floats(rng, words)));
+          t.states[spec.index] = buffers.back()->data();
+        }
+        std::vector<std::vector<float>> before;
+        for (const auto& b : buffers) before.push_back(b->all());
+        const std::int64_t step = 1;
+        Exec exec;
+        exec.device = d;
+        try {
+          fused_step_list(algorithm, {}, &t, &step, 1, exec);
+          ADD_FAILURE() << "stepped";
+        } catch (const Error& e) {
+          EXPECT_EQ(e.code(), StatusCode::unsupported) << e.what();
+          EXPECT_NE(std::string(e.what()).find("copy of the weights"), std::string::npos)
+              << e.what();
+          messages.push_back(e.what());
+        }
+        for (std::size_t i = 0; i < buffers.size(); ++i)
+          EXPECT_TRUE(bitwise_equal(buffers[i]->all(), before[i])) << "buffer " << i << " moved";
+      }
+      ASSERT_EQ(messages.size(), 2u);
+      EXPECT_EQ(messages[0], messages[1]);
+    }
+}
+
 // The stateless layer's sparse step on the device (indices validated by a kernel, the rows
 // sorted and stepped) against the CPU's, int32 and int64 indices, every sparse algorithm; a
 // bad index is refused with nothing changed.
@@ -598,6 +651,48 @@ TEST(EmulatedOptimizer, AFailedAllocationChangesNothing) {
     loaded.opt.load(path);
     std::remove(path.c_str());
     expect_same(loaded.everything(), saved, "loaded");
+  }
+}
+
+// Block-quantized states created by a first step on the device (cuda::fill_quantized over
+// memory the emulated cudaMalloc leaves as 0xFF) are the CPU's bytes over the whole buffer,
+// the padding between the codes and the absmax included: the checkpoints, which save each
+// state's buffer bytewise, are the same files.
+TEST(EmulatedOptimizer, QuantizedFirstStepCheckpointEqualsTheCpuBytewise) {
+  auto rng = make_rng();
+  const std::vector<std::vector<float>> p0 = {random_floats(rng, 1), random_floats(rng, 129),
+                                              random_floats(rng, 4097), random_floats(rng, 257)};
+  std::vector<std::vector<float>> g;
+  for (const auto& p : p0) g.push_back(random_floats(rng, p.size()));
+  const auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::vector<char>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  };
+  for (const DType q : {DType::q8, DType::q4}) {
+    SCOPED_TRACE(dtype_name(q));
+    std::vector<std::vector<char>> files;
+    for (const Device d : {Device::cpu, Device::cuda}) {
+      Optimizer opt("adamw", d);
+      opt.set_option("state_dtype", static_cast<double>(static_cast<int>(q)));
+      opt.set_option("min_quant_size", 0);  // every param quantized, the 1-element one too
+      std::vector<std::unique_ptr<TestTensor>> params, grads;
+      std::vector<const void*> ptrs;
+      for (std::size_t i = 0; i < p0.size(); ++i) {
+        params.push_back(std::make_unique<TestTensor>(d, p0[i]));
+        grads.push_back(std::make_unique<TestTensor>(d, g[i]));
+        opt.add_param("p" + std::to_string(i), params.back()->data(), DType::f32,
+                      {params.back()->size()});
+        ptrs.push_back(grads.back()->data());
+      }
+      opt.step(ptrs.data());
+      const std::string path =
+          ::testing::TempDir() + "fusedopt_emulated_quant_" + std::to_string(::getpid()) + ".ckpt";
+      opt.save(path);
+      files.push_back(read(path));
+      std::remove(path.c_str());
+    }
+    ASSERT_FALSE(files[0].empty());
+    EXPECT_TRUE(files[1] == files[0]) << "the CUDA checkpoint's bytes differ from the CPU's";
   }
 }
 

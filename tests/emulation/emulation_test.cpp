@@ -1231,9 +1231,10 @@ std::string first_quant_difference(const QuantBuffer& got, const QuantBuffer& wa
   const auto a = got.bytes(), b = want.bytes();
   const auto n = static_cast<std::int64_t>(got.size());
   const auto offset = static_cast<std::size_t>(quant_absmax_offset(n, got.bits()));
+  const auto codes = static_cast<std::size_t>(quant_code_bytes(n, got.bits()));
   for (std::size_t i = 0; i < a.size(); ++i)
     if (a[i] != b[i])
-      return (i < offset ? "code byte " + std::to_string(i)
+      return (i < offset ? (i < codes ? "code byte " : "padding byte ") + std::to_string(i)
                          : "absmax of block " + std::to_string((i - offset) / 4) + ": got " +
                                std::to_string(got.absmax((i - offset) / 4)) + ", want " +
                                std::to_string(want.absmax((i - offset) / 4))) +
@@ -1263,12 +1264,16 @@ const QuantMap<4>& map4(bool non_negative) {
   return non_negative ? kQuantMap4Unsigned : kQuantMap4Signed;
 }
 
-/// The serial form of a whole state's quantization to nearest: quantize_block8/4 per block.
+/// The serial form of a whole state's quantization to nearest: quantize_block8/4 per block,
+/// and zeros in the padding between the codes and the absmax (every byte of the buffer is
+/// written, as quantize_state and fill_quantized write it on both backends).
 void quantize_reference(QuantBuffer& q, bool non_negative, const float* x) {
   const auto n = static_cast<std::int64_t>(q.size());
   const int bits = q.bits();
   const std::int64_t w = quant_block_size(bits);
   auto* const absmax = reinterpret_cast<float*>(q.data() + quant_absmax_offset(n, bits));
+  std::memset(q.data() + quant_code_bytes(n, bits), 0,
+              static_cast<std::size_t>(quant_absmax_offset(n, bits) - quant_code_bytes(n, bits)));
   for (std::int64_t b = 0; b < quant_blocks(n, bits); ++b) {
     const int nb = static_cast<int>(std::min(w, n - b * w));
     float a;
@@ -1365,6 +1370,25 @@ struct QuantTensor {
   std::vector<QuantBuffer> states;
 };
 
+/// One QuantTensor of A's states (their inits under o, their maps) per size, with the
+/// specials, twice: `emulated` for the kernel under test and `against` for what it is held
+/// to, each pair from the same draws of rng; scalar states started (start_scalars) on both.
+template <class A>
+void make_quant_tensor_pairs(const typename A::Options& o, const Storage& st, int bits,
+                             const std::vector<std::size_t>& sizes, std::mt19937_64& rng,
+                             std::vector<QuantTensor>& emulated,
+                             std::vector<QuantTensor>& against) {
+  const std::vector<float> init = state_inits<A>(o);
+  const std::vector<bool> nn = non_negative_states<A>();
+  for (std::size_t n : sizes) {
+    std::mt19937_64 copy = rng;
+    emulated.emplace_back(st, bits, n, copy, init, nn, true);
+    against.emplace_back(st, bits, n, rng, init, nn, true);
+    start_scalars<A>(emulated.back().base);
+    start_scalars<A>(against.back().base);
+  }
+}
+
 template <class A>
 cuda::ListEntry quant_entry_of(const typename A::Options& o, QuantTensor& t, std::int64_t step,
                                int key) {
@@ -1425,7 +1449,6 @@ void reference_quant_step(const typename A::Options& o, std::int64_t step, Quant
 template <class A>
 void expect_quantized_states_match_reference(std::mt19937_64& rng) {
   const typename A::Options o = option_variants<A>().back();
-  const std::vector<float> init = state_inits<A>(o);
   const std::vector<std::size_t> sizes = {0, 1, 127, 128, 129, 255, 256, 257, 8192 * 2 + 77};
   const float grad_multiplier = 0.5f;
   const std::uint64_t seed = rng();
@@ -1438,13 +1461,7 @@ void expect_quantized_states_match_reference(std::mt19937_64& rng) {
           const Storage st{param, param, DType::f32, master, stochastic};
           const int bits = q == DType::q8 ? 8 : 4;
           std::vector<QuantTensor> emu, ref;
-          for (std::size_t n : sizes) {
-            std::mt19937_64 copy = rng;
-            emu.emplace_back(st, bits, n, copy, init, nn, true);
-            ref.emplace_back(st, bits, n, rng, init, nn, true);
-            start_scalars<A>(emu.back().base);
-            start_scalars<A>(ref.back().base);
-          }
+          make_quant_tensor_pairs<A>(o, st, bits, sizes, rng, emu, ref);
           const std::string what = describe<A>(o) + ", " + st.name() + ", state " + dtype_name(q);
           for (std::int64_t step = 1; step <= 4; ++step) {
             const bool skipped = step == 4;
@@ -1490,7 +1507,9 @@ void expect_quantized_states_match_reference(std::mt19937_64& rng) {
         }
 }
 
-/// A trust-ratio, factored or matrix step refuses quantized states before anything moves.
+/// A trust-ratio, factored or matrix step, or one with a state that starts as a copy of the
+/// weights (StateFromParam), refuses quantized states before anything moves: the param and
+/// every state buffer keep their bytes.
 template <class A>
 void expect_quantized_states_refused(std::mt19937_64& rng) {
   const typename A::Options o{};
@@ -1500,6 +1519,8 @@ void expect_quantized_states_refused(std::mt19937_64& rng) {
                   false);
     t.base.view = MatrixView{2, 3, 4};
     const std::vector<unsigned char> before = t.base.param.bytes();
+    std::vector<std::vector<unsigned char>> states_before;
+    for (const QuantBuffer& b : t.states) states_before.push_back(b.bytes());
     std::vector<cuda::ListEntry> entries = {quant_entry_of<A>(o, t, 1, 0)};
     cuda::ListSettings s;
     s.state_dtype = q;
@@ -1513,6 +1534,8 @@ void expect_quantized_states_refused(std::mt19937_64& rng) {
       EXPECT_NE(std::string(e.what()).find(dtype_name(q)), std::string::npos) << e.what();
     }
     EXPECT_EQ(t.base.param.bytes(), before) << A::kName << ": the param moved";
+    for (std::size_t k = 0; k < t.states.size(); ++k)
+      EXPECT_EQ(t.states[k].bytes(), states_before[k]) << A::kName << ": state " << k << " moved";
   }
 }
 
@@ -1593,7 +1616,8 @@ AlgorithmCase make_elementwise_case(AlgorithmCase c) {
   };
   c.eval = [](std::mt19937_64& rng) { expect_eval_matches<A>(rng); };
   c.quantized = [](std::mt19937_64& rng) {
-    if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value)
+    if constexpr (TrustRatioCapable<A>::value || FactoredCapable<A>::value ||
+                  StateFromParam<A>::any())
       expect_quantized_states_refused<A>(rng);
     else if constexpr (StateList<A>::count == 0)
       GTEST_SKIP() << A::kName << " keeps no states";
@@ -2019,25 +2043,63 @@ TEST(EmulatedQuantizedStates, WholeTensorConversionsMatchTheSerialBlocks) {
   EXPECT_THROW(cuda::fill(&f, DType::q8, 0.0f, 1, nullptr), Error);
 }
 
+// quantize_state and fill_quantized on CUDA and on the CPU write the same bytes over the WHOLE
+// buffer, the padding between the codes and the absmax included: a checkpoint saves the state
+// bytewise, and the optimizer's first step creates its quantized states with fill_quantized on
+// either backend. Both destinations are poisoned first, so a byte neither writes shows.
+TEST(EmulatedQuantizedStates, WholeTensorConversionsEqualTheCpuBytewisePaddingIncluded) {
+  auto rng = make_rng();
+  const std::vector<std::size_t> sizes = {0, 1, 127, 128, 129, 255, 256, 257, 4097, 70001};
+  for (const DType q : {DType::q8, DType::q4})
+    for (const bool nn : {false, true})
+      for (std::size_t n : sizes) {
+        const int bits = q == DType::q8 ? 8 : 4;
+        const auto nn64 = static_cast<std::int64_t>(n);
+        const auto bytes = static_cast<std::size_t>(quant_state_bytes(nn64, bits));
+        const std::string what = std::string(dtype_name(q)) + (nn ? ", unsigned" : ", signed") +
+                                 ", size " + std::to_string(n);
+        // 16-byte aligned, as the library allocates a state (an odd tail still exercises the
+        // kernels' scalar paths).
+        const auto poisoned = [&] {
+          QuantBuffer b(bits, n, 0);
+          std::memset(b.data(), 0xAB, bytes);
+          return b;
+        };
+        const std::vector<float> x = random_floats(rng, n);
+        QuantBuffer got = poisoned(), want = poisoned();
+        cuda::quantize_state(got.data(), q, nn, x.data(), nn64, nullptr);
+        cpu::quantize_state(want.data(), q, nn, x.data(), nn64);
+        EXPECT_EQ(got.bytes(), want.bytes())
+            << what << ", quantize: " << first_quant_difference(got, want);
+        for (const float value : {0.0f, 0.1f, -3.5f}) {
+          QuantBuffer filled = poisoned(), fill_want = poisoned();
+          cuda::fill_quantized(filled.data(), q, nn, value, nn64, nullptr);
+          cpu::fill_quantized(fill_want.data(), q, nn, value, nn64);
+          EXPECT_EQ(filled.bytes(), fill_want.bytes())
+              << what << ", fill " << value << ": " << first_quant_difference(filled, fill_want);
+        }
+        // The padding in particular: zero on both (the comparison above holds if neither
+        // wrote it).
+        const std::vector<unsigned char> b = got.bytes();
+        for (auto i = static_cast<std::size_t>(quant_code_bytes(nn64, bits));
+             i < static_cast<std::size_t>(quant_absmax_offset(nn64, bits)); ++i)
+          EXPECT_EQ(b[i], 0) << what << ": padding byte " << i;
+      }
+}
+
 /// The emulated CUDA step and the CPU backend's (fused_step with DenseTensors::state_dtype q8
 /// or q4, through its storage layer) over the same tensors: every byte of param and states.
 /// Rounding to nearest (each backend keys stochastic draws by its own param ids).
 template <class A>
 void expect_quantized_matches_cpu(std::mt19937_64& rng) {
   const typename A::Options o = option_variants<A>().back();
-  const std::vector<float> init = state_inits<A>(o);
-  const std::vector<bool> nn = non_negative_states<A>();
   const std::vector<std::size_t> sizes = {1, 127, 129, 257, 5000};
   for (const DType q : {DType::q8, DType::q4})
     for (const DType param : {DType::f32, DType::bf16}) {
       const Storage st{param, param, DType::f32, false, false};
       const int bits = q == DType::q8 ? 8 : 4;
       std::vector<QuantTensor> emu, cpu;
-      for (std::size_t n : sizes) {
-        std::mt19937_64 copy = rng;
-        emu.emplace_back(st, bits, n, copy, init, nn, true);
-        cpu.emplace_back(st, bits, n, rng, init, nn, true);
-      }
+      make_quant_tensor_pairs<A>(o, st, bits, sizes, rng, emu, cpu);
       for (auto* ts : {&emu, &cpu})  // QuantTensor misaligns some codes: the CPU takes 16 bytes
         for (QuantTensor& t : *ts)
           for (int k = 0; k < kMaxStates; ++k) {

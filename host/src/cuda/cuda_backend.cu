@@ -61,9 +61,32 @@ template <class A>
 constexpr bool kRefusesQuantized =
     MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value;
 /// Whether it has the quantized kernel: the one-pass elementwise algorithms that keep states
-/// (a stateless one steps through the elementwise kernel whatever its state dtype).
+/// (a stateless one steps through the elementwise kernel whatever its state dtype), except
+/// those with a state that starts as a copy of the weights (Schedule-Free's z), which 8 or 4
+/// bits cannot hold: every entry point refuses them quantized states (the Optimizer's
+/// storage_problem, the functional layer's quantized_refusal, multi_tensor_step below), so
+/// their quantized kernels would be compiled for nothing.
 template <class A>
-constexpr bool kQuantizable = StateList<A>::count > 0 && !kRefusesQuantized<A>;
+constexpr bool kQuantizable =
+    StateList<A>::count > 0 && !kRefusesQuantized<A> && !StateFromParam<A>::any();
+
+/// Why A's step refuses block-quantized states of dtype q, or "" where it takes them.
+template <class A>
+std::string quantized_refusal(DType q) {
+  if (!is_quantized(q)) return "";
+  if constexpr (kRefusesQuantized<A>) {  // (constexpr: nvcc warns of the loop unreachable)
+    return std::string(A::kName) + ": states of dtype " + dtype_name(q) +
+           " (block-quantized) are taken by the one-pass elementwise optimizers only; " +
+           "a trust-ratio, factored or matrix step's states must be f32 or bf16";
+  } else {
+    for (int k = 0; k < StateList<A>::count; ++k)  // whatever the options: no kernel for them
+      if (StateFromParam<A>::of(k))
+        return std::string(A::kName) + "'s state '" + StateList<A>::name(k) +
+               "' is a copy of the weights, which " + dtype_name(q) +
+               " cannot hold (its states must be f32 or bf16)";
+    return "";
+  }
+}
 
 TensorList make_list(const ListEntry* entries, const detail::LaunchGroup& g) {
   TensorList list{};
@@ -412,11 +435,8 @@ template <class A>
 void multi_tensor_step(const typename A::Options& options, const ListEntry* entries, std::size_t n,
                        const ListPlan& plan, const ListSettings& s, void* stream) {
   const auto st = static_cast<cudaStream_t>(stream);
-  if (kRefusesQuantized<A> && is_quantized(s.state_dtype))  // before anything is launched
-    throw Error(StatusCode::unsupported,
-                std::string(A::kName) + ": states of dtype " + dtype_name(s.state_dtype) +
-                    " (block-quantized) are taken by the one-pass elementwise optimizers only; " +
-                    "a trust-ratio, factored or matrix step's states must be f32 or bf16");
+  if (const std::string why = quantized_refusal<A>(s.state_dtype); !why.empty())
+    throw Error(StatusCode::unsupported, why);  // before anything is launched
   const StepConfig cfg = step_config<A>(s);
   double* const workspace = static_cast<double*>(s.d_workspace);
   if constexpr (MatrixCapable<A>::value) {

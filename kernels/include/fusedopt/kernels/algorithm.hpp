@@ -23,7 +23,7 @@
 //   using RowOp = ...;  static RowOp make_row_op(const Options&, std::int64_t step);
 //   static bool rowwise(const Options&);                  // states per row, not per element
 //   static StateShape state_shape(const Options&, int k); // see StateShape
-//   static bool state_from_param(int k);                  // state k starts as a copy of the
+//   static constexpr bool state_from_param(int k);        // state k starts as a copy of the
 //                                                         // param, not at state_init
 //   static constexpr const char* kScalars[];              // per-param scalar states (doubles):
 //   static double scalar_init(int k);                     // then make_op is
@@ -176,14 +176,22 @@ FO_HOST_DEVICE typename A::Op make_step_op(const typename A::Options& o, std::in
 }
 
 /// Whether A's state k starts as a copy of the param (A::state_from_param) rather than at
-/// A::state_init.
+/// A::state_init. Constant expressions: any() decides at compile time whether A has such a
+/// state (then A never keeps block-quantized states, which cannot hold weights, and the CUDA
+/// backend compiles no quantized kernel for it).
 template <class A, class = void>
 struct StateFromParam {
-  static bool of(int) { return false; }
+  static constexpr bool of(int) { return false; }
+  static constexpr bool any() { return false; }
 };
 template <class A>
 struct StateFromParam<A, std::void_t<decltype(A::state_from_param(0))>> {
-  static bool of(int k) { return A::state_from_param(k); }
+  static constexpr bool of(int k) { return A::state_from_param(k); }
+  static constexpr bool any() {
+    for (int k = 0; k < StateList<A>::count; ++k)
+      if (A::state_from_param(k)) return true;
+    return false;
+  }
 };
 
 /// Whether A has an evaluation form of its params (A::EvalOp: eval() and train()).

@@ -183,9 +183,40 @@ __global__ void __launch_bounds__(kBlock)
 
 // ------------------------------------------------------------ whole-tensor conversions
 
+/// What a thread of a whole-tensor conversion starts from: its map, whether the state's codes
+/// take a lane's vector access, its lane, and its warp's walk over the state's quantization
+/// blocks (one warp per block, grid-stride: blocks first, first + stride, ... below `blocks`;
+/// uniform over the warp).
+template <int kBits>
+struct QuantConversion {
+  const QuantMap<kBits>& map;
+  bool cvec;
+  int lane;
+  std::int64_t first, stride, blocks;
+};
+
+/// The conversions' shared prologue, called by every thread of the block: copies the two maps
+/// of kBits into the block's shared `s_maps` and publishes them (the barrier), then picks the
+/// signed or the unsigned one. `codes`: the state buffer of n elements.
+template <int kBits>
+__device__ __forceinline__ QuantConversion<kBits> quant_conversion(QuantMap<kBits>* s_maps,
+                                                                   bool non_negative,
+                                                                   const void* codes,
+                                                                   std::int64_t n) {
+  load_quant_maps<kBits>(s_maps);
+  __syncthreads();
+  return {s_maps[non_negative ? 1 : 0],
+          aligned_to(codes, QuantWarp<kBits>::kCodeAlign),
+          static_cast<int>(threadIdx.x % 32),
+          static_cast<std::int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32,
+          static_cast<std::int64_t>(gridDim.x) * kQuantWarps,
+          quant_blocks(n, kBits)};
+}
+
 /// The state buffer `dst` of n elements <- src[0, n) (float32), or n copies of `value` where
 /// src is null, quantized to nearest (step_code without stochastic rounding, which is
-/// quantize_block8/4 with NearestRounding). One warp per quantization block, grid-stride.
+/// quantize_block8/4 with NearestRounding). One warp per quantization block, grid-stride. The
+/// whole buffer is written, the padding between the codes and the absmax included (zeros).
 template <int kBits>
 __global__ void __launch_bounds__(kBlock)
     quantize_state_kernel(void* dst, bool non_negative, const float* src, float value,
@@ -193,19 +224,19 @@ __global__ void __launch_bounds__(kBlock)
   using W = QuantWarp<kBits>;
   constexpr int kPer = W::kPerLane;
   __shared__ QuantMap<kBits> s_maps[2];
-  load_quant_maps<kBits>(s_maps);
-  __syncthreads();
-  const QuantMap<kBits>& map = s_maps[non_negative ? 1 : 0];
   auto* const codes = static_cast<unsigned char*>(dst);
+  const QuantConversion<kBits> cv = quant_conversion<kBits>(s_maps, non_negative, codes, n);
   float* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, kBits));
-  const bool cvec = aligned_to(codes, W::kCodeAlign);
   const bool svec = src && aligned_for4(src, kF32);
-  const std::int64_t blocks = quant_blocks(n, kBits);
-  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kQuantWarps;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
-       block < blocks; block += warps) {  // uniform over the warp
-    const std::int64_t i0 = block * W::kBlockSize + lane * kPer;
+  if (blockIdx.x == 0) {
+    // The padding (under 16 bytes, which no code store reaches) is zero, as the CPU writes it
+    // (zero_quant_padding): a checkpoint saves the whole buffer, the same bytes from either
+    // backend, never what the allocation held before.
+    const std::int64_t pad = quant_code_bytes(n, kBits) + threadIdx.x;
+    if (pad < quant_absmax_offset(n, kBits)) codes[pad] = 0;
+  }
+  for (std::int64_t block = cv.first; block < cv.blocks; block += cv.stride) {
+    const std::int64_t i0 = block * W::kBlockSize + cv.lane * kPer;
     const int count = lane_count<kBits>(i0, n);
     float x[kPer];
     if (svec && count == kPer) {
@@ -222,9 +253,9 @@ __global__ void __launch_bounds__(kBlock)
     const float a = stored_absmax(warp_absmax(m));
     int c[kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) c[j] = j < count ? nearest_code(map, normalized(x[j], a)) : 0;
-    store_codes<kBits>(codes, i0, count, cvec, c);
-    if (lane == 0) absmax[block] = a;
+    for (int j = 0; j < kPer; ++j) c[j] = j < count ? nearest_code(cv.map, normalized(x[j], a)) : 0;
+    store_codes<kBits>(codes, i0, count, cv.cvec, c);
+    if (cv.lane == 0) absmax[block] = a;
   }
 }
 
@@ -235,27 +266,20 @@ __global__ void __launch_bounds__(kBlock)
   using W = QuantWarp<kBits>;
   constexpr int kPer = W::kPerLane;
   __shared__ QuantMap<kBits> s_maps[2];
-  load_quant_maps<kBits>(s_maps);
-  __syncthreads();
-  const QuantMap<kBits>& map = s_maps[non_negative ? 1 : 0];
   const auto* const codes = static_cast<const unsigned char*>(src);
+  const QuantConversion<kBits> cv = quant_conversion<kBits>(s_maps, non_negative, codes, n);
   const float* const absmax = reinterpret_cast<const float*>(codes + quant_absmax_offset(n, kBits));
-  const bool cvec = aligned_to(codes, W::kCodeAlign);
   const bool dvec = aligned_for4(dst, kF32);
-  const std::int64_t blocks = quant_blocks(n, kBits);
-  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * kQuantWarps;
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t block = static_cast<std::int64_t>(blockIdx.x) * kQuantWarps + threadIdx.x / 32;
-       block < blocks; block += warps) {
-    const std::int64_t i0 = block * W::kBlockSize + lane * kPer;
+  for (std::int64_t block = cv.first; block < cv.blocks; block += cv.stride) {
+    const std::int64_t i0 = block * W::kBlockSize + cv.lane * kPer;
     const int count = lane_count<kBits>(i0, n);
     if (count == 0) continue;  // no shuffle below: lanes may leave
     int c[kPer];
-    load_codes<kBits>(codes, i0, count, cvec, c);
+    load_codes<kBits>(codes, i0, count, cv.cvec, c);
     const float a = absmax[block];
     float x[kPer];
 #pragma unroll
-    for (int j = 0; j < kPer; ++j) x[j] = decode(map, c[j], a);
+    for (int j = 0; j < kPer; ++j) x[j] = decode(cv.map, c[j], a);
     if (dvec && count == kPer) {
 #pragma unroll
       for (int j = 0; j < kPer; j += 4) store4(dst, kF32, i0 + j, x + j, false, 0, 0, 0);

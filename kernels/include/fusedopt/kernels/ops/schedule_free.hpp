@@ -102,7 +102,7 @@ struct AdamWScheduleFreeOp {
 struct ScheduleFreeCommon {
   static constexpr const char* kScalars[] = {"lr_max", "weight_sum"};
   static double scalar_init(int k) { return k == 0 ? -1.0 : 0.0; }
-  static bool state_from_param(int k) { return k == 0; }  // z starts as the param
+  static constexpr bool state_from_param(int k) { return k == 0; }  // z starts as the param
   static void validate_common(double lr, double beta, const char* beta_name, double wd,
                               double warmup, double r, double power, Validator& v) {
     v.at_least("lr", lr, 0.0);
