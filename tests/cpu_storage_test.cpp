@@ -150,50 +150,67 @@ void expect_states(const Optimizer& opt, const std::string& algorithm, const std
         << name << "." << names[k] << ": " << first_difference(got[k], want[k]);
 }
 
+/// Three steps of `algorithm` with `options`, on `dtype` params of `shapes` (fresh random
+/// values and grads) without master weights, with bf16 states or float32 ones, each checked
+/// against reference_step: the params' bits and every state, bit for bit.
+void expect_widen_step_round(std::mt19937_64& rng, const std::string& algorithm,
+                             const NamedOptions& options,
+                             const std::vector<std::vector<std::int64_t>>& shapes, DType dtype,
+                             bool stochastic, bool bf16_states) {
+  constexpr std::uint64_t kSeed = 99;
+  Optimizer opt(algorithm);
+  for (const auto& [k, v] : options) opt.set_option(k, v);
+  opt.set_option("state_dtype", bf16_states ? 2 : 0);
+  opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
+  opt.set_option("seed", static_cast<double>(kSeed));
+  std::vector<std::int64_t> sizes;
+  std::vector<std::vector<std::uint16_t>> bits, want;
+  for (const auto& shape : shapes) {
+    std::int64_t n = 1;
+    for (std::int64_t d : shape) n *= d;
+    sizes.push_back(n);
+    bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+  }
+  want = bits;
+  for (std::size_t i = 0; i < shapes.size(); ++i)
+    opt.add_param("p" + std::to_string(i), bits[i].data(), dtype, shapes[i]);
+  for (int t = 1; t <= 3; ++t) {
+    SCOPED_TRACE("step " + std::to_string(t));
+    std::vector<std::vector<float>> g32;
+    std::vector<std::vector<std::uint16_t>> g16;
+    std::vector<const void*> g;
+    for (std::int64_t n : sizes) {
+      g16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
+      g32.push_back(widen16(g16.back(), dtype));
+      g.push_back(g16.back().data());
+    }
+    std::vector<std::vector<std::vector<float>>> states;
+    for (std::size_t i = 0; i < shapes.size(); ++i)
+      states.push_back(states_of(opt, algorithm, "p" + std::to_string(i)));
+    opt.step(g.data());
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      const std::string name = "p" + std::to_string(i);
+      const MatrixView view = matrix_view(shapes[i].data(), static_cast<int>(shapes[i].size()));
+      reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic, kSeed,
+                     static_cast<int>(i), view, bf16_states);
+      EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
+      expect_states(opt, algorithm, name, states[i]);
+    }
+  }
+}
+
 // Each step of a 16-bit param with bf16 states (no master weights) is widen, the float32
 // step, round, element by element: against reference_step for both roundings, several
 // algorithms (each state count), sizes on both sides of the storage layer's blocks.
 TEST(CpuStorage, EachStepIsWidenStepRound) {
   auto rng = make_rng();
-  const std::vector<std::int64_t> sizes = {1, 3, 1023, 1025, 4097, 70001};
+  const std::vector<std::vector<std::int64_t>> shapes = {{1}, {3}, {1023}, {1025}, {4097}, {70001}};
   for (const std::string algorithm : {"adam", "sgd", "lion", "rmsprop", "adadelta"})
     for (DType dtype : {DType::bf16, DType::f16})
       for (bool stochastic : {false, true}) {
         SCOPED_TRACE(algorithm + ", " + dtype_name(dtype) + (stochastic ? ", stochastic" : ""));
-        const NamedOptions options = ref::richest_options(algorithm);
-        Optimizer opt(algorithm);
-        for (const auto& [k, v] : options) opt.set_option(k, v);
-        opt.set_option("state_dtype", 2);
-        opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
-        opt.set_option("seed", 99);
-        std::vector<std::vector<std::uint16_t>> bits, want;
-        for (std::int64_t n : sizes)
-          bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
-        want = bits;
-        for (std::size_t i = 0; i < sizes.size(); ++i)
-          opt.add_param("p" + std::to_string(i), bits[i].data(), dtype, {sizes[i]});
-        for (int t = 1; t <= 3; ++t) {
-          SCOPED_TRACE("step " + std::to_string(t));
-          std::vector<std::vector<float>> g32;
-          std::vector<std::vector<std::uint16_t>> g16;
-          std::vector<const void*> g;
-          for (std::int64_t n : sizes) {
-            g16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
-            g32.push_back(widen16(g16.back(), dtype));
-            g.push_back(g16.back().data());
-          }
-          std::vector<std::vector<std::vector<float>>> states;
-          for (std::size_t i = 0; i < sizes.size(); ++i)
-            states.push_back(states_of(opt, algorithm, "p" + std::to_string(i)));
-          opt.step(g.data());
-          for (std::size_t i = 0; i < sizes.size(); ++i) {
-            const std::string name = "p" + std::to_string(i);
-            reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic, 99,
-                           static_cast<int>(i));
-            EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
-            expect_states(opt, algorithm, name, states[i]);
-          }
-        }
+        expect_widen_step_round(rng, algorithm, ref::richest_options(algorithm), shapes, dtype,
+                                stochastic, true);
       }
 }
 
@@ -338,47 +355,8 @@ TEST(CpuStorage, MultiPassKindsAreWidenStepRound) {
                        (bf16_states ? ", bf16 states" : ""));
           std::vector<std::vector<std::int64_t>> shapes = matrices;
           if (algorithm != "muon") shapes.insert(shapes.end(), vectors.begin(), vectors.end());
-          const NamedOptions options = ref::richest_options(algorithm);
-          Optimizer opt(algorithm);
-          for (const auto& [k, v] : options) opt.set_option(k, v);
-          opt.set_option("state_dtype", bf16_states ? 2 : 0);
-          opt.set_option("stochastic_rounding", stochastic ? 1 : 0);
-          opt.set_option("seed", 7);
-          std::vector<std::int64_t> sizes;
-          std::vector<std::vector<std::uint16_t>> bits, want;
-          for (const auto& shape : shapes) {
-            std::int64_t n = 1;
-            for (std::int64_t d : shape) n *= d;
-            sizes.push_back(n);
-            bits.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
-          }
-          want = bits;
-          for (std::size_t i = 0; i < shapes.size(); ++i)
-            opt.add_param("p" + std::to_string(i), bits[i].data(), dtype, shapes[i]);
-          for (int t = 1; t <= 3; ++t) {
-            SCOPED_TRACE("step " + std::to_string(t));
-            std::vector<std::vector<float>> g32;
-            std::vector<std::vector<std::uint16_t>> g16;
-            std::vector<const void*> g;
-            for (std::int64_t n : sizes) {
-              g16.push_back(narrow16(random_floats(rng, static_cast<std::size_t>(n)), dtype));
-              g32.push_back(widen16(g16.back(), dtype));
-              g.push_back(g16.back().data());
-            }
-            std::vector<std::vector<std::vector<float>>> states;
-            for (std::size_t i = 0; i < shapes.size(); ++i)
-              states.push_back(states_of(opt, algorithm, "p" + std::to_string(i)));
-            opt.step(g.data());
-            for (std::size_t i = 0; i < shapes.size(); ++i) {
-              const std::string name = "p" + std::to_string(i);
-              const MatrixView view =
-                  matrix_view(shapes[i].data(), static_cast<int>(shapes[i].size()));
-              reference_step(algorithm, options, t, want[i], dtype, states[i], g32[i], stochastic,
-                             7, static_cast<int>(i), view, bf16_states);
-              EXPECT_EQ(bits[i], want[i]) << name << ": the param's bits";
-              expect_states(opt, algorithm, name, states[i]);
-            }
-          }
+          expect_widen_step_round(rng, algorithm, ref::richest_options(algorithm), shapes, dtype,
+                                  stochastic, bf16_states);
         }
 }
 
