@@ -266,6 +266,18 @@ void zero_quant_padding(void* state, DType q, std::int64_t n) {
             std::uint8_t{0});
 }
 
+// v grown to at least n elements, never shrunk (a thread's scratch): fo::Error out_of_memory
+// "<who>: no memory for <what>" where it cannot grow, v as it was.
+template <class T>
+T* grown(std::vector<T>& v, std::size_t n, const std::string& who, const char* what) {
+  try {
+    if (v.size() < n) v.resize(n);
+  } catch (const std::bad_alloc&) {
+    throw Error(StatusCode::out_of_memory, who + ": no memory for " + what);
+  }
+  return v.data();
+}
+
 // The storage layer's scratch: per thread (2 + kMaxStates) * `block` floats (param, grad,
 // states), kept by the calling thread and only grown, so that a step allocates nothing after
 // the first and a failed allocation comes before any write.
@@ -273,12 +285,7 @@ float* storage_scratch(int threads, std::int64_t block) {
   thread_local std::vector<float> scratch;
   const auto need =
       static_cast<std::size_t>(threads) * (2 + kMaxStates) * static_cast<std::size_t>(block);
-  try {
-    if (scratch.size() < need) scratch.resize(need);
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, "CPU step: no memory for the storage layer's scratch");
-  }
-  return scratch.data();
+  return grown(scratch, need, "CPU step", "the storage layer's scratch");
 }
 
 // Which of a step's tensors a pass of the storage layer moves.
@@ -413,13 +420,7 @@ void stored_blocks(const StorageLayer& layer, const DensePtrs& t, std::int64_t n
 // The per-thread scratch of a step's chunk sums (two doubles per chunk), only grown.
 double* chunk_scratch(std::int64_t chunks, const char* who) {
   thread_local std::vector<double> scratch;
-  try {
-    if (scratch.size() < static_cast<std::size_t>(2 * chunks))
-      scratch.resize(static_cast<std::size_t>(2 * chunks));
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the norm scratch");
-  }
-  return scratch.data();
+  return grown(scratch, static_cast<std::size_t>(2 * chunks), who, "the norm scratch");
 }
 
 // The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
@@ -508,28 +509,16 @@ FactoredScratch factored_scratch(const char* who, const MatrixView& v, std::int6
     if (storage->state_dtype != DType::f32)
       wide_need += static_cast<std::size_t>(v.factored() ? v.batch * (v.rows + v.cols) : n);
   }
-  try {
-    if (sums.size() < need) sums.resize(need);
-    if (norms.size() < static_cast<std::size_t>(v.batch))
-      norms.resize(static_cast<std::size_t>(v.batch));
-    if (wide.size() < wide_need) wide.resize(wide_need);
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the step's scratch");
-  }
-  return {sums.data(), norms.data(), wide.data()};
+  return {grown(sums, need, who, "the step's scratch"),
+          grown(norms, static_cast<std::size_t>(v.batch), who, "the step's scratch"),
+          grown(wide, wide_need, who, "the step's scratch")};
 }
 
 // A matrix step's scratch on the calling thread (the iteration's input and its workspace:
 // `floats`), only grown (fo::Error out_of_memory before anything is written).
 float* matrix_scratch(const char* who, std::int64_t floats) {
   thread_local std::vector<float> scratch;
-  try {
-    if (scratch.size() < static_cast<std::size_t>(floats))
-      scratch.resize(static_cast<std::size_t>(floats));
-  } catch (const std::bad_alloc&) {
-    throw Error(StatusCode::out_of_memory, std::string(who) + ": no memory for the step's scratch");
-  }
-  return scratch.data();
+  return grown(scratch, static_cast<std::size_t>(floats), who, "the step's scratch");
 }
 
 // The three passes of a factored step (kernels/factored.hpp). Scratch per thread that only
