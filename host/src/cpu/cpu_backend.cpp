@@ -196,42 +196,44 @@ void with_quant_map(DType q, bool non_negative, const F& f) {
     f(non_negative ? kQuantMap4Unsigned : kQuantMap4Signed);
 }
 
-// dst[j] = element begin + j of a quantized state of n elements, decoded, for j < m.
+// dst[j] = element begin + j of a quantized state of n elements, decoded, for j < m: a block
+// (one absmax) at a time.
 template <int Bits>
 void dequantize_range(const QuantMap<Bits>& q, const void* state, std::int64_t n,
                       std::int64_t begin, std::int64_t m, float* dst) {
   const auto* codes = static_cast<const std::uint8_t*>(state);
   const auto* absmax = reinterpret_cast<const float*>(codes + quant_absmax_offset(n, Bits));
-  const std::int64_t w = quant_block_size(Bits);
-  for (std::int64_t j = 0; j < m; ++j) {
-    const std::int64_t i = begin + j;
-    const int c = Bits == 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 0xF;
-    dst[j] = decode(q, c, absmax[i / w]);
+  constexpr std::int64_t w = quant_block_size(Bits);
+  for (std::int64_t i = begin; i < begin + m;) {
+    const std::int64_t stop = std::min(begin + m, (i / w + 1) * w);
+    const float a = absmax[i / w];
+    if constexpr (Bits == 8) {
+      for (std::int64_t k = i; k < stop; ++k) dst[k - begin] = decode(q, codes[k], a);
+    } else {
+      for (std::int64_t k = i; k < stop; ++k)
+        dst[k - begin] = decode(q, (codes[k >> 1] >> ((k & 1) * 4)) & 0xF, a);
+    }
+    i = stop;
   }
 }
 
 // Elements [begin, begin + m) of a quantized state of n elements from src[0, m): begin a
 // multiple of the block size, begin + m a multiple of it or n. Each block's absmax, then its
-// codes (step_code: to nearest, or stochastically with counter 4i + counter_offset).
+// codes (step_code: to nearest, or stochastically with counter 4i + counter_offset): 16 at a
+// time on AVX-512 where it rounds to nearest and the absmax is finite and non-zero (x / a in
+// [-1, 1], the vector encoder's domain), else one at a time; then packed.
 template <int Bits>
 void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::int64_t begin,
                     std::int64_t m, const float* src, bool stochastic, std::uint64_t seed,
                     std::uint64_t step, std::uint64_t counter_offset) {
   auto* const codes = static_cast<std::uint8_t*>(state);
   auto* const absmax = reinterpret_cast<float*>(codes + quant_absmax_offset(n, Bits));
-  const std::int64_t w = quant_block_size(Bits);
+  constexpr std::int64_t w = quant_block_size(Bits);
   const NearestCodeTable<Bits>& nearest = nearest_code_table(q);
 #if defined(FO_HAVE_X86_ISAS)
   const bool vector = !stochastic && isa() == Isa::avx512;
 #endif
-  std::int32_t block_codes[kQuant8BlockSize];  // a block's codes, where computed 16 at a time
-  bool from_block = false;
-  const auto code = [&](float x, float a, std::int64_t i) {
-    if (from_block) return static_cast<int>(block_codes[(i - begin) % w]);
-    if (!stochastic) return nearest(normalized(x, a));  // nearest_code, by its table
-    const auto counter = static_cast<std::uint64_t>(i) * 4 + counter_offset;
-    return step_code(q, normalized(x, a), true, seed, step, counter);
-  };
+  std::int32_t block[w];  // a block's codes
   for (std::int64_t b = 0; b < m; b += w) {
     const auto len = static_cast<int>(std::min(w, m - b));
     const float* const x = src + b;
@@ -239,19 +241,24 @@ void quantize_range(const QuantMap<Bits>& q, void* state, std::int64_t n, std::i
     const std::int64_t first = begin + b;
     absmax[first / w] = a;
 #if defined(FO_HAVE_X86_ISAS)
-    // A finite, non-zero absmax: every x / a is in [-1, 1], the vector encoder's domain.
-    from_block = vector && a > 0.0f;
-    if (from_block)
-      encode_block_avx512(nearest.base(), nearest.thresholds(), x, a, len, block_codes);
+    const bool by_vector = vector && a > 0.0f;
+    if (by_vector) encode_block_avx512(nearest.base(), nearest.thresholds(), x, a, len, block);
+#else
+    constexpr bool by_vector = false;
 #endif
+    if (!by_vector && !stochastic)
+      for (int j = 0; j < len; ++j) block[j] = nearest(normalized(x[j], a));  // nearest_code
+    if (stochastic)
+      for (int j = 0; j < len; ++j) {
+        const auto counter = static_cast<std::uint64_t>(first + j) * 4 + counter_offset;
+        block[j] = step_code(q, normalized(x[j], a), true, seed, step, counter);
+      }
     if constexpr (Bits == 8) {
-      for (int j = 0; j < len; ++j)
-        codes[first + j] = static_cast<std::uint8_t>(code(x[j], a, first + j));
+      for (int j = 0; j < len; ++j) codes[first + j] = static_cast<std::uint8_t>(block[j]);
     } else {
       for (int j = 0; j < len; j += 2) {
-        const int lo = code(x[j], a, first + j);
-        const int hi = j + 1 < len ? code(x[j + 1], a, first + j + 1) : 0;
-        codes[(first + j) >> 1] = static_cast<std::uint8_t>(lo | (hi << 4));
+        const int hi = j + 1 < len ? block[j + 1] : 0;
+        codes[(first + j) >> 1] = static_cast<std::uint8_t>(block[j] | (hi << 4));
       }
     }
   }
