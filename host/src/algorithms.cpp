@@ -6,6 +6,7 @@
 
 #include "algorithm.hpp"
 #include "fusedopt/functional.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "typed_options.hpp"
 
 namespace fo::detail {
@@ -31,8 +32,7 @@ AlgorithmDescription describe() {
     d.states.emplace_back(StateList<A>::name(k));
     d.non_negative.push_back(StateList<A>::non_negative(k));
   }
-  d.quantizable = !MatrixCapable<A>::value && !FactoredCapable<A>::value &&
-                  !TrustRatioCapable<A>::value && StateList<A>::count > 0;
+  d.quantizable = kOnePassStep<A> && StateList<A>::count > 0;
   d.sparse = SparseCapable<A>::value;
   for (int k = 0; k < ScalarList<A>::count; ++k) {
     d.scalars.emplace_back(ScalarList<A>::name(k));

@@ -14,6 +14,7 @@
 #include "fusedopt/kernels/cpu/matrix_step.hpp"
 #include "fusedopt/kernels/cpu/trust_ratio.hpp"
 #include "fusedopt/kernels/probe.hpp"
+#include "fusedopt/kernels/quantize.hpp"
 #include "fusedopt/kernels/registry.hpp"
 #include "fusedopt/types.hpp"
 
@@ -144,7 +145,7 @@ inline constexpr std::int64_t kStoreBlock = 1024;
 /// describe). Every other storage is taken by every kind.
 template <class A>
 const char* quantized_storage_refusal() {
-  if constexpr (MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value)
+  if constexpr (!kOnePassStep<A>)
     return "block-quantized (int8, int4) states need a step that is one elementwise pass; this "
            "algorithm's is not (give it float32 or bfloat16 states)";
   else

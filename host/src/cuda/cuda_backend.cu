@@ -54,12 +54,10 @@ int storage_code(DType t) { return static_cast<int>(t); }
 
 bool is_quantized(DType t) { return t == DType::q8 || t == DType::q4; }
 
-/// Whether algorithm A's step is refused over quantized states: a trust-ratio, factored or
-/// matrix step stores and re-reads its states between passes, which the per-block contract of
-/// a one-pass step does not describe.
+/// Whether algorithm A's step is refused over quantized states (kernels/quantize.hpp,
+/// kOnePassStep).
 template <class A>
-constexpr bool kRefusesQuantized =
-    MatrixCapable<A>::value || FactoredCapable<A>::value || TrustRatioCapable<A>::value;
+constexpr bool kRefusesQuantized = !kOnePassStep<A>;
 /// Whether it has the quantized kernel: the one-pass elementwise algorithms that keep states
 /// (a stateless one steps through the elementwise kernel whatever its state dtype), except
 /// those with a state that starts as a copy of the weights (Schedule-Free's z), which 8 or 4

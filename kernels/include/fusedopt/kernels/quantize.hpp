@@ -23,8 +23,20 @@
 
 #include "fusedopt/kernels/config.hpp"
 #include "fusedopt/kernels/convert.hpp"
+#include "fusedopt/kernels/factored.hpp"
+#include "fusedopt/kernels/matrix_step.hpp"
+#include "fusedopt/kernels/trust_ratio.hpp"
 
 namespace fo {
+
+/// Whether algorithm A steps in one elementwise pass: the kind whose states may be
+/// block-quantized. A trust-ratio, factored or matrix step stores its states and reads them
+/// back between passes, which the per-block contract below does not describe; both backends
+/// refuse them quantized states. (A state copied from the weights is refused too: 8 or 4 bits
+/// cannot hold weights; StateFromParam.)
+template <class A>
+inline constexpr bool kOnePassStep =
+    !TrustRatioCapable<A>::value && !FactoredCapable<A>::value && !MatrixCapable<A>::value;
 
 /// Elements per block of an 8-bit state (bitsandbytes' block-wise 8-bit optimizers and
 /// torchao's 8-bit optimizers both use 256).
