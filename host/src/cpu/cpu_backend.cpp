@@ -406,10 +406,13 @@ class StorageLayer {
 // block(d, b, m) over [0, n) in blocks of kStoreBlock elements on the configured threads, each
 // through the layer: the streams `in` read into a view d (element 0 at b), those in `out`
 // written back after. Its scratch is the calling thread's (storage_scratch), allocated first.
+// The storage layer's scratch of a pass over n elements in blocks (stored_blocks).
+float* block_scratch(std::int64_t n) { return storage_scratch(team_size(n), kStoreBlock); }
+
 template <class Block>
 void stored_blocks(const StorageLayer& layer, const DensePtrs& t, std::int64_t n, unsigned in,
                    unsigned out, const Block& block) {
-  float* const scratch = storage_scratch(team_size(n), kStoreBlock);
+  float* const scratch = block_scratch(n);
   parallel_for_indexed(
       [&](std::int64_t begin, std::int64_t end, int thread) {
         float* const mine =
@@ -430,6 +433,26 @@ double* chunk_scratch(std::int64_t chunks, const char* who) {
   return grown(scratch, static_cast<std::size_t>(2 * chunks), who, "the norm scratch");
 }
 
+// Pass one's threads of a trust-ratio step over `chunks` chunks.
+int chunk_team(std::int64_t chunks) { return team_size(chunks, kMinParallel / kSumChunk); }
+
+// A trust-ratio step's scratch: its chunk sums and, through the storage layer, pass one's
+// chunks (kSumChunk floats per stream per thread) and pass two's blocks: all of it before
+// anything is written.
+struct TrustScratch {
+  double* partial;
+  float* chunk_store;
+};
+TrustScratch trust_scratch(const char* who, std::int64_t n, bool layer) {
+  const std::int64_t chunks = sum_chunks(n);
+  TrustScratch s{chunk_scratch(chunks, who), nullptr};
+  if (layer) {
+    block_scratch(n);  // the same vector: its pointer is taken again by pass two
+    s.chunk_store = storage_scratch(chunk_team(chunks), kSumChunk);
+  }
+  return s;
+}
+
 // The two passes of a trust-ratio step; the chunk sums live in a per-thread scratch that
 // only grows. Through the storage layer (`layer`, else t's f32 pointers are the tensors):
 // pass one widens a chunk at a time (the sums' unit); where it advances states that are
@@ -442,25 +465,23 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
   const Kernels<A>& k = active_kernels<A>();
   const bool first_pass = A::Op::kAdvanceStates || op.needs_norms();
   const std::int64_t chunks = sum_chunks(n);
-  const int chunk_threads = team_size(chunks, kMinParallel / kSumChunk);
-  double* const partial = first_pass ? chunk_scratch(chunks, A::kName) : nullptr;
-  float* chunk_store = nullptr;
-  if (layer) {  // both passes' scratch before anything is written
-    storage_scratch(team_size(n), kStoreBlock);
-    chunk_store = storage_scratch(chunk_threads, kSumChunk);
-  }
+  const TrustScratch scratch = trust_scratch(A::kName, n, layer != nullptr);
+  double* const partial = scratch.partial;
   float rate = op.rate(0.0, 0.0);
   if (first_pass) {
     if (layer) {
       const bool split = A::Op::kAdvanceStates && layer->low_states();
       parallel_for_indexed(
           [&](std::int64_t cb, std::int64_t ce, int thread) {
-            float* const mine =
-                chunk_store + static_cast<std::ptrdiff_t>(thread) * (2 + kMaxStates) * kSumChunk;
+            float* const mine = scratch.chunk_store +
+                                static_cast<std::ptrdiff_t>(thread) * (2 + kMaxStates) * kSumChunk;
             for (std::int64_t c = cb; c < ce; ++c) {
               const std::int64_t b = c * kSumChunk, m = std::min(kSumChunk, n - b);
-              const unsigned all = kParamStream | kGradStream | kStateStreams;
-              const DensePtrs d = layer->in(t, b, m, mine, kSumChunk, all);
+              // The states only where pass one advances them: CUDA's direction() sees zeros
+              // otherwise, and the CPU's (null states) too.
+              constexpr unsigned in =
+                  kParamStream | kGradStream | (A::Op::kAdvanceStates ? kStateStreams : 0);
+              const DensePtrs d = layer->in(t, b, m, mine, kSumChunk, in);
               if (split) {
                 k.advance(op, d, 0, m);
                 layer->out(d, b, m, kStateStreams);
@@ -469,7 +490,7 @@ void trust_step(const typename A::Op& op, const DensePtrs& t, std::int64_t n,
               k.first(op, d, m, 0, 1, partial + 2 * c, !split);  // the chunk: its own order
             }
           },
-          chunks, kMinParallel / kSumChunk, 1);
+          chunks, kMinParallel / kSumChunk, 1);  // chunk_team(chunks) threads
     } else {
       parallel_for(
           [&](std::int64_t cb, std::int64_t ce) { k.first(op, t, n, cb, ce, partial, true); },
@@ -521,10 +542,11 @@ FactoredScratch factored_scratch(const char* who, const MatrixView& v, std::int6
           grown(wide, wide_need, who, "the step's scratch")};
 }
 
-// A matrix step's scratch on the calling thread (the iteration's input and its workspace:
-// `floats`), only grown (fo::Error out_of_memory before anything is written).
-float* matrix_scratch(const char* who, std::int64_t floats) {
+// A matrix step's scratch on the calling thread (the iteration's input, n floats, then its
+// workspace), only grown (fo::Error out_of_memory before anything is written).
+float* matrix_scratch(const char* who, const MatrixView& v, std::int64_t n) {
   thread_local std::vector<float> scratch;
+  const std::int64_t floats = n + detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
   return grown(scratch, static_cast<std::size_t>(floats), who, "the step's scratch");
 }
 
@@ -670,7 +692,7 @@ void matrix_step(const typename A::Options& options, const typename A::Op& op, c
   detail::validate_newton_schulz(A::kName, v.batch, v.rows, v.cols, ns.coefficients, ns.steps,
                                  ns.eps);
   const std::int64_t ws = detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols);
-  float* const x = matrix_scratch(A::kName, n + ws);
+  float* const x = matrix_scratch(A::kName, v, n);
   const Kernels<A>& k = active_kernels<A>();
   const float rate = op.rate(v.rows, v.cols);
   if (layer) {
@@ -713,19 +735,14 @@ void reserve_step(const MatrixView& v, std::int64_t n, const Storage* storage) {
   if (n <= 0) return;  // an empty tensor's step asks for nothing
   if constexpr (MatrixCapable<A>::value) {
     if (!is_matrix_batch(v, n)) return;  // refused by the step, before anything is written
-    matrix_scratch(A::kName, n + detail::newton_schulz_cpu_workspace_floats(v.rows, v.cols));
-    if (storage) storage_scratch(team_size(n), kStoreBlock);
+    matrix_scratch(A::kName, v, n);
+    if (storage) block_scratch(n);
   } else if constexpr (FactoredCapable<A>::value) {
     factored_scratch(A::kName, v, n, storage);
   } else if constexpr (TrustRatioCapable<A>::value) {
-    const std::int64_t chunks = sum_chunks(n);
-    chunk_scratch(chunks, A::kName);
-    if (storage) {
-      storage_scratch(team_size(n), kStoreBlock);
-      storage_scratch(team_size(chunks, kMinParallel / kSumChunk), kSumChunk);
-    }
+    trust_scratch(A::kName, n, storage != nullptr);
   } else if (storage) {
-    storage_scratch(team_size(n), kStoreBlock);
+    block_scratch(n);
   }
 }
 
